@@ -1,0 +1,26 @@
+"""imgcls: train, evaluate, explain and serve convolutional image classifiers.
+
+The data flow reads as one line::
+
+    dataset -> batches -> model -> trainer -> checkpoint -> evaluation / predict
+
+Heavy modules are imported lazily so that ``import imgcls`` stays cheap.
+"""
+
+__version__ = "0.1.0"
+
+__all__ = ["train", "load", "__version__"]
+
+
+def train(*args, **kwargs):
+    """Train a model; see :func:`imgcls.api.train`."""
+    from imgcls.api import train as _train
+
+    return _train(*args, **kwargs)
+
+
+def load(*args, **kwargs):
+    """Load a trained classifier; see :func:`imgcls.api.load`."""
+    from imgcls.api import load as _load
+
+    return _load(*args, **kwargs)

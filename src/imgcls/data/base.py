@@ -1,0 +1,99 @@
+"""The in-memory dataset every source is turned into.
+
+A dataset is a set of named splits, each a pair of uint8 arrays: images of
+shape (N, H, W, C) and integer labels of shape (N,).  NHWC is the layout the
+images are decoded in, and it becomes a channels_last tensor without a copy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class Split:
+    """One split of a dataset.
+
+    Attributes:
+        images: uint8 array, shape (N, H, W, C).
+        labels: int64 array, shape (N,), values in [0, num_classes).
+        paths: optional source path of each image (for reports), length N.
+    """
+
+    images: np.ndarray
+    labels: np.ndarray
+    paths: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        if self.images.dtype != np.uint8 or self.images.ndim != 4:
+            raise ValueError(f"images must be uint8 (N, H, W, C), got {self.images.dtype} {self.images.shape}")
+        self.labels = np.asarray(self.labels, dtype=np.int64)
+        if self.labels.shape != (len(self.images),):
+            raise ValueError(f"labels shape {self.labels.shape} does not match {len(self.images)} images")
+        if self.paths is not None and len(self.paths) != len(self.images):
+            raise ValueError(f"{len(self.paths)} paths for {len(self.images)} images")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, index: np.ndarray) -> "Split":
+        """Return the split restricted to ``index`` (an integer array)."""
+        paths = [self.paths[i] for i in index] if self.paths is not None else None
+        return Split(self.images[index], self.labels[index], paths)
+
+
+@dataclass
+class SkippedFile:
+    """A file that was found but not used, and why."""
+
+    path: str
+    reason: str
+
+
+@dataclass
+class ImageDataset:
+    """A labelled image dataset held in memory.
+
+    Attributes:
+        name: where it came from (a registry name or a path).
+        classes: class names; label ``i`` is ``classes[i]``.
+        splits: split name (``train``, ``val``, ``test``) to :class:`Split`.
+        skipped: non-image files and hidden files that were passed over.
+        bad: images that could not be decoded (corrupt, truncated).
+        notes: lines for the user about how the dataset was prepared.
+    """
+
+    name: str
+    classes: list[str]
+    splits: dict[str, Split]
+    skipped: list[SkippedFile] = field(default_factory=list)
+    bad: list[SkippedFile] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of every image, the shape a model is built for."""
+        _, h, w, c = self.splits["train"].images.shape
+        return (c, h, w)
+
+    def summary_lines(self) -> list[str]:
+        """Human-readable lines: split sizes, skipped and bad files."""
+        c, h, w = self.image_shape
+        lines = [f"dataset {self.name}: {self.num_classes} classes, images {c}x{h}x{w}"]
+        for name, split in self.splits.items():
+            lines.append(f"  {name}: {len(split)} images")
+        lines.extend(f"  note: {n}" for n in self.notes)
+        if self.skipped:
+            lines.append(f"  skipped {len(self.skipped)} non-image or hidden files")
+        if self.bad:
+            lines.append(f"  {len(self.bad)} images could not be decoded and were left out:")
+            lines.extend(f"    {b.path}: {b.reason}" for b in self.bad)
+        return lines

@@ -1,0 +1,36 @@
+"""Exceptions that carry a message meant for a person.
+
+Every error the user can cause (a bad path, an unknown name, a value out of
+range) is raised as :class:`ImgclsError` with a message that names the bad
+input and what would be accepted.  The CLI prints these without a traceback.
+"""
+
+
+class ImgclsError(Exception):
+    """An error caused by the user's input, with a message for a person."""
+
+
+class ConfigError(ImgclsError, ValueError):
+    """A configuration value, flag or file that cannot be accepted."""
+
+
+class DataError(ImgclsError):
+    """A dataset that cannot be found, read or used."""
+
+
+class DownloadError(DataError):
+    """An official dataset file that is missing, unreachable or corrupt."""
+
+
+class CheckpointError(ImgclsError):
+    """A checkpoint or run folder that cannot be read."""
+
+
+class TrainingError(ImgclsError):
+    """Training stopped because it could not go on (for example a NaN loss)."""
+
+
+def unknown_name(kind: str, name: str, valid) -> ConfigError:
+    """Build the error for an unknown registry name, listing the valid ones."""
+    listed = ", ".join(sorted(valid))
+    return ConfigError(f"unknown {kind} {name!r}; choose one of: {listed}")

@@ -1,0 +1,59 @@
+"""The contract every model follows.
+
+* ``in_chans``, ``num_classes`` and ``img_size`` are constructor arguments;
+* ``forward_features(x)`` returns the last convolutional feature map
+  (N, C, h, w) and ``forward_head(f)`` turns it into logits (N, num_classes),
+  so features and head can be used apart (probes, transfer);
+* ``gradcam_layer`` names the module whose output Grad-CAM should use;
+* ``stages`` names the modules whose outputs are the convolutional stages
+  (for layer-wise probes), in order;
+* ``arch`` and ``arch_kwargs`` rebuild the model from a checkpoint.
+
+Models see only tensors: they know nothing of data, training or serving.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from imgcls.errors import ConfigError
+
+
+class ImageClassifier(nn.Module):
+    """Base class: subclasses set ``features``, ``head``, ``gradcam_layer``, ``stages``."""
+
+    gradcam_layer: str = ""
+    stages: tuple[str, ...] = ()
+
+    def __init__(self, in_chans: int, num_classes: int, img_size: tuple[int, int]):
+        super().__init__()
+        if in_chans < 1:
+            raise ConfigError(f"in_chans must be at least 1, got {in_chans}")
+        if len(img_size) != 2 or min(img_size) < 1:
+            raise ConfigError(f"img_size must be (H, W) with positive sides, got {img_size}")
+        self.in_chans = in_chans
+        self.num_classes = num_classes
+        self.img_size = (int(img_size[0]), int(img_size[1]))
+        self.arch = ""
+        self.arch_kwargs: dict = {}
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, in_chans, H, W) float -> (N, C, h, w) feature map."""
+        return self.features(x)
+
+    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
+        """(N, C, h, w) feature map -> (N, num_classes) logits."""
+        return self.head(features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def check_min_size(name: str, img_size: tuple[int, int], minimum: int) -> None:
+    """Refuse an input smaller than a fixed architecture can take."""
+    if min(img_size) < minimum:
+        raise ConfigError(
+            f"model {name!r} needs images of at least {minimum}x{minimum}, got "
+            f"{img_size[0]}x{img_size[1]}; resize the data (--image-size) or pick another model"
+        )

@@ -1,0 +1,60 @@
+"""The model registry: one decorated builder per architecture.
+
+Every builder takes ``in_chans``, ``num_classes`` and ``img_size`` (H, W) plus
+its own keyword options, and returns an :class:`imgcls.models.base.ImageClassifier`.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from imgcls.errors import ConfigError, unknown_name
+
+_REGISTRY: dict[str, Callable] = {}
+_DESCRIPTIONS: dict[str, str] = {}
+
+
+def register_model(fn: Callable) -> Callable:
+    """Register ``fn`` under its own name; a duplicate name is an error."""
+    name = fn.__name__
+    if name in _REGISTRY:
+        raise RuntimeError(f"model {name!r} is registered twice")
+    _REGISTRY[name] = fn
+    doc = (fn.__doc__ or "").strip().splitlines()
+    _DESCRIPTIONS[name] = doc[0] if doc else ""
+    return fn
+
+
+def _ensure_loaded() -> None:
+    # Importing the family modules runs their @register_model decorators.
+    from imgcls.models import fast, resnet, seeds  # noqa: F401
+
+
+def list_models() -> dict[str, str]:
+    """Registered model names mapped to a one-line description."""
+    _ensure_loaded()
+    return dict(sorted(_DESCRIPTIONS.items()))
+
+
+def create_model(name: str, in_chans: int, num_classes: int, img_size: tuple[int, int], **kwargs):
+    """Build a registered model.
+
+    Args:
+        name: registry name (see :func:`list_models`).
+        in_chans: input channels (1 for grayscale, 3 for colour).
+        num_classes: number of output logits.
+        img_size: (H, W) of the input images.
+        **kwargs: the architecture's own options (for example ``dropout``).
+
+    Raises:
+        ConfigError: unknown name, or a shape or option the model cannot take.
+    """
+    _ensure_loaded()
+    if name not in _REGISTRY:
+        raise unknown_name("model", name, _REGISTRY)
+    if num_classes < 2:
+        raise ConfigError(f"num_classes must be at least 2, got {num_classes}")
+    try:
+        return _REGISTRY[name](in_chans=in_chans, num_classes=num_classes, img_size=tuple(img_size), **kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"model {name!r} does not accept these options {sorted(kwargs)}: {exc}") from exc
