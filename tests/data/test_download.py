@@ -1,0 +1,186 @@
+"""Tests for imgcls.data.download against a local HTTP server."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import http.server
+import socket
+import threading
+from pathlib import Path
+
+import pytest
+
+from imgcls.data import download
+from imgcls.data.download import data_dir, fetch_file
+from imgcls.errors import DownloadError
+
+
+class CountingHandler(http.server.SimpleHTTPRequestHandler):
+    """Serves a folder and records every requested path."""
+
+    def do_GET(self):
+        self.server.requests.append(self.path)
+        super().do_GET()
+
+    def log_message(self, *args):  # keep test output quiet
+        pass
+
+
+@pytest.fixture
+def server(tmp_path):
+    """An HTTP server on 127.0.0.1 serving tmp_path/served; yields (base_url, folder, requests)."""
+    folder = tmp_path / "served"
+    folder.mkdir()
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(CountingHandler, directory=str(folder)))
+    httpd.requests = []
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}", folder, httpd.requests
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join()
+
+
+@pytest.fixture(autouse=True)
+def no_mirror(monkeypatch):
+    monkeypatch.delenv(download.MIRROR_ENV, raising=False)
+
+
+def closed_port_url(name: str) -> str:
+    """A URL on a port nothing listens on, so the connection is refused at once."""
+    with contextlib.closing(socket.socket()) as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}/{name}"
+
+
+def md5_of(data: bytes) -> str:
+    return hashlib.md5(data).hexdigest()
+
+
+def leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if ".part" in p.name)
+
+
+PAYLOAD = bytes(range(256)) * 50
+
+
+def test_data_dir_precedence(monkeypatch, tmp_path):
+    monkeypatch.setenv("IMGCLS_DATA_DIR", str(tmp_path / "explicit"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert data_dir() == tmp_path / "explicit"
+    monkeypatch.delenv("IMGCLS_DATA_DIR")
+    assert data_dir() == tmp_path / "xdg" / "imgcls"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert data_dir() == tmp_path / "home" / ".cache" / "imgcls"
+
+
+def test_downloads_and_verifies(server, tmp_path):
+    url, served, requests = server
+    (served / "f.bin").write_bytes(PAYLOAD)
+    dest = tmp_path / "cache" / "f.bin"
+    assert fetch_file("f.bin", [f"{url}/f.bin"], dest, md5_of(PAYLOAD)) == dest
+    assert dest.read_bytes() == PAYLOAD
+    assert requests == ["/f.bin"]
+    assert leftovers(dest.parent) == []
+
+
+def test_existing_good_file_is_not_downloaded_again(server, tmp_path):
+    url, served, requests = server
+    (served / "f.bin").write_bytes(PAYLOAD)
+    dest = tmp_path / "f.bin"
+    fetch_file("f.bin", [f"{url}/f.bin"], dest, md5_of(PAYLOAD))
+    fetch_file("f.bin", [f"{url}/f.bin"], dest, md5_of(PAYLOAD))
+    assert len(requests) == 1
+
+
+def test_checksum_mismatch_leaves_nothing(server, tmp_path):
+    url, served, _ = server
+    corrupted = bytearray(PAYLOAD)
+    corrupted[100] ^= 0xFF
+    (served / "f.bin").write_bytes(bytes(corrupted))
+    dest = tmp_path / "cache" / "f.bin"
+    with pytest.raises(DownloadError) as info:
+        fetch_file("f.bin", [f"{url}/f.bin"], dest, md5_of(PAYLOAD))
+    message = str(info.value)
+    assert "f.bin" in message and f"{url}/f.bin" in message
+    assert md5_of(PAYLOAD) in message and md5_of(bytes(corrupted)) in message
+    assert not dest.exists()
+    assert leftovers(dest.parent) == []
+
+
+def test_falls_through_to_next_url(server, tmp_path):
+    url, served, requests = server
+    (served / "f.bin").write_bytes(PAYLOAD)
+    dest = tmp_path / "f.bin"
+    fetch_file("f.bin", [closed_port_url("f.bin"), f"{url}/missing", f"{url}/f.bin"], dest, md5_of(PAYLOAD))
+    assert dest.read_bytes() == PAYLOAD
+    assert requests == ["/missing", "/f.bin"]
+
+
+def test_offline_error_says_where_to_put_the_file(tmp_path):
+    dest = tmp_path / "cache" / "f.bin"
+    dead = closed_port_url("f.bin")
+    with pytest.raises(DownloadError) as info:
+        fetch_file("f.bin", [dead], dest, md5_of(PAYLOAD))
+    message = str(info.value)
+    assert str(dest) in message and md5_of(PAYLOAD) in message and dead in message
+    assert not dest.exists() and leftovers(dest.parent) == []
+
+
+def test_corrupt_local_file_is_replaced(server, tmp_path):
+    url, served, requests = server
+    (served / "f.bin").write_bytes(PAYLOAD)
+    dest = tmp_path / "f.bin"
+    dest.write_bytes(b"garbage")
+    fetch_file("f.bin", [f"{url}/f.bin"], dest, md5_of(PAYLOAD))
+    assert dest.read_bytes() == PAYLOAD and len(requests) == 1
+
+
+def test_corrupt_local_file_and_offline_says_corrupt(tmp_path):
+    dest = tmp_path / "f.bin"
+    dest.write_bytes(b"garbage")
+    with pytest.raises(DownloadError) as info:
+        fetch_file("f.bin", [closed_port_url("f.bin")], dest, md5_of(PAYLOAD))
+    assert f"existing file at {dest} is corrupt" in str(info.value)
+
+
+def test_mirror_env_is_tried_first(server, tmp_path, monkeypatch):
+    url, served, requests = server
+    (served / "f.bin").write_bytes(PAYLOAD)
+    monkeypatch.setenv(download.MIRROR_ENV, url + "/")
+    dest = tmp_path / "f.bin"
+    fetch_file("f.bin", [closed_port_url("f.bin")], dest, md5_of(PAYLOAD))
+    assert requests == ["/f.bin"]
+
+
+def test_mirror_argument_overrides_env(server, tmp_path, monkeypatch):
+    url, served, requests = server
+    (served / "sub").mkdir()
+    (served / "sub" / "f.bin").write_bytes(PAYLOAD)
+    monkeypatch.setenv(download.MIRROR_ENV, closed_port_url(""))
+    fetch_file("f.bin", [], tmp_path / "f.bin", md5_of(PAYLOAD), mirror=f"{url}/sub")
+    assert requests == ["/sub/f.bin"]
+
+
+def test_interrupt_leaves_no_partial_file(server, tmp_path, monkeypatch):
+    url, served, _ = server
+    (served / "f.bin").write_bytes(PAYLOAD)
+
+    @contextlib.contextmanager
+    def interrupting_progress(label, total):
+        def advance(n):
+            raise KeyboardInterrupt
+
+        yield advance
+
+    monkeypatch.setattr(download, "show_progress", interrupting_progress)
+    dest = tmp_path / "cache" / "f.bin"
+    with pytest.raises(KeyboardInterrupt):
+        fetch_file("f.bin", [f"{url}/f.bin"], dest, md5_of(PAYLOAD))
+    assert list(dest.parent.iterdir()) == []
