@@ -1,0 +1,188 @@
+"""The Python API: what the CLI calls, usable from a notebook.
+
+    run = imgcls.train(data="photos.zip", model="resnet20", epochs=20)
+    clf = imgcls.load(run.path)            # or imgcls.load("runs/photos-resnet20-...")
+    clf.predict(["cat.jpg", pil_image, array])
+    clf.evaluate()                         # the run's own test split
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from imgcls.checkpoint import load_model
+from imgcls.config import RunConfig, apply_overrides, config_from_dict, dump_config, load_config
+from imgcls.data.registry import build_dataset
+from imgcls.errors import CheckpointError, DataError
+from imgcls.evaluation.evaluate import evaluate_model
+from imgcls.evaluation.metrics import save_metrics
+from imgcls.inference import predict_proba, resolve_runtime
+
+
+def make_config(config: str | Path | dict | RunConfig | None = None, **overrides) -> RunConfig:
+    """A validated RunConfig from a YAML file, dict or RunConfig plus flat overrides (``lr=0.1``)."""
+    if isinstance(config, RunConfig):
+        values = config.to_dict()
+    elif isinstance(config, (str, Path)):
+        values = load_config(config).to_dict()
+    else:
+        values = dict(config or {})
+    return config_from_dict(apply_overrides(values, overrides))
+
+
+@dataclass
+class Run:
+    """A finished (or interrupted) training run."""
+
+    path: Path
+    config: RunConfig
+    history: list[dict]
+    test_metrics: dict
+
+    def load(self, which: str | None = None, device: str = "auto") -> "Classifier":
+        return load(self.path, which=which, device=device)
+
+    def __repr__(self) -> str:
+        acc = self.test_metrics.get("accuracy")
+        return f"Run({str(self.path)!r}, epochs={len(self.history)}, test_accuracy={acc})"
+
+
+def _console(quiet: bool):
+    from rich.console import Console
+
+    return Console(quiet=quiet, highlight=False)
+
+
+def train(config=None, *, resume: str | Path | None = None, quiet: bool = False, console=None, **overrides) -> Run:
+    """Train a model and return its :class:`Run`.
+
+    Args:
+        config: a YAML path, dict or RunConfig (default: the built-in digits).
+        resume: a run folder to continue from its last checkpoint; only
+            ``epochs`` may be raised when resuming.
+        quiet: print nothing.
+        **overrides: flat options, named as the CLI flags: ``data``, ``model``,
+            ``epochs``, ``lr``, ``optimizer``, ``augment``, ...
+    """
+    from imgcls.training.run import RunFolder
+    from imgcls.training.trainer import fit
+
+    console = console or _console(quiet)
+    if resume is not None:
+        run = RunFolder(resume)
+        if not (run.path / "config.yaml").is_file():
+            raise CheckpointError(f"{run.path} is not a run folder (no config.yaml)")
+        if not run.checkpoint("last").is_file():
+            raise CheckpointError(f"{run.path} has no checkpoints/last.safetensors to resume from")
+        extra = sorted(set(k for k, v in overrides.items() if v is not None) - {"epochs"})
+        if extra or config is not None:
+            raise CheckpointError(f"a resumed run keeps its own config; only --epochs may change (got {', '.join(extra)})")
+        cfg = make_config(run.path / "config.yaml", epochs=overrides.get("epochs"))
+        if overrides.get("epochs") is not None:
+            run.write_text("config.yaml", dump_config(cfg))
+    else:
+        cfg = make_config(config, **overrides)
+    ds = build_dataset(cfg.data, seed=cfg.train.seed, progress=console.is_terminal)
+    for line in ds.summary_lines():
+        console.print(line, highlight=False, markup=False)
+    if resume is None:
+        run = RunFolder.create(cfg)
+    result = fit(cfg, ds, run, console, resume=resume is not None)
+    return Run(run.path, cfg, result.history, result.test_metrics)
+
+
+class Classifier:
+    """A trained model, rebuilt from its checkpoint alone.
+
+    Inputs to ``predict``/``predict_proba`` may be file paths (images, folders,
+    zips), PIL images, or uint8 arrays (H, W), (H, W, C) or (N, H, W, C); a
+    single input or a list of them.  Images are converted and resized as the
+    model's training data was.
+    """
+
+    def __init__(self, model, meta: dict, runtime, run_dir: Path | None = None, batch_size: int = 256):
+        self.model, self.meta, self.runtime = model, meta, runtime
+        self.run_dir = run_dir
+        self.batch_size = batch_size
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.meta["classes"])
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return tuple(self.meta["input_shape"])
+
+    def load_inputs(self, inputs) -> tuple[list[str], np.ndarray, list]:
+        """Decode and resize inputs: (names, uint8 (N, H, W, C), files that could not be read)."""
+        from imgcls.data.folder import load_image_inputs
+
+        if not isinstance(inputs, (list, tuple)):
+            inputs = [inputs]
+        c, h, w = self.input_shape
+        return load_image_inputs(list(inputs), channels=c, size=(h, w), resize=self.meta.get("resize", "stretch"))
+
+    def predict_proba(self, inputs) -> np.ndarray:
+        """Probabilities (N, num_classes); raises DataError if any input cannot be read."""
+        _, images, bad = self.load_inputs(inputs)
+        if bad:
+            raise DataError("cannot read: " + "; ".join(f"{b.path}: {b.reason}" for b in bad))
+        return self.proba_of_arrays(images)
+
+    def proba_of_arrays(self, images: np.ndarray) -> np.ndarray:
+        """Probabilities for uint8 (N, H, W, C) images already at the model's size."""
+        return predict_proba(self.model, images, self.meta["normalize"], self.runtime, self.batch_size,
+                             temperature=self.meta.get("temperature", 1.0))
+
+    def predict(self, inputs) -> np.ndarray:
+        """Predicted class names, shape (N,)."""
+        return np.array(self.classes, dtype=object)[self.predict_proba(inputs).argmax(1)]
+
+    def evaluate(self, data: str | Path | None = None, split: str = "test", top_k: int = 5, save: bool = False) -> dict:
+        """Metrics on ``split`` of the run's own data, or of another dataset with the same classes.
+
+        With ``save=True`` (and a run folder) writes ``eval_<split>.json`` and ``.csv`` into it.
+        """
+        ds = self._dataset(data)
+        if split not in ds.splits:
+            raise DataError(f"split {split!r} does not exist; the data has: {', '.join(ds.splits)}")
+        metrics, _ = evaluate_model(self.model, self.meta, ds.splits[split], ds.classes, self.runtime,
+                                    self.batch_size, top_k)
+        if save and self.run_dir is not None:
+            save_metrics(metrics, self.run_dir, f"eval_{split}" if data is None else f"eval_{split}_{Path(str(data)).stem}")
+        return metrics
+
+    def _dataset(self, data):
+        if self.run_dir is None and data is None:
+            raise DataError("this classifier was loaded from a checkpoint file; pass data= to evaluate it")
+        cfg = make_config(self.run_dir / "config.yaml") if self.run_dir is not None else make_config()
+        c, h, w = self.input_shape
+        overrides = {"image_size": [h, w], "channels": c}
+        if data is not None:
+            overrides["data"] = str(data)
+        cfg = make_config(cfg, **overrides)
+        return build_dataset(cfg.data, seed=cfg.train.seed)
+
+    def __repr__(self) -> str:
+        c, h, w = self.input_shape
+        return f"Classifier({self.meta['arch']}, {len(self.classes)} classes, input {c}x{h}x{w})"
+
+
+def load(path: str | Path, which: str | None = None, device: str = "auto") -> Classifier:
+    """Load a run folder (its final checkpoint) or a checkpoint file as a :class:`Classifier`."""
+    path = Path(path)
+    run_dir = path if path.is_dir() else None
+    if which is None:
+        which = "best"
+        if run_dir is not None and (run_dir / "run.json").is_file():
+            import json
+
+            which = json.loads((run_dir / "run.json").read_text()).get("final_checkpoint", "best")
+    # Predictions and test metrics are computed in fp32, so that they do not depend on
+    # whether the machine has fast bf16, and match what training reported.
+    runtime = resolve_runtime(device, "fp32", "off")
+    model, meta = load_model(path, which, runtime.device)
+    return Classifier(model, meta, runtime, run_dir)

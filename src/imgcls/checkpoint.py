@@ -1,0 +1,166 @@
+"""The checkpoint format: the one module that reads and writes checkpoints.
+
+A checkpoint is a single ``.safetensors`` file.  Its tensors are the model's
+weights (``model.*``) and, in a training checkpoint, the optimiser's state
+(``optim.*``); its header metadata holds one JSON document (key ``imgcls``)
+with the format version, the model's name and arguments, class names, input
+shape, normalisation and metrics.  Loading never unpickles anything.
+
+Writes go to a temporary file in the same folder, are flushed to disk and
+renamed over the final name, so a crash mid-write never leaves a broken file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from imgcls.errors import CheckpointError
+
+FORMAT_VERSION = 1
+META_KEY = "imgcls"
+CHECKPOINT_NAMES = ("best", "last")
+
+
+def flatten_state(obj: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
+    """Replace every tensor in a nested dict/list by a reference, collecting tensors.
+
+    Returns a JSON-serialisable skeleton; ``tensors`` receives ``prefix.path`` keys.
+    """
+    if isinstance(obj, torch.Tensor):
+        tensors[prefix] = obj.detach().to("cpu").contiguous().clone()
+        return {"__tensor__": prefix}
+    if isinstance(obj, dict):
+        return {"__dict__": [[_key(k), flatten_state(v, f"{prefix}.{k}", tensors)] for k, v in obj.items()]}
+    if isinstance(obj, (list, tuple)):
+        return [flatten_state(v, f"{prefix}.{i}", tensors) for i, v in enumerate(obj)]
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise CheckpointError(f"cannot store a value of type {type(obj).__name__} at {prefix} in a checkpoint")
+
+
+def _key(k: Any) -> Any:
+    # Optimiser state is keyed by int parameter ids; JSON object keys would turn them into str.
+    if isinstance(k, (int, str)):
+        return k
+    raise CheckpointError(f"cannot store a dict key of type {type(k).__name__} in a checkpoint")
+
+
+def unflatten_state(skeleton: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """Inverse of :func:`flatten_state`."""
+    if isinstance(skeleton, dict) and "__tensor__" in skeleton:
+        return tensors[skeleton["__tensor__"]]
+    if isinstance(skeleton, dict) and "__dict__" in skeleton:
+        return {k: unflatten_state(v, tensors) for k, v in skeleton["__dict__"]}
+    if isinstance(skeleton, list):
+        return [unflatten_state(v, tensors) for v in skeleton]
+    return skeleton
+
+
+def save_checkpoint(path: str | Path, model: torch.nn.Module, meta: dict, train_state: dict | None = None) -> Path:
+    """Write ``model``'s weights, ``meta`` and an optional training state atomically.
+
+    Args:
+        path: destination ``.safetensors`` file.
+        model: the (unwrapped) model whose ``state_dict`` is saved.
+        meta: JSON-serialisable metadata (see module docstring).
+        train_state: optional nested dict (optimiser state, schedule, RNG...);
+            its tensors are stored beside the weights.
+    """
+    path = Path(path)
+    tensors: dict[str, torch.Tensor] = {}
+    for name, value in model.state_dict().items():
+        tensors[f"model.{name}"] = value.detach().to("cpu").contiguous().clone()
+    doc = dict(meta, format_version=FORMAT_VERSION)
+    if train_state is not None:
+        doc["train_state"] = flatten_state(train_state, "train", tensors)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={META_KEY: json.dumps(doc)})
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """Read a checkpoint file: (model state_dict, metadata incl. ``train_state`` if any)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            header = fh.metadata() or {}
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    except Exception as exc:  # safetensors raises its own error types for corrupt files
+        raise CheckpointError(f"checkpoint {path} cannot be read ({exc}); is it a safetensors file written by imgcls?") from exc
+    if META_KEY not in header:
+        raise CheckpointError(f"checkpoint {path} has no imgcls metadata; it was not written by imgcls")
+    meta = upgrade_meta(json.loads(header[META_KEY]), path)
+    state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    if "train_state" in meta:
+        meta["train_state"] = unflatten_state(meta["train_state"], tensors)
+    return state, meta
+
+
+def upgrade_meta(meta: dict, path: Path) -> dict:
+    """Bring metadata written by an older imgcls up to the current format."""
+    version = meta.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"checkpoint {path} has format version {version!r}; this imgcls reads versions up to "
+            f"{FORMAT_VERSION}: upgrade imgcls to load it"
+        )
+    # Version 1 is the first format: nothing to upgrade yet.  Later versions add steps here.
+    return meta
+
+
+def find_checkpoint(run_or_file: str | Path, which: str = "best") -> Path:
+    """Resolve a run folder (or a checkpoint file) to a checkpoint file.
+
+    A run folder resolves to ``checkpoints/<which>.safetensors``, falling back to
+    ``last`` when no ``best`` exists yet.
+    """
+    p = Path(run_or_file)
+    if p.is_file():
+        return p
+    if not p.is_dir():
+        raise CheckpointError(f"{p} is neither a run folder nor a checkpoint file")
+    for name in (which, "last"):
+        candidate = p / "checkpoints" / f"{name}.safetensors"
+        if candidate.is_file():
+            return candidate
+    raise CheckpointError(f"run folder {p} holds no checkpoint (looked for checkpoints/{which}.safetensors and last)")
+
+
+def build_model(meta: dict) -> torch.nn.Module:
+    """Rebuild the architecture described by checkpoint metadata (weights not loaded)."""
+    from imgcls.models import create_model
+
+    c, h, w = meta["input_shape"]
+    return create_model(meta["arch"], in_chans=c, num_classes=len(meta["classes"]), img_size=(h, w),
+                        **meta.get("arch_kwargs", {}))
+
+
+def load_model(run_or_file: str | Path, which: str = "best", device: str | torch.device = "cpu"):
+    """Load a model from a run folder or checkpoint file: (model in eval mode, metadata)."""
+    path = find_checkpoint(run_or_file, which)
+    state, meta = read_checkpoint(path)
+    model = build_model(meta)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise CheckpointError(f"checkpoint {path} does not match architecture {meta['arch']!r}: {exc}") from exc
+    return model.to(device).eval(), meta

@@ -1,0 +1,195 @@
+"""The ``imgcls`` command: parses arguments, then calls library functions.
+
+Training flags are generated from the config dataclasses, so every flag is
+also a config-file field and the two cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import sys
+from pathlib import Path
+
+import yaml
+
+from imgcls.config import RunConfig, flat_fields, split_list
+from imgcls.errors import ImgclsError
+
+
+def _parse_option(text: str) -> tuple[str, object]:
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    key, value = text.split("=", 1)
+    return key.strip(), yaml.safe_load(value)
+
+
+def _flag_type(f):
+    kind = str(f.type)
+    if kind.startswith("bool"):
+        return None
+    if kind.startswith("int"):
+        return int
+    if kind.startswith("float"):
+        return float
+    if kind.startswith("list[str]"):
+        return split_list
+    return str
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per config field, defaulting to None (= leave the config's value)."""
+    defaults = RunConfig()
+    groups = {s: parser.add_argument_group(f"{s} options") for s in ("data", "model", "train")}
+    groups[None] = parser.add_argument_group("run options")
+    for key, (section, f) in flat_fields().items():
+        default = getattr(getattr(defaults, section) if section else defaults, f.name)
+        help_text = f.metadata.get("help", "") + (f" (default: {default})" if default not in (None, [], {}) else "")
+        flag = "--" + key.replace("_", "-")
+        group = groups[section]
+        if key == "model_option":
+            group.add_argument(flag, dest=key, type=_parse_option, action="append", metavar="KEY=VALUE",
+                               help=help_text)
+        elif _flag_type(f) is None:
+            group.add_argument(flag, dest=key, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            group.add_argument(flag, dest=key, type=_flag_type(f), choices=f.metadata.get("choices"),
+                               default=None, help=help_text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="imgcls", description="Train, evaluate and use CNN image classifiers.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser("train", help="train a model (default: a CNN on the built-in 8x8 digits)")
+    p.add_argument("--config", type=Path, help="YAML config file (e.g. a run's config.yaml to repeat it)")
+    p.add_argument("--resume", type=Path, metavar="RUN", help="continue a run folder from its last checkpoint")
+    p.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    add_config_flags(p)
+
+    p = sub.add_parser("evaluate", help="metrics of a trained model on a split")
+    p.add_argument("run", type=Path, help="run folder or checkpoint file")
+    p.add_argument("--data", help="evaluate on this dataset instead of the run's own (same classes)")
+    p.add_argument("--split", default="test", help="split to evaluate (default: test)")
+    p.add_argument("--top-k", type=int, default=5, help="k of top-k accuracy (default: 5)")
+    p.add_argument("--checkpoint", choices=("best", "last"), help="which checkpoint (default: the run's final one)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+
+    p = sub.add_parser("predict", help="top classes for images, folders or zips")
+    p.add_argument("run", type=Path, help="run folder or checkpoint file")
+    p.add_argument("inputs", nargs="+", help="image files, folders or .zip files")
+    p.add_argument("--top-k", type=int, default=3, help="classes to show per image (default: 3)")
+    p.add_argument("--format", choices=("table", "json", "csv"), default="table")
+    p.add_argument("--checkpoint", choices=("best", "last"), help="which checkpoint (default: the run's final one)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+
+    p = sub.add_parser("models", help="list architectures, or summarise one")
+    p.add_argument("name", nargs="?", help="a registered model to summarise")
+    p.add_argument("--input", default="3x32x32", help="input shape CxHxW (default: 3x32x32)")
+    p.add_argument("--classes", type=int, default=10, help="number of classes (default: 10)")
+    p.add_argument("--model-option", dest="options", type=_parse_option, action="append", metavar="KEY=VALUE")
+    return parser
+
+
+def cmd_train(args) -> int:
+    from imgcls.api import train
+
+    overrides = {k: getattr(args, k) for k in flat_fields()}
+    if overrides.get("model_option"):
+        overrides["model_option"] = dict(overrides["model_option"])
+    train(args.config, resume=args.resume, quiet=args.quiet, **overrides)
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from imgcls.api import load
+    from imgcls.evaluation.metrics import format_confusion, format_report
+
+    clf = load(args.run, which=args.checkpoint, device=args.device)
+    metrics = clf.evaluate(args.data, split=args.split, top_k=args.top_k, save=True)
+    print(format_report(metrics, title=f"{args.run}: {args.split} split"))
+    print()
+    print(format_confusion(metrics))
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from imgcls.api import load
+
+    if args.top_k < 1:
+        raise ImgclsError(f"--top-k must be at least 1, got {args.top_k}")
+    clf = load(args.run, which=args.checkpoint, device=args.device)
+    names, images, bad = clf.load_inputs(args.inputs)
+    proba = clf.proba_of_arrays(images) if len(images) else []
+    k = min(args.top_k, len(clf.classes))
+    rows = []
+    for name, p in zip(names, proba):
+        top = p.argsort()[::-1][:k]
+        rows.append({"input": name, "top": [{"class": clf.classes[i], "probability": float(p[i])} for i in top]})
+    print(_format_predictions(rows, bad, args.format), end="")
+    for b in bad:
+        print(f"error: cannot read {b.path}: {b.reason}", file=sys.stderr)
+    return 1 if bad else 0
+
+
+def _format_predictions(rows: list[dict], bad: list, fmt: str) -> str:
+    if fmt == "json":
+        doc = {"predictions": rows, "errors": [{"input": b.path, "error": b.reason} for b in bad]}
+        return json.dumps(doc, indent=2) + "\n"
+    if fmt == "csv":
+        buf = io.StringIO()
+        writer = csv.writer(buf)
+        writer.writerow(["input", "rank", "class", "probability"])
+        for row in rows:
+            for rank, t in enumerate(row["top"], 1):
+                writer.writerow([row["input"], rank, t["class"], f"{t['probability']:.6f}"])
+        return buf.getvalue()
+    width = max([len(r["input"]) for r in rows] + [5])
+    lines = []
+    for row in rows:
+        tops = "   ".join(f"{t['class']} {t['probability']:.1%}" for t in row["top"])
+        lines.append(f"{row['input']:<{width}}  {tops}")
+    return "\n".join(lines) + ("\n" if lines else "")
+
+
+def cmd_models(args) -> int:
+    from imgcls.config import parse_image_size
+    from imgcls.models import create_model, format_summary, list_models, summarize
+
+    if not args.name:
+        models = list_models()
+        width = max(len(n) for n in models)
+        for name, desc in models.items():
+            print(f"{name:<{width}}  {desc}")
+        return 0
+    try:
+        c, h, w = (int(v) for v in args.input.lower().split("x"))
+    except ValueError:
+        raise ImgclsError(f"--input must be CxHxW, e.g. 3x32x32 or 1x28x28; got {args.input!r}") from None
+    parse_image_size([h, w])
+    model = create_model(args.name, in_chans=c, num_classes=args.classes, img_size=(h, w),
+                         **dict(args.options or []))
+    print(format_summary(summarize(model, (c, h, w))))
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "models": cmd_models}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except ImgclsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,266 @@
+"""Run configuration: dataclasses for data, model and training; YAML in, YAML out.
+
+Every field is both a config-file field and a command-line flag: the CLI builds
+its flags from the ``flag`` and ``help`` metadata below, so the two can never
+drift apart.  ``RunConfig.to_dict()`` is the fully resolved config written to
+``config.yaml``; ``load_config`` reads it back (``imgcls train --config``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from imgcls.errors import ConfigError
+
+OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
+SCHEDULES = ("constant", "step", "cosine", "onecycle", "plateau")
+MONITORS = ("val_loss", "val_accuracy", "train_loss", "train_accuracy")
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("auto", "fp32", "bf16")
+SWITCHES = ("auto", "on", "off")
+RESIZE_MODES = ("stretch", "crop", "pad")
+BAD_IMAGE_POLICIES = ("skip", "error")
+
+
+def _opt(default: Any, help: str, flag: str | None = None, choices: tuple | None = None, factory=None):
+    """A dataclass field carrying its CLI flag, help text and allowed values."""
+    meta = {"help": help, "flag": flag, "choices": choices}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class DataConfig:
+    dataset: str = _opt("digits", "a built-in dataset (digits, mnist, fashion-mnist, cifar10, cifar100) "
+                        "or a folder or .zip of class folders", flag="data")
+    image_size: list[int] | None = _opt(None, "resize images to HxW (e.g. 32 or 64x48); default: keep their "
+                                        "size when all images share one, else 64x64")
+    channels: int | None = _opt(None, "1 (grayscale) or 3 (RGB); default: 1 when every image is grayscale")
+    resize: str = _opt("stretch", "how to fit images to --image-size", choices=RESIZE_MODES)
+    val_fraction: float = _opt(0.1, "share of the training images held out for validation when the data has no val split")
+    test_fraction: float = _opt(0.1, "share of the images held out for testing when the data has no test split")
+    on_bad_image: str = _opt("skip", "what to do with an image that cannot be decoded", choices=BAD_IMAGE_POLICIES)
+    cache: bool = _opt(True, "cache decoded images as uint8 arrays keyed by the source's content")
+
+
+@dataclass
+class ModelConfig:
+    name: str = _opt("fastnet_small", "registered architecture (see `imgcls models`)", flag="model")
+    options: dict = _opt(None, "architecture option KEY=VALUE (repeatable), e.g. dropout=0.3",
+                         flag="model-option", factory=dict)
+
+
+@dataclass
+class TrainConfig:
+    optimizer: str = _opt("adam", "optimiser", choices=OPTIMIZERS)
+    lr: float = _opt(1e-3, "peak learning rate")
+    momentum: float = _opt(0.9, "momentum (sgd, rmsprop)")
+    nesterov: bool = _opt(False, "Nesterov momentum (sgd)")
+    weight_decay: float = _opt(0.0, "weight decay (L2 for sgd/adam/rmsprop, decoupled for adamw)")
+    label_smoothing: float = _opt(0.0, "label smoothing in [0, 1)")
+    grad_clip: float | None = _opt(None, "clip the gradient's global L2 norm to this value")
+    schedule: str = _opt("constant", "learning-rate schedule", choices=SCHEDULES)
+    warmup_epochs: float = _opt(0.0, "linear warmup from 0 to --lr over this many epochs")
+    step_size: int = _opt(10, "step schedule: epochs between decays")
+    gamma: float = _opt(0.1, "step schedule: decay factor")
+    min_lr: float = _opt(0.0, "cosine/onecycle: final learning rate; plateau: lower bound")
+    plateau_patience: int = _opt(2, "plateau schedule: epochs without improvement before decaying")
+    plateau_factor: float = _opt(0.1, "plateau schedule: decay factor")
+    epochs: int = _opt(10, "maximum number of epochs")
+    batch_size: int = _opt(64, "training batch size")
+    eval_batch_size: int = _opt(512, "batch size for evaluation and prediction")
+    early_stopping: bool = _opt(False, "stop when the monitored metric stops improving")
+    monitor: str = _opt("val_loss", "metric for early stopping, plateau and the best checkpoint", choices=MONITORS)
+    patience: int = _opt(3, "early stopping: epochs without improvement before stopping")
+    min_delta: float = _opt(0.0, "early stopping: smallest change that counts as an improvement")
+    restore_best: bool = _opt(True, "early stopping: end with the best epoch's weights")
+    class_weights: Any = _opt(None, "'balanced', or one weight per class as a comma-separated list")
+    augment: list[str] = _opt(None, "augmentations, comma-separated: hflip, rotate:DEG, zoom:F, "
+                              "translate:PX, crop:PX, cutout:PX", factory=list)
+    device: str = _opt("auto", "training device", choices=DEVICES)
+    precision: str = _opt("auto", "bf16 autocast (auto: on where the device runs bf16 fast)", choices=PRECISIONS)
+    channels_last: str = _opt("auto", "channels_last memory format (auto: on with bf16)", choices=SWITCHES)
+    seed: int = _opt(0, "random seed: a run repeats exactly on the same machine")
+    top_k: int = _opt(5, "k of the top-k accuracy reported by evaluation")
+
+
+@dataclass
+class RunConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    out_dir: str = _opt("runs", "folder that holds run folders", flag="out")
+    name: str | None = _opt(None, "run name (default: <dataset>-<model>-<time>)")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> "RunConfig":
+        """Check every value that can be checked without data; raise ConfigError."""
+        for section in (self.data, self.train):
+            for f in fields(section):
+                choices = f.metadata.get("choices")
+                value = getattr(section, f.name)
+                if choices and value not in choices:
+                    raise ConfigError(f"{f.name} {value!r} is not accepted; choose one of: {', '.join(choices)}")
+        d, t = self.data, self.train
+        _check_range("val_fraction", d.val_fraction, 0.0, 0.9)
+        _check_range("test_fraction", d.test_fraction, 0.0, 0.9)
+        if d.val_fraction + d.test_fraction >= 1.0:
+            raise ConfigError("val_fraction + test_fraction must be below 1 so that images remain for training")
+        if d.channels not in (None, 1, 3):
+            raise ConfigError(f"channels must be 1 or 3, got {d.channels!r}")
+        if d.image_size is not None:
+            d.image_size = parse_image_size(d.image_size)
+        _check_range("lr", t.lr, 0.0, 100.0, low_open=True)
+        _check_range("label_smoothing", t.label_smoothing, 0.0, 0.999)
+        _check_range("momentum", t.momentum, 0.0, 0.9999)
+        _check_range("weight_decay", t.weight_decay, 0.0, 1.0)
+        _check_range("gamma", t.gamma, 0.0, 1.0, low_open=True)
+        _check_range("plateau_factor", t.plateau_factor, 0.0, 1.0, low_open=True)
+        _check_range("min_lr", t.min_lr, 0.0, t.lr)
+        _check_range("warmup_epochs", t.warmup_epochs, 0.0, float(t.epochs))
+        for name in ("epochs", "batch_size", "eval_batch_size", "step_size", "top_k"):
+            _check_int(name, getattr(t, name), 1, 1_000_000)
+        for name in ("patience", "plateau_patience"):
+            _check_int(name, getattr(t, name), 0, 1_000_000)
+        if t.grad_clip is not None:
+            _check_range("grad_clip", t.grad_clip, 0.0, math.inf, low_open=True)
+        t.class_weights = parse_class_weights(t.class_weights)
+        if t.nesterov and t.optimizer != "sgd":
+            raise ConfigError(f"nesterov applies to the sgd optimizer only, not {t.optimizer!r}")
+        if t.nesterov and t.momentum <= 0:
+            raise ConfigError("nesterov needs momentum > 0")
+        if not isinstance(t.augment, list):
+            t.augment = split_list(t.augment)
+        return self
+
+
+def _check_range(name: str, value, low: float, high: float, low_open: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) or value == math.inf
+    if not ok or value > high or value < low or (low_open and value == low):
+        bracket = "(" if low_open else "["
+        raise ConfigError(f"{name} must be a number in {bracket}{low:g}, {high:g}], got {value!r}")
+
+
+def _check_int(name: str, value, low: int, high: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise ConfigError(f"{name} must be a whole number from {low} to {high}, got {value!r}")
+
+
+def split_list(value) -> list[str]:
+    """'a,b' or ['a', 'b'] or None -> ['a', 'b']."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    return [str(v) for v in value]
+
+
+def parse_image_size(value) -> list[int]:
+    """32, '32', '64x48', [64, 48] -> [H, W]; refuses anything else."""
+    try:
+        if isinstance(value, str):
+            parts = [int(p) for p in value.lower().split("x")]
+        elif isinstance(value, int):
+            parts = [value]
+        else:
+            parts = [int(p) for p in value]
+        if len(parts) == 1:
+            parts = parts * 2
+        if len(parts) != 2 or not all(4 <= p <= 4096 for p in parts):
+            raise ValueError
+    except (TypeError, ValueError):
+        raise ConfigError(f"image_size must be N or HxW with sides from 4 to 4096 pixels, got {value!r}") from None
+    return parts
+
+
+def parse_class_weights(value):
+    """None, 'balanced', '1,2,3' or [1, 2, 3] -> None, 'balanced' or list[float]."""
+    if value is None or value == "balanced":
+        return value
+    try:
+        weights = [float(v) for v in split_list(value)] if isinstance(value, str) else [float(v) for v in value]
+    except (TypeError, ValueError):
+        weights = []
+    if not weights or not all(math.isfinite(w) and w >= 0 for w in weights):
+        raise ConfigError(f"class_weights must be 'balanced' or non-negative numbers, one per class; got {value!r}")
+    return weights
+
+
+def _section_from_dict(cls, values: dict, where: str):
+    if not isinstance(values, dict):
+        raise ConfigError(f"config section {where!r} must be a mapping, got {type(values).__name__}")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"unknown config field {where}.{unknown[0]}; fields of {where!r} are: {', '.join(sorted(known))}")
+    return cls(**values)
+
+
+def config_from_dict(values: dict) -> RunConfig:
+    """Build a validated RunConfig from a (possibly partial) nested dict."""
+    values = dict(values or {})
+    sections = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig}
+    known = set(sections) | {"out_dir", "name"}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"unknown config field {unknown[0]!r}; top-level fields are: {', '.join(sorted(known))}")
+    kwargs = {k: _section_from_dict(cls, values.get(k) or {}, k) for k, cls in sections.items()}
+    kwargs.update({k: values[k] for k in ("out_dir", "name") if k in values})
+    return RunConfig(**kwargs).validate()
+
+
+def load_config(path: str | Path) -> RunConfig:
+    """Read a YAML config file (a full config.yaml or any subset of it)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+    return config_from_dict(values)
+
+
+def dump_config(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+def flat_fields() -> dict[str, tuple[str | None, dataclasses.Field]]:
+    """Flat option names (CLI flags with ``_``, Python keywords) -> (section, field)."""
+    out: dict[str, tuple[str | None, dataclasses.Field]] = {}
+    for section, cls in (("data", DataConfig), ("model", ModelConfig), ("train", TrainConfig)):
+        for f in fields(cls):
+            out[(f.metadata.get("flag") or f.name).replace("-", "_")] = (section, f)
+    for f in fields(RunConfig):
+        if f.metadata:
+            out[(f.metadata.get("flag") or f.name).replace("-", "_")] = (None, f)
+    return out
+
+
+def apply_overrides(values: dict, overrides: dict) -> dict:
+    """Set flat options (``lr=0.1``, ``data="x.zip"``) into a nested config dict.
+
+    ``None`` values are ignored, so unset CLI flags leave the config as it was.
+    """
+    table = flat_fields()
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        key = {"model_options": "model_option"}.get(key, key)
+        if key not in table:
+            raise ConfigError(f"unknown option {key!r}; options are: {', '.join(sorted(table))}")
+        section, f = table[key]
+        if section is None:
+            values[f.name] = value
+        else:
+            values.setdefault(section, {})[f.name] = value
+    return values

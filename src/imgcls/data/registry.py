@@ -1,0 +1,196 @@
+"""The dataset registry and the one entry point, :func:`build_dataset`.
+
+A built-in dataset is added in exactly one place: the ``_BUILTIN`` table.
+Anything else given as ``--data`` is a path to a folder or ``.zip`` of class
+folders.  Every source comes out as an :class:`ImageDataset` with ``train``,
+``val`` (unless ``val_fraction`` is 0) and ``test`` splits.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from imgcls.data.base import ImageDataset, Split
+from imgcls.errors import DataError
+
+CACHE_FORMAT = 1
+
+
+def load_digits() -> ImageDataset:
+    """scikit-learn's 8x8 handwritten digits (1,797 images, shipped with scikit-learn)."""
+    from sklearn.datasets import load_digits as sk_load_digits
+
+    bunch = sk_load_digits()
+    # Pixel values are counts 0..16 of an 4x4 block; scale to the 0..255 of an image.
+    images = np.rint(bunch.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
+    classes = [str(c) for c in bunch.target_names]
+    return ImageDataset("digits", classes, {"all": Split(images, bunch.target)})
+
+
+def _official(name: str) -> Callable[[], ImageDataset]:
+    def load() -> ImageDataset:
+        from imgcls.data.official import load_official
+
+        return load_official(name)
+
+    load.__doc__ = f"{name}, downloaded from its official source and checksummed"
+    return load
+
+
+_BUILTIN: dict[str, Callable[[], ImageDataset]] = {
+    "digits": load_digits,
+    "mnist": _official("mnist"),
+    "fashion-mnist": _official("fashion-mnist"),
+    "cifar10": _official("cifar10"),
+    "cifar100": _official("cifar100"),
+}
+
+
+def dataset_names() -> list[str]:
+    return list(_BUILTIN)
+
+
+def build_dataset(cfg, seed: int = 0, progress: bool = False) -> ImageDataset:
+    """Load ``cfg.dataset`` and make its train/val/test splits.
+
+    Args:
+        cfg: a :class:`imgcls.config.DataConfig`.
+        seed: seed of the stratified split (the same seed gives the same split).
+        progress: show a progress bar while decoding images.
+    """
+    source = cfg.dataset
+    size = tuple(cfg.image_size) if cfg.image_size else None
+    if source in _BUILTIN:
+        ds = _load_builtin(source, cfg.cache)
+        ds = adapt_images(ds, size, cfg.channels)
+    else:
+        ds = _load_path(Path(source).expanduser(), cfg, size, progress)
+    return complete_splits(ds, cfg.val_fraction, cfg.test_fraction, seed)
+
+
+def _cache_dir() -> Path:
+    from imgcls.data.download import data_dir
+
+    return data_dir() / "decoded"
+
+
+def _load_builtin(name: str, use_cache: bool) -> ImageDataset:
+    if name == "digits" or not use_cache:
+        return _BUILTIN[name]()
+    from imgcls.data.cache import load_cached
+
+    # Official files are verified by checksum, so the name identifies the content.
+    key = hashlib.sha256(f"official:{name}:{CACHE_FORMAT}".encode()).hexdigest()[:32]
+    ds, _ = load_cached(key, _BUILTIN[name], _cache_dir())
+    return ds
+
+
+def _load_path(path: Path, cfg, size, progress: bool) -> ImageDataset:
+    if not path.exists():
+        raise DataError(
+            f"--data {cfg.dataset!r} is neither a built-in dataset ({', '.join(_BUILTIN)}) "
+            f"nor an existing folder or .zip file"
+        )
+    from imgcls.data.folder import load_folder
+
+    def build() -> ImageDataset:
+        return load_folder(path, image_size=size, channels=cfg.channels, on_bad_image=cfg.on_bad_image,
+                           resize=cfg.resize, progress=progress)
+
+    if not cfg.cache:
+        return build()
+    from imgcls.data.cache import cache_key, load_cached
+
+    key = cache_key(path, image_size=size, channels=cfg.channels, resize=cfg.resize, format=CACHE_FORMAT)
+    ds, _ = load_cached(key, build, _cache_dir())
+    if cfg.on_bad_image == "error" and ds.bad:
+        # A cached entry built under "skip" still knows which images were bad.
+        listed = "; ".join(f"{b.path}: {b.reason}" for b in ds.bad)
+        raise DataError(f"{len(ds.bad)} images in {path} cannot be decoded (--on-bad-image error): {listed}")
+    return ds
+
+
+def adapt_images(ds: ImageDataset, size: tuple[int, int] | None, channels: int | None) -> ImageDataset:
+    """Resize and convert the channels of an in-memory dataset (a no-op when they already match)."""
+    for name, split in ds.splits.items():
+        images = split.images
+        if channels is not None and images.shape[-1] != channels:
+            images = _convert_channels(images, channels)
+        if size is not None and images.shape[1:3] != size:
+            images = _resize(images, size)
+        ds.splits[name] = Split(images, split.labels, split.paths)
+    return ds
+
+
+def _convert_channels(images: np.ndarray, channels: int) -> np.ndarray:
+    if channels == 3:
+        return np.repeat(images, 3, axis=-1)
+    # ITU-R 601 luma, as PIL's convert("L").
+    luma = images.astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+    return np.clip(np.rint(luma), 0, 255).astype(np.uint8)[..., None]
+
+
+def _resize(images: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    out = []
+    for start in range(0, len(images), 4096):  # chunks bound the float copy's memory
+        x = torch.from_numpy(images[start:start + 4096]).permute(0, 3, 1, 2).float()
+        x = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
+        out.append(x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy())
+    return np.concatenate(out) if out else images
+
+
+def complete_splits(ds: ImageDataset, val_fraction: float, test_fraction: float, seed: int) -> ImageDataset:
+    """Give ``ds`` train, test and (if ``val_fraction`` > 0) val splits, stratified by class.
+
+    Layout ``<class>/<image>`` arrives as one split ``all``; layout ``train/...``
+    may lack ``val`` or ``test``, which are then carved out of ``train``.
+    """
+    rng = np.random.default_rng(seed)
+    splits = dict(ds.splits)
+    flat = "all" in splits
+    if flat:
+        whole = splits.pop("all")
+        parts = stratified_split(whole.labels, [test_fraction], rng)
+        splits["train"], splits["test"] = whole.subset(parts[0]), whole.subset(parts[1])
+        ds.notes.append(f"no train/test folders: held out {test_fraction:.0%} of each class for testing (seed {seed})")
+    elif "test" not in splits:
+        train = splits["train"]
+        parts = stratified_split(train.labels, [test_fraction], rng)
+        splits["train"], splits["test"] = train.subset(parts[0]), train.subset(parts[1])
+        ds.notes.append(f"no test split: held out {test_fraction:.0%} of each training class for testing (seed {seed})")
+    if "val" not in splits and val_fraction > 0:
+        train = splits["train"]
+        # val_fraction is a share of all images, so it is rescaled to the remaining training images.
+        share = min(val_fraction / (1.0 - test_fraction) if flat else val_fraction, 0.9)
+        parts = stratified_split(train.labels, [share], rng)
+        splits["train"], splits["val"] = train.subset(parts[0]), train.subset(parts[1])
+        ds.notes.append(f"no val split: held out {share:.0%} of each training class for validation (seed {seed})")
+    for name in ("train", "test"):
+        if len(splits[name]) == 0:
+            raise DataError(f"the {name} split of {ds.name} is empty; add images or lower the held-out fractions")
+    ds.splits = {k: splits[k] for k in ("train", "val", "test") if k in splits}
+    return ds
+
+
+def stratified_split(labels: np.ndarray, fractions: list[float], rng: np.random.Generator) -> list[np.ndarray]:
+    """Split indices class by class: part 0 keeps the rest, part i+1 gets ``fractions[i]`` of each class.
+
+    Every class keeps at least one image in part 0 when it has any.
+    """
+    parts: list[list[np.ndarray]] = [[] for _ in range(len(fractions) + 1)]
+    for cls in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == cls))
+        start = 0
+        for i, frac in enumerate(fractions):
+            n = min(int(round(frac * len(idx))), len(idx) - start - 1)
+            n = max(n, 0)
+            parts[i + 1].append(idx[start:start + n])
+            start += n
+        parts[0].append(idx[start:])
+    return [np.sort(np.concatenate(p)) if p else np.zeros(0, dtype=np.int64) for p in parts]

@@ -1,0 +1,96 @@
+"""Classification metrics: accuracy, top-k, per-class precision/recall/F1, confusion matrix."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+
+
+def compute_metrics(labels: np.ndarray, proba: np.ndarray, classes: list[str], top_k: int = 5) -> dict:
+    """Every metric of ``imgcls evaluate``.
+
+    Args:
+        labels: true labels, int (N,).
+        proba: class probabilities, float (N, K).
+        classes: K class names.
+        top_k: k for top-k accuracy (capped at K).
+
+    Returns:
+        A JSON-serialisable dict: accuracy, top_k_accuracy, loss (cross-entropy),
+        per_class (precision, recall, f1, support), macro_avg, weighted_avg,
+        confusion_matrix (rows: true, columns: predicted).
+    """
+    labels = np.asarray(labels, dtype=np.int64)
+    k = len(classes)
+    pred = proba.argmax(1)
+    top_k = min(top_k, k)
+    top = np.argsort(-proba, axis=1)[:, :top_k]
+    ids = list(range(k))
+    p, r, f, s = precision_recall_fscore_support(labels, pred, labels=ids, zero_division=0)
+    out = {
+        "n": int(len(labels)),
+        "accuracy": float((pred == labels).mean()) if len(labels) else 0.0,
+        "top_k": top_k,
+        "top_k_accuracy": float((top == labels[:, None]).any(1).mean()) if len(labels) else 0.0,
+        "loss": float(-np.log(np.clip(proba[np.arange(len(labels)), labels], 1e-12, 1.0)).mean()) if len(labels) else 0.0,
+        "per_class": [
+            {"class": c, "precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(s[i])}
+            for i, c in enumerate(classes)
+        ],
+        "confusion_matrix": confusion_matrix(labels, pred, labels=ids).tolist(),
+        "classes": list(classes),
+    }
+    for avg in ("macro", "weighted"):
+        ap, ar, af, _ = precision_recall_fscore_support(labels, pred, labels=ids, average=avg, zero_division=0)
+        out[f"{avg}_avg"] = {"precision": float(ap), "recall": float(ar), "f1": float(af), "support": int(len(labels))}
+    return out
+
+
+def format_report(metrics: dict, title: str = "") -> str:
+    """A plain-text per-class table like scikit-learn's classification_report."""
+    width = max([len(c["class"]) for c in metrics["per_class"]] + [12])
+    lines = [title] if title else []
+    lines.append(f"{'class':>{width}}  precision  recall  f1-score  support")
+    for row in metrics["per_class"]:
+        lines.append(f"{row['class']:>{width}}  {row['precision']:9.4f}  {row['recall']:6.4f}  {row['f1']:8.4f}  {row['support']:7d}")
+    lines.append("")
+    for avg in ("macro_avg", "weighted_avg"):
+        a = metrics[avg]
+        lines.append(f"{avg.replace('_', ' '):>{width}}  {a['precision']:9.4f}  {a['recall']:6.4f}  {a['f1']:8.4f}  {a['support']:7d}")
+    lines.append(f"{'accuracy':>{width}}  {metrics['accuracy']:.4f}   top-{metrics['top_k']} accuracy {metrics['top_k_accuracy']:.4f}"
+                 f"   loss {metrics['loss']:.4f}   ({metrics['n']} images)")
+    return "\n".join(lines)
+
+
+def format_confusion(metrics: dict) -> str:
+    """The confusion matrix as text: rows true class, columns predicted class."""
+    classes, cm = metrics["classes"], metrics["confusion_matrix"]
+    width = max(max(len(c) for c in classes), max(len(str(v)) for row in cm for v in row), 4)
+    head = " " * width + "  " + " ".join(f"{c[:width]:>{width}}" for c in classes)
+    rows = [f"{c:>{width}}  " + " ".join(f"{v:>{width}}" for v in row) for c, row in zip(classes, cm)]
+    return "\n".join(["confusion matrix (rows: true class, columns: predicted)", head] + rows)
+
+
+def save_metrics(metrics: dict, folder: Path, stem: str) -> tuple[Path, Path]:
+    """Write ``<stem>.json`` (everything) and ``<stem>.csv`` (per-class table and averages)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    json_path = folder / f"{stem}.json"
+    json_path.write_text(json.dumps(metrics, indent=2) + "\n")
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["class", "precision", "recall", "f1", "support"])
+    for row in metrics["per_class"]:
+        writer.writerow([row["class"], row["precision"], row["recall"], row["f1"], row["support"]])
+    for avg in ("macro_avg", "weighted_avg"):
+        a = metrics[avg]
+        writer.writerow([avg, a["precision"], a["recall"], a["f1"], a["support"]])
+    writer.writerow(["accuracy", metrics["accuracy"], "", "", metrics["n"]])
+    writer.writerow([f"top_{metrics['top_k']}_accuracy", metrics["top_k_accuracy"], "", "", metrics["n"]])
+    csv_path = folder / f"{stem}.csv"
+    csv_path.write_text(buf.getvalue())
+    return json_path, csv_path

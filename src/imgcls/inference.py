@@ -1,0 +1,115 @@
+"""From uint8 images to model inputs and class probabilities.
+
+Shared by training (validation), evaluation, prediction and serving, so that
+every path normalises images and batches them the same way.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from imgcls.errors import ConfigError
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True where the CPU has native bf16 matrix instructions (AMX or AVX512-BF16)."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            flags = fh.read()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where and how tensors are computed."""
+
+    device: torch.device
+    bf16: bool
+    channels_last: bool
+
+    def autocast(self):
+        """The autocast context for forward passes (a no-op in fp32)."""
+        if not self.bf16:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+
+    def describe(self) -> str:
+        return (f"device {self.device}, {'bf16 autocast' if self.bf16 else 'fp32'}"
+                f"{', channels_last' if self.channels_last else ''}, {torch.get_num_threads()} threads")
+
+
+def resolve_runtime(device: str = "auto", precision: str = "auto", channels_last: str = "auto") -> Runtime:
+    """Turn the ``auto|...`` settings into a concrete :class:`Runtime`.
+
+    bf16 autocast is on by default on CUDA GPUs that support it and on CPUs with
+    native bf16 instructions, where it makes convolutions several times faster.
+    """
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for but no CUDA GPU is available; use --device cpu or auto")
+    if device not in ("cpu", "cuda"):
+        raise ConfigError(f"device {device!r} is not accepted; choose one of: auto, cpu, cuda")
+    dev = torch.device(device)
+    if precision == "auto":
+        fast = torch.cuda.is_bf16_supported() if dev.type == "cuda" else cpu_has_fast_bf16()
+        bf16 = bool(fast) and os.environ.get("IMGCLS_NO_BF16") is None
+    else:
+        bf16 = precision == "bf16"
+    cl = bf16 if channels_last == "auto" else channels_last == "on"
+    return Runtime(dev, bf16, cl)
+
+
+def to_input(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """uint8 (N, H, W, C) -> normalised float (N, C, H, W).
+
+    Permuting NHWC gives channels_last strides for free; ``contiguous`` is
+    called only when the standard layout is wanted.
+    """
+    x = images.permute(0, 3, 1, 2).float().div_(255.0)
+    x = (x - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
+    return x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def normalization_tensors(norm: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    return (torch.tensor(norm["mean"], dtype=torch.float32, device=device),
+            torch.tensor(norm["std"], dtype=torch.float32, device=device))
+
+
+def channel_stats(images: np.ndarray) -> dict:
+    """Per-channel mean and std (in 0..1 units) of uint8 (N, H, W, C) images."""
+    x = torch.from_numpy(images).reshape(-1, images.shape[-1]).double().div_(255.0)
+    mean = x.mean(0)
+    std = x.std(0).clamp_min(1e-3)  # a constant channel must not divide by zero
+    return {"mean": [round(float(m), 6) for m in mean], "std": [round(float(s), 6) for s in std]}
+
+
+@torch.no_grad()
+def predict_logits(model: torch.nn.Module, images, norm: dict, runtime: Runtime, batch_size: int = 512) -> torch.Tensor:
+    """Logits (N, num_classes) float32 on CPU for uint8 images (N, H, W, C) (array or tensor)."""
+    model.eval()
+    mean, std = normalization_tensors(norm, runtime.device)
+    images = torch.as_tensor(images)
+    out = []
+    for start in range(0, len(images), batch_size):
+        x = to_input(images[start:start + batch_size].to(runtime.device), mean, std, runtime.channels_last)
+        with runtime.autocast():
+            out.append(model(x).float().cpu())
+    if not out:
+        return torch.zeros(0, getattr(model, "num_classes", 0))
+    return torch.cat(out)
+
+
+def predict_proba(model, images, norm: dict, runtime: Runtime, batch_size: int = 512,
+                  temperature: float = 1.0) -> np.ndarray:
+    """Class probabilities (N, num_classes) as float64 numpy."""
+    logits = predict_logits(model, images, norm, runtime, batch_size)
+    return F.softmax(logits.double() / temperature, dim=1).numpy()

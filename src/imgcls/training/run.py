@@ -1,0 +1,127 @@
+"""The run folder: what a training run leaves behind.
+
+    runs/<name>/
+      config.yaml          the fully resolved config (``imgcls train --config`` repeats the run)
+      metrics.jsonl        one JSON line per epoch
+      checkpoints/best.safetensors, checkpoints/last.safetensors
+      environment.json     package versions, device, CPU
+      dataset.json         classes, split sizes, skipped and undecodable files
+      train.log            everything printed during training
+      run.json             summary: final checkpoint, test metrics, time
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import re
+import sys
+from pathlib import Path
+
+from imgcls.config import RunConfig, dump_config
+from imgcls.errors import CheckpointError
+
+
+class RunFolder:
+    """Paths and writers of one run folder."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    @classmethod
+    def create(cls, cfg: RunConfig) -> "RunFolder":
+        name = cfg.name or default_run_name(cfg)
+        path = Path(cfg.out_dir) / name
+        if (path / "checkpoints").exists():
+            raise CheckpointError(f"run folder {path} already holds a run; pick another --name or --resume it")
+        path.mkdir(parents=True, exist_ok=True)
+        cfg.name = name
+        run = cls(path)
+        run.write_text("config.yaml", dump_config(cfg))
+        return run
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    def checkpoint(self, which: str) -> Path:
+        return self.checkpoints / f"{which}.safetensors"
+
+    def write_text(self, name: str, text: str) -> Path:
+        """Write a file atomically (temp file + rename)."""
+        dest = self.path / name
+        tmp = dest.with_name(f".{dest.name}.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, dest)
+        return dest
+
+    def write_json(self, name: str, obj) -> Path:
+        return self.write_text(name, json.dumps(obj, indent=2) + "\n")
+
+    def read_json(self, name: str) -> dict:
+        return json.loads((self.path / name).read_text())
+
+    def log(self, line: str) -> None:
+        with open(self.path / "train.log", "a") as fh:
+            fh.write(line.rstrip("\n") + "\n")
+
+    def append_metrics(self, record: dict) -> None:
+        with open(self.path / "metrics.jsonl", "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+
+    def read_metrics(self) -> list[dict]:
+        path = self.path / "metrics.jsonl"
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    def truncate_metrics(self, epochs_done: int) -> None:
+        """Drop metric lines of epochs after the last checkpoint (a run killed mid-epoch)."""
+        kept = [r for r in self.read_metrics() if r["epoch"] <= epochs_done]
+        self.write_text("metrics.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
+
+
+def default_run_name(cfg: RunConfig) -> str:
+    source = Path(cfg.data.dataset).stem if cfg.data.dataset not in ("", ".") else "data"
+    source = re.sub(r"[^A-Za-z0-9_.-]+", "-", source).strip("-") or "data"
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return f"{source}-{cfg.model.name}-{stamp}"
+
+
+def environment(runtime) -> dict:
+    """Versions and hardware, for the run folder."""
+    import numpy
+    import torch
+
+    import imgcls
+
+    env = {
+        "imgcls": imgcls.__version__,
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "platform": platform.platform(),
+        "cpu": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "device": str(runtime.device),
+        "bf16": runtime.bf16,
+        "channels_last": runtime.channels_last,
+    }
+    if runtime.device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(runtime.device)
+        env["cuda"] = torch.version.cuda
+    return env
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"

@@ -1,0 +1,297 @@
+"""The training loop: reads top to bottom.
+
+    fit(cfg, dataset, run)
+      -> prepare(...)          model, optimiser, schedule, data on the device
+      -> for each epoch:
+           train_one_epoch(...)   shuffled batches, augmentation, bf16 autocast
+           validate(...)          loss and accuracy on the val split
+           save checkpoints       best (by the monitored metric) and last (+ training state)
+      -> evaluate the final weights on the test split
+
+Every random draw of epoch ``e`` comes from generators seeded with
+``(seed, e)``, so a run resumed after epoch ``k`` takes exactly the steps an
+uninterrupted run takes.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from imgcls import __version__
+from imgcls.checkpoint import read_checkpoint, save_checkpoint
+from imgcls.config import RunConfig
+from imgcls.data.augment import build_augment
+from imgcls.data.base import ImageDataset
+from imgcls.errors import ConfigError, TrainingError
+from imgcls.evaluation.evaluate import evaluate_model
+from imgcls.evaluation.metrics import format_report, save_metrics
+from imgcls.inference import (Runtime, channel_stats, normalization_tensors, predict_proba, resolve_runtime,
+                              to_input)
+from imgcls.models import create_model
+from imgcls.training.optim import EarlyStopping, LRSchedule, build_optimizer, class_weight_tensor
+from imgcls.training.progress import EpochProgress
+from imgcls.training.run import RunFolder, environment
+
+
+@dataclass
+class TrainState:
+    """Everything one epoch reads and updates."""
+
+    cfg: RunConfig
+    runtime: Runtime
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    schedule: LRSchedule
+    tracker: EarlyStopping
+    augment: object
+    meta: dict
+    x_train: torch.Tensor  # uint8 (N, H, W, C) on the device
+    y_train: torch.Tensor  # int64 (N,) on the device
+    class_weights: torch.Tensor | None
+    epoch: int = 0  # epochs completed
+    step: int = 0  # optimiser steps taken
+    history: list[dict] = field(default_factory=list)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return _steps_per_epoch(len(self.y_train), self.cfg.train.batch_size)
+
+
+@dataclass
+class TrainResult:
+    run: RunFolder
+    history: list[dict]
+    test_metrics: dict
+    final_checkpoint: str
+    seconds: float
+
+
+def _steps_per_epoch(n: int, batch_size: int) -> int:
+    # A last batch of one image is dropped (BatchNorm cannot train on it); the
+    # shuffle changes every epoch, so no image is left out every time.
+    full, rest = divmod(n, batch_size)
+    return full + (1 if rest > 1 else 0)
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    return (seed * 1_000_003 + epoch * 7_919) % (2**63)
+
+
+def check_compatible(cfg: RunConfig, ds: ImageDataset) -> None:
+    """Refuse, before any training, what the config and data cannot do together."""
+    t = cfg.train
+    if t.monitor.startswith("val_") and "val" not in ds.splits and (t.early_stopping or t.schedule == "plateau"):
+        raise ConfigError(f"monitor {t.monitor!r} needs a validation split; set --val-fraction above 0 "
+                          f"or monitor train_loss")
+    if isinstance(t.class_weights, list) and len(t.class_weights) != ds.num_classes:
+        raise ConfigError(f"class_weights has {len(t.class_weights)} values but the dataset has "
+                          f"{ds.num_classes} classes ({', '.join(ds.classes)})")
+    if t.batch_size > len(ds.splits["train"]):
+        raise ConfigError(f"batch_size {t.batch_size} is larger than the {len(ds.splits['train'])} training images")
+
+
+def prepare(cfg: RunConfig, ds: ImageDataset, runtime: Runtime) -> TrainState:
+    """Build model, optimiser, schedule and device data for ``ds``."""
+    check_compatible(cfg, ds)
+    t = cfg.train
+    c, h, w = ds.image_shape
+    torch.manual_seed(t.seed)
+    model = create_model(cfg.model.name, in_chans=c, num_classes=ds.num_classes, img_size=(h, w),
+                         **cfg.model.options)
+    model = model.to(runtime.device)
+    if runtime.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    train = ds.splits["train"]
+    meta = {
+        "arch": model.arch,
+        "arch_kwargs": model.arch_kwargs,
+        "classes": list(ds.classes),
+        "input_shape": [c, h, w],
+        "normalize": channel_stats(train.images),
+        "resize": cfg.data.resize,
+        "dataset": ds.name,
+        "imgcls_version": __version__,
+    }
+    optimizer = build_optimizer(model.parameters(), t)
+    steps = _steps_per_epoch(len(train), t.batch_size)
+    weights = class_weight_tensor(t.class_weights, train.labels, ds.num_classes)
+    return TrainState(
+        cfg=cfg, runtime=runtime, model=model, optimizer=optimizer, schedule=LRSchedule(t, steps),
+        tracker=EarlyStopping(t.monitor, t.patience, t.min_delta), augment=build_augment(t.augment, (h, w)),
+        meta=meta, x_train=torch.from_numpy(train.images).to(runtime.device),
+        y_train=torch.from_numpy(train.labels).to(runtime.device),
+        class_weights=None if weights is None else weights.to(runtime.device),
+    )
+
+
+def train_one_epoch(s: TrainState, progress: EpochProgress) -> dict:
+    """One pass over the shuffled training split; returns train_loss, train_accuracy, lr, images_per_sec."""
+    t = s.cfg.train
+    model, rt = s.model, s.runtime
+    model.train()
+    gen = torch.Generator().manual_seed(_epoch_seed(t.seed, s.epoch))
+    torch.manual_seed(_epoch_seed(t.seed, s.epoch) + 1)  # dropout and other in-model randomness
+    order = torch.randperm(len(s.y_train), generator=gen).to(rt.device)
+    mean, std = normalization_tensors(s.meta["normalize"], rt.device)
+    loss_sum = torch.zeros((), device=rt.device, dtype=torch.float64)
+    correct = torch.zeros((), device=rt.device, dtype=torch.int64)
+    seen, start, lr = 0, time.perf_counter(), t.lr
+    constrain = getattr(model, "apply_constraints", None)
+    for i in range(s.steps_per_epoch):
+        idx = order[i * t.batch_size:(i + 1) * t.batch_size]
+        x = to_input(s.x_train[idx], mean, std, rt.channels_last)
+        y = s.y_train[idx]
+        if s.augment:
+            x = s.augment(x, gen)
+        lr = s.schedule.apply(s.optimizer, s.step)
+        with rt.autocast():
+            logits = model(x)
+        loss = F.cross_entropy(logits.float(), y, weight=s.class_weights, label_smoothing=t.label_smoothing)
+        s.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if t.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+        s.optimizer.step()
+        if constrain is not None:
+            constrain()
+        s.step += 1
+        loss_sum += loss.detach() * len(y)
+        correct += (logits.argmax(1) == y).sum()
+        seen += len(y)
+        if i % 20 == 0 or i == s.steps_per_epoch - 1:
+            # One host sync every 20 steps: it feeds the progress bar and catches a NaN early.
+            mean_loss = loss_sum.item() / seen
+            if not math.isfinite(mean_loss):
+                raise TrainingError(f"the training loss became {mean_loss} at epoch {s.epoch + 1}, step {i + 1}; "
+                                    f"try a lower --lr (now {t.lr:g}) or --grad-clip")
+            progress.update(i + 1, mean_loss, correct.item() / seen, seen / (time.perf_counter() - start))
+    seconds = time.perf_counter() - start
+    return {"train_loss": loss_sum.item() / seen, "train_accuracy": correct.item() / seen, "lr": lr,
+            "train_seconds": round(seconds, 3), "images_per_sec": round(seen / seconds, 1)}
+
+
+def validate(s: TrainState, ds: ImageDataset) -> dict:
+    """Loss and accuracy on the val split (empty dict when there is none)."""
+    if "val" not in ds.splits:
+        return {}
+    val = ds.splits["val"]
+    proba = predict_proba(s.model, val.images, s.meta["normalize"], s.runtime, s.cfg.train.eval_batch_size)
+    picked = np.clip(proba[np.arange(len(val)), val.labels], 1e-12, 1.0)
+    return {"val_loss": float(-np.log(picked).mean()), "val_accuracy": float((proba.argmax(1) == val.labels).mean())}
+
+
+def _train_state_dict(s: TrainState) -> dict:
+    return {"epoch": s.epoch, "step": s.step, "optimizer": s.optimizer.state_dict(),
+            "schedule": s.schedule.state_dict(), "tracker": s.tracker.state_dict()}
+
+
+def _restore(s: TrainState, run: RunFolder) -> None:
+    """Load model, optimiser, schedule and tracker state from ``checkpoints/last``."""
+    state, meta = read_checkpoint(run.checkpoint("last"))
+    s.model.load_state_dict(state)
+    ts = meta["train_state"]
+    s.optimizer.load_state_dict(ts["optimizer"])
+    s.schedule.load_state_dict(ts["schedule"])
+    s.tracker.load_state_dict(ts["tracker"])
+    s.epoch, s.step = ts["epoch"], ts["step"]
+    s.meta["normalize"] = meta["normalize"]
+    run.truncate_metrics(s.epoch)
+    s.history = run.read_metrics()
+
+
+def _save_epoch(s: TrainState, run: RunFolder, record: dict, is_best: bool) -> None:
+    meta = dict(s.meta, epoch=s.epoch, metrics=record, created=_dt.datetime.now().isoformat(timespec="seconds"))
+    if is_best:
+        save_checkpoint(run.checkpoint("best"), s.model, meta)
+    save_checkpoint(run.checkpoint("last"), s.model, meta, train_state=_train_state_dict(s))
+
+
+def fit(cfg: RunConfig, ds: ImageDataset, run: RunFolder, console, resume: bool = False) -> TrainResult:
+    """Train ``cfg.model`` on ``ds`` into ``run``; evaluate the final weights on the test split."""
+    t = cfg.train
+    runtime = resolve_runtime(t.device, t.precision, t.channels_last)
+    s = prepare(cfg, ds, runtime)
+    if resume:
+        _restore(s, run)
+    say = _sayer(console, run)
+    run.write_json("environment.json", environment(runtime))
+    run.write_json("dataset.json", _dataset_record(ds))
+    say(f"model {cfg.model.name}: {sum(p.numel() for p in s.model.parameters()):,} parameters; {runtime.describe()}")
+    if resume:
+        say(f"resuming {run.path} after epoch {s.epoch} of {t.epochs}")
+    started = time.perf_counter()
+    stopped_early = False
+    while s.epoch < t.epochs:
+        with EpochProgress(console, s.steps_per_epoch, s.epoch + 1, t.epochs) as progress:
+            record = train_one_epoch(s, progress)
+        record.update(validate(s, ds))
+        s.epoch += 1
+        record = {"epoch": s.epoch, **record}
+        monitored = record.get(t.monitor)
+        if monitored is None:
+            raise ConfigError(f"monitor {t.monitor!r} is not measured in this run (no val split?)")
+        is_best = s.tracker.update(s.epoch, record)
+        s.schedule.end_epoch(record)
+        s.history.append(record)
+        run.append_metrics(record)
+        _save_epoch(s, run, record, is_best)
+        say(_epoch_line(record, is_best))
+        if t.early_stopping and s.tracker.should_stop:
+            say(f"early stopping: {t.monitor} has not improved for {t.patience} epochs "
+                f"(best {s.tracker.best:.4f} at epoch {s.tracker.best_epoch})")
+            stopped_early = True
+            break
+    final = "best" if t.restore_best else "last"
+    state, _ = read_checkpoint(run.checkpoint(final))
+    s.model.load_state_dict(state)
+    # Test metrics in fp32, as `imgcls evaluate` computes them, so both report the same figures.
+    fp32 = Runtime(runtime.device, bf16=False, channels_last=runtime.channels_last)
+    metrics, _ = evaluate_model(s.model, s.meta, ds.splits["test"], ds.classes, fp32, t.eval_batch_size, t.top_k)
+    save_metrics(metrics, run.path, "eval_test")
+    seconds = time.perf_counter() - started
+    say(format_report(metrics, title=f"test split, {final} checkpoint (epoch {_checkpoint_epoch(run, final)}):"))
+    run.write_json("run.json", {
+        "final_checkpoint": final, "epochs_run": s.epoch, "stopped_early": stopped_early,
+        "best_epoch": s.tracker.best_epoch, "monitor": t.monitor, "best_value": s.tracker.best,
+        "test_accuracy": metrics["accuracy"], "test_macro_f1": metrics["macro_avg"]["f1"],
+        "train_seconds_this_session": round(seconds, 2),
+        "parameters": sum(p.numel() for p in s.model.parameters()),
+    })
+    say(f"run folder: {run.path}")
+    return TrainResult(run, s.history, metrics, final, seconds)
+
+
+def _checkpoint_epoch(run: RunFolder, which: str) -> int:
+    return read_checkpoint(run.checkpoint(which))[1]["epoch"]
+
+
+def _epoch_line(r: dict, is_best: bool) -> str:
+    parts = [f"epoch {r['epoch']:3d}", f"loss {r['train_loss']:.4f}", f"acc {r['train_accuracy']:.4f}"]
+    if "val_loss" in r:
+        parts += [f"val_loss {r['val_loss']:.4f}", f"val_acc {r['val_accuracy']:.4f}"]
+    parts += [f"lr {r['lr']:.2e}", f"{r['images_per_sec']:.0f} img/s", f"{r['train_seconds']:.1f}s"]
+    return "  ".join(parts) + ("  *" if is_best else "")
+
+
+def _dataset_record(ds: ImageDataset) -> dict:
+    return {
+        "name": ds.name, "classes": ds.classes, "image_shape": list(ds.image_shape),
+        "splits": {k: {"images": len(v), "per_class": np.bincount(v.labels, minlength=ds.num_classes).tolist()}
+                   for k, v in ds.splits.items()},
+        "skipped": [vars(f) for f in ds.skipped], "bad": [vars(f) for f in ds.bad], "notes": ds.notes,
+    }
+
+
+def _sayer(console, run: RunFolder):
+    def say(line: str) -> None:
+        console.print(line, highlight=False, markup=False)
+        run.log(line)
+
+    return say

@@ -1,0 +1,90 @@
+"""The checkpoint format: round trips, no pickle, atomic writes, clear errors."""
+
+import json
+
+import pytest
+import torch
+
+import imgcls.checkpoint as ckpt
+from imgcls.checkpoint import load_model, read_checkpoint, save_checkpoint
+from imgcls.errors import CheckpointError
+from imgcls.models import create_model
+
+META = {"arch": "fastnet_small", "arch_kwargs": {}, "classes": ["a", "b", "c"], "input_shape": [1, 8, 8],
+        "normalize": {"mean": [0.5], "std": [0.25]}}
+
+
+def small_model():
+    torch.manual_seed(0)
+    model = create_model("fastnet_small", in_chans=1, num_classes=3, img_size=(8, 8))
+    model.arch_kwargs = dict(model.arch_kwargs)
+    return model
+
+
+def test_round_trip_weights_meta_and_optimizer_state(tmp_path):
+    model = small_model()
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    model(torch.randn(4, 1, 8, 8)).sum().backward()
+    opt.step()
+    meta = dict(META, arch_kwargs=model.arch_kwargs)
+    path = save_checkpoint(tmp_path / "last.safetensors", model, meta, train_state={"epoch": 3, "optimizer": opt.state_dict()})
+    state, back = read_checkpoint(path)
+    for k, v in model.state_dict().items():
+        assert torch.equal(state[k], v)
+    assert back["classes"] == ["a", "b", "c"] and back["format_version"] == ckpt.FORMAT_VERSION
+    restored = torch.optim.Adam(small_model().parameters(), lr=0.5)
+    restored.load_state_dict(back["train_state"]["optimizer"])
+    assert restored.param_groups[0]["lr"] == 0.01
+    saved_state = opt.state_dict()["state"]
+    assert set(restored.state_dict()["state"]) == set(saved_state)
+    for pid, entry in saved_state.items():
+        assert torch.equal(restored.state_dict()["state"][pid]["exp_avg"], entry["exp_avg"])
+    loaded, _ = load_model(path)
+    x = torch.randn(2, 1, 8, 8)
+    assert torch.allclose(loaded(x), model.eval()(x))
+
+
+def test_a_crash_mid_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    model = small_model()
+    path = save_checkpoint(tmp_path / "best.safetensors", model, dict(META, epoch=1))
+
+    def crash(tensors, filename, metadata=None):
+        with open(filename, "wb") as fh:
+            fh.write(b"half a file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ckpt, "save_file", crash)
+    with pytest.raises(OSError):
+        save_checkpoint(path, model, dict(META, epoch=2))
+    assert read_checkpoint(path)[1]["epoch"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["best.safetensors"]
+
+
+def test_a_file_that_is_not_a_checkpoint_is_refused(tmp_path):
+    bad = tmp_path / "model.safetensors"
+    bad.write_bytes(b"\x80\x04\x95 this could be a pickle")
+    with pytest.raises(CheckpointError, match="cannot be read"):
+        read_checkpoint(bad)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        read_checkpoint(tmp_path / "missing.safetensors")
+
+
+def test_a_newer_format_asks_for_an_upgrade(tmp_path, monkeypatch):
+    path = save_checkpoint(tmp_path / "x.safetensors", small_model(), META)
+    monkeypatch.setattr(ckpt, "FORMAT_VERSION", 99)
+    path = save_checkpoint(tmp_path / "y.safetensors", small_model(), META)
+    monkeypatch.setattr(ckpt, "FORMAT_VERSION", 1)
+    with pytest.raises(CheckpointError, match="format version 99; this imgcls reads versions up to 1"):
+        read_checkpoint(path)
+
+
+def test_metadata_is_plain_json_in_the_header(tmp_path):
+    path = save_checkpoint(tmp_path / "x.safetensors", small_model(), META)
+    header_len = int.from_bytes(path.read_bytes()[:8], "little")
+    header = json.loads(path.read_bytes()[8:8 + header_len])
+    assert json.loads(header["__metadata__"]["imgcls"])["arch"] == "fastnet_small"
+
+
+def test_run_folder_without_checkpoints(tmp_path):
+    with pytest.raises(CheckpointError, match="holds no checkpoint"):
+        load_model(tmp_path)

@@ -1,0 +1,98 @@
+"""End-to-end training on the built-in digits: accuracy floor, resume, NaN, early stopping."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import imgcls
+from imgcls.checkpoint import read_checkpoint
+from imgcls.errors import TrainingError
+
+SMALL = {"model_option": {"widths": [8, 16, 16]}}
+
+
+def test_default_run_reaches_95_percent_on_digits(tmp_path):
+    run = imgcls.train(out=str(tmp_path), name="digits", quiet=True)
+    assert run.test_metrics["accuracy"] >= 0.95
+    files = {p.relative_to(run.path).as_posix() for p in run.path.rglob("*")}
+    for name in ("config.yaml", "metrics.jsonl", "checkpoints/best.safetensors", "checkpoints/last.safetensors",
+                 "environment.json", "dataset.json", "train.log", "run.json", "eval_test.json", "eval_test.csv"):
+        assert name in files
+    lines = (run.path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == list(range(1, 11))
+    # The classifier rebuilt from the checkpoint alone reports the same test figures.
+    again = imgcls.load(run.path).evaluate()
+    assert again["accuracy"] == pytest.approx(run.test_metrics["accuracy"])
+    assert again["confusion_matrix"] == run.test_metrics["confusion_matrix"]
+
+
+def _cli(*args):
+    return [sys.executable, "-m", "imgcls.cli", *args]
+
+
+def test_killed_and_resumed_run_matches_an_uninterrupted_one(tmp_path):
+    common = ["--epochs", "6", "--out", str(tmp_path), "--model-option", "widths=[8,16,16]",
+              "--schedule", "cosine", "--augment", "hflip,translate:1", "--optimizer", "sgd", "--lr", "0.05"]
+    subprocess.run(_cli("train", "--name", "whole", *common), check=True, capture_output=True, timeout=600)
+    proc = subprocess.Popen(_cli("train", "--name", "killed", *common), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = tmp_path / "killed" / "checkpoints" / "last.safetensors"
+    deadline = time.time() + 300
+    while not last.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_after = read_checkpoint(last)[1]["epoch"]
+    assert killed_after < 6, "the run finished before it could be killed"
+    subprocess.run(_cli("train", "--resume", str(tmp_path / "killed")), check=True, capture_output=True, timeout=600)
+
+    def metrics(name):
+        return [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+
+    whole, resumed = metrics("whole"), metrics("killed")
+    assert [r["epoch"] for r in resumed] == list(range(1, 7))
+    for a, b in zip(whole, resumed):
+        for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr"):
+            assert a[key] == b[key], (a["epoch"], key)
+    wa, _ = read_checkpoint(tmp_path / "whole" / "checkpoints" / "last.safetensors")
+    wb, _ = read_checkpoint(last)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    ra = json.loads((tmp_path / "whole" / "eval_test.json").read_text())
+    rb = json.loads((tmp_path / "killed" / "eval_test.json").read_text())
+    assert ra["accuracy"] == rb["accuracy"] and ra["confusion_matrix"] == rb["confusion_matrix"]
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    import imgcls.training.trainer as trainer
+
+    real = trainer.F.cross_entropy
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if calls["n"] > 25 else loss  # digits: 20 steps an epoch at batch 64
+
+    monkeypatch.setattr(trainer.F, "cross_entropy", poisoned)
+    with pytest.raises(TrainingError, match="loss became nan at epoch 2"):
+        imgcls.train(out=str(tmp_path), name="nan", epochs=3, quiet=True, **SMALL)
+    state, meta = read_checkpoint(tmp_path / "nan" / "checkpoints" / "last.safetensors")
+    assert meta["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+
+
+def test_early_stopping_stops_and_restores_the_best_epoch(tmp_path):
+    # Digits saturate val accuracy within a few epochs, so patience 2 ends the run early.
+    run = imgcls.train(out=str(tmp_path), name="es", epochs=30, early_stopping=True, patience=2,
+                       monitor="val_accuracy", quiet=True, **SMALL)
+    info = json.loads((run.path / "run.json").read_text())
+    assert info["stopped_early"] and info["epochs_run"] < 30
+    assert info["epochs_run"] == info["best_epoch"] + 2
+    best = max(r["val_accuracy"] for r in run.history)
+    _, meta = read_checkpoint(run.path / "checkpoints" / "best.safetensors")
+    assert meta["metrics"]["val_accuracy"] == best and meta["epoch"] == info["best_epoch"]
