@@ -1,0 +1,12 @@
+"""Models: a registry of architectures that share one contract.
+
+``create_model(name, in_chans, num_classes, img_size, **options)`` builds any
+registered architecture; ``list_models()`` names them; ``summarize`` and
+``format_summary`` describe a model layer by layer.
+"""
+
+from imgcls.models.base import ImageClassifier
+from imgcls.models.registry import create_model, list_models
+from imgcls.models.summary import format_summary, summarize
+
+__all__ = ["ImageClassifier", "create_model", "list_models", "summarize", "format_summary"]

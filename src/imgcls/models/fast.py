@@ -1,0 +1,161 @@
+"""A small network that trains fast on 32x32 images, after Keller Jordan's airbench.
+
+Layout (for a 3x32x32 input and the default widths)::
+
+    stem     2x2 conv, no padding, 2 * in_chans * 4 channels, GELU   -> 24 x 31 x 31
+    block1   conv3x3 -> maxpool2 -> BN -> GELU -> conv3x3 -> BN -> GELU   ->  64 x 16 x 16
+    block2   (same)                                                       -> 256 x  8 x  8
+    block3   (same)                                                       -> 256 x  4 x  4
+    head     global max-pool -> linear (no bias) -> logits * scale
+
+The stem is as wide as the number of values in a 2x2 patch, twice, so that
+:func:`whiten_init` can set it to whiten the patches (each eigen-direction
+with both signs).  The max-pools use ``ceil_mode`` so that 8x8 and 28x28
+inputs work too (8 -> 7 -> 4 -> 2 -> 1); the head pools whatever map is left
+to 1x1.  The logits are scaled down (1/9 as in airbench) so that the
+bias-free linear layer starts with small outputs.
+
+Module names: ``features`` holds ``stem`` (``conv``, ``act``) and
+``block1`` ... ``block3`` (``conv1``, ``pool``, ``bn1``, ``act1``, ``conv2``,
+``bn2``, ``act2``); ``stages`` are ``("features.stem", "features.block1",
+"features.block2", "features.block3")`` and ``gradcam_layer`` is
+``"features.block3"``.  ``head`` is ``pool``, ``flatten``, ``fc``, ``scale``.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+from torch import nn
+
+from imgcls.errors import ConfigError
+from imgcls.models.base import ImageClassifier, check_min_size
+from imgcls.models.registry import register_model
+
+STEM_KERNEL = 2  # pixels; the stem sees 2x2 patches
+# PyTorch convention (weight of the new batch): high, so that the running
+# statistics follow the weights closely in runs of a few epochs.
+BN_MOMENTUM = 0.4
+# Smallest image side (pixels): the 2x2 stem without padding needs 2.
+MIN_SIDE = STEM_KERNEL
+
+
+class Scale(nn.Module):
+    """Multiply the input by a constant ``factor`` (no parameters)."""
+
+    def __init__(self, factor: float):
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.factor
+
+    def extra_repr(self) -> str:
+        return f"factor={self.factor:g}"
+
+
+def _conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
+    """conv3x3 -> maxpool2 -> BN -> GELU -> conv3x3 -> BN -> GELU; halves H and W (rounding up)."""
+    return nn.Sequential(OrderedDict(
+        conv1=nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
+        pool=nn.MaxPool2d(2, ceil_mode=True),
+        bn1=nn.BatchNorm2d(out_channels, momentum=BN_MOMENTUM),
+        act1=nn.GELU(),
+        conv2=nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False),
+        bn2=nn.BatchNorm2d(out_channels, momentum=BN_MOMENTUM),
+        act2=nn.GELU(),
+    ))
+
+
+class FastNet(ImageClassifier):
+    """airbench-style network: whitening stem, three conv blocks, max-pool, scaled linear.
+
+    Args:
+        in_chans, num_classes, img_size: see :class:`ImageClassifier`.
+        widths: output channels of the three blocks.
+        scale: factor applied to the logits.
+    """
+
+    def __init__(self, in_chans: int, num_classes: int, img_size: tuple[int, int],
+                 widths: tuple[int, int, int], scale: float):
+        super().__init__(in_chans, num_classes, img_size)
+        stem_width = 2 * in_chans * STEM_KERNEL**2
+        layers: OrderedDict[str, nn.Module] = OrderedDict(stem=nn.Sequential(OrderedDict(
+            conv=nn.Conv2d(in_chans, stem_width, STEM_KERNEL, padding=0, bias=True),
+            act=nn.GELU(),
+        )))
+        channels = stem_width
+        for index, width in enumerate(widths, start=1):
+            layers[f"block{index}"] = _conv_block(channels, width)
+            channels = width
+        self.features = nn.Sequential(layers)
+        self.head = nn.Sequential(OrderedDict(
+            pool=nn.AdaptiveMaxPool2d(1),
+            flatten=nn.Flatten(),
+            fc=nn.Linear(channels, num_classes, bias=False),
+            scale=Scale(scale),
+        ))
+        self.stages = tuple(f"features.{name}" for name in layers)
+        self.gradcam_layer = self.stages[-1]
+
+
+@torch.no_grad()
+def whiten_init(model: FastNet, images: torch.Tensor, eps: float = 5e-4) -> FastNet:
+    """Set the stem convolution to whiten the 2x2 patches of ``images``.
+
+    The patch second-moment matrix (D x D, D = in_chans * 4) is diagonalised;
+    the stem's 2D filters become its eigenvectors divided by the square root
+    of their eigenvalues (plus ``eps``), once with each sign, so the stem's
+    outputs have unit variance along every direction of patch space.
+
+    Args:
+        model: a :class:`FastNet` (its stem must still have 2 * D filters).
+        images: (N, in_chans, H, W) float training images, normalised as the
+            model will see them; a few thousand are plenty.
+        eps: added to the eigenvalues, in squared input units.
+
+    Returns:
+        The model, changed in place.
+    """
+    if not isinstance(model, FastNet):
+        raise ConfigError(f"whiten_init needs a fastnet model, got {type(model).__name__}")
+    conv = model.features.stem.conv
+    if images.ndim != 4 or images.shape[1] != model.in_chans:
+        raise ConfigError(f"whiten_init needs images of shape (N, {model.in_chans}, H, W), "
+                          f"got {tuple(images.shape)}")
+    k = STEM_KERNEL
+    patches = images.float().unfold(2, k, 1).unfold(3, k, 1)  # (N, C, h, w, k, k)
+    patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(-1, model.in_chans * k * k).double()
+    moment = patches.T @ patches / len(patches)
+    eigenvalues, eigenvectors = torch.linalg.eigh(moment)
+    filters = eigenvectors.T / torch.sqrt(eigenvalues.clamp_min(0) + eps)[:, None]
+    filters = filters.reshape(-1, model.in_chans, k, k)
+    conv.weight.copy_(torch.cat([filters, -filters]).to(conv.weight))
+    return model
+
+
+def _build(arch: str, in_chans: int, num_classes: int, img_size: tuple[int, int],
+           widths, scale: float) -> FastNet:
+    widths = tuple(int(w) for w in widths)
+    if len(widths) != 3 or min(widths) < 1:
+        raise ConfigError(f"widths must be three positive channel counts, got {widths!r}")
+    check_min_size(arch, tuple(img_size), MIN_SIDE)
+    model = FastNet(in_chans, num_classes, img_size, widths, scale)
+    model.arch = arch
+    model.arch_kwargs = {"widths": list(widths), "scale": scale}
+    return model
+
+
+@register_model
+def fastnet(*, in_chans: int, num_classes: int, img_size: tuple[int, int],
+            widths=(64, 256, 256), scale: float = 1 / 9) -> FastNet:
+    """airbench-style fast CNN: 2x2 whitening stem, 3 conv blocks 64/256/256, max-pool, scaled linear."""
+    return _build("fastnet", in_chans, num_classes, img_size, widths, scale)
+
+
+@register_model
+def fastnet_small(*, in_chans: int, num_classes: int, img_size: tuple[int, int],
+                  widths=(32, 64, 128), scale: float = 1 / 9) -> FastNet:
+    """fastnet with blocks of 32/64/128 channels, for tiny datasets and quick runs."""
+    return _build("fastnet_small", in_chans, num_classes, img_size, widths, scale)
