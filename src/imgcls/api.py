@@ -68,7 +68,7 @@ def train(config=None, *, resume: str | Path | None = None, quiet: bool = False,
             ``epochs``, ``lr``, ``optimizer``, ``augment``, ...
     """
     from imgcls.training.run import RunFolder
-    from imgcls.training.trainer import fit
+    from imgcls.training.trainer import check_compatible, fit
 
     console = console or _console(quiet)
     if resume is not None:
@@ -87,7 +87,8 @@ def train(config=None, *, resume: str | Path | None = None, quiet: bool = False,
         cfg = make_config(config, **overrides)
     ds = build_dataset(cfg.data, seed=cfg.train.seed, progress=console.is_terminal)
     for line in ds.summary_lines():
-        console.print(line, highlight=False, markup=False)
+        console.print(line, highlight=False, markup=False, soft_wrap=True)
+    check_compatible(cfg, ds)
     if resume is None:
         run = RunFolder.create(cfg)
     result = fit(cfg, ds, run, console, resume=resume is not None)

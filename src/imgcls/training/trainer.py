@@ -95,11 +95,14 @@ def check_compatible(cfg: RunConfig, ds: ImageDataset) -> None:
                           f"{ds.num_classes} classes ({', '.join(ds.classes)})")
     if t.batch_size > len(ds.splits["train"]):
         raise ConfigError(f"batch_size {t.batch_size} is larger than the {len(ds.splits['train'])} training images")
+    c, h, w = ds.image_shape
+    # Building the model once refuses an unknown name, option or too-small input before a run folder exists.
+    create_model(cfg.model.name, in_chans=c, num_classes=ds.num_classes, img_size=(h, w), **cfg.model.options)
+    build_augment(t.augment, (h, w))
 
 
 def prepare(cfg: RunConfig, ds: ImageDataset, runtime: Runtime) -> TrainState:
     """Build model, optimiser, schedule and device data for ``ds``."""
-    check_compatible(cfg, ds)
     t = cfg.train
     c, h, w = ds.image_shape
     torch.manual_seed(t.seed)
@@ -291,7 +294,7 @@ def _dataset_record(ds: ImageDataset) -> dict:
 
 def _sayer(console, run: RunFolder):
     def say(line: str) -> None:
-        console.print(line, highlight=False, markup=False)
+        console.print(line, highlight=False, markup=False, soft_wrap=True)
         run.log(line)
 
     return say
