@@ -88,7 +88,8 @@ def train(config=None, *, resume: str | Path | None = None, quiet: bool = False,
     ds = build_dataset(cfg.data, seed=cfg.train.seed, progress=console.is_terminal)
     for line in ds.summary_lines():
         console.print(line, highlight=False, markup=False, soft_wrap=True)
-    check_compatible(cfg, ds)
+    for note in check_compatible(cfg, ds):
+        console.print(f"note: {note}", highlight=False, markup=False, soft_wrap=True)
     if resume is None:
         run = RunFolder.create(cfg)
     result = fit(cfg, ds, run, console, resume=resume is not None)

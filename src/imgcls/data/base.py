@@ -81,7 +81,8 @@ class ImageDataset:
     @property
     def image_shape(self) -> tuple[int, int, int]:
         """(C, H, W) of every image, the shape a model is built for."""
-        _, h, w, c = self.splits["train"].images.shape
+        # Every split shares one shape; "all" stands alone before the train/test split is made.
+        _, h, w, c = next(iter(self.splits.values())).images.shape
         return (c, h, w)
 
     def summary_lines(self) -> list[str]:

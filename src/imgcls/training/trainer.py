@@ -84,12 +84,19 @@ def _epoch_seed(seed: int, epoch: int) -> int:
     return (seed * 1_000_003 + epoch * 7_919) % (2**63)
 
 
-def check_compatible(cfg: RunConfig, ds: ImageDataset) -> None:
-    """Refuse, before any training, what the config and data cannot do together."""
+def check_compatible(cfg: RunConfig, ds: ImageDataset) -> list[str]:
+    """Refuse, before any training, what the config and data cannot do together.
+
+    Returns notes for the user about settings resolved from the data.
+    """
     t = cfg.train
-    if t.monitor.startswith("val_") and "val" not in ds.splits and (t.early_stopping or t.schedule == "plateau"):
-        raise ConfigError(f"monitor {t.monitor!r} needs a validation split; set --val-fraction above 0 "
-                          f"or monitor train_loss")
+    notes = []
+    if t.monitor.startswith("val_") and "val" not in ds.splits:
+        if t.early_stopping or t.schedule == "plateau":
+            raise ConfigError(f"monitor {t.monitor!r} needs a validation split; set --val-fraction above 0 "
+                              f"or monitor train_loss")
+        t.monitor = t.monitor.replace("val_", "train_")
+        notes.append(f"no val split: the best checkpoint is chosen by {t.monitor}")
     if isinstance(t.class_weights, list) and len(t.class_weights) != ds.num_classes:
         raise ConfigError(f"class_weights has {len(t.class_weights)} values but the dataset has "
                           f"{ds.num_classes} classes ({', '.join(ds.classes)})")
@@ -99,6 +106,7 @@ def check_compatible(cfg: RunConfig, ds: ImageDataset) -> None:
     # Building the model once refuses an unknown name, option or too-small input before a run folder exists.
     create_model(cfg.model.name, in_chans=c, num_classes=ds.num_classes, img_size=(h, w), **cfg.model.options)
     build_augment(t.augment, (h, w))
+    return notes
 
 
 def prepare(cfg: RunConfig, ds: ImageDataset, runtime: Runtime) -> TrainState:
@@ -237,9 +245,6 @@ def fit(cfg: RunConfig, ds: ImageDataset, run: RunFolder, console, resume: bool 
         record.update(validate(s, ds))
         s.epoch += 1
         record = {"epoch": s.epoch, **record}
-        monitored = record.get(t.monitor)
-        if monitored is None:
-            raise ConfigError(f"monitor {t.monitor!r} is not measured in this run (no val split?)")
         is_best = s.tracker.update(s.epoch, record)
         s.schedule.end_epoch(record)
         s.history.append(record)

@@ -1,0 +1,795 @@
+"""Users' own images: a folder of class folders, or a zip of one read in place.
+
+Two layouts are understood (a single top folder wrapping everything, as in a
+zip of ``mydata/``, is looked through):
+
+* ``<class>/<image>``: one split, named ``all``;
+* ``train/<class>/<image>`` with optional ``val/`` (or ``valid/``,
+  ``validation/``) and ``test/`` beside it: those splits.
+
+Every file is accounted for: images kept are in ``Split.paths``, undecodable
+ones in ``ImageDataset.bad``, non-images and hidden files in
+``ImageDataset.skipped``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+import multiprocessing
+import os
+import struct
+import sys
+import zipfile
+import zlib
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from PIL import Image
+
+from imgcls.data.base import ImageDataset, SkippedFile, Split
+from imgcls.data.images import (
+    BadImageError,
+    check_channels,
+    check_resize,
+    decode_image,
+    has_image_extension,
+    is_grayscale_mode,
+    resize_image,
+    to_array,
+)
+from imgcls.errors import ConfigError, DataError
+
+BAD_IMAGE_POLICIES = ("skip", "error")
+"""Accepted values of ``on_bad_image``."""
+
+FALLBACK_SIZE = (64, 64)
+"""(height, width) used when images differ in size and none was asked for."""
+
+SPLIT_ALIASES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
+"""Top-level folder names (lower case) that mark the split layout, and the split each means."""
+
+_LAYOUT_HELP = (
+    "expected one folder per class, <class>/<image> (for example cats/001.jpg, dogs/001.jpg), "
+    "or train/<class>/<image> with optional val/ and test/ folders beside train/"
+)
+_CHUNK = 512  # images per task handed to a worker
+_PARALLEL_MIN = 2048  # fewer images than this are decoded in this process
+
+
+# ----------------------------------------------------------------------------
+# Sources: a folder, or a zip read in place
+
+
+class ImageSource:
+    """Files under a root (a folder or a zip), by relative POSIX path."""
+
+    path: Path
+
+    def files(self) -> list[str]:
+        """Relative POSIX paths of every file, sorted."""
+        raise NotImplementedError
+
+    def dirs(self) -> set[str]:
+        """Relative POSIX paths of every folder, explicit or implied by a file."""
+        raise NotImplementedError
+
+    def read(self, rel: str) -> bytes:
+        """The content of the file at ``rel``."""
+        raise NotImplementedError
+
+    def display(self, rel: str) -> str:
+        """The path to show a person for the file at ``rel``."""
+        return f"{self.path}/{rel}"
+
+    def close(self) -> None:
+        """Release open files."""
+
+    def __enter__(self) -> "ImageSource":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class FolderSource(ImageSource):
+    """A folder on disk, walked recursively (symbolic links followed once)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._stats: dict[str, tuple[int, int]] = {}
+        self._dirs: set[str] = set()
+        try:
+            self._walk(self.path, "", set())
+        except OSError as exc:
+            raise DataError(f"{self.path}: cannot be listed ({exc})") from None
+
+    def _walk(self, folder: Path, prefix: str, seen: set[tuple[int, int]]) -> None:
+        st = os.stat(folder)
+        if (st.st_dev, st.st_ino) in seen:  # a link back up the tree
+            return
+        seen.add((st.st_dev, st.st_ino))
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                rel = prefix + entry.name
+                if entry.is_dir():
+                    self._dirs.add(rel)
+                    self._walk(Path(entry.path), rel + "/", seen)
+                elif entry.is_file():
+                    s = entry.stat()
+                    self._stats[rel] = (s.st_size, s.st_mtime_ns)
+
+    def files(self) -> list[str]:
+        return sorted(self._stats)
+
+    def dirs(self) -> set[str]:
+        return set(self._dirs)
+
+    def stats(self) -> dict[str, tuple[int, int]]:
+        """Relative path to (size in bytes, modification time in ns) of every file."""
+        return dict(self._stats)
+
+    def read(self, rel: str) -> bytes:
+        return (self.path / rel).read_bytes()
+
+
+class ZipSource(ImageSource):
+    """A zip file read in place: stored members are sliced from a memory map."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        try:
+            self._zip = zipfile.ZipFile(self.path)
+        except (zipfile.BadZipFile, OSError) as exc:
+            raise DataError(f"{self.path}: cannot be read as a zip file ({exc})") from None
+        self._infos: dict[str, zipfile.ZipInfo] = {}
+        self._dirs: set[str] = set()
+        for info in self._zip.infolist():
+            name = info.filename.replace("\\", "/").lstrip("/")
+            if info.is_dir():
+                self._dirs.add(name.rstrip("/"))
+            elif name:
+                self._infos[name] = info
+        for name in self._infos:
+            parts = name.split("/")[:-1]
+            self._dirs.update("/".join(parts[: i + 1]) for i in range(len(parts)))
+        self._zip_pid = os.getpid()
+        self._file = open(self.path, "rb")
+        self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ)
+
+    def files(self) -> list[str]:
+        return sorted(self._infos)
+
+    def dirs(self) -> set[str]:
+        return set(self._dirs)
+
+    def infos(self) -> dict[str, zipfile.ZipInfo]:
+        """Relative path to the member's central-directory entry."""
+        return dict(self._infos)
+
+    def read(self, rel: str) -> bytes:
+        info = self._infos[rel]
+        try:
+            if info.compress_type in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED) and not info.flag_bits & 0x1:
+                return self._read_mapped(info)
+            return self._own_zip().read(info)
+        except (zipfile.BadZipFile, RuntimeError, NotImplementedError, zlib.error) as exc:
+            raise OSError(f"cannot read the zip member: {exc}") from None
+
+    def _read_mapped(self, info: zipfile.ZipInfo) -> bytes:
+        # Sliced from the memory map: no file position is shared, so threads
+        # and forked processes can read at once.  The local header is 30
+        # bytes, then a name and an extra field whose lengths may differ from
+        # the central directory's copies.
+        start = info.header_offset
+        header = self._map[start : start + 30]
+        if len(header) < 30 or header[:4] != b"PK\x03\x04":
+            raise OSError("zip member has no valid local header")
+        name_len, extra_len = struct.unpack("<HH", header[26:30])
+        begin = start + 30 + name_len + extra_len
+        data = self._map[begin : begin + info.compress_size]
+        if info.compress_type == zipfile.ZIP_DEFLATED:
+            data = zlib.decompress(data, -15)
+        if len(data) != info.file_size or zlib.crc32(data) != info.CRC:
+            raise OSError("zip member is damaged (CRC mismatch)")
+        return data
+
+    def _own_zip(self) -> zipfile.ZipFile:
+        # A ZipFile's file position is shared with forked children: each
+        # process opens its own for the rare members read through it.
+        if self._zip_pid != os.getpid():
+            self._zip = zipfile.ZipFile(self.path)
+            self._zip_pid = os.getpid()
+        return self._zip
+
+    def close(self) -> None:
+        self._map.close()
+        self._file.close()
+        self._zip.close()
+
+
+def open_source(path: str | os.PathLike) -> ImageSource:
+    """Open a folder or a zip file as an :class:`ImageSource`.
+
+    Raises:
+        DataError: the path does not exist, or is a file that is not a zip.
+    """
+    path = Path(path).expanduser()
+    if path.is_dir():
+        return FolderSource(path)
+    if not path.exists():
+        raise DataError(f"{path}: no such folder or zip file")
+    if path.is_file() and zipfile.is_zipfile(path):
+        return ZipSource(path)
+    raise DataError(f"{path}: not a folder or a zip file; give a folder of class folders or a .zip of one")
+
+
+# ----------------------------------------------------------------------------
+# Layout detection
+
+
+@dataclass
+class Layout:
+    """Which files make which split, found from folder names alone.
+
+    Attributes:
+        classes: sorted class names; label ``i`` is ``classes[i]``.
+        items: split name to (relative path, label) of every candidate image.
+        folders: split name to class name to that class folder's relative path.
+        skipped: hidden and non-image files.
+        notes: lines for the user (for example an empty split folder).
+    """
+
+    classes: list[str]
+    items: dict[str, list[tuple[str, int]]]
+    folders: dict[str, dict[str, str]]
+    skipped: list[SkippedFile] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def skip_reason(rel: str) -> str | None:
+    """Why the file at ``rel`` is not a candidate image, or None if it is one."""
+    parts = rel.split("/")
+    if "__MACOSX" in parts:
+        return "macOS metadata (__MACOSX)"
+    if any(p.startswith(".") for p in parts):
+        return "hidden file" if parts[-1].startswith(".") else "inside a hidden folder"
+    if not has_image_extension(parts[-1]):
+        return "not an image (extension)"
+    return None
+
+
+def _visible_dir(rel: str) -> bool:
+    return not any(p.startswith(".") or p == "__MACOSX" for p in rel.split("/"))
+
+
+def detect_layout(files: list[str], dirs: set[str], where: str) -> Layout:
+    """Work out classes and splits from relative file and folder paths.
+
+    Args:
+        files: relative POSIX paths of every file.
+        dirs: relative POSIX paths of every folder.
+        where: the folder or zip, for error messages.
+
+    Raises:
+        DataError: the layout is not one of the two understood, there are
+            fewer than two classes, a class folder holds no image, or val/test
+            name a class that train lacks.
+    """
+    skipped, images = [], []
+    for rel in files:
+        reason = skip_reason(rel)
+        if reason is None:
+            images.append(rel)
+        else:
+            skipped.append((rel, reason))
+    dirs = {d for d in dirs if _visible_dir(d)}
+    root = _unwrap(images, dirs)
+    rel_images = [r[len(root) :] for r in images]
+    rel_dirs = {d[len(root) :] for d in dirs if d.startswith(root) and len(d) > len(root)}
+    at_root = [r for r in rel_images if "/" not in r]
+    if at_root:
+        place = root or "the top folder"
+        raise DataError(f"{where}: found images directly in {place} (for example {at_root[0]!r}); {_LAYOUT_HELP}")
+    tops = {d for d in rel_dirs if "/" not in d}
+    split_tops = {t for t in tops if t.lower() in SPLIT_ALIASES}
+    if split_tops:
+        layout = _split_layout(rel_images, rel_dirs, tops, split_tops, where, root)
+    else:
+        layout = _class_layout(rel_images, tops, where, root)
+    layout.skipped = [SkippedFile(rel, reason) for rel, reason in skipped]
+    _check_not_empty(layout, where)
+    return layout
+
+
+def _unwrap(images: list[str], dirs: set[str]) -> str:
+    """The prefix of single folders wrapping everything ('' when none)."""
+    root = ""
+    while True:
+        tops = {d[len(root) :].split("/")[0] for d in dirs if d.startswith(root) and len(d) > len(root)}
+        direct = [r for r in images if r.startswith(root) and "/" not in r[len(root) :]]
+        if len(tops) != 1 or direct:
+            return root
+        (top,) = tops
+        inner = root + top + "/"
+        has_subdir = any(d.startswith(inner) for d in dirs)
+        direct_in_top = any(r.startswith(inner) and "/" not in r[len(inner) :] for r in images)
+        if top.lower() in SPLIT_ALIASES or not has_subdir or direct_in_top:
+            return root
+        root = inner
+
+
+def _class_layout(images: list[str], tops: set[str], where: str, root: str) -> Layout:
+    classes = sorted(tops)
+    _check_class_count(classes, where, root)
+    label = {c: i for i, c in enumerate(classes)}
+    items = [(root + r, label[r.split("/", 1)[0]]) for r in images]
+    return Layout(classes, {"all": items}, {"all": {c: root + c for c in classes}})
+
+
+def _split_layout(
+    images: list[str], dirs: set[str], tops: set[str], split_tops: set[str], where: str, root: str
+) -> Layout:
+    others = sorted(tops - split_tops)
+    if others:
+        raise DataError(
+            f"{where}: found split folders {sorted(split_tops)} beside other folders {others}; "
+            "in the split layout the top level holds only train/, val/ (or valid/, validation/) and test/"
+        )
+    by_split: dict[str, str] = {}
+    for top in sorted(split_tops):
+        split = SPLIT_ALIASES[top.lower()]
+        if split in by_split:
+            raise DataError(f"{where}: both {by_split[split]}/ and {top}/ are {split} folders; keep only one")
+        by_split[split] = top
+    if "train" not in by_split:
+        found = ", ".join(t + "/" for t in sorted(split_tops))
+        raise DataError(f"{where}: found {found} but no train/ folder; {_LAYOUT_HELP}")
+    class_dirs: dict[str, list[str]] = {}
+    for split, top in by_split.items():
+        class_dirs[split] = sorted(d.split("/")[1] for d in dirs if d.count("/") == 1 and d.startswith(top + "/"))
+        loose = [r for r in images if r.startswith(top + "/") and r.count("/") == 1]
+        if loose:
+            example = f"for example {loose[0]!r}"
+            raise DataError(f"{where}: found images directly in {root}{top}/ ({example}); {_LAYOUT_HELP}")
+    classes = class_dirs["train"]
+    _check_class_count(classes, where, root + by_split["train"] + "/")
+    for split in ("val", "test"):
+        unknown = sorted(set(class_dirs.get(split, [])) - set(classes))
+        if unknown:
+            raise DataError(
+                f"{where}: {root}{by_split[split]}/ has class folder(s) {unknown} that train/ lacks; "
+                f"train classes are {classes}"
+            )
+    label = {c: i for i, c in enumerate(classes)}
+    layout = Layout(classes, {}, {})
+    for split in ("train", "val", "test"):
+        if split not in by_split:
+            continue
+        top = by_split[split]
+        members = [r for r in images if r.startswith(top + "/")]
+        if not members and not class_dirs[split]:
+            layout.notes.append(f"{root}{top}/ is empty and was left out")
+            continue
+        layout.items[split] = [(root + r, label[r.split("/", 2)[1]]) for r in members]
+        layout.folders[split] = {c: f"{root}{top}/{c}" for c in class_dirs[split]}
+    return layout
+
+
+def _check_class_count(classes: list[str], where: str, root: str) -> None:
+    if len(classes) < 2:
+        found = f"only {classes}" if classes else "no class folders"
+        raise DataError(
+            f"{where}: found {found} in {root or 'the top folder'}; at least 2 classes are needed; " + _LAYOUT_HELP
+        )
+
+
+def _check_not_empty(layout: Layout, where: str, bad: list[SkippedFile] | None = None) -> None:
+    """Raise if a class folder present in a split holds no (decodable) image."""
+    for split, folders in layout.folders.items():
+        counts = np.bincount([label for _, label in layout.items[split]], minlength=len(layout.classes))
+        for name, folder in folders.items():
+            if counts[layout.classes.index(name)] == 0:
+                why = "holds no decodable image" if bad else "holds no image"
+                inside = [b for b in bad or [] if f"/{folder}/" in f"/{b.path}"]
+                listed = "".join(f"\n  {b.path}: {b.reason}" for b in inside)
+                raise DataError(f"{where}: class folder {folder}/ {why}{listed}")
+
+
+# ----------------------------------------------------------------------------
+# Decoding many images
+
+
+@dataclass(frozen=True)
+class _Options:
+    channels: int | None  # None: the image's own (1 if grayscale, else 3)
+    size: tuple[int, int] | None  # None: see ref_size
+    resize: str
+    ref_size: tuple[int, int] | None = None  # with size None: other sizes go to FALLBACK_SIZE
+
+
+@dataclass
+class _Chunk:
+    """Consecutive files decoded together: the good arrays and a record per file.
+
+    Attributes:
+        arrays: the decoded images, in order; one (n, H, W, C) array when
+            they share a shape (one array crosses a process boundary far
+            faster than hundreds of small ones).
+        gray: per file, whether the image had no colour.
+        native: per file, (height, width) as decoded.
+        errors: per file, why it could not be decoded, or None.
+    """
+
+    arrays: np.ndarray | list[np.ndarray]
+    gray: list[bool]
+    native: list[tuple[int, int]]
+    errors: list[str | None]
+
+
+def _decode_one(source: ImageSource, rel: str, opts: _Options):
+    """Return (array or None, grayscale, (height, width), error or None)."""
+    shown = source.display(rel)
+    try:
+        img = decode_image(source.read(rel), shown, target=opts.size, resize=opts.resize)
+        gray = is_grayscale_mode(img)
+        native = (img.height, img.width)
+        size = opts.size
+        if size is None and opts.ref_size is not None and native != opts.ref_size:
+            size = FALLBACK_SIZE  # sizes vary: resized now, the rest at the end
+        return to_array(img, opts.channels or (1 if gray else 3), size, opts.resize), gray, native, None
+    except BadImageError as exc:
+        return None, False, (0, 0), str(exc).removeprefix(f"{shown}: ")
+    except (DataError, OSError) as exc:
+        return None, False, (0, 0), str(exc)
+
+
+def _decode_chunk(source: ImageSource, rels: list[str], opts: _Options) -> _Chunk:
+    chunk = _Chunk([], [], [], [])
+    for rel in rels:
+        array, gray, native, error = _decode_one(source, rel, opts)
+        if array is not None:
+            chunk.arrays.append(array)
+        chunk.gray.append(gray)
+        chunk.native.append(native)
+        chunk.errors.append(error)
+    if chunk.arrays and len({a.shape for a in chunk.arrays}) == 1:
+        chunk.arrays = np.stack(chunk.arrays)
+    return chunk
+
+
+# A forked worker process keeps the parent's open source: its only state.
+_WORKER_SOURCE: ImageSource | None = None
+
+
+def _init_worker(source: ImageSource) -> None:
+    global _WORKER_SOURCE
+    _WORKER_SOURCE = source
+
+
+def _decode_chunk_in_worker(rels: list[str], opts: _Options) -> _Chunk:
+    assert _WORKER_SOURCE is not None
+    return _decode_chunk(_WORKER_SOURCE, rels, opts)
+
+
+def default_workers() -> int:
+    """Worker processes used for decoding: the CPUs this process may use."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def _make_executor(source: ImageSource, workers: int) -> tuple[Executor, Callable]:
+    # Worker processes decode in parallel (small images spend most of their
+    # time in Python, where threads queue on the GIL).  fork starts them
+    # without re-running the user's script and hands them the open source
+    # (initargs are inherited, not pickled); elsewhere use threads.
+    if sys.platform.startswith("linux") and "fork" in multiprocessing.get_all_start_methods():
+        ctx = multiprocessing.get_context("fork")
+        pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(source,))
+        return pool, _decode_chunk_in_worker
+    return ThreadPoolExecutor(workers), partial(_decode_chunk, source)
+
+
+def decode_all(
+    source: ImageSource,
+    groups: list[list[str]],
+    opts: _Options,
+    *,
+    workers: int | None = None,
+    progress: bool = False,
+) -> list[list[_Chunk]]:
+    """Decode each group of files of ``source``, in parallel when there are many.
+
+    A daemonic process (a DataLoader or pool worker) may not start processes
+    of its own, so it decodes inline.
+
+    Returns:
+        Per group, its chunks in file order.
+    """
+    workers = default_workers() if workers is None else max(1, workers)
+    tasks = [(g, rels[i : i + _CHUNK]) for g, rels in enumerate(groups) for i in range(0, len(rels), _CHUNK)]
+    total = sum(len(rels) for rels in groups)
+    done: list[_Chunk | None] = [None] * len(tasks)
+    bar = _progress_bar(total) if progress else contextlib.nullcontext()
+    if workers == 1 or total < _PARALLEL_MIN or multiprocessing.current_process().daemon:
+        with bar:
+            for i, (_, rels) in enumerate(tasks):
+                done[i] = _decode_chunk(source, rels, opts)
+                _advance(bar, len(rels))
+    else:
+        pool, task = _make_executor(source, workers)
+        try:
+            futures = {pool.submit(task, rels, opts): i for i, (_, rels) in enumerate(tasks)}
+            with bar:
+                for future in as_completed(futures):
+                    i = futures[future]
+                    done[i] = future.result()
+                    _advance(bar, len(tasks[i][1]))
+        finally:  # on Ctrl-C or an error, drop the queued chunks instead of decoding them
+            pool.shutdown(wait=True, cancel_futures=True)
+    out: list[list[_Chunk]] = [[] for _ in groups]
+    for (g, _), chunk in zip(tasks, done):
+        out[g].append(chunk)
+    return out
+
+
+def _progress_bar(total: int):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    bar = Progress(TextColumn("decoding images"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    bar.add_task("decode", total=total)
+    return bar
+
+
+def _advance(bar, n: int) -> None:
+    if not isinstance(bar, contextlib.nullcontext):
+        bar.advance(bar.task_ids[0], n)
+
+
+def _first_native_size(source: ImageSource, rels: list[str]) -> tuple[int, int] | None:
+    """(height, width) of the first image that opens, as a reference size."""
+    for rel in rels:
+        try:
+            img = decode_image(source.read(rel), source.display(rel))
+        except (BadImageError, OSError):
+            continue
+        return (img.height, img.width)
+    return None
+
+
+def _choose_shape(chunks: list[_Chunk], channels: int | None, size: tuple[int, int] | None, resize: str):
+    """Pick the channels and size every image is brought to.
+
+    Returns:
+        (channels, (height, width), notes): what was chosen and why.
+    """
+    good = [(g, n) for c in chunks for g, n, e in zip(c.gray, c.native, c.errors) if e is None]
+    notes = []
+    if channels is None:
+        channels = 1 if all(g for g, _ in good) else 3
+    if size is None:
+        natives = {n for _, n in good}
+        if len(natives) <= 1:
+            size = next(iter(natives), FALLBACK_SIZE)
+        else:
+            size = FALLBACK_SIZE
+            (lo_h, lo_w), (hi_h, hi_w) = min(natives), max(natives)
+            notes.append(
+                f"image sizes varied ({len(natives)} different, from {lo_h}x{lo_w} to {hi_h}x{hi_w}); "
+                f"all were resized to {size[0]}x{size[1]} ({resize}); choose another size with --image-size"
+            )
+    return channels, size, notes
+
+
+def _assemble(chunks: list[_Chunk], channels: int, size: tuple[int, int], resize: str) -> np.ndarray:
+    """Concatenate the chunks' images, brought to (N, height, width, channels)."""
+    shape = (size[0], size[1], channels)
+    parts = []
+    for chunk in chunks:
+        arrays = chunk.arrays
+        if isinstance(arrays, list) or arrays.shape[1:3] != size:
+            arrays = np.stack([_conform(a, channels, size, resize) for a in arrays]) if len(arrays) else None
+        if arrays is None:
+            continue
+        if arrays.shape[3] != channels:  # grayscale images among colour ones
+            arrays = np.repeat(arrays, channels, axis=3)
+        parts.append(arrays)
+    return np.concatenate(parts) if parts else np.empty((0, *shape), dtype=np.uint8)
+
+
+def _conform(array: np.ndarray, channels: int, size: tuple[int, int], resize: str) -> np.ndarray:
+    """Bring one decoded (H, W, C) uint8 array to ``size`` and ``channels``."""
+    if array.shape[:2] != size:
+        img = Image.fromarray(array[..., 0] if array.shape[2] == 1 else array)
+        array = np.asarray(resize_image(img, size, resize)).reshape(size[0], size[1], -1)
+    return array if array.shape[2] == channels else np.repeat(array, channels, axis=2)
+
+
+def _check_size(size) -> tuple[int, int] | None:
+    if size is None:
+        return None
+    try:
+        h, w = (int(v) for v in size)
+    except (TypeError, ValueError):
+        raise ConfigError(f"image size must be (height, width), got {size!r}") from None
+    if h < 1 or w < 1:
+        raise ConfigError(f"image size must be positive, got {h}x{w}")
+    return (h, w)
+
+
+# ----------------------------------------------------------------------------
+# Public entry points
+
+
+def load_folder(
+    path: str | os.PathLike,
+    image_size: tuple[int, int] | None = None,
+    channels: int | None = None,
+    on_bad_image: str = "skip",
+    resize: str = "stretch",
+    progress: bool = False,
+    *,
+    workers: int | None = None,
+) -> ImageDataset:
+    """Decode a folder (or zip) of class folders into an :class:`ImageDataset`.
+
+    Args:
+        path: a folder, or a zip file read in place.
+        image_size: (height, width) of every image; None keeps the images'
+            common size, or uses 64x64 (with a note) when sizes vary.
+        channels: 1 or 3; None gives 1 when every image is grayscale, else 3.
+        on_bad_image: ``"skip"`` lists undecodable images in ``dataset.bad``;
+            ``"error"`` raises :class:`DataError` listing them.
+        resize: ``"stretch"``, ``"crop"`` or ``"pad"`` (see
+            :func:`imgcls.data.images.to_array`).
+        progress: show a progress bar.
+        workers: decoding processes; None uses every CPU available.
+
+    Returns:
+        The splits ``all`` (class-folder layout) or ``train`` and any of
+        ``val`` and ``test`` (split layout), images uint8 (N, H, W, C).
+    """
+    if on_bad_image not in BAD_IMAGE_POLICIES:
+        raise ConfigError(f"unknown on_bad_image {on_bad_image!r}; choose one of: {', '.join(BAD_IMAGE_POLICIES)}")
+    check_resize(resize)
+    if channels is not None:
+        check_channels(channels)
+    image_size = _check_size(image_size)
+    with open_source(path) as source:
+        where = str(source.path)
+        layout = detect_layout(source.files(), source.dirs(), where)
+        groups = [[rel for rel, _ in items] for items in layout.items.values()]
+        ref = None if image_size is not None else _first_native_size(source, [r for g in groups for r in g])
+        opts = _Options(channels, image_size, resize, ref)
+        chunks = decode_all(source, groups, opts, workers=workers, progress=progress)
+        skipped = [SkippedFile(source.display(s.path), s.reason) for s in layout.skipped]
+        bad, kept = [], {}
+        for (name, items), group in zip(layout.items.items(), chunks):
+            errors = [e for chunk in group for e in chunk.errors]
+            bad += [SkippedFile(source.display(rel), e) for (rel, _), e in zip(items, errors) if e is not None]
+            kept[name] = [(source.display(rel), label) for (rel, label), e in zip(items, errors) if e is None]
+    if bad and on_bad_image == "error":
+        listed = "\n".join(f"  {b.path}: {b.reason}" for b in bad)
+        raise DataError(f"{where}: {len(bad)} image(s) could not be decoded (on_bad_image='error'):\n{listed}")
+    _check_not_empty(Layout(layout.classes, kept, layout.folders), where, bad)
+    channels, size, notes = _choose_shape([c for group in chunks for c in group], channels, image_size, resize)
+    splits = {}
+    for (name, items), group in zip(kept.items(), chunks):
+        labels = np.array([label for _, label in items], dtype=np.int64)
+        splits[name] = Split(_assemble(group, channels, size, resize), labels, [p for p, _ in items])
+    return ImageDataset(where, layout.classes, splits, skipped, bad, layout.notes + notes)
+
+
+def load_image_inputs(
+    inputs,
+    channels: int,
+    size: tuple[int, int] | None,
+    resize: str = "stretch",
+) -> tuple[list[str], np.ndarray, list[SkippedFile]]:
+    """Gather images for prediction from paths, folders, zips, PIL images and arrays.
+
+    Args:
+        inputs: a list whose items are each an image file path, a folder
+            (every image in it, recursively), a zip (every image in it), a
+            ``PIL.Image.Image``, or a numpy array: (H, W), (H, W, C) or
+            (N, H, W, C), uint8 or float in [0, 1].  A single item is
+            accepted too.
+        channels: 1 or 3.
+        size: (height, width) to resize to; None requires all to share a size.
+        resize: ``"stretch"``, ``"crop"`` or ``"pad"``.
+
+    Returns:
+        (names, images, skipped): a name per image, uint8 (N, H, W, C), and
+        the files left out (not images, hidden, or undecodable) with reasons.
+    """
+    check_channels(channels)
+    check_resize(resize)
+    size = _check_size(size)
+    if isinstance(inputs, (str, os.PathLike, Image.Image, np.ndarray)):
+        inputs = [inputs]
+    names: list[str] = []
+    arrays: list[np.ndarray] = []
+    skipped: list[SkippedFile] = []
+    for k, item in enumerate(inputs):
+        if isinstance(item, Image.Image):
+            names.append(f"<image {k}>")
+            arrays.append(to_array(item, channels, size, resize))
+        elif isinstance(item, np.ndarray):
+            for j, img in enumerate(_array_images(item, k)):
+                names.append(f"<array {k}>" if item.ndim < 4 else f"<array {k}[{j}]>")
+                arrays.append(to_array(img, channels, size, resize))
+        elif isinstance(item, (str, os.PathLike)):
+            _gather_path(Path(item), channels, size, resize, names, arrays, skipped)
+        else:
+            raise DataError(
+                f"cannot predict on an input of type {type(item).__name__}; give an image path, "
+                "a folder, a zip, a PIL image or a numpy array"
+            )
+    return names, _stack(arrays, channels, size), skipped
+
+
+def _gather_path(path: Path, channels, size, resize, names, arrays, skipped) -> None:
+    path = path.expanduser()
+    if path.is_file() and not _is_zip_input(path):
+        try:
+            img = decode_image(path.read_bytes(), str(path), target=size, resize=resize)
+            arrays.append(to_array(img, channels, size, resize))
+            names.append(str(path))
+        except (BadImageError, OSError) as exc:
+            skipped.append(SkippedFile(str(path), str(exc).removeprefix(f"{path}: ")))
+        return
+    with open_source(path) as source:
+        rels = []
+        for rel in source.files():
+            reason = skip_reason(rel)
+            if reason is None:
+                rels.append(rel)
+            else:
+                skipped.append(SkippedFile(source.display(rel), reason))
+        (group,) = decode_all(source, [rels], _Options(channels, size, resize))
+        errors = [e for chunk in group for e in chunk.errors]
+        skipped += [SkippedFile(source.display(rel), e) for rel, e in zip(rels, errors) if e is not None]
+        names += [source.display(rel) for rel, e in zip(rels, errors) if e is None]
+        arrays += [a for chunk in group for a in chunk.arrays]
+
+
+def _is_zip_input(path: Path) -> bool:
+    """Whether a file given for prediction is a zip of images rather than an image."""
+    if path.suffix.lower() == ".zip":
+        return True
+    return not has_image_extension(path.name) and zipfile.is_zipfile(path)
+
+
+def _array_images(arr: np.ndarray, k: int) -> list[Image.Image]:
+    """Split an (H, W), (H, W, C) or (N, H, W, C) array into PIL images."""
+    if arr.dtype.kind == "f":
+        if arr.size and (np.nanmin(arr) < 0.0 or np.nanmax(arr) > 1.0):
+            raise DataError(f"input {k}: a float array must hold values in [0, 1], got [{arr.min():g}, {arr.max():g}]")
+        arr = np.rint(np.nan_to_num(arr) * 255.0).astype(np.uint8)
+    elif arr.dtype != np.uint8:
+        raise DataError(f"input {k}: arrays must be uint8 or float in [0, 1], got {arr.dtype}")
+    if arr.ndim == 2:
+        arr = arr[None, :, :, None]
+    elif arr.ndim == 3:
+        arr = arr[None]
+    if arr.ndim != 4 or arr.shape[3] not in (1, 3, 4):
+        raise DataError(f"input {k}: expected an array (H, W), (H, W, C) or (N, H, W, C), C 1, 3 or 4; got {arr.shape}")
+    modes = {1: "L", 3: "RGB", 4: "RGBA"}
+    return [Image.fromarray(np.ascontiguousarray(a[..., 0] if a.shape[2] == 1 else a), modes[a.shape[2]]) for a in arr]
+
+
+def _stack(arrays: list[np.ndarray], channels: int, size: tuple[int, int] | None) -> np.ndarray:
+    if not arrays:
+        h, w = size or (0, 0)
+        return np.empty((0, h, w, channels), dtype=np.uint8)
+    shapes = {a.shape for a in arrays}
+    if len(shapes) > 1:
+        listed = ", ".join(f"{h}x{w}" for h, w, _ in sorted(shapes))
+        raise DataError(f"the images differ in size ({listed}); give a size to resize them to")
+    return np.stack(arrays)

@@ -1,0 +1,341 @@
+"""Folders and zips of class folders: layouts, bad and skipped files, decoding."""
+
+import io
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import imgcls.data.folder as folder_module
+from imgcls.data.folder import detect_layout, load_folder, load_image_inputs, open_source
+from imgcls.data.images import decode_image, to_array
+from imgcls.errors import ConfigError, DataError
+
+RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
+SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+
+
+def encode(img: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kwargs)
+    return buf.getvalue()
+
+
+def png(color=RED, size=(8, 6), mode="RGB") -> bytes:
+    """A PNG of one colour, ``size`` = (width, height)."""
+    return encode(Image.new(mode, size, color))
+
+
+def truncated_jpeg() -> bytes:
+    data = encode(Image.effect_noise((32, 32), 60).convert("RGB"), "JPEG")
+    return data[: len(data) // 2]
+
+
+RANDOM_BYTES = np.random.default_rng(0).integers(0, 256, 300, dtype=np.uint8).tobytes()
+
+
+def write_tree(root: Path, files: dict[str, bytes], dirs=()) -> Path:
+    for rel, data in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(data)
+    for rel in dirs:
+        (root / rel).mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def write_zip(path: Path, files: dict[str, bytes], dirs=(), method=zipfile.ZIP_STORED) -> Path:
+    with zipfile.ZipFile(path, "w", method) as zf:
+        for rel in dirs:
+            zf.writestr(rel.rstrip("/") + "/", b"")
+        for rel, data in files.items():
+            zf.writestr(rel, data)
+    return path
+
+
+CLASS_FILES = {
+    "cats/a.png": png(RED),
+    "cats/b.png": png((200, 0, 0)),
+    "dogs/a.png": png(BLUE),
+    "dogs/c.jpg": png(GREEN),  # a PNG under a .jpg name
+}
+
+
+@pytest.fixture(params=["folder", "zip"])
+def make_source(request, tmp_path):
+    """Build a folder or a zip (by the test's parameter) from a dict of files."""
+
+    def make(files, dirs=(), name="data"):
+        if request.param == "folder":
+            return write_tree(tmp_path / name, files, dirs)
+        return write_zip(tmp_path / f"{name}.zip", files, dirs)
+
+    return make
+
+
+def inner(path: str, root: Path) -> str:
+    """The part of a reported path inside the folder or zip ``root``."""
+    assert path.startswith(f"{root}/")
+    return path[len(str(root)) + 1 :]
+
+
+def test_class_layout(make_source):
+    root = make_source(CLASS_FILES)
+    ds = load_folder(root)
+    assert ds.classes == ["cats", "dogs"] and list(ds.splits) == ["all"]
+    split = ds.splits["all"]
+    assert split.images.shape == (4, 6, 8, 3) and split.images.dtype == np.uint8
+    assert split.labels.tolist() == [0, 0, 1, 1]
+    assert [inner(p, root) for p in split.paths] == ["cats/a.png", "cats/b.png", "dogs/a.png", "dogs/c.jpg"]
+    assert tuple(split.images[0, 0, 0]) == RED and tuple(split.images[3, 0, 0]) == GREEN
+    assert ds.skipped == [] and ds.bad == [] and ds.notes == []
+
+
+def test_folder_and_zip_give_the_same_arrays(tmp_path):
+    files = {**CLASS_FILES, "cats/d.jpg": encode(Image.effect_noise((8, 6), 40).convert("RGB"), "JPEG")}
+    a = load_folder(write_tree(tmp_path / "d", files))
+    b = load_folder(write_zip(tmp_path / "d.zip", files))
+    c = load_folder(write_zip(tmp_path / "deflated.zip", files, method=zipfile.ZIP_DEFLATED))
+    for other in (b, c):
+        assert other.classes == a.classes
+        np.testing.assert_array_equal(other.splits["all"].images, a.splits["all"].images)
+        np.testing.assert_array_equal(other.splits["all"].labels, a.splits["all"].labels)
+
+
+def test_split_layout(make_source):
+    files = {f"train/{rel}": data for rel, data in CLASS_FILES.items()}
+    files["valid/cats/v.png"] = png(RED)
+    files["valid/dogs/v.png"] = png(BLUE)
+    files["test/dogs/t.png"] = png(BLUE)  # a test split may lack a class
+    ds = load_folder(make_source(files))
+    assert ds.classes == ["cats", "dogs"]
+    assert list(ds.splits) == ["train", "val", "test"]
+    assert len(ds.splits["train"]) == 4 and ds.splits["val"].labels.tolist() == [0, 1]
+    assert ds.splits["test"].labels.tolist() == [1]
+    assert ds.splits["test"].paths[0].endswith("test/dogs/t.png")
+
+
+def test_single_wrapping_folder_is_unwrapped(make_source):
+    ds = load_folder(make_source({f"mydata/{rel}": d for rel, d in CLASS_FILES.items()}))
+    assert ds.classes == ["cats", "dogs"] and len(ds.splits["all"]) == 4
+    assert ds.splits["all"].paths[0].endswith("mydata/cats/a.png")
+    nested = load_folder(make_source({f"outer/inner/train/{r}": d for r, d in CLASS_FILES.items()}, name="n"))
+    assert list(nested.splits) == ["train"] and nested.classes == ["cats", "dogs"]
+
+
+def test_images_at_the_root_explain_the_layout(make_source):
+    with pytest.raises(DataError, match=r"directly in the top folder.*<class>/<image>.*train/<class>/<image>"):
+        load_folder(make_source({"a.png": png(), "b.png": png()}))
+
+
+def test_fewer_than_two_classes(make_source):
+    with pytest.raises(DataError, match=r"only \['cats'\].*at least 2 classes"):
+        load_folder(make_source({"cats/a.png": png(), "cats/b.png": png()}))
+    with pytest.raises(DataError, match=r"only \['cats'\]"):
+        load_folder(make_source({"train/cats/a.png": png(), "test/cats/b.png": png()}, name="s"))
+
+
+def test_empty_class_folder(make_source):
+    path = make_source({"cats/a.png": png(), "birds/readme.txt": b"none yet"}, dirs=["dogs"])
+    with pytest.raises(DataError, match=r"class folder birds/ holds no image"):
+        load_folder(path)
+
+
+def test_class_with_only_bad_images(make_source):
+    path = make_source({"cats/a.png": png(), "dogs/broken.jpg": truncated_jpeg()})
+    with pytest.raises(DataError, match=r"class folder dogs/ holds no decodable image(.|\n)*broken\.jpg"):
+        load_folder(path)
+
+
+def test_unknown_class_in_test(make_source):
+    files = {"train/cats/a.png": png(), "train/dogs/a.png": png(), "test/zebras/z.png": png()}
+    with pytest.raises(DataError, match=r"test/ has class folder\(s\) \['zebras'\] that train/ lacks"):
+        load_folder(make_source(files))
+
+
+def test_split_folders_need_train(make_source):
+    with pytest.raises(DataError, match="no train/ folder"):
+        load_folder(make_source({"val/cats/a.png": png(), "test/dogs/a.png": png()}))
+
+
+BAD_FILES = {
+    **CLASS_FILES,
+    "cats/truncated.jpg": truncated_jpeg(),
+    "dogs/noise.png": RANDOM_BYTES,
+}
+
+
+def test_bad_images_are_listed_when_skipped(make_source):
+    ds = load_folder(make_source(BAD_FILES), on_bad_image="skip")
+    assert len(ds.splits["all"]) == 4
+    bad = {Path(b.path).name: b.reason for b in ds.bad}
+    assert set(bad) == {"truncated.jpg", "noise.png"}
+    assert "not a recognised image" in bad["noise.png"]
+
+
+def test_bad_images_raise_when_asked(make_source):
+    with pytest.raises(DataError, match=r"2 image\(s\) could not be decoded(.|\n)*truncated\.jpg(.|\n)*noise\.png"):
+        load_folder(make_source(BAD_FILES), on_bad_image="error")
+
+
+def test_unknown_bad_image_policy():
+    with pytest.raises(ConfigError, match="'ignore'.*skip, error"):
+        load_folder("anything", on_bad_image="ignore")
+
+
+def test_hidden_and_non_image_files_are_counted(make_source):
+    files = {
+        **CLASS_FILES,
+        "cats/.hidden.png": png(),
+        ".git/config": b"x",
+        "dogs/notes.txt": b"not an image",
+        "__MACOSX/cats/._a.png": b"resource fork",
+    }
+    root = make_source(files)
+    ds = load_folder(root)
+    assert len(ds.splits["all"]) == 4 and ds.classes == ["cats", "dogs"]
+    reasons = {inner(s.path, root): s.reason for s in ds.skipped}
+    assert reasons == {
+        "cats/.hidden.png": "hidden file",
+        ".git/config": "inside a hidden folder",
+        "dogs/notes.txt": "not an image (extension)",
+        "__MACOSX/cats/._a.png": "macOS metadata (__MACOSX)",
+    }
+
+
+def test_mixed_sizes_use_64_and_say_so(make_source):
+    files = {"cats/a.png": png(size=(10, 10)), "cats/b.png": png(size=(20, 30)), "dogs/c.png": png(BLUE)}
+    ds = load_folder(make_source(files))
+    assert ds.splits["all"].images.shape == (3, 64, 64, 3)
+    assert len(ds.notes) == 1 and "varied" in ds.notes[0] and "--image-size" in ds.notes[0]
+    assert tuple(ds.splits["all"].images[2, 30, 30]) == BLUE
+
+
+def test_explicit_image_size(make_source):
+    files = {"cats/a.png": png(size=(10, 10)), "cats/b.png": png(size=(20, 30)), "dogs/c.png": png(BLUE)}
+    ds = load_folder(make_source(files), image_size=(12, 16), resize="crop")
+    assert ds.splits["all"].images.shape == (3, 12, 16, 3) and ds.notes == []
+    with pytest.raises(ConfigError, match="resize mode 'zoom'"):
+        load_folder(make_source(files, name="x"), resize="zoom")
+
+
+def test_channels_chosen_from_the_images(make_source):
+    gray = {"a/1.png": png(10, mode="L"), "b/1.png": png(200, mode="L")}
+    assert load_folder(make_source(gray, name="g")).splits["all"].images.shape == (2, 6, 8, 1)
+    mixed = {**gray, "b/2.png": png(RED)}
+    images = load_folder(make_source(mixed, name="m")).splits["all"].images
+    assert images.shape == (3, 6, 8, 3)
+    assert tuple(images[0, 0, 0]) == (10, 10, 10) and tuple(images[2, 0, 0]) == RED
+    forced = load_folder(make_source(mixed, name="f"), channels=1).splits["all"].images
+    assert forced.shape == (3, 6, 8, 1) and forced[2, 0, 0, 0] == 76  # luma of red
+
+
+def every_mode_files() -> dict[str, bytes]:
+    rgba = Image.new("RGBA", (8, 6), (0, 0, 0, 0))
+    palette = Image.new("P", (8, 6), 1)
+    palette.putpalette(list(RED + BLUE) + [0] * (254 * 3))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    return {
+        "a/rgb.png": png(RED),
+        "a/gray.png": png(90, mode="L"),
+        "a/rgba.png": encode(rgba),
+        "a/palette.gif": encode(palette, "GIF"),
+        "b/palette_transparent.png": encode(palette, transparency=1),
+        "b/cmyk.tiff": encode(Image.new("CMYK", (8, 6), (0, 0, 0, 0)), "TIFF"),
+        "b/sixteen.png": encode(Image.fromarray(np.full((6, 8), 65535, dtype=np.uint16))),
+        "b/bilevel.bmp": encode(Image.new("1", (8, 6), 1), "BMP"),
+        "b/rotated.png": encode(Image.new("RGB", (6, 8), GREEN), exif=exif),  # 6 wide: 8 wide once rotated
+    }
+
+
+def test_every_mode_loads(make_source):
+    ds = load_folder(make_source(every_mode_files()))
+    assert ds.bad == [] and ds.notes == []
+    images = dict(zip((Path(p).name for p in ds.splits["all"].paths), ds.splits["all"].images))
+    assert all(a.shape == (6, 8, 3) for a in images.values())
+    expected = {
+        "rgb.png": RED, "gray.png": (90, 90, 90), "rgba.png": (255, 255, 255), "palette.gif": BLUE,
+        "palette_transparent.png": (255, 255, 255), "cmyk.tiff": (255, 255, 255),
+        "sixteen.png": (255, 255, 255), "bilevel.bmp": (255, 255, 255), "rotated.png": GREEN,
+    }  # fmt: skip
+    for name, colour in expected.items():
+        assert tuple(images[name][3, 4]) == colour, name
+
+
+def test_parallel_decoding_matches_serial(tmp_path, monkeypatch):
+    files = {f"c{k % 3}/{k:03d}.png": png((k, 255 - k, 7), size=(5, 4)) for k in range(60)}
+    files["c0/bad.png"] = RANDOM_BYTES
+    path = write_zip(tmp_path / "p.zip", files)
+    serial = load_folder(path, workers=1)
+    monkeypatch.setattr(folder_module, "_PARALLEL_MIN", 0)
+    monkeypatch.setattr(folder_module, "_CHUNK", 7)
+    pools = []
+    make_executor = folder_module._make_executor
+    monkeypatch.setattr(folder_module, "_make_executor", lambda *a: pools.append(1) or make_executor(*a))
+    parallel = load_folder(path, workers=2)
+    assert pools == [1]
+    np.testing.assert_array_equal(parallel.splits["all"].images, serial.splits["all"].images)
+    assert parallel.splits["all"].paths == serial.splits["all"].paths
+    assert [b.path for b in parallel.bad] == [b.path for b in serial.bad] == [f"{path}/c0/bad.png"]
+
+
+def test_unsupported_paths(tmp_path):
+    with pytest.raises(DataError, match="no such folder or zip"):
+        load_folder(tmp_path / "missing")
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(DataError, match="notes.txt: not a folder or a zip"):
+        load_folder(tmp_path / "notes.txt")
+
+
+def test_progress_bar_runs(tmp_path, capsys):
+    ds = load_folder(write_tree(tmp_path / "d", CLASS_FILES), progress=True)
+    assert len(ds.splits["all"]) == 4
+
+
+def test_load_image_inputs(tmp_path):
+    single = tmp_path / "one.jpg"
+    single.write_bytes(png(RED, size=(10, 10)))  # a PNG named .jpg
+    folder = write_tree(tmp_path / "dir", {"x/a.png": png(BLUE), "b.png": png(GREEN), "c.txt": b"x"})
+    archive = write_zip(tmp_path / "imgs.zip", {"in/a.png": png(RED), "in/bad.png": RANDOM_BYTES})
+    batch = np.zeros((2, 5, 5, 3), dtype=np.float32)
+    batch[1] = 1.0
+    inputs = [
+        str(single),
+        folder,
+        archive,
+        Image.new("L", (3, 3), 255),
+        np.full((4, 4), 128, dtype=np.uint8),
+        np.zeros((6, 6, 3), dtype=np.uint8),
+        batch,
+    ]
+    names, images, skipped = load_image_inputs(inputs, channels=3, size=(8, 8))
+    assert images.shape == (9, 8, 8, 3) and images.dtype == np.uint8
+    assert names[0] == str(single) and names[1].endswith("dir/b.png") and names[2].endswith("dir/x/a.png")
+    assert names[3].endswith("imgs.zip/in/a.png") and names[4] == "<image 3>" and names[-1] == "<array 6[1]>"
+    assert tuple(images[0, 4, 4]) == RED and tuple(images[3, 4, 4]) == RED
+    assert tuple(images[-2, 0, 0]) == (0, 0, 0) and tuple(images[-1, 0, 0]) == (255, 255, 255)
+    assert {Path(s.path).name for s in skipped} == {"c.txt", "bad.png"}
+
+
+def test_load_image_inputs_refuses_bad_arrays_and_mixed_sizes():
+    with pytest.raises(DataError, match=r"float array must hold values in \[0, 1\]"):
+        load_image_inputs([np.full((4, 4), 2.0)], channels=1, size=None)
+    with pytest.raises(DataError, match="differ in size"):
+        load_image_inputs([np.zeros((4, 4), np.uint8), np.zeros((5, 5), np.uint8)], channels=1, size=None)
+    names, images, _ = load_image_inputs([np.zeros((4, 4), np.uint8)], channels=1, size=None)
+    assert images.shape == (1, 4, 4, 1)
+
+
+def test_real_mnist_zip_layout():
+    path = SHARED_DATA / "mnist-png.zip"
+    if not path.exists():
+        pytest.skip(f"{path} is not present")
+    with open_source(path) as source:
+        layout = detect_layout(source.files(), source.dirs(), str(path))
+        assert layout.classes == [str(d) for d in range(10)]
+        assert {k: len(v) for k, v in layout.items.items()} == {"train": 60000, "test": 10000}
+        for rel, label in layout.items["test"][::2500]:
+            img = decode_image(source.read(rel), rel)
+            assert to_array(img, 1, None).shape == (28, 28, 1) and rel.split("/")[1] == str(label)
