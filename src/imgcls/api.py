@@ -14,7 +14,13 @@ from pathlib import Path
 import numpy as np
 
 from imgcls.checkpoint import load_model
-from imgcls.config import RunConfig, apply_overrides, config_from_dict, dump_config, load_config
+from imgcls.config import (
+    RunConfig,
+    apply_overrides,
+    config_from_dict,
+    dump_config,
+    load_config,
+)
 from imgcls.data.registry import build_dataset
 from imgcls.errors import CheckpointError, DataError
 from imgcls.evaluation.evaluate import evaluate_model

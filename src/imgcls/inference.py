@@ -85,11 +85,22 @@ def normalization_tensors(norm: dict, device: torch.device) -> tuple[torch.Tenso
 
 
 def channel_stats(images: np.ndarray) -> dict:
-    """Per-channel mean and std (in 0..1 units) of uint8 (N, H, W, C) images."""
-    x = torch.from_numpy(images).reshape(-1, images.shape[-1]).double().div_(255.0)
-    mean = x.mean(0)
-    std = x.std(0).clamp_min(1e-3)  # a constant channel must not divide by zero
-    return {"mean": [round(float(m), 6) for m in mean], "std": [round(float(s), 6) for s in std]}
+    """Per-channel mean and std (in 0..1 units) of uint8 (N, H, W, C) images.
+
+    Summed in chunks (float32 within a chunk, float64 across), so no float copy
+    of the whole dataset is ever made.
+    """
+    flat = torch.from_numpy(images).reshape(-1, images.shape[-1])
+    total = torch.zeros(flat.shape[1], dtype=torch.float64)
+    squares = torch.zeros(flat.shape[1], dtype=torch.float64)
+    for start in range(0, len(flat), 1 << 20):
+        chunk = flat[start:start + (1 << 20)].float().div_(255.0)
+        total += chunk.sum(0).double()
+        squares += chunk.square().sum(0).double()
+    n = max(len(flat), 1)
+    mean = total / n
+    std = ((squares / n - mean.square()).clamp_min(0) * n / max(n - 1, 1)).sqrt().clamp_min(1e-3)  # constant channel: no /0
+    return {"mean": [round(float(m), 6) for m in mean], "std": [round(float(v), 6) for v in std]}
 
 
 @torch.no_grad()

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
-import http.server
 import socket
-import threading
 from pathlib import Path
 
 import pytest
@@ -15,34 +12,6 @@ import pytest
 from imgcls.data import download
 from imgcls.data.download import data_dir, fetch_file
 from imgcls.errors import DownloadError
-
-
-class CountingHandler(http.server.SimpleHTTPRequestHandler):
-    """Serves a folder and records every requested path."""
-
-    def do_GET(self):
-        self.server.requests.append(self.path)
-        super().do_GET()
-
-    def log_message(self, *args):  # keep test output quiet
-        pass
-
-
-@pytest.fixture
-def server(tmp_path):
-    """An HTTP server on 127.0.0.1 serving tmp_path/served; yields (base_url, folder, requests)."""
-    folder = tmp_path / "served"
-    folder.mkdir()
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(CountingHandler, directory=str(folder)))
-    httpd.requests = []
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{httpd.server_address[1]}", folder, httpd.requests
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
-        thread.join()
 
 
 @pytest.fixture(autouse=True)

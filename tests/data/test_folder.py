@@ -9,7 +9,12 @@ import pytest
 from PIL import Image
 
 import imgcls.data.folder as folder_module
-from imgcls.data.folder import detect_layout, load_folder, load_image_inputs, open_source
+from imgcls.data.folder import (
+    detect_layout,
+    load_folder,
+    load_image_inputs,
+    open_source,
+)
 from imgcls.data.images import decode_image, to_array
 from imgcls.errors import ConfigError, DataError
 

@@ -4,51 +4,29 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import gzip
 import hashlib
-import http.server
 import io
 import os
 import pickle
 import socket
 import struct
 import tarfile
-import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from imgcls.data import download, official
-from imgcls.data.official import OFFICIAL, OFFICIAL_NAMES, idx_layout, load_official, read_idx, unpickle_restricted
+from imgcls.data.official import (
+    OFFICIAL,
+    OFFICIAL_NAMES,
+    idx_layout,
+    load_official,
+    read_idx,
+    unpickle_restricted,
+)
 from imgcls.errors import ConfigError, DataError, DownloadError
-
-
-class CountingHandler(http.server.SimpleHTTPRequestHandler):
-    def do_GET(self):
-        self.server.requests.append(self.path)
-        super().do_GET()
-
-    def log_message(self, *args):  # keep test output quiet
-        pass
-
-
-@pytest.fixture
-def server(tmp_path):
-    """An HTTP server on 127.0.0.1 serving tmp_path/served; yields (base_url, folder, requests)."""
-    folder = tmp_path / "served"
-    folder.mkdir()
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(CountingHandler, directory=str(folder)))
-    httpd.requests = []
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{httpd.server_address[1]}", folder, httpd.requests
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
-        thread.join()
 
 
 @pytest.fixture(autouse=True)

@@ -11,7 +11,13 @@ import torch
 import torch.nn.functional as F
 
 from imgcls.errors import ConfigError
-from imgcls.models import ImageClassifier, create_model, format_summary, list_models, summarize
+from imgcls.models import (
+    ImageClassifier,
+    create_model,
+    format_summary,
+    list_models,
+    summarize,
+)
 from imgcls.models.fast import whiten_init
 from imgcls.models.registry import register_model
 from imgcls.models.seeds import Conv2dSame

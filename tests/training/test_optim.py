@@ -7,7 +7,12 @@ import torch
 
 from imgcls.config import TrainConfig
 from imgcls.errors import ConfigError
-from imgcls.training.optim import EarlyStopping, LRSchedule, build_optimizer, class_weight_tensor
+from imgcls.training.optim import (
+    EarlyStopping,
+    LRSchedule,
+    build_optimizer,
+    class_weight_tensor,
+)
 
 
 def schedule(**kw):

@@ -184,7 +184,11 @@ def show_progress(label: str, total: int | None) -> Iterator[Callable[[int], Non
     if not sys.stderr.isatty():
         yield lambda n: None
         return
-    from rich.progress import DownloadColumn, Progress, TransferSpeedColumn  # only needed for a terminal
+    from rich.progress import (  # only needed for a terminal
+        DownloadColumn,
+        Progress,
+        TransferSpeedColumn,
+    )
 
     columns = (*Progress.get_default_columns(), DownloadColumn(), TransferSpeedColumn())
     with Progress(*columns, transient=True) as progress:

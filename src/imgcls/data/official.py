@@ -24,7 +24,13 @@ from pathlib import Path
 import numpy as np
 
 from imgcls.data.base import ImageDataset, Split
-from imgcls.data.download import compute_md5, data_dir, fetch_file, join_url, resolve_mirror
+from imgcls.data.download import (
+    compute_md5,
+    data_dir,
+    fetch_file,
+    join_url,
+    resolve_mirror,
+)
 from imgcls.errors import DataError, DownloadError, unknown_name
 
 

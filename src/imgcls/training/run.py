@@ -21,7 +21,6 @@ import sys
 from pathlib import Path
 
 from imgcls.config import RunConfig, dump_config
-from imgcls.errors import CheckpointError
 
 
 class RunFolder:
@@ -32,10 +31,14 @@ class RunFolder:
 
     @classmethod
     def create(cls, cfg: RunConfig) -> "RunFolder":
-        name = cfg.name or default_run_name(cfg)
+        base = cfg.name or default_run_name(cfg)
+        name, n = base, 1
+        # A taken name gets a suffix (-2, -3, ...), so repeating a run from its
+        # config.yaml never overwrites the original.
+        while (Path(cfg.out_dir) / name / "config.yaml").exists():
+            n += 1
+            name = f"{base}-{n}"
         path = Path(cfg.out_dir) / name
-        if (path / "checkpoints").exists():
-            raise CheckpointError(f"run folder {path} already holds a run; pick another --name or --resume it")
         path.mkdir(parents=True, exist_ok=True)
         cfg.name = name
         run = cls(path)

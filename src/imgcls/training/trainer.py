@@ -32,10 +32,21 @@ from imgcls.data.base import ImageDataset
 from imgcls.errors import ConfigError, TrainingError
 from imgcls.evaluation.evaluate import evaluate_model
 from imgcls.evaluation.metrics import format_report, save_metrics
-from imgcls.inference import (Runtime, channel_stats, normalization_tensors, predict_proba, resolve_runtime,
-                              to_input)
+from imgcls.inference import (
+    Runtime,
+    channel_stats,
+    normalization_tensors,
+    predict_proba,
+    resolve_runtime,
+    to_input,
+)
 from imgcls.models import create_model
-from imgcls.training.optim import EarlyStopping, LRSchedule, build_optimizer, class_weight_tensor
+from imgcls.training.optim import (
+    EarlyStopping,
+    LRSchedule,
+    build_optimizer,
+    class_weight_tensor,
+)
 from imgcls.training.progress import EpochProgress
 from imgcls.training.run import RunFolder, environment
 

@@ -1,0 +1,51 @@
+"""Accuracy floors on the real MNIST and CIFAR-10 zips in ../shared/data (skipped when absent)."""
+
+from pathlib import Path
+
+import pytest
+
+import imgcls
+from imgcls.config import DataConfig
+from imgcls.data import registry
+
+pytestmark = pytest.mark.slow
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def shared_zip(name: str) -> Path:
+    """Path of a real dataset zip in ../shared/data, or skip the test when it is absent."""
+    path = SHARED_DATA / name
+    if not path.is_file():
+        pytest.skip(f"{path} is not present (real datasets live in ../shared/data beside the checkout)")
+    return path
+
+
+def test_seed_mnist_model_one_epoch_on_the_mnist_zip(tmp_path):
+    path = shared_zip("mnist-png.zip")
+    run = imgcls.train(data=str(path), model="seed_mnist_oneconv", optimizer="sgd", lr=0.01, momentum=0.9,
+                       batch_size=32, epochs=1, out=str(tmp_path), name="mnist", quiet=True)
+    assert run.test_metrics["n"] == 10_000
+    assert run.test_metrics["accuracy"] >= 0.97
+
+
+def test_cifar10_zip_decodes_once_then_comes_from_the_cache(tmp_path, monkeypatch):
+    path = shared_zip("cifar10-jpg.zip")
+    first = registry.build_dataset(DataConfig(dataset=str(path)))
+    assert [len(s) for s in first.splits.values()] == [45_000, 5_000, 10_000]
+    assert first.classes[:3] == ["airplane", "automobile", "bird"] and first.image_shape == (3, 32, 32)
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("the second load decoded the zip again")
+
+    import imgcls.data.folder
+
+    monkeypatch.setattr(imgcls.data.folder, "load_folder", no_decoding)
+    second = registry.build_dataset(DataConfig(dataset=str(path)))
+    assert (second.splits["train"].images == first.splits["train"].images).all()
+
+
+def test_seed_tf_tutorial_one_epoch_on_the_cifar10_zip(tmp_path):
+    path = shared_zip("cifar10-jpg.zip")
+    run = imgcls.train(data=str(path), model="seed_tf_tutorial", epochs=1, batch_size=64,
+                       out=str(tmp_path), name="cifar", quiet=True)
+    assert run.test_metrics["accuracy"] >= 0.45
