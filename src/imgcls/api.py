@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,14 +92,16 @@ def train(config=None, *, resume: str | Path | None = None, quiet: bool = False,
             run.write_text("config.yaml", dump_config(cfg))
     else:
         cfg = make_config(config, **overrides)
+    started = time.perf_counter()
     ds = build_dataset(cfg.data, seed=cfg.train.seed, progress=console.is_terminal)
-    for line in ds.summary_lines():
+    data_seconds = time.perf_counter() - started
+    for line in ds.summary_lines() + [f"data ready in {data_seconds:.1f}s"]:
         console.print(line, highlight=False, markup=False, soft_wrap=True)
     for note in check_compatible(cfg, ds):
         console.print(f"note: {note}", highlight=False, markup=False, soft_wrap=True)
     if resume is None:
         run = RunFolder.create(cfg)
-    result = fit(cfg, ds, run, console, resume=resume is not None)
+    result = fit(cfg, ds, run, console, resume=resume is not None, data_seconds=data_seconds)
     return Run(run.path, cfg, result.history, result.test_metrics)
 
 

@@ -108,7 +108,9 @@ def _load_path(path: Path, cfg, size, progress: bool) -> ImageDataset:
     from imgcls.data.cache import cache_key, load_cached
 
     key = cache_key(path, image_size=size, channels=cfg.channels, resize=cfg.resize, format=CACHE_FORMAT)
-    ds, _ = load_cached(key, build, _cache_dir())
+    ds, from_cache = load_cached(key, build, _cache_dir())
+    if from_cache:
+        ds.notes.append("decoded images came from the cache (--no-cache decodes again)")
     if cfg.on_bad_image == "error" and ds.bad:
         # A cached entry built under "skip" still knows which images were bad.
         listed = "; ".join(f"{b.path}: {b.reason}" for b in ds.bad)

@@ -235,7 +235,8 @@ def _save_epoch(s: TrainState, run: RunFolder, record: dict, is_best: bool) -> N
     save_checkpoint(run.checkpoint("last"), s.model, meta, train_state=_train_state_dict(s))
 
 
-def fit(cfg: RunConfig, ds: ImageDataset, run: RunFolder, console, resume: bool = False) -> TrainResult:
+def fit(cfg: RunConfig, ds: ImageDataset, run: RunFolder, console, resume: bool = False,
+        data_seconds: float | None = None) -> TrainResult:
     """Train ``cfg.model`` on ``ds`` into ``run``; evaluate the final weights on the test split."""
     t = cfg.train
     runtime = resolve_runtime(t.device, t.precision, t.channels_last)
@@ -280,6 +281,7 @@ def fit(cfg: RunConfig, ds: ImageDataset, run: RunFolder, console, resume: bool 
         "final_checkpoint": final, "epochs_run": s.epoch, "stopped_early": stopped_early,
         "best_epoch": s.tracker.best_epoch, "monitor": t.monitor, "best_value": s.tracker.best,
         "test_accuracy": metrics["accuracy"], "test_macro_f1": metrics["macro_avg"]["f1"],
+        "data_seconds": None if data_seconds is None else round(data_seconds, 2),
         "train_seconds_this_session": round(seconds, 2),
         "parameters": sum(p.numel() for p in s.model.parameters()),
     })
