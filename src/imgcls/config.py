@@ -144,8 +144,8 @@ class RunConfig:
 
 
 def _check_range(name: str, value, low: float, high: float, low_open: bool = False) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) or value == math.inf
-    if not ok or value > high or value < low or (low_open and value == low):
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
+    if not is_number or value > high or value < low or (low_open and value == low):
         bracket = "(" if low_open else "["
         raise ConfigError(f"{name} must be a number in {bracket}{low:g}, {high:g}], got {value!r}")
 

@@ -11,6 +11,13 @@ import numpy as np
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
 
+def cross_entropy(proba: np.ndarray, labels: np.ndarray) -> float:
+    """Mean negative log-likelihood of the true labels (0 for no images)."""
+    if len(labels) == 0:
+        return 0.0
+    return float(-np.log(np.clip(proba[np.arange(len(labels)), labels], 1e-12, 1.0)).mean())
+
+
 def compute_metrics(labels: np.ndarray, proba: np.ndarray, classes: list[str], top_k: int = 5) -> dict:
     """Every metric of ``imgcls evaluate``.
 
@@ -37,7 +44,7 @@ def compute_metrics(labels: np.ndarray, proba: np.ndarray, classes: list[str], t
         "accuracy": float((pred == labels).mean()) if len(labels) else 0.0,
         "top_k": top_k,
         "top_k_accuracy": float((top == labels[:, None]).any(1).mean()) if len(labels) else 0.0,
-        "loss": float(-np.log(np.clip(proba[np.arange(len(labels)), labels], 1e-12, 1.0)).mean()) if len(labels) else 0.0,
+        "loss": cross_entropy(proba, labels),
         "per_class": [
             {"class": c, "precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(s[i])}
             for i, c in enumerate(classes)

@@ -31,7 +31,7 @@ from imgcls.data.augment import build_augment
 from imgcls.data.base import ImageDataset
 from imgcls.errors import ConfigError, TrainingError
 from imgcls.evaluation.evaluate import evaluate_model
-from imgcls.evaluation.metrics import format_report, save_metrics
+from imgcls.evaluation.metrics import cross_entropy, format_report, save_metrics
 from imgcls.inference import (
     Runtime,
     channel_stats,
@@ -205,8 +205,7 @@ def validate(s: TrainState, ds: ImageDataset) -> dict:
         return {}
     val = ds.splits["val"]
     proba = predict_proba(s.model, val.images, s.meta["normalize"], s.runtime, s.cfg.train.eval_batch_size)
-    picked = np.clip(proba[np.arange(len(val)), val.labels], 1e-12, 1.0)
-    return {"val_loss": float(-np.log(picked).mean()), "val_accuracy": float((proba.argmax(1) == val.labels).mean())}
+    return {"val_loss": cross_entropy(proba, val.labels), "val_accuracy": float((proba.argmax(1) == val.labels).mean())}
 
 
 def _train_state_dict(s: TrainState) -> dict:
