@@ -157,7 +157,7 @@ class Classifier:
 
         With ``save=True`` (and a run folder) writes ``eval_<split>.json`` and ``.csv`` into it.
         """
-        ds = self._dataset(data)
+        ds = self.dataset(data)
         if split not in ds.splits:
             raise DataError(f"split {split!r} does not exist; the data has: {', '.join(ds.splits)}")
         metrics, _ = evaluate_model(self.model, self.meta, ds.splits[split], ds.classes, self.runtime,
@@ -166,7 +166,8 @@ class Classifier:
             save_metrics(metrics, self.run_dir, f"eval_{split}" if data is None else f"eval_{split}_{Path(str(data)).stem}")
         return metrics
 
-    def _dataset(self, data):
+    def dataset(self, data=None):
+        """The run's own data with its seeded splits, or ``data`` read at the model's image size."""
         if self.run_dir is None and data is None:
             raise DataError("this classifier was loaded from a checkpoint file; pass data= to evaluate it")
         cfg = make_config(self.run_dir / "config.yaml") if self.run_dir is not None else make_config()

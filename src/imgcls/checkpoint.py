@@ -164,3 +164,29 @@ def load_model(run_or_file: str | Path, which: str = "best", device: str | torch
     except RuntimeError as exc:
         raise CheckpointError(f"checkpoint {path} does not match architecture {meta['arch']!r}: {exc}") from exc
     return model.to(device).eval(), meta
+
+
+def update_meta(path: str | Path, updates: dict) -> dict:
+    """Merge ``updates`` into a checkpoint's metadata, rewriting the file atomically.
+
+    Used to store what is fitted after training (temperature, thresholds).
+    Returns the new metadata (without the training state).
+    """
+    path = Path(path)
+    state, meta = read_checkpoint(path)
+    train_state = meta.pop("train_state", None)
+    meta.update(updates)
+    model = _StateHolder(state)
+    save_checkpoint(path, model, meta, train_state=train_state)
+    return meta
+
+
+class _StateHolder(torch.nn.Module):
+    """Stands in for a model when only its saved state_dict is at hand."""
+
+    def __init__(self, state: dict[str, torch.Tensor]):
+        super().__init__()
+        self._saved = state
+
+    def state_dict(self, *args, **kwargs):  # noqa: D102 - same contract as nn.Module
+        return self._saved

@@ -1,0 +1,73 @@
+"""Predictions of a trained run on one split of its data, shared by every analysis.
+
+Everything after training rebuilds what it needs from the run folder alone:
+the checkpoint gives the model, ``config.yaml`` the data and its seeded split.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from imgcls.errors import DataError
+from imgcls.evaluation.evaluate import remap_labels
+from imgcls.inference import predict_logits
+
+
+@dataclass
+class SplitPredictions:
+    """Logits and labels of one split, with the images they came from.
+
+    Attributes:
+        split: split name (``train``, ``val``, ``test``).
+        logits: float32 (N, K), before any temperature.
+        labels: int64 (N,), in the model's class order.
+        images: uint8 (N, H, W, C), as the model saw them.
+        paths: source path of each image, or None for built-in datasets.
+        classes: the K class names.
+        temperature: the calibration temperature stored with the model (1.0 if none).
+    """
+
+    split: str
+    logits: np.ndarray
+    labels: np.ndarray
+    images: np.ndarray
+    paths: list[str] | None
+    classes: list[str]
+    temperature: float = 1.0
+
+    def proba(self, temperature: float | None = None) -> np.ndarray:
+        """Softmax probabilities (N, K) at ``temperature`` (default: the stored one)."""
+        t = self.temperature if temperature is None else temperature
+        return torch.softmax(torch.from_numpy(self.logits).double() / t, dim=1).numpy()
+
+
+def load_run(run_dir: str | Path, which: str | None = None, device: str = "auto"):
+    """(Classifier, ImageDataset) of a run folder: the model and its own seeded splits."""
+    from imgcls.api import load
+
+    clf = load(run_dir, which=which, device=device)
+    return clf, clf.dataset()
+
+
+def predict_split(clf, ds, split: str = "test") -> SplitPredictions:
+    """Run ``clf`` over ``split`` of ``ds`` (as returned by :func:`load_run`)."""
+    if split not in ds.splits:
+        raise DataError(f"split {split!r} does not exist; the data has: {', '.join(ds.splits)}")
+    part = ds.splits[split]
+    labels = remap_labels(part.labels, ds.classes, clf.classes)
+    logits = predict_logits(clf.model, part.images, clf.meta["normalize"], clf.runtime, clf.batch_size).numpy()
+    return SplitPredictions(split, logits, labels, part.images, part.paths, clf.classes,
+                            float(clf.meta.get("temperature", 1.0)))
+
+
+def read_history(run_dir: str | Path) -> list[dict]:
+    """The run's metrics.jsonl as a list of per-epoch dicts."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
