@@ -1,0 +1,153 @@
+"""Confidence calibration: temperature scaling, expected calibration error, reliability diagrams.
+
+Temperature scaling (Guo et al., 2017, "On Calibration of Modern Neural Networks")
+divides every logit by one scalar T > 0 fitted on held-out data.  It changes the
+confidence of each prediction, never its argmax, so accuracy is untouched.
+Fit T on the validation split and judge it on the test split.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.optimize import minimize_scalar
+
+_LOG_T_BOUNDS = (-3.0, 3.0)  # T in [e^-3, e^3] ~ [0.05, 20]
+
+
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """Softmax probabilities (N, K) of logits (N, K) divided by ``temperature``, in float64."""
+    z = np.asarray(logits, dtype=np.float64) / temperature
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def _nll(logits: np.ndarray, labels: np.ndarray, temperature: float) -> float:
+    """Mean negative log-likelihood of ``labels`` under softmax(logits / T), via log-sum-exp."""
+    z = logits / temperature
+    m = z.max(axis=1)
+    log_norm = m + np.log(np.exp(z - m[:, None]).sum(axis=1))
+    return float((log_norm - z[np.arange(len(labels)), labels]).mean())
+
+
+def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
+    """The temperature T > 0 that minimises the NLL of softmax(logits / T).
+
+    Optimises log T over [-3, 3] (a bounded scalar search, deterministic).
+
+    Args:
+        logits: float (N, K), before any temperature, on held-out data.
+        labels: int (N,), the true classes.
+
+    Returns:
+        T rounded to 4 decimals; 1.0 when there are no images or only one class is present
+        (the NLL would then reward ever larger confidence and say nothing about calibration).
+    """
+    logits = np.asarray(logits, dtype=np.float64)
+    labels = np.asarray(labels, dtype=np.int64)
+    _check(logits, labels, "logits")
+    if len(labels) == 0 or len(np.unique(labels)) < 2:
+        return 1.0
+    res = minimize_scalar(lambda log_t: _nll(logits, labels, float(np.exp(log_t))),
+                          bounds=_LOG_T_BOUNDS, method="bounded", options={"xatol": 1e-6})
+    return round(float(np.exp(res.x)), 4)
+
+
+def reliability_bins(proba: np.ndarray, labels: np.ndarray, bins: int = 15) -> dict:
+    """Accuracy against confidence in equal-width bins of the top probability.
+
+    Bin i holds the images whose confidence (max probability) lies in
+    (i / bins, (i + 1) / bins]; a confidence of exactly 0 goes to bin 0.
+
+    Args:
+        proba: class probabilities, float (N, K).
+        labels: true labels, int (N,).
+        bins: number of bins over [0, 1].
+
+    Returns:
+        ``edges`` (bins + 1 floats) and per-bin lists ``confidence`` (mean top probability),
+        ``accuracy`` (fraction whose argmax is right) and ``count``; an empty bin has count 0
+        and None for confidence and accuracy.
+    """
+    proba = np.asarray(proba, dtype=np.float64)
+    labels = np.asarray(labels, dtype=np.int64)
+    _check(proba, labels, "proba")
+    if bins < 1:
+        raise ValueError(f"bins must be a positive integer, got {bins!r}")
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    conf = proba.max(axis=1) if len(proba) else np.zeros(0)
+    correct = (proba.argmax(axis=1) == labels) if len(proba) else np.zeros(0, dtype=bool)
+    which = np.searchsorted(edges[1:-1], conf, side="left")  # (lo, hi] bins
+    out = {"edges": edges.tolist(), "confidence": [], "accuracy": [], "count": []}
+    for b in range(bins):
+        mask = which == b
+        n = int(mask.sum())
+        out["count"].append(n)
+        out["confidence"].append(float(conf[mask].mean()) if n else None)
+        out["accuracy"].append(float(correct[mask].mean()) if n else None)
+    return out
+
+
+def expected_calibration_error(proba: np.ndarray, labels: np.ndarray, bins: int = 15) -> float:
+    """ECE: sum over bins of (bin count / N) * |accuracy - mean confidence| (0 for no images).
+
+    Bins as in :func:`reliability_bins`.
+    """
+    rel = reliability_bins(proba, labels, bins)
+    total = sum(rel["count"])
+    if total == 0:
+        return 0.0
+    return float(sum(n / total * abs(a - c)
+                     for n, a, c in zip(rel["count"], rel["accuracy"], rel["confidence"]) if n))
+
+
+def plot_reliability(logits: np.ndarray, labels: np.ndarray, temperature: float, bins: int = 15):
+    """Reliability diagrams before (T = 1) and after (T = ``temperature``) scaling, side by side.
+
+    Each panel: accuracy per confidence bin (bars), the gap to the bin's mean confidence
+    (hatched), the diagonal of perfect calibration, the image count above each bar and
+    the ECE in the title.
+
+    Returns:
+        A matplotlib Figure with two axes.
+    """
+    from imgcls.reports.html import new_figure
+
+    fig = new_figure(10.0, 4.4)
+    axes = fig.subplots(1, 2, sharey=True)
+    for ax, t, name in zip(axes, (1.0, float(temperature)), ("before scaling", "after scaling")):
+        proba = softmax(logits, t)
+        rel = reliability_bins(proba, labels, bins)
+        ece = expected_calibration_error(proba, labels, bins)
+        _draw_reliability(ax, rel)
+        ax.set_title(f"{name} (T = {t:.3g}): ECE {ece:.4f}")
+        ax.set_xlabel("confidence (top probability)")
+    axes[0].set_ylabel("accuracy")
+    axes[0].legend(loc="upper left", fontsize=8)
+    return fig
+
+
+def _draw_reliability(ax, rel: dict) -> None:
+    edges = np.asarray(rel["edges"])
+    width = edges[1] - edges[0]
+    centers = edges[:-1] + width / 2
+    full = [i for i, n in enumerate(rel["count"]) if n]
+    acc = np.array([rel["accuracy"][i] for i in full])
+    conf = np.array([rel["confidence"][i] for i in full])
+    x = centers[full]
+    ax.bar(x, acc, width=width * 0.95, color="tab:blue", edgecolor="black", linewidth=0.5, label="accuracy")
+    ax.bar(x, conf - acc, bottom=acc, width=width * 0.95, color="tab:red", alpha=0.3,
+           hatch="//", edgecolor="tab:red", linewidth=0.5, label="gap to confidence")
+    ax.plot([0, 1], [0, 1], "k--", linewidth=1, label="perfect calibration")
+    for xi, top, n in zip(x, np.maximum(acc, conf), (rel["count"][i] for i in full)):
+        ax.text(xi, min(top + 0.02, 1.02), str(n), ha="center", va="bottom", fontsize=6, rotation=90)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.12)
+
+
+def _check(scores: np.ndarray, labels: np.ndarray, name: str) -> None:
+    if scores.ndim != 2 or labels.ndim != 1 or len(scores) != len(labels):
+        raise ValueError(f"{name} must be (N, K) and labels (N,); got {scores.shape} and {labels.shape}")
+    if len(labels) and (labels.min() < 0 or labels.max() >= scores.shape[1]):
+        raise ValueError(f"labels must lie in [0, {scores.shape[1] - 1}] for {scores.shape[1]} classes; "
+                         f"got values from {labels.min()} to {labels.max()}")

@@ -1,0 +1,168 @@
+"""Per-class decision thresholds, one-vs-rest.
+
+For each class c, the images are split into "c" (label == c) and "not c", scored by
+``proba[:, c]``, and an image is predicted positive for c when ``proba[:, c] >= t_c``.
+The threshold t_c is chosen among the distinct scores of class c to meet an
+objective: the best F1, a precision floor (most recall that keeps it), or a recall
+floor (most conservative threshold that keeps it).  Tune on the validation split;
+the precision and recall reported are those on the data the thresholds were tuned on.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from sklearn.metrics import average_precision_score, precision_recall_curve
+
+from imgcls.errors import ConfigError
+
+_ACCEPTED = "f1, precision=<target>, recall=<target> (target in (0, 1], e.g. precision=0.95)"
+
+
+def parse_objective(text: str) -> tuple[str, float | None]:
+    """``"f1"`` -> ("f1", None); ``"precision=0.95"`` -> ("precision", 0.95); same for recall.
+
+    Raises:
+        ConfigError: for anything else, naming the value and the accepted forms.
+    """
+    raw = str(text).strip().lower()
+    if raw == "f1":
+        return "f1", None
+    name, sep, value = (part.strip() for part in raw.partition("="))
+    if sep and name in ("precision", "recall"):
+        try:
+            target = float(value)
+        except ValueError:
+            target = math.nan
+        if 0.0 < target <= 1.0:
+            return name, target
+    raise ConfigError(f"unknown threshold objective {text!r}; accepted: {_ACCEPTED}")
+
+
+def tune_thresholds(proba: np.ndarray, labels: np.ndarray, classes: list[str], objective: str = "f1") -> dict:
+    """One threshold per class, one-vs-rest, chosen to meet ``objective``.
+
+    Candidates for class c are the distinct values of ``proba[:, c]``.
+
+    * ``f1``: the threshold with the highest F1.
+    * ``precision=x``: the lowest threshold whose precision >= x (the most recall under the constraint).
+    * ``recall=x``: the highest threshold whose recall >= x.
+
+    If no candidate reaches the target, the threshold with the best precision is used
+    (the lowest one on ties) and the class's entry says ``"met": False``.  A class with
+    no images in ``labels`` gets threshold 1.0 and ``"met": False``.
+
+    Args:
+        proba: class probabilities, float (N, K).
+        labels: true labels, int (N,).
+        classes: the K class names.
+        objective: see :func:`parse_objective`.
+
+    Returns:
+        ``objective`` (canonical text), ``thresholds`` (K floats) and ``per_class``: for each
+        class its name, threshold, the precision / recall / F1 that threshold achieves on
+        this data, its support and ``met``.
+    """
+    kind, target = parse_objective(objective)
+    proba = np.asarray(proba)
+    labels = np.asarray(labels, dtype=np.int64)
+    if proba.ndim != 2 or proba.shape != (len(labels), len(classes)):
+        raise ValueError(f"proba must be (N, K) = ({len(labels)}, {len(classes)}) for {len(labels)} labels "
+                         f"and {len(classes)} classes; got {proba.shape}")
+    per_class = []
+    for c, name in enumerate(classes):
+        positive = labels == c
+        scores = proba[:, c]
+        if positive.any():
+            threshold, met = _pick(positive, scores, kind, target)
+        else:
+            threshold, met = 1.0, False
+        p, r, f = _scores_at(positive, scores, threshold)
+        per_class.append({"class": name, "threshold": threshold, "precision": p, "recall": r, "f1": f,
+                          "support": int(positive.sum()), "met": met})
+    text = kind if target is None else f"{kind}={target:g}"
+    return {"objective": text, "thresholds": [e["threshold"] for e in per_class], "per_class": per_class}
+
+
+def _pick(positive: np.ndarray, scores: np.ndarray, kind: str, target: float | None) -> tuple[float, bool]:
+    """(threshold, met) for one class; candidates ascending, as precision_recall_curve gives them."""
+    precision, recall, candidates = precision_recall_curve(positive, scores)
+    precision, recall = precision[:-1], recall[:-1]  # drop the (1, 0) end point, which has no threshold
+    if kind == "f1":
+        denom = precision + recall
+        f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(denom), where=denom > 0)
+        return float(candidates[int(np.argmax(f1))]), True
+    ok = np.flatnonzero((precision if kind == "precision" else recall) >= target)
+    if len(ok):
+        # precision: lowest such threshold (recall only falls as t rises); recall: highest such threshold.
+        return float(candidates[ok[0] if kind == "precision" else ok[-1]]), True
+    return float(candidates[int(np.argmax(precision))]), False
+
+
+def _scores_at(positive: np.ndarray, scores: np.ndarray, threshold: float) -> tuple[float, float, float]:
+    """One-vs-rest (precision, recall, F1) when "predicted positive" is ``scores >= threshold``."""
+    predicted = scores >= threshold
+    tp = int((predicted & positive).sum())
+    p = tp / int(predicted.sum()) if predicted.any() else 0.0
+    r = tp / int(positive.sum()) if positive.any() else 0.0
+    f = 2 * p * r / (p + r) if p + r > 0 else 0.0
+    return float(p), float(r), float(f)
+
+
+def apply_thresholds(proba: np.ndarray, thresholds) -> np.ndarray:
+    """Decisions (N,) int64 under per-class thresholds.
+
+    Among the classes whose probability clears their threshold (``proba[:, c] >= t_c``),
+    the one with the highest probability; -1 ("unknown") when no class clears its threshold.
+
+    Args:
+        proba: class probabilities, float (N, K).
+        thresholds: K thresholds, as in ``tune_thresholds(...)["thresholds"]``.
+    """
+    proba = np.asarray(proba)
+    t = np.asarray(thresholds, dtype=np.float64)
+    if proba.ndim != 2 or t.shape != (proba.shape[1],):
+        raise ValueError(f"need one threshold per class: proba has shape {proba.shape}, thresholds {t.shape}")
+    clears = proba >= t[None, :]
+    pred = np.where(clears, proba, -np.inf).argmax(axis=1).astype(np.int64)
+    pred[~clears.any(axis=1)] = -1
+    return pred
+
+
+def plot_pr_curves(proba: np.ndarray, labels: np.ndarray, classes: list[str], thresholds):
+    """One precision-recall panel per class (one-vs-rest), the chosen threshold marked, AP in the title.
+
+    Returns:
+        A matplotlib Figure with one axes per class, in a grid of up to 4 columns.
+    """
+    from imgcls.reports.html import new_figure
+
+    proba = np.asarray(proba)
+    labels = np.asarray(labels, dtype=np.int64)
+    k = len(classes)
+    ncols = min(4, k)
+    nrows = math.ceil(k / ncols)
+    fig = new_figure(3.0 * ncols, 2.8 * nrows)
+    grid = fig.subplots(nrows, ncols, squeeze=False)
+    for i, ax in enumerate(grid.flat):
+        if i >= k:
+            ax.remove()
+            continue
+        positive = labels == i
+        ax.set_xlim(0, 1.02)
+        ax.set_ylim(0, 1.05)
+        ax.set_xlabel("recall", fontsize=8)
+        ax.set_ylabel("precision", fontsize=8)
+        ax.tick_params(labelsize=7)
+        if not positive.any():
+            ax.set_title(f"{classes[i]}: no images", fontsize=9)
+            continue
+        precision, recall, _ = precision_recall_curve(positive, proba[:, i])
+        ap = average_precision_score(positive, proba[:, i])
+        ax.plot(recall, precision, drawstyle="steps-post", linewidth=1.2)
+        p, r, _ = _scores_at(positive, proba[:, i], float(thresholds[i]))
+        ax.plot([r], [p], "o", color="tab:red", markersize=6, label=f"t = {float(thresholds[i]):.3f}")
+        ax.legend(loc="lower left", fontsize=7)
+        ax.set_title(f"{classes[i]}: AP {ap:.3f}", fontsize=9)
+    return fig
