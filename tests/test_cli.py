@@ -14,7 +14,7 @@ from imgcls.cli import main
 @pytest.fixture(scope="module")
 def digits_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs")
-    assert main(["train", "--epochs", "6", "--out", str(out), "--name", "d", "--quiet"]) == 0
+    assert main(["train", "--epochs", "6", "--out", str(out), "--name", "d", "--quiet", "--no-report"]) == 0
     return out / "d"
 
 

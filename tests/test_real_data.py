@@ -23,7 +23,7 @@ def shared_zip(name: str) -> Path:
 def test_seed_mnist_model_one_epoch_on_the_mnist_zip(tmp_path):
     path = shared_zip("mnist-png.zip")
     run = imgcls.train(data=str(path), model="seed_mnist_oneconv", optimizer="sgd", lr=0.01, momentum=0.9,
-                       batch_size=32, epochs=1, out=str(tmp_path), name="mnist", quiet=True)
+                       batch_size=32, epochs=1, out=str(tmp_path), name="mnist", quiet=True, report=False)
     assert run.test_metrics["n"] == 10_000
     assert run.test_metrics["accuracy"] >= 0.97
 
@@ -47,5 +47,5 @@ def test_cifar10_zip_decodes_once_then_comes_from_the_cache(tmp_path, monkeypatc
 def test_seed_tf_tutorial_one_epoch_on_the_cifar10_zip(tmp_path):
     path = shared_zip("cifar10-jpg.zip")
     run = imgcls.train(data=str(path), model="seed_tf_tutorial", epochs=1, batch_size=64,
-                       out=str(tmp_path), name="cifar", quiet=True)
+                       out=str(tmp_path), name="cifar", quiet=True, report=False)
     assert run.test_metrics["accuracy"] >= 0.45

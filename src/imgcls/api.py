@@ -102,7 +102,22 @@ def train(config=None, *, resume: str | Path | None = None, quiet: bool = False,
     if resume is None:
         run = RunFolder.create(cfg)
     result = fit(cfg, ds, run, console, resume=resume is not None, data_seconds=data_seconds)
+    if cfg.report:
+        _analyse(run.path, console)
     return Run(run.path, cfg, result.history, result.test_metrics)
+
+
+def _analyse(run_dir: Path, console) -> None:
+    """After training: fit temperature scaling on val (when there is one) and write the report."""
+    from imgcls import analysis
+
+    clf_ds = analysis.load_run(run_dir)
+    if "val" in clf_ds[1].splits:
+        cal = analysis.calibrate(run_dir, clf_ds)
+        console.print(f"calibration: temperature {cal['temperature']:.3f}, val ECE {cal['val']['ece_before']:.4f} "
+                      f"-> {cal['val']['ece_after']:.4f}", highlight=False, markup=False, soft_wrap=True)
+    page = analysis.report(run_dir, clf_ds)
+    console.print(f"report: {page}", highlight=False, markup=False, soft_wrap=True)
 
 
 class Classifier:

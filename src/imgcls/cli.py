@@ -86,6 +86,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", choices=("best", "last"), help="which checkpoint (default: the run's final one)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
 
+    p.add_argument("--thresholds", action="store_true",
+                   help="answer 'unknown' when no class clears its tuned threshold (see `imgcls thresholds`)")
+
+    p = sub.add_parser("report", help="write report.html with every figure into a run folder")
+    p.add_argument("run", type=Path, help="run folder")
+
+    p = sub.add_parser("calibrate", help="fit temperature scaling on the val split and store it with the model")
+    p.add_argument("run", type=Path, help="run folder")
+
+    p = sub.add_parser("thresholds", help="tune per-class decision thresholds on the val split and store them")
+    p.add_argument("run", type=Path, help="run folder")
+    p.add_argument("--objective", default="f1", help="f1 (default), precision=0.95 or recall=0.9")
+
+    p = sub.add_parser("probe", help="linear probes of each convolutional stage (per layer and cumulative)")
+    p.add_argument("run", type=Path, help="run folder")
+    p.add_argument("--max-train", type=int, default=5000, help="training images for the probes (default: 5000)")
+    p.add_argument("--max-eval", type=int, default=5000, help="held-out images for scoring (default: 5000)")
+
+    p = sub.add_parser("cv", help="stratified k-fold cross-validation (takes the training options)")
+    p.add_argument("--folds", type=int, default=5, help="number of folds (default: 5)")
+    p.add_argument("--config", type=Path, help="YAML config file")
+    add_config_flags(p)
+
+    p = sub.add_parser("compare", help="several runs side by side: leaderboard and validation curves")
+    p.add_argument("runs", type=Path, nargs="+", help="run folders")
+    p.add_argument("--out", type=Path, default=Path("compare"), help="folder for compare.html (default: compare)")
+
     p = sub.add_parser("models", help="list architectures, or summarise one")
     p.add_argument("name", nargs="?", help="a registered model to summarise")
     p.add_argument("--input", default="3x32x32", help="input shape CxHxW (default: 3x32x32)")
@@ -122,13 +149,22 @@ def cmd_predict(args) -> int:
     if args.top_k < 1:
         raise ImgclsError(f"--top-k must be at least 1, got {args.top_k}")
     clf = load(args.run, which=args.checkpoint, device=args.device)
+    thresholds = clf.meta.get("thresholds") if args.thresholds else None
+    if args.thresholds and thresholds is None:
+        raise ImgclsError(f"{args.run} has no thresholds stored; run `imgcls thresholds {args.run}` first")
     names, images, bad = clf.load_inputs(args.inputs)
     proba = clf.proba_of_arrays(images) if len(images) else []
     k = min(args.top_k, len(clf.classes))
     rows = []
     for name, p in zip(names, proba):
         top = p.argsort()[::-1][:k]
-        rows.append({"input": name, "top": [{"class": clf.classes[i], "probability": float(p[i])} for i in top]})
+        row = {"input": name, "top": [{"class": clf.classes[i], "probability": float(p[i])} for i in top]}
+        if thresholds is not None:
+            from imgcls.evaluation.thresholds import apply_thresholds
+
+            label = int(apply_thresholds(p[None], thresholds)[0])
+            row["answer"] = "unknown" if label < 0 else clf.classes[label]
+        rows.append(row)
     print(_format_predictions(rows, bad, args.format), end="")
     for b in bad:
         print(f"error: cannot read {b.path}: {b.reason}", file=sys.stderr)
@@ -142,16 +178,19 @@ def _format_predictions(rows: list[dict], bad: list, fmt: str) -> str:
     if fmt == "csv":
         buf = io.StringIO()
         writer = csv.writer(buf)
-        writer.writerow(["input", "rank", "class", "probability"])
+        answers = any("answer" in r for r in rows)
+        writer.writerow(["input", "rank", "class", "probability"] + (["answer"] if answers else []))
         for row in rows:
             for rank, t in enumerate(row["top"], 1):
-                writer.writerow([row["input"], rank, t["class"], f"{t['probability']:.6f}"])
+                extra = [row["answer"]] if answers else []
+                writer.writerow([row["input"], rank, t["class"], f"{t['probability']:.6f}"] + extra)
         return buf.getvalue()
     width = max([len(r["input"]) for r in rows] + [5])
     lines = []
     for row in rows:
         tops = "   ".join(f"{t['class']} {t['probability']:.1%}" for t in row["top"])
-        lines.append(f"{row['input']:<{width}}  {tops}")
+        answer = f"{row['answer']:<10}  " if "answer" in row else ""
+        lines.append(f"{row['input']:<{width}}  {answer}{tops}")
     return "\n".join(lines) + ("\n" if lines else "")
 
 
@@ -176,7 +215,71 @@ def cmd_models(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "models": cmd_models}
+def cmd_report(args) -> int:
+    from imgcls import analysis
+
+    print(analysis.report(args.run))
+    return 0
+
+
+def cmd_calibrate(args) -> int:
+    from imgcls import analysis
+
+    result = analysis.calibrate(args.run)
+    print(f"temperature {result['temperature']:.4f} (fitted on the val split), stored with the model")
+    for split in ("val", "test"):
+        r = result[split]
+        print(f"{split:5s} ECE {r['ece_before']:.4f} -> {r['ece_after']:.4f}   NLL {r['nll_before']:.4f} -> {r['nll_after']:.4f}")
+    return 0
+
+
+def cmd_thresholds(args) -> int:
+    from imgcls import analysis
+
+    result = analysis.tune(args.run, args.objective)
+    width = max(len(r["class"]) for r in result["per_class"])
+    print(f"per-class thresholds for {args.objective}, tuned on the val split and stored with the model:")
+    print(f"{'class':<{width}}  threshold  precision  recall      f1")
+    for r in result["per_class"]:
+        flag = "" if r.get("met", True) else "  (target not reachable)"
+        print(f"{r['class']:<{width}}  {r['threshold']:9.4f}  {r['precision']:9.4f}  {r['recall']:6.4f}  {r['f1']:6.4f}{flag}")
+    return 0
+
+
+def cmd_probe(args) -> int:
+    from imgcls import analysis
+    from imgcls.evaluation.probes import format_probes
+
+    print(format_probes(analysis.probe(args.run, args.max_train, args.max_eval)))
+    return 0
+
+
+def cmd_cv(args) -> int:
+    from rich.console import Console
+
+    from imgcls.api import make_config
+    from imgcls.evaluation.cv import cross_validate, format_cv
+
+    overrides = {k: getattr(args, k) for k in flat_fields()}
+    if overrides.get("model_option"):
+        overrides["model_option"] = dict(overrides["model_option"])
+    result = cross_validate(make_config(args.config, **overrides), args.folds, Console(highlight=False))
+    print(format_cv(result))
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from imgcls.reports.compare import compare_runs, format_leaderboard, write_compare
+
+    result = compare_runs(args.runs)
+    print(format_leaderboard(result))
+    print(write_compare(result, args.out))
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "models": cmd_models,
+            "report": cmd_report, "calibrate": cmd_calibrate, "thresholds": cmd_thresholds, "probe": cmd_probe,
+            "cv": cmd_cv, "compare": cmd_compare}
 
 
 def main(argv: list[str] | None = None) -> int:

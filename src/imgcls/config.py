@@ -98,6 +98,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     out_dir: str = _opt("runs", "folder that holds run folders", flag="out")
     name: str | None = _opt(None, "run name (default: <dataset>-<model>-<time>)")
+    report: bool = _opt(True, "calibrate on the val split and write report.html when training ends")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -209,12 +210,12 @@ def config_from_dict(values: dict) -> RunConfig:
     """Build a validated RunConfig from a (possibly partial) nested dict."""
     values = dict(values or {})
     sections = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig}
-    known = set(sections) | {"out_dir", "name"}
+    known = set(sections) | {"out_dir", "name", "report"}
     unknown = sorted(set(values) - known)
     if unknown:
         raise ConfigError(f"unknown config field {unknown[0]!r}; top-level fields are: {', '.join(sorted(known))}")
     kwargs = {k: _section_from_dict(cls, values.get(k) or {}, k) for k, cls in sections.items()}
-    kwargs.update({k: values[k] for k in ("out_dir", "name") if k in values})
+    kwargs.update({k: values[k] for k in ("out_dir", "name", "report") if k in values})
     return RunConfig(**kwargs).validate()
 
 

@@ -24,7 +24,12 @@ from imgcls.evaluation.probes import (
     stage_features,
     stratified_subsample,
 )
-from imgcls.inference import channel_stats, normalization_tensors, resolve_runtime, to_input
+from imgcls.inference import (
+    channel_stats,
+    normalization_tensors,
+    resolve_runtime,
+    to_input,
+)
 from imgcls.models import create_model
 from imgcls.reports.html import figure_png
 

@@ -8,7 +8,12 @@ from sklearn.metrics import f1_score, precision_score, recall_score
 
 from imgcls.errors import ConfigError
 from imgcls.evaluation.calibration import softmax
-from imgcls.evaluation.thresholds import apply_thresholds, parse_objective, plot_pr_curves, tune_thresholds
+from imgcls.evaluation.thresholds import (
+    apply_thresholds,
+    parse_objective,
+    plot_pr_curves,
+    tune_thresholds,
+)
 from imgcls.reports.html import figure_png
 
 CLASSES = ["cat", "dog", "bird"]

@@ -18,7 +18,7 @@ SMALL = {"model_option": {"widths": [8, 16, 16]}}
 
 
 def test_default_run_reaches_95_percent_on_digits(tmp_path):
-    run = imgcls.train(out=str(tmp_path), name="digits", quiet=True)
+    run = imgcls.train(out=str(tmp_path), name="digits", quiet=True, report=False)
     assert run.test_metrics["accuracy"] >= 0.95
     files = {p.relative_to(run.path).as_posix() for p in run.path.rglob("*")}
     for name in ("config.yaml", "metrics.jsonl", "checkpoints/best.safetensors", "checkpoints/last.safetensors",
@@ -37,7 +37,7 @@ def _cli(*args):
 
 
 def test_killed_and_resumed_run_matches_an_uninterrupted_one(tmp_path):
-    common = ["--epochs", "10", "--out", str(tmp_path), "--model-option", "widths=[8,16,16]",
+    common = ["--epochs", "10", "--no-report", "--out", str(tmp_path), "--model-option", "widths=[8,16,16]",
               "--schedule", "cosine", "--augment", "hflip,translate:1", "--optimizer", "sgd", "--lr", "0.05"]
     subprocess.run(_cli("train", "--name", "whole", *common), check=True, capture_output=True, timeout=600)
     proc = subprocess.Popen(_cli("train", "--name", "killed", *common), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -80,7 +80,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
 
     monkeypatch.setattr(trainer.F, "cross_entropy", poisoned)
     with pytest.raises(TrainingError, match="loss became nan at epoch 2"):
-        imgcls.train(out=str(tmp_path), name="nan", epochs=3, quiet=True, **SMALL)
+        imgcls.train(out=str(tmp_path), name="nan", epochs=3, quiet=True, report=False, **SMALL)
     state, meta = read_checkpoint(tmp_path / "nan" / "checkpoints" / "last.safetensors")
     assert meta["epoch"] == 1
     assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
@@ -89,7 +89,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
 def test_early_stopping_stops_and_restores_the_best_epoch(tmp_path):
     # Digits saturate val accuracy within a few epochs, so patience 2 ends the run early.
     run = imgcls.train(out=str(tmp_path), name="es", epochs=30, early_stopping=True, patience=2,
-                       monitor="val_accuracy", quiet=True, **SMALL)
+                       monitor="val_accuracy", quiet=True, report=False, **SMALL)
     info = json.loads((run.path / "run.json").read_text())
     assert info["stopped_early"] and info["epochs_run"] < 30
     assert info["epochs_run"] == info["best_epoch"] + 2
@@ -99,8 +99,8 @@ def test_early_stopping_stops_and_restores_the_best_epoch(tmp_path):
 
 
 def test_config_yaml_repeats_the_run_in_a_new_folder(tmp_path):
-    first = imgcls.train(out=str(tmp_path), name="a", epochs=2, augment="hflip,cutout:2", quiet=True, **SMALL)
-    again = imgcls.train(first.path / "config.yaml", quiet=True)
+    first = imgcls.train(out=str(tmp_path), name="a", epochs=2, augment="hflip,cutout:2", quiet=True, report=False, **SMALL)
+    again = imgcls.train(first.path / "config.yaml", quiet=True, report=False)
     assert again.path.name == "a-2"
     keys = ("train_loss", "train_accuracy", "val_loss", "val_accuracy")
     assert [[r[k] for k in keys] for r in first.history] == [[r[k] for k in keys] for r in again.history]
@@ -111,7 +111,7 @@ def test_classifier_accepts_paths_pil_images_and_arrays(tmp_path):
     from PIL import Image
     from sklearn.datasets import load_digits
 
-    run = imgcls.train(out=str(tmp_path), name="p", epochs=8, quiet=True)
+    run = imgcls.train(out=str(tmp_path), name="p", epochs=8, quiet=True, report=False)
     clf = run.load()
     digits = load_digits()
     pixels = np.rint(digits.images * 255 / 16).astype(np.uint8)

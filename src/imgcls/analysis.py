@@ -1,0 +1,155 @@
+"""Analyses of a trained run, each reading the run folder alone: what the CLI's
+``report``, ``calibrate``, ``thresholds`` and ``probe`` commands call.
+
+Fitted results (temperature, thresholds) are stored in the run's final
+checkpoint, so ``predict`` and serving use them, and as JSON in the run folder.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from imgcls.checkpoint import find_checkpoint, update_meta
+from imgcls.errors import DataError
+from imgcls.evaluation.predictions import load_run, predict_split
+from imgcls.reports.html import Section, table
+
+
+def _final_checkpoint(run_dir: Path) -> Path:
+    info = run_dir / "run.json"
+    which = json.loads(info.read_text()).get("final_checkpoint", "best") if info.is_file() else "best"
+    return find_checkpoint(run_dir, which)
+
+
+def _held_out(ds) -> str:
+    # Fitting on the test split would make its figures optimistic; val is what it is for.
+    if "val" not in ds.splits:
+        raise DataError("this run has no val split to fit on; train with --val-fraction above 0")
+    return "val"
+
+
+def calibrate(run_dir: str | Path, clf_ds=None) -> dict:
+    """Fit temperature scaling on the val split and store it with the model.
+
+    Returns {"temperature", "ece_before", "ece_after", "nll_before", "nll_after"} measured on val,
+    plus the same on test.
+    """
+    from imgcls.evaluation.calibration import (
+        expected_calibration_error,
+        fit_temperature,
+    )
+    from imgcls.evaluation.metrics import cross_entropy
+
+    run_dir = Path(run_dir)
+    clf, ds = clf_ds or load_run(run_dir)
+    val = predict_split(clf, ds, _held_out(ds))
+    temperature = fit_temperature(val.logits, val.labels)
+    result = {"temperature": temperature, "fitted_on": "val"}
+    for split in ("val", "test"):
+        preds = val if split == "val" else predict_split(clf, ds, "test")
+        before, after = preds.proba(1.0), preds.proba(temperature)
+        result[split] = {"ece_before": expected_calibration_error(before, preds.labels),
+                         "ece_after": expected_calibration_error(after, preds.labels),
+                         "nll_before": cross_entropy(before, preds.labels),
+                         "nll_after": cross_entropy(after, preds.labels)}
+    update_meta(_final_checkpoint(run_dir), {"temperature": temperature})
+    (run_dir / "calibration.json").write_text(json.dumps(result, indent=2) + "\n")
+    clf.meta["temperature"] = temperature
+    return result
+
+
+def tune(run_dir: str | Path, objective: str = "f1", clf_ds=None) -> dict:
+    """Tune one threshold per class on the val split (calibrated probabilities) and store them."""
+    from imgcls.evaluation.thresholds import parse_objective, tune_thresholds
+
+    parse_objective(objective)
+    run_dir = Path(run_dir)
+    clf, ds = clf_ds or load_run(run_dir)
+    val = predict_split(clf, ds, _held_out(ds))
+    result = tune_thresholds(val.proba(), val.labels, clf.classes, objective)
+    result["fitted_on"] = "val"
+    update_meta(_final_checkpoint(run_dir), {"thresholds": result["thresholds"], "threshold_objective": objective})
+    (run_dir / "thresholds.json").write_text(json.dumps(result, indent=2) + "\n")
+    clf.meta["thresholds"] = result["thresholds"]
+    return result
+
+
+def probe(run_dir: str | Path, max_train: int = 5000, max_eval: int = 5000, clf_ds=None) -> list[dict]:
+    """Linear probes of every convolutional stage (per layer and cumulative)."""
+    from imgcls.evaluation.probes import probe_layers
+
+    run_dir = Path(run_dir)
+    clf, ds = clf_ds or load_run(run_dir)
+    held_out = "val" if "val" in ds.splits else "test"
+    rows = probe_layers(clf.model, clf.meta, ds.splits["train"], ds.splits[held_out], clf.runtime,
+                        max_train=max_train, max_eval=max_eval)
+    (run_dir / "probes.json").write_text(json.dumps({"held_out": held_out, "rows": rows}, indent=2) + "\n")
+    return rows
+
+
+def calibration_section(run_dir: Path, clf, ds) -> Section:
+    from imgcls.evaluation.calibration import plot_reliability
+
+    result = json.loads((run_dir / "calibration.json").read_text())
+    val = predict_split(clf, ds, "val")
+    rows = [[split, r["ece_before"], r["ece_after"], r["nll_before"], r["nll_after"]]
+            for split, r in result.items() if isinstance(r, dict)]
+    return Section(
+        "Calibration",
+        [f"Temperature scaling, fitted on the validation split: T = {result['temperature']:.3f}. "
+         "Probabilities shown by predict and the web app are divided by T before the softmax; "
+         "the expected calibration error (ECE) is the gap between confidence and accuracy."],
+        [table(["split", "ECE before", "ECE after", "NLL before", "NLL after"], rows)],
+        [("calibration_reliability", plot_reliability(val.logits, val.labels, result["temperature"]))],
+    )
+
+
+def thresholds_section(run_dir: Path, clf, ds) -> Section:
+    from imgcls.evaluation.thresholds import plot_pr_curves, tune_thresholds
+
+    val = predict_split(clf, ds, "val")
+    path = run_dir / "thresholds.json"
+    stored = path.is_file()
+    result = json.loads(path.read_text()) if stored else tune_thresholds(val.proba(), val.labels, clf.classes, "f1")
+    rows = [[r["class"], r["threshold"], r["precision"], r["recall"], r["f1"]] for r in result["per_class"]]
+    note = ("stored with the model; `imgcls predict --thresholds` answers 'unknown' when no class clears its threshold"
+            if stored else "not stored: run `imgcls thresholds RUN` to store them with the model")
+    return Section(
+        "Per-class thresholds",
+        [f"One-vs-rest thresholds tuned on the validation split for objective {result['objective']} ({note})."],
+        [table(["class", "threshold", "precision", "recall", "F1"], rows, "on the validation split")],
+        [("thresholds_pr_curves", plot_pr_curves(val.proba(), val.labels, clf.classes, result["thresholds"]))],
+    )
+
+
+def probes_section(run_dir: Path, clf, ds) -> Section:
+    from imgcls.evaluation.probes import plot_probes
+
+    path = run_dir / "probes.json"
+    doc = json.loads(path.read_text()) if path.is_file() else {"held_out": None, "rows": probe(run_dir, 2000, 2000, (clf, ds))}
+    rows = doc["rows"]
+    return Section(
+        "What each layer has learned",
+        ["A linear classifier (logistic regression) on the global-average-pooled output of each convolutional "
+         "stage, fitted on training images and scored on held-out images: per stage, and cumulative "
+         "(all stages up to that one together)."],
+        [table(["stage", "channels", "accuracy", "cumulative accuracy"],
+               [[r["stage"], r["channels"], r["accuracy"], r["cumulative_accuracy"]] for r in rows])],
+        [("probes", plot_probes(rows))],
+    )
+
+
+def report(run_dir: str | Path, clf_ds=None) -> Path:
+    """Write ``report.html`` (and every figure as PNG) in the run folder; returns its path."""
+    from imgcls.reports.report import build_report
+
+    run_dir = Path(run_dir)
+    clf, ds = clf_ds or load_run(run_dir)
+    extra = []
+    if "val" in ds.splits:
+        if (run_dir / "calibration.json").is_file():
+            extra.append(calibration_section(run_dir, clf, ds))
+        extra.append(thresholds_section(run_dir, clf, ds))
+    extra.append(probes_section(run_dir, clf, ds))
+    return build_report(run_dir, sections_extra=extra, clf_ds=(clf, ds))

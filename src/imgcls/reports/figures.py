@@ -1,0 +1,263 @@
+"""Figures and rankings of a run's predictions, for the report and for notebooks.
+
+Every ``plot_*`` function returns a matplotlib ``Figure`` made with
+:func:`imgcls.reports.html.new_figure` (no pyplot, no display), so it renders
+inline in Jupyter and can be saved with ``figure_png``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from imgcls.evaluation.predictions import SplitPredictions
+from imgcls.reports.html import new_figure
+
+_WRONG = "#c0392b"  # red for wrong predictions
+_RIGHT = "#1e6e3a"  # dark green for right ones
+_CELL_TEXT_MAX_CLASSES = 20  # above this a confusion matrix drops its cell text
+
+
+def plain(text) -> str:
+    """``text`` for a matplotlib label: a ``$`` in a class name is shown, not read as mathtext."""
+    return str(text).replace("$", r"\$")
+
+
+def best_epoch_of(history: list[dict], monitor: str = "val_loss") -> int | None:
+    """The epoch with the best ``monitor`` value (lowest loss, highest accuracy), or None."""
+    values = [(r["epoch"], r[monitor]) for r in history if r.get(monitor) is not None]
+    if not values:
+        return None
+    pick = min if "loss" in monitor else max
+    return pick(values, key=lambda ev: ev[1])[0]
+
+
+def plot_learning_curves(history: list[dict], best_epoch: int | None = None):
+    """Loss, accuracy and learning rate per epoch, in three panels.
+
+    Args:
+        history: per-epoch records of ``metrics.jsonl`` (epoch, train_loss,
+            train_accuracy, val_loss, val_accuracy, lr).
+        best_epoch: the epoch to mark; default: the lowest val_loss.
+    """
+    fig = new_figure(12, 3.6)
+    axes = fig.subplots(1, 3)
+    if not history:
+        for ax in axes:
+            ax.text(0.5, 0.5, "no epochs recorded", ha="center", va="center", transform=ax.transAxes)
+            ax.set_axis_off()
+        return fig
+    best_epoch = best_epoch if best_epoch is not None else best_epoch_of(history)
+    epochs = [r["epoch"] for r in history]
+    panels = [(axes[0], "loss", "cross-entropy loss"), (axes[1], "accuracy", "accuracy")]
+    for ax, key, ylabel in panels:
+        for split, style in (("train", "-o"), ("val", "-s")):
+            ys = [r.get(f"{split}_{key}") for r in history]
+            if any(y is not None for y in ys):
+                ax.plot(epochs, [np.nan if y is None else y for y in ys], style, ms=3, label=split)
+        ax.set_ylabel(ylabel)
+        ax.set_title(ylabel.capitalize())
+    axes[1].set_ylim(top=min(1.0, axes[1].get_ylim()[1]) + 0.01)
+    lrs = [r.get("lr", np.nan) for r in history]
+    axes[2].plot(epochs, lrs, "-o", ms=3, color="0.3")
+    axes[2].set_title("Learning rate")
+    axes[2].set_ylabel("learning rate (end of epoch)")
+    positive = [v for v in lrs if v is not None and v > 0]
+    if positive and max(positive) / min(positive) > 20:
+        axes[2].set_yscale("log")
+    else:
+        if positive and max(positive) == min(positive):  # a constant rate: show it against zero
+            axes[2].set_ylim(0, 1.5 * positive[0])
+        axes[2].ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
+    for ax in axes:
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        if best_epoch is not None:
+            ax.axvline(best_epoch, color=_RIGHT, ls=":", lw=1.5, label=f"best (epoch {best_epoch})")
+    axes[0].legend(fontsize=8)
+    axes[1].legend(fontsize=8)
+    return fig
+
+
+def _tick_fontsize(num_classes: int) -> float:
+    return 9 if num_classes <= 15 else max(4.0, 9 - (num_classes - 15) * 0.06)
+
+
+def plot_confusion(cm, classes: list[str], normalize: bool = False):
+    """A confusion matrix: rows true class, columns predicted class.
+
+    Args:
+        cm: int (K, K) counts.
+        classes: K class names.
+        normalize: show each row as fractions of its true class (rows with no
+            images stay 0) instead of counts.
+    """
+    cm = np.asarray(cm)
+    k = len(classes)
+    if normalize:
+        support = cm.sum(1, keepdims=True)
+        values = np.divide(cm, support, out=np.zeros(cm.shape, dtype=float), where=support > 0)
+    else:
+        values = cm
+    side = float(np.clip(0.45 * k + 2.5, 4.0, 14))
+    fig = new_figure(side + 1.2, side)
+    ax = fig.subplots()
+    image = ax.imshow(values, cmap="Blues", vmin=0, vmax=1 if normalize else max(int(values.max()), 1))
+    fig.colorbar(image, ax=ax, shrink=0.8, label="fraction of true class" if normalize else "images")
+    ticks = np.arange(k)
+    names = [plain(c) for c in classes]
+    size = _tick_fontsize(k)
+    ax.set_xticks(ticks, names, rotation=45 if max(map(len, names), default=0) > 2 else 0,
+                  ha="right" if max(map(len, names), default=0) > 2 else "center", fontsize=size)
+    ax.set_yticks(ticks, names, fontsize=size)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    ax.set_title("Confusion matrix, row-normalised" if normalize else "Confusion matrix, counts")
+    if k <= _CELL_TEXT_MAX_CLASSES:
+        threshold = (1 if normalize else max(values.max(), 1)) / 2
+        text_size = 9 if k <= 12 else 7
+        for i in range(k):
+            for j in range(k):
+                v = values[i, j]
+                label = (f"{v:.2f}" if v else "0") if normalize else f"{int(v)}"
+                ax.text(j, i, label, ha="center", va="center", fontsize=text_size,
+                        color="white" if v > threshold else "black")
+    return fig
+
+
+_BARS = (("precision", "precision", "#4c72b0"), ("recall", "recall", "#dd8452"), ("f1", "F1", "#55a868"))
+_HORIZONTAL_ABOVE = 30  # classes; more get one row each, so every name stays readable
+
+
+def plot_per_class(metrics: dict):
+    """Precision, recall and F1 of every class as grouped bars.
+
+    Up to 30 classes the bars stand side by side; more classes are drawn as
+    horizontal bars, one row per class, in a taller figure.
+
+    Args:
+        metrics: a :func:`imgcls.evaluation.metrics.compute_metrics` dict.
+    """
+    rows = metrics["per_class"]
+    k = len(rows)
+    names = [plain(r["class"]) for r in rows]
+    horizontal = k > _HORIZONTAL_ABOVE
+    if horizontal:
+        fig = new_figure(9, 1.2 + 0.3 * k)
+    else:
+        fig = new_figure(float(np.clip(0.55 * k + 3, 7, 18)), 4.0)
+    ax = fig.subplots()
+    pos = np.arange(k)
+    width = 0.27
+    for offset, (key, label, colour) in zip((-1, 0, 1), _BARS):
+        values = [r[key] for r in rows]
+        if horizontal:
+            ax.barh(pos + offset * width, values, width, label=label, color=colour)
+        else:
+            ax.bar(pos + offset * width, values, width, label=label, color=colour)
+    if horizontal:
+        ax.set_yticks(pos, names, fontsize=8)
+        ax.set_ylim(k - 0.4, -0.6)  # first class at the top, as in the table
+        ax.set_xlim(0, 1.0)
+        ax.set_xlabel("score")
+        ax.grid(axis="x", alpha=0.3)
+        ax.xaxis.set_tick_params(labeltop=True)
+    else:
+        long_names = max(map(len, names), default=0) > 3
+        ax.set_xticks(pos, names, rotation=45 if long_names else 0, ha="right" if long_names else "center",
+                      fontsize=_tick_fontsize(k))
+        ax.set_xlim(-0.6, k - 0.4)
+        ax.set_ylim(0, 1.0)
+        ax.set_ylabel("score")
+        ax.set_xlabel("class")
+        ax.grid(axis="y", alpha=0.3)
+    ax.set_title("Per-class precision, recall and F1")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8, frameon=False)
+    return fig
+
+
+def plot_image_grid(images: np.ndarray, titles: list[str], wrong: list[bool], ncols: int = 8):
+    """Images in a grid with a title each; wrong predictions get a red title and frame.
+
+    Args:
+        images: uint8 (N, H, W, C) with C 1 (shown in gray) or 3.
+        titles: N titles (may hold line breaks).
+        wrong: N flags, True where the prediction is wrong.
+        ncols: images per row.
+    """
+    n = len(images)
+    ncols = max(1, min(ncols, n))
+    nrows = max(1, -(-n // ncols))
+    lines = max((t.count("\n") + 1 for t in titles), default=1)
+    cell = 1.35  # inches per image: 8 columns fit the page's 1100 px at 100 dpi
+    fig = new_figure(ncols * cell, nrows * (cell + 0.19 * lines))
+    axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
+    # Shrink the titles so the longest line fits its cell (about 0.55 em per character), within reason (7 to 9 pt).
+    longest = max((len(line) for t in titles for line in t.split("\n")), default=1)
+    fontsize = float(np.clip(cell * 72 / (0.55 * longest), 7, 9))
+    for ax in axes:
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_axis_off()
+    for ax, image, title, bad in zip(axes, images, titles, wrong):
+        ax.set_axis_on()
+        if image.shape[-1] == 1:
+            ax.imshow(image[..., 0], cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+        else:
+            ax.imshow(image, interpolation="nearest" if image.shape[0] <= 64 else "antialiased")
+        colour = _WRONG if bad else "0.75"
+        for spine in ax.spines.values():
+            spine.set_edgecolor(colour)
+            spine.set_linewidth(3 if bad else 0.8)
+        ax.set_title(plain(title), fontsize=fontsize, color=_WRONG if bad else "black")
+    return fig
+
+
+def _log_proba(preds: SplitPredictions) -> np.ndarray:
+    """Log-probabilities (N, K) at the stored temperature, exact for tiny probabilities."""
+    logits = torch.from_numpy(np.asarray(preds.logits)).double() / preds.temperature
+    return torch.log_softmax(logits, dim=1).numpy()
+
+
+def top_losses(preds: SplitPredictions, k: int = 16) -> list[dict]:
+    """The ``k`` wrong predictions with the highest loss, highest first.
+
+    The loss of an image is -log p(true class), at the model's stored
+    temperature. Right predictions are left out even when their loss is
+    higher (a right answer with p = 0.15 among ten classes).
+
+    Returns:
+        Dicts with index (into the split), true and predicted class names,
+        p_true, p_pred, loss and path (None for built-in datasets).
+    """
+    logp = _log_proba(preds)
+    labels = np.asarray(preds.labels, dtype=np.int64)
+    pred = logp.argmax(1)
+    rows = np.arange(len(labels))
+    loss = -logp[rows, labels]
+    wrong = np.flatnonzero(pred != labels)
+    # Highest loss first; equal losses in index order, so the ranking is reproducible.
+    order = wrong[np.lexsort((wrong, -loss[wrong]))][:k]
+    return [{
+        "index": int(i),
+        "true": preds.classes[labels[i]],
+        "predicted": preds.classes[pred[i]],
+        "p_true": float(np.exp(logp[i, labels[i]])),
+        "p_pred": float(np.exp(logp[i, pred[i]])),
+        "loss": float(loss[i]),
+        "path": preds.paths[i] if preds.paths is not None else None,
+    } for i in order]
+
+
+def most_confused(cm, classes: list[str], k: int = 10) -> list[tuple[str, str, int]]:
+    """The ``k`` largest off-diagonal cells of a confusion matrix as (true, predicted, count).
+
+    Sorted by count, descending; equal counts in row-then-column order. Cells
+    with no images are left out.
+    """
+    cm = np.asarray(cm)
+    pairs = [(int(cm[i, j]), i, j) for i in range(cm.shape[0]) for j in range(cm.shape[1])
+             if i != j and cm[i, j] > 0]
+    pairs.sort(key=lambda p: (-p[0], p[1], p[2]))
+    return [(classes[i], classes[j], count) for count, i, j in pairs[:k]]
