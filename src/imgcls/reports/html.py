@@ -14,11 +14,19 @@ from pathlib import Path
 
 
 def new_figure(width: float = 6.4, height: float = 4.0):
-    """A matplotlib Figure on the Agg canvas (no display needed, no global pyplot state)."""
+    """A matplotlib Figure on the Agg canvas (no display needed, no global pyplot state).
+
+    The figure shows itself inline in Jupyter even when pyplot was never imported
+    (IPython calls its ``_repr_png_``).
+    """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(width, height), dpi=100, layout="constrained")
+    class NotebookFigure(Figure):
+        def _repr_png_(self) -> bytes:
+            return figure_png(self)
+
+    fig = NotebookFigure(figsize=(width, height), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
     return fig
 
