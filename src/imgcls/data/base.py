@@ -98,3 +98,12 @@ class ImageDataset:
             lines.append(f"  {len(self.bad)} images could not be decoded and were left out:")
             lines.extend(f"    {b.path}: {b.reason}" for b in self.bad)
         return lines
+
+    def record(self) -> dict:
+        """A JSON-serialisable description: classes, split sizes per class, skipped and bad files, notes."""
+        return {
+            "name": self.name, "classes": self.classes, "image_shape": list(self.image_shape),
+            "splits": {k: {"images": len(v), "per_class": np.bincount(v.labels, minlength=self.num_classes).tolist()}
+                       for k, v in self.splits.items()},
+            "skipped": [vars(f) for f in self.skipped], "bad": [vars(f) for f in self.bad], "notes": self.notes,
+        }

@@ -103,7 +103,7 @@ class Report:
         return cls(
             run_dir=run_dir, preds=preds, metrics=metrics, history=read_history(run_dir),
             run_info=_read_json(run_dir / "run.json"),
-            dataset_info=_read_json(run_dir / "dataset.json") or _dataset_record(ds),
+            dataset_info=_read_json(run_dir / "dataset.json") or ds.record(),
             environment=_read_json(run_dir / "environment.json"),
             config_text=_read_text(run_dir / "config.yaml"),
             model_text=format_summary(summarize(clf.model, clf.input_shape)),
@@ -401,13 +401,3 @@ def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
-
-
-def _dataset_record(ds) -> dict:
-    """What dataset.json holds, for run folders written before it existed."""
-    return {
-        "name": ds.name, "classes": ds.classes, "image_shape": list(ds.image_shape),
-        "splits": {k: {"images": len(v), "per_class": np.bincount(v.labels, minlength=ds.num_classes).tolist()}
-                   for k, v in ds.splits.items()},
-        "skipped": [vars(f) for f in ds.skipped], "bad": [vars(f) for f in ds.bad], "notes": ds.notes,
-    }

@@ -20,7 +20,6 @@ import math
 import time
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -244,7 +243,7 @@ def fit(cfg: RunConfig, ds: ImageDataset, run: RunFolder, console, resume: bool 
         _restore(s, run)
     say = _sayer(console, run)
     run.write_json("environment.json", environment(runtime))
-    run.write_json("dataset.json", _dataset_record(ds))
+    run.write_json("dataset.json", ds.record())
     say(f"model {cfg.model.name}: {sum(p.numel() for p in s.model.parameters()):,} parameters; {runtime.describe()}")
     if resume:
         say(f"resuming {run.path} after epoch {s.epoch} of {t.epochs}")
@@ -298,15 +297,6 @@ def _epoch_line(r: dict, is_best: bool) -> str:
         parts += [f"val_loss {r['val_loss']:.4f}", f"val_acc {r['val_accuracy']:.4f}"]
     parts += [f"lr {r['lr']:.2e}", f"{r['images_per_sec']:.0f} img/s", f"{r['train_seconds']:.1f}s"]
     return "  ".join(parts) + ("  *" if is_best else "")
-
-
-def _dataset_record(ds: ImageDataset) -> dict:
-    return {
-        "name": ds.name, "classes": ds.classes, "image_shape": list(ds.image_shape),
-        "splits": {k: {"images": len(v), "per_class": np.bincount(v.labels, minlength=ds.num_classes).tolist()}
-                   for k, v in ds.splits.items()},
-        "skipped": [vars(f) for f in ds.skipped], "bad": [vars(f) for f in ds.bad], "notes": ds.notes,
-    }
 
 
 def _sayer(console, run: RunFolder):
