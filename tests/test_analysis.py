@@ -80,3 +80,43 @@ def test_calibration_does_not_change_the_predicted_class(run_dir):
     clf.meta["temperature"] = 1.0
     assert (clf.proba_of_arrays(test.images).argmax(1) == raw.argmax(1)).all()
     assert expected_calibration_error(raw, test.labels) >= 0.0
+
+
+def _digit_folder(tmp_path):
+    """Two test digits saved as PNGs inside class folders named like the model's classes."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    for label in (3, 7):
+        index = int(np.flatnonzero(digits.target == label)[-1])
+        folder = tmp_path / "imgs" / str(label)
+        folder.mkdir(parents=True)
+        Image.fromarray(np.rint(digits.images[index] * 255 / 16).astype(np.uint8)).save(folder / f"d{label}.png")
+    return tmp_path / "imgs"
+
+
+def test_explain_writes_overlays_maps_and_the_sanity_verdict(run_dir, tmp_path, capsys):
+    folder = _digit_folder(tmp_path)
+    out = tmp_path / "out"
+    assert main(["explain", str(run_dir), str(folder), "--target", "true", "--save-maps", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "rank correlation with a randomised model" in printed
+    written = sorted(p.name for p in out.iterdir())
+    assert "grid_gradcam.png" in written and len([n for n in written if n.endswith(".npy")]) == 2
+    raw = np.load(next(out.glob("*.npy")))
+    assert raw.shape == (8, 8) and np.isfinite(raw).all()
+
+
+def test_explain_refuses_a_wrong_layer_and_lists_the_valid_ones(run_dir, tmp_path, capsys):
+    folder = _digit_folder(tmp_path)
+    assert main(["explain", str(run_dir), str(folder), "--layer", "features.nope"]) == 2
+    err = capsys.readouterr().err
+    assert "layer 'features.nope'" in err and "features.block3" in err
+
+
+def test_report_shows_gradcam_through_the_explain_function(tmp_path):
+    run = imgcls.train(out=str(tmp_path), name="r", epochs=2, quiet=True, model_option={"widths": [8, 16, 16]})
+    page = (run.path / "report.html").read_text()
+    assert "Where the model looks (Grad-CAM)" in page
+    assert (run.path / "gradcam_samples.png").is_file() and (run.path / "gradcam_top_losses.png").is_file()

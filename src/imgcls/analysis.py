@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+
 from imgcls.checkpoint import find_checkpoint, update_meta
 from imgcls.errors import DataError
 from imgcls.evaluation.predictions import load_run, predict_split
@@ -140,16 +142,39 @@ def probes_section(run_dir: Path, clf, ds) -> Section:
     )
 
 
+def gradcam_section(clf, rep) -> Section:
+    """Grad-CAM of sample and top-loss test images, through the same function as `imgcls explain`."""
+    from imgcls.explain.explain import explain_arrays, plot_explanations
+
+    preds = rep.preds
+    figures = []
+    picks = {"gradcam_samples": rep.sample_indices()[:8],
+             "gradcam_top_losses": [row["index"] for row in rep.top_losses()[:8]]}
+    for stem, index in picks.items():
+        index = np.asarray(index, dtype=np.int64)
+        if len(index):
+            exp = explain_arrays(clf.model, clf.meta, preds.images[index], method="gradcam", device=None)
+            figures.append((stem, plot_explanations(exp)))
+    return Section(
+        "Where the model looks (Grad-CAM)",
+        [f"Grad-CAM at layer <code>{clf.model.gradcam_layer}</code> for the predicted class: first for eight of the "
+         "sample images above, then for the top losses. Red marks the regions that raised the predicted class's "
+         "score the most; `imgcls explain RUN IMAGES` draws the same maps for any image."],
+        [], figures,
+    )
+
+
 def report(run_dir: str | Path, clf_ds=None) -> Path:
     """Write ``report.html`` (and every figure as PNG) in the run folder; returns its path."""
-    from imgcls.reports.report import build_report
+    from imgcls.reports.report import Report
 
     run_dir = Path(run_dir)
     clf, ds = clf_ds or load_run(run_dir)
-    extra = []
+    rep = Report.from_run(run_dir, clf_ds=(clf, ds))
+    extra = [gradcam_section(clf, rep)]
     if "val" in ds.splits:
         if (run_dir / "calibration.json").is_file():
             extra.append(calibration_section(run_dir, clf, ds))
         extra.append(thresholds_section(run_dir, clf, ds))
     extra.append(probes_section(run_dir, clf, ds))
-    return build_report(run_dir, sections_extra=extra, clf_ds=(clf, ds))
+    return rep.write(sections_extra=extra)

@@ -193,6 +193,57 @@ class Classifier:
         cfg = make_config(cfg, **overrides)
         return build_dataset(cfg.data, seed=cfg.train.seed)
 
+    def explain(self, inputs, method: str = "gradcam", target: str | int = "predicted", layer: str | None = None):
+        """Attribution maps for ``inputs``: an :class:`imgcls.explain.Explanation` (``.maps``, ``.plot()``).
+
+        ``target`` is ``predicted``, ``true`` (the class folder each image is in) or a class name.
+        """
+        from imgcls.explain.explain import explain_arrays
+
+        names, images, bad = self.load_inputs(inputs)
+        if not len(images):
+            raise DataError("no image could be read: " + "; ".join(f"{b.path}: {b.reason}" for b in bad))
+        labels = self._folder_labels(names) if target == "true" else None
+        exp = explain_arrays(self.model, self.meta, images, method=method, target=target,
+                             layer=None if layer in (None, "auto") else layer, device=None, labels=labels, names=names)
+        exp.bad = bad
+        return exp
+
+    def _folder_labels(self, names: list[str]) -> np.ndarray:
+        """True classes of images read from class folders (the parent folder's name)."""
+        labels = []
+        for name in names:
+            parent = Path(name).parent.name
+            if parent not in self.classes:
+                raise DataError(f"--target true needs images inside class folders; the folder of {name} "
+                                f"({parent!r}) is not a class: {', '.join(self.classes)}")
+            labels.append(self.classes.index(parent))
+        return np.array(labels, dtype=np.int64)
+
+    def _explained_batch(self, exp):
+        import torch
+
+        from imgcls.inference import normalization_tensors, to_input
+
+        mean, std = normalization_tensors(self.meta["normalize"], self.runtime.device)
+        x = to_input(torch.from_numpy(exp.images).to(self.runtime.device), mean, std, channels_last=False)
+        return x, torch.from_numpy(exp.targets).to(self.runtime.device)
+
+    def sanity_check(self, exp) -> dict:
+        """Model-randomisation check (Adebayo et al. 2018) of ``exp``'s method on its images."""
+        from imgcls.explain.sanity import randomisation_check
+
+        x, target = self._explained_batch(exp)
+        result = randomisation_check(self.model, x, target, exp.method, exp.layer)
+        return {"mean_correlation": result["mean"], "passed": result["passed"], "threshold": result["threshold"]}
+
+    def score_explanations(self, exp) -> list[dict]:
+        """Deletion AUC and randomisation check of every method on ``exp``'s images."""
+        from imgcls.explain.sanity import score_methods
+
+        x, target = self._explained_batch(exp)
+        return score_methods(self.model, x, target, layer=exp.layer)
+
     def __repr__(self) -> str:
         c, h, w = self.input_shape
         return f"Classifier({self.meta['arch']}, {len(self.classes)} classes, input {c}x{h}x{w})"

@@ -89,6 +89,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--thresholds", action="store_true",
                    help="answer 'unknown' when no class clears its tuned threshold (see `imgcls thresholds`)")
 
+    p = sub.add_parser("explain", help="heatmaps of the evidence behind predictions (Grad-CAM and others)")
+    p.add_argument("run", type=Path, help="run folder or checkpoint file")
+    p.add_argument("inputs", nargs="+", help="image files, folders or .zip files")
+    p.add_argument("--method", default="gradcam", help="gradcam (default), gradcam++, integrated-gradients, "
+                   "occlusion or saliency")
+    p.add_argument("--target", default="predicted", help="predicted (default), true (the class folder an image "
+                   "is in) or a class name")
+    p.add_argument("--layer", default="auto", help="layer for Grad-CAM (default: the model's own choice)")
+    p.add_argument("--out", type=Path, help="output folder (default: <run>/explain)")
+    p.add_argument("--save-maps", action="store_true", help="also write each raw map as .npy")
+    p.add_argument("--score", action="store_true", help="score every method: deletion AUC and the "
+                   "model-randomisation check")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+
     p = sub.add_parser("report", help="write report.html with every figure into a run folder")
     p.add_argument("run", type=Path, help="run folder")
 
@@ -215,6 +229,33 @@ def cmd_models(args) -> int:
     return 0
 
 
+def cmd_explain(args) -> int:
+    from imgcls.api import load
+    from imgcls.explain.explain import write_explanations
+
+    clf = load(args.run, device=args.device)
+    exp = clf.explain(args.inputs, method=args.method, target=args.target, layer=args.layer)
+    out = args.out or (Path(args.run) / "explain" if Path(args.run).is_dir() else Path("explain"))
+    for path in write_explanations(exp, out, save_maps=args.save_maps):
+        print(path)
+    sanity = clf.sanity_check(exp)
+    verdict = "passed" if sanity["passed"] else "FLAGGED: the maps barely depend on the learned weights"
+    print(f"{args.method}: rank correlation with a randomised model {sanity['mean_correlation']:.2f} ({verdict})")
+    if args.score:
+        print(_format_scores(clf.score_explanations(exp)))
+    return 0 if not exp.bad else 1
+
+
+def _format_scores(rows: list[dict]) -> str:
+    lines = ["method                deletion AUC  (random order)  randomisation corr.  check     seconds",
+             "(lower deletion AUC = the map finds the evidence; low correlation = the map depends on the weights)"]
+    for r in rows:
+        check = "passed" if r["passed"] else "FLAGGED"
+        lines.append(f"{r['method']:<20}  {r['deletion_auc']:12.4f}  {r['random_deletion_auc']:14.4f}  "
+                     f"{r['randomisation_correlation']:19.3f}  {check:<8}  {r['seconds']:7.2f}")
+    return "\n".join(lines)
+
+
 def cmd_report(args) -> int:
     from imgcls import analysis
 
@@ -278,6 +319,7 @@ def cmd_compare(args) -> int:
 
 
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "models": cmd_models,
+            "explain": cmd_explain,
             "report": cmd_report, "calibrate": cmd_calibrate, "thresholds": cmd_thresholds, "probe": cmd_probe,
             "cv": cmd_cv, "compare": cmd_compare}
 
