@@ -32,7 +32,6 @@ import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from imgcls.explain.attribution import METHODS
 from imgcls.explain.sanity import (
@@ -45,9 +44,9 @@ from imgcls.explain.sanity import (
     peak_in_box,
     random_deletion_auc,
     randomisation_check,
+    train_pattern_model,
 )
 from imgcls.inference import channel_stats, normalization_tensors, to_input
-from imgcls.models import create_model
 
 TRAIN_IMAGES = 3000
 TRAIN_STEPS = 300  # Adam steps
@@ -70,19 +69,8 @@ def load_data(seed: int, test_images: int):
     return prepare(images), torch.from_numpy(labels), prepare(test), torch.from_numpy(test_labels), boxes
 
 
-def train(x: torch.Tensor, y: torch.Tensor, seed: int) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    model = create_model("resnet8", in_chans=3, num_classes=4, img_size=(32, 32))
-    optimizer = torch.optim.Adam(model.parameters(), lr=LR)
-    batches = torch.Generator().manual_seed(seed)
-    model.train()
-    for _ in range(TRAIN_STEPS):
-        idx = torch.randint(0, len(x), (BATCH,), generator=batches)
-        loss = F.cross_entropy(model(x[idx]), y[idx])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return model.eval()
+def train(x: torch.Tensor, y: torch.Tensor, seed: int = 0) -> torch.nn.Module:
+    return train_pattern_model(x, y, seed, steps=TRAIN_STEPS, batch=BATCH, lr=LR)
 
 
 def measure(model, x, y, boxes, method, seed: int) -> dict:

@@ -79,13 +79,7 @@ def train_briefly(model: torch.nn.Module, split: Split, norm: dict) -> torch.nn.
     return model.eval()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """On a busy two-core machine intra-op threads contend and make these small batches ~10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

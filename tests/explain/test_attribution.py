@@ -28,13 +28,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 CLASSES = ["cat", "dog", "a$b"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Batches of a few small images gain nothing from intra-op threads."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small_model(arch: str = "resnet8", in_chans: int = 3, size=(16, 16), num_classes: int = 3, seed: int = 0):

@@ -17,7 +17,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from imgcls.explain.attribution import METHODS, attribute
 from imgcls.explain.sanity import (
@@ -29,9 +28,9 @@ from imgcls.explain.sanity import (
     peak_in_box,
     random_deletion_auc,
     randomisation_check,
+    train_pattern_model,
 )
 from imgcls.inference import channel_stats, normalization_tensors, to_input
-from imgcls.models import create_model
 
 THREADS = 2  # fixed, so that the float sums (and so the figures) do not depend on the machine
 TRAIN_IMAGES = 3000
@@ -60,18 +59,7 @@ def _to_input(images: np.ndarray, norm: dict) -> torch.Tensor:
 
 
 def _train(x: torch.Tensor, y: torch.Tensor, seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    model = create_model("resnet8", in_chans=3, num_classes=4, img_size=(32, 32))
-    optimizer = torch.optim.Adam(model.parameters(), lr=LR)
-    batches = torch.Generator().manual_seed(seed)
-    model.train()
-    for _ in range(TRAIN_STEPS):
-        idx = torch.randint(0, len(x), (BATCH,), generator=batches)
-        loss = F.cross_entropy(model(x[idx]), y[idx])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return model.eval()
+    return train_pattern_model(x, y, seed, steps=TRAIN_STEPS, batch=BATCH, lr=LR)
 
 
 @pytest.fixture(scope="module")

@@ -332,3 +332,28 @@ def peak_in_box(maps: torch.Tensor, boxes, margin: int = 2) -> np.ndarray:
     boxes = np.asarray(boxes)
     return ((rows >= boxes[:, 0] - margin) & (rows < boxes[:, 2] + margin)
             & (cols >= boxes[:, 1] - margin) & (cols < boxes[:, 3] + margin))
+
+
+def train_pattern_model(x: torch.Tensor, y: torch.Tensor, seed: int = 0, steps: int = 300, batch: int = 64,
+                        lr: float = 2e-3) -> torch.nn.Module:
+    """A ResNet-8 trained on :func:`make_pattern_dataset` images (normalised x, labels y), in eval mode.
+
+    Args:
+        steps: Adam steps; batch: images per step; lr: Adam learning rate.
+    """
+    import torch.nn.functional as F
+
+    from imgcls.models import create_model
+
+    torch.manual_seed(seed)
+    model = create_model("resnet8", in_chans=x.shape[1], num_classes=int(y.max()) + 1, img_size=tuple(x.shape[-2:]))
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    batches = torch.Generator().manual_seed(seed)
+    model.train()
+    for _ in range(steps):
+        idx = torch.randint(0, len(x), (batch,), generator=batches)
+        loss = F.cross_entropy(model(x[idx]), y[idx])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.eval()
