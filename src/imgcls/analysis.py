@@ -18,12 +18,6 @@ from imgcls.evaluation.predictions import load_run, predict_split
 from imgcls.reports.html import Section, table
 
 
-def _final_checkpoint(run_dir: Path) -> Path:
-    info = run_dir / "run.json"
-    which = json.loads(info.read_text()).get("final_checkpoint", "best") if info.is_file() else "best"
-    return find_checkpoint(run_dir, which)
-
-
 def _held_out(ds) -> str:
     # Fitting on the test split would make its figures optimistic; val is what it is for.
     if "val" not in ds.splits:
@@ -55,7 +49,7 @@ def calibrate(run_dir: str | Path, clf_ds=None) -> dict:
                          "ece_after": expected_calibration_error(after, preds.labels),
                          "nll_before": cross_entropy(before, preds.labels),
                          "nll_after": cross_entropy(after, preds.labels)}
-    update_meta(_final_checkpoint(run_dir), {"temperature": temperature})
+    update_meta(find_checkpoint(run_dir), {"temperature": temperature})
     (run_dir / "calibration.json").write_text(json.dumps(result, indent=2) + "\n")
     clf.meta["temperature"] = temperature
     return result
@@ -71,7 +65,7 @@ def tune(run_dir: str | Path, objective: str = "f1", clf_ds=None) -> dict:
     val = predict_split(clf, ds, _held_out(ds))
     result = tune_thresholds(val.proba(), val.labels, clf.classes, objective)
     result["fitted_on"] = "val"
-    update_meta(_final_checkpoint(run_dir), {"thresholds": result["thresholds"], "threshold_objective": objective})
+    update_meta(find_checkpoint(run_dir), {"thresholds": result["thresholds"], "threshold_objective": objective})
     (run_dir / "thresholds.json").write_text(json.dumps(result, indent=2) + "\n")
     clf.meta["thresholds"] = result["thresholds"]
     return result

@@ -120,19 +120,13 @@ def _analyse(run_dir: Path, console) -> None:
     console.print(f"report: {page}", highlight=False, markup=False, soft_wrap=True)
 
 
-class Classifier:
-    """A trained model, rebuilt from its checkpoint alone.
+class Predictor:
+    """What every predictor shares: class names, input shape, reading inputs, predict and predict_proba.
 
-    Inputs to ``predict``/``predict_proba`` may be file paths (images, folders,
-    zips), PIL images, or uint8 arrays (H, W), (H, W, C) or (N, H, W, C); a
-    single input or a list of them.  Images are converted and resized as the
-    model's training data was.
+    Subclasses set ``meta`` (classes, input_shape, resize, ...) and implement ``proba_of_arrays``.
     """
 
-    def __init__(self, model, meta: dict, runtime, run_dir: Path | None = None, batch_size: int = 256):
-        self.model, self.meta, self.runtime = model, meta, runtime
-        self.run_dir = run_dir
-        self.batch_size = batch_size
+    meta: dict
 
     @property
     def classes(self) -> list[str]:
@@ -159,13 +153,32 @@ class Classifier:
         return self.proba_of_arrays(images)
 
     def proba_of_arrays(self, images: np.ndarray) -> np.ndarray:
-        """Probabilities for uint8 (N, H, W, C) images already at the model's size."""
-        return predict_proba(self.model, images, self.meta["normalize"], self.runtime, self.batch_size,
-                             temperature=self.meta.get("temperature", 1.0))
+        """Probabilities (N, num_classes) for uint8 (N, H, W, C) images already at the model's size."""
+        raise NotImplementedError
 
     def predict(self, inputs) -> np.ndarray:
         """Predicted class names, shape (N,)."""
         return np.array(self.classes, dtype=object)[self.predict_proba(inputs).argmax(1)]
+
+
+class Classifier(Predictor):
+    """A trained model, rebuilt from its checkpoint alone.
+
+    Inputs to ``predict``/``predict_proba`` may be file paths (images, folders,
+    zips), PIL images, or uint8 arrays (H, W), (H, W, C) or (N, H, W, C); a
+    single input or a list of them.  Images are converted and resized as the
+    model's training data was.
+    """
+
+    def __init__(self, model, meta: dict, runtime, run_dir: Path | None = None, batch_size: int = 256):
+        self.model, self.meta, self.runtime = model, meta, runtime
+        self.run_dir = run_dir
+        self.batch_size = batch_size
+
+    def proba_of_arrays(self, images: np.ndarray) -> np.ndarray:
+        """Probabilities for uint8 (N, H, W, C) images already at the model's size."""
+        return predict_proba(self.model, images, self.meta["normalize"], self.runtime, self.batch_size,
+                             temperature=self.meta.get("temperature", 1.0))
 
     def evaluate(self, data: str | Path | None = None, split: str = "test", top_k: int = 5, save: bool = False) -> dict:
         """Metrics on ``split`` of the run's own data, or of another dataset with the same classes.
@@ -253,12 +266,6 @@ def load(path: str | Path, which: str | None = None, device: str = "auto") -> Cl
     """Load a run folder (its final checkpoint) or a checkpoint file as a :class:`Classifier`."""
     path = Path(path)
     run_dir = path if path.is_dir() else None
-    if which is None:
-        which = "best"
-        if run_dir is not None and (run_dir / "run.json").is_file():
-            import json
-
-            which = json.loads((run_dir / "run.json").read_text()).get("final_checkpoint", "best")
     # Predictions and test metrics are computed in fp32, so that they do not depend on
     # whether the machine has fast bf16, and match what training reported.
     runtime = resolve_runtime(device, "fp32", "off")

@@ -127,17 +127,21 @@ def upgrade_meta(meta: dict, path: Path) -> dict:
     return meta
 
 
-def find_checkpoint(run_or_file: str | Path, which: str = "best") -> Path:
+def find_checkpoint(run_or_file: str | Path, which: str | None = None) -> Path:
     """Resolve a run folder (or a checkpoint file) to a checkpoint file.
 
-    A run folder resolves to ``checkpoints/<which>.safetensors``, falling back to
-    ``last`` when no ``best`` exists yet.
+    A run folder resolves to ``checkpoints/<which>.safetensors``; ``which=None``
+    means the run's final checkpoint (``final_checkpoint`` in run.json, else
+    ``best``), falling back to ``last`` when that does not exist yet.
     """
     p = Path(run_or_file)
     if p.is_file():
         return p
     if not p.is_dir():
         raise CheckpointError(f"{p} is neither a run folder nor a checkpoint file")
+    if which is None:
+        info = p / "run.json"
+        which = json.loads(info.read_text()).get("final_checkpoint", "best") if info.is_file() else "best"
     for name in (which, "last"):
         candidate = p / "checkpoints" / f"{name}.safetensors"
         if candidate.is_file():
@@ -154,7 +158,7 @@ def build_model(meta: dict) -> torch.nn.Module:
                         **meta.get("arch_kwargs", {}))
 
 
-def load_model(run_or_file: str | Path, which: str = "best", device: str | torch.device = "cpu"):
+def load_model(run_or_file: str | Path, which: str | None = None, device: str | torch.device = "cpu"):
     """Load a model from a run folder or checkpoint file: (model in eval mode, metadata)."""
     path = find_checkpoint(run_or_file, which)
     state, meta = read_checkpoint(path)

@@ -103,6 +103,22 @@ def build_parser() -> argparse.ArgumentParser:
                    "model-randomisation check")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
 
+    p = sub.add_parser("serve", help="a web page and an HTTP API for a trained model")
+    p.add_argument("run", type=Path, help="run folder")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--runtime", choices=("torch", "onnx"), default="torch",
+                   help="onnx serves <run>/export/model.onnx (see `imgcls export`)")
+    p.add_argument("--api-key", help="require this key in the X-API-Key header of every API request")
+    p.add_argument("--max-batch", type=int, default=32, help="most images a batched model call takes (1: no batching)")
+    p.add_argument("--max-wait-ms", type=float, default=5.0, help="longest wait for a batch to fill, milliseconds")
+
+    p = sub.add_parser("export", help="export a trained model (ONNX), checked against PyTorch on real images")
+    p.add_argument("run", type=Path, help="run folder or checkpoint file")
+    p.add_argument("--format", choices=("onnx",), default="onnx")
+    p.add_argument("--out", type=Path, help="output file (default: <run>/export/model.onnx)")
+    p.add_argument("--tolerance", type=float, default=1e-4, help="largest accepted difference of probabilities")
+
     p = sub.add_parser("report", help="write report.html with every figure into a run folder")
     p.add_argument("run", type=Path, help="run folder")
 
@@ -256,6 +272,26 @@ def _format_scores(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def cmd_serve(args) -> int:
+    from imgcls.serving.app import serve
+
+    if args.max_batch < 1 or args.max_wait_ms < 0:
+        raise ImgclsError("--max-batch must be at least 1 and --max-wait-ms at least 0")
+    serve(args.run, host=args.host, port=args.port, runtime=args.runtime, api_key=args.api_key,
+          max_batch=args.max_batch, max_wait_ms=args.max_wait_ms)
+    return 0
+
+
+def cmd_export(args) -> int:
+    from imgcls.export import export_onnx
+
+    result = export_onnx(args.run, out=args.out, tolerance=args.tolerance)
+    print(f"{result['path']}: {result['exporter']} exporter, opset {result['opset']}; ONNX Runtime matches PyTorch "
+          f"on {result['images_checked']} images to {result['max_abs_diff_probabilities']:.2e} "
+          f"(tolerance {result['tolerance']:g})")
+    return 0
+
+
 def cmd_report(args) -> int:
     from imgcls import analysis
 
@@ -319,7 +355,7 @@ def cmd_compare(args) -> int:
 
 
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "models": cmd_models,
-            "explain": cmd_explain,
+            "explain": cmd_explain, "serve": cmd_serve, "export": cmd_export,
             "report": cmd_report, "calibrate": cmd_calibrate, "thresholds": cmd_thresholds, "probe": cmd_probe,
             "cv": cmd_cv, "compare": cmd_compare}
 

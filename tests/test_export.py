@@ -1,0 +1,194 @@
+"""ONNX export: the exported graph takes raw uint8 pixels, matches PyTorch at any batch size,
+carries its metadata, and OnnxClassifier predicts what imgcls.load predicts."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from PIL import Image
+
+import imgcls
+from imgcls.checkpoint import find_checkpoint, read_checkpoint, update_meta
+from imgcls.errors import CheckpointError, ConfigError, DataError, ImgclsError
+from imgcls.export import export, export_onnx, load_onnx
+
+TEMPERATURE = 2.5
+DIGIT_THRESHOLDS = [0.3] * 10
+
+
+@pytest.fixture(scope="module")
+def data_dir_env(tmp_path_factory):
+    # The autouse cache fixture is per test; module-scoped runs need the same cache folder.
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("IMGCLS_DATA_DIR", str(tmp_path_factory.getbasetemp() / "imgcls-data"))
+        yield
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory, data_dir_env):
+    """A tiny digits run (1x8x8, fastnet_small) with a stored temperature and thresholds, exported."""
+    run = imgcls.train(out=str(tmp_path_factory.mktemp("runs")), name="digits", epochs=2, quiet=True, report=False,
+                       model_option={"widths": [8, 16, 16]})
+    update_meta(find_checkpoint(run.path, "best"), {"temperature": TEMPERATURE, "thresholds": DIGIT_THRESHOLDS})
+    return {"run": run.path, "info": export_onnx(run.path)}
+
+
+@pytest.fixture(scope="module")
+def rgb(tmp_path_factory, data_dir_env):
+    """Another family and input: seed_tf_tutorial on a generated 3x32x32 folder of 2 colour classes, letterboxed."""
+    root = tmp_path_factory.mktemp("rgb") / "photos"
+    rng = np.random.default_rng(0)
+    for name, colour in (("red", (200, 40, 40)), ("blue", (40, 40, 200))):
+        (root / name).mkdir(parents=True)
+        for i in range(20):
+            pixels = np.clip(rng.normal(colour, 40, (32, 32, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(root / name / f"img{i}.png")
+    run = imgcls.train(data=str(root), model="seed_tf_tutorial", image_size="32", resize="pad", epochs=2,
+                       batch_size=8, out=str(root.parent / "runs"), name="rgb", quiet=True, report=False)
+    return {"run": run.path, "root": root, "info": export_onnx(run.path)}
+
+
+def _real_images(run_path, n: int) -> np.ndarray:
+    """n real images of the run's data: its test split, repeated when the split is smaller."""
+    splits = imgcls.load(run_path).dataset().splits
+    images = splits["test"].images
+    if len(images) < n:
+        images = np.concatenate([images, splits["train"].images])
+    return np.resize(images, (n, *images.shape[1:]))  # repeats whole images: still real pixels
+
+
+def test_export_writes_the_model_and_a_report_beside_it(digits):
+    info = digits["info"]
+    folder = digits["run"] / "export"
+    assert info["path"] == str(folder / "model.onnx")
+    assert sorted(p.name for p in folder.iterdir()) == ["export.json", "model.onnx"]  # no temp file left
+    assert json.loads((folder / "export.json").read_text()) == info
+    assert info["exporter"] in ("dynamo", "torchscript") and info["opset"] >= 17
+    assert info["images_checked"] == 64 and info["images_source"] == "test split"
+    assert info["max_abs_diff_probabilities"] <= info["tolerance"] == 1e-4
+    assert info["seconds"] > 0
+
+
+@pytest.mark.parametrize("which", ["digits", "rgb"])
+def test_onnx_runtime_matches_pytorch_at_batch_sizes_1_7_and_64(which, digits, rgb):
+    run = {"digits": digits, "rgb": rgb}[which]["run"]
+    torch_clf, onnx_clf = imgcls.load(run), load_onnx(run)
+    images = _real_images(run, 64)
+    for n in (1, 7, 64):  # the batch dimension is dynamic
+        expected = torch_clf.proba_of_arrays(images[:n])
+        got = onnx_clf.proba_of_arrays(images[:n])
+        assert got.shape == expected.shape == (n, len(torch_clf.classes))
+        np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4)
+    assert (onnx_clf.predict(images) == torch_clf.predict(images)).all()
+    assert onnx_clf.proba_of_arrays(images[:0]).shape == (0, len(torch_clf.classes))
+
+
+def test_metadata_round_trips_and_the_graph_applies_the_stored_temperature(digits):
+    _, meta = read_checkpoint(find_checkpoint(digits["run"], "best"))
+    model = onnx.load(digits["info"]["path"])
+    props = {p.key: p.value for p in model.metadata_props}
+    doc = json.loads(props["imgcls_meta"])
+    assert json.loads(props["class_names"]) == doc["classes"] == meta["classes"]
+    assert doc["input_shape"] == [8, 8, 1] and doc["input_dtype"] == "uint8" and doc["layout"] == "NHWC"
+    assert doc["normalize"]["mean"] == meta["normalize"]["mean"] and doc["normalize"]["std"] == meta["normalize"]["std"]
+    assert doc["temperature"] == TEMPERATURE and doc["thresholds"] == DIGIT_THRESHOLDS
+    assert doc["arch"] == "fastnet_small" and doc["resize"] == "stretch"
+    assert "pixels / 255 - mean) / std" in doc["preprocessing"]
+    (graph_input,) = model.graph.input
+    assert graph_input.type.tensor_type.elem_type == onnx.TensorProto.UINT8
+    assert [o.name for o in model.graph.output] == ["logits", "probabilities"]
+
+    clf = load_onnx(digits["info"]["path"])
+    for key in ("arch", "arch_kwargs", "classes", "input_shape", "normalize", "temperature", "thresholds", "resize"):
+        assert clf.meta[key] == meta[key], key
+    assert clf.input_shape == (1, 8, 8) and clf.classes == meta["classes"]
+
+    # probabilities = softmax(logits / stored temperature), computed in the graph.
+    images = _real_images(digits["run"], 16)
+    logits, proba = clf.session.run(["logits", "probabilities"], {"images": images})
+    np.testing.assert_allclose(proba, torch.softmax(torch.from_numpy(logits) / TEMPERATURE, 1).numpy(), atol=1e-6)
+    assert not np.allclose(proba, torch.softmax(torch.from_numpy(logits), 1).numpy(), atol=1e-3)
+
+
+def test_predicting_files_matches_the_torch_classifier(rgb, tmp_path):
+    # Images of another size and aspect: load_inputs letterboxes them as the run's data was.
+    rng = np.random.default_rng(1)
+    paths = []
+    for i, colour in enumerate([(210, 30, 30), (30, 30, 210), (180, 60, 60), (60, 60, 180)]):
+        pixels = np.clip(rng.normal(colour, 30, (40, 24 + 8 * i, 3)), 0, 255).astype(np.uint8)
+        paths.append(tmp_path / f"img{i}.png")
+        Image.fromarray(pixels).save(paths[-1])
+    torch_clf, onnx_clf = imgcls.load(rgb["run"]), load_onnx(rgb["run"] / "export" / "model.onnx")
+    assert onnx_clf.meta["resize"] == "pad" and onnx_clf.input_shape == (3, 32, 32)
+    assert list(onnx_clf.predict(paths)) == list(torch_clf.predict(paths))
+    np.testing.assert_allclose(onnx_clf.predict_proba(paths), torch_clf.predict_proba(paths), rtol=0, atol=1e-4)
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(DataError, match="cannot read"):
+        onnx_clf.predict_proba([paths[0], tmp_path / "broken.png"])
+
+
+def test_an_impossible_tolerance_raises_and_leaves_the_earlier_file(digits, tmp_path):
+    out = tmp_path / "model.onnx"
+    out.write_bytes(b"earlier export")
+    # ORT's float32 probabilities never equal PyTorch's float64 ones to the last bit.
+    with pytest.raises(ImgclsError, match=r"max abs difference of probabilities .* > tolerance 0"):
+        export_onnx(digits["run"], out=out, tolerance=0.0)
+    assert out.read_bytes() == b"earlier export"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]  # no temp file, no export.json
+    with pytest.raises(ConfigError, match="tolerance"):
+        export_onnx(digits["run"], out=out, tolerance=-1.0)
+
+
+def test_a_checkpoint_file_away_from_its_run_is_exported(rgb, tmp_path):
+    ckpt = tmp_path / "colours.safetensors"
+    shutil.copy(find_checkpoint(rgb["run"]), ckpt)
+    info = export_onnx(ckpt)
+    assert info["path"] == str(tmp_path / "export" / "model.onnx")
+    assert info["images_source"] == "random pixels"  # no run folder: no data to check on
+    images = _real_images(rgb["run"], 7)
+    np.testing.assert_allclose(load_onnx(info["path"]).proba_of_arrays(images), imgcls.load(ckpt).proba_of_arrays(images),
+                               rtol=0, atol=1e-4)
+
+
+def test_the_torchscript_exporter_is_the_fallback(digits, tmp_path, monkeypatch):
+    info = export_onnx(digits["run"], out=tmp_path / "ts" / "model.onnx", exporter="torchscript")
+    assert info["exporter"] == "torchscript" and info["max_abs_diff_probabilities"] <= 1e-4
+
+    real_export = torch.onnx.export
+
+    def dynamo_broken(*args, dynamo=True, **kwargs):
+        if dynamo:
+            raise RuntimeError("unsupported operator")
+        return real_export(*args, dynamo=dynamo, **kwargs)
+
+    monkeypatch.setattr(torch.onnx, "export", dynamo_broken)
+    info = export_onnx(digits["run"], out=tmp_path / "auto" / "model.onnx")
+    assert info["exporter"] == "torchscript" and "unsupported operator" in info["dynamo_error"]
+    with pytest.raises(ImgclsError, match="dynamo ONNX exporter failed"):
+        export_onnx(digits["run"], out=tmp_path / "dynamo" / "model.onnx", exporter="dynamo")
+
+
+def test_bad_inputs_get_clear_errors(digits, tmp_path):
+    with pytest.raises(ConfigError, match="choose one of: onnx"):
+        export(digits["run"], format="tflite")
+    with pytest.raises(ConfigError, match="choose one of: auto, dynamo, torchscript"):
+        export_onnx(digits["run"], exporter="jit")
+    with pytest.raises(DataError, match=r"uint8 array \(N, 8, 8, 1\)"):
+        export_onnx(digits["run"], out=tmp_path / "m.onnx", check_images=np.zeros((4, 8, 8, 3), np.uint8))
+    clf = load_onnx(digits["run"])
+    with pytest.raises(DataError, match="uint8"):
+        clf.proba_of_arrays(np.zeros((2, 8, 8, 1), np.float32))
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_onnx(tmp_path / "none.onnx")
+    foreign = tmp_path / "foreign.onnx"
+    graph = onnx.helper.make_graph([onnx.helper.make_node("Identity", ["x"], ["y"])], "foreign",
+                                   [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
+                                   [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])])
+    onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)], ir_version=9), foreign)
+    with pytest.raises(CheckpointError, match="not exported by imgcls"):
+        load_onnx(foreign)
