@@ -1,0 +1,639 @@
+"""The web app: a trained model behind a small HTTP API (see CONTRACT.md beside this file).
+
+    app = create_app("runs/digits-...")           # torch runtime, no API key
+    serve("runs/digits-...", port=8000)          # the same, run by uvicorn
+
+The model is loaded once, in the app's lifespan, from the checkpoint alone
+(``runtime="torch"``) or from the exported ``<run>/export/model.onnx``
+(``runtime="onnx"``).  Uploads are decoded by their content in worker threads
+with the same functions that read training data, and prediction requests
+that arrive together share one forward pass (:class:`MicroBatcher`).
+
+Explanations always come from the torch model, with the same
+:func:`imgcls.explain.explain.explain_arrays` as the report.  With the ONNX
+runtime the torch checkpoint is loaded on the first ``/v1/explain`` request;
+when the run folder no longer holds it, that route answers 501.
+
+Every error is ``{"error": {"code", "message"}}`` with a 4xx status for a bad
+request (a 500 only for a bug in this server).  Per-app state only: two apps in
+one process share nothing, not even their Prometheus registry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import io
+import json
+import logging
+import math
+import threading
+import time
+from contextlib import asynccontextmanager
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated
+
+import numpy as np
+from fastapi import (
+    Depends,
+    FastAPI,
+    File,
+    HTTPException,
+    Query,
+    Request,
+    Security,
+    UploadFile,
+)
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.security import APIKeyHeader
+from fastapi.staticfiles import StaticFiles
+from PIL import Image, UnidentifiedImageError
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from imgcls import __version__
+from imgcls.data.images import BadImageError, decode_image, to_array
+from imgcls.errors import ConfigError, ImgclsError, unknown_name
+from imgcls.explain.attribution import METHODS as EXPLAIN_METHODS
+from imgcls.serving.batching import MicroBatcher
+from imgcls.serving.schemas import (
+    ErrorResponse,
+    ExplainResponse,
+    Health,
+    ModelCard,
+    PredictResponse,
+    Ready,
+)
+
+log = logging.getLogger("imgcls.serving")
+
+RUNTIMES = ("torch", "onnx")
+EXPLAIN_FORMATS = ("png", "json")
+STATIC_DIR = Path(__file__).parent / "static"
+API_KEY_HEADER = "X-API-Key"
+READ_CHUNK = 1 << 20  # bytes read from an upload at a time
+MULTIPART_SLACK = 64 * 1024  # bytes of multipart headers allowed per file on top of max_bytes
+OVERLAY_MIN_SIDE = 224  # px: explanation overlays are upscaled (nearest) to at least this long side
+MAP_DECIMALS = 4  # digits of the explanation map values in JSON
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)  # seconds
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)  # images per model call
+ROUTES = ("/", "/v1/predict", "/v1/explain", "/v1/model", "/healthz", "/readyz", "/metrics", "/docs",
+          "/openapi.json")  # labels of the requests metric; anything else counts as "other"
+
+_HTTP_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
+               413: "too_large", 415: "unsupported_media_type", 422: "invalid_request", 501: "not_implemented",
+               503: "not_ready"}
+_ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 413, 415, 422, 503)}
+
+
+class ServingError(HTTPException):
+    """A request the server refuses: answered as ``{"error": {"code", "message"}}`` with ``status``."""
+
+    def __init__(self, status: int, code: str, message: str, headers: dict | None = None):
+        super().__init__(status_code=status, detail=message, headers=headers)
+        self.code = code
+
+
+# ----------------------------------------------------------------------------
+# Per-app state: the model, the batcher, the metrics
+
+
+class _Metrics:
+    """Prometheus metrics in a registry of their own (one per app, no global state)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter("requests", "HTTP requests by route and status", ["route", "status"],
+                                registry=self.registry)
+        self.latency = Histogram("request_latency_seconds", "time to answer a request, by route", ["route"],
+                                 buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.batch_size = Histogram("batch_size", "images per model call (micro-batching)",
+                                    buckets=BATCH_BUCKETS, registry=self.registry)
+
+    def observe(self, route: str, status: int, seconds: float) -> None:
+        self.requests.labels(route=route, status=str(status)).inc()
+        self.latency.labels(route=route).observe(seconds)
+
+    def text(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class ServingState:
+    """What one app holds: options, the loaded model, its batcher, metrics and the model card."""
+
+    def __init__(self, run_path: Path, runtime: str, max_batch: int, max_wait_ms: float, max_bytes: int,
+                 max_pixels: int, max_files: int):
+        self.run_path, self.runtime = run_path, runtime
+        self.max_bytes, self.max_pixels, self.max_files = max_bytes, max_pixels, max_files
+        self.name = run_path.stem if run_path.is_file() else run_path.name
+        self.metrics = _Metrics()
+        self.batcher = MicroBatcher(self._predict_locked, max_batch, max_wait_ms,
+                                    on_batch=self.metrics.batch_size.observe)
+        self.clf = None  # imgcls.api.Classifier or imgcls.export.OnnxClassifier, once loaded
+        self.card: dict | None = None
+        self.ready = False
+        # Hooks (Grad-CAM) and train/eval switches make one torch model unsafe to use from two
+        # threads at once: predictions and explanations of the same model take turns.
+        self.model_lock = threading.Lock()
+        self._explainer = None  # the torch Classifier used for explanations
+        self._explainer_lock = threading.Lock()
+
+    async def start(self) -> None:
+        self.clf = await asyncio.to_thread(self._load)
+        self.card = await asyncio.to_thread(self._model_card)
+        await self.batcher.start()
+        self.ready = True
+        c, h, w = self.clf.input_shape
+        log.info("serving %s (%s runtime, %d classes, input %dx%dx%d)", self.name, self.runtime,
+                 len(self.clf.classes), c, h, w)
+
+    async def stop(self) -> None:
+        self.ready = False
+        await self.batcher.stop()
+
+    def _load(self):
+        if self.runtime == "torch":
+            from imgcls.api import load
+
+            return load(self.run_path, device="cpu")
+        onnx_file = self.run_path / "export" / "model.onnx"
+        if not onnx_file.is_file():
+            raise ConfigError(f"{onnx_file} does not exist: the ONNX runtime serves an exported model; "
+                              f"run `imgcls export {self.run_path} --format onnx` first, or serve with runtime torch")
+        from imgcls.export import load_onnx
+
+        return load_onnx(onnx_file)
+
+    def _predict_locked(self, images: np.ndarray) -> np.ndarray:
+        with self.model_lock:
+            return self.clf.proba_of_arrays(images)
+
+    def explainer(self):
+        """The torch Classifier that explains: the served one, or (ONNX runtime) the checkpoint loaded once."""
+        if self.runtime == "torch":
+            return self.clf, self.model_lock
+        with self._explainer_lock:
+            if self._explainer is None:
+                from imgcls.api import load
+
+                try:
+                    self._explainer = load(self.run_path, device="cpu")
+                except ImgclsError as exc:
+                    raise ServingError(501, "explain_unavailable",
+                                       f"explanations need the torch checkpoint of the run, which cannot be loaded: "
+                                       f"{exc}") from None
+        return self._explainer, self._explainer_lock
+
+    def _model_card(self) -> dict:
+        meta = self.clf.meta
+        run_info = _read_json(self.run_path / "run.json")
+        parameters = run_info.get("parameters")
+        if parameters is None and self.runtime == "torch":
+            parameters = sum(p.numel() for p in self.clf.model.parameters())
+        return {
+            "name": self.name,
+            "arch": str(meta.get("arch", "unknown")),
+            "classes": [str(c) for c in self.clf.classes],
+            "input_shape": [int(v) for v in self.clf.input_shape],
+            "test_metrics": _test_metrics(self.run_path, run_info),
+            "trained": meta.get("created") or self._checkpoint_time(),
+            "temperature": float(meta.get("temperature", 1.0) or 1.0),
+            "has_thresholds": _thresholds(meta, len(self.clf.classes)) is not None,
+            "runtime": self.runtime,
+            "parameters": None if parameters is None else int(parameters),
+        }
+
+    def _checkpoint_time(self) -> str | None:
+        from imgcls.checkpoint import find_checkpoint
+
+        try:
+            path = find_checkpoint(self.run_path)
+        except ImgclsError:
+            return None
+        return datetime.fromtimestamp(path.stat().st_mtime).isoformat(timespec="seconds")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _test_metrics(run_path: Path, run_info: dict) -> dict:
+    """accuracy, macro_f1 and other scalars of the run's test evaluation (eval_test.json, else run.json)."""
+    ev = _read_json(run_path / "eval_test.json")
+    metrics = {"accuracy": ev.get("accuracy", run_info.get("test_accuracy")),
+               "macro_f1": (ev.get("macro_avg") or {}).get("f1", run_info.get("test_macro_f1"))}
+    if (ev.get("weighted_avg") or {}).get("f1") is not None:
+        metrics["weighted_f1"] = ev["weighted_avg"]["f1"]
+    for key in ("top_k_accuracy", "top_k", "loss", "n"):
+        if isinstance(ev.get(key), (int, float)):
+            metrics[key] = ev[key]
+    return metrics
+
+
+def _thresholds(meta: dict, num_classes: int) -> np.ndarray | None:
+    t = meta.get("thresholds")
+    if t is None or len(t) != num_classes:
+        return None
+    return np.asarray(t, dtype=np.float64)
+
+
+# ----------------------------------------------------------------------------
+# Uploads: bytes, pixels, decoding
+
+
+async def read_upload(upload: UploadFile, max_bytes: int, name: str) -> bytes:
+    """The upload's content; 413 as soon as more than ``max_bytes`` have been read."""
+    chunks, total = [], 0
+    while True:
+        chunk = await upload.read(min(READ_CHUNK, max_bytes + 1 - total))
+        if not chunk:
+            break
+        total += len(chunk)
+        if total > max_bytes:
+            raise ServingError(413, "file_too_large",
+                               f"{name}: more than {max_bytes} bytes; the server accepts files up to {max_bytes} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def check_pixels(data: bytes, name: str, max_pixels: int) -> None:
+    """Refuse an image whose header announces more than ``max_pixels`` (413), before decoding it."""
+    limit = max_pixels if Image.MAX_IMAGE_PIXELS is None else min(max_pixels, Image.MAX_IMAGE_PIXELS)
+    try:
+        with Image.open(io.BytesIO(data)) as img:  # reads the header only
+            width, height = img.size
+    except Image.DecompressionBombError:
+        raise ServingError(413, "too_many_pixels", f"{name}: more pixels than the limit of {limit}") from None
+    except UnidentifiedImageError:
+        raise ServingError(400, "not_an_image", f"{name}: not a recognised image format "
+                           "(send PNG, JPEG, GIF, BMP, WEBP, TIFF or another format Pillow reads)") from None
+    except Exception as exc:  # noqa: BLE001 - a damaged header can make any PIL plugin fail in its own way
+        raise ServingError(400, "bad_image", f"{name}: cannot be read ({type(exc).__name__}: {exc})") from None
+    if width * height > limit:
+        raise ServingError(413, "too_many_pixels",
+                           f"{name}: {width}x{height} is {width * height} pixels, more than the limit of {limit}")
+
+
+def decode_upload(data: bytes, name: str, input_shape, resize: str, max_pixels: int) -> np.ndarray:
+    """uint8 (H, W, C) at the model's input size from an upload's bytes; ServingError for bad input."""
+    c, h, w = input_shape
+    check_pixels(data, name, max_pixels)
+    try:
+        img = decode_image(data, name, target=(h, w), resize=resize)
+    except BadImageError as exc:
+        raise ServingError(400, "bad_image", str(exc)) from None
+    try:
+        return to_array(img, c, (h, w), resize)
+    except Exception as exc:  # noqa: BLE001 - a decoded but odd image (mode, depth) is still the client's input
+        raise ServingError(400, "bad_image", f"{name}: cannot be converted to the model's input ({exc})") from None
+
+
+async def decode_uploads(state: ServingState, uploads: list[UploadFile]) -> tuple[list[str], np.ndarray]:
+    """Names and uint8 (N, H, W, C) images of the uploads; the first bad one fails the request.
+
+    One file at a time, each decoded in a worker thread: a request holds at most one
+    full-size decoded image (up to ``max_pixels``) in memory, whatever its number of files.
+    """
+    names = [u.filename or f"file {i + 1}" for i, u in enumerate(uploads)]
+    resize = state.clf.meta.get("resize", "stretch")
+    images = []
+    for upload, name in zip(uploads, names):
+        data = await read_upload(upload, state.max_bytes, name)
+        images.append(await asyncio.to_thread(decode_upload, data, name, state.clf.input_shape, resize,
+                                              state.max_pixels))
+    return names, np.stack(images)
+
+
+# ----------------------------------------------------------------------------
+# Answers
+
+
+def predictions(names: list[str], proba: np.ndarray, classes: list[str], top_k: int, thresholds) -> list[dict]:
+    """The ``predictions`` list of /v1/predict from probabilities (N, K)."""
+    k = min(top_k, len(classes))
+    answers = None
+    if thresholds is not None:
+        from imgcls.evaluation.thresholds import apply_thresholds
+
+        answers = apply_thresholds(proba, thresholds)
+    out = []
+    for i, name in enumerate(names):
+        order = np.argsort(-proba[i], kind="stable")[:k]
+        item = {"filename": name, "top": [{"class": classes[j], "probability": float(proba[i, j])} for j in order]}
+        if answers is not None:
+            item["answer"] = "unknown" if answers[i] < 0 else classes[answers[i]]
+        out.append(item)
+    return out
+
+
+def upscale(rgb: np.ndarray, min_side: int = OVERLAY_MIN_SIDE) -> np.ndarray:
+    """Enlarge (H, W, 3) by a whole factor (nearest neighbour) until its long side is at least ``min_side``."""
+    factor = max(1, math.ceil(min_side / max(rgb.shape[:2])))
+    return rgb if factor == 1 else np.repeat(np.repeat(rgb, factor, axis=0), factor, axis=1)
+
+
+def overlay_png(exp) -> bytes:
+    """PNG of the first image of an Explanation with its heatmap over it, upscaled to be seen."""
+    from imgcls.explain.explain import overlay
+
+    buf = io.BytesIO()
+    Image.fromarray(upscale(overlay(exp.images[0], exp.maps[0])), "RGB").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def explanation_json(exp, name: str) -> dict:
+    """The JSON answer of /v1/explain for the first image of an Explanation."""
+    pred = int(exp.predicted[0])
+    height, width = exp.maps.shape[1:3]
+    return {"filename": name, "predicted": exp.classes[pred], "probability": float(exp.proba[0, pred]),
+            "method": exp.method, "width": int(width), "height": int(height),
+            "map": np.round(exp.maps[0].astype(np.float64), MAP_DECIMALS).tolist()}
+
+
+def explain_image(state: ServingState, image: np.ndarray, name: str, method: str):
+    """An Explanation of one uint8 (H, W, C) image by the torch model (runs in a worker thread)."""
+    from imgcls.explain.explain import explain_arrays
+
+    clf, lock = state.explainer()
+    with lock:
+        return explain_arrays(clf.model, clf.meta, image[None], method=method, device=None, names=[name])
+
+
+# ----------------------------------------------------------------------------
+# Errors
+
+
+def error_response(status: int, code: str, message: str, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
+
+
+async def _serving_error(request: Request, exc: ServingError) -> JSONResponse:
+    return error_response(exc.status_code, exc.code, str(exc.detail), exc.headers)
+
+
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    status, detail = exc.status_code, str(exc.detail)
+    if status == 400 and detail.startswith("Too many files"):  # Starlette's multipart limit (form_limits)
+        return error_response(413, "too_many_files", detail)
+    return error_response(status, _HTTP_CODES.get(status, "http_error"), detail, getattr(exc, "headers", None))
+
+
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """FastAPI's request validation: a missing field is 422, a bad query parameter 400."""
+    errors = exc.errors()
+    first = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": ""}
+    loc = [str(part) for part in first.get("loc", ())]
+    where, field = (loc[0], ".".join(loc[1:])) if loc else ("request", "")
+    if where == "body":
+        if first.get("type") == "missing":
+            return error_response(422, "missing_field", f"missing field {field!r}: send the image(s) as "
+                                  f"multipart/form-data in the field {field!r}")
+        return error_response(422, "invalid_field", f"field {field!r}: {first.get('msg')}")
+    return error_response(400, "bad_parameter", f"{where} parameter {field!r}: {first.get('msg')}")
+
+
+async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unexpected error answering %s %s", request.method, request.url.path)
+    return error_response(500, "internal_error", "internal server error; the server log has the details")
+
+
+# ----------------------------------------------------------------------------
+# ASGI middleware: body size limit and metrics
+
+
+class _BodyLimit:
+    """413 for a request body over ``limit`` bytes, by its Content-Length or while it streams in."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length")
+        message = f"the request body is larger than the limit of {self.limit} bytes"
+        if length is not None and length.isdigit() and int(length) > self.limit:
+            return await error_response(413, "too_large", message)(scope, receive, send)
+        received = 0
+
+        async def limited_receive():
+            nonlocal received
+            msg = await receive()
+            if msg["type"] == "http.request":
+                received += len(msg.get("body", b""))
+                if received > self.limit:
+                    raise ServingError(413, "too_large", message)
+            return msg
+
+        await self.app(scope, limited_receive, send)
+
+
+class _RecordMetrics:
+    """Count every HTTP request by route and status and time it."""
+
+    def __init__(self, app, metrics: _Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started, status = time.perf_counter(), 500  # 500 unless a response starts
+
+        async def recording_send(msg):
+            nonlocal status
+            if msg["type"] == "http.response.start":
+                status = msg["status"]
+            await send(msg)
+
+        try:
+            await self.app(scope, receive, recording_send)
+        finally:
+            self.metrics.observe(_route_label(scope), status, time.perf_counter() - started)
+
+
+def _route_label(scope) -> str:
+    route = scope.get("route")
+    path = getattr(route, "path", None) or scope.get("path", "")
+    if path in ROUTES or path == "/static":
+        return path
+    return "/static" if path.startswith("/static/") else "other"
+
+
+# ----------------------------------------------------------------------------
+# The app
+
+
+def create_app(run_path: str | Path, runtime: str = "torch", api_key: str | None = None, max_batch: int = 32,
+               max_wait_ms: float = 5, max_bytes: int = 10_000_000, max_pixels: int = 40_000_000,
+               max_files: int = 32) -> FastAPI:
+    """The FastAPI app serving the model of a run folder.
+
+    Args:
+        run_path: a run folder (or a checkpoint file, torch runtime only).
+        runtime: ``"torch"`` (the checkpoint) or ``"onnx"`` (``<run>/export/model.onnx``,
+            made by ``imgcls export RUN --format onnx``).
+        api_key: when set, every /v1 route and /metrics need it in the ``X-API-Key`` header.
+        max_batch: most images per forward pass when requests are batched; 1 disables batching.
+        max_wait_ms: longest wait (ms) for other requests to join a batch; 0 disables batching.
+        max_bytes: largest file accepted, in bytes (413 beyond).
+        max_pixels: most pixels (width x height) an image may announce (413 beyond).
+        max_files: most files in one /v1/predict request (413 beyond).
+
+    The model is loaded when the app starts (its lifespan), not here.
+    """
+    if runtime not in RUNTIMES:
+        raise unknown_name("runtime", runtime, RUNTIMES)
+    for option, value in (("max_bytes", max_bytes), ("max_pixels", max_pixels), ("max_files", max_files)):
+        if not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{option} must be a positive whole number, got {value!r}")
+    if api_key is not None and not api_key:
+        raise ConfigError("api_key must not be empty; leave it out (None) to serve without a key")
+    run_path = Path(run_path).expanduser()
+    if not run_path.exists():
+        raise ConfigError(f"{run_path} does not exist; give a run folder (runs/<name>)")
+    if runtime == "onnx" and not run_path.is_dir():
+        raise ConfigError(f"the onnx runtime needs a run folder (with export/model.onnx), got the file {run_path}")
+    state = ServingState(run_path, runtime, max_batch, max_wait_ms, max_bytes, max_pixels, max_files)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await state.start()
+        try:
+            yield
+        finally:
+            await state.stop()
+
+    app = FastAPI(title="imgcls", version=__version__, lifespan=lifespan,
+                  description=f"Image classification with the model of run **{state.name}** ({runtime} runtime). "
+                  "Errors are `{\"error\": {\"code\", \"message\"}}`.",
+                  form_limits={"max_files": max_files})
+    app.state.serving = state
+    app.add_exception_handler(ServingError, _serving_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(Exception, _unexpected_error)
+    app.add_middleware(_BodyLimit, limit=max_files * (max_bytes + MULTIPART_SLACK) + MULTIPART_SLACK)
+    app.add_middleware(_RecordMetrics, metrics=state.metrics)  # outermost: sees every answer, 413s included
+    _add_routes(app, state, _key_check(api_key))
+    return app
+
+
+def _key_check(api_key: str | None) -> list:
+    """Route dependencies that require the API key (none without one); they also document it in /docs."""
+    if api_key is None:
+        return []
+    expected = api_key.encode()
+    scheme = APIKeyHeader(name=API_KEY_HEADER, auto_error=False, description="the key the server was started with")
+
+    async def require_api_key(key: str | None = Security(scheme)) -> None:
+        if key is None or not hmac.compare_digest(key.encode(), expected):  # constant time: no timing oracle
+            raise ServingError(401, "unauthorized",
+                               f"missing or wrong API key: send the server's key in the {API_KEY_HEADER} header")
+
+    return [Security(require_api_key)]
+
+
+async def _require_multipart(request: Request) -> None:
+    content_type = request.headers.get("content-type")
+    if content_type is not None and content_type.split(";")[0].strip().lower() != "multipart/form-data":
+        raise ServingError(415, "unsupported_media_type",
+                           f"send the image(s) as multipart/form-data, got content type {content_type!r}")
+
+
+def _ready(state: ServingState) -> ServingState:
+    if not state.ready:
+        raise ServingError(503, "not_ready", "the model is not loaded yet; retry when /readyz answers 200")
+    return state
+
+
+def _add_routes(app: FastAPI, state: ServingState, key: list) -> None:
+    upload = key + [Depends(_require_multipart)]
+
+    @app.post("/v1/predict", response_model=PredictResponse, response_model_exclude_none=True,
+              responses=_ERRORS, dependencies=upload, summary="Classify one or more images",
+              description=f"Up to {state.max_files} files per request, each at most {state.max_bytes} bytes and "
+              f"{state.max_pixels} pixels (413 beyond).")
+    async def predict(
+        # (annotations are evaluated at module level: no closure variables in them)
+        files: Annotated[list[UploadFile], File(description="image files (PNG, JPEG, GIF, BMP, WEBP, TIFF, ...)")],
+        top_k: Annotated[int, Query(ge=1, description="classes per image, most probable first (capped at the "
+                                    "number of classes)")] = 5,
+    ) -> dict:
+        _ready(state)
+        if len(files) > state.max_files:
+            raise ServingError(413, "too_many_files", f"{len(files)} files; send at most {state.max_files} per request")
+        names, images = await decode_uploads(state, files)
+        proba = await state.batcher.predict(images)
+        thresholds = _thresholds(state.clf.meta, len(state.clf.classes))
+        return {"model": state.name, "predictions": predictions(names, proba, state.clf.classes, top_k, thresholds)}
+
+    @app.post("/v1/explain", response_class=Response, dependencies=upload, summary="Explain a prediction",
+              responses={200: {"description": "format=png: the heatmap over the image; format=json: the map",
+                               "content": {"image/png": {},
+                                           "application/json": {"schema": ExplainResponse.model_json_schema()}}},
+                         501: {"model": ErrorResponse}, **_ERRORS})
+    async def explain(
+        file: Annotated[UploadFile, File(description="one image file")],
+        method: Annotated[str, Query(description="attribution method",
+                                     json_schema_extra={"enum": list(EXPLAIN_METHODS)})] = "gradcam",
+        format: Annotated[str, Query(description="png (overlay image) or json (the map)",
+                                     json_schema_extra={"enum": list(EXPLAIN_FORMATS)})] = "png",
+    ) -> Response:
+        _ready(state)
+        if method not in EXPLAIN_METHODS:
+            raise ServingError(400, "bad_parameter", str(unknown_name("method", method, EXPLAIN_METHODS)))
+        if format not in EXPLAIN_FORMATS:
+            raise ServingError(400, "bad_parameter", str(unknown_name("format", format, EXPLAIN_FORMATS)))
+        names, images = await decode_uploads(state, [file])
+        exp = await asyncio.to_thread(explain_image, state, images[0], names[0], method)
+        if format == "png":
+            return Response(overlay_png(exp), media_type="image/png")
+        return JSONResponse(explanation_json(exp, names[0]))
+
+    @app.get("/v1/model", response_model=ModelCard, responses=_ERRORS, dependencies=key, summary="The model card")
+    async def model_card() -> dict:
+        return _ready(state).card
+
+    @app.get("/healthz", response_model=Health, summary="Liveness: the process answers")
+    async def healthz() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/readyz", response_model=Ready, responses={503: {"model": Ready}},
+             summary="Readiness: 200 once the model is loaded")
+    async def readyz():
+        return JSONResponse({"ready": state.ready}, status_code=200 if state.ready else 503)
+
+    @app.get("/metrics", response_class=Response, dependencies=key, summary="Prometheus metrics",
+             responses={200: {"content": {CONTENT_TYPE_LATEST.split(";")[0]: {}}}, 401: {"model": ErrorResponse}})
+    async def metrics() -> Response:
+        return Response(state.metrics.text(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/", include_in_schema=False)
+    async def page() -> FileResponse:
+        index = STATIC_DIR / "index.html"
+        if not index.is_file():
+            raise ServingError(404, "not_found", "the web page is not installed (imgcls/serving/static/index.html)")
+        return FileResponse(index)
+
+    if STATIC_DIR.is_dir():
+        app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+
+
+def serve(run_path: str | Path, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
+          **options) -> None:
+    """Serve a run with uvicorn until interrupted; ``options`` go to :func:`create_app`."""
+    import uvicorn
+
+    uvicorn.run(create_app(run_path, **options), host=host, port=port, log_level=log_level)

@@ -1,0 +1,71 @@
+"""The JSON shapes of the web API (see CONTRACT.md), as pydantic models for validation and /docs."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(description="machine-readable reason, e.g. not_an_image, too_large, unauthorized")
+    message: str = Field(description="what was wrong and what would be accepted")
+
+
+class ErrorResponse(BaseModel):
+    """Every error answer: ``{"error": {"code", "message"}}``."""
+
+    error: ErrorDetail
+
+
+class ClassProbability(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
+
+    class_: str = Field(alias="class", description="class name")
+    probability: float = Field(ge=0.0, le=1.0)
+
+
+class Prediction(BaseModel):
+    filename: str
+    top: list[ClassProbability] = Field(description="the top_k classes, most probable first")
+    answer: str | None = Field(
+        default=None,
+        description="the thresholded decision, present only when the model has stored thresholds: "
+        "the most probable class that clears its threshold, or 'unknown'")
+
+
+class PredictResponse(BaseModel):
+    model: str = Field(description="the model's name (its run folder)")
+    predictions: list[Prediction] = Field(description="one per uploaded file, in upload order")
+
+
+class ExplainResponse(BaseModel):
+    filename: str
+    predicted: str = Field(description="the predicted class, the one the map explains")
+    probability: float = Field(ge=0.0, le=1.0, description="probability of the predicted class")
+    method: str
+    width: int = Field(description="map width, the model's input width")
+    height: int = Field(description="map height, the model's input height")
+    map: list[list[float]] = Field(description="attribution map (height rows of width values), scaled to [0, 1]")
+
+
+class ModelCard(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+
+    name: str
+    arch: str
+    classes: list[str]
+    input_shape: list[int] = Field(description="[channels, height, width]")
+    test_metrics: dict[str, float | int | None] = Field(
+        description="accuracy, macro_f1 and what else the run's test evaluation recorded (null when unknown)")
+    trained: str | None = Field(description="when the checkpoint was written, ISO 8601")
+    temperature: float = Field(description="softmax temperature applied to the probabilities (1 = none)")
+    has_thresholds: bool = Field(description="whether predictions carry a thresholded 'answer'")
+    runtime: str = Field(description="torch or onnx")
+    parameters: int | None = Field(description="number of model parameters")
+
+
+class Health(BaseModel):
+    status: str
+
+
+class Ready(BaseModel):
+    ready: bool
