@@ -60,3 +60,9 @@ def test_image_size_forms():
 def test_empty_dict_is_the_default_config():
     cfg = config_from_dict({})
     assert cfg.data.dataset == "digits" and cfg.train.epochs == 10
+
+
+def test_paths_are_accepted_and_stored_as_text(tmp_path):
+    cfg = make_config(data=tmp_path / "photos.zip", out=tmp_path / "runs")
+    assert cfg.data.dataset == str(tmp_path / "photos.zip") and cfg.out_dir == str(tmp_path / "runs")
+    assert "photos.zip" in dump_config(cfg)

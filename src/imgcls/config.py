@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -257,6 +258,8 @@ def apply_overrides(values: dict, overrides: dict) -> dict:
         if value is None:
             continue
         key = {"model_options": "model_option"}.get(key, key)
+        if isinstance(value, os.PathLike):
+            value = os.fspath(value)  # config.yaml holds plain strings
         if key not in table:
             raise ConfigError(f"unknown option {key!r}; options are: {', '.join(sorted(table))}")
         section, f = table[key]

@@ -1,0 +1,356 @@
+"""The web page in a real browser (Debian chromium via Playwright) against the real server.
+
+A user uploads a digit and sees the model's class on top of the bars, switches the
+Grad-CAM heatmap on, is told plainly when a file is not an image or too large, and
+the page never talks to any host but the server it came from.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import numpy as np
+import pytest
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+LOOPBACK = "127.0.0.1"
+TIMEOUT_MS = 30_000  # per wait in the page; a CPU-only machine under load is slow to run Grad-CAM
+
+sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+if not Path(CHROMIUM).exists():
+    pytest.skip(f"{CHROMIUM} is missing (apt-get install chromium)", allow_module_level=True)
+serving = pytest.importorskip("imgcls.serving.app", reason="imgcls.serving.app cannot be imported")
+httpx = pytest.importorskip("httpx")
+uvicorn = pytest.importorskip("uvicorn")
+
+
+# ---------------------------------------------------------------- server
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((LOOPBACK, 0))
+        return sock.getsockname()[1]
+
+
+class ServerThread:
+    """``create_app(...)`` served by uvicorn in a background thread on a free loopback port."""
+
+    def __init__(self, app):
+        self.port = free_port()
+        self.url = f"http://{LOOPBACK}:{self.port}"
+        config = uvicorn.Config(app, host=LOOPBACK, port=self.port, log_level="warning", access_log=False)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, name=f"uvicorn-{self.port}", daemon=True)
+
+    def __enter__(self) -> "ServerThread":
+        self.thread.start()
+        deadline = time.monotonic() + 60  # s: model loading included
+        while time.monotonic() < deadline:
+            if not self.thread.is_alive():
+                raise RuntimeError("the server thread died while starting; see the log above")
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        self.__exit__()
+        raise RuntimeError(f"{self.url}/readyz did not answer 200 within 60 s")
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=15)
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+    import imgcls
+
+    out = tmp_path_factory.mktemp("runs")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("IMGCLS_DATA_DIR", str(tmp_path_factory.getbasetemp() / "imgcls-data"))
+        run = imgcls.train(out=str(out), name="digits", epochs=2, quiet=True, report=False,
+                           model_option={"widths": [8, 16, 16]})
+    return run.path
+
+
+@pytest.fixture(scope="module")
+def server(digits_run):
+    with ServerThread(serving.create_app(digits_run)) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def digit_pngs(digits_run, tmp_path_factory):
+    """Two test-split digits the model gets right, as 64x64 RGB PNGs: [(path, class name)]."""
+    from PIL import Image
+
+    import imgcls
+
+    clf = imgcls.load(digits_run, device="cpu")
+    test = clf.dataset().splits["test"]
+    proba = clf.proba_of_arrays(test.images)
+    right = np.flatnonzero(proba.argmax(1) == test.labels)
+    # The most confident correct images of two different classes.
+    order = right[np.argsort(-proba[right].max(1))]
+    chosen, seen = [], set()
+    for index in order:
+        if test.labels[index] not in seen:
+            chosen.append(int(index))
+            seen.add(test.labels[index])
+        if len(chosen) == 2:
+            break
+    folder = tmp_path_factory.mktemp("digits")
+    files = []
+    for index in chosen:
+        name = clf.classes[test.labels[index]]
+        path = folder / f"digit-{name}.png"
+        Image.fromarray(test.images[index][..., 0]).resize((64, 64), Image.NEAREST).convert("RGB").save(path)
+        files.append((path, name))
+    # The server decodes and resizes as the library does, so both must agree on these files.
+    assert list(clf.predict([str(p) for p, _ in files])) == [name for _, name in files]
+    return files
+
+
+# ---------------------------------------------------------------- browser
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+class PageLog:
+    """Every request the page made and every script error it raised."""
+
+    def __init__(self, page):
+        self.requests: list[tuple[str, str]] = []
+        self.errors: list[str] = []
+        page.on("request", lambda r: self.requests.append((r.method, r.url)))
+        page.on("pageerror", lambda e: self.errors.append(str(e)))
+        page.on("console", lambda m: self.errors.append(m.text) if m.type == "error" and "status of 4" not in m.text
+                else None)
+
+    def foreign_hosts(self) -> list[str]:
+        """URLs that left 127.0.0.1 (blob: and data: URLs stay in the page)."""
+        return [url for _, url in self.requests
+                if urlsplit(url).scheme not in ("blob", "data") and urlsplit(url).hostname != LOOPBACK]
+
+    def count(self, method: str, path: str) -> int:
+        return sum(1 for m, url in self.requests if m == method and urlsplit(url).path == path)
+
+
+@pytest.fixture
+def page(browser):
+    context = browser.new_context(viewport={"width": 1280, "height": 860})
+    context.set_default_timeout(TIMEOUT_MS)
+    page = context.new_page()
+    page.log = PageLog(page)
+    yield page
+    context.close()
+    assert page.log.foreign_hosts() == [], "the page must talk to its own server only"
+    assert page.log.errors == [], "the page raised script errors"
+
+
+def screenshot(page, tmp_path: Path, name: str) -> Path:
+    path = tmp_path / name
+    page.evaluate("window.scrollTo(0, 0)")  # the model card is sticky: capture it where a user first sees it
+    page.screenshot(path=str(path), full_page=True)
+    if os.environ.get("IMGCLS_SCREENSHOT_DIR"):
+        folder = Path(os.environ["IMGCLS_SCREENSHOT_DIR"])
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, folder / name)
+    return path
+
+
+def open_page(page, server):
+    page.goto(server.url + "/")
+    page.wait_for_selector("#model-card .model-facts", state="visible")
+
+
+# ---------------------------------------------------------------- tests
+
+
+def test_model_card_shows_the_run(page, server):
+    open_page(page, server)
+    card = page.locator("#model-card")
+    text = card.inner_text()
+    for fact in ("Test accuracy", "Macro F1", "Trained", "Runtime", "8 × 8 px"):
+        assert fact in text
+    assert card.locator(".chip").all_inner_texts() == [str(d) for d in range(10)]
+    assert "torch" in card.locator("dd").all_inner_texts()
+
+
+def test_upload_shows_the_top_class_and_the_heatmap(page, server, digit_pngs, tmp_path):
+    open_page(page, server)
+    path, expected = digit_pngs[0]
+    page.set_input_files("#file-input", str(path))
+    card = page.locator(".card").first
+    card.locator(".prob-bar").first.wait_for()
+
+    assert card.locator(".filename").inner_text() == path.name
+    bars = card.locator(".prob-bar")
+    assert bars.count() == 5
+    assert bars.first.get_attribute("data-class") == expected
+    assert card.locator(".prob-row.best .prob-label").inner_text() == expected
+    probabilities = [float(bars.nth(i).get_attribute("data-probability")) for i in range(5)]
+    assert probabilities == sorted(probabilities, reverse=True) and probabilities[0] > 0.1
+    # The bar's length is its probability.
+    width = card.locator(".prob-fill").first.evaluate("e => e.getBoundingClientRect().width / e.parentElement.getBoundingClientRect().width")
+    assert width == pytest.approx(probabilities[0], abs=0.02)
+    assert page.log.count("POST", "/v1/predict") == 1
+
+    card.locator(".heatmap-toggle").check()
+    card.locator(".card-media.showing-heatmap").wait_for()
+    heatmap = card.locator("img.heatmap")
+    assert heatmap.evaluate("img => img.complete && img.naturalWidth > 0 && img.naturalHeight > 0")
+    assert heatmap.is_visible()
+    assert page.log.count("POST", "/v1/explain") == 1
+    screenshot(page, tmp_path, "serve_page.png")
+
+    # Off and on again: the overlay is cached, not asked for twice.
+    card.locator(".heatmap-toggle").uncheck()
+    assert card.locator(".card-media.showing-heatmap").count() == 0
+    card.locator(".heatmap-toggle").check()
+    card.locator(".card-media.showing-heatmap").wait_for()
+    assert page.log.count("POST", "/v1/explain") == 1
+
+
+def test_many_images_go_in_one_request(page, server, digit_pngs):
+    open_page(page, server)
+    page.set_input_files("#file-input", [str(p) for p, _ in digit_pngs])
+    sync_api.expect(page.locator(".card.done")).to_have_count(2)
+    assert page.log.count("POST", "/v1/predict") == 1
+    shown = {}
+    for card in page.locator(".card").all():
+        shown[card.locator(".filename").inner_text()] = card.locator(".prob-bar").first.get_attribute("data-class")
+    assert shown == {p.name: name for p, name in digit_pngs}
+
+
+DATA_TRANSFER = """([name, b64]) => {
+    const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+    const transfer = new DataTransfer();
+    transfer.items.add(new File([bytes], name, { type: "image/png" }));
+    return transfer;
+}"""
+
+
+def test_drop_and_paste_classify_like_the_picker(page, server, digit_pngs):
+    import base64
+
+    open_page(page, server)
+    (first, first_class), (second, second_class) = digit_pngs
+    dropped = page.evaluate_handle(DATA_TRANSFER, [first.name, base64.b64encode(first.read_bytes()).decode()])
+    page.dispatch_event("#drop", "dragenter", {"dataTransfer": dropped})
+    assert "dragging" in page.locator("#drop").get_attribute("class")
+    page.dispatch_event("#drop", "drop", {"dataTransfer": dropped})
+    page.locator(".card.done").first.wait_for()
+    assert "dragging" not in page.locator("#drop").get_attribute("class")
+
+    pasted = page.evaluate_handle(DATA_TRANSFER, ["image.png", base64.b64encode(second.read_bytes()).decode()])
+    page.evaluate("t => document.dispatchEvent(new ClipboardEvent('paste', {clipboardData: t}))", pasted)
+    sync_api.expect(page.locator(".card.done")).to_have_count(2)
+    shown = {c.locator(".filename").inner_text(): c.locator(".prob-bar").first.get_attribute("data-class")
+             for c in page.locator(".card").all()}
+    assert shown == {first.name: first_class, "pasted-1.png": second_class}
+
+
+def test_a_text_file_named_png_shows_the_servers_message(page, server):
+    payload = b"these are notes, not pixels\n" * 20
+    expected = httpx.post(f"{server.url}/v1/predict", files={"files": ("notes.png", payload, "image/png")})
+    assert expected.status_code == 400
+    message = expected.json()["error"]["message"]
+
+    open_page(page, server)
+    page.set_input_files("#file-input", {"name": "notes.png", "mimeType": "image/png", "buffer": payload})
+    error = page.locator(".card .error")
+    error.wait_for()
+    assert message in error.inner_text()
+    assert page.locator(".card .prob-bar").count() == 0
+    assert page.locator(".card .switch").is_hidden()
+
+
+def test_one_bad_file_does_not_sink_the_good_ones(page, server, digit_pngs):
+    open_page(page, server)
+    path, expected = digit_pngs[0]
+    bad = {"name": "broken.png", "mimeType": "image/png", "buffer": b"\x89PNG\r\n\x1a\n truncated"}
+    good_file = {"name": path.name, "mimeType": "image/png", "buffer": path.read_bytes()}
+    page.set_input_files("#file-input", [good_file, bad])
+    page.locator('.card[aria-busy="true"]').first.wait_for(state="detached")  # every card answered
+    good = page.locator(".card", has_text=path.name)
+    assert good.locator(".prob-bar").first.get_attribute("data-class") == expected
+    assert page.locator(".card", has_text="broken.png").locator(".error").is_visible()
+    # The shared request failed, so the page asked again one file at a time.
+    assert page.log.count("POST", "/v1/predict") == 3
+
+
+def test_wrong_type_and_too_large_are_refused_before_sending(page, server):
+    open_page(page, server)
+    page.set_input_files("#file-input", [
+        {"name": "notes.txt", "mimeType": "text/plain", "buffer": b"hello"},
+        {"name": "huge.png", "mimeType": "image/png", "buffer": b"\0" * 10_000_001},
+    ])
+    errors = page.locator(".card .error")
+    errors.nth(1).wait_for()
+    text = " ".join(errors.all_inner_texts())
+    assert "“notes.txt” is not an image" in text
+    assert "“huge.png” is too large" in text and "10 MB" in text
+    assert page.log.count("POST", "/v1/predict") == 0
+    assert "10 MB" in page.locator("#drop").inner_text()
+
+
+def test_keyboard_reaches_the_picker_and_the_toggle(page, server, digit_pngs):
+    open_page(page, server)
+    page.keyboard.press("Tab")  # the skip link
+    page.keyboard.press("Tab")
+    focused = page.evaluate("document.activeElement.id")
+    if focused != "file-input":  # the API key summary comes first in the header
+        page.keyboard.press("Tab")
+        focused = page.evaluate("document.activeElement.id")
+    assert focused == "file-input"
+    assert page.evaluate("document.querySelector('label[for=file-input]').textContent").strip()
+
+    page.set_input_files("#file-input", str(digit_pngs[0][0]))
+    toggle = page.locator(".card .heatmap-toggle")
+    toggle.wait_for(state="visible")
+    toggle.focus()
+    page.keyboard.press("Space")
+    page.locator(".card-media.showing-heatmap").wait_for()
+    assert page.locator(".card .switch").inner_text().startswith("Show Grad-CAM")
+
+
+def test_api_key_is_asked_for_stored_and_sent(browser, digits_run, digit_pngs):
+    with ServerThread(serving.create_app(digits_run, api_key="s3cret-key")) as server:
+        context = browser.new_context()
+        context.set_default_timeout(TIMEOUT_MS)
+        page = context.new_page()
+        log = PageLog(page)
+        page.goto(server.url + "/")
+        error = page.locator("#model-card .error")
+        error.wait_for()
+        assert error.inner_text().strip()
+        assert page.locator("#api-key-panel").evaluate("d => d.open")
+
+        page.fill("#api-key", "s3cret-key")
+        page.press("#api-key", "Enter")
+        page.wait_for_selector("#model-card .model-facts", state="visible")
+        assert page.evaluate("localStorage.getItem('imgcls.apiKey')") == "s3cret-key"
+
+        page.reload()  # the key survives a reload
+        page.wait_for_selector("#model-card .model-facts", state="visible")
+        page.set_input_files("#file-input", str(digit_pngs[0][0]))
+        page.locator(".card .prob-bar").first.wait_for()
+        context.close()
+        assert log.foreign_hosts() == []
