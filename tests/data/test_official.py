@@ -351,3 +351,7 @@ def test_offline_error_names_destination_and_md5(tmp_path):
     message = str(info.value)
     assert str(tmp_path / "elsewhere" / "mnist" / "train-images-idx3-ubyte.gz") in message
     assert "f68b3c2dcbeaaa9fbdd348bbdeb94873" in message
+    # One error names every missing file, not only the first.
+    assert message.startswith("4 files of mnist are missing or wrong")
+    for remote in spec.layout.files():
+        assert str(tmp_path / "elsewhere" / "mnist" / remote.name) in message and remote.md5 in message

@@ -192,15 +192,23 @@ def obtain_files(spec: OfficialSpec, folder: Path, download: bool, mirror: str |
     """Return file name -> local path for every file of ``spec``, downloading as allowed."""
     base = resolve_mirror(mirror)
     dataset_mirror = join_url(base, spec.name) if base else None
-    paths = {}
+    paths, failures = {}, []
     for remote in spec.layout.files():
         dest = folder / remote.name
-        if download:
-            urls = [join_url(u, remote.name) for u in spec.base_urls]
-            fetch_file(remote.name, urls, dest, remote.md5, mirror=dataset_mirror)
-        else:
-            check_present(dest, remote.md5)
+        try:
+            if download:
+                urls = [join_url(u, remote.name) for u in spec.base_urls]
+                fetch_file(remote.name, urls, dest, remote.md5, mirror=dataset_mirror)
+            else:
+                check_present(dest, remote.md5)
+        except DownloadError as exc:
+            # Keep going, so that one error names every file that is missing or wrong.
+            failures.append(str(exc))
         paths[remote.name] = dest
+    if len(failures) == 1:
+        raise DownloadError(failures[0])
+    if failures:
+        raise DownloadError(f"{len(failures)} files of {spec.name} are missing or wrong:\n\n" + "\n\n".join(failures))
     return paths
 
 
