@@ -654,3 +654,12 @@ def test_serving_never_imports_training():
     code = "import sys, imgcls.serving.app; print(sorted(m for m in sys.modules if m.startswith('imgcls.training')))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_openapi_docs_work_offline(client):
+    page = client.get("/docs")
+    assert page.status_code == 200
+    assert "cdn." not in page.text and "https://" not in page.text.split("<body>")[0]
+    assert client.get("/static-offline-docs/swagger-ui-bundle.js").status_code == 200
+    spec = client.get("/openapi.json").json()
+    assert {"/v1/predict", "/v1/explain", "/v1/model"} <= set(spec["paths"])

@@ -49,6 +49,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.security import APIKeyHeader
 from fastapi.staticfiles import StaticFiles
+from fastapi_offline import FastAPIOffline
 from PIL import Image, UnidentifiedImageError
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -515,7 +516,8 @@ def create_app(run_path: str | Path, runtime: str = "torch", api_key: str | None
         finally:
             await state.stop()
 
-    app = FastAPI(title="imgcls", version=__version__, lifespan=lifespan,
+    # FastAPIOffline serves Swagger UI and ReDoc from its own package: /docs works without internet.
+    app = FastAPIOffline(title="imgcls", version=__version__, lifespan=lifespan,
                   description=f"Image classification with the model of run **{state.name}** ({runtime} runtime). "
                   "Errors are `{\"error\": {\"code\", \"message\"}}`.",
                   form_limits={"max_files": max_files})
