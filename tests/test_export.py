@@ -22,14 +22,6 @@ DIGIT_THRESHOLDS = [0.3] * 10
 
 
 @pytest.fixture(scope="module")
-def data_dir_env(tmp_path_factory):
-    # The autouse cache fixture is per test; module-scoped runs need the same cache folder.
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("IMGCLS_DATA_DIR", str(tmp_path_factory.getbasetemp() / "imgcls-data"))
-        yield
-
-
-@pytest.fixture(scope="module")
 def digits(tmp_path_factory, data_dir_env):
     """A tiny digits run (1x8x8, fastnet_small) with a stored temperature and thresholds, exported."""
     run = imgcls.train(out=str(tmp_path_factory.mktemp("runs")), name="digits", epochs=2, quiet=True, report=False,

@@ -9,7 +9,6 @@ import io
 import json
 import re
 from html.parser import HTMLParser
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -30,18 +29,7 @@ from imgcls.reports.report import SECTION_TITLES, Report, build_report
 
 SMALL = {"model_option": {"widths": [8, 16, 16]}, "quiet": True, "report": False}
 FIGURE_STEMS = ["learning_curves", "confusion_counts", "confusion_normalized", "per_class", "test_samples", "top_losses"]
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run"]
 ODD_CLASS = "<b>&"
-
-
-@pytest.fixture(scope="module")
-def data_dir_env(tmp_path_factory):
-    # The autouse cache fixture is per test; module-scoped runs need the same cache folder.
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("IMGCLS_DATA_DIR", str(tmp_path_factory.getbasetemp() / "imgcls-data"))
-        yield
 
 
 @pytest.fixture(scope="module")
@@ -245,12 +233,11 @@ def test_extra_sections_follow_and_out_dir_is_honoured(odd_names):
     assert not (odd_names["run"] / "report.html").exists()
 
 
-def test_report_renders_in_chromium_with_every_image_loaded(digits, tmp_path):
-    sync_api = pytest.importorskip("playwright.sync_api")
-    if not Path(CHROMIUM).is_file():
-        pytest.skip(f"{CHROMIUM} is not installed")
+def test_report_renders_in_chromium_with_every_image_loaded(digits, tmp_path, chromium_launch):
+    from playwright import sync_api
+
     with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        browser = p.chromium.launch(**chromium_launch)
         try:
             page = browser.new_page(viewport={"width": 1200, "height": 900})
             page.goto(digits["page"].resolve().as_uri(), wait_until="load")

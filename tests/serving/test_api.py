@@ -35,14 +35,6 @@ KEY = "s3cret-key"
 
 
 @pytest.fixture(scope="module")
-def data_dir_env(tmp_path_factory):
-    # The autouse cache fixture is per test; module-scoped runs need the same cache folder.
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("IMGCLS_DATA_DIR", str(tmp_path_factory.getbasetemp() / "imgcls-data"))
-        yield
-
-
-@pytest.fixture(scope="module")
 def digits(tmp_path_factory, data_dir_env, one_thread):
     """A 2-epoch digits run and 16 of its test images written as 32x32 PNG files."""
     run = imgcls.train(out=str(tmp_path_factory.mktemp("runs")), name="digits", epochs=2, **SMALL)

@@ -18,15 +18,10 @@ from urllib.parse import urlsplit
 import numpy as np
 import pytest
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run"]
 LOOPBACK = "127.0.0.1"
 TIMEOUT_MS = 30_000  # per wait in the page; a CPU-only machine under load is slow to run Grad-CAM
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
-if not Path(CHROMIUM).exists():
-    pytest.skip(f"{CHROMIUM} is missing (apt-get install chromium)", allow_module_level=True)
 serving = pytest.importorskip("imgcls.serving.app", reason="imgcls.serving.app cannot be imported")
 httpx = pytest.importorskip("httpx")
 uvicorn = pytest.importorskip("uvicorn")
@@ -125,9 +120,9 @@ def digit_pngs(digits_run, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def browser():
+def browser(chromium_launch):
     with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        browser = p.chromium.launch(**chromium_launch)
         yield browser
         browser.close()
 

@@ -21,13 +21,6 @@ MAGIC = [b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff\xe0", b"\xff\xd8\xff", b"GIF89a", 
 
 
 @pytest.fixture(scope="module")
-def data_dir_env(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("IMGCLS_DATA_DIR", str(tmp_path_factory.getbasetemp() / "imgcls-data"))
-        yield
-
-
-@pytest.fixture(scope="module")
 def run(tmp_path_factory, data_dir_env, one_thread):
     return imgcls.train(out=str(tmp_path_factory.mktemp("runs")), name="fuzz", epochs=2,
                         model_option={"widths": [8, 16, 16]}, quiet=True, report=False).path
