@@ -204,7 +204,12 @@ class Classifier(Predictor):
         if data is not None:
             overrides["data"] = str(data)
         cfg = make_config(cfg, **overrides)
-        return build_dataset(cfg.data, seed=cfg.train.seed)
+        ds = build_dataset(cfg.data, seed=cfg.train.seed)
+        if data is None and self.run_dir is not None and (self.run_dir / "fold.npz").is_file():
+            from imgcls.evaluation.cv import fold_dataset_of_run
+
+            return fold_dataset_of_run(self.run_dir, ds)
+        return ds
 
     def explain(self, inputs, method: str = "gradcam", target: str | int = "predicted", layer: str | None = None):
         """Attribution maps for ``inputs``: an :class:`imgcls.explain.Explanation` (``.maps``, ``.plot()``).

@@ -34,6 +34,9 @@ _LABELS = {"accuracy": "accuracy", "macro_f1": "macro F1", "weighted_f1": "weigh
            "top_k_accuracy": "top-k acc"}
 
 
+FOLD_FILE = "fold.npz"  # in each fold's run folder: pooled indices of its train, val and test images
+
+
 def pool_splits(ds: ImageDataset) -> Split:
     """The train and val splits of ``ds`` as one split (train first); test is not included."""
     parts = [ds.splits[name] for name in ("train", "val") if name in ds.splits]
@@ -120,6 +123,7 @@ def cross_validate(cfg: RunConfig, folds: int, console, out_dir: Path | None = N
         sizes = ", ".join(f"{k} {len(v)}" for k, v in index.items() if k != "test")
         _say(console, f"fold {i}/{folds}: {sizes}; its test split is the held-out fold {i} ({len(held_out)} images)")
         run = RunFolder.create(fold_cfg)
+        np.savez_compressed(run.path / FOLD_FILE, **index)  # lets `imgcls report` rebuild this fold's splits
         started = time.perf_counter()
         result = fit(fold_cfg, fold_ds, run, console)
         per_fold.append(_fold_record(i, run, result, index, time.perf_counter() - started))
@@ -140,6 +144,16 @@ def summarize(per_fold: list[dict]) -> dict:
     values = {m: np.array([f[m] for f in per_fold], dtype=np.float64) for m in METRICS}
     return {"mean": {m: float(v.mean()) for m, v in values.items()},
             "std": {m: float(v.std()) for m, v in values.items()}}
+
+
+def fold_dataset_of_run(run_dir: str | Path, ds: ImageDataset) -> ImageDataset:
+    """The splits a fold run was trained and tested on, rebuilt from its ``fold.npz`` and the full dataset."""
+    with np.load(Path(run_dir) / FOLD_FILE) as data:
+        index = {name: data[name] for name in data.files}
+    pooled = pool_splits(ds)
+    splits = {name: pooled.subset(index[name]) for name in ("train", "val", "test") if name in index}
+    note = f"cross-validation fold {Path(run_dir).name}: the test split is the held-out fold"
+    return ImageDataset(ds.name, list(ds.classes), splits, notes=list(ds.notes) + [note])
 
 
 def load_folds(cv_dir: str | Path) -> list[dict[str, np.ndarray]]:
