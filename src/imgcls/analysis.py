@@ -84,11 +84,10 @@ def probe(run_dir: str | Path, max_train: int = 5000, max_eval: int = 5000, clf_
     return rows
 
 
-def calibration_section(run_dir: Path, clf, ds) -> Section:
+def calibration_section(run_dir: Path, val) -> Section:
     from imgcls.evaluation.calibration import plot_reliability
 
     result = json.loads((run_dir / "calibration.json").read_text())
-    val = predict_split(clf, ds, "val")
     rows = [[split, r["ece_before"], r["ece_after"], r["nll_before"], r["nll_after"]]
             for split, r in result.items() if isinstance(r, dict)]
     return Section(
@@ -101,13 +100,12 @@ def calibration_section(run_dir: Path, clf, ds) -> Section:
     )
 
 
-def thresholds_section(run_dir: Path, clf, ds) -> Section:
+def thresholds_section(run_dir: Path, val) -> Section:
     from imgcls.evaluation.thresholds import plot_pr_curves, tune_thresholds
 
-    val = predict_split(clf, ds, "val")
     path = run_dir / "thresholds.json"
     stored = path.is_file()
-    result = json.loads(path.read_text()) if stored else tune_thresholds(val.proba(), val.labels, clf.classes, "f1")
+    result = json.loads(path.read_text()) if stored else tune_thresholds(val.proba(), val.labels, val.classes, "f1")
     rows = [[r["class"], r["threshold"], r["precision"], r["recall"], r["f1"]] for r in result["per_class"]]
     note = ("stored with the model; `imgcls predict --thresholds` answers 'unknown' when no class clears its threshold"
             if stored else "not stored: run `imgcls thresholds RUN` to store them with the model")
@@ -115,7 +113,7 @@ def thresholds_section(run_dir: Path, clf, ds) -> Section:
         "Per-class thresholds",
         [f"One-vs-rest thresholds tuned on the validation split for objective {result['objective']} ({note})."],
         [table(["class", "threshold", "precision", "recall", "F1"], rows, "on the validation split")],
-        [("thresholds_pr_curves", plot_pr_curves(val.proba(), val.labels, clf.classes, result["thresholds"]))],
+        [("thresholds_pr_curves", plot_pr_curves(val.proba(), val.labels, val.classes, result["thresholds"]))],
     )
 
 
@@ -167,8 +165,9 @@ def report(run_dir: str | Path, clf_ds=None) -> Path:
     rep = Report.from_run(run_dir, clf_ds=(clf, ds))
     extra = [gradcam_section(clf, rep)]
     if "val" in ds.splits:
+        val = predict_split(clf, ds, "val")  # one pass over val serves both sections
         if (run_dir / "calibration.json").is_file():
-            extra.append(calibration_section(run_dir, clf, ds))
-        extra.append(thresholds_section(run_dir, clf, ds))
+            extra.append(calibration_section(run_dir, val))
+        extra.append(thresholds_section(run_dir, val))
     extra.append(probes_section(run_dir, clf, ds))
     return rep.write(sections_extra=extra)

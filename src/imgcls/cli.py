@@ -151,12 +151,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def cmd_train(args) -> int:
-    from imgcls.api import train
-
+def _config_overrides(args) -> dict:
+    """The config flags of ``train`` and ``cv`` as flat overrides (unset flags are None)."""
     overrides = {k: getattr(args, k) for k in flat_fields()}
     if overrides.get("model_option"):
         overrides["model_option"] = dict(overrides["model_option"])
+    return overrides
+
+
+def cmd_train(args) -> int:
+    from imgcls.api import train
+
+    overrides = _config_overrides(args)
     train(args.config, resume=args.resume, quiet=args.quiet, **overrides)
     return 0
 
@@ -337,9 +343,7 @@ def cmd_cv(args) -> int:
     from imgcls.api import make_config
     from imgcls.evaluation.cv import cross_validate, format_cv
 
-    overrides = {k: getattr(args, k) for k in flat_fields()}
-    if overrides.get("model_option"):
-        overrides["model_option"] = dict(overrides["model_option"])
+    overrides = _config_overrides(args)
     result = cross_validate(make_config(args.config, **overrides), args.folds, Console(highlight=False))
     print(format_cv(result))
     return 0
