@@ -9,7 +9,7 @@ from imgcls.errors import ConfigError
 
 @pytest.mark.parametrize("overrides, message", [
     ({"optimizer": "adagrad"}, "optimizer 'adagrad' is not accepted; choose one of: sgd, adam, adamw, rmsprop"),
-    ({"schedule": "linear"}, "choose one of: constant, step, cosine, onecycle, plateau"),
+    ({"schedule": "triangle"}, "choose one of: constant, step, cosine, onecycle, linear, plateau"),
     ({"batch_size": 0}, "batch_size must be a whole number from 1"),
     ({"epochs": 2.5}, "epochs must be a whole number"),
     ({"lr": -1.0}, "lr must be a number in (0"),
@@ -20,7 +20,7 @@ from imgcls.errors import ConfigError
     ({"channels": 2}, "channels must be 1 or 3"),
     ({"class_weights": "heavy"}, "class_weights must be 'balanced' or non-negative numbers"),
     ({"val_fraction": 0.6, "test_fraction": 0.5}, "val_fraction + test_fraction must be below 1"),
-    ({"nesterov": True, "optimizer": "adam"}, "nesterov applies to the sgd optimizer only"),
+    ({"nesterov": True, "optimizer": "adam"}, "nesterov applies to the sgd and muon optimizers only"),
     ({"monitor": "accuracy"}, "choose one of: val_loss, val_accuracy, train_loss, train_accuracy"),
 ])
 def test_bad_values_are_refused_by_name(overrides, message):

@@ -32,7 +32,8 @@ def digits(tmp_path_factory, data_dir_env):
 
 @pytest.fixture(scope="module")
 def rgb(tmp_path_factory, data_dir_env):
-    """Another family and input: seed_tf_tutorial on a generated 3x32x32 folder of 2 colour classes, letterboxed."""
+    """Another family and input: seed_tf_tutorial on a generated 3x32x32 folder of 2 colour classes, letterboxed,
+    with 6-view test-time augmentation (which the graph must carry)."""
     root = tmp_path_factory.mktemp("rgb") / "photos"
     rng = np.random.default_rng(0)
     for name, colour in (("red", (200, 40, 40)), ("blue", (40, 40, 200))):
@@ -41,7 +42,8 @@ def rgb(tmp_path_factory, data_dir_env):
             pixels = np.clip(rng.normal(colour, 40, (32, 32, 3)), 0, 255).astype(np.uint8)
             Image.fromarray(pixels).save(root / name / f"img{i}.png")
     run = imgcls.train(data=str(root), model="seed_tf_tutorial", image_size="32", resize="pad", epochs=2,
-                       batch_size=8, out=str(root.parent / "runs"), name="rgb", quiet=True, report=False)
+                       batch_size=8, out=str(root.parent / "runs"), name="rgb", quiet=True, report=False,
+                       tta="flip-translate")
     return {"run": run.path, "root": root, "info": export_onnx(run.path)}
 
 
@@ -78,6 +80,20 @@ def test_onnx_runtime_matches_pytorch_at_batch_sizes_1_7_and_64(which, digits, r
         np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4)
     assert (onnx_clf.predict(images) == torch_clf.predict(images)).all()
     assert onnx_clf.proba_of_arrays(images[:0]).shape == (0, len(torch_clf.classes))
+
+
+def test_the_graph_carries_the_models_test_time_augmentation(rgb):
+    from imgcls.export import _session
+    from imgcls.inference import predict_logits
+
+    torch_clf, onnx_clf = imgcls.load(rgb["run"]), load_onnx(rgb["run"])
+    assert torch_clf.meta["tta"] == "flip-translate" and onnx_clf.meta["tta"] == "flip-translate"
+    images = _real_images(rgb["run"], 16)
+    args = (torch_clf.model, images, torch_clf.meta["normalize"], torch_clf.runtime)
+    with_tta, plain = predict_logits(*args, tta="flip-translate").numpy(), predict_logits(*args).numpy()
+    got = _session(rgb["info"]["path"]).run(["logits"], {"images": images})[0]
+    np.testing.assert_allclose(got, with_tta, rtol=0, atol=1e-4)
+    assert np.abs(got - plain).max() > 1e-2  # without the six views the logits differ
 
 
 def test_metadata_round_trips_and_the_graph_applies_the_stored_temperature(digits):

@@ -30,13 +30,29 @@ from imgcls.inference import predict_proba, resolve_runtime
 
 
 def make_config(config: str | Path | dict | RunConfig | None = None, **overrides) -> RunConfig:
-    """A validated RunConfig from a YAML file, dict or RunConfig plus flat overrides (``lr=0.1``)."""
+    """A validated RunConfig from a YAML file, dict or RunConfig plus flat overrides (``lr=0.1``).
+
+    With a recipe (``recipe="cifar10-fast"`` here or in the config), values
+    come from, in rising priority: the defaults, the recipe, the config, the
+    overrides.
+    """
     if isinstance(config, RunConfig):
         values = config.to_dict()
     elif isinstance(config, (str, Path)):
         values = load_config(config).to_dict()
     else:
         values = dict(config or {})
+    recipe = overrides.get("recipe") or values.get("recipe")
+    if recipe:
+        from imgcls.recipes import get_recipe
+
+        base = apply_overrides({}, get_recipe(recipe).options())
+        for key, value in values.items():
+            if isinstance(value, dict) and isinstance(base.get(key), dict):
+                base[key].update(value)
+            else:
+                base[key] = value
+        values = base
     return config_from_dict(apply_overrides(values, overrides))
 
 
@@ -63,7 +79,8 @@ def _console(quiet: bool):
     return Console(quiet=quiet, highlight=False)
 
 
-def train(config=None, *, resume: str | Path | None = None, quiet: bool = False, console=None, **overrides) -> Run:
+def train(config=None, *, resume: str | Path | None = None, quiet: bool = False, console=None,
+          on_epoch_end=None, **overrides) -> Run:
     """Train a model and return its :class:`Run`.
 
     Args:
@@ -71,6 +88,8 @@ def train(config=None, *, resume: str | Path | None = None, quiet: bool = False,
         resume: a run folder to continue from its last checkpoint; only
             ``epochs`` may be raised when resuming.
         quiet: print nothing.
+        on_epoch_end: called as ``on_epoch_end(state, record)`` after each
+            epoch (see :func:`imgcls.training.trainer.fit`).
         **overrides: flat options, named as the CLI flags: ``data``, ``model``,
             ``epochs``, ``lr``, ``optimizer``, ``augment``, ...
     """
@@ -101,7 +120,8 @@ def train(config=None, *, resume: str | Path | None = None, quiet: bool = False,
         console.print(f"note: {note}", highlight=False, markup=False, soft_wrap=True)
     if resume is None:
         run = RunFolder.create(cfg)
-    result = fit(cfg, ds, run, console, resume=resume is not None, data_seconds=data_seconds)
+    result = fit(cfg, ds, run, console, resume=resume is not None, data_seconds=data_seconds,
+                 on_epoch_end=on_epoch_end)
     if cfg.report:
         _analyse(run.path, console)
     return Run(run.path, cfg, result.history, result.test_metrics)
@@ -178,7 +198,7 @@ class Classifier(Predictor):
     def proba_of_arrays(self, images: np.ndarray) -> np.ndarray:
         """Probabilities for uint8 (N, H, W, C) images already at the model's size."""
         return predict_proba(self.model, images, self.meta["normalize"], self.runtime, self.batch_size,
-                             temperature=self.meta.get("temperature", 1.0))
+                             temperature=self.meta.get("temperature", 1.0), tta=self.meta.get("tta", "none"))
 
     def evaluate(self, data: str | Path | None = None, split: str = "test", top_k: int = 5, save: bool = False) -> dict:
         """Metrics on ``split`` of the run's own data, or of another dataset with the same classes.

@@ -143,6 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("runs", type=Path, nargs="+", help="run folders")
     p.add_argument("--out", type=Path, default=Path("compare"), help="folder for compare.html (default: compare)")
 
+    p = sub.add_parser("recipes", help="list the named training recipes and the data each suits")
+
     p = sub.add_parser("models", help="list architectures, or summarise one")
     p.add_argument("name", nargs="?", help="a registered model to summarise")
     p.add_argument("--input", default="3x32x32", help="input shape CxHxW (default: 3x32x32)")
@@ -228,6 +230,25 @@ def _format_predictions(rows: list[dict], bad: list, fmt: str) -> str:
         answer = f"{row['answer']:<10}  " if "answer" in row else ""
         lines.append(f"{row['input']:<{width}}  {answer}{tops}")
     return "\n".join(lines) + ("\n" if lines else "")
+
+
+def _as_flag(key: str, value) -> str:
+    """A flat option as the command-line flag that sets it."""
+    flag = "--" + key.replace("_", "-")
+    if isinstance(value, bool):
+        return flag if value else "--no-" + flag[2:]
+    if isinstance(value, dict):  # --model-option KEY=VALUE, repeated
+        return " ".join(f"{flag} {k}={json.dumps(v, separators=(',', ':'))}" for k, v in value.items())
+    return f"{flag} {','.join(value) if isinstance(value, list) else value}"
+
+
+def cmd_recipes(args) -> int:
+    from imgcls.recipes import RECIPES
+
+    for recipe in RECIPES.values():
+        settings = " ".join(_as_flag(k, v) for k, v in recipe.options().items())
+        print(f"{recipe.name}\n  {recipe.summary}\n  suits: {recipe.suits}\n  settings: {settings}\n")
+    return 0
 
 
 def cmd_models(args) -> int:
@@ -359,6 +380,7 @@ def cmd_compare(args) -> int:
 
 
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "models": cmd_models,
+            "recipes": cmd_recipes,
             "explain": cmd_explain, "serve": cmd_serve, "export": cmd_export,
             "report": cmd_report, "calibrate": cmd_calibrate, "thresholds": cmd_thresholds, "probe": cmd_probe,
             "cv": cmd_cv, "compare": cmd_compare}

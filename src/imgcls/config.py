@@ -19,8 +19,9 @@ import yaml
 
 from imgcls.errors import ConfigError
 
-OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
-SCHEDULES = ("constant", "step", "cosine", "onecycle", "plateau")
+OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop", "muon")
+SCHEDULES = ("constant", "step", "cosine", "onecycle", "linear", "plateau")
+TTA_MODES = ("none", "flip", "translate", "flip-translate")
 MONITORS = ("val_loss", "val_accuracy", "train_loss", "train_accuracy")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -62,16 +63,25 @@ class ModelConfig:
 class TrainConfig:
     optimizer: str = _opt("adam", "optimiser", choices=OPTIMIZERS)
     lr: float = _opt(1e-3, "peak learning rate")
-    momentum: float = _opt(0.9, "momentum (sgd, rmsprop)")
-    nesterov: bool = _opt(False, "Nesterov momentum (sgd)")
+    momentum: float = _opt(0.9, "momentum (sgd, rmsprop, and muon's SGD part)")
+    nesterov: bool = _opt(False, "Nesterov momentum (sgd, muon)")
+    muon_lr: float = _opt(0.24, "muon: learning rate of the convolution filters, which Muon updates (the rest "
+                          "takes --lr with SGD)")
+    muon_momentum: float = _opt(0.6, "muon: momentum of the convolution filters' updates")
     weight_decay: float = _opt(0.0, "weight decay (L2 for sgd/adam/rmsprop, decoupled for adamw)")
     label_smoothing: float = _opt(0.0, "label smoothing in [0, 1)")
     grad_clip: float | None = _opt(None, "clip the gradient's global L2 norm to this value")
+    norm_lr_scale: float = _opt(1.0, "multiply the learning rate of normalisation layers' parameters by this; "
+                                "their weight decay is divided by it, so the decay per step is unchanged")
+    lookahead: bool = _opt(False, "every 5 steps, pull the weights back to a moving average of themselves whose "
+                           "weight grows over the run (as hlb-CIFAR10 and airbench); training ends on the average")
     schedule: str = _opt("constant", "learning-rate schedule", choices=SCHEDULES)
-    warmup_epochs: float = _opt(0.0, "linear warmup from 0 to --lr over this many epochs")
+    warmup_epochs: float = _opt(0.0, "linear warmup to --lr over this many epochs")
+    warmup_start: float | None = _opt(None, "warmup starts at this fraction of --lr (default: 1/25 for "
+                                      "onecycle, else 0)")
     step_size: int = _opt(10, "step schedule: epochs between decays")
     gamma: float = _opt(0.1, "step schedule: decay factor")
-    min_lr: float = _opt(0.0, "cosine/onecycle: final learning rate; plateau: lower bound")
+    min_lr: float = _opt(0.0, "cosine/onecycle/linear: final learning rate; plateau: lower bound")
     plateau_patience: int = _opt(2, "plateau schedule: epochs without improvement before decaying")
     plateau_factor: float = _opt(0.1, "plateau schedule: decay factor")
     epochs: int = _opt(10, "maximum number of epochs")
@@ -90,6 +100,8 @@ class TrainConfig:
     channels_last: str = _opt("auto", "channels_last memory format (auto: on with bf16)", choices=SWITCHES)
     seed: int = _opt(0, "random seed: a run repeats exactly on the same machine")
     top_k: int = _opt(5, "k of the top-k accuracy reported by evaluation")
+    tta: str = _opt("none", "test-time augmentation, kept with the model and used wherever it predicts: "
+                    "average the logits over mirrored and/or 1-pixel-shifted copies", choices=TTA_MODES)
 
 
 @dataclass
@@ -100,6 +112,8 @@ class RunConfig:
     out_dir: str = _opt("runs", "folder that holds run folders", flag="out")
     name: str | None = _opt(None, "run name (default: <dataset>-<model>-<time>)")
     report: bool = _opt(True, "calibrate on the val split and write report.html when training ends")
+    recipe: str | None = _opt(None, "a named set of settings tuned for a kind of data (see `imgcls recipes`); "
+                              "flags given beside it override its values")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -129,6 +143,9 @@ class RunConfig:
         _check_range("plateau_factor", t.plateau_factor, 0.0, 1.0, low_open=True)
         _check_range("min_lr", t.min_lr, 0.0, t.lr)
         _check_range("warmup_epochs", t.warmup_epochs, 0.0, float(t.epochs))
+        if t.warmup_start is not None:
+            _check_range("warmup_start", t.warmup_start, 0.0, 1.0)
+        _check_range("norm_lr_scale", t.norm_lr_scale, 0.0, 10_000.0, low_open=True)
         for name in ("epochs", "batch_size", "eval_batch_size", "step_size", "top_k"):
             _check_int(name, getattr(t, name), 1, 1_000_000)
         for name in ("patience", "plateau_patience"):
@@ -136,8 +153,10 @@ class RunConfig:
         if t.grad_clip is not None:
             _check_range("grad_clip", t.grad_clip, 0.0, math.inf, low_open=True)
         t.class_weights = parse_class_weights(t.class_weights)
-        if t.nesterov and t.optimizer != "sgd":
-            raise ConfigError(f"nesterov applies to the sgd optimizer only, not {t.optimizer!r}")
+        if t.nesterov and t.optimizer not in ("sgd", "muon"):
+            raise ConfigError(f"nesterov applies to the sgd and muon optimizers only, not {t.optimizer!r}")
+        _check_range("muon_lr", t.muon_lr, 0.0, 100.0, low_open=True)
+        _check_range("muon_momentum", t.muon_momentum, 0.0, 0.9999)
         if t.nesterov and t.momentum <= 0:
             raise ConfigError("nesterov needs momentum > 0")
         if not isinstance(t.augment, list):
@@ -211,12 +230,13 @@ def config_from_dict(values: dict) -> RunConfig:
     """Build a validated RunConfig from a (possibly partial) nested dict."""
     values = dict(values or {})
     sections = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig}
-    known = set(sections) | {"out_dir", "name", "report"}
+    top = tuple(f.name for f in fields(RunConfig) if f.name not in sections)
+    known = set(sections) | set(top)
     unknown = sorted(set(values) - known)
     if unknown:
         raise ConfigError(f"unknown config field {unknown[0]!r}; top-level fields are: {', '.join(sorted(known))}")
     kwargs = {k: _section_from_dict(cls, values.get(k) or {}, k) for k, cls in sections.items()}
-    kwargs.update({k: values[k] for k in ("out_dir", "name", "report") if k in values})
+    kwargs.update({k: values[k] for k in top if k in values})
     return RunConfig(**kwargs).validate()
 
 

@@ -37,7 +37,7 @@ from torch import nn
 from imgcls.api import Classifier, Predictor, load
 from imgcls.checkpoint import find_checkpoint
 from imgcls.errors import CheckpointError, ConfigError, DataError, ImgclsError
-from imgcls.inference import normalization_tensors, predict_logits, to_input
+from imgcls.inference import normalization_tensors, predict_logits, to_input, tta_logits
 
 FORMATS = ("onnx",)
 EXPORTERS = ("auto", "dynamo", "torchscript")
@@ -50,22 +50,23 @@ OUTPUT_NAMES = ("logits", "probabilities")
 MAX_CHECK_IMAGES = 64
 # Checkpoint metadata stored at the top level of imgcls_meta (in its own layout); the rest is kept under "checkpoint".
 _MAPPED_KEYS = ("arch", "arch_kwargs", "classes", "input_shape", "normalize", "temperature", "thresholds", "resize",
-                "format_version", "train_state")
+                "tta", "format_version", "train_state")
 
 
 class PixelClassifier(nn.Module):
     """A model with its preprocessing: uint8 (N, H, W, C) -> (logits, probabilities), each (N, K) float32."""
 
-    def __init__(self, model: nn.Module, normalize: dict, temperature: float = 1.0):
+    def __init__(self, model: nn.Module, normalize: dict, temperature: float = 1.0, tta: str = "none"):
         super().__init__()
         self.model = model
+        self.tta = tta
         mean, std = normalization_tensors(normalize, torch.device("cpu"))
         self.register_buffer("mean", mean)
         self.register_buffer("std", std)
         self.register_buffer("temperature", torch.tensor(float(temperature), dtype=torch.float32))
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = self.model(to_input(images, self.mean, self.std, channels_last=False))
+        logits = tta_logits(self.model, to_input(images, self.mean, self.std, channels_last=False), self.tta)
         return logits, F.softmax(logits / self.temperature, dim=1)
 
 
@@ -124,7 +125,8 @@ def export_onnx(
     out = Path(out) if out is not None else _default_out(source)
     images, images_source = _images_to_check(clf, check_images)
 
-    wrapper = PixelClassifier(clf.model, clf.meta["normalize"], clf.meta.get("temperature", 1.0)).eval()
+    wrapper = PixelClassifier(clf.model, clf.meta["normalize"], clf.meta.get("temperature", 1.0),
+                              clf.meta.get("tta", "none")).eval()
     proto, used, fallback = _to_onnx(wrapper, clf.input_shape, opset, exporter)
     parameters = sum(p.numel() for p in clf.model.parameters())
     _set_metadata(proto, onnx_metadata(clf.meta, parameters, checkpoint.name))
@@ -263,7 +265,10 @@ def onnx_metadata(meta: dict, parameters: int, checkpoint_name: str) -> dict:
         "normalize": norm,
         "temperature": temperature,
         "resize": resize,
-        "outputs": {"logits": "float32 (N, K), before temperature",
+        "tta": meta.get("tta", "none"),
+        "outputs": {"logits": "float32 (N, K), before temperature"
+                              + ("" if meta.get("tta", "none") == "none" else
+                                 f"; averaged over test-time augmented views ({meta['tta']}), inside the graph"),
                     "probabilities": "float32 (N, K) = softmax(logits / temperature)"},
         "preprocessing": _preprocessing_text(c, h, w, resize, norm, temperature),
         "parameters": int(parameters),
@@ -307,7 +312,8 @@ def _session(model: bytes | str, threads: int | None = None):
 def _compare(data: bytes, clf: Classifier, images: np.ndarray) -> dict:
     """Max abs differences of logits and probabilities, ONNX Runtime vs PyTorch, at batch sizes 1 and N."""
     session = _session(data)
-    torch_logits = predict_logits(clf.model, images, clf.meta["normalize"], clf.runtime, clf.batch_size).numpy()
+    torch_logits = predict_logits(clf.model, images, clf.meta["normalize"], clf.runtime, clf.batch_size,
+                                  clf.meta.get("tta", "none")).numpy()
     torch_proba = clf.proba_of_arrays(images)
     whole = session.run(list(OUTPUT_NAMES), {INPUT_NAME: images})
     singles = [session.run(list(OUTPUT_NAMES), {INPUT_NAME: images[i:i + 1]}) for i in range(len(images))]
@@ -345,7 +351,7 @@ def meta_from_onnx(doc: dict, path: Path) -> dict:
     meta.update(arch=doc["arch"], arch_kwargs=doc.get("arch_kwargs", {}), classes=list(doc["classes"]),
                 input_shape=[c, h, w], normalize={"mean": doc["normalize"]["mean"], "std": doc["normalize"]["std"]},
                 temperature=float(doc.get("temperature", 1.0)), resize=doc.get("resize", "stretch"),
-                parameters=doc.get("parameters"))
+                tta=doc.get("tta", "none"), parameters=doc.get("parameters"))  # the graph applies the TTA itself
     if doc.get("thresholds") is not None:
         meta["thresholds"] = list(doc["thresholds"])
     return meta

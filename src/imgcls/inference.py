@@ -103,9 +103,44 @@ def channel_stats(images: np.ndarray) -> dict:
     return {"mean": [round(float(m), 6) for m in mean], "std": [round(float(v), 6) for v in std]}
 
 
+def tta_logits(model: torch.nn.Module, x: torch.Tensor, tta: str = "none") -> torch.Tensor:
+    """The model's logits for ``x``, averaged over test-time augmented copies.
+
+    ``tta`` is one of ``none``, ``flip`` (the image and its mirror, equal
+    weights), ``translate`` (the image with weight 1/2, and copies shifted one
+    pixel up-left and down-right, reflecting at the border, 1/4 each) or
+    ``flip-translate`` (both: six views).  The views go through the model as
+    one batch.  Pure tensor code, so it exports to ONNX inside the graph.
+    """
+    if tta == "none":
+        return model(x)
+    if tta not in ("flip", "translate", "flip-translate"):
+        raise ConfigError(f"tta {tta!r} is not accepted; choose one of: none, flip, translate, flip-translate")
+    views, weights = [x], [1.0]
+    if "translate" in tta:
+        padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
+        h, w = x.shape[-2:]
+        views += [padded[..., :h, :w], padded[..., 2:, 2:]]
+        weights = [0.5, 0.25, 0.25]
+    if "flip" in tta:
+        views += [v.flip(-1) for v in views]
+        weights = [0.5 * w for w in weights] * 2
+    n = x.shape[0]
+    logits = model(torch.cat(views)).float()
+    out = logits[:n] * weights[0]
+    for i, weight in enumerate(weights[1:], start=1):
+        out = out + logits[i * n:(i + 1) * n] * weight
+    return out
+
+
 @torch.no_grad()
-def predict_logits(model: torch.nn.Module, images, norm: dict, runtime: Runtime, batch_size: int = 512) -> torch.Tensor:
-    """Logits (N, num_classes) float32 on CPU for uint8 images (N, H, W, C) (array or tensor)."""
+def predict_logits(model: torch.nn.Module, images, norm: dict, runtime: Runtime, batch_size: int = 512,
+                   tta: str = "none") -> torch.Tensor:
+    """Logits (N, num_classes) float32 on CPU for uint8 images (N, H, W, C) (array or tensor).
+
+    ``tta``: test-time augmentation (see :func:`tta_logits`); a trained model
+    keeps its own in ``meta["tta"]``.
+    """
     model.eval()
     mean, std = normalization_tensors(norm, runtime.device)
     images = torch.as_tensor(images)
@@ -113,14 +148,14 @@ def predict_logits(model: torch.nn.Module, images, norm: dict, runtime: Runtime,
     for start in range(0, len(images), batch_size):
         x = to_input(images[start:start + batch_size].to(runtime.device), mean, std, runtime.channels_last)
         with runtime.autocast():
-            out.append(model(x).float().cpu())
+            out.append(tta_logits(model, x, tta).float().cpu())
     if not out:
         return torch.zeros(0, getattr(model, "num_classes", 0))
     return torch.cat(out)
 
 
 def predict_proba(model, images, norm: dict, runtime: Runtime, batch_size: int = 512,
-                  temperature: float = 1.0) -> np.ndarray:
+                  temperature: float = 1.0, tta: str = "none") -> np.ndarray:
     """Class probabilities (N, num_classes) as float64 numpy."""
-    logits = predict_logits(model, images, norm, runtime, batch_size)
+    logits = predict_logits(model, images, norm, runtime, batch_size, tta)
     return F.softmax(logits.double() / temperature, dim=1).numpy()

@@ -216,7 +216,7 @@ def test_spec_forms_and_names():
     text = str(augment)
     for word in ("hflip", "rotate", "15", "zoom", "crop", "4px", "cutout", "8px"):
         assert word in text
-    assert set(AUGMENT_NAMES) == {"hflip", "rotate", "zoom", "translate", "crop", "cutout"}
+    assert set(AUGMENT_NAMES) == {"hflip", "altflip", "rotate", "zoom", "translate", "crop", "cutout"}
 
 
 def test_unknown_name_lists_valid_names():
@@ -263,3 +263,25 @@ def test_cuda_matches_cpu_for_same_seed():
         gpu = augment(x.cuda().contiguous(memory_format=fmt), _gen(11))
         assert gpu.device.type == "cuda"
         torch.testing.assert_close(gpu.cpu(), cpu, atol=1e-4, rtol=1e-4)
+
+
+def test_altflip_mirrors_exactly_the_images_it_is_told_to_and_refuses_hflip_beside_it():
+    from imgcls.data.augment import build_augment
+
+    x = torch.randn(6, 3, 8, 8)
+    flip = torch.tensor([True, False, True, False, False, True])
+    for spec in ("altflip", "altflip,crop:2"):
+        aug = build_augment(spec, (8, 8))
+        assert aug.alternating_flip and aug.spec()[0] == "altflip"
+        if spec == "altflip":
+            out = aug(x, torch.Generator().manual_seed(0), flip)
+            expected = torch.where(flip[:, None, None, None], x.flip(-1), x)
+            assert torch.equal(out, expected)
+        else:  # the fused flip + crop flips the same images as flipping first, then cropping
+            a = aug(x, torch.Generator().manual_seed(1), flip)
+            b = build_augment("crop:2", (8, 8))(torch.where(flip[:, None, None, None], x.flip(-1), x),
+                                                 torch.Generator().manual_seed(1))
+            assert torch.equal(a, b)
+    assert not build_augment("hflip", (8, 8)).alternating_flip
+    with pytest.raises(ConfigError, match="not both"):
+        build_augment("hflip,altflip", (8, 8))

@@ -138,6 +138,9 @@ def test_backward_reaches_every_parameter(name, in_chans, img_size):
     loss = F.cross_entropy(model(images(in_chans, img_size)), torch.tensor([0, 1]))
     loss.backward()
     for pname, param in model.named_parameters():
+        if not param.requires_grad:  # fastnet's BatchNorm scales are fixed at 1 by design
+            assert name == "fastnet" and pname.endswith(("bn1.weight", "bn2.weight")), pname
+            continue
         assert param.grad is not None, f"{pname} got no gradient"
         assert torch.isfinite(param.grad).all(), f"{pname} has a non-finite gradient"
     model.zero_grad(set_to_none=True)
@@ -267,12 +270,43 @@ def test_resnet_width_multiplier():
     assert count_params(wide) > 3 * RESNET_PARAMS["resnet20"]
 
 
-@pytest.mark.parametrize("name", ["fastnet", "fastnet_small"])
-@pytest.mark.parametrize("in_chans,side", [(1, 8), (3, 8), (1, 28), (3, 32)])
+@pytest.mark.parametrize("name,in_chans,side", [("fastnet_small", 1, 8), ("fastnet_small", 3, 8), ("fastnet", 1, 9),
+                                                ("fastnet", 1, 28), ("fastnet", 3, 32), ("fastnet_small", 3, 32)])
 def test_fastnet_takes_small_inputs(name, in_chans, side):
     model = create_model(name, in_chans, NUM_CLASSES, (side, side)).train()
     logits = model(torch.randn(4, in_chans, side, side))
     assert logits.shape == (4, NUM_CLASSES) and torch.isfinite(logits).all()
+
+
+def test_fastnet_with_floor_pooling_refuses_inputs_below_9_pixels():
+    with pytest.raises(ConfigError, match="at least 9x9"):
+        create_model("fastnet", 3, NUM_CLASSES, (8, 8))
+
+
+def test_fastnet_is_airbench94s_network():
+    model = create_model("fastnet", 3, NUM_CLASSES, (32, 32))
+    # Floor pooling: 31 -> 15 -> 7 -> 3, as airbench94 (ceil would give 16, 8, 4).
+    shapes = []
+    x = torch.randn(2, 3, 32, 32)
+    for name in model.stages:
+        x = model.get_submodule(name)(x)
+        shapes.append(tuple(x.shape[1:]))
+    assert shapes == [(24, 31, 31), (64, 15, 15), (256, 7, 7), (256, 3, 3)]
+    # Dirac init: the first in_channels filters of each 3x3 conv pass their input channel through.
+    conv = model.features.block2.conv1.weight  # (256, 64, 3, 3)
+    torch.testing.assert_close(conv[:64, :, 1, 1], torch.eye(64))
+    assert conv[:64].abs().sum() == 64
+    assert not model.features.block1.bn1.weight.requires_grad and model.features.block1.bn1.bias.requires_grad
+    # The whitening stem is set from data and frozen; the small variant leaves its stem alone.
+    images = torch.randn(200, 3, 32, 32)
+    before = model.features.stem.conv.weight.clone()
+    model.init_from_data(images)
+    assert not torch.equal(before, model.features.stem.conv.weight)
+    assert not model.features.stem.conv.weight.requires_grad and model.features.stem.conv.bias.requires_grad
+    small = create_model("fastnet_small", 3, NUM_CLASSES, (32, 32))
+    kept = small.features.stem.conv.weight.clone()
+    small.init_from_data(images)
+    assert torch.equal(kept, small.features.stem.conv.weight) and small.features.stem.conv.weight.requires_grad
 
 
 def test_whiten_init_whitens_the_stem():

@@ -9,9 +9,12 @@ from imgcls.config import TrainConfig
 from imgcls.errors import ConfigError
 from imgcls.training.optim import (
     EarlyStopping,
+    Lookahead,
     LRSchedule,
     build_optimizer,
     class_weight_tensor,
+    orthogonalize,
+    param_groups,
 )
 
 
@@ -93,3 +96,91 @@ def test_balanced_class_weights():
 def test_build_optimizer(name, cls):
     opt = build_optimizer([torch.nn.Parameter(torch.zeros(2))], TrainConfig(optimizer=name, lr=0.01))
     assert isinstance(opt, cls) and math.isclose(opt.param_groups[0]["lr"], 0.01)
+
+
+def test_linear_schedule_warms_from_a_fraction_then_decays_to_min_lr():
+    s = schedule(schedule="linear", warmup_epochs=2, warmup_start=0.2, min_lr=0.007)
+    assert s.lr_at(0) == pytest.approx(0.1 * (0.2 + 0.8 / 20))
+    assert s.lr_at(19) == pytest.approx(0.1)
+    assert s.lr_at(20) == pytest.approx(0.1)
+    assert s.lr_at(60) == pytest.approx(0.1 + (0.007 - 0.1) * 0.5)
+    assert s.lr_at(100) == pytest.approx(0.007)
+
+
+def _bn_net():
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, bias=False), torch.nn.BatchNorm2d(4), torch.nn.Flatten(),
+                              torch.nn.LazyLinear(2))
+    net(torch.zeros(2, 1, 5, 5))
+    return net
+
+
+def test_norm_lr_scale_puts_norm_parameters_in_a_faster_group_with_the_same_decay_per_step():
+    net = _bn_net()
+    net[1].weight.requires_grad_(False)  # frozen parameters take no part
+    cfg = TrainConfig(optimizer="sgd", lr=0.1, weight_decay=1e-3, norm_lr_scale=64.0, epochs=1)
+    opt = build_optimizer(param_groups(net, cfg), cfg)
+    LRSchedule(cfg, steps_per_epoch=1).apply(opt, 0)
+    other, norm = opt.param_groups
+    assert [p is net[1].bias for p in norm["params"]] == [True]
+    assert not any(p is net[1].weight for g in opt.param_groups for p in g["params"])
+    assert norm["lr"] == pytest.approx(6.4) and other["lr"] == pytest.approx(0.1)
+    assert norm["lr"] * norm["weight_decay"] == pytest.approx(other["lr"] * other["weight_decay"])
+    one = build_optimizer(param_groups(net, TrainConfig(norm_lr_scale=1.0)), TrainConfig())
+    assert len(one.param_groups) == 1
+
+
+def test_lookahead_pulls_weights_to_the_average_and_ends_on_it():
+    net = _bn_net()
+    look = Lookahead(net, total_steps=10)
+    start = {k: v.clone() for k, v in net.state_dict().items()}
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(1.0)
+    look.after_step(net, 4)  # not a multiple of 5: nothing happens
+    assert torch.equal(net[0].weight, start["0.weight"] + 1)
+    look.after_step(net, 5)  # decay 0.95**5 * 0.5**3: the weights move most of the way to themselves
+    d = 0.95**5 * 0.5**3
+    torch.testing.assert_close(net[0].weight, start["0.weight"] + (1 - d))
+    torch.testing.assert_close(look.average["0.weight"], net[0].weight)
+    with torch.no_grad():
+        net[0].weight.add_(1.0)
+    look.after_step(net, 10)  # the last step: one more pull (decay 0.95**5), then the weights become the average
+    assert torch.equal(net[0].weight, look.average["0.weight"])
+    assert not torch.equal(net[0].weight, start["0.weight"] + (1 - d) + 1)
+
+
+def test_orthogonalize_brings_every_singular_value_near_one():
+    g = torch.randn(64, 200, generator=torch.Generator().manual_seed(0)) * torch.logspace(-0.5, 0.5, 200)
+    s = torch.linalg.svdvals(orthogonalize(g).float())
+    assert s.min() > 0.3 and s.max() < 1.6  # Newton-Schulz in bf16, 3 steps: roughly U V^T
+    tall = torch.linalg.svdvals(orthogonalize(g.T).float())
+    torch.testing.assert_close(tall, s, atol=0.05, rtol=0.05)
+
+
+def test_muon_steps_filters_by_an_orthogonalised_update_and_the_rest_as_sgd():
+    torch.manual_seed(0)
+    conv, head = torch.nn.Conv2d(3, 8, 3, bias=False), torch.nn.Linear(8, 2)
+    model = torch.nn.Sequential(conv, torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), head)
+    twin = torch.nn.Linear(8, 2)
+    twin.load_state_dict(head.state_dict())
+    cfg = TrainConfig(optimizer="muon", lr=0.1, muon_lr=0.2, muon_momentum=0.6, momentum=0.9, nesterov=True,
+                      weight_decay=0.01)
+    opt = build_optimizer(param_groups(model, cfg), cfg)
+    assert [g["muon"] for g in opt.param_groups] == [True, False]
+    reference = torch.optim.SGD(twin.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01)
+    buf = None
+    for step in range(3):
+        x = torch.randn(32, 3, 6, 6)
+        opt.zero_grad()
+        model(x).square().sum().backward()
+        reference.zero_grad()
+        twin(model[2](model[1](conv(x))).detach()).square().sum().backward()
+        LRSchedule(cfg, 1).apply(opt, 0)
+        before, grad = conv.weight.detach().clone(), conv.weight.grad.clone()
+        opt.step()
+        reference.step()
+        torch.testing.assert_close(head.weight, twin.weight)
+        # Muon: scale the filter to norm sqrt(8), then step by 0.2 x orthogonalise(Nesterov momentum).
+        buf = grad if buf is None else 0.6 * buf + grad
+        expected = before * (8 ** 0.5 / before.norm()) - 0.2 * orthogonalize((grad + 0.6 * buf).reshape(8, -1)).view(8, 3, 3, 3)
+        torch.testing.assert_close(conv.weight, expected)

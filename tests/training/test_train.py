@@ -126,3 +126,33 @@ def test_classifier_accepts_paths_pil_images_and_arrays(tmp_path):
     assert by_path.shape == (1, 10)
     assert np.allclose(by_path, by_pil) and np.allclose(by_pil, by_array)
     assert np.allclose(clf.predict_proba([pixels[5], pixels[5]]).sum(1), 1.0)
+
+
+def test_a_resumed_run_with_lookahead_tta_and_norm_lr_scale_matches_an_uninterrupted_one(tmp_path, monkeypatch):
+    # The airbench pieces keep state beyond the optimiser (the lookahead average) and are resumed exactly.
+    import imgcls.training.trainer as trainer
+
+    opts = dict(out=str(tmp_path), quiet=True, report=False, epochs=3, optimizer="sgd", nesterov=True, lr=0.2,
+                momentum=0.85, weight_decay=1e-3, norm_lr_scale=16.0, lookahead=True, tta="flip", schedule="linear",
+                warmup_epochs=1, warmup_start=0.2, min_lr=0.01, batch_size=128, augment="hflip,crop:1",
+                model_option={"widths": [8, 16, 16], "whiten": True, "dirac": True, "bn_scale": False})
+    whole = imgcls.train(name="whole", **opts)
+    real = trainer._save_epoch
+
+    def save_then_stop(s, run, record, is_best):
+        real(s, run, record, is_best)
+        if s.epoch == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer, "_save_epoch", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        imgcls.train(name="cut", **opts)
+    monkeypatch.setattr(trainer, "_save_epoch", real)
+    resumed = imgcls.train(resume=tmp_path / "cut", quiet=True)
+    keys = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr")
+    assert [[r[k] for k in keys] for r in whole.history] == [[r[k] for k in keys] for r in resumed.history]
+    wa, meta = read_checkpoint(whole.path / "checkpoints" / "last.safetensors")
+    wb, _ = read_checkpoint(resumed.path / "checkpoints" / "last.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert meta["tta"] == "flip"
+    assert resumed.test_metrics["accuracy"] == whole.test_metrics["accuracy"] >= 0.7  # chance is 0.1

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from imgcls.errors import ConfigError, unknown_name
 
-AUGMENT_NAMES = ("hflip", "rotate", "zoom", "translate", "crop", "cutout")
+AUGMENT_NAMES = ("hflip", "altflip", "rotate", "zoom", "translate", "crop", "cutout")
 
 _NONE = "none"  # the spec word for "no augmentation"
 
@@ -75,27 +75,34 @@ def flip_batch(x: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
 
 
 class HFlip:
-    """Mirror each image left-right with probability ``p``."""
+    """Mirror each image left-right with probability ``p``.
 
-    names = ("hflip",)
+    With ``alternate`` (spec ``altflip``, after airbench) the trainer decides
+    instead: each image is mirrored in every other epoch (a fixed random half
+    of the images in even epochs, the other half in odd ones), so every two
+    epochs see each image both ways.  Called without the trainer's ``flip``
+    mask it flips at random like ``hflip``.
+    """
 
-    def __init__(self, p: float = 0.5) -> None:
+    def __init__(self, p: float = 0.5, alternate: bool = False) -> None:
         self.p = p  # probability per image, in [0, 1]
+        self.alternate = alternate
+        self.names = ("altflip",) if alternate else ("hflip",)
 
     def draw(self, n: int, generator: torch.Generator) -> torch.Tensor:
         """Choose the images to flip: (n,) bool on the generator's device."""
         return _uniform(n, 0.0, 1.0, generator) < self.p
 
-    def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """Flip a random subset of ``x`` (N, C, H, W); returns (N, C, H, W)."""
-        return flip_batch(x, self.draw(len(x), generator))
+    def __call__(self, x: torch.Tensor, generator: torch.Generator, flip: torch.Tensor | None = None) -> torch.Tensor:
+        """Flip a random subset of ``x`` (N, C, H, W), or those where ``flip`` (N,) is True."""
+        return flip_batch(x, self.draw(len(x), generator) if flip is None else flip)
 
     def spec(self) -> list[str]:
         """The spec items that rebuild this step."""
-        return [f"hflip:{self.p:g}"]
+        return ["altflip"] if self.alternate else [f"hflip:{self.p:g}"]
 
     def __str__(self) -> str:
-        return f"hflip p={self.p:g}"
+        return "altflip (every other epoch)" if self.alternate else f"hflip p={self.p:g}"
 
 
 # --------------------------------------------------------------------------
@@ -288,9 +295,9 @@ class FlipShift:
         """The spec names of the two fused steps."""
         return self.flip.names + self.shift.names
 
-    def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """Flip and shift ``x`` (N, C, H, W); returns (N, C, H, W)."""
-        flip = self.flip.draw(len(x), generator)
+    def __call__(self, x: torch.Tensor, generator: torch.Generator, flip: torch.Tensor | None = None) -> torch.Tensor:
+        """Flip (at random, or where ``flip`` is True) and shift ``x`` (N, C, H, W); returns (N, C, H, W)."""
+        flip = self.flip.draw(len(x), generator) if flip is None else flip
         dy, dx = self.shift.draw(len(x), generator)
         return shift_batch(x, dy, dx, self.shift.reflect, flip=flip)
 
@@ -380,14 +387,23 @@ class Augment:
     def __len__(self) -> int:
         return len(self.steps)
 
-    def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """Augment the batch ``x`` (N, C, H, W); returns a new (N, C, H, W) tensor."""
+    @property
+    def alternating_flip(self) -> bool:
+        """True when the flip is ``altflip``: the caller passes which images to mirror."""
+        return "altflip" in self.names
+
+    def __call__(self, x: torch.Tensor, generator: torch.Generator, flip: torch.Tensor | None = None) -> torch.Tensor:
+        """Augment the batch ``x`` (N, C, H, W); returns a new (N, C, H, W) tensor.
+
+        ``flip`` (N,) bool, optional: the images the flip step mirrors (for
+        ``altflip``); by default it draws them at random.
+        """
         if x.ndim != 4 or not x.is_floating_point():
             raise ValueError(f"augment expects a float batch (N, C, H, W), got {x.dtype} {tuple(x.shape)}")
         if tuple(x.shape[-2:]) != self.img_size:
             raise ValueError(f"augment was built for {self.img_size} images, got {tuple(x.shape[-2:])}")
         for step in self.steps:
-            x = step(x, generator)
+            x = step(x, generator, flip) if isinstance(step, (HFlip, FlipShift)) else step(x, generator)
         return x
 
     def __str__(self) -> str:
@@ -421,6 +437,7 @@ def _options(img_size: tuple[int, int]) -> dict[str, _Option]:
     side = min(img_size)  # pixels
     return {
         "hflip": _Option("the flip probability per image", 0.5, 0.0, 1.0),
+        "altflip": _Option("no value (half the images each epoch, alternating)", 0.5, 0.5, 0.5),
         "rotate": _Option("the maximum rotation in degrees", 15.0, 0.0, 180.0),
         "zoom": _Option("the zoom range around 1 (0.1 means 0.9..1.1)", 0.1, 0.0, 0.99),
         "translate": _Option("the maximum shift in pixels", 4, 0, side - 1, integer=True),
@@ -473,6 +490,8 @@ def _parse_items(items: list[str], img_size: tuple[int, int]) -> dict[str, float
             raise ConfigError(f"augmentation {name!r} is given twice in {items}")
         text = text.strip()
         values[name] = _parse_value(name, text, options[name], img_size) if text else options[name].default
+    if "hflip" in values and "altflip" in values:
+        raise ConfigError("give either 'hflip' (random flips) or 'altflip' (alternating flips), not both")
     if "translate" in values and "crop" in values:
         raise ConfigError("give either 'translate' (zero fill) or 'crop' (reflect padding), not both")
     return values
@@ -487,6 +506,8 @@ def _build_steps(values: dict[str, float]) -> list:
     steps: list = []
     if values.get("hflip", 0) > 0:
         steps.append(HFlip(values["hflip"]))
+    if "altflip" in values:
+        steps.append(HFlip(0.5, alternate=True))
     if values.get("rotate", 0) > 0 or values.get("zoom", 0) > 0:
         steps.append(Affine(values.get("rotate", 0.0), values.get("zoom", 0.0)))
     for name in ("translate", "crop"):

@@ -27,5 +27,5 @@ def evaluate_model(model, meta: dict, split: Split, data_classes: list[str], run
     """Metrics of ``model`` on ``split`` and the probabilities (N, K) they came from."""
     labels = remap_labels(split.labels, data_classes, meta["classes"])
     proba = predict_proba(model, split.images, meta["normalize"], runtime, batch_size,
-                          temperature=meta.get("temperature", 1.0))
+                          temperature=meta.get("temperature", 1.0), tta=meta.get("tta", "none"))
     return compute_metrics(labels, proba, meta["classes"], top_k), proba

@@ -60,7 +60,8 @@ def predict_split(clf, ds, split: str = "test") -> SplitPredictions:
         raise DataError(f"split {split!r} does not exist; the data has: {', '.join(ds.splits)}")
     part = ds.splits[split]
     labels = remap_labels(part.labels, ds.classes, clf.classes)
-    logits = predict_logits(clf.model, part.images, clf.meta["normalize"], clf.runtime, clf.batch_size).numpy()
+    logits = predict_logits(clf.model, part.images, clf.meta["normalize"], clf.runtime, clf.batch_size,
+                            clf.meta.get("tta", "none")).numpy()
     return SplitPredictions(split, logits, labels, part.images, part.paths, clf.classes,
                             float(clf.meta.get("temperature", 1.0)))
 

@@ -7,7 +7,10 @@
 * ``gradcam_layer`` names the module whose output Grad-CAM should use;
 * ``stages`` names the modules whose outputs are the convolutional stages
   (for layer-wise probes), in order;
-* ``arch`` and ``arch_kwargs`` rebuild the model from a checkpoint.
+* ``arch`` and ``arch_kwargs`` rebuild the model from a checkpoint;
+* ``init_from_data(x)`` may set weights from a sample of normalised training
+  images before training starts (a data-dependent initialisation); the
+  default does nothing.
 
 Models see only tensors: they know nothing of data, training or serving.
 """
@@ -48,6 +51,9 @@ class ImageClassifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
+
+    def init_from_data(self, images: torch.Tensor) -> None:
+        """Data-dependent initialisation from (N, in_chans, H, W) normalised training images; none by default."""
 
 
 def check_min_size(name: str, img_size: tuple[int, int], minimum: int) -> None:

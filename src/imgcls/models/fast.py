@@ -3,17 +3,27 @@
 Layout (for a 3x32x32 input and the default widths)::
 
     stem     2x2 conv, no padding, 2 * in_chans * 4 channels, GELU   -> 24 x 31 x 31
-    block1   conv3x3 -> maxpool2 -> BN -> GELU -> conv3x3 -> BN -> GELU   ->  64 x 16 x 16
-    block2   (same)                                                       -> 256 x  8 x  8
-    block3   (same)                                                       -> 256 x  4 x  4
+    block1   conv3x3 -> maxpool2 -> BN -> GELU -> conv3x3 -> BN -> GELU   ->  64 x 15 x 15
+    block2   (same)                                                       -> 256 x  7 x  7
+    block3   (same)                                                       -> 256 x  3 x  3
     head     global max-pool -> linear (no bias) -> logits * scale
 
 The stem is as wide as the number of values in a 2x2 patch, twice, so that
 :func:`whiten_init` can set it to whiten the patches (each eigen-direction
-with both signs).  The max-pools use ``ceil_mode`` so that 8x8 and 28x28
-inputs work too (8 -> 7 -> 4 -> 2 -> 1); the head pools whatever map is left
-to 1x1.  The logits are scaled down (1/9 as in airbench) so that the
-bias-free linear layer starts with small outputs.
+with both signs).  The head pools whatever map is left to 1x1.  The logits
+are scaled down (1/9 as in airbench) so that the bias-free linear layer starts
+with small outputs.
+
+Options that make ``fastnet`` the airbench94 network (``fastnet_small`` keeps
+the plain variant, which takes inputs down to 8x8):
+
+* ``pool="floor"``: max-pools round down, as airbench (31 -> 15 -> 7 -> 3);
+  ``"ceil"`` rounds up (8 -> 7 -> 4 -> 2 -> 1) at about 25% more compute.
+* ``whiten=True``: :meth:`FastNet.init_from_data` sets the stem to whiten
+  the training images' 2x2 patches and freezes its weights (bias trains).
+* ``dirac=True``: each 3x3 conv starts with its first ``in_channels`` filters
+  as the identity, so every block starts close to passing its input through.
+* ``bn_scale=False``: BatchNorm scales stay at 1 (only the shifts learn).
 
 Module names: ``features`` holds ``stem`` (``conv``, ``act``) and
 ``block1`` ... ``block3`` (``conv1``, ``pool``, ``bn1``, ``act1``, ``conv2``,
@@ -55,17 +65,25 @@ class Scale(nn.Module):
         return f"factor={self.factor:g}"
 
 
-def _conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
-    """conv3x3 -> maxpool2 -> BN -> GELU -> conv3x3 -> BN -> GELU; halves H and W (rounding up)."""
-    return nn.Sequential(OrderedDict(
+def _conv_block(in_channels: int, out_channels: int, ceil: bool, dirac: bool, bn_scale: bool) -> nn.Sequential:
+    """conv3x3 -> maxpool2 -> BN -> GELU -> conv3x3 -> BN -> GELU; halves H and W."""
+    block = nn.Sequential(OrderedDict(
         conv1=nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
-        pool=nn.MaxPool2d(2, ceil_mode=True),
+        pool=nn.MaxPool2d(2, ceil_mode=ceil),
         bn1=nn.BatchNorm2d(out_channels, momentum=BN_MOMENTUM),
         act1=nn.GELU(),
         conv2=nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False),
         bn2=nn.BatchNorm2d(out_channels, momentum=BN_MOMENTUM),
         act2=nn.GELU(),
     ))
+    if dirac:
+        for conv in (block.conv1, block.conv2):
+            w = conv.weight.data
+            nn.init.dirac_(w[:min(w.shape[0], w.shape[1])])
+    if not bn_scale:
+        for bn in (block.bn1, block.bn2):
+            bn.weight.requires_grad_(False)
+    return block
 
 
 class FastNet(ImageClassifier):
@@ -75,11 +93,14 @@ class FastNet(ImageClassifier):
         in_chans, num_classes, img_size: see :class:`ImageClassifier`.
         widths: output channels of the three blocks.
         scale: factor applied to the logits.
+        pool, whiten, dirac, bn_scale: see the module docstring.
     """
 
     def __init__(self, in_chans: int, num_classes: int, img_size: tuple[int, int],
-                 widths: tuple[int, int, int], scale: float):
+                 widths: tuple[int, int, int], scale: float, pool: str = "ceil", whiten: bool = False,
+                 dirac: bool = False, bn_scale: bool = True):
         super().__init__(in_chans, num_classes, img_size)
+        self.whiten = whiten
         stem_width = 2 * in_chans * STEM_KERNEL**2
         layers: OrderedDict[str, nn.Module] = OrderedDict(stem=nn.Sequential(OrderedDict(
             conv=nn.Conv2d(in_chans, stem_width, STEM_KERNEL, padding=0, bias=True),
@@ -87,7 +108,7 @@ class FastNet(ImageClassifier):
         )))
         channels = stem_width
         for index, width in enumerate(widths, start=1):
-            layers[f"block{index}"] = _conv_block(channels, width)
+            layers[f"block{index}"] = _conv_block(channels, width, pool == "ceil", dirac, bn_scale)
             channels = width
         self.features = nn.Sequential(layers)
         self.head = nn.Sequential(OrderedDict(
@@ -98,6 +119,12 @@ class FastNet(ImageClassifier):
         ))
         self.stages = tuple(f"features.{name}" for name in layers)
         self.gradcam_layer = self.stages[-1]
+
+    def init_from_data(self, images: torch.Tensor) -> None:
+        """With ``whiten``: whiten the stem on ``images`` (normalised, N x C x H x W) and freeze its weights."""
+        if self.whiten:
+            whiten_init(self, images)
+            self.features.stem.conv.weight.requires_grad_(False)
 
 
 @torch.no_grad()
@@ -135,29 +162,36 @@ def whiten_init(model: FastNet, images: torch.Tensor, eps: float = 5e-4) -> Fast
     return model
 
 
-def _build(arch: str, in_chans: int, num_classes: int, img_size: tuple[int, int],
-           widths, scale: float) -> FastNet:
+def _build(arch: str, in_chans: int, num_classes: int, img_size: tuple[int, int], widths, scale: float,
+           pool: str, whiten: bool, dirac: bool, bn_scale: bool) -> FastNet:
     widths = tuple(int(w) for w in widths)
     if len(widths) != 3 or min(widths) < 1:
         raise ConfigError(f"widths must be three positive channel counts, got {widths!r}")
-    check_min_size(arch, tuple(img_size), MIN_SIDE)
-    model = FastNet(in_chans, num_classes, img_size, widths, scale)
+    if pool not in ("ceil", "floor"):
+        raise ConfigError(f"pool must be 'ceil' or 'floor', got {pool!r}")
+    # The stem takes one pixel off; with floor pooling three halvings must leave at least 1x1.
+    check_min_size(arch, tuple(img_size), MIN_SIDE if pool == "ceil" else STEM_KERNEL - 1 + 8)
+    model = FastNet(in_chans, num_classes, img_size, widths, scale, pool=pool, whiten=bool(whiten),
+                    dirac=bool(dirac), bn_scale=bool(bn_scale))
     model.arch = arch
-    model.arch_kwargs = {"widths": list(widths), "scale": scale}
+    model.arch_kwargs = {"widths": list(widths), "scale": scale, "pool": pool, "whiten": bool(whiten),
+                         "dirac": bool(dirac), "bn_scale": bool(bn_scale)}
     return model
 
 
 @register_model
-def fastnet(*, in_chans: int, num_classes: int, img_size: tuple[int, int],
-            widths=(64, 256, 256), scale: float = 1 / 9) -> FastNet:
-    """airbench-style fast CNN: 2x2 whitening stem, 3 conv blocks 64/256/256, max-pool, scaled linear."""
-    return _build("fastnet", in_chans, num_classes, img_size, widths, scale)
+def fastnet(*, in_chans: int, num_classes: int, img_size: tuple[int, int], widths=(64, 256, 256),
+            scale: float = 1 / 9, pool: str = "floor", whiten: bool = True, dirac: bool = True,
+            bn_scale: bool = False) -> FastNet:
+    """airbench94's network: 2x2 whitening stem, 3 conv blocks 64/256/256, dirac init, scaled linear."""
+    return _build("fastnet", in_chans, num_classes, img_size, widths, scale, pool, whiten, dirac, bn_scale)
 
 
 @register_model
-def fastnet_small(*, in_chans: int, num_classes: int, img_size: tuple[int, int],
-                  widths=(32, 64, 128), scale: float = 1.0) -> FastNet:
+def fastnet_small(*, in_chans: int, num_classes: int, img_size: tuple[int, int], widths=(32, 64, 128),
+                  scale: float = 1.0, pool: str = "ceil", whiten: bool = False, dirac: bool = False,
+                  bn_scale: bool = True) -> FastNet:
     """fastnet with blocks of 32/64/128 channels, for tiny datasets and quick runs (the default model)."""
     # Unscaled logits: with Adam at default settings this gives well-calibrated
     # probabilities within a few epochs; the 1/9 scale suits fastnet's SGD recipes.
-    return _build("fastnet_small", in_chans, num_classes, img_size, widths, scale)
+    return _build("fastnet_small", in_chans, num_classes, img_size, widths, scale, pool, whiten, dirac, bn_scale)

@@ -11,14 +11,46 @@ import math
 
 import torch
 
+from imgcls.config import OPTIMIZERS, SCHEDULES
 from imgcls.errors import ConfigError, unknown_name
 
 # Metrics where larger is better; every other monitored metric is minimised.
 _MAXIMISED = ("val_accuracy", "train_accuracy")
 
 
+_NORM_LAYERS = (torch.nn.modules.batchnorm._NormBase, torch.nn.GroupNorm, torch.nn.LayerNorm)
+
+
+def param_groups(model: torch.nn.Module, cfg) -> list[dict]:
+    """The trainable parameters, with normalisation layers' in a group of their own when
+    ``cfg.norm_lr_scale`` is not 1.
+
+    Each group carries ``lr_scale`` (read by :meth:`LRSchedule.apply`); the
+    normalisation group's weight decay is divided by the scale, so that the
+    decay per step (lr x wd) stays that of every other parameter.
+    """
+    norm_ids = {id(p) for m in model.modules() if isinstance(m, _NORM_LAYERS) for p in m.parameters(recurse=False)}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    groups = []
+    if cfg.optimizer == "muon":  # convolution filters go to Muon, at their own learning rate and momentum
+        filters = [p for p in trainable if p.ndim == 4]
+        trainable = [p for p in trainable if p.ndim != 4]
+        if filters:
+            groups.append({"params": filters, "lr_scale": cfg.muon_lr / cfg.lr, "muon": True,
+                           "momentum": cfg.muon_momentum, "weight_decay": 0.0})
+    scale = cfg.norm_lr_scale
+    norm = [p for p in trainable if id(p) in norm_ids] if scale != 1.0 else []
+    other = [p for p in trainable if id(p) not in norm_ids] if scale != 1.0 else trainable
+    if other:
+        groups.append({"params": other, "lr_scale": 1.0})
+    if norm:
+        groups.append({"params": norm, "lr_scale": scale, "weight_decay": cfg.weight_decay / scale})
+    return groups
+
+
 def build_optimizer(params, cfg) -> torch.optim.Optimizer:
-    """Build the optimiser named by ``cfg.optimizer`` (a TrainConfig)."""
+    """Build the optimiser named by ``cfg.optimizer`` (a TrainConfig) over ``params``
+    (parameters or :func:`param_groups`)."""
     name = cfg.optimizer
     if name == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
@@ -27,11 +59,71 @@ def build_optimizer(params, cfg) -> torch.optim.Optimizer:
         return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if name == "adamw":
         return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if name == "muon":
+        return Muon(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
     if name == "rmsprop":
         # Keras' RMSprop defaults: rho 0.9, eps 1e-7; momentum only when asked for.
         return torch.optim.RMSprop(params, lr=cfg.lr, alpha=0.9, eps=1e-7, momentum=cfg.momentum if cfg.momentum else 0.0,
                                    weight_decay=cfg.weight_decay)
-    raise unknown_name("optimizer", name, ("sgd", "adam", "adamw", "rmsprop"))
+    raise unknown_name("optimizer", name, OPTIMIZERS)
+
+
+def orthogonalize(g: torch.Tensor, steps: int = 3, eps: float = 1e-7) -> torch.Tensor:
+    """Approximately the nearest semi-orthogonal matrix to ``g`` (2-D): U V^T of its SVD.
+
+    The quintic Newton-Schulz iteration of Keller Jordan's Muon, in bf16; its
+    coefficients push small singular values up fast, so after 3 steps they
+    lie roughly in [0.5, 1.5] rather than at exactly 1, which trains as well.
+    """
+    a, b, c = 3.4445, -4.7750, 2.0315
+    x = g.bfloat16()
+    x = x / (x.norm() + eps)  # every singular value <= 1
+    tall = x.shape[0] > x.shape[1]
+    if tall:
+        x = x.T
+    for _ in range(steps):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return (x.T if tall else x).to(g.dtype)
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon for the groups marked ``muon``, SGD for the rest, in one optimiser.
+
+    Muon (Keller Jordan, 2024; as in airbench94_muon): the (Nesterov) momentum
+    of a filter's gradient, reshaped to out_channels x rest, is orthogonalised
+    (:func:`orthogonalize`) and taken as the step, after the filter is scaled
+    to norm sqrt(out_channels); the scale of the loss does not matter to it.
+    The other groups take plain SGD steps (momentum, Nesterov and weight decay
+    as ``torch.optim.SGD``).  One optimiser keeps one state dict, so a resumed
+    run restores both.
+    """
+
+    def __init__(self, params, lr: float, momentum: float = 0.9, nesterov: bool = True, weight_decay: float = 0.0):
+        super().__init__(params, {"lr": lr, "momentum": momentum, "nesterov": nesterov,
+                                  "weight_decay": weight_decay, "muon": False})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            lr, momentum, wd = group["lr"], group["momentum"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g = p.grad
+                if wd and not group["muon"]:
+                    g = g.add(p, alpha=wd)
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = g.detach().clone()
+                else:
+                    state["momentum_buffer"].mul_(momentum).add_(g)
+                buf = state["momentum_buffer"]
+                g = g.add(buf, alpha=momentum) if group["nesterov"] else buf
+                if group["muon"]:
+                    p.mul_(len(p) ** 0.5 / p.norm().clamp_min(1e-12))
+                    g = orthogonalize(g.reshape(len(g), -1)).view_as(p)
+                p.add_(g, alpha=-lr)
 
 
 class LRSchedule:
@@ -44,8 +136,8 @@ class LRSchedule:
     """
 
     def __init__(self, cfg, steps_per_epoch: int):
-        if cfg.schedule not in ("constant", "step", "cosine", "onecycle", "plateau"):
-            raise unknown_name("schedule", cfg.schedule, ("constant", "step", "cosine", "onecycle", "plateau"))
+        if cfg.schedule not in SCHEDULES:
+            raise unknown_name("schedule", cfg.schedule, SCHEDULES)
         self.cfg = cfg
         self.steps_per_epoch = steps_per_epoch
         self.total = max(1, cfg.epochs * steps_per_epoch)
@@ -61,23 +153,25 @@ class LRSchedule:
         """Learning rate for optimiser step ``step`` (0-based)."""
         cfg = self.cfg
         if self.warmup and step < self.warmup:
-            start = cfg.lr / 25.0 if cfg.schedule == "onecycle" else 0.0
-            return start + (cfg.lr - start) * (step + 1) / self.warmup
+            start = cfg.warmup_start if cfg.warmup_start is not None else (0.04 if cfg.schedule == "onecycle" else 0.0)
+            return cfg.lr * (start + (1.0 - start) * (step + 1) / self.warmup)
         if cfg.schedule == "constant":
             return cfg.lr
         if cfg.schedule == "step":
             return cfg.lr * cfg.gamma ** (step // self.steps_per_epoch // cfg.step_size)
         if cfg.schedule == "plateau":
             return max(cfg.lr * self.plateau_scale, cfg.min_lr)
-        # cosine and onecycle anneal from lr to min_lr over the steps after warmup.
-        floor = cfg.min_lr if cfg.min_lr > 0 or cfg.schedule == "cosine" else cfg.lr / 1e4
+        # cosine, onecycle and linear anneal from lr to min_lr over the steps after warmup.
+        floor = cfg.min_lr if cfg.min_lr > 0 or cfg.schedule != "onecycle" else cfg.lr / 1e4
         progress = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
+        if cfg.schedule == "linear":
+            return cfg.lr + (floor - cfg.lr) * progress
         return floor + (cfg.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
     def apply(self, optimizer: torch.optim.Optimizer, step: int) -> float:
         lr = self.lr_at(step)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         return lr
 
     def end_epoch(self, metrics: dict) -> None:
@@ -100,6 +194,51 @@ class LRSchedule:
         self.plateau_scale = state["plateau_scale"]
         self.plateau_best = state["plateau_best"]
         self.plateau_bad = state["plateau_bad"]
+
+
+class Lookahead:
+    """Lookahead towards a moving average of the weights, as in hlb-CIFAR10 and airbench.
+
+    Every ``EVERY`` optimiser steps the average moves towards the weights,
+    ``avg = d * avg + (1 - d) * w``, and the weights are set to the average.
+    ``d`` grows with progress, ``d = 0.95**5 * (step / total)**3``: near 0 at
+    first (the average just follows), about 0.77 at the end, which damps the
+    noise of the last, low-learning-rate steps.  After the last step the
+    weights become the average.  Every floating-point entry of the state dict
+    takes part, BatchNorm statistics included.
+
+    Args:
+        model: the model being trained.
+        total_steps: optimiser steps in the whole run.
+    """
+
+    EVERY = 5
+    PEAK = 0.95**5
+
+    def __init__(self, model: torch.nn.Module, total_steps: int):
+        self.total = max(1, total_steps)
+        self.average = {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+
+    @torch.no_grad()
+    def _pull(self, model: torch.nn.Module, decay: float) -> None:
+        state = model.state_dict()
+        for name, avg in self.average.items():
+            avg.lerp_(state[name], 1.0 - decay)
+            state[name].copy_(avg)
+
+    def after_step(self, model: torch.nn.Module, step: int) -> None:
+        """Call after optimiser step number ``step`` (counting from 1)."""
+        if step % self.EVERY == 0:
+            self._pull(model, self.PEAK * min(1.0, step / self.total) ** 3)
+        if step == self.total:
+            self._pull(model, 1.0)
+
+    def state_dict(self) -> dict:
+        return {"average": dict(self.average)}
+
+    def load_state_dict(self, state: dict) -> None:
+        for name, value in state["average"].items():
+            self.average[name].copy_(value)
 
 
 def is_improvement(monitor: str, value: float, best: float | None, min_delta: float) -> bool:

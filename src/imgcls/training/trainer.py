@@ -42,9 +42,11 @@ from imgcls.inference import (
 from imgcls.models import create_model
 from imgcls.training.optim import (
     EarlyStopping,
+    Lookahead,
     LRSchedule,
     build_optimizer,
     class_weight_tensor,
+    param_groups,
 )
 from imgcls.training.progress import EpochProgress
 from imgcls.training.run import RunFolder, environment
@@ -65,6 +67,9 @@ class TrainState:
     x_train: torch.Tensor  # uint8 (N, H, W, C) on the device
     y_train: torch.Tensor  # int64 (N,) on the device
     class_weights: torch.Tensor | None
+    lookahead: Lookahead | None = None
+    flip_half: torch.Tensor | None = None  # altflip: bool (N,), the images mirrored in even epochs
+    dataset: ImageDataset | None = None  # set by fit, for on_epoch_end callbacks
     epoch: int = 0  # epochs completed
     step: int = 0  # optimiser steps taken
     history: list[dict] = field(default_factory=list)
@@ -81,6 +86,10 @@ class TrainResult:
     test_metrics: dict
     final_checkpoint: str
     seconds: float
+
+
+# Training images the data-dependent initialisation (ImageClassifier.init_from_data) sees.
+INIT_SAMPLE = 5000
 
 
 def _steps_per_epoch(n: int, batch_size: int) -> int:
@@ -101,6 +110,10 @@ def check_compatible(cfg: RunConfig, ds: ImageDataset) -> list[str]:
     """
     t = cfg.train
     notes = []
+    if cfg.recipe:
+        from imgcls.recipes import get_recipe
+
+        get_recipe(cfg.recipe).check(ds)
     if t.monitor.startswith("val_") and "val" not in ds.splits:
         if t.early_stopping or t.schedule == "plateau":
             raise ConfigError(f"monitor {t.monitor!r} needs a validation split; set --val-fraction above 0 "
@@ -130,25 +143,34 @@ def prepare(cfg: RunConfig, ds: ImageDataset, runtime: Runtime) -> TrainState:
     if runtime.channels_last:
         model = model.to(memory_format=torch.channels_last)
     train = ds.splits["train"]
+    x_train = torch.from_numpy(train.images).to(runtime.device)
+    norm = channel_stats(train.images)
+    # Data-dependent initialisation (fastnet's patch whitening) from a seeded sample of training images;
+    # it may freeze parameters, so it comes before the optimiser is built.
+    sample = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(t.seed))[:INIT_SAMPLE]
+    model.init_from_data(to_input(x_train[sample.to(runtime.device)], *normalization_tensors(norm, runtime.device),
+                                  runtime.channels_last))
     meta = {
         "arch": model.arch,
         "arch_kwargs": model.arch_kwargs,
         "classes": list(ds.classes),
         "input_shape": [c, h, w],
-        "normalize": channel_stats(train.images),
+        "normalize": norm,
         "resize": cfg.data.resize,
+        "tta": t.tta,
         "dataset": ds.name,
         "imgcls_version": __version__,
     }
-    optimizer = build_optimizer(model.parameters(), t)
+    optimizer = build_optimizer(param_groups(model, t), t)
     steps = _steps_per_epoch(len(train), t.batch_size)
     weights = class_weight_tensor(t.class_weights, train.labels, ds.num_classes)
     return TrainState(
         cfg=cfg, runtime=runtime, model=model, optimizer=optimizer, schedule=LRSchedule(t, steps),
         tracker=EarlyStopping(t.monitor, t.patience, t.min_delta), augment=build_augment(t.augment, (h, w)),
-        meta=meta, x_train=torch.from_numpy(train.images).to(runtime.device),
-        y_train=torch.from_numpy(train.labels).to(runtime.device),
+        meta=meta, x_train=x_train, y_train=torch.from_numpy(train.labels).to(runtime.device),
         class_weights=None if weights is None else weights.to(runtime.device),
+        lookahead=Lookahead(model, t.epochs * steps) if t.lookahead else None,
+        flip_half=(torch.rand(len(train), generator=torch.Generator().manual_seed(t.seed)) < 0.5).to(runtime.device),
     )
 
 
@@ -170,7 +192,8 @@ def train_one_epoch(s: TrainState, progress: EpochProgress) -> dict:
         x = to_input(s.x_train[idx], mean, std, rt.channels_last)
         y = s.y_train[idx]
         if s.augment:
-            x = s.augment(x, gen)
+            flip = (s.flip_half[idx] ^ bool(s.epoch % 2)) if s.augment.alternating_flip else None
+            x = s.augment(x, gen, flip)
         lr = s.schedule.apply(s.optimizer, s.step)
         with rt.autocast():
             logits = model(x)
@@ -183,6 +206,8 @@ def train_one_epoch(s: TrainState, progress: EpochProgress) -> dict:
         if constrain is not None:
             constrain()
         s.step += 1
+        if s.lookahead is not None:
+            s.lookahead.after_step(model, s.step)
         loss_sum += loss.detach() * len(y)
         correct += (logits.argmax(1) == y).sum()
         seen += len(y)
@@ -203,13 +228,17 @@ def validate(s: TrainState, ds: ImageDataset) -> dict:
     if "val" not in ds.splits:
         return {}
     val = ds.splits["val"]
-    proba = predict_proba(s.model, val.images, s.meta["normalize"], s.runtime, s.cfg.train.eval_batch_size)
+    proba = predict_proba(s.model, val.images, s.meta["normalize"], s.runtime, s.cfg.train.eval_batch_size,
+                          tta=s.meta["tta"])
     return {"val_loss": cross_entropy(proba, val.labels), "val_accuracy": float((proba.argmax(1) == val.labels).mean())}
 
 
 def _train_state_dict(s: TrainState) -> dict:
-    return {"epoch": s.epoch, "step": s.step, "optimizer": s.optimizer.state_dict(),
-            "schedule": s.schedule.state_dict(), "tracker": s.tracker.state_dict()}
+    state = {"epoch": s.epoch, "step": s.step, "optimizer": s.optimizer.state_dict(),
+             "schedule": s.schedule.state_dict(), "tracker": s.tracker.state_dict()}
+    if s.lookahead is not None:
+        state["lookahead"] = s.lookahead.state_dict()
+    return state
 
 
 def _restore(s: TrainState, run: RunFolder) -> None:
@@ -220,6 +249,8 @@ def _restore(s: TrainState, run: RunFolder) -> None:
     s.optimizer.load_state_dict(ts["optimizer"])
     s.schedule.load_state_dict(ts["schedule"])
     s.tracker.load_state_dict(ts["tracker"])
+    if s.lookahead is not None:
+        s.lookahead.load_state_dict(ts["lookahead"])
     s.epoch, s.step = ts["epoch"], ts["step"]
     s.meta["normalize"] = meta["normalize"]
     run.truncate_metrics(s.epoch)
@@ -234,11 +265,18 @@ def _save_epoch(s: TrainState, run: RunFolder, record: dict, is_best: bool) -> N
 
 
 def fit(cfg: RunConfig, ds: ImageDataset, run: RunFolder, console, resume: bool = False,
-        data_seconds: float | None = None) -> TrainResult:
-    """Train ``cfg.model`` on ``ds`` into ``run``; evaluate the final weights on the test split."""
+        data_seconds: float | None = None, on_epoch_end=None) -> TrainResult:
+    """Train ``cfg.model`` on ``ds`` into ``run``; evaluate the final weights on the test split.
+
+    ``on_epoch_end(state, record)``, if given, is called after each epoch's
+    checkpoint is written, with the :class:`TrainState` (model, meta, runtime,
+    dataset) and the epoch's metrics record; it may read the model but not
+    change it.
+    """
     t = cfg.train
     runtime = resolve_runtime(t.device, t.precision, t.channels_last)
     s = prepare(cfg, ds, runtime)
+    s.dataset = ds
     if resume:
         _restore(s, run)
     say = _sayer(console, run)
@@ -261,6 +299,8 @@ def fit(cfg: RunConfig, ds: ImageDataset, run: RunFolder, console, resume: bool 
         run.append_metrics(record)
         _save_epoch(s, run, record, is_best)
         say(_epoch_line(record, is_best))
+        if on_epoch_end is not None:
+            on_epoch_end(s, record)
         if t.early_stopping and s.tracker.should_stop:
             say(f"early stopping: {t.monitor} has not improved for {t.patience} epochs "
                 f"(best {s.tracker.best:.4f} at epoch {s.tracker.best_epoch})")

@@ -1,0 +1,41 @@
+"""Test-time augmentation: the views, their weights, and that every prediction path uses the model's own."""
+
+import pytest
+import torch
+
+from imgcls.errors import ConfigError
+from imgcls.inference import tta_logits
+
+
+class Probe(torch.nn.Module):
+    """Logits that tell views apart: the mean of the left half and of the top-left pixel."""
+
+    def forward(self, x):
+        w = x.shape[-1]
+        return torch.stack([x[..., : w // 2].mean((1, 2, 3)), x[:, 0, 0, 0]], dim=1)
+
+
+def test_flip_averages_the_image_and_its_mirror():
+    x = torch.randn(3, 2, 6, 6)
+    model = Probe()
+    expected = 0.5 * model(x) + 0.5 * model(x.flip(-1))
+    torch.testing.assert_close(tta_logits(model, x, "flip"), expected)
+
+
+def test_translate_weights_the_image_half_and_each_shift_a_quarter():
+    x = torch.randn(2, 1, 5, 5)
+    model = Probe()
+    padded = torch.nn.functional.pad(x, (1, 1, 1, 1), mode="reflect")
+    up_left, down_right = padded[..., :5, :5], padded[..., 2:, 2:]
+    expected = 0.5 * model(x) + 0.25 * model(up_left) + 0.25 * model(down_right)
+    torch.testing.assert_close(tta_logits(model, x, "translate"), expected)
+    both = tta_logits(model, x, "flip-translate")
+    flipped = 0.5 * model(x.flip(-1)) + 0.25 * model(up_left.flip(-1)) + 0.25 * model(down_right.flip(-1))
+    torch.testing.assert_close(both, 0.5 * expected + 0.5 * flipped)
+
+
+def test_none_is_the_model_itself_and_unknown_modes_are_refused():
+    x = torch.randn(2, 1, 4, 4)
+    assert torch.equal(tta_logits(Probe(), x, "none"), Probe()(x))
+    with pytest.raises(ConfigError, match="flip-translate"):
+        tta_logits(Probe(), x, "rotate")

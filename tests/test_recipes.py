@@ -1,0 +1,78 @@
+"""Named recipes: their settings reach the config, flags override them, and unsuitable data is refused."""
+
+import numpy as np
+import pytest
+
+from imgcls.api import make_config
+from imgcls.cli import main
+from imgcls.config import dump_config
+from imgcls.data.base import ImageDataset, Split
+from imgcls.errors import ConfigError
+from imgcls.recipes import RECIPES, get_recipe
+
+
+def dataset(n: int, h: int, w: int, c: int, name: str = "data/x") -> ImageDataset:
+    images = np.zeros((n, h, w, c), dtype=np.uint8)
+    return ImageDataset(name, ["a", "b"], {"train": Split(images, np.arange(n) % 2)})
+
+
+def test_recipe_settings_reach_the_config_and_flags_override_them():
+    cfg = make_config(recipe="cifar10-fast")
+    assert cfg.recipe == "cifar10-fast"
+    assert (cfg.model.name, cfg.train.optimizer, cfg.train.muon_lr, cfg.train.tta) == (
+        "fastnet", "muon", 0.24, "flip")
+    assert cfg.train.augment == ["altflip", "crop:2"] and cfg.train.nesterov and cfg.data.val_fraction == 0.0
+    mine = make_config(recipe="cifar10-fast", lr=0.5, epochs=4)
+    assert mine.train.lr == 0.5 and mine.train.epochs == 4 and mine.train.muon_lr == 0.24
+
+
+def test_a_recipe_runs_config_yaml_gives_back_the_same_config(tmp_path):
+    cfg = make_config(recipe="mnist-fast", lr=0.3, data="mnist")
+    path = tmp_path / "config.yaml"
+    path.write_text(dump_config(cfg))
+    assert make_config(path).to_dict() == cfg.to_dict()
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_every_recipe_builds_a_valid_config(name):
+    cfg = make_config(recipe=name)
+    assert cfg.recipe == name and cfg.train.epochs >= 1
+
+
+def test_cifar10_fast_accepts_small_colour_images_and_refuses_the_rest():
+    recipe = get_recipe("cifar10-fast")
+    recipe.check(dataset(6000, 32, 32, 3))
+    recipe.check(dataset(6000, 40, 28, 3))
+    with pytest.raises(ConfigError) as err:
+        recipe.check(dataset(300, 8, 8, 1, name="digits"))
+    message = str(err.value)
+    for part in ("'cifar10-fast'", "digits", "1 channel", "8x8", "300 training images", "--image-size 32"):
+        assert part in message
+    with pytest.raises(ConfigError, match="its images are 224x224"):
+        recipe.check(dataset(6000, 224, 224, 3))
+
+
+def test_mnist_fast_refuses_colour_images():
+    recipe = get_recipe("mnist-fast")
+    recipe.check(dataset(6000, 28, 28, 1))
+    with pytest.raises(ConfigError, match="3 channels"):
+        recipe.check(dataset(6000, 28, 28, 3))
+
+
+def test_training_with_an_unsuitable_recipe_stops_before_a_run_folder_exists(tmp_path, capsys):
+    assert main(["train", "--recipe", "cifar10-fast", "--out", str(tmp_path), "--quiet"]) == 2
+    assert "recipe 'cifar10-fast' suits colour" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
+def test_an_unknown_recipe_lists_the_known_ones():
+    with pytest.raises(ConfigError, match="cifar10-fast.*mnist-fast"):
+        make_config(recipe="imagenet-fast")
+
+
+def test_recipes_command_lists_each_recipe_and_what_it_suits(capsys):
+    assert main(["recipes"]) == 0
+    out = capsys.readouterr().out
+    for name in RECIPES:
+        assert name in out
+    assert "suits: colour (3-channel) images" in out and "--optimizer muon" in out
