@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -29,9 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+from common import SHARED, machine_line, spread
 
 CASES = {
     "digits": [],
@@ -41,15 +37,6 @@ CASES = {
     "cifar10": ["--data", str(SHARED / "cifar10-jpg.zip"), "--model", "seed_tf_tutorial", "--optimizer", "adam",
                 "--lr", "0.001", "--batch-size", "32", "--epochs", "10"],
 }
-
-
-def machine() -> str:
-    cpu = platform.processor()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, python {platform.python_version()}"
 
 
 def run_once(args: list[str], seed: int, out: Path) -> dict:
@@ -66,16 +53,12 @@ def run_once(args: list[str], seed: int, out: Path) -> dict:
             "img_s": statistics.median(e["images_per_sec"] for e in epochs)}
 
 
-def spread(values: list[float], fmt: str) -> str:
-    return f"{format(statistics.median(values), fmt)} [{format(min(values), fmt)}, {format(max(values), fmt)}]"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     args = parser.parse_args()
-    print(f"machine: {machine()}")
+    print(f"machine: {machine_line()}")
     print("figures: median [min, max] over seeds", args.seeds)
     with tempfile.TemporaryDirectory() as tmp:
         for case in args.cases:

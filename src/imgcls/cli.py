@@ -232,7 +232,7 @@ def _format_predictions(rows: list[dict], bad: list, fmt: str) -> str:
     return "\n".join(lines) + ("\n" if lines else "")
 
 
-def _as_flag(key: str, value) -> str:
+def option_as_flag(key: str, value) -> str:
     """A flat option as the command-line flag that sets it."""
     flag = "--" + key.replace("_", "-")
     if isinstance(value, bool):
@@ -246,7 +246,7 @@ def cmd_recipes(args) -> int:
     from imgcls.recipes import RECIPES
 
     for recipe in RECIPES.values():
-        settings = " ".join(_as_flag(k, v) for k, v in recipe.options().items())
+        settings = " ".join(option_as_flag(k, v) for k, v in recipe.options().items())
         print(f"{recipe.name}\n  {recipe.summary}\n  suits: {recipe.suits}\n  settings: {settings}\n")
     return 0
 

@@ -1,0 +1,80 @@
+"""The fast recipes end to end: test accuracy over seeds, wall time with data loading, peak memory.
+
+Each run is `imgcls train --data ZIP --recipe NAME --seed S --no-report` in a
+fresh process with an empty data cache, so the wall time covers starting
+Python, decoding the zip, training and the final test evaluation (the
+report, which `train` otherwise writes afterwards, is left out of the clock).
+
+    python benchmarks/recipes.py                           # both recipes, seeds 0 1 2
+    python benchmarks/recipes.py --recipes mnist-fast --seeds 0 1 2 3 4
+    python benchmarks/recipes.py --recipes cifar10-fast --epochs 10
+
+Prints the test accuracy as mean and standard deviation (and min, max) over
+seeds, as airbench reports it, and the wall time, data time, training
+throughput and peak RSS as median [min, max]; raw numbers go to
+benchmarks/results/recipes.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+from common import SHARED, machine_line, run_child, save_results, spread
+
+DATA = {"cifar10-fast": "cifar10-jpg.zip", "mnist-fast": "mnist-png.zip"}
+BARS = {"cifar10-fast": (0.91, 600.0), "mnist-fast": (0.995, 60.0)}  # accuracy, seconds
+
+
+def run_recipe(recipe: str, seed: int, tmp: Path, extra: list[str]) -> dict:
+    name = f"{recipe}-{seed}"
+    cmd = [sys.executable, "-m", "imgcls.cli", "train", "--data", str(SHARED / DATA[recipe]), "--recipe", recipe,
+           "--seed", str(seed), "--no-report", "--quiet", "--out", str(tmp / "runs"), "--name", name, *extra]
+    proc = run_child(cmd, env={"IMGCLS_DATA_DIR": str(tmp / f"cache-{name}")})  # empty: the zip is decoded
+    info = json.loads((tmp / "runs" / name / "run.json").read_text())
+    epochs = [json.loads(line) for line in (tmp / "runs" / name / "metrics.jsonl").read_text().splitlines()]
+    return {**proc, "test_accuracy": info["test_accuracy"], "data_seconds": info["data_seconds"],
+            "epochs": len(epochs), "images_per_sec": statistics.median(e["images_per_sec"] for e in epochs)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--recipes", nargs="+", default=list(DATA), choices=list(DATA))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--epochs", type=int, help="override the recipes' epochs")
+    args = parser.parse_args()
+    extra = ["--epochs", str(args.epochs)] if args.epochs else []
+    print(f"machine: {machine_line()}", flush=True)
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for recipe in args.recipes:
+            if not (SHARED / DATA[recipe]).is_file():
+                print(f"{recipe}: skipped, {SHARED / DATA[recipe]} is absent")
+                continue
+            runs = []
+            for seed in args.seeds:
+                runs.append(run_recipe(recipe, seed, Path(tmp), extra))
+                print(f"  {recipe} seed {seed}: {runs[-1]['test_accuracy']:.4f} in {runs[-1]['wall_seconds']:.1f}s",
+                      flush=True)
+            results[recipe] = runs
+            acc = [r["test_accuracy"] * 100 for r in runs]
+            bar_acc, bar_s = BARS[recipe]
+            hits = sum(r["test_accuracy"] >= bar_acc and r["wall_seconds"] <= bar_s for r in runs)
+            print(f"{recipe}: imgcls train --data {SHARED / DATA[recipe]} --recipe {recipe} {' '.join(extra)}")
+            print(f"  test accuracy %  mean {statistics.mean(acc):.2f}  std {statistics.pstdev(acc):.2f}  "
+                  f"[{min(acc):.2f}, {max(acc):.2f}]  over seeds {args.seeds}")
+            print(f"  wall s {spread([r['wall_seconds'] for r in runs])}   data s "
+                  f"{spread([r['data_seconds'] for r in runs], '.2f')}   train img/s "
+                  f"{spread([r['images_per_sec'] for r in runs], '.0f')}   peak RSS MiB "
+                  f"{spread([r['peak_rss_mib'] for r in runs], '.0f')}   epochs {runs[0]['epochs']}")
+            print(f"  bar ({bar_acc:.1%} within {bar_s:.0f} s, data loading included): met by {hits} of {len(runs)} runs")
+    path = save_results("recipes" + (f"-{args.epochs}ep" if args.epochs else ""), {"seeds": args.seeds, "runs": results})
+    print(f"raw results: {path}")
+
+
+if __name__ == "__main__":
+    main()
