@@ -12,7 +12,7 @@ report, which `train` otherwise writes afterwards, is left out of the clock).
 Prints the test accuracy as mean and standard deviation (and min, max) over
 seeds, as airbench reports it, and the wall time, data time, training
 throughput and peak RSS as median [min, max]; raw numbers go to
-benchmarks/results/recipes.json.
+benchmarks/results/recipe-<name>.json.
 """
 
 from __future__ import annotations
@@ -72,8 +72,10 @@ def main() -> None:
                   f"{spread([r['images_per_sec'] for r in runs], '.0f')}   peak RSS MiB "
                   f"{spread([r['peak_rss_mib'] for r in runs], '.0f')}   epochs {runs[0]['epochs']}")
             print(f"  bar ({bar_acc:.1%} within {bar_s:.0f} s, data loading included): met by {hits} of {len(runs)} runs")
-    path = save_results("recipes" + (f"-{args.epochs}ep" if args.epochs else ""), {"seeds": args.seeds, "runs": results})
-    print(f"raw results: {path}")
+    for recipe, runs in results.items():  # one file per recipe, so that running one leaves the others
+        path = save_results(f"recipe-{recipe}" + (f"-{args.epochs}ep" if args.epochs else ""),
+                            {"seeds": args.seeds, "runs": runs})
+        print(f"raw results: {path}")
 
 
 if __name__ == "__main__":

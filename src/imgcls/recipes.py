@@ -94,11 +94,14 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
     ),
     Recipe(
         name="mnist-fast",
-        summary="the cifar10-fast recipe made for handwriting: a narrower fastnet, 2-pixel crops and no "
-                "mirroring (a mirrored digit is another shape), shift TTA; all training images, no val split",
+        summary="the cifar10-fast recipe made for handwriting: a narrower fastnet (32/64/128) without the "
+                "whitening stem, a short warmup, 2-pixel crops and no mirroring (a mirrored digit is another "
+                "shape), 2 epochs, shift TTA; all training images, no val split",
         channels=1, min_side=20, max_side=36, tuned_side=28, min_train_images=5000,
-        settings={**_FAST, "model": "fastnet", "model_option": {"widths": [32, 64, 128]}, "epochs": 2,
-                  "augment": ["crop:2"], "tta": "translate"},
+        # No whitening stem and a short warmup: with them, 1 seed in 3 or 4 lost most of its first epoch
+        # and ended near 99.4% instead of 99.65%.
+        settings={**_FAST, "model": "fastnet", "model_option": {"widths": [32, 64, 128], "whiten": False},
+                  "epochs": 2, "warmup_epochs": 0.25, "warmup_start": 0.1, "augment": ["crop:2"], "tta": "translate"},
         hint="Convert with --channels 1 (and resize with --image-size 28) to use it anyway, "
              "or use --recipe cifar10-fast for colour photos.",
     ),

@@ -285,6 +285,7 @@ def test_fastnet_with_floor_pooling_refuses_inputs_below_9_pixels():
 
 def test_fastnet_is_airbench94s_network():
     model = create_model("fastnet", 3, NUM_CLASSES, (32, 32))
+    assert count_params(model) == 1_972_792  # as airbench94's (its BatchNorm scales included, though fixed)
     # Floor pooling: 31 -> 15 -> 7 -> 3, as airbench94 (ceil would give 16, 8, 4).
     shapes = []
     x = torch.randn(2, 3, 32, 32)
