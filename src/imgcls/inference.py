@@ -14,6 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from imgcls.config import TTA_MODES
 from imgcls.errors import ConfigError
 
 
@@ -114,8 +115,8 @@ def tta_logits(model: torch.nn.Module, x: torch.Tensor, tta: str = "none") -> to
     """
     if tta == "none":
         return model(x)
-    if tta not in ("flip", "translate", "flip-translate"):
-        raise ConfigError(f"tta {tta!r} is not accepted; choose one of: none, flip, translate, flip-translate")
+    if tta not in TTA_MODES:
+        raise ConfigError(f"tta {tta!r} is not accepted; choose one of: {', '.join(TTA_MODES)}")
     views, weights = [x], [1.0]
     if "translate" in tta:
         padded = F.pad(x, (1, 1, 1, 1), mode="reflect")

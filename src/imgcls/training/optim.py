@@ -29,7 +29,9 @@ def param_groups(model: torch.nn.Module, cfg) -> list[dict]:
     normalisation group's weight decay is divided by the scale, so that the
     decay per step (lr x wd) stays that of every other parameter.
     """
-    norm_ids = {id(p) for m in model.modules() if isinstance(m, _NORM_LAYERS) for p in m.parameters(recurse=False)}
+    scale = cfg.norm_lr_scale
+    norm_ids = {id(p) for m in model.modules() if isinstance(m, _NORM_LAYERS) for p in m.parameters(recurse=False)
+                if scale != 1.0}
     trainable = [p for p in model.parameters() if p.requires_grad]
     groups = []
     if cfg.optimizer == "muon":  # convolution filters go to Muon, at their own learning rate and momentum
@@ -38,9 +40,8 @@ def param_groups(model: torch.nn.Module, cfg) -> list[dict]:
         if filters:
             groups.append({"params": filters, "lr_scale": cfg.muon_lr / cfg.lr, "muon": True,
                            "momentum": cfg.muon_momentum, "weight_decay": 0.0})
-    scale = cfg.norm_lr_scale
-    norm = [p for p in trainable if id(p) in norm_ids] if scale != 1.0 else []
-    other = [p for p in trainable if id(p) not in norm_ids] if scale != 1.0 else trainable
+    norm = [p for p in trainable if id(p) in norm_ids]
+    other = [p for p in trainable if id(p) not in norm_ids]
     if other:
         groups.append({"params": other, "lr_scale": 1.0})
     if norm:

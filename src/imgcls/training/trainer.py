@@ -164,13 +164,15 @@ def prepare(cfg: RunConfig, ds: ImageDataset, runtime: Runtime) -> TrainState:
     optimizer = build_optimizer(param_groups(model, t), t)
     steps = _steps_per_epoch(len(train), t.batch_size)
     weights = class_weight_tensor(t.class_weights, train.labels, ds.num_classes)
+    augment = build_augment(t.augment, (h, w))
     return TrainState(
         cfg=cfg, runtime=runtime, model=model, optimizer=optimizer, schedule=LRSchedule(t, steps),
-        tracker=EarlyStopping(t.monitor, t.patience, t.min_delta), augment=build_augment(t.augment, (h, w)),
+        tracker=EarlyStopping(t.monitor, t.patience, t.min_delta), augment=augment,
         meta=meta, x_train=x_train, y_train=torch.from_numpy(train.labels).to(runtime.device),
         class_weights=None if weights is None else weights.to(runtime.device),
         lookahead=Lookahead(model, t.epochs * steps) if t.lookahead else None,
-        flip_half=(torch.rand(len(train), generator=torch.Generator().manual_seed(t.seed)) < 0.5).to(runtime.device),
+        flip_half=(torch.rand(len(train), generator=torch.Generator().manual_seed(t.seed)) < 0.5).to(runtime.device)
+        if augment.alternating_flip else None,
     )
 
 
