@@ -51,16 +51,21 @@ CASES = {
         # seed 000's CNN with a one-cycle schedule at twice the seed's learning rate, on all 50,000 images.
         "same_arch": {"model": "seed_tf_tutorial", "optimizer": "adam", "lr": 2e-3, "batch_size": 32,
                       "schedule": "onecycle", "epochs": 4, "val_fraction": 0.0, "restore_best": False},
-        # The recipe with its schedule compressed into one epoch, at half the width (32/128/128).
-        "fastest": {"recipe": "cifar10-fast", "epochs": 1, "model_option": {"widths": [32, 128, 128]}},
+        # The recipe with its schedule compressed into one epoch of batches of 512, on a narrow fastnet
+        # (8/32/64): the cheapest of the widths tried (16/32/32 and 8/16/64 end below the target).
+        "fastest": {"recipe": "cifar10-fast", "epochs": 1, "batch_size": 512,
+                    "model_option": {"widths": [8, 32, 64]}},
     },
     "mnist": {
         "zip": "mnist-png.zip",
         "same_arch": {"model": "seed_mnist_oneconv", "optimizer": "sgd", "lr": 0.1, "momentum": 0.9,
                       "nesterov": True, "batch_size": 128, "schedule": "onecycle", "epochs": 4,
                       "label_smoothing": 0.1, "val_fraction": 0.0, "restore_best": False},
-        # The recipe with its schedule compressed into one epoch, at half the width (16/32/64).
-        "fastest": {"recipe": "mnist-fast", "epochs": 1, "model_option": {"widths": [16, 32, 64]}},
+        # The recipe with its schedule compressed into one epoch at half the width (16/32/64), with batches
+        # of 512 and a longer warmup (0.4 epochs from 2% of the rate): at batch 1024 and mnist-fast's warmup,
+        # 2 seeds in 3 ended between 93% and 98.8%.
+        "fastest": {"recipe": "mnist-fast", "epochs": 1, "batch_size": 512, "warmup_epochs": 0.4,
+                    "warmup_start": 0.02, "model_option": {"widths": [16, 32, 64]}},
     },
 }
 

@@ -26,6 +26,20 @@ def test_recipe_settings_reach_the_config_and_flags_override_them():
     assert mine.train.lr == 0.5 and mine.train.epochs == 4 and mine.train.muon_lr == 0.24
 
 
+def test_model_options_merge_key_by_key_over_the_recipes(tmp_path):
+    # mnist-fast's fastnet has no whitening stem; asking for other widths must not bring the stem back.
+    cfg = make_config(recipe="mnist-fast", model_option={"widths": [16, 32, 64]})
+    assert cfg.model.options == {"widths": [16, 32, 64], "whiten": False}
+    path = tmp_path / "mine.yaml"
+    path.write_text("model:\n  options:\n    pool: ceil\n")
+    cfg = make_config(path, recipe="mnist-fast", model_option={"widths": [8, 8, 8]})
+    assert cfg.model.options == {"widths": [8, 8, 8], "whiten": False, "pool": "ceil"}
+    # A config file that sets a few values keeps the recipe's others.
+    assert (cfg.model.name, cfg.train.optimizer, cfg.train.epochs) == ("fastnet", "muon", 2)
+    # Another model does not take the recipe's model options.
+    assert make_config(recipe="mnist-fast", model="fastnet_small").model.options == {}
+
+
 def test_a_recipe_runs_config_yaml_gives_back_the_same_config(tmp_path):
     cfg = make_config(recipe="mnist-fast", lr=0.3, data="mnist")
     path = tmp_path / "config.yaml"

@@ -20,7 +20,7 @@ from imgcls.config import (
     apply_overrides,
     config_from_dict,
     dump_config,
-    load_config,
+    read_config_values,
 )
 from imgcls.data.registry import build_dataset
 from imgcls.errors import CheckpointError, DataError
@@ -34,26 +34,42 @@ def make_config(config: str | Path | dict | RunConfig | None = None, **overrides
 
     With a recipe (``recipe="cifar10-fast"`` here or in the config), values
     come from, in rising priority: the defaults, the recipe, the config, the
-    overrides.
+    overrides.  Model options merge key by key in the same order
+    (``model_option={"widths": [16, 32, 64]}`` keeps the recipe's other model
+    options), except that the recipe's are dropped when the model is not the
+    recipe's.
     """
     if isinstance(config, RunConfig):
         values = config.to_dict()
     elif isinstance(config, (str, Path)):
-        values = load_config(config).to_dict()
+        values = read_config_values(config)  # only what the file sets, so a recipe's settings stay under it
     else:
         values = dict(config or {})
+    layers = [dict((values.get("model") or {}).get("options") or {}),
+              dict(overrides.get("model_option") or overrides.get("model_options") or {})]
     recipe = overrides.get("recipe") or values.get("recipe")
+    recipe_model = None
     if recipe:
         from imgcls.recipes import get_recipe
 
-        base = apply_overrides({}, get_recipe(recipe).options())
+        settings = get_recipe(recipe).options()
+        recipe_model = settings.get("model")
+        layers.insert(0, dict(settings.get("model_option") or {}))
+        base = apply_overrides({}, settings)
         for key, value in values.items():
             if isinstance(value, dict) and isinstance(base.get(key), dict):
                 base[key].update(value)
             else:
                 base[key] = value
         values = base
-    return config_from_dict(apply_overrides(values, overrides))
+    cfg = config_from_dict(apply_overrides(values, overrides))
+    if recipe and cfg.model.name != recipe_model:
+        layers.pop(0)
+    merged: dict = {}
+    for layer in layers:
+        merged.update(layer)
+    cfg.model.options = merged
+    return cfg
 
 
 @dataclass

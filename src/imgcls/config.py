@@ -8,6 +8,7 @@ drift apart.  ``RunConfig.to_dict()`` is the fully resolved config written to
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import os
@@ -242,6 +243,11 @@ def config_from_dict(values: dict) -> RunConfig:
 
 def load_config(path: str | Path) -> RunConfig:
     """Read a YAML config file (a full config.yaml or any subset of it)."""
+    return config_from_dict(read_config_values(path))
+
+
+def read_config_values(path: str | Path) -> dict:
+    """The values a YAML config file sets (only those), checked as :func:`load_config` checks them."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
@@ -249,7 +255,11 @@ def load_config(path: str | Path) -> RunConfig:
         values = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
-    return config_from_dict(values)
+    if not isinstance(values, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections (data, model, train), "
+                          f"got {type(values).__name__}")
+    config_from_dict(copy.deepcopy(values))
+    return values
 
 
 def dump_config(cfg: RunConfig) -> str:

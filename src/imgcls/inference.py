@@ -28,6 +28,37 @@ def cpu_has_fast_bf16() -> bool:
     return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
+# glibc mallopt parameters (malloc.h).
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_ALLOCATOR_TUNED = False
+
+
+def keep_freed_memory() -> bool:
+    """Let glibc's malloc reuse freed activation buffers instead of returning them to the system.
+
+    By default glibc serves each allocation over 32 MiB with a fresh ``mmap``
+    and unmaps it on free, so every training step page-faults its activations
+    and gradients in again (about 270,000 faults a step for fastnet at batch
+    1024); that took a fifth of the step time on the 2-core CPU.  Serving them
+    from the heap, and keeping the heap's freed top, removes the faults.  The
+    cost: memory freed after training stays with the process until it exits.
+
+    Called when training on the CPU; once per process; a no-op off Linux glibc
+    or when ``IMGCLS_MALLOC=system``.  Returns whether the setting is in force.
+    """
+    global _ALLOCATOR_TUNED
+    if _ALLOCATOR_TUNED or os.environ.get("IMGCLS_MALLOC", "").lower() == "system":
+        return _ALLOCATOR_TUNED
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        _ALLOCATOR_TUNED = bool(libc.mallopt(_M_MMAP_THRESHOLD, 2**30) and libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+    except (OSError, AttributeError):
+        _ALLOCATOR_TUNED = False
+    return _ALLOCATOR_TUNED
+
+
 @dataclass(frozen=True)
 class Runtime:
     """Where and how tensors are computed."""

@@ -283,6 +283,12 @@ def test_fastnet_with_floor_pooling_refuses_inputs_below_9_pixels():
         create_model("fastnet", 3, NUM_CLASSES, (8, 8))
 
 
+@pytest.mark.parametrize("value", [-1, "3", True])
+def test_fastnet_refuses_a_bad_whiten_bias_epochs(value):
+    with pytest.raises(ConfigError, match="whiten_bias_epochs must be a number of epochs >= 0"):
+        create_model("fastnet", 3, NUM_CLASSES, (32, 32), whiten_bias_epochs=value)
+
+
 def test_fastnet_is_airbench94s_network():
     model = create_model("fastnet", 3, NUM_CLASSES, (32, 32))
     assert count_params(model) == 1_972_792  # as airbench94's (its BatchNorm scales included, though fixed)
@@ -304,6 +310,11 @@ def test_fastnet_is_airbench94s_network():
     model.init_from_data(images)
     assert not torch.equal(before, model.features.stem.conv.weight)
     assert not model.features.stem.conv.weight.requires_grad and model.features.stem.conv.bias.requires_grad
+    # The stem's bias trains for whiten_bias_epochs (3 by default) epochs, then is frozen.
+    model.start_epoch(2)
+    assert model.features.stem.conv.bias.requires_grad
+    model.start_epoch(3)
+    assert not model.features.stem.conv.bias.requires_grad
     small = create_model("fastnet_small", 3, NUM_CLASSES, (32, 32))
     kept = small.features.stem.conv.weight.clone()
     small.init_from_data(images)

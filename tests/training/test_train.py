@@ -129,14 +129,18 @@ def test_classifier_accepts_paths_pil_images_and_arrays(tmp_path):
 
 
 def test_a_resumed_run_with_lookahead_tta_and_norm_lr_scale_matches_an_uninterrupted_one(tmp_path, monkeypatch):
-    # The airbench pieces keep state beyond the optimiser (the lookahead average) and are resumed exactly.
+    # The airbench pieces keep state beyond the optimiser (the lookahead average) and are resumed exactly;
+    # the stem's bias is frozen after the resume point (epoch 2 of 3).
     import imgcls.training.trainer as trainer
 
     opts = dict(out=str(tmp_path), quiet=True, report=False, epochs=3, optimizer="sgd", nesterov=True, lr=0.2,
                 momentum=0.85, weight_decay=1e-3, norm_lr_scale=16.0, lookahead=True, tta="flip", schedule="linear",
                 warmup_epochs=1, warmup_start=0.2, min_lr=0.01, batch_size=128, augment="hflip,crop:1",
-                model_option={"widths": [8, 16, 16], "whiten": True, "dirac": True, "bn_scale": False})
-    whole = imgcls.train(name="whole", **opts)
+                model_option={"widths": [8, 16, 16], "whiten": True, "dirac": True, "bn_scale": False,
+                              "whiten_bias_epochs": 2})
+    bias_grads = []  # whether the stem's bias had a gradient at the end of each epoch
+    whole = imgcls.train(name="whole", on_epoch_end=lambda s, r: bias_grads.append(
+        s.model.features.stem.conv.bias.grad is not None), **opts)
     real = trainer._save_epoch
 
     def save_then_stop(s, run, record, is_best):
@@ -156,3 +160,5 @@ def test_a_resumed_run_with_lookahead_tta_and_norm_lr_scale_matches_an_uninterru
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     assert meta["tta"] == "flip"
     assert resumed.test_metrics["accuracy"] == whole.test_metrics["accuracy"] >= 0.7  # chance is 0.1
+    # The stem's bias trained in epochs 1 and 2 and not in 3.
+    assert bias_grads == [True, True, False]

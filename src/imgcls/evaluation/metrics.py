@@ -8,7 +8,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
 
 def cross_entropy(proba: np.ndarray, labels: np.ndarray) -> float:
@@ -32,6 +31,9 @@ def compute_metrics(labels: np.ndarray, proba: np.ndarray, classes: list[str], t
         per_class (precision, recall, f1, support), macro_avg, weighted_avg,
         confusion_matrix (rows: true, columns: predicted).
     """
+    # Imported here: scikit-learn takes about a second to import, which every `imgcls` command paid.
+    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+
     labels = np.asarray(labels, dtype=np.int64)
     k = len(classes)
     pred = proba.argmax(1)

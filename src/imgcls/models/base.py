@@ -10,7 +10,11 @@
 * ``arch`` and ``arch_kwargs`` rebuild the model from a checkpoint;
 * ``init_from_data(x)`` may set weights from a sample of normalised training
   images before training starts (a data-dependent initialisation); the
-  default does nothing.
+  default does nothing;
+* ``start_epoch(epoch)`` is called before each training epoch (0-based) and
+  may change which parameters train (freeze some after a few epochs); the
+  default does nothing.  It depends only on ``epoch``, so a resumed run
+  trains the same parameters as an uninterrupted one.
 
 Models see only tensors: they know nothing of data, training or serving.
 """
@@ -54,6 +58,9 @@ class ImageClassifier(nn.Module):
 
     def init_from_data(self, images: torch.Tensor) -> None:
         """Data-dependent initialisation from (N, in_chans, H, W) normalised training images; none by default."""
+
+    def start_epoch(self, epoch: int) -> None:
+        """Called before training epoch ``epoch`` (0-based); nothing by default."""
 
 
 def check_min_size(name: str, img_size: tuple[int, int], minimum: int) -> None:

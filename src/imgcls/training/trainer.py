@@ -34,6 +34,7 @@ from imgcls.evaluation.metrics import cross_entropy, format_report, save_metrics
 from imgcls.inference import (
     Runtime,
     channel_stats,
+    keep_freed_memory,
     normalization_tensors,
     predict_proba,
     resolve_runtime,
@@ -181,6 +182,8 @@ def train_one_epoch(s: TrainState, progress: EpochProgress) -> dict:
     t = s.cfg.train
     model, rt = s.model, s.runtime
     model.train()
+    if hasattr(model, "start_epoch"):
+        model.start_epoch(s.epoch)
     gen = torch.Generator().manual_seed(_epoch_seed(t.seed, s.epoch))
     torch.manual_seed(_epoch_seed(t.seed, s.epoch) + 1)  # dropout and other in-model randomness
     order = torch.randperm(len(s.y_train), generator=gen).to(rt.device)
@@ -277,6 +280,8 @@ def fit(cfg: RunConfig, ds: ImageDataset, run: RunFolder, console, resume: bool 
     """
     t = cfg.train
     runtime = resolve_runtime(t.device, t.precision, t.channels_last)
+    if runtime.device.type == "cpu":
+        keep_freed_memory()
     s = prepare(cfg, ds, runtime)
     s.dataset = ds
     if resume:
