@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from imgcls.errors import ConfigError
-from imgcls.inference import tta_logits
+from imgcls.inference import Runtime, predict_logits, tta_logits
 
 
 class Probe(torch.nn.Module):
@@ -44,6 +44,23 @@ def test_none_is_the_model_itself_and_unknown_modes_are_refused():
     assert torch.equal(tta_logits(Probe(), x, "none"), Probe()(x))
     with pytest.raises(ConfigError, match="flip-translate"):
         tta_logits(Probe(), x, "rotate")
+
+
+@pytest.mark.parametrize("tta, views", [("none", 1), ("flip", 2), ("translate", 3), ("flip-translate", 6)])
+def test_the_batch_size_counts_views_so_the_model_never_sees_more_at_once(tta, views):
+    seen = []
+
+    class Recorder(torch.nn.Module):
+        def forward(self, x):
+            seen.append(len(x))
+            return x.mean((2, 3))
+
+    images = torch.randint(0, 256, (25, 6, 6, 2), dtype=torch.uint8)
+    norm = {"mean": [0.5, 0.5], "std": [0.25, 0.25]}
+    logits = predict_logits(Recorder(), images, norm, Runtime(torch.device("cpu"), False, False), 12, tta)
+    assert max(seen) <= 12 and sum(seen) == 25 * views and logits.shape == (25, 2)
+    whole = predict_logits(Recorder(), images, norm, Runtime(torch.device("cpu"), False, False), 1000, tta)
+    torch.testing.assert_close(logits, whole)
 
 
 _FAULTS_CHILD = """

@@ -135,6 +135,11 @@ def channel_stats(images: np.ndarray) -> dict:
     return {"mean": [round(float(m), 6) for m in mean], "std": [round(float(v), 6) for v in std]}
 
 
+def tta_views(tta: str) -> int:
+    """How many views of each image ``tta`` sends through the model (see :func:`tta_logits`)."""
+    return (3 if "translate" in tta else 1) * (2 if "flip" in tta else 1)
+
+
 def tta_logits(model: torch.nn.Module, x: torch.Tensor, tta: str = "none") -> torch.Tensor:
     """The model's logits for ``x``, averaged over test-time augmented copies.
 
@@ -171,14 +176,17 @@ def predict_logits(model: torch.nn.Module, images, norm: dict, runtime: Runtime,
     """Logits (N, num_classes) float32 on CPU for uint8 images (N, H, W, C) (array or tensor).
 
     ``tta``: test-time augmentation (see :func:`tta_logits`); a trained model
-    keeps its own in ``meta["tta"]``.
+    keeps its own in ``meta["tta"]``.  ``batch_size`` counts what the model
+    sees at once, views included: with 6-view TTA, 1024 means 170 images (at
+    6 x 1024 the fp32 test pass of fastnet on the 2-core CPU took 60 s instead of 34 s).
     """
     model.eval()
     mean, std = normalization_tensors(norm, runtime.device)
     images = torch.as_tensor(images)
     out = []
-    for start in range(0, len(images), batch_size):
-        x = to_input(images[start:start + batch_size].to(runtime.device), mean, std, runtime.channels_last)
+    step = max(1, batch_size // tta_views(tta))
+    for start in range(0, len(images), step):
+        x = to_input(images[start:start + step].to(runtime.device), mean, std, runtime.channels_last)
         with runtime.autocast():
             out.append(tta_logits(model, x, tta).float().cpu())
     if not out:
