@@ -243,11 +243,17 @@ def config_from_dict(values: dict) -> RunConfig:
 
 def load_config(path: str | Path) -> RunConfig:
     """Read a YAML config file (a full config.yaml or any subset of it)."""
-    return config_from_dict(read_config_values(path))
+    return config_from_dict(_read_yaml(path))
 
 
 def read_config_values(path: str | Path) -> dict:
     """The values a YAML config file sets (only those), checked as :func:`load_config` checks them."""
+    values = _read_yaml(path)
+    config_from_dict(copy.deepcopy(values))
+    return values
+
+
+def _read_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
@@ -258,7 +264,6 @@ def read_config_values(path: str | Path) -> dict:
     if not isinstance(values, dict):
         raise ConfigError(f"config file {path} must hold a mapping of sections (data, model, train), "
                           f"got {type(values).__name__}")
-    config_from_dict(copy.deepcopy(values))
     return values
 
 

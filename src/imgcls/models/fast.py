@@ -179,8 +179,8 @@ def _build(arch: str, in_chans: int, num_classes: int, img_size: tuple[int, int]
         raise ConfigError(f"widths must be three positive channel counts, got {widths!r}")
     if pool not in ("ceil", "floor"):
         raise ConfigError(f"pool must be 'ceil' or 'floor', got {pool!r}")
-    if whiten_bias_epochs is not None and not (isinstance(whiten_bias_epochs, (int, float))
-                                               and not isinstance(whiten_bias_epochs, bool) and whiten_bias_epochs >= 0):
+    number = isinstance(whiten_bias_epochs, (int, float)) and not isinstance(whiten_bias_epochs, bool)
+    if whiten_bias_epochs is not None and not (number and whiten_bias_epochs >= 0):
         raise ConfigError(f"whiten_bias_epochs must be a number of epochs >= 0 or null (the bias always trains), "
                           f"got {whiten_bias_epochs!r}")
     # The stem takes one pixel off; with floor pooling three halvings must leave at least 1x1.

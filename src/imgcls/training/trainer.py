@@ -182,8 +182,7 @@ def train_one_epoch(s: TrainState, progress: EpochProgress) -> dict:
     t = s.cfg.train
     model, rt = s.model, s.runtime
     model.train()
-    if hasattr(model, "start_epoch"):
-        model.start_epoch(s.epoch)
+    model.start_epoch(s.epoch)
     gen = torch.Generator().manual_seed(_epoch_seed(t.seed, s.epoch))
     torch.manual_seed(_epoch_seed(t.seed, s.epoch) + 1)  # dropout and other in-model randomness
     order = torch.randperm(len(s.y_train), generator=gen).to(rt.device)
