@@ -73,21 +73,26 @@ model = create_model("fastnet", in_chans=3, num_classes=10, img_size=(32, 32), w
 x, y = torch.randn(512, 3, 32, 32), torch.randint(0, 10, (512,))
 def step():  # fp32 at batch 512: activations and gradients of up to 126 MiB each
     torch.nn.functional.cross_entropy(model(x), y).backward()
+def faults():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(2):
     step()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(3):
+per_step = []
+for _ in range(5):
+    before = faults()
     step()
-print(tuned, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) // 3)
+    per_step.append(faults() - before)
+print(tuned, min(per_step))  # the steady step: an odd step may still grow an arena
 """
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc tuning is Linux-only")
 @pytest.mark.parametrize("mode", ["tuned", "system"])
 def test_keep_freed_memory_stops_training_steps_faulting_their_buffers_in_again(mode):
-    # With glibc's default each training step maps its big buffers afresh and page-faults them in (about
-    # 300,000 faults a step here); keep_freed_memory() lets the next step reuse them (0 to 2,400 measured).
-    # IMGCLS_MALLOC=system keeps glibc's default.
+    # With glibc's default every training step maps its big buffers afresh and page-faults them in (276,000 to
+    # 346,000 faults a step here); keep_freed_memory() lets the next step reuse them. The fewest faults of five
+    # steps is compared, not the mean: tuned, most steps fault 0 times, but an odd step that grows a thread's
+    # arena took the mean of three to 13,951 once in CI. IMGCLS_MALLOC=system keeps glibc's default.
     env = {**os.environ, "IMGCLS_MALLOC": "system" if mode == "system" else ""}
     out = subprocess.run([sys.executable, "-c", _FAULTS_CHILD], env=env, capture_output=True, text=True, check=True)
     tuned, faults = out.stdout.split()
