@@ -1,15 +1,15 @@
 """Inference throughput: images per second at batch 1, 32 and 256, PyTorch eager against ONNX Runtime, on CPU.
 
 Models: seed 000's CNN (seed_tf_tutorial) and the fast CIFAR network (fastnet)
-at 3x32x32, the latter with and without the flip test-time augmentation that
-the cifar10-fast recipe keeps with it.  Throughput does not depend on the
+at 3x32x32, the latter with and without the 6-view test-time augmentation
+(flips and one-pixel shifts) that the cifar10-fast recipe keeps with it.  Throughput does not depend on the
 weights, so each model is built with its initial weights, saved as a
 checkpoint and exported with `imgcls export` (checked against PyTorch).  Each
 call takes uint8 images and returns probabilities: normalisation, TTA and
 softmax are inside the timed call on both sides.
 
-PyTorch runs eagerly in fp32 (what `imgcls.load`, `predict` and `serve` use,
-so that predictions do not depend on the CPU) and with bf16 autocast +
+PyTorch runs eagerly in fp32 with channels_last inputs (what `imgcls.load`,
+`predict` and `serve` use, so that predictions do not depend on the CPU) and with bf16 autocast +
 channels_last (what training uses where the CPU has AMX/AVX512-BF16); ONNX
 Runtime runs the fp32 graph.  Both use all cores.
 
@@ -32,7 +32,7 @@ from common import machine_line, save_results, spread
 
 MODELS = {
     "seed_tf_tutorial": {"arch": "seed_tf_tutorial", "tta": "none"},
-    "fastnet (flip TTA)": {"arch": "fastnet", "tta": "flip"},
+    "fastnet (flip-translate TTA)": {"arch": "fastnet", "tta": "flip-translate"},
     "fastnet": {"arch": "fastnet", "tta": "none"},
 }
 BATCHES = (1, 32, 256)

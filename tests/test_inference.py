@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from imgcls.errors import ConfigError
-from imgcls.inference import Runtime, predict_logits, tta_logits
+from imgcls.inference import Runtime, predict_logits, scoring_runtime, tta_logits
+from imgcls.models import create_model
 
 
 class Probe(torch.nn.Module):
@@ -100,3 +101,15 @@ def test_keep_freed_memory_stops_training_steps_faulting_their_buffers_in_again(
         assert tuned == "True" and int(faults) < 10_000
     else:
         assert tuned == "False" and int(faults) > 100_000
+
+
+def test_scores_are_computed_in_fp32_channels_last_and_the_layout_changes_them_only_by_rounding():
+    rt = scoring_runtime("cpu")
+    assert (rt.device.type, rt.bf16, rt.channels_last) == ("cpu", False, True)
+    torch.manual_seed(0)
+    model = create_model("fastnet", in_chans=3, num_classes=10, img_size=(32, 32), widths=[16, 32, 32]).eval()
+    images = torch.randint(0, 256, (64, 32, 32, 3), dtype=torch.uint8)
+    norm = {"mean": [0.5] * 3, "std": [0.25] * 3}
+    cl = predict_logits(model, images, norm, rt, 32, "flip-translate")
+    plain = predict_logits(model, images, norm, Runtime(rt.device, False, False), 32, "flip-translate")
+    torch.testing.assert_close(cl, plain, rtol=1e-4, atol=1e-4)

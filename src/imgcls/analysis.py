@@ -25,11 +25,11 @@ def _held_out(ds) -> str:
     return "val"
 
 
-def calibrate(run_dir: str | Path, clf_ds=None) -> dict:
+def calibrate(run_dir: str | Path, clf_ds=None, test_logits=None) -> dict:
     """Fit temperature scaling on the val split and store it with the model.
 
     Returns {"temperature", "ece_before", "ece_after", "nll_before", "nll_after"} measured on val,
-    plus the same on test.
+    plus the same on test.  ``test_logits``: as for :func:`report`.
     """
     from imgcls.evaluation.calibration import (
         expected_calibration_error,
@@ -43,7 +43,7 @@ def calibrate(run_dir: str | Path, clf_ds=None) -> dict:
     temperature = fit_temperature(val.logits, val.labels)
     result = {"temperature": temperature, "fitted_on": "val"}
     for split in ("val", "test"):
-        preds = val if split == "val" else predict_split(clf, ds, "test")
+        preds = val if split == "val" else predict_split(clf, ds, "test", test_logits)
         before, after = preds.proba(1.0), preds.proba(temperature)
         result[split] = {"ece_before": expected_calibration_error(before, preds.labels),
                          "ece_after": expected_calibration_error(after, preds.labels),
@@ -156,13 +156,17 @@ def gradcam_section(clf, rep) -> Section:
     )
 
 
-def report(run_dir: str | Path, clf_ds=None) -> Path:
-    """Write ``report.html`` (and every figure as PNG) in the run folder; returns its path."""
+def report(run_dir: str | Path, clf_ds=None, test_logits=None) -> Path:
+    """Write ``report.html`` (and every figure as PNG) in the run folder; returns its path.
+
+    ``test_logits``: the final checkpoint's on the test split, when the caller
+    has them (training does), so the test split is not run through the model again.
+    """
     from imgcls.reports.report import Report
 
     run_dir = Path(run_dir)
     clf, ds = clf_ds or load_run(run_dir)
-    rep = Report.from_run(run_dir, clf_ds=(clf, ds))
+    rep = Report.from_run(run_dir, clf_ds=(clf, ds), logits=test_logits)
     extra = [gradcam_section(clf, rep)]
     if "val" in ds.splits:
         val = predict_split(clf, ds, "val")  # one pass over val serves both sections

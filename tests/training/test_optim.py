@@ -1,6 +1,8 @@
 """Schedules, early stopping and class weights: the numbers the trainer relies on."""
 
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -184,3 +186,24 @@ def test_muon_steps_filters_by_an_orthogonalised_update_and_the_rest_as_sgd():
         buf = grad if buf is None else 0.6 * buf + grad
         expected = before * (8 ** 0.5 / before.norm()) - 0.2 * orthogonalize((grad + 0.6 * buf).reshape(8, -1)).view(8, 3, 3, 3)
         torch.testing.assert_close(conv.weight, expected)
+
+
+_DYNAMO_CHILD = """
+import sys, threading
+from imgcls.training.optim import import_dynamo_in_background
+assert "torch._dynamo" not in sys.modules
+import_dynamo_in_background()
+threads = [t for t in threading.enumerate() if t.name == "imgcls-import-dynamo"]
+for t in threads:
+    t.join()
+import torch
+opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+opt.zero_grad()
+print(len(threads), callable(getattr(sys.modules["torch._dynamo"], "disable", None)))
+"""
+
+
+def test_torch_dynamo_which_every_torch_optimiser_imports_is_imported_on_a_thread_of_its_own():
+    # `train` starts it before loading the data, so the 1.4 s import overlaps decoding the images.
+    out = subprocess.run([sys.executable, "-c", _DYNAMO_CHILD], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["1", "True"]

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import numpy as np
+import torch.nn.functional as F
 
 from imgcls.data.base import Split
 from imgcls.errors import DataError
 from imgcls.evaluation.metrics import compute_metrics
-from imgcls.inference import Runtime, predict_proba
+from imgcls.inference import Runtime, predict_logits
 
 
 def remap_labels(labels: np.ndarray, data_classes: list[str], model_classes: list[str]) -> np.ndarray:
@@ -24,8 +25,8 @@ def remap_labels(labels: np.ndarray, data_classes: list[str], model_classes: lis
 
 def evaluate_model(model, meta: dict, split: Split, data_classes: list[str], runtime: Runtime,
                    batch_size: int = 512, top_k: int = 5) -> tuple[dict, np.ndarray]:
-    """Metrics of ``model`` on ``split`` and the probabilities (N, K) they came from."""
+    """Metrics of ``model`` on ``split`` and the logits (N, K) they came from, float32 before any temperature."""
     labels = remap_labels(split.labels, data_classes, meta["classes"])
-    proba = predict_proba(model, split.images, meta["normalize"], runtime, batch_size,
-                          temperature=meta.get("temperature", 1.0), tta=meta.get("tta", "none"))
-    return compute_metrics(labels, proba, meta["classes"], top_k), proba
+    logits = predict_logits(model, split.images, meta["normalize"], runtime, batch_size, meta.get("tta", "none"))
+    proba = F.softmax(logits.double() / meta.get("temperature", 1.0), dim=1).numpy()
+    return compute_metrics(labels, proba, meta["classes"], top_k), logits.numpy()

@@ -54,14 +54,22 @@ def load_run(run_dir: str | Path, which: str | None = None, device: str = "auto"
     return clf, clf.dataset()
 
 
-def predict_split(clf, ds, split: str = "test") -> SplitPredictions:
-    """Run ``clf`` over ``split`` of ``ds`` (as returned by :func:`load_run`)."""
+def predict_split(clf, ds, split: str = "test", logits: np.ndarray | None = None) -> SplitPredictions:
+    """Run ``clf`` over ``split`` of ``ds`` (as returned by :func:`load_run`).
+
+    ``logits``: what the same weights already gave on the split (training's
+    final evaluation hands its own to the report), so the split is not run again.
+    """
     if split not in ds.splits:
         raise DataError(f"split {split!r} does not exist; the data has: {', '.join(ds.splits)}")
     part = ds.splits[split]
     labels = remap_labels(part.labels, ds.classes, clf.classes)
-    logits = predict_logits(clf.model, part.images, clf.meta["normalize"], clf.runtime, clf.batch_size,
-                            clf.meta.get("tta", "none")).numpy()
+    if logits is None:
+        logits = predict_logits(clf.model, part.images, clf.meta["normalize"], clf.runtime, clf.batch_size,
+                                clf.meta.get("tta", "none")).numpy()
+    elif logits.shape != (len(labels), len(clf.classes)):
+        raise DataError(f"logits of shape {logits.shape} given for the {split} split; it needs "
+                        f"({len(labels)}, {len(clf.classes)})")
     return SplitPredictions(split, logits, labels, part.images, part.paths, clf.classes,
                             float(clf.meta.get("temperature", 1.0)))
 

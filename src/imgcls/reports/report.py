@@ -84,14 +84,16 @@ class Report:
     stored_metrics: dict = field(default_factory=dict)  # eval_test.json written by training
 
     @classmethod
-    def from_run(cls, run_dir: str | Path, split: str = "test", device: str = "auto", clf_ds=None) -> Report:
+    def from_run(cls, run_dir: str | Path, split: str = "test", device: str = "auto", clf_ds=None,
+                 logits=None) -> Report:
         """Load the model and data of ``run_dir`` and predict ``split``.
 
-        ``clf_ds``: the (Classifier, ImageDataset) of :func:`load_run`, when the caller has them already.
+        ``clf_ds``: the (Classifier, ImageDataset) of :func:`load_run`, when the caller has them already;
+        ``logits``: the model's on ``split``, when the caller has them already (see :func:`predict_split`).
         """
         run_dir = Path(run_dir)
         clf, ds = clf_ds or load_run(run_dir, device=device)
-        preds = predict_split(clf, ds, split)
+        preds = predict_split(clf, ds, split, logits)
         metrics = compute_metrics(preds.labels, preds.proba(), preds.classes)
         model_info = {
             "arch": clf.meta.get("arch", "?"),

@@ -20,6 +20,7 @@ import math
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -38,6 +39,7 @@ from imgcls.inference import (
     normalization_tensors,
     predict_proba,
     resolve_runtime,
+    scoring_runtime,
     to_input,
 )
 from imgcls.models import create_model
@@ -87,6 +89,7 @@ class TrainResult:
     test_metrics: dict
     final_checkpoint: str
     seconds: float
+    test_logits: np.ndarray | None = None  # of the final checkpoint on the test split, before any temperature
 
 
 # Training images the data-dependent initialisation (ImageClassifier.init_from_data) sees.
@@ -315,9 +318,9 @@ def fit(cfg: RunConfig, ds: ImageDataset, run: RunFolder, console, resume: bool 
     final = "best" if t.restore_best else "last"
     state, _ = read_checkpoint(run.checkpoint(final))
     s.model.load_state_dict(state)
-    # Test metrics in fp32, as `imgcls evaluate` computes them, so both report the same figures.
-    fp32 = Runtime(runtime.device, bf16=False, channels_last=runtime.channels_last)
-    metrics, _ = evaluate_model(s.model, s.meta, ds.splits["test"], ds.classes, fp32, t.eval_batch_size, t.top_k)
+    # Test metrics as `imgcls evaluate` computes them, so both report the same figures.
+    metrics, test_logits = evaluate_model(s.model, s.meta, ds.splits["test"], ds.classes, scoring_runtime(runtime.device),
+                                t.eval_batch_size, t.top_k)
     save_metrics(metrics, run.path, "eval_test")
     seconds = time.perf_counter() - started
     say(format_report(metrics, title=f"test split, {final} checkpoint (epoch {_checkpoint_epoch(run, final)}):"))
@@ -330,7 +333,7 @@ def fit(cfg: RunConfig, ds: ImageDataset, run: RunFolder, console, resume: bool 
         "parameters": sum(p.numel() for p in s.model.parameters()),
     })
     say(f"run folder: {run.path}")
-    return TrainResult(run, s.history, metrics, final, seconds)
+    return TrainResult(run, s.history, metrics, final, seconds, test_logits)
 
 
 def _checkpoint_epoch(run: RunFolder, which: str) -> int:
