@@ -53,7 +53,9 @@ CASES = {
                       "schedule": "onecycle", "epochs": 4, "val_fraction": 0.0, "restore_best": False},
         # The recipe with its schedule compressed into one epoch of batches of 512, on a narrow fastnet
         # (8/32/64): the cheapest of the widths tried (16/32/32 and 8/16/64 end below the target).
-        "fastest": {"recipe": "cifar10-fast", "epochs": 1, "batch_size": 512,
+        # Without the recipe's lookahead, which over a single epoch cost about a point (3 seeds: 67.64% against
+        # 68.83%, one seed below the target), and with flip TTA.
+        "fastest": {"recipe": "cifar10-fast", "epochs": 1, "batch_size": 512, "lookahead": False, "tta": "flip",
                     "model_option": {"widths": [8, 32, 64]}},
     },
     "mnist": {
@@ -76,13 +78,13 @@ import json, sys, time
 t0 = float(__import__("os").environ["BENCH_T0"])
 import imgcls
 from imgcls.evaluation.evaluate import evaluate_model
-from imgcls.inference import Runtime
+from imgcls.inference import scoring_runtime
 opts, out = json.loads(sys.argv[1]), sys.argv[2]
 epochs, excluded = [], [0.0]
 
 def score(state, record):
     start = time.time()
-    rt = Runtime(state.runtime.device, bf16=False, channels_last=state.runtime.channels_last)
+    rt = scoring_runtime(state.runtime.device)
     test = state.dataset.splits["test"]
     metrics, _ = evaluate_model(state.model, state.meta, test, state.dataset.classes, rt, 1024)
     epochs.append({"epoch": record["epoch"], "seconds": start - t0 - excluded[0],
