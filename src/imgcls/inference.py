@@ -208,5 +208,9 @@ def predict_logits(model: torch.nn.Module, images, norm: dict, runtime: Runtime,
 def predict_proba(model, images, norm: dict, runtime: Runtime, batch_size: int = 512,
                   temperature: float = 1.0, tta: str = "none") -> np.ndarray:
     """Class probabilities (N, num_classes) as float64 numpy."""
-    logits = predict_logits(model, images, norm, runtime, batch_size, tta)
+    return proba_from_logits(predict_logits(model, images, norm, runtime, batch_size, tta), temperature)
+
+
+def proba_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> np.ndarray:
+    """Softmax of ``logits / temperature`` as float64 numpy."""
     return F.softmax(logits.double() / temperature, dim=1).numpy()

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import numpy as np
-import torch.nn.functional as F
 
 from imgcls.data.base import Split
 from imgcls.errors import DataError
 from imgcls.evaluation.metrics import compute_metrics
-from imgcls.inference import Runtime, predict_logits
+from imgcls.inference import Runtime, predict_logits, proba_from_logits
 
 
 def remap_labels(labels: np.ndarray, data_classes: list[str], model_classes: list[str]) -> np.ndarray:
@@ -28,5 +27,5 @@ def evaluate_model(model, meta: dict, split: Split, data_classes: list[str], run
     """Metrics of ``model`` on ``split`` and the logits (N, K) they came from, float32 before any temperature."""
     labels = remap_labels(split.labels, data_classes, meta["classes"])
     logits = predict_logits(model, split.images, meta["normalize"], runtime, batch_size, meta.get("tta", "none"))
-    proba = F.softmax(logits.double() / meta.get("temperature", 1.0), dim=1).numpy()
+    proba = proba_from_logits(logits, meta.get("temperature", 1.0))
     return compute_metrics(labels, proba, meta["classes"], top_k), logits.numpy()
