@@ -22,6 +22,9 @@ from imgcls.errors import ConfigError
     ({"val_fraction": 0.6, "test_fraction": 0.5}, "val_fraction + test_fraction must be below 1"),
     ({"nesterov": True, "optimizer": "adam"}, "nesterov applies to the sgd and muon optimizers only"),
     ({"monitor": "accuracy"}, "choose one of: val_loss, val_accuracy, train_loss, train_accuracy"),
+    ({"low_res_scale": 0.0}, "low_res_scale must be a number in (0, 1]"),
+    ({"low_res_scale": 1.5}, "low_res_scale must be a number in (0, 1]"),
+    ({"low_res_epochs": 3.0, "epochs": 2}, "low_res_epochs must be a number in [0, 2]"),
 ])
 def test_bad_values_are_refused_by_name(overrides, message):
     with pytest.raises(ConfigError) as err:

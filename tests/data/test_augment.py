@@ -13,6 +13,7 @@ from imgcls.data.augment import (
     affine_warp,
     build_augment,
     cut_holes,
+    resize_batch,
     shift_batch,
 )
 from imgcls.errors import ConfigError
@@ -285,3 +286,17 @@ def test_altflip_mirrors_exactly_the_images_it_is_told_to_and_refuses_hflip_besi
     assert not build_augment("hflip", (8, 8)).alternating_flip
     with pytest.raises(ConfigError, match="not both"):
         build_augment("hflip,altflip", (8, 8))
+
+
+def test_resize_batch_shrinks_in_the_same_memory_format_and_keeps_a_flat_colour():
+    x = torch.zeros(4, 3, 32, 32)
+    x[:, 0], x[:, 1], x[:, 2] = 0.5, -1.0, 2.0  # a flat colour per channel
+    x[1, :, :16] = 3.0  # one image: top half bright
+    x = x.contiguous(memory_format=torch.channels_last)
+    out = resize_batch(x, (24, 24))
+    assert out.shape == (4, 3, 24, 24) and out.is_contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(out[0, :, 0, 0], torch.tensor([0.5, -1.0, 2.0]), atol=1e-5)
+    assert torch.allclose(out[0], out[0, :, :1, :1].expand(3, 24, 24), atol=1e-5)
+    assert torch.allclose(out[1, :, :11], torch.tensor(3.0), atol=1e-5)  # the bright half stays the top half
+    assert torch.allclose(out[1, 0, 13:], torch.tensor(0.5), atol=1e-5)
+    assert resize_batch(x, (32, 32)) is x

@@ -12,7 +12,7 @@ import torch
 
 import imgcls
 from imgcls.checkpoint import read_checkpoint
-from imgcls.errors import TrainingError
+from imgcls.errors import ConfigError, TrainingError
 
 SMALL = {"model_option": {"widths": [8, 16, 16]}}
 
@@ -130,17 +130,33 @@ def test_classifier_accepts_paths_pil_images_and_arrays(tmp_path):
 
 def test_a_resumed_run_with_lookahead_tta_and_norm_lr_scale_matches_an_uninterrupted_one(tmp_path, monkeypatch):
     # The airbench pieces keep state beyond the optimiser (the lookahead average) and are resumed exactly;
-    # the stem's bias is frozen after the resume point (epoch 2 of 3).
+    # the stem's bias is frozen after the resume point (epoch 2 of 3); progressive resizing (6x6 for the
+    # first 1.5 epochs) goes on past it.
     import imgcls.training.trainer as trainer
 
     opts = dict(out=str(tmp_path), quiet=True, report=False, epochs=3, optimizer="sgd", nesterov=True, lr=0.2,
                 momentum=0.85, weight_decay=1e-3, norm_lr_scale=16.0, lookahead=True, tta="flip", schedule="linear",
                 warmup_epochs=1, warmup_start=0.2, min_lr=0.01, batch_size=128, augment="hflip,crop:1",
                 model_option={"widths": [8, 16, 16], "whiten": True, "dirac": True, "bn_scale": False,
-                              "whiten_bias_epochs": 2})
+                              "whiten_bias_epochs": 2}, low_res_scale=0.75, low_res_epochs=1.5)
     bias_grads = []  # whether the stem's bias had a gradient at the end of each epoch
+    sides = []  # the side of every batch the model trained on
+    real_epoch = trainer.train_one_epoch
+
+    def spy_epoch(s, progress):
+        hook = s.model.register_forward_pre_hook(lambda m, args: sides.append(args[0].shape[-1]))
+        try:
+            return real_epoch(s, progress)
+        finally:
+            hook.remove()
+
+    monkeypatch.setattr(trainer, "train_one_epoch", spy_epoch)
     whole = imgcls.train(name="whole", on_epoch_end=lambda s, r: bias_grads.append(
         s.model.features.stem.conv.bias.grad is not None), **opts)
+    monkeypatch.setattr(trainer, "train_one_epoch", real_epoch)
+    steps = len(sides) // 3  # 1,439 training images in batches of 128: 12 steps an epoch
+    assert (steps, len(sides)) == (12, 36)
+    assert sides == [6] * 18 + [8] * 18
     real = trainer._save_epoch
 
     def save_then_stop(s, run, record, is_best):
@@ -162,3 +178,12 @@ def test_a_resumed_run_with_lookahead_tta_and_norm_lr_scale_matches_an_uninterru
     assert resumed.test_metrics["accuracy"] == whole.test_metrics["accuracy"] >= 0.7  # chance is 0.1
     # The stem's bias trained in epochs 1 and 2 and not in 3.
     assert bias_grads == [True, True, False]
+
+
+def test_progressive_resizing_refuses_a_model_that_cannot_take_the_smaller_images(tmp_path):
+    # seed_tf_tutorial flattens a fixed-size feature map into its dense layer: 24x24 inputs do not fit it.
+    with pytest.raises(ConfigError, match=r"low_res_scale 0.75 would train model 'seed_tf_tutorial' on 24x24 "
+                                          r"images \(the data is 32x32\), and it cannot take them"):
+        imgcls.train(out=str(tmp_path), name="refused", quiet=True, report=False, model="seed_tf_tutorial",
+                     image_size=32, epochs=1, low_res_scale=0.75, low_res_epochs=1)
+    assert not (tmp_path / "refused").exists()

@@ -56,6 +56,18 @@ def _keep_format(out: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return out.contiguous()
 
 
+def resize_batch(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Resize a batch to ``size`` (H, W): bilinear, antialiased when shrinking, in ``x``'s memory format.
+
+    Used by progressive resizing (``--low-res-scale``): early steps train on
+    smaller copies of the augmented batch.
+    """
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    out = F.interpolate(x, size=tuple(size), mode="bilinear", antialias=True, align_corners=False)
+    return _keep_format(out, x)
+
+
 # --------------------------------------------------------------------------
 # Horizontal flip
 # --------------------------------------------------------------------------

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from imgcls import __version__
 from imgcls.checkpoint import read_checkpoint, save_checkpoint
 from imgcls.config import RunConfig
-from imgcls.data.augment import build_augment
+from imgcls.data.augment import build_augment, resize_batch
 from imgcls.data.base import ImageDataset
 from imgcls.errors import ConfigError, TrainingError
 from imgcls.evaluation.evaluate import evaluate_model
@@ -72,6 +72,8 @@ class TrainState:
     class_weights: torch.Tensor | None
     lookahead: Lookahead | None = None
     flip_half: torch.Tensor | None = None  # altflip: bool (N,), the images mirrored in even epochs
+    low_res: tuple[int, int] | None = None  # progressive resizing: (H, W) of the first low_res_steps steps
+    low_res_steps: int = 0
     dataset: ImageDataset | None = None  # set by fit, for on_epoch_end callbacks
     epoch: int = 0  # epochs completed
     step: int = 0  # optimiser steps taken
@@ -107,6 +109,14 @@ def _epoch_seed(seed: int, epoch: int) -> int:
     return (seed * 1_000_003 + epoch * 7_919) % (2**63)
 
 
+def low_res_size(t, image_shape) -> tuple[int, int] | None:
+    """The (H, W) that progressive resizing trains on first, or None when it is off."""
+    if t.low_res_scale >= 1.0 or t.low_res_epochs <= 0:
+        return None
+    _, h, w = image_shape
+    return max(1, round(h * t.low_res_scale)), max(1, round(w * t.low_res_scale))
+
+
 def check_compatible(cfg: RunConfig, ds: ImageDataset) -> list[str]:
     """Refuse, before any training, what the config and data cannot do together.
 
@@ -131,8 +141,20 @@ def check_compatible(cfg: RunConfig, ds: ImageDataset) -> list[str]:
         raise ConfigError(f"batch_size {t.batch_size} is larger than the {len(ds.splits['train'])} training images")
     c, h, w = ds.image_shape
     # Building the model once refuses an unknown name, option or too-small input before a run folder exists.
-    create_model(cfg.model.name, in_chans=c, num_classes=ds.num_classes, img_size=(h, w), **cfg.model.options)
+    model = create_model(cfg.model.name, in_chans=c, num_classes=ds.num_classes, img_size=(h, w),
+                         **cfg.model.options)
     build_augment(t.augment, (h, w))
+    low = low_res_size(t, ds.image_shape)
+    if low is not None:
+        try:
+            with torch.no_grad():
+                model.eval()(torch.zeros(2, c, *low))
+        except (RuntimeError, ConfigError) as e:
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ConfigError(f"low_res_scale {t.low_res_scale:g} would train model {cfg.model.name!r} on "
+                              f"{low[0]}x{low[1]} images (the data is {h}x{w}), and it cannot take them ({reason}); "
+                              f"use a model that pools globally (such as fastnet) or a scale nearer 1, "
+                              f"or turn progressive resizing off with low_res_scale 1") from e
     return notes
 
 
@@ -169,6 +191,7 @@ def prepare(cfg: RunConfig, ds: ImageDataset, runtime: Runtime) -> TrainState:
     steps = _steps_per_epoch(len(train), t.batch_size)
     weights = class_weight_tensor(t.class_weights, train.labels, ds.num_classes)
     augment = build_augment(t.augment, (h, w))
+    low_res = low_res_size(t, ds.image_shape)
     return TrainState(
         cfg=cfg, runtime=runtime, model=model, optimizer=optimizer, schedule=LRSchedule(t, steps),
         tracker=EarlyStopping(t.monitor, t.patience, t.min_delta), augment=augment,
@@ -177,6 +200,7 @@ def prepare(cfg: RunConfig, ds: ImageDataset, runtime: Runtime) -> TrainState:
         lookahead=Lookahead(model, t.epochs * steps) if t.lookahead else None,
         flip_half=(torch.rand(len(train), generator=torch.Generator().manual_seed(t.seed)) < 0.5).to(runtime.device)
         if augment.alternating_flip else None,
+        low_res=low_res, low_res_steps=round(t.low_res_epochs * steps) if low_res else 0,
     )
 
 
@@ -201,6 +225,8 @@ def train_one_epoch(s: TrainState, progress: EpochProgress) -> dict:
         if s.augment:
             flip = (s.flip_half[idx] ^ bool(s.epoch % 2)) if s.augment.alternating_flip else None
             x = s.augment(x, gen, flip)
+        if s.step < s.low_res_steps:
+            x = resize_batch(x, s.low_res)
         lr = s.schedule.apply(s.optimizer, s.step)
         with rt.autocast():
             logits = model(x)
@@ -294,6 +320,9 @@ def fit(cfg: RunConfig, ds: ImageDataset, run: RunFolder, console, resume: bool 
     say(f"model {cfg.model.name}: {sum(p.numel() for p in s.model.parameters()):,} parameters; {runtime.describe()}")
     if resume:
         say(f"resuming {run.path} after epoch {s.epoch} of {t.epochs}")
+    if s.low_res_steps > s.step:
+        say(f"progressive resizing: steps {s.step + 1} to {s.low_res_steps} of {t.epochs * s.steps_per_epoch} train "
+            f"on {s.low_res[0]}x{s.low_res[1]} images, the rest at {ds.image_shape[1]}x{ds.image_shape[2]}")
     started = time.perf_counter()
     stopped_early = False
     while s.epoch < t.epochs:
