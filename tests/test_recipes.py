@@ -20,7 +20,8 @@ def test_recipe_settings_reach_the_config_and_flags_override_them():
     cfg = make_config(recipe="cifar10-fast")
     assert cfg.recipe == "cifar10-fast"
     assert (cfg.model.name, cfg.train.optimizer, cfg.train.muon_lr, cfg.train.tta, cfg.train.epochs) == (
-        "fastnet", "muon", 0.24, "flip-translate", 10)
+        "fastnet", "muon", 0.24, "flip-translate", 11)
+    assert (cfg.train.low_res_scale, cfg.train.low_res_epochs) == (0.75, 4)
     assert not cfg.train.lookahead
     assert cfg.train.augment == ["altflip", "crop:2"] and cfg.train.nesterov and cfg.data.val_fraction == 0.0
     mine = make_config(recipe="cifar10-fast", lr=0.5, epochs=4)
