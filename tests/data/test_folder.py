@@ -344,3 +344,27 @@ def test_real_mnist_zip_layout():
         for rel, label in layout.items["test"][::2500]:
             img = decode_image(source.read(rel), rel)
             assert to_array(img, 1, None).shape == (28, 28, 1) and rel.split("/")[1] == str(label)
+
+
+def test_plain_jpegs_load_through_the_shortcut_with_the_pixels_pil_gives(tmp_path, monkeypatch):
+    rng = np.random.default_rng(3)
+    files = {f"{c}/{i}.jpg": encode(Image.fromarray(rng.integers(0, 256, (12, 10, 3), dtype=np.uint8)), "JPEG",
+                                    quality=75) for c in ("cats", "dogs") for i in range(4)}
+    files["dogs/gray.jpg"] = encode(Image.fromarray(rng.integers(0, 256, (12, 10), dtype=np.uint8)), "JPEG")
+    path = write_zip(tmp_path / "d.zip", files)
+    real, taken = folder_module.decode_jpeg_array, []
+
+    def spy(*args):
+        out = real(*args)
+        taken.append(out is not None)
+        return out
+
+    monkeypatch.setattr(folder_module, "decode_jpeg_array", spy)
+    fast = load_folder(path, workers=1)
+    monkeypatch.setattr(folder_module, "decode_jpeg_array", lambda *args: None)
+    slow = load_folder(path, workers=1)
+    # Every file takes the shortcut: the gray one decodes to one channel, as with PIL, and is made RGB
+    # with the rest of the dataset afterwards.
+    assert taken == [True] * 9
+    assert fast.splits["all"].images.shape == (9, 12, 10, 3)
+    np.testing.assert_array_equal(fast.splits["all"].images, slow.splits["all"].images)

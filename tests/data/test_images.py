@@ -10,6 +10,7 @@ from imgcls.data.images import (
     IMAGE_EXTENSIONS,
     BadImageError,
     decode_image,
+    decode_jpeg_array,
     is_grayscale_mode,
     to_array,
 )
@@ -237,3 +238,40 @@ def test_is_grayscale_mode():
     colour_palette = Image.new("P", (1, 1))
     colour_palette.putpalette(list(RED) * 256)
     assert not is_grayscale_mode(colour_palette)
+
+
+def _pil_way(data: bytes, channels: int) -> np.ndarray:
+    return to_array(decode_image(data, "x.jpg"), channels, None)
+
+
+@pytest.mark.parametrize("mode, channels", [("RGB", 3), ("L", 1)])
+def test_plain_jpeg_shortcut_gives_the_same_pixels_as_pil(mode, channels):
+    rng = np.random.default_rng(0)
+    for quality, subsampling in ((75, 2), (95, 0), (50, 1)):
+        pixels = rng.integers(0, 256, (37, 29, 3), dtype=np.uint8)
+        data = encode(Image.fromarray(pixels).convert(mode), "JPEG", quality=quality, subsampling=subsampling)
+        for wanted in (channels, None):
+            arr, gray = decode_jpeg_array(data, wanted, None)
+            assert gray == (mode == "L") and arr.dtype == np.uint8 and arr.shape == (37, 29, channels)
+            assert np.array_equal(arr, _pil_way(data, channels))
+        assert decode_jpeg_array(data, channels, (37, 29)) is not None
+
+
+def test_jpeg_shortcut_leaves_to_pil_what_it_cannot_do_the_same_way(monkeypatch):
+    rgb = encode(Image.effect_noise((16, 12), 40).convert("RGB"), "JPEG")
+    gray = encode(Image.effect_noise((16, 12), 40), "JPEG")
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    declined = {
+        "another size": (rgb, 3, (32, 32)),
+        "colour to gray (PIL's luma)": (rgb, 1, None),
+        "gray to colour": (gray, 3, None),
+        "an EXIF orientation": (encode(Image.new("RGB", (16, 12), RED), "JPEG", exif=exif), 3, None),
+        "CMYK": (encode(Image.new("CMYK", (16, 12), (0, 255, 0, 0)), "JPEG"), 3, None),
+        "truncated": (rgb[: len(rgb) // 2], 3, None),
+        "not a JPEG": (encode(Image.new("RGB", (16, 12), RED), "PNG"), 3, None),
+    }
+    for why, (data, channels, size) in declined.items():
+        assert decode_jpeg_array(data, channels, size) is None, why
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 16x12 = 192 pixels: PIL refuses it, so must this
+    assert decode_jpeg_array(rgb, 3, None) is None

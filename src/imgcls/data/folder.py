@@ -42,6 +42,7 @@ from imgcls.data.images import (
     check_channels,
     check_resize,
     decode_image,
+    decode_jpeg_array,
     has_image_extension,
     is_grayscale_mode,
     resize_image,
@@ -440,7 +441,11 @@ def _decode_one(source: ImageSource, rel: str, opts: _Options):
     """Return (array or None, grayscale, (height, width), error or None)."""
     shown = source.display(rel)
     try:
-        img = decode_image(source.read(rel), shown, target=opts.size, resize=opts.resize)
+        data = source.read(rel)
+        fast = decode_jpeg_array(data, opts.channels, opts.size or opts.ref_size)
+        if fast is not None:
+            return fast[0], fast[1], fast[0].shape[:2], None
+        img = decode_image(data, shown, target=opts.size, resize=opts.resize)
         gray = is_grayscale_mode(img)
         native = (img.height, img.width)
         size = opts.size
