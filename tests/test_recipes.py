@@ -92,3 +92,17 @@ def test_recipes_command_lists_each_recipe_and_what_it_suits(capsys):
     for name in RECIPES:
         assert name in out
     assert "suits: colour (3-channel) images" in out and "--optimizer muon" in out
+
+
+def test_changing_a_recipes_epochs_keeps_its_share_of_low_resolution_training(tmp_path):
+    # cifar10-fast trains its first 4 of 11 epochs at 24x24; --epochs 22 makes that the first 8, --epochs 3
+    # the first 12/11 (4 of 3 epochs would be refused as more than the run).
+    assert make_config(recipe="cifar10-fast").train.low_res_epochs == 4
+    assert make_config(recipe="cifar10-fast", epochs=22).train.low_res_epochs == 8
+    assert make_config(recipe="cifar10-fast", epochs=3).train.low_res_epochs == pytest.approx(12 / 11)
+    assert make_config(recipe="cifar10-fast", epochs=3, low_res_epochs=1).train.low_res_epochs == 1
+    config = tmp_path / "c.yaml"
+    config.write_text("train:\n  epochs: 22\n")
+    assert make_config(config, recipe="cifar10-fast").train.low_res_epochs == 8
+    config.write_text("train:\n  epochs: 22\n  low_res_epochs: 2\n")
+    assert make_config(config, recipe="cifar10-fast").train.low_res_epochs == 2

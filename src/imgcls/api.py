@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +57,7 @@ def make_config(config: str | Path | dict | RunConfig | None = None, **overrides
         recipe_model = settings.get("model")
         layers.insert(0, dict(settings.get("model_option") or {}))
         base = apply_overrides({}, settings)
+        _keep_low_res_share(base, apply_overrides(copy.deepcopy(values), dict(overrides)), settings)
         for key, value in values.items():
             if isinstance(value, dict) and isinstance(base.get(key), dict):
                 base[key].update(value)
@@ -70,6 +72,21 @@ def make_config(config: str | Path | dict | RunConfig | None = None, **overrides
         merged.update(layer)
     cfg.model.options = merged
     return cfg
+
+
+def _keep_low_res_share(base: dict, user: dict, settings: dict) -> None:
+    """When only the epochs of a recipe with progressive resizing change, keep its share of the run.
+
+    ``--recipe cifar10-fast --epochs 22`` trains the first 8 epochs at low
+    resolution (the recipe's 4 of 11), not 4; a ``low_res_epochs`` the user
+    sets is kept as it is.
+    """
+    given = user.get("train") or {}
+    epochs = given.get("epochs")
+    if (not settings.get("low_res_epochs") or "low_res_epochs" in given or isinstance(epochs, bool)
+            or not isinstance(epochs, int) or epochs < 1):
+        return
+    base.setdefault("train", {})["low_res_epochs"] = settings["low_res_epochs"] * epochs / settings["epochs"]
 
 
 @dataclass
