@@ -49,6 +49,7 @@ def make_config(config: str | Path | dict | RunConfig | None = None, **overrides
     layers = [dict((values.get("model") or {}).get("options") or {}),
               dict(overrides.get("model_option") or overrides.get("model_options") or {})]
     recipe = overrides.get("recipe") or values.get("recipe")
+    values = apply_overrides(copy.deepcopy(values), overrides)  # what the user set: the config, then the flags
     recipe_model = None
     if recipe:
         from imgcls.recipes import get_recipe
@@ -57,14 +58,14 @@ def make_config(config: str | Path | dict | RunConfig | None = None, **overrides
         recipe_model = settings.get("model")
         layers.insert(0, dict(settings.get("model_option") or {}))
         base = apply_overrides({}, settings)
-        _keep_low_res_share(base, apply_overrides(copy.deepcopy(values), dict(overrides)), settings)
+        _keep_low_res_share(base, values, settings)
         for key, value in values.items():
             if isinstance(value, dict) and isinstance(base.get(key), dict):
                 base[key].update(value)
             else:
                 base[key] = value
         values = base
-    cfg = config_from_dict(apply_overrides(values, overrides))
+    cfg = config_from_dict(values)
     if recipe and cfg.model.name != recipe_model:
         layers.pop(0)
     merged: dict = {}
