@@ -131,8 +131,6 @@ def train(config=None, *, resume: str | Path | None = None, quiet: bool = False,
     from imgcls.training.run import RunFolder
     from imgcls.training.trainer import check_compatible, fit
 
-    import_dynamo_in_background()  # overlaps loading the data (about 1.4 s on 2 cores)
-
     console = console or _console(quiet)
     if resume is not None:
         run = RunFolder(resume)
@@ -148,6 +146,8 @@ def train(config=None, *, resume: str | Path | None = None, quiet: bool = False,
             run.write_text("config.yaml", dump_config(cfg))
     else:
         cfg = make_config(config, **overrides)
+    if cfg.train.optimizer != "muon":
+        import_dynamo_in_background()  # torch's optimisers need it: overlap it with loading the data (1-1.4 s)
     started = time.perf_counter()
     ds = build_dataset(cfg.data, seed=cfg.train.seed, progress=console.is_terminal)
     data_seconds = time.perf_counter() - started

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from imgcls.config import TrainConfig
-from imgcls.errors import ConfigError
+from imgcls.errors import CheckpointError, ConfigError
 from imgcls.training.optim import (
     EarlyStopping,
     Lookahead,
@@ -190,20 +190,41 @@ def test_muon_steps_filters_by_an_orthogonalised_update_and_the_rest_as_sgd():
 
 _DYNAMO_CHILD = """
 import sys, threading
-from imgcls.training.optim import import_dynamo_in_background
-assert "torch._dynamo" not in sys.modules
-import_dynamo_in_background()
-threads = [t for t in threading.enumerate() if t.name == "imgcls-import-dynamo"]
-for t in threads:
-    t.join()
-import torch
-opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
-opt.zero_grad()
-print(len(threads), callable(getattr(sys.modules["torch._dynamo"], "disable", None)))
+import imgcls
+started = []
+real_start = threading.Thread.start
+threading.Thread.start = lambda self: (started.append(self.name), real_start(self))[1]
+opts = dict(out=sys.argv[1], quiet=True, report=False, epochs=1, model_option={"widths": [8, 16, 16]})
+imgcls.train(name="muon", optimizer="muon", muon_lr=0.24, muon_momentum=0.6, lr=0.2, momentum=0.85, **opts)
+print("torch._dynamo" in sys.modules, "imgcls-import-dynamo" in started)
+imgcls.train(name="sgd", optimizer="sgd", lr=0.05, **opts)
+print("torch._dynamo" in sys.modules, "imgcls-import-dynamo" in started)
 """
 
 
-def test_torch_dynamo_which_every_torch_optimiser_imports_is_imported_on_a_thread_of_its_own():
-    # `train` starts it before loading the data, so the 1.4 s import overlaps decoding the images.
-    out = subprocess.run([sys.executable, "-c", _DYNAMO_CHILD], capture_output=True, text=True, check=True)
-    assert out.stdout.split() == ["1", "True"]
+def test_only_runs_with_a_torch_optimiser_import_torch_dynamo_and_on_a_thread_of_their_own(tmp_path):
+    # Every torch optimiser imports torch._dynamo when it is built (1-1.4 s on the 2-core CPU): `train`
+    # starts it on a thread before loading the data, so it overlaps decoding the images. Muon, imgcls's own
+    # optimiser, does without it, so a Muon run (the fast recipes) never pays for it: train, checkpoint, test.
+    out = subprocess.run([sys.executable, "-c", _DYNAMO_CHILD, str(tmp_path)], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.split() == ["False", "False", "True", "True"]
+
+
+def test_muon_state_dict_has_torch_layout_and_refuses_other_parameter_groups():
+    conv, head = torch.nn.Conv2d(3, 8, 3, bias=False), torch.nn.Linear(8, 2)
+    model = torch.nn.Sequential(conv, torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), head)
+    cfg = TrainConfig(optimizer="muon", lr=0.1, muon_lr=0.2, muon_momentum=0.6, momentum=0.9)
+    opt = build_optimizer(param_groups(model, cfg), cfg)
+    model(torch.randn(4, 3, 6, 6)).sum().backward()
+    opt.step()
+    saved = opt.state_dict()
+    # As torch.optim.Optimizer: parameters numbered in group order, state keyed by those numbers.
+    assert [g["params"] for g in saved["param_groups"]] == [[0], [1, 2]]
+    assert sorted(saved["state"]) == [0, 1, 2]
+    twin = build_optimizer(param_groups(model, cfg), cfg)
+    twin.load_state_dict(saved)
+    assert torch.equal(twin.state[head.bias]["momentum_buffer"], opt.state[head.bias]["momentum_buffer"])
+    other = build_optimizer(param_groups(torch.nn.Sequential(head), cfg), cfg)
+    with pytest.raises(CheckpointError, match=r"parameter groups of sizes \[1, 2\]; this model's are \[2\]"):
+        other.load_state_dict(saved)

@@ -129,13 +129,14 @@ def test_classifier_accepts_paths_pil_images_and_arrays(tmp_path):
 
 
 def test_a_resumed_run_with_lookahead_tta_and_norm_lr_scale_matches_an_uninterrupted_one(tmp_path, monkeypatch):
-    # The airbench pieces keep state beyond the optimiser (the lookahead average) and are resumed exactly;
-    # the stem's bias is frozen after the resume point (epoch 2 of 3); progressive resizing (6x6 for the
-    # first 1.5 epochs) goes on past it.
+    # The airbench pieces keep state beyond the optimiser (the lookahead average) and are resumed exactly,
+    # as is Muon's (imgcls's own optimiser: its momentum for the filters and for the rest); the stem's bias
+    # is frozen after the resume point (epoch 2 of 3); progressive resizing (6x6 for the first 1.5 epochs)
+    # goes on past it.
     import imgcls.training.trainer as trainer
 
-    opts = dict(out=str(tmp_path), quiet=True, report=False, epochs=3, optimizer="sgd", nesterov=True, lr=0.2,
-                momentum=0.85, weight_decay=1e-3, norm_lr_scale=16.0, lookahead=True, tta="flip", schedule="linear",
+    opts = dict(out=str(tmp_path), quiet=True, report=False, epochs=3, optimizer="muon", nesterov=True, lr=0.2,
+                momentum=0.85, muon_lr=0.24, muon_momentum=0.6, weight_decay=1e-3, norm_lr_scale=16.0, lookahead=True, tta="flip", schedule="linear",
                 warmup_epochs=1, warmup_start=0.2, min_lr=0.01, batch_size=128, augment="hflip,crop:1",
                 model_option={"widths": [8, 16, 16], "whiten": True, "dirac": True, "bn_scale": False,
                               "whiten_bias_epochs": 2}, low_res_scale=0.75, low_res_epochs=1.5)

@@ -15,7 +15,7 @@ import threading
 import torch
 
 from imgcls.config import OPTIMIZERS, SCHEDULES
-from imgcls.errors import ConfigError, unknown_name
+from imgcls.errors import CheckpointError, ConfigError, unknown_name
 
 # Metrics where larger is better; every other monitored metric is minimised.
 _MAXIMISED = ("val_accuracy", "train_accuracy")
@@ -58,8 +58,9 @@ def import_dynamo_in_background() -> None:
     Every torch optimiser imports it the first time one is built (their methods
     are wrapped in ``torch._disable_dynamo``): about 1.4 s on the 2-core CPU,
     before the first training step.  ``train`` starts this before it loads the
-    data, so the import overlaps reading the images; building the optimiser
-    then waits, on Python's import lock, for whatever is left of it.  A failed
+    data when the run uses a torch optimiser (:class:`Muon` needs no dynamo),
+    so the import overlaps reading the images; building the optimiser then
+    waits, on Python's import lock, for whatever is left of it.  A failed
     import here is dropped: the optimiser imports again and reports the error.
     """
     if "torch._dynamo" not in sys.modules:
@@ -74,7 +75,7 @@ def _import_quietly(name: str) -> None:
         pass
 
 
-def build_optimizer(params, cfg) -> torch.optim.Optimizer:
+def build_optimizer(params, cfg) -> torch.optim.Optimizer | Muon:
     """Build the optimiser named by ``cfg.optimizer`` (a TrainConfig) over ``params``
     (parameters or :func:`param_groups`)."""
     name = cfg.optimizer
@@ -113,7 +114,7 @@ def orthogonalize(g: torch.Tensor, steps: int = 3, eps: float = 1e-7) -> torch.T
     return (x.T if tall else x).to(g.dtype)
 
 
-class Muon(torch.optim.Optimizer):
+class Muon:
     """Muon for the groups marked ``muon``, SGD for the rest, in one optimiser.
 
     Muon (Keller Jordan, 2024; as in airbench94_muon): the (Nesterov) momentum
@@ -123,14 +124,48 @@ class Muon(torch.optim.Optimizer):
     The other groups take plain SGD steps (momentum, Nesterov and weight decay
     as ``torch.optim.SGD``).  One optimiser keeps one state dict, so a resumed
     run restores both.
+
+    It has the parts of the ``torch.optim.Optimizer`` interface that training
+    uses (``param_groups``, ``state``, ``step``, ``zero_grad``, ``state_dict``
+    and ``load_state_dict``, in torch's state-dict layout) but does not derive
+    from it: every torch optimiser imports ``torch._dynamo`` when it is built
+    (1.0-1.4 s on the 2-core CPU), and a Muon run needs none of it.
     """
 
     def __init__(self, params, lr: float, momentum: float = 0.9, nesterov: bool = True, weight_decay: float = 0.0):
-        super().__init__(params, {"lr": lr, "momentum": momentum, "nesterov": nesterov,
-                                  "weight_decay": weight_decay, "muon": False})
+        self.defaults = {"lr": lr, "momentum": momentum, "nesterov": nesterov, "weight_decay": weight_decay,
+                         "muon": False}
+        params = list(params)
+        groups = params if params and isinstance(params[0], dict) else [{"params": params}]
+        self.param_groups: list[dict] = []
+        seen: set[int] = set()
+        for group in groups:
+            group = {**self.defaults, **group, "params": list(group["params"])}
+            for p in group["params"]:
+                if not isinstance(p, torch.Tensor) or not p.is_leaf:
+                    raise ConfigError(f"Muon optimises leaf tensors, got {type(p).__name__}")
+                if id(p) in seen:
+                    raise ConfigError("a parameter appears in more than one Muon parameter group")
+                seen.add(id(p))
+            self.param_groups.append(group)
+        self.state: dict[torch.Tensor, dict] = {}
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if set_to_none:
+                    p.grad = None
+                else:
+                    p.grad.detach_().zero_()
 
     @torch.no_grad()
     def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
         for group in self.param_groups:
             lr, momentum, wd = group["lr"], group["momentum"], group["weight_decay"]
             for p in group["params"]:
@@ -139,7 +174,7 @@ class Muon(torch.optim.Optimizer):
                 g = p.grad
                 if wd and not group["muon"]:
                     g = g.add(p, alpha=wd)
-                state = self.state[p]
+                state = self.state.setdefault(p, {})
                 if "momentum_buffer" not in state:
                     state["momentum_buffer"] = g.detach().clone()
                 else:
@@ -150,6 +185,34 @@ class Muon(torch.optim.Optimizer):
                     p.mul_(len(p) ** 0.5 / p.norm().clamp_min(1e-12))
                     g = orthogonalize(g.reshape(len(g), -1)).view_as(p)
                 p.add_(g, alpha=-lr)
+        return loss
+
+    def state_dict(self) -> dict:
+        """As ``torch.optim.Optimizer.state_dict``: parameters numbered in group order."""
+        index = {}
+        groups = []
+        for group in self.param_groups:
+            numbers = [index.setdefault(id(p), len(index)) for p in group["params"]]
+            groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": numbers})
+        state = {index[id(p)]: dict(s) for p, s in self.state.items()}
+        return {"state": state, "param_groups": groups}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load a :meth:`state_dict` of an optimiser over the same parameter groups."""
+        saved = state_dict["param_groups"]
+        sizes, mine = [len(g["params"]) for g in saved], [len(g["params"]) for g in self.param_groups]
+        if sizes != mine:
+            raise CheckpointError(f"the saved Muon state has parameter groups of sizes {sizes}; "
+                                  f"this model's are {mine}")
+        params = {n: p for g_saved, group in zip(saved, self.param_groups)
+                  for n, p in zip(g_saved["params"], group["params"])}
+        self.state = {}
+        for n, s in state_dict["state"].items():
+            p = params[int(n)]
+            self.state[p] = {k: v.to(device=p.device, dtype=p.dtype) if isinstance(v, torch.Tensor) else v
+                             for k, v in s.items()}
+        for g_saved, group in zip(saved, self.param_groups):
+            group.update({k: v for k, v in g_saved.items() if k != "params"})
 
 
 class LRSchedule:
@@ -194,7 +257,7 @@ class LRSchedule:
             return cfg.lr + (floor - cfg.lr) * progress
         return floor + (cfg.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
-    def apply(self, optimizer: torch.optim.Optimizer, step: int) -> float:
+    def apply(self, optimizer: torch.optim.Optimizer | Muon, step: int) -> float:
         lr = self.lr_at(step)
         for group in optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)

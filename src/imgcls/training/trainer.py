@@ -47,6 +47,7 @@ from imgcls.training.optim import (
     EarlyStopping,
     Lookahead,
     LRSchedule,
+    Muon,
     build_optimizer,
     class_weight_tensor,
     param_groups,
@@ -62,7 +63,7 @@ class TrainState:
     cfg: RunConfig
     runtime: Runtime
     model: torch.nn.Module
-    optimizer: torch.optim.Optimizer
+    optimizer: torch.optim.Optimizer | Muon
     schedule: LRSchedule
     tracker: EarlyStopping
     augment: object
