@@ -9,6 +9,9 @@ notes and a CRC32 of every array.  Arrays are read back with
 An entry is written into a temporary folder beside it and renamed into place,
 so a crash leaves either no entry or a whole one.  An entry that fails to read
 back (truncated, edited, from another format version) is removed and rebuilt.
+Entries are not fsynced: whatever a power cut leaves (files renamed into place
+whose data never reached the disk) fails that check too, and is rebuilt, and
+fsync made writing the CIFAR-10 entry take 0.15-0.6 s instead of 0.07 s.
 """
 
 from __future__ import annotations
@@ -183,8 +186,6 @@ def write_entry(entry: Path, key: str, dataset: ImageDataset) -> None:
         }
         with open(tmp / _META, "w", encoding="utf-8") as f:
             json.dump(meta, f)
-            f.flush()
-            os.fsync(f.fileno())
         try:
             os.rename(tmp, entry)
         except OSError:
@@ -231,8 +232,6 @@ def read_entry(entry: Path, key: str) -> ImageDataset:
 def _save(path: Path, array: np.ndarray) -> None:
     with open(path, "wb") as f:
         np.save(f, np.ascontiguousarray(array), allow_pickle=False)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def _remove(entry: Path) -> None:
