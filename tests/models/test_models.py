@@ -333,6 +333,18 @@ def test_whiten_init_whitens_the_stem():
     torch.testing.assert_close(moment, torch.eye(12), atol=0.05, rtol=0)
 
 
+def test_whiten_init_in_chunks_gives_the_same_filters_and_refuses_no_images(monkeypatch):
+    import imgcls.models.fast as fast
+
+    x = torch.randn(250, 3, 12, 12, generator=torch.Generator().manual_seed(1))
+    whole = whiten_init(create_model("fastnet_small", 3, NUM_CLASSES, (12, 12)), x).features.stem.conv.weight
+    monkeypatch.setattr(fast, "_WHITEN_CHUNK", 64)  # 4 chunks, the last one short
+    chunked = whiten_init(create_model("fastnet_small", 3, NUM_CLASSES, (12, 12)), x).features.stem.conv.weight
+    assert torch.equal(whole, chunked)
+    with pytest.raises(ConfigError, match=r"with N >= 1, got \(0, 3, 12, 12\)"):
+        whiten_init(create_model("fastnet_small", 3, NUM_CLASSES, (12, 12)), x[:0])
+
+
 # ---------------------------------------------------------------------------
 # Summary, errors, registry.
 
