@@ -113,3 +113,15 @@ def test_scores_are_computed_in_fp32_channels_last_and_the_layout_changes_them_o
     cl = predict_logits(model, images, norm, rt, 32, "flip-translate")
     plain = predict_logits(model, images, norm, Runtime(rt.device, False, False), 32, "flip-translate")
     torch.testing.assert_close(cl, plain, rtol=1e-4, atol=1e-4)
+
+
+def test_fp32_on_cuda_turns_tf32_off_inside_the_context_and_restores_it():
+    # cuDNN's default is TF32 on Ampere and later, which moved CUDA fp32 scores 1.5e-4 from ONNX Runtime's;
+    # entering the context only sets flags, so this runs without a GPU.
+    conv, matmul = torch.backends.cudnn.conv, torch.backends.cuda.matmul
+    before = conv.fp32_precision, matmul.fp32_precision
+    with Runtime(torch.device("cuda"), bf16=False, channels_last=True).autocast():
+        assert (conv.fp32_precision, matmul.fp32_precision) == ("ieee", "ieee")
+    assert (conv.fp32_precision, matmul.fp32_precision) == before
+    with Runtime(torch.device("cpu"), bf16=False, channels_last=True).autocast():
+        assert (conv.fp32_precision, matmul.fp32_precision) == before  # the CPU has no TF32 to turn off

@@ -7,7 +7,7 @@ every path normalises images and batches them the same way.
 from __future__ import annotations
 
 import os
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -59,6 +59,25 @@ def keep_freed_memory() -> bool:
     return _ALLOCATOR_TUNED
 
 
+@contextmanager
+def ieee_fp32():
+    """CUDA convolutions and matrix products in IEEE fp32 (no TF32) inside the context; restored after."""
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    conv = getattr(cudnn, "conv", None)
+    if hasattr(conv, "fp32_precision"):  # torch 2.9 and later; the allow_tf32 flags are deprecated there
+        flags, off = [(conv, "fp32_precision"), (matmul, "fp32_precision")], "ieee"
+    else:
+        flags, off = [(cudnn, "allow_tf32"), (matmul, "allow_tf32")], False
+    saved = [getattr(obj, name) for obj, name in flags]
+    for obj, name in flags:
+        setattr(obj, name, off)
+    try:
+        yield
+    finally:
+        for (obj, name), value in zip(flags, saved):
+            setattr(obj, name, value)
+
+
 @dataclass(frozen=True)
 class Runtime:
     """Where and how tensors are computed."""
@@ -68,9 +87,14 @@ class Runtime:
     channels_last: bool
 
     def autocast(self):
-        """The autocast context for forward passes (a no-op in fp32)."""
+        """The precision context for forward passes: bf16 autocast, or full fp32.
+
+        fp32 on a CUDA GPU turns TF32 off for convolutions and matrix products
+        inside the context (cuDNN's default is TF32, with a 10-bit mantissa),
+        so that fp32 scores match the CPU's and ONNX Runtime's to 1e-4.
+        """
         if not self.bf16:
-            return nullcontext()
+            return ieee_fp32() if self.device.type == "cuda" else nullcontext()
         return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
     def describe(self) -> str:
