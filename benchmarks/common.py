@@ -13,7 +13,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "data"
+# The zips of ../shared/data; IMGCLS_BENCH_DATA points elsewhere (a GPU machine's copy of them, say).
+SHARED = Path(os.environ.get("IMGCLS_BENCH_DATA") or ROOT.parent / "shared" / "data")
 RESULTS = ROOT / "benchmarks" / "results"
 KERAS_VENV = Path(os.environ.get("IMGCLS_KERAS_VENV", Path.home() / ".cache" / "imgcls-bench" / "keras-venv"))
 # The peer's packages: the CPU build of TensorFlow from the package index, in its own venv.

@@ -15,9 +15,8 @@ import statistics
 import subprocess
 import sys
 import tempfile
-from pathlib import Path
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+from common import SHARED
 
 PROBE = """
 import json, sys, time

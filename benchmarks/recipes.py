@@ -8,6 +8,9 @@ report, which `train` otherwise writes afterwards, is left out of the clock).
     python benchmarks/recipes.py                           # both recipes, seeds 0 1 2
     python benchmarks/recipes.py --recipes mnist-fast --seeds 0 1 2 3 4
     python benchmarks/recipes.py --recipes cifar10-fast --epochs 10
+    python benchmarks/recipes.py --device cuda             # on a CUDA GPU (results named *-cuda.json)
+
+The zips are read from ../shared/data, or from the folder IMGCLS_BENCH_DATA names.
 
 Prints the test accuracy as mean and standard deviation (and min, max) over
 seeds, as airbench reports it, and the wall time, data time, training
@@ -38,6 +41,7 @@ def run_recipe(recipe: str, seed: int, tmp: Path, extra: list[str]) -> dict:
     info = json.loads((tmp / "runs" / name / "run.json").read_text())
     epochs = [json.loads(line) for line in (tmp / "runs" / name / "metrics.jsonl").read_text().splitlines()]
     return {**proc, "test_accuracy": info["test_accuracy"], "data_seconds": info["data_seconds"],
+            "train_seconds": sum(e["train_seconds"] for e in epochs), "fit_seconds": info["train_seconds_this_session"],
             "epochs": len(epochs), "images_per_sec": statistics.median(e["images_per_sec"] for e in epochs)}
 
 
@@ -46,8 +50,10 @@ def main() -> None:
     parser.add_argument("--recipes", nargs="+", default=list(DATA), choices=list(DATA))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, help="override the recipes' epochs")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                        help="what `imgcls train --device` gets (auto: a CUDA GPU where there is one)")
     args = parser.parse_args()
-    extra = ["--epochs", str(args.epochs)] if args.epochs else []
+    extra = (["--epochs", str(args.epochs)] if args.epochs else []) + ["--device", args.device]
     print(f"machine: {machine_line()}", flush=True)
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -68,12 +74,15 @@ def main() -> None:
             print(f"  test accuracy %  mean {statistics.mean(acc):.2f}  std {statistics.pstdev(acc):.2f}  "
                   f"[{min(acc):.2f}, {max(acc):.2f}]  over seeds {args.seeds}")
             print(f"  wall s {spread([r['wall_seconds'] for r in runs])}   data s "
-                  f"{spread([r['data_seconds'] for r in runs], '.2f')}   train img/s "
+                  f"{spread([r['data_seconds'] for r in runs], '.2f')}   training steps s "
+                  f"{spread([r['train_seconds'] for r in runs])}   training and test pass s "
+                  f"{spread([r['fit_seconds'] for r in runs])}   train img/s "
                   f"{spread([r['images_per_sec'] for r in runs], '.0f')}   peak RSS MiB "
                   f"{spread([r['peak_rss_mib'] for r in runs], '.0f')}   epochs {runs[0]['epochs']}")
             print(f"  bar ({bar_acc:.1%} within {bar_s:.0f} s, data loading included): met by {hits} of {len(runs)} runs")
     for recipe, runs in results.items():  # one file per recipe, so that running one leaves the others
-        path = save_results(f"recipe-{recipe}" + (f"-{args.epochs}ep" if args.epochs else ""),
+        path = save_results(f"recipe-{recipe}" + (f"-{args.epochs}ep" if args.epochs else "")
+                            + ("-cuda" if args.device == "cuda" else ""),
                             {"seeds": args.seeds, "runs": runs})
         print(f"raw results: {path}")
 
