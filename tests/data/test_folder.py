@@ -1,6 +1,7 @@
 """Folders and zips of class folders: layouts, bad and skipped files, decoding."""
 
 import io
+import mmap
 import zipfile
 from pathlib import Path
 
@@ -284,6 +285,33 @@ def test_parallel_decoding_matches_serial(tmp_path, monkeypatch):
     np.testing.assert_array_equal(parallel.splits["all"].images, serial.splits["all"].images)
     assert parallel.splits["all"].paths == serial.splits["all"].paths
     assert [b.path for b in parallel.bad] == [b.path for b in serial.bad] == [f"{path}/c0/bad.png"]
+
+
+def _mapped_base(array: np.ndarray):
+    """The object that owns ``array``'s memory."""
+    while isinstance(array, np.ndarray) and array.base is not None:
+        array = array.base
+    return array.obj if isinstance(array, memoryview) else array
+
+
+@pytest.mark.parametrize("odd", ["none", "gray", "size"])
+def test_workers_write_into_shared_slots_and_a_whole_group_is_not_copied(tmp_path, monkeypatch, odd):
+    # 60 colour images of one size fill every slot: the split is one view of the shared map, not a copy.
+    # One grayscale image, or one of another size, sends its chunk back the old way: the same pixels.
+    files = {f"c{k % 3}/{k:03d}.png": png((k, 255 - k, 7), size=(5, 4)) for k in range(60)}
+    if odd == "gray":
+        files["c1/013.png"] = png(90, size=(5, 4), mode="L")
+    elif odd == "size":
+        files["c1/013.png"] = png((1, 2, 3), size=(9, 4))
+    path = write_zip(tmp_path / "p.zip", files)
+    serial = load_folder(path, workers=1)
+    monkeypatch.setattr(folder_module, "_PARALLEL_MIN", 0)
+    monkeypatch.setattr(folder_module, "_CHUNK", 7)
+    parallel = load_folder(path, workers=2)
+    np.testing.assert_array_equal(parallel.splits["all"].images, serial.splits["all"].images)
+    assert parallel.splits["all"].paths == serial.splits["all"].paths
+    assert parallel.notes == serial.notes
+    assert isinstance(_mapped_base(parallel.splits["all"].images), mmap.mmap) == (odd == "none")
 
 
 def test_unsupported_paths(tmp_path):
