@@ -51,7 +51,7 @@ def compute_metrics(labels: np.ndarray, proba: np.ndarray, classes: list[str], t
         "confusion_matrix": cm.tolist(),
         "classes": list(classes),
     }
-    weights = {"macro": np.full(k, 1.0 / max(k, 1)), "weighted": _ratio(s.astype(np.float64), np.full(k, float(s.sum())))}
+    weights = {"macro": np.full(k, 1.0 / max(k, 1)), "weighted": s / max(s.sum(), 1)}  # no images: all zeros
     for avg, w in weights.items():
         out[f"{avg}_avg"] = {"precision": float(w @ p), "recall": float(w @ r), "f1": float(w @ f),
                              "support": int(len(labels))}
