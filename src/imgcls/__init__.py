@@ -14,13 +14,13 @@ __all__ = ["train", "load", "__version__"]
 
 def train(*args, **kwargs):
     """Train a model; see :func:`imgcls.api.train`."""
-    from imgcls.api import train as _train
+    from imgcls.startup import import_paused
 
-    return _train(*args, **kwargs)
+    return import_paused("imgcls.api").train(*args, **kwargs)
 
 
 def load(*args, **kwargs):
     """Load a trained classifier; see :func:`imgcls.api.load`."""
-    from imgcls.api import load as _load
+    from imgcls.startup import import_paused
 
-    return _load(*args, **kwargs)
+    return import_paused("imgcls.api").load(*args, **kwargs)

@@ -162,18 +162,18 @@ def _config_overrides(args) -> dict:
 
 
 def cmd_train(args) -> int:
-    from imgcls.api import train
+    import imgcls  # its train() imports torch with the garbage collector paused (imgcls.startup)
 
     overrides = _config_overrides(args)
-    train(args.config, resume=args.resume, quiet=args.quiet, **overrides)
+    imgcls.train(args.config, resume=args.resume, quiet=args.quiet, **overrides)
     return 0
 
 
 def cmd_evaluate(args) -> int:
-    from imgcls.api import load
+    import imgcls
     from imgcls.evaluation.metrics import format_confusion, format_report
 
-    clf = load(args.run, which=args.checkpoint, device=args.device)
+    clf = imgcls.load(args.run, which=args.checkpoint, device=args.device)
     metrics = clf.evaluate(args.data, split=args.split, top_k=args.top_k, save=True)
     print(format_report(metrics, title=f"{args.run}: {args.split} split"))
     print()
@@ -182,11 +182,11 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from imgcls.api import load
+    import imgcls
 
     if args.top_k < 1:
         raise ImgclsError(f"--top-k must be at least 1, got {args.top_k}")
-    clf = load(args.run, which=args.checkpoint, device=args.device)
+    clf = imgcls.load(args.run, which=args.checkpoint, device=args.device)
     thresholds = clf.meta.get("thresholds") if args.thresholds else None
     if args.thresholds and thresholds is None:
         raise ImgclsError(f"{args.run} has no thresholds stored; run `imgcls thresholds {args.run}` first")
@@ -273,10 +273,10 @@ def cmd_models(args) -> int:
 
 
 def cmd_explain(args) -> int:
-    from imgcls.api import load
+    import imgcls
     from imgcls.explain.explain import write_explanations
 
-    clf = load(args.run, device=args.device)
+    clf = imgcls.load(args.run, device=args.device)
     exp = clf.explain(args.inputs, method=args.method, target=args.target, layer=args.layer)
     out = args.out or (Path(args.run) / "explain" if Path(args.run).is_dir() else Path("explain"))
     for path in write_explanations(exp, out, save_maps=args.save_maps):
@@ -361,12 +361,12 @@ def cmd_probe(args) -> int:
 def cmd_cv(args) -> int:
     from rich.console import Console
 
-    from imgcls.api import make_config
-    from imgcls.evaluation.cv import cross_validate, format_cv
+    from imgcls.startup import import_paused
 
+    api, cv = import_paused("imgcls.api"), import_paused("imgcls.evaluation.cv")
     overrides = _config_overrides(args)
-    result = cross_validate(make_config(args.config, **overrides), args.folds, Console(highlight=False))
-    print(format_cv(result))
+    result = cv.cross_validate(api.make_config(args.config, **overrides), args.folds, Console(highlight=False))
+    print(cv.format_cv(result))
     return 0
 
 

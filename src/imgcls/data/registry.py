@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from imgcls.data.base import ImageDataset, Split
 from imgcls.errors import DataError
+from imgcls.startup import collector_paused
 
 CACHE_FORMAT = 1
 
@@ -66,12 +67,13 @@ def build_dataset(cfg, seed: int = 0, progress: bool = False) -> ImageDataset:
     """
     source = cfg.dataset
     size = tuple(cfg.image_size) if cfg.image_size else None
-    if source in _BUILTIN:
-        ds = _load_builtin(source, cfg.cache)
-        ds = adapt_images(ds, size, cfg.channels)
-    else:
-        ds = _load_path(Path(source).expanduser(), cfg, size, progress)
-    return complete_splits(ds, cfg.val_fraction, cfg.test_fraction, seed)
+    with collector_paused():  # a path per image: tens of thousands of objects that live for the run
+        if source in _BUILTIN:
+            ds = _load_builtin(source, cfg.cache)
+            ds = adapt_images(ds, size, cfg.channels)
+        else:
+            ds = _load_path(Path(source).expanduser(), cfg, size, progress)
+        return complete_splits(ds, cfg.val_fraction, cfg.test_fraction, seed)
 
 
 def _cache_dir() -> Path:

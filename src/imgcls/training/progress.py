@@ -5,14 +5,6 @@ Shown only on a terminal; in a log or CI the per-epoch summary line suffices.
 
 from __future__ import annotations
 
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-)
-
 
 class EpochProgress:
     """Context manager wrapping a transient rich progress bar."""
@@ -23,6 +15,15 @@ class EpochProgress:
         self.label = f"epoch {epoch}/{epochs}"
         self._progress = None
         if self.enabled:
+            # Imported here: rich.progress takes 20-100 ms to import, wasted on a run with no terminal.
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+            )
+
             self._progress = Progress(
                 TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                 TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), console=console, transient=True,

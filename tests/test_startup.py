@@ -1,0 +1,62 @@
+"""The garbage collector is paused while torch is imported and while a dataset loads, and only then."""
+
+import gc
+from types import SimpleNamespace
+
+import pytest
+
+import imgcls.data.registry as registry
+from imgcls.config import DataConfig
+from imgcls.startup import collector_paused, import_paused
+
+
+@pytest.fixture
+def collector_on():
+    was = gc.isenabled()
+    gc.enable()
+    yield
+    gc.enable() if was else gc.disable()
+
+
+def test_the_pause_restores_the_collector_even_when_the_block_fails(collector_on):
+    with pytest.raises(RuntimeError):
+        with collector_paused():
+            assert not gc.isenabled()
+            raise RuntimeError("boom")
+    assert gc.isenabled()
+    gc.disable()
+    with collector_paused():  # a caller that had it off keeps it off
+        pass
+    assert not gc.isenabled()
+
+
+def test_a_module_imported_paused_sees_no_collector(tmp_path, monkeypatch, collector_on):
+    (tmp_path / "probe_module.py").write_text("import gc\nCOLLECTOR_ON = gc.isenabled()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert import_paused("probe_module").COLLECTOR_ON is False
+    assert gc.isenabled()
+
+
+def test_a_dataset_loads_with_the_collector_paused(monkeypatch, collector_on):
+    seen = []
+
+    def load_builtin(name, use_cache):
+        seen.append(gc.isenabled())
+        return original(name, use_cache)
+
+    original = registry._load_builtin
+    monkeypatch.setattr(registry, "_load_builtin", load_builtin)
+    ds = registry.build_dataset(DataConfig(dataset="digits"))
+    assert seen == [False] and gc.isenabled() and len(ds.splits["train"]) > 0
+
+
+def test_the_package_entry_points_import_the_api_that_way(monkeypatch):
+    import imgcls
+    import imgcls.startup
+
+    asked = []
+    api = SimpleNamespace(train=lambda *a, **k: ("trained", a, k), load=lambda *a, **k: ("loaded", a, k))
+    monkeypatch.setattr(imgcls.startup, "import_paused", lambda name: asked.append(name) or api)
+    assert imgcls.train("c.yaml", epochs=2) == ("trained", ("c.yaml",), {"epochs": 2})
+    assert imgcls.load("runs/x") == ("loaded", ("runs/x",), {})
+    assert asked == ["imgcls.api", "imgcls.api"]
