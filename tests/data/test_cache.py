@@ -162,3 +162,18 @@ def test_unwritable_cache_is_a_note_not_a_failure(tmp_path):
     dataset, hit = load_cached(cache_key(source), CountingBuild(source), blocker)
     assert not hit and len(dataset.splits["train"]) == 3
     assert any("could not be cached" in n for n in dataset.notes)
+
+
+def test_a_hit_maps_the_entry_and_writing_to_it_never_reaches_the_entry(tmp_path):
+    # The images of a hit are the entry's file, mapped copy-on-write: nothing is read into fresh memory.
+    source = write_zip(tmp_path / "d.zip", FILES)
+    key = cache_key(source, image_size=None, channels=None)
+    first, _ = load_cached(key, CountingBuild(source), tmp_path / "decoded")
+    second, hit = load_cached(key, CountingBuild(source), tmp_path / "decoded")
+    images = second.splits["train"].images
+    assert hit and isinstance(images, np.memmap) and Path(images.filename).parent == tmp_path / "decoded" / key
+    images[0] = 0  # allowed (training code may write in place), and private to this process
+    third, hit3 = load_cached(key, CountingBuild(source), tmp_path / "decoded")
+    assert hit3
+    np.testing.assert_array_equal(third.splits["train"].images, first.splits["train"].images)
+    assert third.splits["train"].images[0].any()

@@ -314,6 +314,53 @@ def test_workers_write_into_shared_slots_and_a_whole_group_is_not_copied(tmp_pat
     assert isinstance(_mapped_base(parallel.splits["all"].images), mmap.mmap) == (odd == "none")
 
 
+def _zipfile_view(path: Path) -> tuple[list[str], set[str], dict[str, bytes]]:
+    """Files, folders and member bytes of a zip as the standard library reads it."""
+    with zipfile.ZipFile(path) as zf:
+        infos = [(i.filename.replace("\\", "/").lstrip("/"), i) for i in zf.infolist()]
+        files = {name: zf.read(info) for name, info in infos if not info.is_dir() and name}
+    dirs = {name.rstrip("/") for name, info in infos if info.is_dir()}
+    dirs |= {"/".join(f.split("/")[:k]) for f in files for k in range(1, f.count("/") + 1)}
+    return sorted(files), dirs, files
+
+
+@pytest.mark.parametrize("kind", ["plain", "utf8-names", "dir-entries", "data-in-front", "bzip2-member", "zip64"])
+def test_a_zip_lists_and_reads_as_zipfile_does(tmp_path, kind):
+    # The member list is parsed from the raw central directory; what it cannot read simply it leaves to zipfile.
+    files = {"cats/a.png": png(RED), "dogs/b.png": png(BLUE), "dogs/deep/c.png": png(GREEN)}
+    path = tmp_path / "d.zip"
+    if kind == "utf8-names":
+        files = {**files, "chats_été/d.png": png((1, 2, 3)), "狗/e.png": png((4, 5, 6))}  # mixed with ASCII names
+    if kind == "dir-entries":  # birds/ is listed only above a folder that has its own entry
+        files = {**files, "birds/young/h.png": png((13, 14, 15))}
+    write_zip(path, files, dirs=("cats", "empty/inner", "birds/young") if kind == "dir-entries" else ())
+    if kind == "data-in-front":
+        path.write_bytes(b"#!/bin/sh\nexit 0\n" + path.read_bytes())
+    elif kind == "bzip2-member":
+        with zipfile.ZipFile(path, "a") as zf:
+            zf.writestr("cats/f.png", png((7, 8, 9)), compress_type=zipfile.ZIP_BZIP2)
+    elif kind == "zip64":
+        with zipfile.ZipFile(path, "a") as zf, zf.open("dogs/g.png", "w", force_zip64=True) as member:
+            member.write(png((10, 11, 12)))
+    want_files, want_dirs, want_bytes = _zipfile_view(path)
+    parsed = folder_module._parse_members(folder_module.zip_central_directory(path) or b"PK")
+    assert (parsed is None) == (kind == "data-in-front")  # the offsets there need zipfile's correction
+    with open_source(path) as source:
+        assert source.files() == want_files and source.dirs() == want_dirs
+        assert {rel: source.read(rel) for rel in source.files()} == want_bytes
+
+
+def test_a_zip_whose_directory_is_damaged_is_refused_with_its_name(tmp_path):
+    path = write_zip(tmp_path / "d.zip", CLASS_FILES)
+    data = bytearray(path.read_bytes())
+    at = data.rindex(b"PK\x01\x02")  # the last member's central-directory entry
+    data[at + 3] = 9  # its signature
+    path.write_bytes(bytes(data))
+    assert folder_module._parse_members(folder_module.zip_central_directory(path)) is None
+    with pytest.raises(DataError, match="d.zip: cannot be read as a zip file"):
+        load_folder(path)
+
+
 def test_unsupported_paths(tmp_path):
     with pytest.raises(DataError, match="no such folder or zip"):
         load_folder(tmp_path / "missing")
