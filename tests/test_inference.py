@@ -5,11 +5,18 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
 from imgcls.errors import ConfigError
-from imgcls.inference import Runtime, predict_logits, scoring_runtime, tta_logits
+from imgcls.inference import (
+    Runtime,
+    channel_stats,
+    predict_logits,
+    scoring_runtime,
+    tta_logits,
+)
 from imgcls.models import create_model
 
 
@@ -125,3 +132,23 @@ def test_fp32_on_cuda_turns_tf32_off_inside_the_context_and_restores_it():
     assert (conv.fp32_precision, matmul.fp32_precision) == before
     with Runtime(torch.device("cpu"), bf16=False, channels_last=True).autocast():
         assert (conv.fp32_precision, matmul.fp32_precision) == before  # the CPU has no TF32 to turn off
+
+
+@pytest.mark.parametrize("shape", [(7, 5, 3, 3), (300, 16, 16, 3), (40, 9, 11, 1), (2, 1, 1, 3)])
+def test_channel_stats_match_numpy_whatever_part_of_a_row_is_left_over(shape):
+    # Pixels are summed as rows of 256; the shapes leave no full row, a whole number of rows, and a remainder.
+    images = np.random.default_rng(sum(shape)).integers(0, 256, shape, dtype=np.uint8)
+    images[..., 0] //= 4  # channels with different statistics, so a mix-up of channels shows
+    stats = channel_stats(images)
+    pixels = images.reshape(-1, shape[-1]).astype(np.float64) / 255.0
+    np.testing.assert_allclose(stats["mean"], pixels.mean(0), atol=1e-6)
+    expected_std = np.maximum(pixels.std(0, ddof=1) if len(pixels) > 1 else 0.0, 1e-3)
+    np.testing.assert_allclose(stats["std"], expected_std, atol=1e-6)
+
+
+def test_channel_stats_of_a_constant_channel_give_the_floor_not_a_zero_std():
+    images = np.full((10, 4, 4, 3), 200, dtype=np.uint8)
+    images[..., 2] = np.arange(16, dtype=np.uint8).reshape(4, 4)
+    stats = channel_stats(images)
+    assert stats["std"][:2] == [1e-3, 1e-3] and stats["std"][2] > 0.01
+    assert stats["mean"][0] == pytest.approx(200 / 255, abs=1e-6)
