@@ -1,6 +1,8 @@
 """Decoding one image and converting every PIL mode to uint8 L or RGB."""
 
 import io
+import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -11,6 +13,7 @@ from imgcls.data.images import (
     BadImageError,
     decode_image,
     decode_jpeg_array,
+    decode_png_array,
     is_grayscale_mode,
     to_array,
 )
@@ -275,3 +278,65 @@ def test_jpeg_shortcut_leaves_to_pil_what_it_cannot_do_the_same_way(monkeypatch)
         assert decode_jpeg_array(data, channels, size) is None, why
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 16x12 = 192 pixels: PIL refuses it, so must this
     assert decode_jpeg_array(rgb, 3, None) is None
+
+
+def _png_chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(body, zlib.crc32(kind)))
+
+
+def unfiltered_png(pixels: np.ndarray, extra: tuple[bytes, ...] = ()) -> bytes:
+    """A PNG of 8-bit ``pixels`` (H, W) or (H, W, 3) whose rows are all stored unfiltered, as some writers do."""
+    h, w = pixels.shape[:2]
+    colour = 0 if pixels.ndim == 2 else 2
+    rows = b"".join(b"\0" + row.tobytes() for row in pixels.reshape(h, -1))
+    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, colour, 0, 0, 0))
+            + b"".join(extra) + _png_chunk(b"IDAT", zlib.compress(rows)) + _png_chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("mode, channels", [("RGB", 3), ("L", 1)])
+def test_plain_png_shortcut_gives_the_same_pixels_as_pil(mode, channels):
+    rng = np.random.default_rng(1)
+    for trial in range(4):
+        pixels = rng.integers(0, 256, (23, 17, 3), dtype=np.uint8)
+        pixels[: 5 * trial] = pixels[0]  # repeated rows: PIL's encoder then picks other row filters
+        img = Image.fromarray(pixels).convert(mode)
+        encoded = {
+            "PIL's adaptive row filters": encode(img, "PNG"),
+            "PIL, optimised": encode(img, "PNG", optimize=True),
+            "rows unfiltered, with text and gamma chunks": unfiltered_png(
+                np.asarray(img), (_png_chunk(b"tEXt", b"Title\0x"), _png_chunk(b"gAMA", struct.pack(">I", 45455)))),
+        }
+        for how, data in encoded.items():
+            for wanted in (channels, None):
+                arr, gray = decode_png_array(data, wanted, None)
+                assert gray == (mode == "L") and arr.dtype == np.uint8 and arr.shape == (23, 17, channels), how
+                assert arr.flags.writeable and np.array_equal(arr, to_array(decode_image(data, "x.png"), channels, None)), how
+            assert decode_png_array(data, channels, (23, 17)) is not None
+
+
+def test_png_shortcut_leaves_to_pil_what_it_cannot_do_the_same_way(monkeypatch):
+    pixels = np.random.default_rng(2).integers(0, 256, (12, 16, 3), dtype=np.uint8)
+    rgb, gray = unfiltered_png(pixels), unfiltered_png(pixels[..., 0])
+    bad_crc = bytearray(rgb)
+    bad_crc[-20] ^= 1  # a byte of the IDAT chunk
+    with_transparency = unfiltered_png(pixels, (_png_chunk(b"tRNS", b"\0\0\0\0\0\0"),))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    declined = {
+        "another size": (rgb, 3, (32, 32)),
+        "colour to gray (PIL's luma)": (rgb, 1, None),
+        "gray to colour": (gray, 3, None),
+        "a palette": (encode(Image.fromarray(pixels).convert("P"), "PNG"), 3, None),
+        "transparency (composited on white)": (with_transparency, 3, None),
+        "an alpha channel": (encode(Image.fromarray(pixels).convert("RGBA"), "PNG"), 3, None),
+        "16 bits": (encode(Image.fromarray(pixels[..., 0].astype(np.uint16) * 257), "PNG"), 1, None),
+        "an EXIF orientation": (encode(Image.fromarray(pixels), "PNG", exif=exif), 3, None),
+        "a damaged chunk": (bytes(bad_crc), 3, None),
+        "truncated": (rgb[: len(rgb) // 2], 3, None),
+        "not a PNG": (encode(Image.fromarray(pixels), "JPEG"), 3, None),
+    }
+    for why, (data, channels, size) in declined.items():
+        assert decode_png_array(data, channels, size) is None, why
+    assert decode_png_array(rgb, 3, None) is not None
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 16x12 = 192 pixels: PIL refuses it, so must this
+    assert decode_png_array(rgb, 3, None) is None

@@ -4,7 +4,9 @@ An entry is a folder named by :func:`cache_key` holding, per split, the images
 as a uint8 ``.npy`` file and the labels as an int64 ``.npy`` file, plus a
 ``meta.json`` with the classes, split names, paths, skipped and bad files,
 notes and a CRC32 of every array.  Arrays are read back with
-``allow_pickle=False``: a cache file can never run code.
+``allow_pickle=False``: a cache file can never run code.  Images are mapped
+copy-on-write rather than read (see :func:`read_entry`): an entry is never
+changed in place, only replaced by a rename, so a mapped file stays whole.
 
 An entry is written into a temporary folder beside it and renamed into place,
 so a crash leaves either no entry or a whole one.  An entry that fails to read

@@ -42,6 +42,7 @@ from imgcls.data.images import (
     check_resize,
     decode_image,
     decode_jpeg_array,
+    decode_png_array,
     has_image_extension,
     is_grayscale_mode,
     resize_image,
@@ -543,7 +544,8 @@ def _decode_one(source: ImageSource, rel: str, opts: _Options):
     shown = source.display(rel)
     try:
         data = source.read(rel)
-        fast = decode_jpeg_array(data, opts.channels, opts.size or opts.ref_size)
+        want = opts.size or opts.ref_size
+        fast = decode_jpeg_array(data, opts.channels, want) or decode_png_array(data, opts.channels, want)
         if fast is not None:
             return fast[0], fast[1], fast[0].shape[:2], None
         img = decode_image(data, shown, target=opts.size, resize=opts.resize)

@@ -16,12 +16,18 @@ plain JPEG already at the wanted size and channel count: libjpeg-turbo
 (through simplejpeg) decodes it straight into an array, with the same pixels
 as the two steps above (the same library underneath; 0 of 20,000 CIFAR-10
 images differ) in about a sixth of the time (10.6 against 61.5 us a 32x32
-image on the 2-core CPU).  Anything else goes the PIL way.
+image on the 2-core CPU).  :func:`decode_png_array` does the same for a plain
+PNG (8-bit grayscale or RGB, not interlaced, no palette, transparency or EXIF):
+unfiltered rows are the pixels themselves once inflated, and filtered ones go
+to PIL's own PNG decoder without its Python plugin (5 and 12 against 25 us a
+28x28 MNIST image).  Anything else goes the PIL way.
 """
 
 from __future__ import annotations
 
 import io
+import struct
+import zlib
 
 import numpy as np
 import simplejpeg
@@ -139,6 +145,76 @@ def decode_jpeg_array(data: bytes, channels: int | None, size: tuple[int, int] |
         return simplejpeg.decode_jpeg(data, colorspace="GRAY" if gray else "RGB", strict=True), gray
     except ValueError:
         return None
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# Chunks that change no pixel of what decode_image and to_array give (PIL applies neither gamma nor ICC
+# profiles); any other (a palette, transparency, EXIF, APNG frames, an unknown one) sends the file to PIL.
+_PNG_PLAIN_CHUNKS = frozenset({b"IHDR", b"IDAT", b"IEND", b"pHYs", b"tEXt", b"zTXt", b"iTXt", b"tIME",
+                               b"gAMA", b"cHRM", b"sRGB", b"iCCP", b"sBIT"})
+
+
+def decode_png_array(data: bytes, channels: int | None, size: tuple[int, int] | None) -> tuple[np.ndarray, bool] | None:
+    """A plain PNG decoded straight into a uint8 (H, W, C) array, or None where PIL must decode it.
+
+    Taken only where the result is what :func:`decode_image` and
+    :func:`to_array` give: 8-bit grayscale or RGB, not interlaced, only
+    chunks that leave the pixels alone, within ``PIL.Image.MAX_IMAGE_PIXELS``,
+    already ``size`` (H, W) when a size is given, and asked for its own
+    channel count (or ``channels`` None).  Every chunk's CRC is checked, as
+    PIL does; anything wrong returns None, so that PIL's decode reports it.
+
+    Returns:
+        (array, grayscale) or None.
+    """
+    if not data.startswith(_PNG_SIGNATURE):
+        return None
+    pos, header, idat = len(_PNG_SIGNATURE), None, []
+    try:
+        while True:
+            length, kind = struct.unpack_from(">I4s", data, pos)
+            body = data[pos + 8 : pos + 8 + length]
+            (crc,) = struct.unpack_from(">I", data, pos + 8 + length)
+            if kind not in _PNG_PLAIN_CHUNKS or len(body) != length or zlib.crc32(body, zlib.crc32(kind)) != crc:
+                return None
+            if kind == b"IHDR" and header is None and pos == len(_PNG_SIGNATURE):
+                header = struct.unpack(">IIBBBBB", body)
+            elif kind == b"IDAT" and header is not None:
+                idat.append(body)
+            elif kind == b"IEND":
+                break
+            elif kind in (b"IHDR", b"IDAT"):  # a second header, or data before the header
+                return None
+            pos += 12 + length
+    except struct.error:  # a chunk cut short
+        return None
+    if header is None or not idat:
+        return None
+    width, height, depth, colour, compression, filtering, interlace = header
+    gray = colour == 0
+    limit = Image.MAX_IMAGE_PIXELS
+    if (depth != 8 or colour not in (0, 2) or compression or filtering or interlace or not width or not height
+            or (limit is not None and height * width > limit) or (size is not None and tuple(size) != (height, width))
+            or (channels is not None and (channels == 1) != gray)):
+        return None
+    c, stream = 1 if gray else 3, b"".join(idat)
+    expected = height * (1 + width * c)  # each row: a filter-type byte, then its pixels
+    try:
+        inflate = zlib.decompressobj()
+        raw = inflate.decompress(stream, expected + 1)
+    except zlib.error:
+        return None
+    if len(raw) != expected or not inflate.eof:
+        return None
+    rows = np.frombuffer(raw, np.uint8).reshape(height, 1 + width * c)
+    if not rows[:, 0].any():  # every row stored unfiltered: the bytes are the pixels
+        return rows[:, 1:].reshape(height, width, c).copy(), gray
+    mode = "L" if gray else "RGB"
+    try:  # PIL's PNG decoder (inflate, then undo the row filters), as its plugin would call it
+        img = Image.frombytes(mode, (width, height), stream, "zip", mode, 0)
+    except (ValueError, OSError):
+        return None
+    return np.array(img).reshape(height, width, c), gray
 
 
 def _orientation(img: Image.Image) -> int:
