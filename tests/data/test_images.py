@@ -260,24 +260,37 @@ def test_plain_jpeg_shortcut_gives_the_same_pixels_as_pil(mode, channels):
         assert decode_jpeg_array(data, channels, (37, 29)) is not None
 
 
-def test_jpeg_shortcut_leaves_to_pil_what_it_cannot_do_the_same_way(monkeypatch):
-    rgb = encode(Image.effect_noise((16, 12), 40).convert("RGB"), "JPEG")
-    gray = encode(Image.effect_noise((16, 12), 40), "JPEG")
+def _exif_rotated(fmt: str) -> bytes:
     exif = Image.Exif()
     exif[0x0112] = 6
-    declined = {
+    return encode(Image.new("RGB", (16, 12), RED), fmt, exif=exif)
+
+
+def _assert_declined(decode, rgb: bytes, gray: bytes, other_format: bytes, cases: dict, monkeypatch) -> None:
+    """``decode`` returns None for the shared cases and ``cases``, and for a file over PIL's pixel limit."""
+    cases = {
         "another size": (rgb, 3, (32, 32)),
         "colour to gray (PIL's luma)": (rgb, 1, None),
         "gray to colour": (gray, 3, None),
-        "an EXIF orientation": (encode(Image.new("RGB", (16, 12), RED), "JPEG", exif=exif), 3, None),
-        "CMYK": (encode(Image.new("CMYK", (16, 12), (0, 255, 0, 0)), "JPEG"), 3, None),
         "truncated": (rgb[: len(rgb) // 2], 3, None),
-        "not a JPEG": (encode(Image.new("RGB", (16, 12), RED), "PNG"), 3, None),
+        "another format": (other_format, 3, None),
+        **cases,
     }
-    for why, (data, channels, size) in declined.items():
-        assert decode_jpeg_array(data, channels, size) is None, why
+    for why, (data, channels, size) in cases.items():
+        assert decode(data, channels, size) is None, why
+    assert decode(rgb, 3, None) is not None
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 16x12 = 192 pixels: PIL refuses it, so must this
-    assert decode_jpeg_array(rgb, 3, None) is None
+    assert decode(rgb, 3, None) is None
+
+
+def test_jpeg_shortcut_leaves_to_pil_what_it_cannot_do_the_same_way(monkeypatch):
+    rgb = encode(Image.effect_noise((16, 12), 40).convert("RGB"), "JPEG")
+    gray = encode(Image.effect_noise((16, 12), 40), "JPEG")
+    cases = {
+        "an EXIF orientation": (_exif_rotated("JPEG"), 3, None),
+        "CMYK": (encode(Image.new("CMYK", (16, 12), (0, 255, 0, 0)), "JPEG"), 3, None),
+    }
+    _assert_declined(decode_jpeg_array, rgb, gray, encode(Image.new("RGB", (16, 12), RED), "PNG"), cases, monkeypatch)
 
 
 def _png_chunk(kind: bytes, body: bytes) -> bytes:
@@ -319,24 +332,12 @@ def test_png_shortcut_leaves_to_pil_what_it_cannot_do_the_same_way(monkeypatch):
     rgb, gray = unfiltered_png(pixels), unfiltered_png(pixels[..., 0])
     bad_crc = bytearray(rgb)
     bad_crc[-20] ^= 1  # a byte of the IDAT chunk
-    with_transparency = unfiltered_png(pixels, (_png_chunk(b"tRNS", b"\0\0\0\0\0\0"),))
-    exif = Image.Exif()
-    exif[0x0112] = 6
-    declined = {
-        "another size": (rgb, 3, (32, 32)),
-        "colour to gray (PIL's luma)": (rgb, 1, None),
-        "gray to colour": (gray, 3, None),
+    cases = {
         "a palette": (encode(Image.fromarray(pixels).convert("P"), "PNG"), 3, None),
-        "transparency (composited on white)": (with_transparency, 3, None),
+        "transparency (composited on white)": (unfiltered_png(pixels, (_png_chunk(b"tRNS", b"\0" * 6),)), 3, None),
         "an alpha channel": (encode(Image.fromarray(pixels).convert("RGBA"), "PNG"), 3, None),
         "16 bits": (encode(Image.fromarray(pixels[..., 0].astype(np.uint16) * 257), "PNG"), 1, None),
-        "an EXIF orientation": (encode(Image.fromarray(pixels), "PNG", exif=exif), 3, None),
+        "an EXIF orientation": (_exif_rotated("PNG"), 3, None),
         "a damaged chunk": (bytes(bad_crc), 3, None),
-        "truncated": (rgb[: len(rgb) // 2], 3, None),
-        "not a PNG": (encode(Image.fromarray(pixels), "JPEG"), 3, None),
     }
-    for why, (data, channels, size) in declined.items():
-        assert decode_png_array(data, channels, size) is None, why
-    assert decode_png_array(rgb, 3, None) is not None
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 16x12 = 192 pixels: PIL refuses it, so must this
-    assert decode_png_array(rgb, 3, None) is None
+    _assert_declined(decode_png_array, rgb, gray, encode(Image.fromarray(pixels), "JPEG"), cases, monkeypatch)
