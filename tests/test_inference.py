@@ -15,6 +15,7 @@ from imgcls.inference import (
     channel_stats,
     predict_logits,
     scoring_runtime,
+    to_input,
     tta_logits,
 )
 from imgcls.models import create_model
@@ -152,3 +153,14 @@ def test_channel_stats_of_a_constant_channel_give_the_floor_not_a_zero_std():
     stats = channel_stats(images)
     assert stats["std"][:2] == [1e-3, 1e-3] and stats["std"][2] > 0.01
     assert stats["mean"][0] == pytest.approx(200 / 255, abs=1e-6)
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_to_input_normalises_each_channel_in_the_layout_asked_for(channels_last):
+    images = torch.randint(0, 256, (6, 5, 7, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    mean, std = torch.tensor([0.2, 0.5, 0.7]), torch.tensor([0.1, 0.3, 0.25])
+    x = to_input(images, mean, std, channels_last)
+    want = (images.permute(0, 3, 1, 2).double() / 255 - mean.double().view(1, 3, 1, 1)) / std.double().view(1, 3, 1, 1)
+    assert x.shape == (6, 3, 5, 7) and x.dtype == torch.float32
+    assert x.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    torch.testing.assert_close(x.double(), want, atol=1e-6, rtol=0)
