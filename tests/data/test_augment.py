@@ -300,3 +300,17 @@ def test_resize_batch_shrinks_in_the_same_memory_format_and_keeps_a_flat_colour(
     assert torch.allclose(out[1, :, :11], torch.tensor(3.0), atol=1e-5)  # the bright half stays the top half
     assert torch.allclose(out[1, 0, 13:], torch.tensor(0.5), atol=1e-5)
     assert resize_batch(x, (32, 32)) is x
+
+
+@pytest.mark.parametrize("shape,size", [((5, 3, 32, 32), (24, 24)), ((2, 1, 28, 20), (21, 15)), ((3, 3, 9, 12), (16, 8))])
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_resize_batch_is_torchs_antialiased_bilinear_resize(shape, size, channels_last):
+    # Two matrix products stand in for F.interpolate(antialias=True): the same images, shrunk or grown.
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(sum(shape)))
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    want = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
+    got = resize_batch(x, size)
+    assert got.shape == want.shape
+    assert got.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
