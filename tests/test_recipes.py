@@ -20,8 +20,8 @@ def test_recipe_settings_reach_the_config_and_flags_override_them():
     cfg = make_config(recipe="cifar10-fast")
     assert cfg.recipe == "cifar10-fast"
     assert (cfg.model.name, cfg.train.optimizer, cfg.train.muon_lr, cfg.train.tta, cfg.train.epochs) == (
-        "fastnet", "muon", 0.24, "flip-translate", 11)
-    assert (cfg.train.low_res_scale, cfg.train.low_res_epochs) == (0.75, 4)
+        "fastnet", "muon", 0.24, "flip-translate", 13)
+    assert (cfg.train.low_res_scale, cfg.train.low_res_epochs) == (0.75, 7)
     assert not cfg.train.lookahead
     assert cfg.train.augment == ["altflip", "crop:2"] and cfg.train.nesterov and cfg.data.val_fraction == 0.0
     mine = make_config(recipe="cifar10-fast", lr=0.5, epochs=4)
@@ -95,14 +95,14 @@ def test_recipes_command_lists_each_recipe_and_what_it_suits(capsys):
 
 
 def test_changing_a_recipes_epochs_keeps_its_share_of_low_resolution_training(tmp_path):
-    # cifar10-fast trains its first 4 of 11 epochs at 24x24; --epochs 22 makes that the first 8, --epochs 3
-    # the first 12/11 (4 of 3 epochs would be refused as more than the run).
-    assert make_config(recipe="cifar10-fast").train.low_res_epochs == 4
-    assert make_config(recipe="cifar10-fast", epochs=22).train.low_res_epochs == 8
-    assert make_config(recipe="cifar10-fast", epochs=3).train.low_res_epochs == pytest.approx(12 / 11)
+    # cifar10-fast trains its first 7 of 13 epochs at 24x24; --epochs 26 makes that the first 14, --epochs 3
+    # the first 21/13 (7 of 3 epochs would be refused as more than the run).
+    assert make_config(recipe="cifar10-fast").train.low_res_epochs == 7
+    assert make_config(recipe="cifar10-fast", epochs=26).train.low_res_epochs == 14
+    assert make_config(recipe="cifar10-fast", epochs=3).train.low_res_epochs == pytest.approx(21 / 13)
     assert make_config(recipe="cifar10-fast", epochs=3, low_res_epochs=1).train.low_res_epochs == 1
     config = tmp_path / "c.yaml"
-    config.write_text("train:\n  epochs: 22\n")
-    assert make_config(config, recipe="cifar10-fast").train.low_res_epochs == 8
+    config.write_text("train:\n  epochs: 26\n")
+    assert make_config(config, recipe="cifar10-fast").train.low_res_epochs == 14
     config.write_text("train:\n  epochs: 22\n  low_res_epochs: 2\n")
     assert make_config(config, recipe="cifar10-fast").train.low_res_epochs == 2

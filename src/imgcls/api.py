@@ -78,8 +78,8 @@ def make_config(config: str | Path | dict | RunConfig | None = None, **overrides
 def _keep_low_res_share(base: dict, user: dict, settings: dict) -> None:
     """When only the epochs of a recipe with progressive resizing change, keep its share of the run.
 
-    ``--recipe cifar10-fast --epochs 22`` trains the first 8 epochs at low
-    resolution (the recipe's 4 of 11), not 4; a ``low_res_epochs`` the user
+    ``--recipe cifar10-fast --epochs 26`` trains the first 14 epochs at low
+    resolution (the recipe's 7 of 13), not 7; a ``low_res_epochs`` the user
     sets is kept as it is.
     """
     given = user.get("train") or {}
