@@ -90,8 +90,8 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
                 "and one-pixel shifts); all training images, no val split",
         channels=3, min_side=24, max_side=48, tuned_side=32, min_train_images=5000,
         # 13 epochs, the first 7 at 24x24 (progressive resizing: 1.7-1.9x the images a second there), seeds 0-4 on
-        # the 2-core CPU: 91.12% ± 0.14 [90.91, 91.27], 4 of 5 at 91%, in 535 s [531, 540]. 12 epochs (6 at
-        # 24x24): 91.03% ± 0.16 in 514 s.
+        # the 2-core CPU: 91.12% ± 0.14 [90.91, 91.27], 4 of 5 at 91%, in 535 s [531, 540]; seeds 0-7: 91.11% ±
+        # 0.14, 6 of 8 at 91%, in 537 s [531, 550]. 12 epochs (6 at 24x24): 91.03% ± 0.16 in 514 s.
         # 11 epochs (4 at 24x24): 90.98% ± 0.15 over six runs (seeds 0-2, each with and without a 3e-7 change to
         # the step), 90.99% ± 0.17 over 8 seeds on an H100. A rounding change re-rolls a seed within that spread.
         # airbench94_muon trains 8 epochs on clean CIFAR-10; JPEG q75 images cost about 3 points. 10 epochs all
