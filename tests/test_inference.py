@@ -107,11 +107,11 @@ print(inference._ALLOCATOR_TUNED, min(per_step))  # the steady step: an odd step
 @pytest.mark.parametrize("path", ["train", "predict"])
 def test_keep_freed_memory_stops_steps_and_predictions_faulting_their_buffers_in_again(path, mode):
     # With glibc's default every training step maps its big buffers afresh and page-faults them in (276,000 to
-    # 346,000 faults a step here); keep_freed_memory() lets the next step reuse them. Prediction on the CPU
-    # tunes it by itself (the fp32 6-view test pass of cifar10-fast: 62 s untuned, 34 s tuned). The fewest
-    # faults of five steps is compared, not the mean: tuned, most steps fault 0 times, but an odd step that
-    # grows a thread's arena took the mean of three to 13,951 once in CI. IMGCLS_MALLOC=system keeps glibc's
-    # default.
+    # 346,000 faults a step here; 173,000 a prediction of 512 images); keep_freed_memory() lets the next step
+    # reuse them. Prediction on the CPU tunes it by itself (the fp32 6-view test pass of cifar10-fast: 62 s
+    # untuned, 34 s tuned). The fewest faults of five steps is compared, not the mean: tuned, most steps fault
+    # 0 times, but an odd step that grows a thread's arena took the mean of three to 13,951 once in CI.
+    # IMGCLS_MALLOC=system keeps glibc's default.
     env = {**os.environ, "IMGCLS_MALLOC": "system" if mode == "system" else ""}
     out = subprocess.run([sys.executable, "-c", _FAULTS_CHILD, path], env=env, capture_output=True, text=True,
                          check=True)
@@ -119,7 +119,7 @@ def test_keep_freed_memory_stops_steps_and_predictions_faulting_their_buffers_in
     if mode == "tuned":
         assert tuned == "True" and int(faults) < 10_000
     else:
-        assert tuned == "False" and int(faults) > 30_000
+        assert tuned == "False" and int(faults) > 100_000
 
 
 def test_scores_are_computed_in_fp32_channels_last_and_the_layout_changes_them_only_by_rounding():
