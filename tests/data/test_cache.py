@@ -65,6 +65,7 @@ def test_second_load_comes_from_the_cache(tmp_path):
     assert second.skipped == first.skipped and len(second.skipped) == 1
     assert second.bad == first.bad and len(second.bad) == 1
     assert second.notes == first.notes
+    assert second.layout == first.layout == "train/ -> train (3 images), test/ -> test (1)"
     entry = tmp_path / "decoded" / key
     assert sorted(p.suffix for p in entry.iterdir()) == [".json", ".npy", ".npy", ".npy", ".npy"]
     assert [p.name for p in (tmp_path / "decoded").iterdir()] == [key]  # no temporary folder left
@@ -141,6 +142,20 @@ def test_damaged_entry_is_rebuilt(tmp_path, damage):
     again, hit = load_cached(key, build, cache_dir)
     assert hit and build.calls == 2
     np.testing.assert_array_equal(again.splits["train"].images, original.splits["train"].images)
+
+
+def test_entry_of_the_format_before_the_layout_line_is_rebuilt_with_it(tmp_path):
+    source = write_zip(tmp_path / "d.zip", FILES)
+    build = CountingBuild(source)
+    cache_dir = tmp_path / "decoded"
+    load_cached("a" * 32, build, cache_dir)
+    meta_file = cache_dir / ("a" * 32) / "meta.json"
+    meta = json.loads(meta_file.read_text())
+    del meta["layout"]
+    meta_file.write_text(json.dumps({**meta, "format": 1}))
+    rebuilt, hit = load_cached("a" * 32, build, cache_dir)
+    assert not hit and build.calls == 2 and rebuilt.layout.startswith("train/ -> train")
+    assert json.loads(meta_file.read_text())["layout"] == rebuilt.layout
 
 
 def test_entry_for_another_key_is_not_trusted(tmp_path):

@@ -17,6 +17,8 @@ from imgcls.data.folder import (
     open_source,
 )
 from imgcls.data.images import decode_image, to_array
+from imgcls.data.layout import Layout, describe_layout, split_of
+from imgcls.data.registry import complete_splits
 from imgcls.errors import ConfigError, DataError
 
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
@@ -163,6 +165,140 @@ def test_unknown_class_in_test(make_source):
 def test_split_folders_need_train(make_source):
     with pytest.raises(DataError, match="no train/ folder"):
         load_folder(make_source({"val/cats/a.png": png(), "test/dogs/a.png": png()}))
+
+
+def under(prefix: str, files: dict[str, bytes]) -> dict[str, bytes]:
+    return {f"{prefix}/{rel}": data for rel, data in files.items()}
+
+
+TWO_IMAGES = {"cats/x.png": png(RED), "dogs/y.png": png(BLUE)}
+
+
+@pytest.mark.parametrize(
+    ("train", "other", "split"),
+    [
+        ("Training", "testing", "test"),
+        ("training_set", "test_set", "test"),
+        ("train-set", "TEST_SET", "test"),
+        ("Train Set", "Test Set", "test"),
+        ("trainset", "testset", "test"),
+        ("train_data", "test_data", "test"),
+        ("TRAIN", "holdout", "test"),
+        ("train_images", "eval", "test"),
+        ("TrainingData", "Evaluation", "test"),
+        ("train_split", "dev", "val"),
+        ("train.data", "Validation", "val"),
+        ("training-set", "valid_set", "val"),
+        ("train", "val_set", "val"),
+        ("training", "Dev Set", "val"),
+    ],
+)
+def test_split_folders_are_known_by_any_usual_name(make_source, train, other, split):
+    root = make_source({**under(train, CLASS_FILES), **under(other, TWO_IMAGES)})
+    ds = load_folder(root)
+    assert ds.classes == ["cats", "dogs"] and list(ds.splits) == ["train", split]
+    assert ds.splits[split].labels.tolist() == [0, 1]
+    assert inner(ds.splits[split].paths[0], root) == f"{other}/cats/x.png"
+    assert ds.layout == f"{train}/ -> train (4 images), {other}/ -> {split} (2)"
+
+
+@pytest.mark.parametrize("name", ["cats", "trainer", "contest", "data", "images", "set", "valley", "tests2", "dev_ops"])
+def test_ordinary_folder_names_are_not_splits(name):
+    assert split_of(name) is None
+
+
+def test_split_folders_under_a_wrapping_folder(make_source):
+    root = make_source({**under("dataset/training_set", CLASS_FILES), **under("dataset/test_set", TWO_IMAGES)})
+    ds = load_folder(root)
+    assert ds.classes == ["cats", "dogs"] and list(ds.splits) == ["train", "test"]
+    assert inner(ds.splits["train"].paths[0], root) == "dataset/training_set/cats/a.png"
+    assert ds.layout == "dataset/training_set/ -> train (4 images), dataset/test_set/ -> test (2)"
+
+
+def test_a_split_folder_repeated_inside_itself_is_looked_through(make_source):
+    # Kaggle's cats-and-dogs zip: training_set/training_set/cats/..., test_set/test_set/dogs/...
+    files = {**under("training_set/training_set", CLASS_FILES), **under("test_set/test_set", TWO_IMAGES)}
+    ds = load_folder(make_source(files))
+    assert ds.classes == ["cats", "dogs"] and list(ds.splits) == ["train", "test"]
+    assert ds.layout == "training_set/training_set/ -> train (4 images), test_set/test_set/ -> test (2)"
+    wrapped = load_folder(make_source({**under("train/animals", CLASS_FILES), **under("test", TWO_IMAGES)}, name="w"))
+    assert wrapped.classes == ["cats", "dogs"] and len(wrapped.splits["train"]) == 4
+
+
+def test_class_like_folders_one_level_down_are_refused_with_the_tree(make_source):
+    files = {**under("part1", CLASS_FILES), **under("part2", TWO_IMAGES)}
+    root = make_source(files)
+    with pytest.raises(DataError) as info:
+        load_folder(root)
+    message = str(info.value)
+    assert "  part1/ (cats/ 2 images, dogs/ 2 images)\n  part2/ (cats/ 1 image, dogs/ 1 image)\n" in message
+    hint = f"--data {root}/part1" if root.is_dir() else f"unzip {root} and give --data <the unzipped folder>/part1"
+    assert hint in message and "rename them to train/ and test/" in message
+
+
+def test_class_like_folders_inside_a_split_are_refused(make_source):
+    files = {**under("train/a", CLASS_FILES), **under("train/b", TWO_IMAGES), **under("test", TWO_IMAGES)}
+    with pytest.raises(DataError) as info:
+        load_folder(make_source(files))
+    message = str(info.value)
+    assert "  train/a/ (cats/ 2 images, dogs/ 2 images)\n  train/b/ (cats/ 1 image, dogs/ 1 image)\n" in message
+    assert "put one folder per class directly in train/ (train/cats/, train/dogs/)" in message
+
+
+def test_split_folders_inside_class_folders_are_refused(make_source):
+    files = {"cats/train/a.png": png(), "cats/train/b.png": png(), "cats/test/c.png": png(), "dogs/train/d.png": png()}
+    with pytest.raises(DataError) as info:
+        load_folder(make_source(files))
+    message = str(info.value)
+    assert "  cats/ (test/ 1 image, train/ 2 images)\n  dogs/ (train/ 1 image)\n" in message
+    assert "put the split folders at the top" in message
+
+
+def test_a_class_sorted_into_folders_of_its_own_is_a_class(make_source):
+    files = {
+        "dogs/2019/a.png": png(BLUE), "dogs/2020/b.png": png(BLUE), "dogs/2020/c.png": png(BLUE),
+        "cats/holiday/d.png": png(RED), "cats/e.png": png(RED),
+    }  # fmt: skip
+    ds = load_folder(make_source(files))
+    assert ds.classes == ["cats", "dogs"] and ds.splits["all"].labels.tolist() == [0, 0, 1, 1, 1]
+    # Two such classes sharing one folder name (2020/) are still classes: a level of classes has two names at least.
+    files = {"dogs/2019/a.png": png(), "dogs/2020/b.png": png(), "cats/2020/c.png": png(), "cats/misc/d.png": png()}
+    assert load_folder(make_source(files, name="shared")).classes == ["cats", "dogs"]
+
+
+def test_split_folders_without_a_train_folder_list_the_train_names(make_source):
+    files = {**under("Validation", TWO_IMAGES), **under("testing", TWO_IMAGES)}
+    with pytest.raises(DataError, match=r"found Validation/, testing/ but no train/ folder.*training_set"):
+        load_folder(make_source(files))
+
+
+def test_two_folders_for_one_split_are_refused(make_source):
+    files = {**under("train", TWO_IMAGES), **under("Training_Set", TWO_IMAGES)}
+    with pytest.raises(DataError, match=r"both Training_Set/ and train/ are train folders"):
+        load_folder(make_source(files))
+
+
+def test_layout_line_counts_decoded_images_and_what_was_carved(make_source):
+    ds = load_folder(make_source(under("flowers", BAD_FILES)))
+    assert ds.layout == "one folder per class (2 classes, 4 images) under flowers/"  # 2 of 6 undecodable
+    ds = complete_splits(ds, val_fraction=0.25, test_fraction=0.5, seed=0)
+    assert ds.layout == "one folder per class (2 classes, 4 images) under flowers/; test and val carved out"
+    assert ds.summary_lines()[1] == f"  layout: {ds.layout}" and ds.record()["layout"] == ds.layout
+    split = load_folder(make_source({**under("training", CLASS_FILES), **under("testing", TWO_IMAGES)}, name="s"))
+    assert complete_splits(split, 0.25, 0.25, seed=0).layout == (
+        "training/ -> train (4 images), testing/ -> test (2); val carved from train"
+    )
+    plain = load_folder(make_source(CLASS_FILES, name="p"))
+    plain = complete_splits(plain, 0.0, 0.5, seed=0)
+    assert plain.layout == "one folder per class (2 classes, 4 images); test carved out"
+
+
+def test_layout_line_uses_thousands_separators():
+    layout = Layout(["a", "b"], {"train": [], "test": []}, {}, roots={"train": "training/", "test": "testing/"})
+    line = describe_layout(layout, {"train": 1877, "test": 470})
+    assert line == "training/ -> train (1,877 images), testing/ -> test (470)"
+    flat = Layout(["a", "b", "c", "d", "e"], {"all": []}, {}, roots={"all": "flowers/"})
+    assert describe_layout(flat, {"all": 4317}) == "one folder per class (5 classes, 4,317 images) under flowers/"
 
 
 BAD_FILES = {

@@ -65,6 +65,10 @@ class ImageDataset:
         skipped: non-image files and hidden files that were passed over.
         bad: images that could not be decoded (corrupt, truncated).
         notes: lines for the user about how the dataset was prepared.
+        layout: one line saying how the source was read: which folders became
+            which split and how many images each kept, then what was carved
+            out (``training/ -> train (1,877 images), testing/ -> test (470);
+            val carved from train``); ``built-in`` for a registry dataset.
     """
 
     name: str
@@ -73,6 +77,7 @@ class ImageDataset:
     skipped: list[SkippedFile] = field(default_factory=list)
     bad: list[SkippedFile] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    layout: str = ""
 
     @property
     def num_classes(self) -> int:
@@ -86,9 +91,11 @@ class ImageDataset:
         return (c, h, w)
 
     def summary_lines(self) -> list[str]:
-        """Human-readable lines: split sizes, skipped and bad files."""
+        """Human-readable lines: the layout, split sizes, skipped and bad files."""
         c, h, w = self.image_shape
         lines = [f"dataset {self.name}: {self.num_classes} classes, images {c}x{h}x{w}"]
+        if self.layout:
+            lines.append(f"  layout: {self.layout}")
         for name, split in self.splits.items():
             lines.append(f"  {name}: {len(split)} images")
         lines.extend(f"  note: {n}" for n in self.notes)
@@ -100,9 +107,9 @@ class ImageDataset:
         return lines
 
     def record(self) -> dict:
-        """A JSON-serialisable description: classes, split sizes per class, skipped and bad files, notes."""
+        """A JSON-serialisable description: classes, layout, split sizes per class, skipped and bad files, notes."""
         return {
-            "name": self.name, "classes": self.classes, "image_shape": list(self.image_shape),
+            "name": self.name, "classes": self.classes, "image_shape": list(self.image_shape), "layout": self.layout,
             "splits": {k: {"images": len(v), "per_class": np.bincount(v.labels, minlength=self.num_classes).tolist()}
                        for k, v in self.splits.items()},
             "skipped": [vars(f) for f in self.skipped], "bad": [vars(f) for f in self.bad], "notes": self.notes,

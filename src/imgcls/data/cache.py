@@ -3,7 +3,7 @@
 An entry is a folder named by :func:`cache_key` holding, per split, the images
 as a uint8 ``.npy`` file and the labels as an int64 ``.npy`` file, plus a
 ``meta.json`` with the classes, split names, paths, skipped and bad files,
-notes and a CRC32 of every array.  Arrays are read back with
+notes, the layout line and a CRC32 of every array.  Arrays are read back with
 ``allow_pickle=False``: a cache file can never run code.  Images are mapped
 copy-on-write rather than read (see :func:`read_entry`): an entry is never
 changed in place, only replaced by a rename, so a mapped file stays whole.
@@ -39,8 +39,14 @@ from imgcls.data.folder import (
 )
 from imgcls.errors import DataError
 
-CACHE_FORMAT = 1
-"""Version of the entry layout and of the decoding; bump it when either changes."""
+CACHE_FORMAT = 2
+"""Version of the entry layout and of the decoding; bump it when either changes.
+
+It is part of :func:`cache_key` and of ``meta.json``: an entry of another
+version is never found under a new key, or fails :func:`read_entry` and is
+rebuilt.  2: the layout line (``meta["layout"]``), and split folders found
+under more names, which can change what a folder decodes to.
+"""
 
 _META = "meta.json"
 _STALE_TEMP_S = 3600  # a temporary folder older than this is a crashed write
@@ -155,6 +161,7 @@ def write_entry(entry: Path, key: str, dataset: ImageDataset) -> None:
             "skipped": [[s.path, s.reason] for s in dataset.skipped],
             "bad": [[b.path, b.reason] for b in dataset.bad],
             "notes": dataset.notes,
+            "layout": dataset.layout,
         }
         with open(tmp / _META, "w", encoding="utf-8") as f:
             json.dump(meta, f)
@@ -202,6 +209,7 @@ def read_entry(entry: Path, key: str) -> ImageDataset:
         skipped=[SkippedFile(p, r) for p, r in meta["skipped"]],
         bad=[SkippedFile(p, r) for p, r in meta["bad"]],
         notes=list(meta["notes"]),
+        layout=str(meta["layout"]),
     )
 
 

@@ -1,11 +1,8 @@
 """Users' own images: a folder of class folders, or a zip of one read in place.
 
-Two layouts are understood (a single top folder wrapping everything, as in a
-zip of ``mydata/``, is looked through):
-
-* ``<class>/<image>``: one split, named ``all``;
-* ``train/<class>/<image>`` with optional ``val/`` (or ``valid/``,
-  ``validation/``) and ``test/`` beside it: those splits.
+Which files make which split and class is worked out by
+:mod:`imgcls.data.layout` (``<class>/<image>``, or train, val and test
+folders under any of their usual names); this module lists and decodes them.
 
 Every file is accounted for: images kept are in ``Split.paths``, undecodable
 ones in ``ImageDataset.bad``, non-images and hidden files in
@@ -28,7 +25,7 @@ from concurrent.futures import (
     ThreadPoolExecutor,
     as_completed,
 )
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, NamedTuple
 
@@ -48,6 +45,14 @@ from imgcls.data.images import (
     resize_image,
     to_array,
 )
+from imgcls.data.layout import (  # detect_layout, Layout, skip_reason, SPLIT_ALIASES: also imported from here
+    SPLIT_ALIASES,  # noqa: F401 (re-exported)
+    Layout,
+    check_not_empty,
+    describe_layout,
+    detect_layout,
+    skip_reason,
+)
 from imgcls.errors import ConfigError, DataError
 
 BAD_IMAGE_POLICIES = ("skip", "error")
@@ -56,13 +61,6 @@ BAD_IMAGE_POLICIES = ("skip", "error")
 FALLBACK_SIZE = (64, 64)
 """(height, width) used when images differ in size and none was asked for."""
 
-SPLIT_ALIASES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
-"""Top-level folder names (lower case) that mark the split layout, and the split each means."""
-
-_LAYOUT_HELP = (
-    "expected one folder per class, <class>/<image> (for example cats/001.jpg, dogs/001.jpg), "
-    "or train/<class>/<image> with optional val/ and test/ folders beside train/"
-)
 _CHUNK = 512  # images per task handed to a worker
 _PARALLEL_MIN = 2048  # fewer images than this are decoded in this process
 
@@ -329,179 +327,6 @@ def open_source(path: str | os.PathLike) -> ImageSource:
     if path.is_file() and zipfile.is_zipfile(path):
         return ZipSource(path)
     raise DataError(f"{path}: not a folder or a zip file; give a folder of class folders or a .zip of one")
-
-
-# ----------------------------------------------------------------------------
-# Layout detection
-
-
-@dataclass
-class Layout:
-    """Which files make which split, found from folder names alone.
-
-    Attributes:
-        classes: sorted class names; label ``i`` is ``classes[i]``.
-        items: split name to (relative path, label) of every candidate image.
-        folders: split name to class name to that class folder's relative path.
-        skipped: hidden and non-image files.
-        notes: lines for the user (for example an empty split folder).
-    """
-
-    classes: list[str]
-    items: dict[str, list[tuple[str, int]]]
-    folders: dict[str, dict[str, str]]
-    skipped: list[SkippedFile] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-
-
-def skip_reason(rel: str) -> str | None:
-    """Why the file at ``rel`` is not a candidate image, or None if it is one."""
-    if rel.startswith(".") or "/." in rel or "__MACOSX" in rel:  # rare: only then split it into its parts
-        parts = rel.split("/")
-        if "__MACOSX" in parts:
-            return "macOS metadata (__MACOSX)"
-        if any(p.startswith(".") for p in parts):
-            return "hidden file" if parts[-1].startswith(".") else "inside a hidden folder"
-    if not has_image_extension(rel.rpartition("/")[2]):
-        return "not an image (extension)"
-    return None
-
-
-def _visible_dir(rel: str) -> bool:
-    return not any(p.startswith(".") or p == "__MACOSX" for p in rel.split("/"))
-
-
-def detect_layout(files: list[str], dirs: set[str], where: str) -> Layout:
-    """Work out classes and splits from relative file and folder paths.
-
-    Args:
-        files: relative POSIX paths of every file.
-        dirs: relative POSIX paths of every folder.
-        where: the folder or zip, for error messages.
-
-    Raises:
-        DataError: the layout is not one of the two understood, there are
-            fewer than two classes, a class folder holds no image, or val/test
-            name a class that train lacks.
-    """
-    skipped, images = [], []
-    for rel in files:
-        reason = skip_reason(rel)
-        if reason is None:
-            images.append(rel)
-        else:
-            skipped.append((rel, reason))
-    dirs = {d for d in dirs if _visible_dir(d)}
-    root = _unwrap(images, dirs)
-    rel_images = [r[len(root) :] for r in images]
-    rel_dirs = {d[len(root) :] for d in dirs if d.startswith(root) and len(d) > len(root)}
-    at_root = [r for r in rel_images if "/" not in r]
-    if at_root:
-        place = root or "the top folder"
-        raise DataError(f"{where}: found images directly in {place} (for example {at_root[0]!r}); {_LAYOUT_HELP}")
-    tops = {d for d in rel_dirs if "/" not in d}
-    split_tops = {t for t in tops if t.lower() in SPLIT_ALIASES}
-    if split_tops:
-        layout = _split_layout(rel_images, rel_dirs, tops, split_tops, where, root)
-    else:
-        layout = _class_layout(rel_images, tops, where, root)
-    layout.skipped = [SkippedFile(rel, reason) for rel, reason in skipped]
-    _check_not_empty(layout, where)
-    return layout
-
-
-def _unwrap(images: list[str], dirs: set[str]) -> str:
-    """The prefix of single folders wrapping everything ('' when none)."""
-    root = ""
-    while True:
-        tops = {d[len(root) :].split("/")[0] for d in dirs if d.startswith(root) and len(d) > len(root)}
-        direct = [r for r in images if r.startswith(root) and "/" not in r[len(root) :]]
-        if len(tops) != 1 or direct:
-            return root
-        (top,) = tops
-        inner = root + top + "/"
-        has_subdir = any(d.startswith(inner) for d in dirs)
-        direct_in_top = any(r.startswith(inner) and "/" not in r[len(inner) :] for r in images)
-        if top.lower() in SPLIT_ALIASES or not has_subdir or direct_in_top:
-            return root
-        root = inner
-
-
-def _class_layout(images: list[str], tops: set[str], where: str, root: str) -> Layout:
-    classes = sorted(tops)
-    _check_class_count(classes, where, root)
-    label = {c: i for i, c in enumerate(classes)}
-    items = [(root + r, label[r.split("/", 1)[0]]) for r in images]
-    return Layout(classes, {"all": items}, {"all": {c: root + c for c in classes}})
-
-
-def _split_layout(
-    images: list[str], dirs: set[str], tops: set[str], split_tops: set[str], where: str, root: str
-) -> Layout:
-    others = sorted(tops - split_tops)
-    if others:
-        raise DataError(
-            f"{where}: found split folders {sorted(split_tops)} beside other folders {others}; "
-            "in the split layout the top level holds only train/, val/ (or valid/, validation/) and test/"
-        )
-    by_split: dict[str, str] = {}
-    for top in sorted(split_tops):
-        split = SPLIT_ALIASES[top.lower()]
-        if split in by_split:
-            raise DataError(f"{where}: both {by_split[split]}/ and {top}/ are {split} folders; keep only one")
-        by_split[split] = top
-    if "train" not in by_split:
-        found = ", ".join(t + "/" for t in sorted(split_tops))
-        raise DataError(f"{where}: found {found} but no train/ folder; {_LAYOUT_HELP}")
-    class_dirs: dict[str, list[str]] = {}
-    for split, top in by_split.items():
-        class_dirs[split] = sorted(d.split("/")[1] for d in dirs if d.count("/") == 1 and d.startswith(top + "/"))
-        loose = [r for r in images if r.startswith(top + "/") and r.count("/") == 1]
-        if loose:
-            example = f"for example {loose[0]!r}"
-            raise DataError(f"{where}: found images directly in {root}{top}/ ({example}); {_LAYOUT_HELP}")
-    classes = class_dirs["train"]
-    _check_class_count(classes, where, root + by_split["train"] + "/")
-    for split in ("val", "test"):
-        unknown = sorted(set(class_dirs.get(split, [])) - set(classes))
-        if unknown:
-            raise DataError(
-                f"{where}: {root}{by_split[split]}/ has class folder(s) {unknown} that train/ lacks; "
-                f"train classes are {classes}"
-            )
-    label = {c: i for i, c in enumerate(classes)}
-    layout = Layout(classes, {}, {})
-    for split in ("train", "val", "test"):
-        if split not in by_split:
-            continue
-        top = by_split[split]
-        members = [r for r in images if r.startswith(top + "/")]
-        if not members and not class_dirs[split]:
-            layout.notes.append(f"{root}{top}/ is empty and was left out")
-            continue
-        layout.items[split] = [(root + r, label[r.split("/", 2)[1]]) for r in members]
-        layout.folders[split] = {c: f"{root}{top}/{c}" for c in class_dirs[split]}
-    return layout
-
-
-def _check_class_count(classes: list[str], where: str, root: str) -> None:
-    if len(classes) < 2:
-        found = f"only {classes}" if classes else "no class folders"
-        raise DataError(
-            f"{where}: found {found} in {root or 'the top folder'}; at least 2 classes are needed; " + _LAYOUT_HELP
-        )
-
-
-def _check_not_empty(layout: Layout, where: str, bad: list[SkippedFile] | None = None) -> None:
-    """Raise if a class folder present in a split holds no (decodable) image."""
-    for split, folders in layout.folders.items():
-        counts = np.bincount([label for _, label in layout.items[split]], minlength=len(layout.classes))
-        for name, folder in folders.items():
-            if counts[layout.classes.index(name)] == 0:
-                why = "holds no decodable image" if bad else "holds no image"
-                inside = [b for b in bad or [] if f"/{folder}/" in f"/{b.path}"]
-                listed = "".join(f"\n  {b.path}: {b.reason}" for b in inside)
-                raise DataError(f"{where}: class folder {folder}/ {why}{listed}")
 
 
 # ----------------------------------------------------------------------------
@@ -845,7 +670,9 @@ def load_folder(
 
     Returns:
         The splits ``all`` (class-folder layout) or ``train`` and any of
-        ``val`` and ``test`` (split layout), images uint8 (N, H, W, C).
+        ``val`` and ``test`` (split layout), images uint8 (N, H, W, C);
+        ``layout`` says which folders became which split and how many
+        images each kept (:func:`imgcls.data.layout.describe_layout`).
     """
     if on_bad_image not in BAD_IMAGE_POLICIES:
         raise ConfigError(f"unknown on_bad_image {on_bad_image!r}; choose one of: {', '.join(BAD_IMAGE_POLICIES)}")
@@ -869,13 +696,14 @@ def load_folder(
     if bad and on_bad_image == "error":
         listed = "\n".join(f"  {b.path}: {b.reason}" for b in bad)
         raise DataError(f"{where}: {len(bad)} image(s) could not be decoded (on_bad_image='error'):\n{listed}")
-    _check_not_empty(Layout(layout.classes, kept, layout.folders), where, bad)
+    check_not_empty(Layout(layout.classes, kept, layout.folders), where, bad)
     channels, size, notes = _choose_shape([c for group in chunks for c in group], channels, image_size, resize)
     splits = {}
     for (name, items), group in zip(kept.items(), chunks):
         labels = np.array([label for _, label in items], dtype=np.int64)
         splits[name] = Split(_assemble(group, channels, size, resize), labels, [p for p, _ in items])
-    return ImageDataset(where, layout.classes, splits, skipped, bad, layout.notes + notes)
+    line = describe_layout(layout, {name: len(items) for name, items in kept.items()})
+    return ImageDataset(where, layout.classes, splits, skipped, bad, layout.notes + notes, layout=line)
 
 
 def load_image_inputs(

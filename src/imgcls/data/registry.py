@@ -71,6 +71,7 @@ def build_dataset(cfg, seed: int = 0, progress: bool = False) -> ImageDataset:
         if source in _BUILTIN:
             ds = _load_builtin(source, cfg.cache)
             ds = adapt_images(ds, size, cfg.channels)
+            ds.layout = ds.layout or "built-in"
         else:
             ds = _load_path(Path(source).expanduser(), cfg, size, progress)
         return complete_splits(ds, cfg.val_fraction, cfg.test_fraction, seed)
@@ -154,20 +155,24 @@ def complete_splits(ds: ImageDataset, val_fraction: float, test_fraction: float,
 
     Layout ``<class>/<image>`` arrives as one split ``all``; layout ``train/...``
     may lack ``val`` or ``test``, which are then carved out of ``train``.
+    What was carved is added to ``ds.layout`` (``; val carved from train``).
     """
     rng = np.random.default_rng(seed)
     splits = dict(ds.splits)
     flat = "all" in splits
+    carved = []
     if flat:
         whole = splits.pop("all")
         parts = stratified_split(whole.labels, [test_fraction], rng)
         splits["train"], splits["test"] = whole.subset(parts[0]), whole.subset(parts[1])
         ds.notes.append(f"no train/test folders: held out {test_fraction:.0%} of each class for testing (seed {seed})")
+        carved.append("test")
     elif "test" not in splits:
         train = splits["train"]
         parts = stratified_split(train.labels, [test_fraction], rng)
         splits["train"], splits["test"] = train.subset(parts[0]), train.subset(parts[1])
         ds.notes.append(f"no test split: held out {test_fraction:.0%} of each training class for testing (seed {seed})")
+        carved.append("test")
     if "val" not in splits and val_fraction > 0:
         train = splits["train"]
         # val_fraction is a share of all images, so it is rescaled to the remaining training images.
@@ -175,10 +180,14 @@ def complete_splits(ds: ImageDataset, val_fraction: float, test_fraction: float,
         parts = stratified_split(train.labels, [share], rng)
         splits["train"], splits["val"] = train.subset(parts[0]), train.subset(parts[1])
         ds.notes.append(f"no val split: held out {share:.0%} of each training class for validation (seed {seed})")
+        carved.append("val")
     for name in ("train", "test"):
         if len(splits[name]) == 0:
             raise DataError(f"the {name} split of {ds.name} is empty; add images or lower the held-out fractions")
     ds.splits = {k: splits[k] for k in ("train", "val", "test") if k in splits}
+    if carved:  # "test and val carved out" of one folder per class; "val carved from train" of split folders
+        what = " and ".join(carved) + (" carved out" if flat else " carved from train")
+        ds.layout = f"{ds.layout}; {what}" if ds.layout else what
     return ds
 
 
