@@ -153,3 +153,91 @@ def test_interrupt_leaves_no_partial_file(server, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         fetch_file("f.bin", [f"{url}/f.bin"], dest, md5_of(PAYLOAD))
     assert list(dest.parent.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------
+# SHA-256 checksums (full or a prefix, as torch.hub's file names carry one) and the weights mirror.
+
+
+def sha256_of(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@pytest.mark.parametrize("digits", [64, 8])
+def test_sha256_full_or_prefix_is_verified(server, tmp_path, digits):
+    url, served, requests = server
+    (served / "f.bin").write_bytes(PAYLOAD)
+    dest = tmp_path / "f.bin"
+    checksum = "sha256:" + sha256_of(PAYLOAD)[:digits]
+    fetch_file("f.bin", [f"{url}/f.bin"], dest, checksum)
+    assert dest.read_bytes() == PAYLOAD
+    fetch_file("f.bin", [f"{url}/f.bin"], dest, checksum)  # the file in place passes its check
+    assert requests == ["/f.bin"]
+
+
+def test_sha256_prefix_mismatch_leaves_nothing(server, tmp_path):
+    url, served, _ = server
+    corrupted = bytearray(PAYLOAD)
+    corrupted[7] ^= 0x01
+    (served / "f.bin").write_bytes(bytes(corrupted))
+    dest = tmp_path / "cache" / "f.bin"
+    prefix = sha256_of(PAYLOAD)[:8]
+    with pytest.raises(DownloadError) as info:
+        fetch_file("f.bin", [f"{url}/f.bin"], dest, f"sha256:{prefix}")
+    message = str(info.value)
+    assert f"expected sha256 starting {prefix}" in message
+    assert f"got sha256 {sha256_of(bytes(corrupted))}" in message
+    assert not dest.exists() and leftovers(dest.parent) == []
+
+
+def test_corrupt_local_file_is_named_with_its_sha256(tmp_path):
+    dest = tmp_path / "f.bin"
+    dest.write_bytes(b"garbage")
+    prefix = sha256_of(PAYLOAD)[:8]
+    with pytest.raises(DownloadError) as info:
+        fetch_file("f.bin", [closed_port_url("f.bin")], dest, f"sha256:{prefix}")
+    assert f"corrupt (sha256 {sha256_of(b'garbage')}, expected sha256 starting {prefix})" in str(info.value)
+
+
+@pytest.mark.parametrize("text,expected", [
+    (md5_of(PAYLOAD), download.Checksum("md5", md5_of(PAYLOAD))),
+    ("MD5:" + md5_of(PAYLOAD).upper(), download.Checksum("md5", md5_of(PAYLOAD))),
+    ("sha256:" + sha256_of(PAYLOAD)[:12], download.Checksum("sha256", sha256_of(PAYLOAD)[:12])),
+])
+def test_checksum_parses_md5_and_sha256(text, expected):
+    assert download.Checksum.parse(text) == expected
+
+
+@pytest.mark.parametrize("text,match", [
+    ("sha256:abc1234", "give 8 to 64"),  # a 7-digit prefix checks too little
+    ("sha256:" + "0" * 65, "give 8 to 64"),
+    (md5_of(PAYLOAD)[:16], "give 32"),  # an md5 prefix is not accepted
+    ("sha256:f37072fz", "give 8 to 64"),
+    ("sha1:" + "0" * 40, "unknown checksum algorithm 'sha1'"),
+])
+def test_bad_checksum_is_refused(text, match):
+    with pytest.raises(ValueError, match=match):
+        download.Checksum.parse(text)
+
+
+def test_prefix_matches_only_a_full_digest_that_starts_with_it():
+    checksum = download.Checksum("sha256", "f37072fd")
+    assert checksum.matches("f37072fd" + "0" * 56)
+    assert not checksum.matches("f37072fe" + "0" * 56)
+    assert not checksum.matches("f37072fd")  # not a whole digest
+
+
+def test_weights_mirror_env_is_used_and_the_dataset_mirror_is_not(server, tmp_path, monkeypatch):
+    url, served, requests = server
+    (served / "f.bin").write_bytes(PAYLOAD)
+    (served / "datasets").mkdir()
+    (served / "datasets" / "f.bin").write_bytes(PAYLOAD)
+    monkeypatch.setenv(download.MIRROR_ENV, f"{url}/datasets")
+    monkeypatch.setenv(download.WEIGHTS_MIRROR_ENV, url)
+    checksum = "sha256:" + sha256_of(PAYLOAD)[:8]
+    fetch_file("f.bin", [], tmp_path / "f.bin", checksum, mirror_env=download.WEIGHTS_MIRROR_ENV)
+    assert requests == ["/f.bin"]
+    monkeypatch.delenv(download.WEIGHTS_MIRROR_ENV)
+    with pytest.raises(DownloadError, match=r"no URL to try[\s\S]*set \$IMGCLS_WEIGHTS_MIRROR"):
+        fetch_file("f.bin", [], tmp_path / "g.bin", checksum, mirror_env=download.WEIGHTS_MIRROR_ENV)
+    assert requests == ["/f.bin"]

@@ -1,12 +1,19 @@
-"""Download files with a known md5, safely and with errors a person can act on.
+"""Download files with a known checksum, safely and with errors a person can act on.
 
 A file is streamed to a temporary name next to its destination and only
 renamed to the final name once its checksum matches, so a file under the final
 name is always complete.  When every URL fails (offline machine, dead link),
-the error says where to put the file by hand and what its md5 must be.
+the error says where to put the file by hand and what its checksum must be.
 
-Mirrors: ``$IMGCLS_DATASET_MIRROR`` or a ``mirror`` argument is a base URL
-that is tried before the official URLs, with the file name appended.
+A checksum (:class:`Checksum`) is an md5, as the datasets publish them, or a
+SHA-256 in full or as a prefix of at least 8 hex digits, as torch.hub's file
+names carry one (``resnet18-f37072fd.pth``).  As text: ``"<md5>"``,
+``"md5:<md5>"`` or ``"sha256:<hex>"``.
+
+Mirrors: a ``mirror`` argument or the caller's environment variable
+(``$IMGCLS_DATASET_MIRROR`` for datasets, ``$IMGCLS_WEIGHTS_MIRROR`` for
+pretrained weights) is a base URL that is tried before the official URLs,
+with the file name appended.
 """
 
 from __future__ import annotations
@@ -17,15 +24,18 @@ import http.client
 import logging
 import os
 import secrets
+import string
 import sys
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from imgcls.errors import DownloadError
 
 MIRROR_ENV = "IMGCLS_DATASET_MIRROR"
+WEIGHTS_MIRROR_ENV = "IMGCLS_WEIGHTS_MIRROR"  # the same, for pretrained weights' original files
 DATA_DIR_ENV = "IMGCLS_DATA_DIR"
 TIMEOUT_S = 30.0  # seconds without a byte before a URL is given up
 CHUNK_BYTES = 1 << 20  # read size while streaming and hashing
@@ -48,9 +58,9 @@ def data_dir() -> Path:
     return base / "imgcls"
 
 
-def resolve_mirror(mirror: str | None = None) -> str | None:
-    """Return the mirror base URL: ``mirror`` if given, else ``$IMGCLS_DATASET_MIRROR``."""
-    return mirror or os.environ.get(MIRROR_ENV) or None
+def resolve_mirror(mirror: str | None = None, env: str = MIRROR_ENV) -> str | None:
+    """Return the mirror base URL: ``mirror`` if given, else the environment variable ``env``."""
+    return mirror or os.environ.get(env) or None
 
 
 def join_url(base: str, name: str) -> str:
@@ -58,32 +68,85 @@ def join_url(base: str, name: str) -> str:
     return base.rstrip("/") + "/" + name
 
 
-def compute_md5(path: Path) -> str:
-    """Return the hex md5 of the file at ``path``."""
-    digest = hashlib.md5()
+# Hex digits of a full digest, per algorithm a checksum may use.
+DIGEST_DIGITS = {"md5": 32, "sha256": 64}
+MIN_PREFIX_DIGITS = 8  # a SHA-256 prefix shorter than torch.hub's 8 hex digits is refused
+
+
+@dataclass(frozen=True)
+class Checksum:
+    """An expected digest: an md5 in full, or a SHA-256 in full or as a prefix.
+
+    Attributes:
+        algorithm: ``"md5"`` or ``"sha256"`` (a :mod:`hashlib` name).
+        digest: lower-case hex; for SHA-256 the first 8 to 64 digits.
+    """
+
+    algorithm: str
+    digest: str
+
+    def __post_init__(self) -> None:
+        full = DIGEST_DIGITS.get(self.algorithm)
+        if full is None:
+            raise ValueError(f"unknown checksum algorithm {self.algorithm!r}; use one of {', '.join(DIGEST_DIGITS)}")
+        shortest = full if self.algorithm == "md5" else MIN_PREFIX_DIGITS
+        if not (shortest <= len(self.digest) <= full and set(self.digest) <= set(string.hexdigits.lower())):
+            accepted = f"{full}" if shortest == full else f"{shortest} to {full}"
+            raise ValueError(f"bad {self.algorithm} checksum {self.digest!r}: give {accepted} lower-case hex digits")
+
+    @classmethod
+    def parse(cls, text: str | Checksum) -> Checksum:
+        """``"<32 hex>"`` or ``"md5:<32 hex>"``: an md5; ``"sha256:<8 to 64 hex>"``: a SHA-256 or its prefix."""
+        if isinstance(text, Checksum):
+            return text
+        algorithm, _, digest = text.strip().lower().rpartition(":")
+        return cls(algorithm or "md5", digest)
+
+    def matches(self, actual: str) -> bool:
+        """Whether the full hex digest ``actual`` (of :attr:`algorithm`) has this checksum."""
+        return len(actual) == DIGEST_DIGITS[self.algorithm] and actual.startswith(self.digest)
+
+    def __str__(self) -> str:
+        if len(self.digest) == DIGEST_DIGITS[self.algorithm]:
+            return f"{self.algorithm} {self.digest}"
+        return f"{self.algorithm} starting {self.digest}"
+
+
+def compute_digest(path: Path, algorithm: str = "md5") -> str:
+    """Return the hex digest (``algorithm``, a :mod:`hashlib` name) of the file at ``path``."""
+    digest = hashlib.new(algorithm)
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(CHUNK_BYTES), b""):
             digest.update(chunk)
     return digest.hexdigest()
 
 
+def compute_md5(path: Path) -> str:
+    """Return the hex md5 of the file at ``path``."""
+    return compute_digest(path, "md5")
+
+
 def fetch_file(
     name: str,
     urls: list[str],
     dest: Path,
-    md5: str,
+    checksum: str | Checksum,
     mirror: str | None = None,
     timeout: float = TIMEOUT_S,
+    mirror_env: str = MIRROR_ENV,
 ) -> Path:
-    """Make sure ``dest`` holds the file with checksum ``md5``, downloading it if needed.
+    """Make sure ``dest`` holds the file with ``checksum``, downloading it if needed.
 
     Args:
         name: the file's name, used in messages and appended to the mirror URL.
         urls: full URLs of the file, tried in order after the mirror.
         dest: where the file must end up.
-        md5: its expected hex md5.
-        mirror: a base URL tried first; defaults to ``$IMGCLS_DATASET_MIRROR``.
+        checksum: its expected checksum: a hex md5, ``"sha256:<hex>"`` (full
+            or a prefix of at least 8 digits), or a :class:`Checksum`.
+        mirror: a base URL tried first; defaults to ``$<mirror_env>``.
         timeout: seconds to wait on a silent connection.
+        mirror_env: the environment variable that names a mirror
+            (``IMGCLS_DATASET_MIRROR`` or ``IMGCLS_WEIGHTS_MIRROR``).
 
     Returns:
         ``dest``.
@@ -92,46 +155,51 @@ def fetch_file(
         DownloadError: no URL gave a file with the right checksum.
     """
     dest = Path(dest)
-    md5 = md5.lower()
-    corrupt_md5 = None
+    checksum = Checksum.parse(checksum)
+    corrupt = None
     if dest.exists():
-        actual = compute_md5(dest)
-        if actual == md5:
+        actual = compute_digest(dest, checksum.algorithm)
+        if checksum.matches(actual):
             return dest
-        corrupt_md5 = actual
-        logger.warning("%s at %s has md5 %s, expected %s; downloading it again", name, dest, actual, md5)
-    base = resolve_mirror(mirror)
+        corrupt = f"{checksum.algorithm} {actual}"
+        logger.warning("%s at %s has %s, expected %s; downloading it again", name, dest, corrupt, checksum)
+    base = resolve_mirror(mirror, mirror_env)
     candidates = ([join_url(base, name)] if base else []) + list(urls)
     dest.parent.mkdir(parents=True, exist_ok=True)
     failures = []
     for url in candidates:
         try:
-            download_verified(url, dest, md5, timeout)
+            download_verified(url, dest, checksum, timeout)
             return dest
         except DownloadError as error:
             failures.append((url, str(error)))
-    raise DownloadError(describe_failure(name, dest, md5, failures, corrupt_md5))
+    raise DownloadError(describe_failure(name, dest, checksum, failures, corrupt, mirror_env))
 
 
 def describe_failure(
-    name: str, dest: Path, md5: str, failures: list[tuple[str, str]], corrupt_md5: str | None
+    name: str, dest: Path, checksum: str | Checksum, failures: list[tuple[str, str]], corrupt: str | None,
+    mirror_env: str = MIRROR_ENV,
 ) -> str:
-    """Build the message for a file no URL could supply: what failed and how to fix it by hand."""
+    """Build the message for a file no URL could supply: what failed and how to fix it by hand.
+
+    ``corrupt`` is the checksum of the file already at ``dest`` (``"md5 <hex>"``), if one is there.
+    """
+    checksum = Checksum.parse(checksum)
     lines = [f"could not download {name}"]
-    if corrupt_md5 is not None:
-        lines.append(f"the existing file at {dest} is corrupt (md5 {corrupt_md5}, expected {md5})")
+    if corrupt is not None:
+        lines.append(f"the existing file at {dest} is corrupt ({corrupt}, expected {checksum})")
     if failures:
         lines.append("tried:")
         lines.extend(f"  {url}: {reason}" for url, reason in failures)
     else:
         lines.append("no URL to try (no official URL and no mirror set)")
-    lines.append(f"to install it by hand, put the file at {dest} (expected md5 {md5})")
-    lines.append(f"or set ${MIRROR_ENV} to a base URL that serves it")
+    lines.append(f"to install it by hand, put the file at {dest} (expected {checksum})")
+    lines.append(f"or set ${mirror_env} to a base URL that serves it")
     return "\n".join(lines)
 
 
-def download_verified(url: str, dest: Path, md5: str, timeout: float) -> None:
-    """Stream ``url`` to a temporary file next to ``dest``; rename it to ``dest`` if its md5 matches.
+def download_verified(url: str, dest: Path, checksum: str | Checksum, timeout: float) -> None:
+    """Stream ``url`` to a temporary file next to ``dest``; rename it to ``dest`` if its checksum matches.
 
     The temporary file is removed on every path that does not end in the
     rename, including KeyboardInterrupt, so no partial file is left behind.
@@ -139,21 +207,23 @@ def download_verified(url: str, dest: Path, md5: str, timeout: float) -> None:
     Raises:
         DownloadError: the URL could not be read or gave a different checksum.
     """
+    checksum = Checksum.parse(checksum)
     temp = dest.with_name(f"{dest.name}.part-{secrets.token_hex(4)}")
     try:
-        actual = stream_to(url, temp, timeout)
-        if actual != md5:
-            raise DownloadError(f"checksum mismatch for {dest.name} from {url}: expected md5 {md5}, got {actual}")
+        actual = stream_to(url, temp, timeout, checksum.algorithm)
+        if not checksum.matches(actual):
+            raise DownloadError(f"checksum mismatch for {dest.name} from {url}: expected {checksum}, "
+                                f"got {checksum.algorithm} {actual}")
         os.replace(temp, dest)
     finally:
         with contextlib.suppress(FileNotFoundError):
             temp.unlink()
 
 
-def stream_to(url: str, path: Path, timeout: float) -> str:
-    """Write the body of ``url`` to the new file ``path``, fsync it, and return its md5."""
+def stream_to(url: str, path: Path, timeout: float, algorithm: str = "md5") -> str:
+    """Write the body of ``url`` to the new file ``path``, fsync it, and return its hex digest (``algorithm``)."""
     request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
-    digest = hashlib.md5()
+    digest = hashlib.new(algorithm)
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response, open(path, "xb") as out:
             total = int(response.headers.get("Content-Length") or 0) or None

@@ -21,6 +21,8 @@ Models see only tensors: they know nothing of data, training or serving.
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import torch
 from torch import nn
 
@@ -61,6 +63,25 @@ class ImageClassifier(nn.Module):
 
     def start_epoch(self, epoch: int) -> None:
         """Called before training epoch ``epoch`` (0-based); nothing by default."""
+
+
+def pooled_linear_head(channels: int, num_classes: int, dropout: float = 0.0) -> nn.Sequential:
+    """The usual head: global average ``pool``, ``flatten``, ``dropout`` (when above 0) and the ``fc`` classifier."""
+    layers: OrderedDict[str, nn.Module] = OrderedDict(pool=nn.AdaptiveAvgPool2d(1), flatten=nn.Flatten())
+    if dropout > 0:
+        layers["dropout"] = nn.Dropout(dropout)
+    layers["fc"] = nn.Linear(channels, num_classes)
+    return nn.Sequential(layers)
+
+
+def init_conv_bn(model: nn.Module) -> None:
+    """He-normal convolutions (fan-out), unit/zero batch norm (He et al. 2015; the ResNet and EfficientNet papers)."""
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(module, nn.BatchNorm2d):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
 
 
 def check_min_size(name: str, img_size: tuple[int, int], minimum: int) -> None:

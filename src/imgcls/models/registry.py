@@ -27,7 +27,7 @@ def register_model(fn: Callable) -> Callable:
 
 def _ensure_loaded() -> None:
     # Importing the family modules runs their @register_model decorators.
-    from imgcls.models import fast, resnet, seeds  # noqa: F401
+    from imgcls.models import efficientnet, fast, resnet, resnet_imagenet, seeds  # noqa: F401
 
 
 def list_models() -> dict[str, str]:

@@ -23,7 +23,12 @@ import torch
 from torch import nn
 
 from imgcls.errors import ConfigError
-from imgcls.models.base import ImageClassifier, check_min_size
+from imgcls.models.base import (
+    ImageClassifier,
+    check_min_size,
+    init_conv_bn,
+    pooled_linear_head,
+)
 from imgcls.models.registry import register_model
 
 # Smallest image side (pixels) accepted; at 8 the last stage of resnet18 is 1x1.
@@ -85,24 +90,10 @@ class ResNet(ImageClassifier):
             layers[f"layer{index}"] = nn.Sequential(*blocks)
             channels = width
         self.features = nn.Sequential(layers)
-        self.head = nn.Sequential(OrderedDict(
-            pool=nn.AdaptiveAvgPool2d(1),
-            flatten=nn.Flatten(),
-            fc=nn.Linear(channels, num_classes),
-        ))
+        self.head = pooled_linear_head(channels, num_classes)
         self.stages = tuple(f"features.{name}" for name in layers)
         self.gradcam_layer = self.stages[-1]
-        _init_weights(self)
-
-
-def _init_weights(model: nn.Module) -> None:
-    """He-normal convolutions (fan-out), unit/zero batch norm, as in the paper."""
-    for module in model.modules():
-        if isinstance(module, nn.Conv2d):
-            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-        elif isinstance(module, nn.BatchNorm2d):
-            nn.init.ones_(module.weight)
-            nn.init.zeros_(module.bias)
+        init_conv_bn(self)
 
 
 def _build(arch: str, widths: tuple[int, ...], depths: tuple[int, ...], in_chans: int,
