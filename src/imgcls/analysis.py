@@ -84,6 +84,15 @@ def probe(run_dir: str | Path, max_train: int = 5000, max_eval: int = 5000, clf_
     return rows
 
 
+def report_probe_images(input_shape) -> int:
+    """Images per split the report's probes use: 2,000 at 32x32, fewer for larger images (300 at 224x224).
+
+    The forward passes cost in proportion to the pixels; ``imgcls probe`` takes more when asked.
+    """
+    _, h, w = input_shape
+    return int(min(2000, max(300, 2000 * 32 / max(1.0, (h * w) ** 0.5))))
+
+
 def calibration_section(run_dir: Path, val) -> Section:
     from imgcls.evaluation.calibration import plot_reliability
 
@@ -121,7 +130,8 @@ def probes_section(run_dir: Path, clf, ds) -> Section:
     from imgcls.evaluation.probes import plot_probes
 
     path = run_dir / "probes.json"
-    doc = json.loads(path.read_text()) if path.is_file() else {"held_out": None, "rows": probe(run_dir, 2000, 2000, (clf, ds))}
+    n = report_probe_images(clf.input_shape)
+    doc = json.loads(path.read_text()) if path.is_file() else {"held_out": None, "rows": probe(run_dir, n, n, (clf, ds))}
     rows = doc["rows"]
     return Section(
         "What each layer has learned",

@@ -50,12 +50,10 @@ def make_config(config: str | Path | dict | RunConfig | None = None, **overrides
               dict(overrides.get("model_option") or overrides.get("model_options") or {})]
     recipe = overrides.get("recipe") or values.get("recipe")
     values = apply_overrides(copy.deepcopy(values), overrides)  # what the user set: the config, then the flags
-    recipe_model = None
-    if recipe:
-        from imgcls.recipes import get_recipe
-
-        settings = get_recipe(recipe).options()
-        recipe_model = settings.get("model")
+    settings, why = _base_settings(recipe, values)
+    base_model = None
+    if settings:  # a recipe's or --model auto's settings, under the user's own
+        base_model = settings.get("model")
         layers.insert(0, dict(settings.get("model_option") or {}))
         base = apply_overrides({}, settings)
         _keep_low_res_share(base, values, settings)
@@ -66,13 +64,29 @@ def make_config(config: str | Path | dict | RunConfig | None = None, **overrides
                 base[key] = value
         values = base
     cfg = config_from_dict(values)
-    if recipe and cfg.model.name != recipe_model:
+    if settings and cfg.model.name != base_model:
         layers.pop(0)
     merged: dict = {}
     for layer in layers:
         merged.update(layer)
     cfg.model.options = merged
+    if why:
+        cfg.auto = why
     return cfg
+
+
+def _base_settings(recipe: str | None, values: dict) -> tuple[dict, str | None]:
+    """(flat settings that lie under the user's, why): a recipe's, or what ``--model auto`` chooses."""
+    if recipe:
+        from imgcls.recipes import get_recipe
+
+        return get_recipe(recipe).options(), None
+    if (values.get("model") or {}).get("name", "auto") != "auto":
+        return {}, None
+    from imgcls.auto import choose
+
+    data, train = values.get("data") or {}, values.get("train") or {}
+    return choose(str(data.get("dataset", "digits")), train)
 
 
 def _keep_low_res_share(base: dict, user: dict, settings: dict) -> None:

@@ -55,7 +55,11 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = _opt("fastnet_small", "registered architecture (see `imgcls models`)", flag="model")
+    name: str = _opt("auto", "registered architecture (see `imgcls models`); auto: chosen from the data and the "
+                     "machine (a pretrained EfficientNet-Lite0 for photos, fastnet_small for small images)", flag="model")
+    pretrained: str | None = _opt(None, "start from pretrained weights: 'imagenet' (the models that have them are "
+                                  "marked in `imgcls models`), or a weights file (.safetensors, or a PyTorch state "
+                                  "dict, read with weights_only)")
     options: dict = _opt(None, "architecture option KEY=VALUE (repeatable), e.g. dropout=0.3",
                          flag="model-option", factory=dict)
 
@@ -85,7 +89,14 @@ class TrainConfig:
     min_lr: float = _opt(0.0, "cosine/onecycle/linear: final learning rate; plateau: lower bound")
     plateau_patience: int = _opt(2, "plateau schedule: epochs without improvement before decaying")
     plateau_factor: float = _opt(0.1, "plateau schedule: decay factor")
-    epochs: int = _opt(10, "maximum number of epochs")
+    epochs: int = _opt(10, "maximum number of epochs (of fine-tuning after --head-first; 0 there: the classifier only)")
+    head_first: bool = _opt(False, "transfer learning, stage 1: fit the classifier on the frozen pretrained backbone's "
+                            "features (computed once and cached) before any epoch; the flip view is added when "
+                            "--augment has hflip")
+    backbone_lr_scale: float = _opt(1.0, "multiply the learning rate of every parameter but the classifier's by this "
+                                    "(fine-tuning a pretrained backbone: 0.1)")
+    time_budget: str | None = _opt(None, "stop training before this much time has passed since the data was ready "
+                                   "(e.g. 90s, 5m, 1h); at least the first stage always runs")
     low_res_scale: float = _opt(1.0, "progressive resizing: train the first --low-res-epochs on images scaled by "
                                 "this factor (0.75: 32x32 trains at 24x24, for about 0.56 of the compute); the "
                                 "rest, and every evaluation, at full size; 1 = off")
@@ -120,6 +131,7 @@ class RunConfig:
     report: bool = _opt(True, "calibrate on the val split and write report.html when training ends")
     recipe: str | None = _opt(None, "a named set of settings tuned for a kind of data (see `imgcls recipes`); "
                               "flags given beside it override its values")
+    auto: str | None = None  # what `--model auto` chose and why (written by imgcls, not a flag)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -154,8 +166,15 @@ class RunConfig:
         if t.warmup_start is not None:
             _check_range("warmup_start", t.warmup_start, 0.0, 1.0)
         _check_range("norm_lr_scale", t.norm_lr_scale, 0.0, 10_000.0, low_open=True)
-        for name in ("epochs", "batch_size", "eval_batch_size", "step_size", "top_k"):
+        _check_int("epochs", t.epochs, 0 if t.head_first else 1, 1_000_000)
+        for name in ("batch_size", "eval_batch_size", "step_size", "top_k"):
             _check_int(name, getattr(t, name), 1, 1_000_000)
+        _check_range("backbone_lr_scale", t.backbone_lr_scale, 0.0, 1.0)
+        if t.time_budget is not None:
+            parse_duration(t.time_budget)
+        if t.head_first and not self.model.pretrained:
+            raise ConfigError("head_first fits the classifier on a pretrained backbone's features; give --pretrained "
+                              "imagenet (or a weights file) with it")
         for name in ("patience", "plateau_patience"):
             _check_int(name, getattr(t, name), 0, 1_000_000)
         if t.grad_clip is not None:
@@ -182,6 +201,23 @@ def _check_range(name: str, value, low: float, high: float, low_open: bool = Fal
 def _check_int(name: str, value, low: int, high: int) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
         raise ConfigError(f"{name} must be a whole number from {low} to {high}, got {value!r}")
+
+
+def parse_duration(value) -> float:
+    """'90s', '5m', '1.5h', '300' (seconds) or a number -> seconds; refuses anything else."""
+    units = {"s": 1.0, "m": 60.0, "h": 3600.0}
+    try:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            seconds = float(value)
+        else:
+            text = str(value).strip().lower()
+            unit = text[-1] if text and text[-1] in units else "s"
+            seconds = float(text.rstrip("smh")) * units[unit]
+        if not 0 < seconds < 1e7 or math.isnan(seconds):
+            raise ValueError
+    except (TypeError, ValueError):
+        raise ConfigError(f"time_budget must be a duration such as 90s, 5m or 1h, got {value!r}") from None
+    return seconds
 
 
 def split_list(value) -> list[str]:

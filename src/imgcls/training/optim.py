@@ -16,6 +16,7 @@ import torch
 
 from imgcls.config import OPTIMIZERS, SCHEDULES
 from imgcls.errors import CheckpointError, ConfigError, unknown_name
+from imgcls.models.pretrained import classifier_layer
 
 # Metrics where larger is better; every other monitored metric is minimised.
 _MAXIMISED = ("val_accuracy", "train_accuracy")
@@ -43,6 +44,13 @@ def param_groups(model: torch.nn.Module, cfg) -> list[dict]:
         if filters:
             groups.append({"params": filters, "lr_scale": cfg.muon_lr / cfg.lr, "muon": True,
                            "momentum": cfg.muon_momentum, "weight_decay": 0.0})
+    backbone_scale = getattr(cfg, "backbone_lr_scale", 1.0)
+    if backbone_scale != 1.0:  # a pretrained backbone fine-tuned under its new classifier's learning rate
+        classifier = {id(p) for p in classifier_layer(model)[1].parameters()}
+        backbone = [p for p in trainable if id(p) not in classifier]
+        trainable = [p for p in trainable if id(p) in classifier]
+        if backbone:
+            groups.append({"params": backbone, "lr_scale": backbone_scale})
     norm = [p for p in trainable if id(p) in norm_ids]
     other = [p for p in trainable if id(p) not in norm_ids]
     if other:

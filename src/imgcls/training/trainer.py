@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from imgcls import __version__
 from imgcls.checkpoint import read_checkpoint, save_checkpoint
-from imgcls.config import RunConfig
+from imgcls.config import RunConfig, parse_duration
 from imgcls.data.augment import build_augment, resize_batch
 from imgcls.data.base import ImageDataset
 from imgcls.errors import ConfigError, TrainingError
@@ -43,6 +43,7 @@ from imgcls.inference import (
     to_input,
 )
 from imgcls.models import create_model
+from imgcls.models.pretrained import LoadReport, classifier_layer, load_weights
 from imgcls.training.optim import (
     EarlyStopping,
     Lookahead,
@@ -54,6 +55,7 @@ from imgcls.training.optim import (
 )
 from imgcls.training.progress import EpochProgress
 from imgcls.training.run import RunFolder, environment
+from imgcls.training.transfer import FeatureRunner, backbone_digest, cached_features, fit_linear_head
 
 
 @dataclass
@@ -75,6 +77,7 @@ class TrainState:
     flip_half: torch.Tensor | None = None  # altflip: bool (N,), the images mirrored in even epochs
     low_res: tuple[int, int] | None = None  # progressive resizing: (H, W) of the first low_res_steps steps
     low_res_steps: int = 0
+    weights_report: LoadReport | None = None  # what the pretrained weights matched
     dataset: ImageDataset | None = None  # set by fit, for on_epoch_end callbacks
     epoch: int = 0  # epochs completed
     step: int = 0  # optimiser steps taken
@@ -138,12 +141,14 @@ def check_compatible(cfg: RunConfig, ds: ImageDataset) -> list[str]:
     if isinstance(t.class_weights, list) and len(t.class_weights) != ds.num_classes:
         raise ConfigError(f"class_weights has {len(t.class_weights)} values but the dataset has "
                           f"{ds.num_classes} classes ({', '.join(ds.classes)})")
-    if t.batch_size > len(ds.splits["train"]):
+    if t.epochs > 0 and t.batch_size > len(ds.splits["train"]):
         raise ConfigError(f"batch_size {t.batch_size} is larger than the {len(ds.splits['train'])} training images")
     c, h, w = ds.image_shape
     # Building the model once refuses an unknown name, option or too-small input before a run folder exists.
     model = create_model(cfg.model.name, in_chans=c, num_classes=ds.num_classes, img_size=(h, w),
                          **cfg.model.options)
+    if cfg.model.pretrained:
+        load_weights(model, cfg.model.pretrained)  # refuses unknown weights or a file that does not fit, before a run folder exists
     build_augment(t.augment, (h, w))
     low = low_res_size(t, ds.image_shape)
     if low is not None:
@@ -171,7 +176,10 @@ def prepare(cfg: RunConfig, ds: ImageDataset, runtime: Runtime) -> TrainState:
         model = model.to(memory_format=torch.channels_last)
     train = ds.splits["train"]
     x_train = torch.from_numpy(train.images).to(runtime.device)
-    norm = channel_stats(train.images)
+    weights_report, norm = None, None
+    if cfg.model.pretrained:
+        weights_report, norm = load_weights(model, cfg.model.pretrained)
+    norm = norm or channel_stats(train.images)  # a pretrained set's own normalisation, else the data's
     # Data-dependent initialisation (fastnet's patch whitening) from a seeded sample of training images;
     # it may freeze parameters, so it comes before the optimiser is built.
     sample = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(t.seed))[:INIT_SAMPLE]
@@ -188,6 +196,8 @@ def prepare(cfg: RunConfig, ds: ImageDataset, runtime: Runtime) -> TrainState:
         "dataset": ds.name,
         "imgcls_version": __version__,
     }
+    if weights_report is not None:
+        meta["pretrained"] = weights_report.to_dict()
     optimizer = build_optimizer(param_groups(model, t), t)
     steps = _steps_per_epoch(len(train), t.batch_size)
     weights = class_weight_tensor(t.class_weights, train.labels, ds.num_classes)
@@ -202,6 +212,7 @@ def prepare(cfg: RunConfig, ds: ImageDataset, runtime: Runtime) -> TrainState:
         flip_half=(torch.rand(len(train), generator=torch.Generator().manual_seed(t.seed)) < 0.5).to(runtime.device)
         if augment.alternating_flip else None,
         low_res=low_res, low_res_steps=round(t.low_res_epochs * steps) if low_res else 0,
+        weights_report=weights_report,
     )
 
 
@@ -319,6 +330,8 @@ def fit(cfg: RunConfig, ds: ImageDataset, run: RunFolder, console, resume: bool 
     run.write_json("environment.json", environment(runtime))
     run.write_json("dataset.json", ds.record())
     say(f"model {cfg.model.name}: {sum(p.numel() for p in s.model.parameters()):,} parameters; {runtime.describe()}")
+    if s.weights_report is not None:
+        say(s.weights_report.summary())
     if resume:
         say(f"resuming {run.path} after epoch {s.epoch} of {t.epochs}")
     if s.low_res_steps > s.step:
@@ -326,7 +339,22 @@ def fit(cfg: RunConfig, ds: ImageDataset, run: RunFolder, console, resume: bool 
             f"on {s.low_res[0]}x{s.low_res[1]} images, the rest at {ds.image_shape[1]}x{ds.image_shape[2]}")
     started = time.perf_counter()
     stopped_early = False
+    if t.head_first and not resume:
+        record = fit_head(s, ds, say)
+        s.tracker.update(0, record)
+        s.history.append(record)
+        run.append_metrics(record)
+        _save_epoch(s, run, record, True)
+        say(_epoch_line(record, True))
+    budget = parse_duration(t.time_budget) if t.time_budget else None
     while s.epoch < t.epochs:
+        spent = time.perf_counter() - started + (data_seconds or 0.0)
+        epoch_seconds = [r["train_seconds"] for r in s.history if r.get("stage") != "head"]
+        if budget is not None and epoch_seconds and spent + max(epoch_seconds[-3:]) > budget:
+            say(f"time budget: {t.time_budget} would be exceeded by another epoch (spent {spent:.0f}s, an epoch takes "
+                f"about {max(epoch_seconds[-3:]):.0f}s); stopping after epoch {s.epoch}")
+            stopped_early = True
+            break
         with EpochProgress(console, s.steps_per_epoch, s.epoch + 1, t.epochs) as progress:
             record = train_one_epoch(s, progress)
         record.update(validate(s, ds))
@@ -366,15 +394,61 @@ def fit(cfg: RunConfig, ds: ImageDataset, run: RunFolder, console, resume: bool 
     return TrainResult(run, s.history, metrics, final, seconds, test_logits)
 
 
+def fit_head(s: TrainState, ds: ImageDataset, say) -> dict:
+    """Transfer stage 1: fit the classifier on the frozen backbone's cached features; the epoch-0 record."""
+    from imgcls.data.download import data_dir  # the cache's one location
+
+    t = s.cfg.train
+    started = time.perf_counter()
+    c, h, w = ds.image_shape
+    runner = FeatureRunner.create(s.model, s.runtime, (h, w), s.meta["normalize"])
+    cache = data_dir() / "features" if s.cfg.data.cache else None
+    backbone = backbone_digest(s.model, s.meta["normalize"])
+    views = ["none"] + (["hflip"] if any(a in ("hflip", "altflip") for a in t.augment) else [])
+    train = ds.splits["train"]
+    parts, hits = [], 0
+    for view in views:
+        f, hit = cached_features(runner, train.images, view, cache, backbone, say)
+        parts.append(f)
+        hits += hit
+    x_val = y_val = None
+    if "val" in ds.splits:
+        x_val, hit = cached_features(runner, ds.splits["val"].images, "none", cache, backbone, say)
+        y_val = ds.splits["val"].labels
+        hits += hit
+    features_seconds = time.perf_counter() - started
+    fit = fit_linear_head(np.concatenate(parts), np.tile(train.labels, len(views)), ds.num_classes, x_val, y_val,
+                          None if s.class_weights is None else s.class_weights.cpu(), t.label_smoothing)
+    _, layer = classifier_layer(s.model)
+    with torch.no_grad():
+        layer.weight.copy_(fit.weight)
+        layer.bias.copy_(fit.bias)
+    seconds = time.perf_counter() - started
+    images = len(train) * len(views) + (0 if x_val is None else len(x_val))
+    cached = f", {hits} of {len(views) + (x_val is not None)} from the cache" if hits else ""
+    say(f"stage 1: classifier fitted on frozen {s.cfg.model.name} features of {len(train):,} training images "
+        f"x {len(views)} view{'s' if len(views) > 1 else ''} ({' + '.join(views)}) in {seconds:.1f}s "
+        f"(features {features_seconds:.1f}s with {runner.name}{cached})")
+    record = {"epoch": 0, "stage": "head", "train_loss": fit.train_loss, "train_accuracy": fit.train_accuracy,
+              "lr": 0.0, "train_seconds": round(seconds, 3), "images_per_sec": round(images / max(seconds, 1e-9), 1),
+              "head_l2": fit.l2}
+    if fit.val_loss is not None:
+        record.update(val_loss=fit.val_loss, val_accuracy=fit.val_accuracy)
+    return record
+
+
 def _checkpoint_epoch(run: RunFolder, which: str) -> int:
     return read_checkpoint(run.checkpoint(which))[1]["epoch"]
 
 
 def _epoch_line(r: dict, is_best: bool) -> str:
-    parts = [f"epoch {r['epoch']:3d}", f"loss {r['train_loss']:.4f}", f"acc {r['train_accuracy']:.4f}"]
+    head = r.get("stage") == "head"
+    parts = ["head     " if head else f"epoch {r['epoch']:3d}", f"loss {r['train_loss']:.4f}",
+             f"acc {r['train_accuracy']:.4f}"]
     if "val_loss" in r:
         parts += [f"val_loss {r['val_loss']:.4f}", f"val_acc {r['val_accuracy']:.4f}"]
-    parts += [f"lr {r['lr']:.2e}", f"{r['images_per_sec']:.0f} img/s", f"{r['train_seconds']:.1f}s"]
+    parts += ([f"L2 {r['head_l2']:g}"] if head else [f"lr {r['lr']:.2e}"])
+    parts += [f"{r['images_per_sec']:.0f} img/s", f"{r['train_seconds']:.1f}s"]
     return "  ".join(parts) + ("  *" if is_best else "")
 
 
