@@ -6,6 +6,8 @@ so the benchmark can compare imgcls against the original framework:
 
     /tmp/tfvenv/bin/python benchmarks/peer_keras.py --case cifar10 \\
         --zip ../shared/data/cifar10-jpg.zip --seed 0 --json out.json
+    /tmp/tfvenv/bin/python benchmarks/peer_keras.py --case folder \\
+        --split-file split.json --seed 0 --json out.json
 
 Cases (model, preprocessing, loss, optimiser, batch size and epochs as in the seeds):
 
@@ -18,6 +20,11 @@ Cases (model, preprocessing, loss, optimiser, batch size and epochs as in the se
            Dense(10,softmax); x/255; sparse categorical cross-entropy;
            SGD(learning_rate=0.01, momentum=0.9); batch 32; 10 epochs.
            542,230 parameters.
+  folder   seed 000's recipe (the cifar10 case's CNN, loss, optimiser, batch and
+           epochs) on a person's own photos: 64x64 RGB, K classes, so Dense(K)
+           and 646,208 + 65 K parameters (646,533 for the 5 flowers).  The
+           images and labels come from a split file (below), not a zip's
+           train/ and test/.
 
 Choices where the seeds leave room (each also commented where it is made):
 
@@ -52,6 +59,23 @@ read from /proc on Linux; 10 ms resolution) to just before the JSON is written.
 
 ``--limit N`` keeps N training and N test images (every k-th in name order, so
 every class is there): for smoke tests only.
+
+The folder case's split file (``--split-file``) is JSON::
+
+    {"classes": ["daisy", ...], "train": [[path, label], ...], "test": [[path, label], ...]}
+
+where a path is an image file, or ``<zip file>::<member>`` for a member of a
+zip (read with :mod:`zipfile`).  benchmarks/own_photos.py writes one from
+imgcls's own split, so that both frameworks see the same images.  Each image
+is decoded and resized to 64x64 as Keras' ``image_dataset_from_directory``
+does it, then divided by 255: ``tf.image.decode_image(channels=3)`` (TF's
+JPEG decoder uses the fast integer DCT: pixels differ from PIL's by up to 3
+levels, about 1 on average), then ``tf.image.resize`` bilinear without
+antialiasing, which leaves float32 (PIL's bilinear averages over a wider
+window when it shrinks).  Formats TF cannot decode (WebP, TIFF, which
+imgcls reads and Keras' loader would not list) are decoded by PIL and
+converted to RGB.  Reading, decoding and resizing count in ``load_seconds``
+and so in ``wall_seconds``.
 """
 
 from __future__ import annotations
@@ -78,12 +102,15 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 
 # Per case: the image shape (H, W, C), the PIL mode, and the parameter count
-# that the PyTorch ports in imgcls match exactly.
+# that the PyTorch ports in imgcls match exactly (the folder case's depends on
+# its class count: see tutorial_cnn_params).
 CASES = {
     "cifar10": {"shape": (32, 32, 3), "mode": "RGB", "params": 122_570},
     "mnist": {"shape": (28, 28, 1), "mode": "L", "params": 542_230},
+    "folder": {"shape": (64, 64, 3), "mode": "RGB", "params": None},
 }
-NUM_CLASSES = 10
+NUM_CLASSES = 10  # of the cifar10 and mnist cases
+ZIP_SEPARATOR = "::"  # a split file's "<zip file>::<member>"
 
 
 def load_split(zf: zipfile.ZipFile, split: str, case: str, limit: int | None) -> tuple[np.ndarray, np.ndarray]:
@@ -115,6 +142,81 @@ def load_split(zf: zipfile.ZipFile, split: str, case: str, limit: int | None) ->
     return x, y
 
 
+def tutorial_cnn_params(height: int, width: int, channels: int, num_classes: int) -> int:
+    """Parameters of seed 000's CNN (see build_model) on (height, width, channels) inputs and ``num_classes``."""
+    h, w = (height - 2) // 2, (width - 2) // 2  # Conv2D 3x3 valid, MaxPool 2
+    h, w = (h - 2) // 2, (w - 2) // 2
+    h, w = h - 2, w - 2
+    convs = (9 * channels * 32 + 32) + (9 * 32 * 64 + 64) + (9 * 64 * 64 + 64)
+    return convs + (h * w * 64 * 64 + 64) + (64 * num_classes + num_classes)
+
+
+def split_reference(ref: str) -> tuple[str | None, str]:
+    """``"<zip>::<member>"`` -> (zip, member); a plain file path -> (None, path).
+
+    The zip is the first prefix before a ``::`` that is a file, so a ``::``
+    inside a member's name (or a folder's, for a plain path) does no harm.
+    """
+    start = 0
+    while (at := ref.find(ZIP_SEPARATOR, start)) >= 0:
+        if os.path.isfile(ref[:at]):
+            return ref[:at], ref[at + len(ZIP_SEPARATOR):]
+        start = at + 1
+    return None, ref
+
+
+def read_split_file(path: str) -> dict:
+    """Load and check a split file: classes, and train/test lists of [path, label]."""
+    with open(path) as f:
+        doc = json.load(f)
+    classes = doc.get("classes")
+    if not isinstance(classes, list) or len(classes) < 2:
+        raise SystemExit(f"{path}: 'classes' must list at least two class names, got {classes!r}")
+    for split in ("train", "test"):
+        items = doc.get(split)
+        if not items:
+            raise SystemExit(f"{path}: the {split!r} list is missing or empty")
+        bad = [it for it in items if len(it) != 2 or not 0 <= int(it[1]) < len(classes)]
+        if bad:
+            raise SystemExit(f"{path}: {split} entries must be [path, label] with 0 <= label < {len(classes)}; "
+                             f"first bad: {bad[0]!r}")
+    return doc
+
+
+def load_folder_split(items: list, limit: int | None, size: tuple[int, int], tf) -> tuple[np.ndarray, np.ndarray]:
+    """Decode [path, label] items into float32 (N, H, W, 3) images in 0..255 and int labels.
+
+    Decoding and resizing are ``image_dataset_from_directory``'s (see the
+    module docstring); PIL decodes what TF cannot.
+    """
+    if limit is not None:
+        items = items[::max(1, len(items) // limit)][:limit]  # every k-th: all classes, for smoke tests
+    zips: dict[str, zipfile.ZipFile] = {}
+    x = np.empty((len(items), size[0], size[1], 3), dtype=np.float32)
+    y = np.empty(len(items), dtype=np.int64)
+    try:
+        for i, (ref, label) in enumerate(items):
+            archive, member = split_reference(ref)
+            if archive is None:
+                with open(member, "rb") as f:
+                    data = f.read()
+            else:
+                if archive not in zips:
+                    zips[archive] = zipfile.ZipFile(archive)
+                data = zips[archive].read(member)
+            try:
+                arr = tf.image.decode_image(data, channels=3, expand_animations=False)
+            except tf.errors.OpError:  # not JPEG, PNG, GIF or BMP
+                with Image.open(io.BytesIO(data)) as img:
+                    arr = np.asarray(img.convert("RGB"))
+            x[i] = tf.image.resize(arr, size, method="bilinear").numpy()
+            y[i] = int(label)
+    finally:
+        for zf in zips.values():
+            zf.close()
+    return x, y
+
+
 def scale(x: np.ndarray) -> np.ndarray:
     """The seeds' ``x / 255.0`` (float64 arithmetic), stored as float32 in chunks to bound memory."""
     out = np.empty(x.shape, dtype=np.float32)
@@ -123,13 +225,14 @@ def scale(x: np.ndarray) -> np.ndarray:
     return out
 
 
-def build_model(case: str, keras):
+def build_model(case: str, keras, num_classes: int = NUM_CLASSES):
     """The seed's Sequential model and its compile settings."""
     layers = keras.layers
-    if case == "cifar10":
-        # Seed 000, section "3. Model Architecture" (the TensorFlow CNN tutorial).
+    if case in ("cifar10", "folder"):
+        # Seed 000, section "3. Model Architecture" (the TensorFlow CNN tutorial); the folder case
+        # changes only the input size and the number of outputs.
         model = keras.Sequential([
-            keras.Input(shape=(32, 32, 3)),
+            keras.Input(shape=CASES[case]["shape"]),
             layers.Conv2D(32, (3, 3), activation="relu"),
             layers.MaxPooling2D((2, 2)),
             layers.Conv2D(64, (3, 3), activation="relu"),
@@ -137,7 +240,7 @@ def build_model(case: str, keras):
             layers.Conv2D(64, (3, 3), activation="relu"),
             layers.Flatten(),
             layers.Dense(64, activation="relu"),
-            layers.Dense(10),
+            layers.Dense(num_classes),
         ])
         # Seed 000 "4. Model Compilation": Adam + sparse categorical cross-entropy.
         # Dense(10) gives logits, so the tutorial's from_logits=True (see docstring).
@@ -222,13 +325,18 @@ def write_json_atomic(path: str, data: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     ap.add_argument("--case", choices=sorted(CASES), required=True)
-    ap.add_argument("--zip", required=True, help="zip of train/<class>/* and test/<class>/* images")
+    ap.add_argument("--zip", help="cifar10 and mnist: zip of train/<class>/* and test/<class>/* images")
+    ap.add_argument("--split-file", help="folder: JSON of classes and train/test [path, label] lists (see above)")
     ap.add_argument("--seed", type=int, required=True)
     ap.add_argument("--json", required=True, help="where to write the results")
     ap.add_argument("--epochs", type=int, default=10, help="default 10, as in the seeds")
     ap.add_argument("--limit", type=int, default=None,
                     help="keep the first N train and N test images (smoke tests only)")
     args = ap.parse_args(argv)
+    if args.case == "folder" and not args.split_file:
+        ap.error("--case folder needs --split-file")
+    if args.case != "folder" and not args.zip:
+        ap.error(f"--case {args.case} needs --zip")
 
     t0 = time.perf_counter()
     import tensorflow as tf
@@ -236,20 +344,29 @@ def main(argv: list[str] | None = None) -> int:
     import keras  # the Keras 3 that tensorflow already loaded
 
     t0 = time.perf_counter()
-    with zipfile.ZipFile(args.zip) as zf:
-        x_train, y_train = load_split(zf, "train", args.case, args.limit)
-        x_test, y_test = load_split(zf, "test", args.case, args.limit)
+    if args.case == "folder":
+        split = read_split_file(args.split_file)
+        classes = list(split["classes"])
+        size = CASES["folder"]["shape"][:2]
+        x_train, y_train = load_folder_split(split["train"], args.limit, size, tf)
+        x_test, y_test = load_folder_split(split["test"], args.limit, size, tf)
+    else:
+        classes = None
+        with zipfile.ZipFile(args.zip) as zf:
+            x_train, y_train = load_split(zf, "train", args.case, args.limit)
+            x_test, y_test = load_split(zf, "test", args.case, args.limit)
     load_seconds = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     x_train, x_test = scale(x_train), scale(x_test)
     preprocess_seconds = time.perf_counter() - t0
 
+    num_classes = len(classes) if classes else NUM_CLASSES
+    expected = CASES[args.case]["params"] or tutorial_cnn_params(*CASES[args.case]["shape"], num_classes)
     keras.utils.set_random_seed(args.seed)  # python, numpy and TF seeds: weights and shuffling
-    model = build_model(args.case, keras)
+    model = build_model(args.case, keras, num_classes)
     params = model.count_params()
-    assert params == CASES[args.case]["params"], f"{args.case}: {params:,} params, expected " \
-                                                 f"{CASES[args.case]['params']:,}"
+    assert params == expected, f"{args.case}: {params:,} params, expected {expected:,}"
 
     epochs: list[dict] = []
 
@@ -299,6 +416,9 @@ def main(argv: list[str] | None = None) -> int:
         "tf_threads": tf_threads(tf),
         "cpu_model": cpu_model(),
         "params": params,
+        "num_classes": num_classes,
+        "classes": classes,
+        "split_file": args.split_file,
         "n_train": len(x_train),
         "n_test": len(x_test),
         "limit": args.limit,
