@@ -51,6 +51,8 @@ def make_config(config: str | Path | dict | RunConfig | None = None, **overrides
     recipe = overrides.get("recipe") or values.get("recipe")
     values = apply_overrides(copy.deepcopy(values), overrides)  # what the user set: the config, then the flags
     settings, why = _base_settings(recipe, values)
+    if settings and (values.get("model") or {}).get("name") == "auto":
+        del values["model"]["name"]  # an explicit --model auto asks for what the auto layer chose
     base_model = None
     if settings:  # a recipe's or --model auto's settings, under the user's own
         base_model = settings.get("model")

@@ -132,7 +132,8 @@ def choose(dataset: str, user: dict) -> tuple[dict, str]:
     }
     train_images = int(probe.images * 0.8)
     settings["batch_size"] = max(2, min(32, train_images // 2))
-    finetune = kind == "cuda" or user.get("time_budget") is not None or user.get("epochs") is not None
+    finetune = (kind == "cuda" or user.get("time_budget") is not None or user.get("epochs") is not None
+                or user.get("head_first") is False)
     if finetune:
         settings["epochs"] = 30 if user.get("time_budget") is not None else 5
         settings["augment"] = ["hflip", "zoom:0.15", "translate:" + str(max(1, side // 16))]

@@ -12,6 +12,7 @@ import copy
 import dataclasses
 import math
 import os
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -205,14 +206,15 @@ def _check_int(name: str, value, low: int, high: int) -> None:
 
 def parse_duration(value) -> float:
     """'90s', '5m', '1.5h', '300' (seconds) or a number -> seconds; refuses anything else."""
-    units = {"s": 1.0, "m": 60.0, "h": 3600.0}
+    units = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0}
     try:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             seconds = float(value)
         else:
-            text = str(value).strip().lower()
-            unit = text[-1] if text and text[-1] in units else "s"
-            seconds = float(text.rstrip("smh")) * units[unit]
+            match = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([smh]?)\s*", str(value).lower())
+            if match is None:
+                raise ValueError
+            seconds = float(match.group(1)) * units[match.group(2)]
         if not 0 < seconds < 1e7 or math.isnan(seconds):
             raise ValueError
     except (TypeError, ValueError):

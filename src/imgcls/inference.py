@@ -18,8 +18,24 @@ from imgcls.config import TTA_MODES
 from imgcls.errors import ConfigError
 
 
+# oneDNN ISA caps (ONEDNN_MAX_CPU_ISA) that still allow native bf16 dot products.
+_BF16_ISAS = ("ALL", "DEFAULT", "AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX512_CORE_AMX", "AVX512_CORE_AMX_FP16",
+              "AVX10_1_512", "AVX10_1_512_AMX", "AVX10_1_512_AMX_FP16", "AVX10_2_512", "AVX10_2_512_AMX_2")
+
+
 def cpu_has_fast_bf16() -> bool:
-    """True where the CPU has native bf16 matrix instructions (AMX or AVX512-BF16)."""
+    """True where the CPU has native bf16 matrix instructions (AMX or AVX512-BF16), and the user allows them.
+
+    ``ATEN_CPU_CAPABILITY`` (PyTorch's kernels) and ``ONEDNN_MAX_CPU_ISA``
+    (oneDNN's) can cap a CPU below its flags; a cap under AVX-512 with bf16
+    means bf16 would fall to slow reference kernels, so it counts as no bf16.
+    """
+    capability = os.environ.get("ATEN_CPU_CAPABILITY", "").strip().lower()
+    if capability in ("default", "avx2", "zvector", "vsx"):
+        return False
+    isa = os.environ.get("ONEDNN_MAX_CPU_ISA", "").strip().upper()
+    if isa and isa not in _BF16_ISAS:
+        return False
     try:
         with open("/proc/cpuinfo") as fh:
             flags = fh.read()

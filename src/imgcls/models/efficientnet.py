@@ -18,11 +18,13 @@ Module names: ``features`` holds ``stem``, ``stage1`` ... ``stage7`` and
 ``features.head_conv`` (7x7 at 224 px).  ``head`` is ``pool``, ``flatten``,
 ``dropout``, ``fc``.
 
-Option ``freeze_bn`` keeps every BatchNorm layer in eval mode (running
-statistics and affine parameters fixed) while the model trains, which is
-what fine-tuning a pretrained network on a few hundred images wants: batch
-statistics of small batches of one person's photos are noisy estimates of
-the ImageNet ones the weights were trained with.
+Option ``freeze_bn`` keeps every BatchNorm layer in eval mode while the
+model trains: the running statistics stay the pretrained ones and each
+layer normalises with them (its scale and shift still train, at the
+backbone's learning rate).  That is what fine-tuning a pretrained network on
+a few hundred images wants: batch statistics of small batches of one
+person's photos are noisy estimates of the ImageNet ones the weights were
+trained with.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import math
 from collections import OrderedDict
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from imgcls.errors import ConfigError
@@ -69,14 +72,36 @@ def round_channels(channels: int, width: float, divisor: int = 8) -> int:
     return rounded + divisor if rounded < 0.9 * scaled else rounded
 
 
-def _conv_bn(in_ch: int, out_ch: int, kernel: int, stride: int = 1, groups: int = 1, act: bool = True):
-    layers = OrderedDict(
-        conv=nn.Conv2d(in_ch, out_ch, kernel, stride=stride, padding=kernel // 2, groups=groups, bias=False),
-        bn=nn.BatchNorm2d(out_ch, eps=BN_EPS, momentum=BN_MOMENTUM),
-    )
-    if act:
-        layers["act"] = nn.ReLU6()
-    return nn.Sequential(layers)
+class ConvBN(nn.Sequential):
+    """Convolution, BatchNorm and (optionally) ReLU6, with the BatchNorm folded into the convolution when frozen.
+
+    When the BatchNorm layer is in eval mode (prediction, or fine-tuning with
+    ``freeze_bn``) the forward pass folds it into the convolution's weights and
+    bias on the fly, and clamps in place: one convolution instead of three
+    passes over the activations.  Eager fp32 inference of EfficientNet-Lite0
+    spent 1.3 s of 2 s in BatchNorm and ReLU6 before (one-off, 2-core CPU).
+    The folded weights are computed from the parameters each call, so
+    gradients reach them as before (Grad-CAM, fine-tuning).
+    """
+
+    def __init__(self, in_ch: int, out_ch: int, kernel: int, stride: int = 1, groups: int = 1, act: bool = True):
+        layers = OrderedDict(
+            conv=nn.Conv2d(in_ch, out_ch, kernel, stride=stride, padding=kernel // 2, groups=groups, bias=False),
+            bn=nn.BatchNorm2d(out_ch, eps=BN_EPS, momentum=BN_MOMENTUM),
+        )
+        if act:
+            layers["act"] = nn.ReLU6()
+        super().__init__(layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bn.training:
+            return super().forward(x)
+        conv, bn = self.conv, self.bn
+        scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+        weight = conv.weight * scale.reshape(-1, 1, 1, 1).to(conv.weight.dtype)
+        bias = bn.bias - bn.running_mean * scale
+        out = F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+        return out.clamp(0.0, 6.0) if len(self) == 3 else out
 
 
 class MBConv(nn.Module):
@@ -88,9 +113,9 @@ class MBConv(nn.Module):
     def __init__(self, in_ch: int, out_ch: int, kernel: int, stride: int, expansion: int):
         super().__init__()
         mid = in_ch * expansion
-        self.expand = _conv_bn(in_ch, mid, 1) if expansion != 1 else nn.Identity()
-        self.depthwise = _conv_bn(mid, mid, kernel, stride, groups=mid)
-        self.project = _conv_bn(mid, out_ch, 1, act=False)
+        self.expand = ConvBN(in_ch, mid, 1) if expansion != 1 else nn.Identity()
+        self.depthwise = ConvBN(mid, mid, kernel, stride, groups=mid)
+        self.project = ConvBN(mid, out_ch, 1, act=False)
         self.residual = stride == 1 and in_ch == out_ch
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -117,7 +142,7 @@ class EfficientNetLite(ImageClassifier):
         if not 0.0 <= dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1), got {dropout!r}")
         self.freeze_bn = bool(freeze_bn)
-        layers: OrderedDict[str, nn.Module] = OrderedDict(stem=_conv_bn(in_chans, STEM_CHANNELS, 3, 2))
+        layers: OrderedDict[str, nn.Module] = OrderedDict(stem=ConvBN(in_chans, STEM_CHANNELS, 3, 2))
         channels = STEM_CHANNELS
         last = len(_STAGES) - 1
         for i, (repeats, kernel, stride, expansion, out) in enumerate(_STAGES):
@@ -129,7 +154,7 @@ class EfficientNetLite(ImageClassifier):
                 blocks.append(MBConv(channels, out, kernel, stride if j == 0 else 1, expansion))
                 channels = out
             layers[f"stage{i + 1}"] = nn.Sequential(*blocks)
-        layers["head_conv"] = _conv_bn(channels, HEAD_CHANNELS, 1)
+        layers["head_conv"] = ConvBN(channels, HEAD_CHANNELS, 1)
         self.features = nn.Sequential(layers)
         self.num_features = HEAD_CHANNELS
         self.head = pooled_linear_head(HEAD_CHANNELS, num_classes, dropout)

@@ -401,11 +401,13 @@ def fit_head(s: TrainState, ds: ImageDataset, say) -> dict:
     t = s.cfg.train
     started = time.perf_counter()
     c, h, w = ds.image_shape
-    runner = FeatureRunner.create(s.model, s.runtime, (h, w), s.meta["normalize"])
-    cache = data_dir() / "features" if s.cfg.data.cache else None
-    backbone = backbone_digest(s.model, s.meta["normalize"])
     views = ["none"] + (["hflip"] if any(a in ("hflip", "altflip") for a in t.augment) else [])
     train = ds.splits["train"]
+    images = len(train) * len(views) + (len(ds.splits["val"]) if "val" in ds.splits else 0)
+    # fp32, as the test split is scored: a head fitted to bf16 features would be scored on others.
+    runner = FeatureRunner.create(s.model, scoring_runtime(s.runtime.device), (h, w), s.meta["normalize"], images)
+    cache = data_dir() / "features" if s.cfg.data.cache else None
+    backbone = backbone_digest(s.model, s.meta["normalize"])
     parts, hits = [], 0
     for view in views:
         f, hit = cached_features(runner, train.images, view, cache, backbone, say)
@@ -424,7 +426,6 @@ def fit_head(s: TrainState, ds: ImageDataset, say) -> dict:
         layer.weight.copy_(fit.weight)
         layer.bias.copy_(fit.bias)
     seconds = time.perf_counter() - started
-    images = len(train) * len(views) + (0 if x_val is None else len(x_val))
     cached = f", {hits} of {len(views) + (x_val is not None)} from the cache" if hits else ""
     say(f"stage 1: classifier fitted on frozen {s.cfg.model.name} features of {len(train):,} training images "
         f"x {len(views)} view{'s' if len(views) > 1 else ''} ({' + '.join(views)}) in {seconds:.1f}s "

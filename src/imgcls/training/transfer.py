@@ -10,10 +10,12 @@ so a second run on the same data starts from them.
 The frozen forward pass is the expensive part, and it runs where it is
 fastest (``benchmarks/own_photos.py`` and benchmarks/README.md have the
 figures): on a CPU through ONNX Runtime in fp32 (EfficientNet-Lite0 at 128 px,
-64 images a batch, on the 2-core AVX512 CPU: about 590 images/s, against 165
+64 images a batch, on the 2-core AVX512 CPU: about 640 images/s, against 165
 for PyTorch eager fp32 in channels_last and 500 for PyTorch with bf16
-autocast), falling back to PyTorch eager when the export fails; on a GPU
-through PyTorch.
+autocast), except for fewer than ``ORT_MIN_IMAGES`` images, where exporting
+the graph costs more than it saves, and when the export fails; there, and on
+a GPU, through PyTorch in the runtime it is given (fp32 in training, as the
+test split is scored).
 
 Stage 2 (fine-tuning) is the ordinary training loop, started from the stage-1
 head, with the backbone at ``backbone_lr_scale`` of the learning rate.
@@ -36,6 +38,9 @@ from imgcls.tensorfile import DamagedFile, load_checked, save_checked, tensor_di
 
 VIEWS = ("none", "hflip")
 FEATURE_BATCH = 64  # images per frozen forward pass: ORT's throughput is flat from 32 to 128 at 128 px
+# Fewer images than this go through PyTorch: exporting the graph and starting a session cost about 1.3 s, which
+# ONNX Runtime wins back after some 400 images of EfficientNet-Lite0 at 128 px (640 against 200 images/s).
+ORT_MIN_IMAGES = 400
 # L2 strengths tried for the head, per unit of the mean cross-entropy, on features scaled to unit variance:
 # from the strongest down, until the val loss has risen twice in a row (it is U-shaped in the strength).
 L2_GRID = (0.3, 0.1, 0.03, 0.01, 3e-3, 1e-3, 3e-4, 1e-4)
@@ -73,10 +78,11 @@ class FeatureRunner:
 
     @classmethod
     def create(cls, model: torch.nn.Module, runtime: Runtime, image_size: tuple[int, int],
-               norm: dict) -> "FeatureRunner":
+               norm: dict, images: int = ORT_MIN_IMAGES) -> "FeatureRunner":
+        """A runner for ``images`` forward passes at ``image_size`` (H, W), normalising with ``norm``."""
         module = PooledFeatures(model.eval(), norm).to(runtime.device)
         runner = cls(module, runtime)
-        if runtime.device.type == "cpu":
+        if runtime.device.type == "cpu" and images >= ORT_MIN_IMAGES:
             runner.session = _ort_session(module, image_size)
             if runner.session is not None:
                 runner.name = "onnxruntime fp32"

@@ -1,0 +1,273 @@
+"""Transfer learning's tensor parts: the linear head's fit, frozen features through ONNX Runtime, their cache,
+and the parameter groups of fine-tuning."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from imgcls.config import TrainConfig
+from imgcls.inference import resolve_runtime
+from imgcls.models import create_model
+from imgcls.models.pretrained import load_weights
+from imgcls.tensorfile import load_checked
+from imgcls.training import transfer
+from imgcls.training.optim import LRSchedule, build_optimizer, param_groups
+from imgcls.training.transfer import (
+    FEATURE_BATCH,
+    L2_GRID,
+    FeatureRunner,
+    cached_features,
+    compute_features,
+    fit_linear_head,
+)
+
+SIDE = 64  # pixels
+# Not the weights' own (0.5, 0.5): a per-channel normalisation shows whether each channel gets its own.
+NORM = {"mean": [0.4, 0.5, 0.6], "std": [0.2, 0.25, 0.3]}
+
+
+# ----------------------------------------------------------------------------
+# fit_linear_head
+
+
+def _blobs(rng, n_per_class: int, centres: np.ndarray, spread: float, offset: float = 5.0, scale: float = 3.0):
+    """Gaussian blobs around ``centres`` (K, F), shifted and scaled away from zero mean and unit variance,
+    as raw backbone features are."""
+    k, f = centres.shape
+    y = np.repeat(np.arange(k), n_per_class)
+    x = centres[y] + rng.normal(0, spread, (len(y), f))
+    return (offset + scale * x).astype(np.float32), y
+
+
+def _logits(fit, x: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(x) @ fit.weight.T + fit.bias
+
+
+def test_the_head_separates_separable_features_and_its_weights_apply_to_raw_features():
+    rng = np.random.default_rng(0)
+    centres = rng.normal(0, 1, (3, 16)) * 3
+    x_train, y_train = _blobs(rng, 40, centres, 1.0)
+    x_val, y_val = _blobs(rng, 20, centres, 1.0)
+    fit = fit_linear_head(x_train, y_train, 3, x_val, y_val)
+    assert fit.weight.shape == (3, 16) and fit.bias.shape == (3,)
+    assert fit.val_accuracy >= 0.95 and fit.train_accuracy >= 0.95
+    assert fit.l2 in fit.tried and fit.l2 in L2_GRID
+
+
+def test_the_reported_metrics_are_those_of_the_returned_weight_and_bias_on_raw_features():
+    # Overlapping classes, so that the accuracies are not 1 and a wrongly folded scaling shows.
+    rng = np.random.default_rng(1)
+    centres = rng.normal(0, 1, (3, 8))
+    x_train, y_train = _blobs(rng, 40, centres, 1.0)
+    x_val, y_val = _blobs(rng, 30, centres, 1.0)
+    fit = fit_linear_head(x_train, y_train, 3, x_val, y_val)
+    assert 0.4 < fit.val_accuracy < 1.0 and 0.4 < fit.train_accuracy < 1.0
+    train_logits, val_logits = _logits(fit, x_train), _logits(fit, x_val)
+    assert (train_logits.argmax(1).numpy() == y_train).mean() == pytest.approx(fit.train_accuracy, abs=1e-6)
+    assert (val_logits.argmax(1).numpy() == y_val).mean() == pytest.approx(fit.val_accuracy, abs=1e-6)
+    assert F.cross_entropy(train_logits, torch.from_numpy(y_train)).item() == pytest.approx(fit.train_loss, abs=1e-5)
+    assert F.cross_entropy(val_logits, torch.from_numpy(y_val)).item() == pytest.approx(fit.val_loss, abs=1e-5)
+    # The search records the val loss of the chosen strength (rounded to 5 decimals).
+    assert fit.tried[fit.l2] == pytest.approx(fit.val_loss, abs=1e-4)
+
+
+def test_the_l2_search_stops_after_two_worse_strengths_and_keeps_the_best():
+    # Random labels on many noise features: the weaker the L2, the more the head overfits, so the val
+    # loss rises from the strongest strength on.
+    rng = np.random.default_rng(2)
+    x_train = rng.normal(0, 1, (60, 50)).astype(np.float32)
+    y_train = rng.integers(0, 3, 60)
+    x_val = rng.normal(0, 1, (60, 50)).astype(np.float32)
+    y_val = rng.integers(0, 3, 60)
+    fit = fit_linear_head(x_train, y_train, 3, x_val, y_val)
+    tried = list(fit.tried)
+    assert len(tried) < len(L2_GRID)
+    assert tried == list(L2_GRID[:len(tried)])  # strongest first, in the grid's order
+    best = min(fit.tried, key=fit.tried.get)
+    assert fit.l2 == best
+    after = tried[tried.index(best) + 1:]
+    assert len(after) == 2 and all(fit.tried[l2] > fit.tried[best] for l2 in after)
+
+
+def test_the_l2_search_picks_an_inner_minimum_given_its_own_grid():
+    rng = np.random.default_rng(3)
+    centres = rng.normal(0, 1, (3, 8))
+    x_train, y_train = _blobs(rng, 40, centres, 1.0)
+    x_val, y_val = _blobs(rng, 30, centres, 1.0)
+    grid = (1e-5, 10.0, 1.0, 0.1, 1e-3)  # given in any order: tried strongest first
+    fit = fit_linear_head(x_train, y_train, 3, x_val, y_val, grid=grid)
+    assert list(fit.tried)[:2] == [10.0, 1.0]
+    assert fit.l2 == min(fit.tried, key=fit.tried.get)
+    assert fit.val_loss == pytest.approx(fit.tried[fit.l2], abs=1e-4)
+
+
+@pytest.mark.parametrize("val", [None, "empty"])
+def test_without_val_the_head_is_fitted_once_at_the_middle_of_the_grid(val):
+    rng = np.random.default_rng(4)
+    centres = rng.normal(0, 1, (3, 8)) * 3
+    x_train, y_train = _blobs(rng, 30, centres, 1.0)
+    x_val = None if val is None else np.zeros((0, 8), np.float32)
+    y_val = None if val is None else np.zeros(0, np.int64)
+    fit = fit_linear_head(x_train, y_train, 3, x_val, y_val)
+    assert list(fit.tried) == [L2_GRID[len(L2_GRID) // 2]] == [fit.l2]
+    assert fit.val_loss is None and fit.val_accuracy is None
+    assert fit.tried[fit.l2] == pytest.approx(fit.train_loss, abs=1e-4)  # scored on train without val
+    assert fit.train_accuracy >= 0.95
+
+
+# ----------------------------------------------------------------------------
+# FeatureRunner, compute_features and cached_features
+
+
+@pytest.fixture(scope="module")
+def backbone(data_dir_env):
+    """EfficientNet-Lite0 at 64x64 with its ImageNet weights.
+
+    Weights rather than a random initialisation: a freshly initialised Lite0's pooled features are about
+    1e-9 (its activations shrink through the 16 blocks), so any two runtimes would agree to 1e-4.
+    """
+    model = create_model("efficientnet_lite0", in_chans=3, num_classes=3, img_size=(SIDE, SIDE))
+    load_weights(model, "imagenet")
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def runner(backbone):
+    return FeatureRunner.create(backbone, resolve_runtime("cpu", "fp32", "off"), (SIDE, SIDE), NORM)
+
+
+@pytest.fixture(scope="module")
+def images():
+    # More than one batch of the frozen pass, and not a whole number of them.
+    return np.random.default_rng(5).integers(0, 256, (FEATURE_BATCH + 6, SIDE, SIDE, 3), dtype=np.uint8)
+
+
+def _eager_features(model: torch.nn.Module, images: np.ndarray) -> np.ndarray:
+    mean, std = torch.tensor(NORM["mean"]), torch.tensor(NORM["std"])
+    x = ((torch.from_numpy(np.ascontiguousarray(images)).float() / 255 - mean) / std).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        return model.eval().forward_features(x).mean((2, 3)).numpy()
+
+
+def test_onnx_runtime_features_equal_pytorch_eager(backbone, runner, images):
+    assert runner.name == "onnxruntime fp32" and runner.session is not None
+    expected = _eager_features(backbone, images)
+    assert expected.shape == (len(images), backbone.num_features) and expected.std() > 0.1  # not vanishing
+    got = compute_features(runner, images)
+    assert got.shape == expected.shape and got.dtype == np.float32
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4)
+
+
+def test_the_hflip_view_is_the_features_of_the_mirrored_images(backbone, runner, images):
+    flipped = compute_features(runner, images, "hflip")
+    np.testing.assert_allclose(flipped, _eager_features(backbone, images[:, :, ::-1]), rtol=0, atol=1e-4)
+    assert np.abs(flipped - compute_features(runner, images)).max() > 0.1  # the view changed something
+
+
+def test_pytorch_eager_is_the_fallback_when_the_export_fails(backbone, images, monkeypatch):
+    monkeypatch.setattr(transfer, "_ort_session", lambda module, size: None)
+    eager = FeatureRunner.create(backbone, resolve_runtime("cpu", "fp32", "off"), (SIDE, SIDE), NORM)
+    assert eager.session is None and eager.name == "torch fp32"
+    np.testing.assert_allclose(compute_features(eager, images[:5]), _eager_features(backbone, images[:5]),
+                               rtol=0, atol=1e-5)
+
+
+def test_few_images_go_through_pytorch_without_an_export(backbone, images, monkeypatch):
+    def no_export(module, size):
+        raise AssertionError("exported a graph for fewer than ORT_MIN_IMAGES images")
+
+    monkeypatch.setattr(transfer, "_ort_session", no_export)
+    small = FeatureRunner.create(backbone, resolve_runtime("cpu", "fp32", "off"), (SIDE, SIDE), NORM,
+                                 transfer.ORT_MIN_IMAGES - 1)
+    assert small.session is None and small.name == "torch fp32"
+    np.testing.assert_allclose(compute_features(small, images[:3]), _eager_features(backbone, images[:3]),
+                               rtol=0, atol=1e-5)
+
+
+def test_no_images_give_no_features(runner, images):
+    assert compute_features(runner, images[:0]).shape == (0, 1280)
+
+
+def test_cached_features_are_read_back_and_a_damaged_file_is_computed_again(runner, images, tmp_path):
+    cache = tmp_path / "features"
+    notes = []
+    first, hit = cached_features(runner, images, "none", cache, "backbone-a", notes.append)
+    assert not hit
+    files = list(cache.iterdir())
+    assert len(files) == 1 and files[0].suffix == ".safetensors"
+    again, hit = cached_features(runner, images, "none", cache, "backbone-a", notes.append)
+    assert hit and np.array_equal(again, first) and notes == []
+
+    # Flip the last bytes of the tensor data (the header comes first): the checksum no longer matches.
+    data = bytearray(files[0].read_bytes())
+    data[-16:] = bytes(b ^ 0xFF for b in data[-16:])
+    files[0].write_bytes(bytes(data))
+    redone, hit = cached_features(runner, images, "none", cache, "backbone-a", notes.append)
+    assert not hit
+    assert len(notes) == 1 and notes[0].startswith(f"note: cached features {files[0]} were computed again")
+    assert "does not match its checksum" in notes[0]
+    np.testing.assert_allclose(redone, first, rtol=0, atol=1e-6)
+    tensors, meta = load_checked(files[0])  # rewritten, and good
+    assert np.array_equal(tensors["features"].numpy(), redone) and meta["view"] == "none"
+    assert cached_features(runner, images, "none", cache, "backbone-a", notes.append)[1]
+    assert len(notes) == 1
+
+
+def test_the_cache_key_holds_the_view_and_the_backbone(runner, images, tmp_path):
+    cache = tmp_path / "features"
+    plain, _ = cached_features(runner, images, "none", cache, "backbone-a")
+    flipped, hit = cached_features(runner, images, "hflip", cache, "backbone-a")
+    assert not hit and not np.allclose(flipped, plain)
+    _, hit = cached_features(runner, images, "none", cache, "backbone-b")
+    assert not hit
+    _, hit = cached_features(runner, images[:10], "none", cache, "backbone-a")  # other images
+    assert not hit
+    assert len(list(cache.iterdir())) == 4
+
+
+def test_without_a_cache_dir_nothing_is_written(runner, images, tmp_path, monkeypatch):
+    def no_writes(*args, **kwargs):
+        raise AssertionError("cached_features wrote a file with cache_dir=None")
+
+    monkeypatch.setattr(transfer, "save_checked", no_writes)
+    monkeypatch.setenv("IMGCLS_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.chdir(tmp_path)
+    features, hit = cached_features(runner, images[:4], "none", None, "backbone-a")
+    assert not hit and features.shape == (4, 1280)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_cache_that_cannot_be_written_is_said_and_the_features_still_returned(runner, images, tmp_path):
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a folder")
+    notes = []
+    features, hit = cached_features(runner, images[:4], "none", blocked, "backbone-a", notes.append)
+    assert not hit and features.shape == (4, 1280)
+    assert len(notes) == 1 and notes[0].startswith(f"note: the features could not be cached in {blocked}")
+
+
+# ----------------------------------------------------------------------------
+# param_groups for fine-tuning
+
+
+def test_backbone_lr_scale_puts_every_backbone_parameter_in_a_group_of_its_own():
+    model = create_model("efficientnet_lite0", in_chans=3, num_classes=3, img_size=(SIDE, SIDE))
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = param_groups(model, TrainConfig(backbone_lr_scale=0.1))
+    assert [g["lr_scale"] for g in groups] == [0.1, 1.0]
+    backbone = {names[id(p)] for p in groups[0]["params"]}
+    classifier = {names[id(p)] for p in groups[1]["params"]}
+    assert classifier == {"head.fc.weight", "head.fc.bias"}
+    assert backbone == set(names.values()) - classifier
+    assert len(groups[0]["params"]) + len(groups[1]["params"]) == len(names)  # each parameter once
+    # The schedule sets each group's learning rate from its scale.
+    t = TrainConfig(backbone_lr_scale=0.1, lr=1e-3)
+    optimizer = build_optimizer(groups, t)
+    LRSchedule(t, 10).apply(optimizer, 0)
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([1e-4, 1e-3])
+    # Without the scale, one group holds everything.
+    plain = param_groups(model, TrainConfig())
+    assert len(plain) == 1 and len(plain[0]["params"]) == len(names)
