@@ -230,6 +230,14 @@ class Report:
     def learning_section(self) -> Section:
         if not self.history:
             return Section("Learning curves", ["This run folder has no metrics.jsonl."])
+        if len(self.history) == 1 and self.history[0].get("stage") == "head":
+            r = self.history[0]
+            val = f", validation loss {r['val_loss']:.4f} and accuracy {r['val_accuracy']:.2%}" if "val_loss" in r else ""
+            return Section("Learning curves", [
+                f"Only the classifier was trained, on the frozen pretrained network's features (stage 1 of transfer "
+                f"learning, L2 strength {r.get('head_l2', float('nan')):g} chosen on the validation split): training "
+                f"loss {r['train_loss']:.4f} and accuracy {r['train_accuracy']:.2%}{val}. There are no epochs to plot; "
+                f"`imgcls train --epochs N` or `--time-budget` adds fine-tuning epochs."])
         text = ("Loss and accuracy on the training and validation splits after each epoch, and the "
                 "learning rate. The dotted line marks the best epoch; a validation loss that rises while "
                 "the training loss falls is overfitting.")
