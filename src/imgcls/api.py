@@ -162,6 +162,8 @@ def train(config=None, *, resume: str | Path | None = None, quiet: bool = False,
             run.write_text("config.yaml", dump_config(cfg))
     else:
         cfg = make_config(config, **overrides)
+        if cfg.auto:
+            console.print(f"auto: {cfg.auto}", highlight=False, markup=False, soft_wrap=True)
     if cfg.train.optimizer != "muon":
         import_dynamo_in_background()  # torch's optimisers need it: overlap it with loading the data (1-1.4 s)
     started = time.perf_counter()

@@ -240,6 +240,22 @@ def tta_logits(model: torch.nn.Module, x: torch.Tensor, tta: str = "none") -> to
     return out
 
 
+BATCH_PIXELS = 64 * 128 * 128
+"""Most input pixels in one prediction batch (views included).
+
+What a forward pass holds at once grows with the pixels: at batch 512 and
+128x128, EfficientNet-Lite0's widest activation (96 channels at half the
+side) took 0.8 GB.  The cap leaves every batch of images of 45x45 or less as
+asked (CIFAR-10's 1,024 among them).
+"""
+
+
+def memory_safe_batch(batch_size: int, image_hw) -> int:
+    """``batch_size``, lowered so that a batch holds at most :data:`BATCH_PIXELS` input pixels (at least 1 image)."""
+    h, w = (int(v) for v in image_hw)
+    return max(1, min(int(batch_size), BATCH_PIXELS // max(1, h * w)))
+
+
 @torch.no_grad()
 def predict_logits(model: torch.nn.Module, images, norm: dict, runtime: Runtime, batch_size: int = 512,
                    tta: str = "none") -> torch.Tensor:
@@ -256,7 +272,7 @@ def predict_logits(model: torch.nn.Module, images, norm: dict, runtime: Runtime,
     mean, std = normalization_tensors(norm, runtime.device)
     images = torch.as_tensor(images)
     out = []
-    step = max(1, batch_size // tta_views(tta))
+    step = memory_safe_batch(max(1, batch_size // tta_views(tta)), images.shape[1:3])
     for start in range(0, len(images), step):
         x = to_input(images[start:start + step].to(runtime.device), mean, std, runtime.channels_last)
         with runtime.autocast():

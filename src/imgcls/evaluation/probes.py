@@ -17,7 +17,7 @@ import torch
 
 from imgcls.data.base import Split
 from imgcls.errors import ConfigError, DataError
-from imgcls.inference import Runtime, normalization_tensors, to_input
+from imgcls.inference import Runtime, memory_safe_batch, normalization_tensors, to_input
 
 PROBE_C = 1.0  # inverse L2 strength of the logistic regression, on standardised features
 PROBE_MAX_ITER = 1000  # lbfgs iterations; the features are standardised, so this is rarely reached
@@ -76,8 +76,9 @@ def stage_features(model: torch.nn.Module, images: np.ndarray, norm: dict, runti
 
     handles = [module.register_forward_hook(hook_for(name)) for name, module in modules]
     try:
-        for start in range(0, len(images), batch_size):
-            x = to_input(images[start:start + batch_size].to(runtime.device), mean, std, runtime.channels_last)
+        step = memory_safe_batch(batch_size, images.shape[1:3])
+        for start in range(0, len(images), step):
+            x = to_input(images[start:start + step].to(runtime.device), mean, std, runtime.channels_last)
             with runtime.autocast():
                 model(x)
     finally:

@@ -42,7 +42,7 @@ from imgcls.inference import (
     scoring_runtime,
     to_input,
 )
-from imgcls.models import create_model
+from imgcls.models import ImageClassifier, create_model
 from imgcls.models.pretrained import LoadReport, classifier_layer, load_weights
 from imgcls.training.optim import (
     EarlyStopping,
@@ -182,9 +182,10 @@ def prepare(cfg: RunConfig, ds: ImageDataset, runtime: Runtime) -> TrainState:
     norm = norm or channel_stats(train.images)  # a pretrained set's own normalisation, else the data's
     # Data-dependent initialisation (fastnet's patch whitening) from a seeded sample of training images;
     # it may freeze parameters, so it comes before the optimiser is built.
-    sample = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(t.seed))[:INIT_SAMPLE]
-    model.init_from_data(to_input(x_train[sample.to(runtime.device)], *normalization_tensors(norm, runtime.device),
-                                  runtime.channels_last))
+    if type(model).init_from_data is not ImageClassifier.init_from_data:  # a float copy of 5,000 images is not free
+        sample = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(t.seed))[:INIT_SAMPLE]
+        model.init_from_data(to_input(x_train[sample.to(runtime.device)], *normalization_tensors(norm, runtime.device),
+                                      runtime.channels_last))
     meta = {
         "arch": model.arch,
         "arch_kwargs": model.arch_kwargs,
