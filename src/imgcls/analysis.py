@@ -25,11 +25,11 @@ def _held_out(ds) -> str:
     return "val"
 
 
-def calibrate(run_dir: str | Path, clf_ds=None, test_logits=None) -> dict:
+def calibrate(run_dir: str | Path, clf_ds=None, test_logits=None, val_logits=None) -> dict:
     """Fit temperature scaling on the val split and store it with the model.
 
     Returns {"temperature", "ece_before", "ece_after", "nll_before", "nll_after"} measured on val,
-    plus the same on test.  ``test_logits``: as for :func:`report`.
+    plus the same on test.  ``test_logits``, ``val_logits``: as for :func:`report`.
     """
     from imgcls.evaluation.calibration import (
         expected_calibration_error,
@@ -39,7 +39,8 @@ def calibrate(run_dir: str | Path, clf_ds=None, test_logits=None) -> dict:
 
     run_dir = Path(run_dir)
     clf, ds = clf_ds or load_run(run_dir)
-    val = predict_split(clf, ds, _held_out(ds))
+    held_out = _held_out(ds)
+    val = predict_split(clf, ds, held_out, val_logits if held_out == "val" else None)
     temperature = fit_temperature(val.logits, val.labels)
     result = {"temperature": temperature, "fitted_on": "val"}
     for split in ("val", "test"):
@@ -84,13 +85,16 @@ def probe(run_dir: str | Path, max_train: int = 5000, max_eval: int = 5000, clf_
     return rows
 
 
+PROBE_MIN_HELD_OUT = 100  # held-out images below which the report leaves the layer probes out
+
+
 def report_probe_images(input_shape) -> int:
-    """Images per split the report's probes use: 2,000 at 32x32, fewer for larger images (300 at 224x224).
+    """Images per split the report's probes use: 2,000 up to 32x32, fewer for larger images (300 from 83x83).
 
     The forward passes cost in proportion to the pixels; ``imgcls probe`` takes more when asked.
     """
     _, h, w = input_shape
-    return int(min(2000, max(300, 2000 * 32 / max(1.0, (h * w) ** 0.5))))
+    return int(min(2000, max(300, 2000 * 32 * 32 / max(1, h * w))))
 
 
 def calibration_section(run_dir: Path, val) -> Section:
@@ -130,6 +134,12 @@ def probes_section(run_dir: Path, clf, ds) -> Section:
     from imgcls.evaluation.probes import plot_probes
 
     path = run_dir / "probes.json"
+    held_out = len(ds.splits["val" if "val" in ds.splits else "test"])
+    if not path.is_file() and held_out < PROBE_MIN_HELD_OUT:
+        return Section("What each layer has learned", [
+            f"Layer probes need at least {PROBE_MIN_HELD_OUT} held-out images to say anything (each image here would "
+            f"move a probe's accuracy by {1 / max(held_out, 1):.0%}); this run has {held_out}. "
+            f"`imgcls probe RUN` runs them anyway."])
     n = report_probe_images(clf.input_shape)
     doc = json.loads(path.read_text()) if path.is_file() else {"held_out": None, "rows": probe(run_dir, n, n, (clf, ds))}
     rows = doc["rows"]
@@ -166,11 +176,12 @@ def gradcam_section(clf, rep) -> Section:
     )
 
 
-def report(run_dir: str | Path, clf_ds=None, test_logits=None) -> Path:
+def report(run_dir: str | Path, clf_ds=None, test_logits=None, val_logits=None) -> Path:
     """Write ``report.html`` (and every figure as PNG) in the run folder; returns its path.
 
-    ``test_logits``: the final checkpoint's on the test split, when the caller
-    has them (training does), so the test split is not run through the model again.
+    ``test_logits``, ``val_logits``: the final checkpoint's on the test and
+    val splits, when the caller has them (training does), so those splits are
+    not run through the model again.
     """
     from imgcls.reports.report import Report
 
@@ -179,7 +190,7 @@ def report(run_dir: str | Path, clf_ds=None, test_logits=None) -> Path:
     rep = Report.from_run(run_dir, clf_ds=(clf, ds), logits=test_logits)
     extra = [gradcam_section(clf, rep)]
     if "val" in ds.splits:
-        val = predict_split(clf, ds, "val")  # one pass over val serves both sections
+        val = predict_split(clf, ds, "val", val_logits)  # one pass over val serves both sections
         if (run_dir / "calibration.json").is_file():
             extra.append(calibration_section(run_dir, val))
         extra.append(thresholds_section(run_dir, val))

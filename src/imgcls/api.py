@@ -164,7 +164,7 @@ def train(config=None, *, resume: str | Path | None = None, quiet: bool = False,
         cfg = make_config(config, **overrides)
         if cfg.auto:
             console.print(f"auto: {cfg.auto}", highlight=False, markup=False, soft_wrap=True)
-    if cfg.train.optimizer != "muon":
+    if cfg.train.optimizer != "muon" and cfg.train.epochs > 0:
         import_dynamo_in_background()  # torch's optimisers need it: overlap it with loading the data (1-1.4 s)
     started = time.perf_counter()
     ds = build_dataset(cfg.data, seed=cfg.train.seed, progress=console.is_terminal)
@@ -190,11 +190,13 @@ def _analyse(run_dir: Path, console, test_logits) -> None:
     from imgcls import analysis
 
     clf_ds = analysis.load_run(run_dir)
+    val_logits = None
     if "val" in clf_ds[1].splits:
-        cal = analysis.calibrate(run_dir, clf_ds, test_logits)
+        val_logits = analysis.predict_split(*clf_ds, "val").logits  # one pass over val serves both steps
+        cal = analysis.calibrate(run_dir, clf_ds, test_logits, val_logits)
         console.print(f"calibration: temperature {cal['temperature']:.3f}, val ECE {cal['val']['ece_before']:.4f} "
                       f"-> {cal['val']['ece_after']:.4f}", highlight=False, markup=False, soft_wrap=True)
-    page = analysis.report(run_dir, clf_ds, test_logits)
+    page = analysis.report(run_dir, clf_ds, test_logits, val_logits)
     console.print(f"report: {page}", highlight=False, markup=False, soft_wrap=True)
 
 

@@ -34,7 +34,8 @@ def new_figure(width: float = 6.4, height: float = 4.0):
 def figure_png(fig) -> bytes:
     """PNG bytes of a matplotlib Figure."""
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
+    # zlib level 1: a fifth of the encoding time of the default 6 (0.5 s of a report's 11 figures) for larger files.
+    fig.savefig(buf, format="png", dpi=100, pil_kwargs={"compress_level": 1})
     return buf.getvalue()
 
 

@@ -65,7 +65,7 @@ class TrainState:
     cfg: RunConfig
     runtime: Runtime
     model: torch.nn.Module
-    optimizer: torch.optim.Optimizer | Muon
+    optimizer: torch.optim.Optimizer | Muon | None  # None when no epoch will run (stage 1 only)
     schedule: LRSchedule
     tracker: EarlyStopping
     augment: object
@@ -199,7 +199,8 @@ def prepare(cfg: RunConfig, ds: ImageDataset, runtime: Runtime) -> TrainState:
     }
     if weights_report is not None:
         meta["pretrained"] = weights_report.to_dict()
-    optimizer = build_optimizer(param_groups(model, t), t)
+    # A run that ends at stage 1 takes no optimiser step; building one would import torch._dynamo (1 s).
+    optimizer = build_optimizer(param_groups(model, t), t) if t.epochs > 0 else None
     steps = _steps_per_epoch(len(train), t.batch_size)
     weights = class_weight_tensor(t.class_weights, train.labels, ds.num_classes)
     augment = build_augment(t.augment, (h, w))
@@ -280,7 +281,7 @@ def validate(s: TrainState, ds: ImageDataset) -> dict:
 
 
 def _train_state_dict(s: TrainState) -> dict:
-    state = {"epoch": s.epoch, "step": s.step, "optimizer": s.optimizer.state_dict(),
+    state = {"epoch": s.epoch, "step": s.step, "optimizer": {} if s.optimizer is None else s.optimizer.state_dict(),
              "schedule": s.schedule.state_dict(), "tracker": s.tracker.state_dict()}
     if s.lookahead is not None:
         state["lookahead"] = s.lookahead.state_dict()
@@ -292,7 +293,8 @@ def _restore(s: TrainState, run: RunFolder) -> None:
     state, meta = read_checkpoint(run.checkpoint("last"))
     s.model.load_state_dict(state)
     ts = meta["train_state"]
-    s.optimizer.load_state_dict(ts["optimizer"])
+    if s.optimizer is not None and ts["optimizer"]:  # {}: saved before any step, a fresh optimiser is the same
+        s.optimizer.load_state_dict(ts["optimizer"])
     s.schedule.load_state_dict(ts["schedule"])
     s.tracker.load_state_dict(ts["tracker"])
     if s.lookahead is not None:

@@ -38,9 +38,10 @@ from imgcls.tensorfile import DamagedFile, load_checked, save_checked, tensor_di
 
 VIEWS = ("none", "hflip")
 FEATURE_BATCH = 64  # images per frozen forward pass: ORT's throughput is flat from 32 to 128 at 128 px
-# Fewer images than this go through PyTorch: exporting the graph and starting a session cost about 1.3 s, which
-# ONNX Runtime wins back after some 400 images of EfficientNet-Lite0 at 128 px (640 against 200 images/s).
-ORT_MIN_IMAGES = 400
+# Fewer images than this go through PyTorch: exporting the graph and starting a session (and importing onnx)
+# cost about 1.3 s, which ONNX Runtime wins back after some 1,000 images of EfficientNet-Lite0 at 128 px (640
+# against 360 images/s for PyTorch fp32 with the BatchNorm folded; one-off, the 2-core AVX512 CPU).
+ORT_MIN_IMAGES = 1000
 # L2 strengths tried for the head, per unit of the mean cross-entropy, on features scaled to unit variance:
 # from the strongest down, until the val loss has risen twice in a row (it is U-shaped in the strength).
 L2_GRID = (0.3, 0.1, 0.03, 0.01, 3e-3, 1e-3, 3e-4, 1e-4)
