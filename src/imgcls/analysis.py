@@ -136,10 +136,10 @@ def probes_section(run_dir: Path, clf, ds) -> Section:
     path = run_dir / "probes.json"
     held_out = len(ds.splits["val" if "val" in ds.splits else "test"])
     if not path.is_file() and held_out < PROBE_MIN_HELD_OUT:
-        return Section("What each layer has learned", [
+        return Section("What each layer has learned", [(
             f"Layer probes need at least {PROBE_MIN_HELD_OUT} held-out images to say anything (each image here would "
             f"move a probe's accuracy by {1 / max(held_out, 1):.0%}); this run has {held_out}. "
-            f"`imgcls probe RUN` runs them anyway."])
+            f"`imgcls probe RUN` runs them anyway.")])
     n = report_probe_images(clf.input_shape)
     doc = json.loads(path.read_text()) if path.is_file() else {"held_out": None, "rows": probe(run_dir, n, n, (clf, ds))}
     rows = doc["rows"]

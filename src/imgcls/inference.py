@@ -17,7 +17,6 @@ import torch.nn.functional as F
 from imgcls.config import TTA_MODES
 from imgcls.errors import ConfigError
 
-
 # oneDNN ISA caps (ONEDNN_MAX_CPU_ISA) that still allow native bf16 dot products.
 _BF16_ISAS = ("ALL", "DEFAULT", "AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX512_CORE_AMX", "AVX512_CORE_AMX_FP16",
               "AVX10_1_512", "AVX10_1_512_AMX", "AVX10_1_512_AMX_FP16", "AVX10_2_512", "AVX10_2_512_AMX_2")

@@ -55,7 +55,12 @@ from imgcls.training.optim import (
 )
 from imgcls.training.progress import EpochProgress
 from imgcls.training.run import RunFolder, environment
-from imgcls.training.transfer import FeatureRunner, backbone_digest, cached_features, fit_linear_head
+from imgcls.training.transfer import (
+    FeatureRunner,
+    backbone_digest,
+    cached_features,
+    fit_linear_head,
+)
 
 
 @dataclass
@@ -403,7 +408,7 @@ def fit_head(s: TrainState, ds: ImageDataset, say) -> dict:
 
     t = s.cfg.train
     started = time.perf_counter()
-    c, h, w = ds.image_shape
+    _, h, w = ds.image_shape
     views = ["none"] + (["hflip"] if any(a in ("hflip", "altflip") for a in t.augment) else [])
     train = ds.splits["train"]
     images = len(train) * len(views) + (len(ds.splits["val"]) if "val" in ds.splits else 0)

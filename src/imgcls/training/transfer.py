@@ -79,7 +79,7 @@ class FeatureRunner:
 
     @classmethod
     def create(cls, model: torch.nn.Module, runtime: Runtime, image_size: tuple[int, int],
-               norm: dict, images: int = ORT_MIN_IMAGES) -> "FeatureRunner":
+               norm: dict, images: int = ORT_MIN_IMAGES) -> FeatureRunner:
         """A runner for ``images`` forward passes at ``image_size`` (H, W), normalising with ``norm``."""
         module = PooledFeatures(model.eval(), norm).to(runtime.device)
         runner = cls(module, runtime)
@@ -117,7 +117,7 @@ def _ort_session(module: PooledFeatures, image_size: tuple[int, int]):
         options.intra_op_num_threads = torch.get_num_threads()
         options.log_severity_level = 3
         return ort.InferenceSession(buf.getvalue(), options, providers=["CPUExecutionProvider"])
-    except Exception:  # any exporter or runtime failure: PyTorch eager computes the same features
+    except Exception:  # noqa: BLE001 - any exporter or runtime failure: PyTorch eager computes the same features
         return None
 
 
