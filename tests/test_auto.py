@@ -153,7 +153,7 @@ def test_epochs_or_a_time_budget_add_fine_tuning(big_photos, user, epochs, plan)
     settings, line = auto.choose(str(big_photos), user)
     assert settings["epochs"] == epochs  # the user's own epochs still win, in make_config
     assert settings["early_stopping"] is True and settings["monitor"] == "val_loss" and settings["patience"] == 2
-    assert settings["augment"] == ["hflip", "zoom:0.15", "translate:8"]  # 8 pixels of 128
+    assert settings["augment"] == ["hflip", "zoom:0.15", "translate:8", "jitter:0.1"]  # 8 pixels of 128
     assert settings["head_first"] is True and settings["lr"] == 1e-3
     assert plan in line
 
@@ -161,7 +161,7 @@ def test_epochs_or_a_time_budget_add_fine_tuning(big_photos, user, epochs, plan)
 def test_a_gpu_fine_tunes_at_224_pixels(big_photos):
     settings, line = auto.choose(str(big_photos), {"device": "cuda"})
     assert settings["image_size"] == [224, 224] and settings["epochs"] == 5
-    assert settings["augment"][-1] == "translate:14"
+    assert settings["augment"][-2:] == ["translate:14", "jitter:0.1"]
     assert "at 224x224 on the cuda" in line
 
 

@@ -70,7 +70,11 @@ def test_flowers_zip_with_no_flags_gets_pretrained_transfer_and_beats_random_wei
     from imgcls.inference import resolve_runtime
     from imgcls.models import create_model
     from imgcls.models.pretrained import HALF_NORMALIZE
-    from imgcls.training.transfer import FeatureRunner, compute_features, fit_linear_head
+    from imgcls.training.transfer import (
+        FeatureRunner,
+        compute_features,
+        fit_linear_head,
+    )
 
     ds = registry.build_dataset(cfg.data, seed=0)
     random_model = create_model("efficientnet_lite0", 3, 5, (128, 128))

@@ -112,7 +112,7 @@ class TrainConfig:
     restore_best: bool = _opt(True, "early stopping: end with the best epoch's weights")
     class_weights: Any = _opt(None, "'balanced', or one weight per class as a comma-separated list")
     augment: list[str] = _opt(None, "augmentations, comma-separated: hflip, rotate:DEG, zoom:F, "
-                              "translate:PX, crop:PX, cutout:PX", factory=list)
+                              "translate:PX, crop:PX, jitter:F, cutout:PX", factory=list)
     device: str = _opt("auto", "training device", choices=DEVICES)
     precision: str = _opt("auto", "bf16 autocast (auto: on where the device runs bf16 fast)", choices=PRECISIONS)
     channels_last: str = _opt("auto", "channels_last memory format (auto: on with bf16)", choices=SWITCHES)

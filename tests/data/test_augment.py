@@ -217,7 +217,7 @@ def test_spec_forms_and_names():
     text = str(augment)
     for word in ("hflip", "rotate", "15", "zoom", "crop", "4px", "cutout", "8px"):
         assert word in text
-    assert set(AUGMENT_NAMES) == {"hflip", "altflip", "rotate", "zoom", "translate", "crop", "cutout"}
+    assert set(AUGMENT_NAMES) == {"hflip", "altflip", "rotate", "zoom", "translate", "crop", "jitter", "cutout"}
 
 
 def test_unknown_name_lists_valid_names():
@@ -314,3 +314,28 @@ def test_resize_batch_is_torchs_antialiased_bilinear_resize(shape, size, channel
     assert got.shape == want.shape
     assert got.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+def test_jitter_changes_contrast_and_brightness_per_image_within_its_range():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 3, 16, 16)
+    augment = build_augment("jitter:0.3", (16, 16))
+    assert augment.names == ("jitter",) and augment.spec() == ["jitter:0.3"]
+    out = augment(x, gen)
+    mean_in, mean_out = x.mean((2, 3)), out.mean((2, 3))
+    centred_in, centred_out = x - x.mean((2, 3), keepdim=True), out - out.mean((2, 3), keepdim=True)
+    contrast = (centred_out.flatten(1) * centred_in.flatten(1)).sum(1) / centred_in.flatten(1).square().sum(1)
+    shift = mean_out - mean_in  # the same for every channel of an image
+    assert torch.allclose(centred_out, centred_in * contrast.view(-1, 1, 1, 1), atol=1e-5)
+    assert torch.allclose(shift, shift[:, :1].expand_as(shift), atol=1e-5)
+    assert contrast.min() >= 0.7 - 1e-5 and contrast.max() <= 1.3 + 1e-5 and contrast.std() > 0.1
+    assert shift.abs().max() <= 0.3 + 1e-5 and shift.std() > 0.05
+    assert torch.equal(augment(x, torch.Generator().manual_seed(0)), out)  # seeded
+
+
+def test_jitter_runs_before_cutout_so_the_holes_stay_the_mean_colour():
+    x = torch.randn(8, 3, 16, 16)
+    augment = build_augment(["cutout:6", "jitter:0.5"], (16, 16))
+    assert augment.names == ("jitter", "cutout")
+    out = augment(x, torch.Generator().manual_seed(1))
+    assert ((out == 0).flatten(1).sum(1) >= 9 * 3).all()  # every image has a zeroed hole (at least 3x3 inside)
