@@ -132,11 +132,11 @@ def choose(dataset: str, user: dict) -> tuple[dict, str]:
         "model": PHOTO_MODEL, "pretrained": "imagenet", "head_first": True, "image_size": [side, side],
         "channels": 3, "resize": "stretch", "augment": ["hflip"], "model_option": {"freeze_bn": True},
         # Fine-tuning, when it runs: Adam at 1e-3 for the new classifier, a tenth for the backbone.
-        "optimizer": "adam", "lr": 1e-3, "backbone_lr_scale": 0.1, "batch_size": 32, "early_stopping": True,
+        "optimizer": "adam", "lr": 1e-3, "backbone_lr_scale": 0.1, "early_stopping": True,
         "monitor": "val_loss", "patience": 2, "schedule": "constant",
+        # 32, or half of the about 80% of the images that train, for a folder of a few dozen.
+        "batch_size": max(2, min(32, int(probe.images * 0.8) // 2)),
     }
-    train_images = int(probe.images * 0.8)
-    settings["batch_size"] = max(2, min(32, train_images // 2))
     finetune = (kind == "cuda" or user.get("time_budget") is not None or user.get("epochs") is not None
                 or user.get("head_first") is False)
     if finetune:

@@ -310,6 +310,14 @@ def _restore(s: TrainState, run: RunFolder) -> None:
     s.history = run.read_metrics()
 
 
+def _keep_epoch(s: TrainState, run: RunFolder, record: dict, is_best: bool, say) -> None:
+    """Add an epoch's record (stage 1's too) to the history and metrics.jsonl, write its checkpoints, say it."""
+    s.history.append(record)
+    run.append_metrics(record)
+    _save_epoch(s, run, record, is_best)
+    say(_epoch_line(record, is_best))
+
+
 def _save_epoch(s: TrainState, run: RunFolder, record: dict, is_best: bool) -> None:
     meta = dict(s.meta, epoch=s.epoch, metrics=record, created=_dt.datetime.now().isoformat(timespec="seconds"))
     if is_best:
@@ -349,11 +357,7 @@ def fit(cfg: RunConfig, ds: ImageDataset, run: RunFolder, console, resume: bool 
     stopped_early = False
     if t.head_first and not resume:
         record = fit_head(s, ds, say)
-        s.tracker.update(0, record)
-        s.history.append(record)
-        run.append_metrics(record)
-        _save_epoch(s, run, record, True)
-        say(_epoch_line(record, True))
+        _keep_epoch(s, run, record, s.tracker.update(0, record), say)
     budget = parse_duration(t.time_budget) if t.time_budget else None
     while s.epoch < t.epochs:
         spent = time.perf_counter() - started + (data_seconds or 0.0)
@@ -370,10 +374,7 @@ def fit(cfg: RunConfig, ds: ImageDataset, run: RunFolder, console, resume: bool 
         record = {"epoch": s.epoch, **record}
         is_best = s.tracker.update(s.epoch, record)
         s.schedule.end_epoch(record)
-        s.history.append(record)
-        run.append_metrics(record)
-        _save_epoch(s, run, record, is_best)
-        say(_epoch_line(record, is_best))
+        _keep_epoch(s, run, record, is_best, say)
         if on_epoch_end is not None:
             on_epoch_end(s, record)
         if t.early_stopping and s.tracker.should_stop:

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from imgcls.inference import Runtime, normalization_tensors
+from imgcls.inference import Runtime, normalization_tensors, to_input
 from imgcls.tensorfile import DamagedFile, load_checked, save_checked, tensor_digest
 
 VIEWS = ("none", "hflip")
@@ -60,11 +60,11 @@ class PooledFeatures(torch.nn.Module):
         super().__init__()
         self.model = model
         mean, std = normalization_tensors(norm, torch.device("cpu"))
-        self.register_buffer("scale", 1.0 / (255.0 * std), persistent=False)
-        self.register_buffer("shift", -mean / std, persistent=False)
+        self.register_buffer("mean", mean, persistent=False)
+        self.register_buffer("std", std, persistent=False)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        x = (pixels.float() * self.scale + self.shift).permute(0, 3, 1, 2)
+        x = to_input(pixels, self.mean, self.std, channels_last=True)  # as every prediction path normalises
         return self.model.forward_features(x).mean((2, 3))
 
 
