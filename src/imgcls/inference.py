@@ -118,7 +118,9 @@ class Runtime:
         return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
     def describe(self) -> str:
+        slow = self.bf16 and self.device.type == "cpu" and not cpu_has_fast_bf16()
         return (f"device {self.device}, {'bf16 autocast' if self.bf16 else 'fp32'}"
+                f"{' (asked for; this CPU has no native bf16, so it runs in slow reference kernels)' if slow else ''}"
                 f"{', channels_last' if self.channels_last else ''}, {torch.get_num_threads()} threads")
 
 

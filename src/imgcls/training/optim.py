@@ -83,9 +83,13 @@ def _import_quietly(name: str) -> None:
         pass
 
 
-def build_optimizer(params, cfg) -> torch.optim.Optimizer | Muon:
+def build_optimizer(params, cfg, bf16: bool = False) -> torch.optim.Optimizer | Muon:
     """Build the optimiser named by ``cfg.optimizer`` (a TrainConfig) over ``params``
-    (parameters or :func:`param_groups`)."""
+    (parameters or :func:`param_groups`).
+
+    ``bf16``: whether the device computes bf16 natively (``Runtime.bf16``); Muon
+    then orthogonalises in bf16, and in fp32 otherwise.
+    """
     name = cfg.optimizer
     if name == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
@@ -95,7 +99,8 @@ def build_optimizer(params, cfg) -> torch.optim.Optimizer | Muon:
     if name == "adamw":
         return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if name == "muon":
-        return Muon(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
+        return Muon(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay,
+                    dtype=torch.bfloat16 if bf16 else torch.float32)
     if name == "rmsprop":
         # Keras' RMSprop defaults: rho 0.9, eps 1e-7; momentum only when asked for.
         return torch.optim.RMSprop(params, lr=cfg.lr, alpha=0.9, eps=1e-7, momentum=cfg.momentum if cfg.momentum else 0.0,
@@ -103,15 +108,20 @@ def build_optimizer(params, cfg) -> torch.optim.Optimizer | Muon:
     raise unknown_name("optimizer", name, OPTIMIZERS)
 
 
-def orthogonalize(g: torch.Tensor, steps: int = 3, eps: float = 1e-7) -> torch.Tensor:
+def orthogonalize(g: torch.Tensor, steps: int = 3, eps: float = 1e-7,
+                  dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """Approximately the nearest semi-orthogonal matrix to ``g`` (2-D): U V^T of its SVD.
 
-    The quintic Newton-Schulz iteration of Keller Jordan's Muon, in bf16; its
-    coefficients push small singular values up fast, so after 3 steps they
-    lie roughly in [0.5, 1.5] rather than at exactly 1, which trains as well.
+    The quintic Newton-Schulz iteration of Keller Jordan's Muon, computed in
+    ``dtype``: bf16 where the device multiplies bf16 natively (a CUDA GPU, a
+    CPU with AVX512-BF16 or AMX), fp32 elsewhere, where a bf16 matrix product
+    falls to a slow reference kernel (the optimiser chooses; see
+    :func:`build_optimizer`).  Its coefficients push small singular values up
+    fast, so after 3 steps they lie roughly in [0.5, 1.5] rather than at
+    exactly 1, which trains as well.
     """
     a, b, c = 3.4445, -4.7750, 2.0315
-    x = g.bfloat16()
+    x = g.to(dtype)
     x = x / (x.norm() + eps)  # every singular value <= 1
     tall = x.shape[0] > x.shape[1]
     if tall:
@@ -140,7 +150,9 @@ class Muon:
     (1.0-1.4 s on the 2-core CPU), and a Muon run needs none of it.
     """
 
-    def __init__(self, params, lr: float, momentum: float = 0.9, nesterov: bool = True, weight_decay: float = 0.0):
+    def __init__(self, params, lr: float, momentum: float = 0.9, nesterov: bool = True, weight_decay: float = 0.0,
+                 dtype: torch.dtype = torch.float32):
+        self.dtype = dtype  # of the Newton-Schulz iteration
         self.defaults = {"lr": lr, "momentum": momentum, "nesterov": nesterov, "weight_decay": weight_decay,
                          "muon": False}
         params = list(params)
@@ -191,7 +203,7 @@ class Muon:
                 g = g.add(buf, alpha=momentum) if group["nesterov"] else buf
                 if group["muon"]:
                     p.mul_(len(p) ** 0.5 / p.norm().clamp_min(1e-12))
-                    g = orthogonalize(g.reshape(len(g), -1)).view_as(p)
+                    g = orthogonalize(g.reshape(len(g), -1), dtype=self.dtype).view_as(p)
                 p.add_(g, alpha=-lr)
         return loss
 

@@ -205,7 +205,7 @@ def prepare(cfg: RunConfig, ds: ImageDataset, runtime: Runtime) -> TrainState:
     if weights_report is not None:
         meta["pretrained"] = weights_report.to_dict()
     # A run that ends at stage 1 takes no optimiser step; building one would import torch._dynamo (1 s).
-    optimizer = build_optimizer(param_groups(model, t), t) if t.epochs > 0 else None
+    optimizer = build_optimizer(param_groups(model, t), t, runtime.bf16) if t.epochs > 0 else None
     steps = _steps_per_epoch(len(train), t.batch_size)
     weights = class_weight_tensor(t.class_weights, train.labels, ds.num_classes)
     augment = build_augment(t.augment, (h, w))
