@@ -159,7 +159,8 @@ def test_orthogonalize_brings_every_singular_value_near_one():
     torch.testing.assert_close(tall, s, atol=0.05, rtol=0.05)
 
 
-def test_muon_steps_filters_by_an_orthogonalised_update_and_the_rest_as_sgd():
+@pytest.mark.parametrize("bf16", [False, True])
+def test_muon_steps_filters_by_an_orthogonalised_update_and_the_rest_as_sgd(bf16):
     torch.manual_seed(0)
     conv, head = torch.nn.Conv2d(3, 8, 3, bias=False), torch.nn.Linear(8, 2)
     model = torch.nn.Sequential(conv, torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), head)
@@ -167,8 +168,9 @@ def test_muon_steps_filters_by_an_orthogonalised_update_and_the_rest_as_sgd():
     twin.load_state_dict(head.state_dict())
     cfg = TrainConfig(optimizer="muon", lr=0.1, muon_lr=0.2, muon_momentum=0.6, momentum=0.9, nesterov=True,
                       weight_decay=0.01)
-    opt = build_optimizer(param_groups(model, cfg), cfg)
+    opt = build_optimizer(param_groups(model, cfg), cfg, bf16=bf16)
     assert [g["muon"] for g in opt.param_groups] == [True, False]
+    dtype = torch.bfloat16 if bf16 else torch.float32
     reference = torch.optim.SGD(twin.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01)
     buf = None
     for step in range(3):
@@ -184,7 +186,7 @@ def test_muon_steps_filters_by_an_orthogonalised_update_and_the_rest_as_sgd():
         torch.testing.assert_close(head.weight, twin.weight)
         # Muon: scale the filter to norm sqrt(8), then step by 0.2 x orthogonalise(Nesterov momentum).
         buf = grad if buf is None else 0.6 * buf + grad
-        expected = before * (8 ** 0.5 / before.norm()) - 0.2 * orthogonalize((grad + 0.6 * buf).reshape(8, -1)).view(8, 3, 3, 3)
+        expected = before * (8 ** 0.5 / before.norm()) - 0.2 * orthogonalize((grad + 0.6 * buf).reshape(8, -1), dtype=dtype).view(8, 3, 3, 3)
         torch.testing.assert_close(conv.weight, expected)
 
 

@@ -109,7 +109,7 @@ def build_optimizer(params, cfg, bf16: bool = False) -> torch.optim.Optimizer | 
 
 
 def orthogonalize(g: torch.Tensor, steps: int = 3, eps: float = 1e-7,
-                  dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Approximately the nearest semi-orthogonal matrix to ``g`` (2-D): U V^T of its SVD.
 
     The quintic Newton-Schulz iteration of Keller Jordan's Muon, computed in
