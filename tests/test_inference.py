@@ -14,6 +14,7 @@ from imgcls.inference import (
     Runtime,
     channel_stats,
     predict_logits,
+    resolve_runtime,
     scoring_runtime,
     to_input,
     tta_logits,
@@ -175,3 +176,10 @@ def test_to_input_normalises_each_channel_in_the_layout_asked_for(channels_last)
     assert x.shape == (6, 3, 5, 7) and x.dtype == torch.float32
     assert x.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     torch.testing.assert_close(x.double(), want, atol=1e-6, rtol=0)
+
+
+def test_training_defaults_to_channels_last_on_every_cpu_and_fp32_where_bf16_is_not_native(monkeypatch):
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
+    rt = resolve_runtime("cpu")
+    assert (rt.bf16, rt.channels_last) == (False, True)
+    assert resolve_runtime("cpu", "auto", "off").channels_last is False

@@ -115,7 +115,7 @@ class TrainConfig:
                               "translate:PX, crop:PX, jitter:F, cutout:PX", factory=list)
     device: str = _opt("auto", "training device", choices=DEVICES)
     precision: str = _opt("auto", "bf16 autocast (auto: on where the device runs bf16 fast)", choices=PRECISIONS)
-    channels_last: str = _opt("auto", "channels_last memory format (auto: on with bf16)", choices=SWITCHES)
+    channels_last: str = _opt("auto", "channels_last memory format (auto: on on CPU, and on CUDA with bf16)", choices=SWITCHES)
     seed: int = _opt(0, "random seed: a run repeats exactly on the same machine")
     top_k: int = _opt(5, "k of the top-k accuracy reported by evaluation")
     tta: str = _opt("none", "test-time augmentation, kept with the model and used wherever it predicts: "
