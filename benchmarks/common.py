@@ -84,6 +84,31 @@ def cpu_class_env(cls: str) -> dict:
     return dict(CPU_CLASSES[cls])
 
 
+def enter_cpu_class(cls: str) -> None:
+    """Make this benchmark process, and every child it starts, run as the CPU class ``cls``.
+
+    torch reads ATEN_CPU_CAPABILITY when it is imported, so the process
+    re-executes itself with the class's environment when its own differs
+    (``native`` drops the caps a shell may have set).
+    """
+    wanted = cpu_class_env(cls)
+    current = {k: os.environ[k] for k in CPU_CLASSES["avx2"] if k in os.environ}
+    if current == wanted:
+        return
+    env = {k: v for k, v in os.environ.items() if k not in CPU_CLASSES["avx2"]}
+    os.execve(sys.executable, [sys.executable, *sys.argv], {**env, **wanted})
+
+
+def class_tag() -> str:
+    """A short name for the hardware class this process runs as, for result file names: avx2, bf16, cuda, ..."""
+    cls = machine()["hardware"]["class"]
+    if cls.startswith("AVX2 only"):
+        return "avx2"
+    if cls in ("AMX", "AVX512-BF16"):
+        return "bf16"
+    return "".join(ch for ch in cls.split(" (")[0].lower() if ch.isalnum()) or "unknown"
+
+
 def cpu_flags(cpuinfo: str | None = None) -> set[str]:
     """The flags of the first processor in ``cpuinfo`` (default: this machine's /proc/cpuinfo)."""
     if cpuinfo is None:

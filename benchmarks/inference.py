@@ -13,7 +13,7 @@ PyTorch runs eagerly in fp32 with channels_last inputs (what `imgcls.load`,
 channels_last (what training uses where the CPU has AMX/AVX512-BF16); ONNX
 Runtime runs the fp32 graph.  Both use all cores.
 
-    python benchmarks/inference.py [--rounds 5]
+    python benchmarks/inference.py [--rounds 5] [--cpu-class avx2]
 
 Prints median [min, max] images/s over rounds (each round: enough calls for
 about a second), and ONNX Runtime / PyTorch ratios.
@@ -28,7 +28,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import machine_line, save_results, spread
+from common import (
+    add_cpu_class_argument,
+    class_tag,
+    enter_cpu_class,
+    machine_line,
+    save_results,
+    spread,
+)
 
 MODELS = {
     "seed_tf_tutorial": {"arch": "seed_tf_tutorial", "tta": "none"},
@@ -75,7 +82,9 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=5)
+    add_cpu_class_argument(parser)  # ONNX Runtime has no ISA cap: under avx2 it still uses all the CPU has
     args = parser.parse_args()
+    enter_cpu_class(args.cpu_class)
     print(f"machine: {machine_line()}; {torch.get_num_threads()} torch threads")
     print(f"images/s, median [min, max] over {args.rounds} rounds")
     rng = np.random.default_rng(0)
@@ -101,7 +110,9 @@ def main() -> None:
                 results[name][batch] = row
                 ratio = np.median(row["onnxruntime"]) / np.median(row["torch fp32"])
                 print(f"  {batch:5d} " + " ".join(f"{spread(v, '.0f'):>26s}" for v in row.values()) + f" {ratio:>17.2f}")
-    print(f"\nraw results: {save_results('inference', {'rounds': args.rounds, 'images_per_sec': results})}")
+    tag = class_tag()  # the bf16 CPU's file (the first measured) has no tag
+    doc = {"rounds": args.rounds, "images_per_sec": results}
+    print(f"\nraw results: {save_results('inference' + ('' if tag == 'bf16' else f'-{tag}'), doc)}")
 
 
 if __name__ == "__main__":

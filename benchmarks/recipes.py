@@ -9,6 +9,11 @@ report, which `train` otherwise writes afterwards, is left out of the clock).
     python benchmarks/recipes.py --recipes mnist-fast --seeds 0 1 2 3 4
     python benchmarks/recipes.py --recipes cifar10-fast --epochs 10
     python benchmarks/recipes.py --device cuda             # on a CUDA GPU (results named *-cuda.json)
+    python benchmarks/recipes.py --cpu-class avx2          # as on an AVX2-only CPU (results named *-avx2.json)
+
+Each recipe runs the variant for the precision the machine trains in (bf16
+where it is native, fp32 elsewhere; `imgcls recipes` lists them), and the
+output names the hardware class.
 
 The zips are read from ../shared/data, or from the folder IMGCLS_BENCH_DATA names.
 
@@ -27,7 +32,17 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import SHARED, machine_line, run_child, save_results, spread
+import yaml
+from common import (
+    SHARED,
+    add_cpu_class_argument,
+    class_tag,
+    enter_cpu_class,
+    machine_line,
+    run_child,
+    save_results,
+    spread,
+)
 
 DATA = {"cifar10-fast": "cifar10-jpg.zip", "mnist-fast": "mnist-png.zip"}
 BARS = {"cifar10-fast": (0.91, 600.0), "mnist-fast": (0.995, 60.0)}  # accuracy, seconds
@@ -40,7 +55,8 @@ def run_recipe(recipe: str, seed: int, tmp: Path, extra: list[str]) -> dict:
     proc = run_child(cmd, env={"IMGCLS_DATA_DIR": str(tmp / f"cache-{name}")})  # empty: the zip is decoded
     info = json.loads((tmp / "runs" / name / "run.json").read_text())
     epochs = [json.loads(line) for line in (tmp / "runs" / name / "metrics.jsonl").read_text().splitlines()]
-    return {**proc, "test_accuracy": info["test_accuracy"], "data_seconds": info["data_seconds"],
+    variant = yaml.safe_load((tmp / "runs" / name / "config.yaml").read_text()).get("recipe_variant")
+    return {**proc, "variant": variant, "test_accuracy": info["test_accuracy"], "data_seconds": info["data_seconds"],
             "train_seconds": sum(e["train_seconds"] for e in epochs), "fit_seconds": info["train_seconds_this_session"],
             "epochs": len(epochs), "images_per_sec": statistics.median(e["images_per_sec"] for e in epochs)}
 
@@ -52,7 +68,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, help="override the recipes' epochs")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                         help="what `imgcls train --device` gets (auto: a CUDA GPU where there is one)")
+    add_cpu_class_argument(parser)
     args = parser.parse_args()
+    enter_cpu_class(args.cpu_class)
     extra = (["--epochs", str(args.epochs)] if args.epochs else []) + ["--device", args.device]
     print(f"machine: {machine_line()}", flush=True)
     results = {}
@@ -71,6 +89,7 @@ def main() -> None:
             bar_acc, bar_s = BARS[recipe]
             hits = sum(r["test_accuracy"] >= bar_acc and r["wall_seconds"] <= bar_s for r in runs)
             print(f"{recipe}: imgcls train --data {SHARED / DATA[recipe]} --recipe {recipe} {' '.join(extra)}")
+            print(f"  variant: {runs[0]['variant']}")
             print(f"  test accuracy %  mean {statistics.mean(acc):.2f}  std {statistics.pstdev(acc):.2f}  "
                   f"[{min(acc):.2f}, {max(acc):.2f}]  over seeds {args.seeds}")
             print(f"  wall s {spread([r['wall_seconds'] for r in runs])}   data s "
@@ -81,8 +100,9 @@ def main() -> None:
                   f"{spread([r['peak_rss_mib'] for r in runs], '.0f')}   epochs {runs[0]['epochs']}")
             print(f"  bar ({bar_acc:.1%} within {bar_s:.0f} s, data loading included): met by {hits} of {len(runs)} runs")
     for recipe, runs in results.items():  # one file per recipe, so that running one leaves the others
+        tag = class_tag()  # the bf16 CPU's files (the first measured) have no tag
         path = save_results(f"recipe-{recipe}" + (f"-{args.epochs}ep" if args.epochs else "")
-                            + ("-cuda" if args.device == "cuda" else ""),
+                            + ("" if tag == "bf16" else f"-{tag}"),
                             {"seeds": args.seeds, "runs": runs})
         print(f"raw results: {path}")
 

@@ -19,6 +19,7 @@ included, test scoring excluded.  Peak RSS is the process's own.
     python benchmarks/time_to_accuracy.py                      # both datasets, seeds 0 1 2
     python benchmarks/time_to_accuracy.py --cases mnist --seeds 0
     python benchmarks/time_to_accuracy.py --keras-python /path/to/venv/bin/python
+    python benchmarks/time_to_accuracy.py --cpu-class avx2     # as on an AVX2-only CPU, the peer too
 
 Figures print as median [min, max] over seeds, with ratios (peer time /
 imgcls time, per seed, then the median); all raw numbers go to
@@ -37,6 +38,9 @@ from pathlib import Path
 from common import (
     ROOT,
     SHARED,
+    add_cpu_class_argument,
+    class_tag,
+    enter_cpu_class,
     keras_python,
     machine_line,
     run_child,
@@ -139,7 +143,9 @@ def main() -> None:
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--keras-python", help="a Python with tensorflow-cpu (default: a venv made on first use)")
+    add_cpu_class_argument(parser)  # the Keras peer runs under the same caps (TensorFlow's oneDNN reads the ISA one)
     args = parser.parse_args()
+    enter_cpu_class(args.cpu_class)
     print(f"machine: {machine_line()}", flush=True)
     python = keras_python(args.keras_python)
     results = {}
@@ -165,7 +171,9 @@ def main() -> None:
             results[case] = {"target": target, "runs": runs,
                              "commands": {v: command(spec[v], str(data)) for v in ("same_arch", "fastest")}}
             report(case, target, runs, results[case]["commands"])
-    path = save_results("time_to_accuracy", {"seeds": args.seeds, "cases": results})
+    tag = class_tag()  # the bf16 CPU's file (the first measured) has no tag
+    path = save_results("time_to_accuracy" + ("" if tag == "bf16" else f"-{tag}"),
+                        {"seeds": args.seeds, "cases": results})
     print(f"raw results: {path}")
 
 

@@ -27,7 +27,7 @@ from imgcls.data.registry import build_dataset
 from imgcls.errors import CheckpointError, DataError
 from imgcls.evaluation.evaluate import evaluate_model
 from imgcls.evaluation.metrics import save_metrics
-from imgcls.inference import predict_proba, scoring_runtime
+from imgcls.inference import predict_proba, resolve_runtime, scoring_runtime
 
 
 def make_config(config: str | Path | dict | RunConfig | None = None, **overrides) -> RunConfig:
@@ -72,17 +72,29 @@ def make_config(config: str | Path | dict | RunConfig | None = None, **overrides
     for layer in layers:
         merged.update(layer)
     cfg.model.options = merged
-    if why:
+    if why and recipe:
+        cfg.recipe_variant = cfg.recipe_variant or why  # a resumed run's config.yaml keeps the variant it took
+    elif why:
         cfg.auto = why
     return cfg
 
 
 def _base_settings(recipe: str | None, values: dict) -> tuple[dict, str | None]:
-    """(flat settings that lie under the user's, why): a recipe's, or what ``--model auto`` chooses."""
-    if recipe:
-        from imgcls.recipes import get_recipe
+    """(flat settings that lie under the user's, why): a recipe's variant, or what ``--model auto`` chooses.
 
-        return get_recipe(recipe).options(), None
+    A recipe's variant is the one for the precision the run will train in:
+    bf16 where the device computes it natively, fp32 elsewhere.
+    """
+    if recipe:
+        from imgcls.recipes import PRECISION_CLASSES, get_recipe
+
+        train = values.get("train") or {}
+        runtime = resolve_runtime(str(train.get("device", "auto")), str(train.get("precision", "auto")))
+        precision = "bf16" if runtime.bf16 else "fp32"
+        chosen = get_recipe(recipe)
+        return chosen.options(precision), (
+            f"{recipe}, its {precision} variant, for {PRECISION_CLASSES[precision]} "
+            f"({chosen.variants[precision].summary}): this run trains in {precision} on {runtime.device}")
     if (values.get("model") or {}).get("name", "auto") != "auto":
         return {}, None
     from imgcls.auto import choose
@@ -162,8 +174,9 @@ def train(config=None, *, resume: str | Path | None = None, quiet: bool = False,
             run.write_text("config.yaml", dump_config(cfg))
     else:
         cfg = make_config(config, **overrides)
-        if cfg.auto:
-            console.print(f"auto: {cfg.auto}", highlight=False, markup=False, soft_wrap=True)
+        for label, line in (("auto", cfg.auto), ("recipe", cfg.recipe_variant)):
+            if line:
+                console.print(f"{label}: {line}", highlight=False, markup=False, soft_wrap=True)
     if cfg.train.optimizer != "muon" and cfg.train.epochs > 0:
         import_dynamo_in_background()  # torch's optimisers need it: overlap it with loading the data (1-1.4 s)
     started = time.perf_counter()

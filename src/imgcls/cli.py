@@ -243,11 +243,23 @@ def option_as_flag(key: str, value) -> str:
 
 
 def cmd_recipes(args) -> int:
-    from imgcls.recipes import RECIPES
+    from imgcls.inference import resolve_runtime
+    from imgcls.recipes import PRECISION_CLASSES, RECIPES
 
+    runtime = resolve_runtime()
+    here = "bf16" if runtime.bf16 else "fp32"
     for recipe in RECIPES.values():
-        settings = " ".join(option_as_flag(k, v) for k, v in recipe.options().items())
-        print(f"{recipe.name}\n  {recipe.summary}\n  suits: {recipe.suits}\n  settings: {settings}\n")
+        print(f"{recipe.name}\n  {recipe.summary}\n  suits: {recipe.suits}")
+        for precision, variant in recipe.variants.items():
+            taken = f"  <- this machine ({runtime.device}, {here})" if precision == here else ""
+            settings = " ".join(option_as_flag(k, v) for k, v in recipe.options(precision).items())
+            print(f"  variant {precision}, for {PRECISION_CLASSES[precision]}: {variant.summary}{taken}\n"
+                  f"    settings: {settings}")
+            for hardware, figure in variant.measured.items():
+                print(f"    measured on {hardware}: {figure}")
+        print()
+    print("A run takes the variant of the precision it trains in (--precision auto: bf16 where the device computes "
+          "it natively); --precision bf16 or fp32 picks one.")
     return 0
 
 

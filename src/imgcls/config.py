@@ -133,6 +133,7 @@ class RunConfig:
     recipe: str | None = _opt(None, "a named set of settings tuned for a kind of data (see `imgcls recipes`); "
                               "flags given beside it override its values")
     auto: str | None = None  # what `--model auto` chose and why (written by imgcls, not a flag)
+    recipe_variant: str | None = None  # which of the recipe's variants was taken and why (written by imgcls)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

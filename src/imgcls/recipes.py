@@ -6,6 +6,12 @@ recipe says which inputs it suits (channels, image size, number of training
 images) and refuses, before any training, data it was not made for, naming
 what it found and what would be accepted.  ``imgcls recipes`` lists them.
 
+Each recipe has a variant per precision class: ``bf16`` for the devices that
+compute bf16 natively (CUDA GPUs, CPUs with AMX or AVX512-BF16), ``fp32`` for
+every other CPU, where a network of the same width trains several times
+slower.  A run takes the variant of the precision it trains in
+(``--precision auto`` decides it from the device), and says which.
+
 A new recipe is one :class:`Recipe` entry in ``RECIPES``.
 """
 
@@ -30,6 +36,25 @@ _FAST = {
 }
 
 
+PRECISION_CLASSES = {"bf16": "CUDA GPUs and CPUs with native bf16 (AMX or AVX512-BF16)",
+                     "fp32": "CPUs without native bf16 (AVX2, AVX-512 without BF16, ARM)"}
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A recipe's settings for one precision class.
+
+    Attributes:
+        summary: what differs from the recipe's description, in a few words.
+        changes: flat options over the recipe's shared settings.
+        measured: hardware class -> what ``benchmarks/recipes.py`` measured there.
+    """
+
+    summary: str
+    changes: dict = field(default_factory=dict)
+    measured: dict = field(default_factory=dict)
+
+
 @dataclass(frozen=True)
 class Recipe:
     """A named set of flat options (as the CLI flags) and the data it suits.
@@ -41,7 +66,8 @@ class Recipe:
         min_side, max_side: accepted image height and width in pixels.
         tuned_side: the size it was tuned on (for messages).
         min_train_images: fewest training images it accepts.
-        settings: flat options.
+        settings: flat options shared by its variants.
+        variants: precision class ("bf16", "fp32") -> :class:`Variant`.
         hint: what to use instead when the data does not suit it.
     """
 
@@ -53,6 +79,7 @@ class Recipe:
     tuned_side: int
     min_train_images: int
     settings: dict = field(default_factory=dict)
+    variants: dict = field(default_factory=dict)
     hint: str = ""
 
     @property
@@ -61,9 +88,11 @@ class Recipe:
         return (f"{colour} images of {self.min_side} to {self.max_side} pixels a side (tuned on "
                 f"{self.tuned_side}x{self.tuned_side}), at least {self.min_train_images:,} training images")
 
-    def options(self) -> dict:
-        """The flat options (a copy)."""
-        return dict(self.settings)
+    def options(self, precision: str = "bf16") -> dict:
+        """The flat options of the variant for ``precision`` ("bf16" or "fp32"), a copy."""
+        if precision not in self.variants:
+            raise unknown_name(f"precision class of recipe {self.name!r}", precision, tuple(self.variants))
+        return {**self.settings, **self.variants[precision].changes}
 
     def check(self, dataset) -> None:
         """Raise ConfigError naming what does not fit when ``dataset`` (an ImageDataset) is not suitable."""
@@ -99,6 +128,18 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
         # The 6-view TTA adds 0.13-0.18 points over flip TTA for about 34 s of fp32 test pass.
         settings={**_FAST, "model": "fastnet", "epochs": 13, "low_res_scale": 0.75, "low_res_epochs": 7,
                   "augment": ["altflip", "crop:2"], "tta": "flip-translate"},
+        variants={
+            "bf16": Variant("fastnet 64/256/256, 13 epochs of which 7 at 24x24", {}, {
+                "AVX512-BF16 (2-core AMD EPYC)": "91.12% ± 0.14 [90.91, 91.27] over seeds 0-4 in 535 s",
+                "CUDA (NVIDIA H100)": "91% in about 19 s (the 11-epoch recipe given --epochs 13)",
+                "AVX2 only (2-core AMD EPYC Zen 3)": "not run: a training step of fastnet at this width "
+                                                     "runs at 180-370 images/s there, so the 13 epochs would take "
+                                                     "about 45 minutes; the fp32 variant is for it"}),
+            "fp32": Variant("a narrower fastnet (32/128/128), 10 epochs of which 6 at 24x24",
+                            {"model_option": {"widths": [32, 128, 128]}, "epochs": 10, "low_res_epochs": 6}, {
+                "AVX2 only (2-core AMD EPYC Zen 3)": "88.66% (seed 0) in 568 s",
+                "AVX512-BF16 (2-core AMD EPYC)": "not run (that CPU takes the bf16 variant)"}),
+        },
         hint="Resize with --image-size 32 (and --channels 3 for grayscale) to use it anyway, "
              "or use --recipe mnist-fast for grayscale digits.",
     ),
@@ -112,6 +153,22 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
         # and ended near 99.4% instead of 99.65%.
         settings={**_FAST, "model": "fastnet", "model_option": {"widths": [32, 64, 128], "whiten": False},
                   "epochs": 2, "warmup_epochs": 0.25, "warmup_start": 0.1, "augment": ["crop:2"], "tta": "translate"},
+        # fp32: on the AVX2-only Zen 3, seed 0 (wall time with data loading): 32/64/128 with the first epoch
+        # at 21x21 99.65% in 71.7 s; 24/48/96 so, 99.58% in 55.5 s;
+        # 16/32/64 at 28x28 throughout 99.52% in 37.4 s; 16/32/64, 3 epochs, 1.5 at 21x21: 99.61 / 99.51 / 99.56%
+        # (seeds 0-2) in 36.6-44.4 s; 16/32/64, 4 epochs, 2 at 21x21: 99.59 / 99.42% in 49 s; 24/48/96, 2 epochs,
+        # 1.5 at 21x21: 99.56 / 99.58 / 99.52% in 41.8-49.8 s, and at batch 512 99.53 / 99.55 / 99.58% in 43-44 s.
+        variants={
+            "bf16": Variant("fastnet 32/64/128, batches of 1024, 2 epochs at full size", {}, {
+                "AVX512-BF16 (2-core AMD EPYC)": "99.65% ± 0.02 [99.62, 99.67] over seeds 0-2 in 26.7 s",
+                "CUDA (NVIDIA H100)": "99.5% in about 10 s (given --epochs 3)"}),
+            "fp32": Variant("a narrower fastnet (24/48/96), batches of 512, the first 1.5 of the 2 epochs on "
+                            "21x21 images",
+                            {"model_option": {"widths": [24, 48, 96], "whiten": False}, "batch_size": 512,
+                             "low_res_scale": 0.75, "low_res_epochs": 1.5}, {
+                "AVX2 only (2-core AMD EPYC Zen 3)": "99.55% ± 0.02 [99.53, 99.58] over seeds 0-2 in 43.7 s "
+                                                     "[43.1, 44.3]"}),
+        },
         hint="Convert with --channels 1 (and resize with --image-size 28) to use it anyway, "
              "or use --recipe cifar10-fast for colour photos.",
     ),
