@@ -96,7 +96,7 @@ def enter_cpu_class(cls: str) -> None:
     if current == wanted:
         return
     env = {k: v for k, v in os.environ.items() if k not in CPU_CLASSES["avx2"]}
-    os.execve(sys.executable, [sys.executable, *sys.argv], {**env, **wanted})
+    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], {**env, **wanted})  # orig_argv keeps -c/-m
 
 
 def class_tag() -> str:

@@ -356,7 +356,9 @@ def main() -> None:
     if args.json:
         print(f"raw results: {write_results(Path(args.json), {**common_doc, 'folders': results})}")
     for folder, result in ({} if args.json else results).items():
-        name = f"own_photos-{Path(folder).stem}-{args.cpu_class}"
+        # -native and -avx2 are the AVX512-BF16 CPU's runs, as it is and capped; a CPU that is AVX2-only is -avx2-cpu.
+        cls = "avx2-cpu" if hw["class"] == "AVX2 only" else args.cpu_class
+        name = f"own_photos-{Path(folder).stem}-{cls}"
         print(f"raw results: {save_results(name, {**common_doc, 'folders': {folder: result}})}")
 
 

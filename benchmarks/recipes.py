@@ -45,7 +45,9 @@ from common import (
 )
 
 DATA = {"cifar10-fast": "cifar10-jpg.zip", "mnist-fast": "mnist-png.zip"}
-BARS = {"cifar10-fast": (0.91, 600.0), "mnist-fast": (0.995, 60.0)}  # accuracy, seconds
+# (accuracy, seconds) per variant; the fp32 CIFAR-10 variant's bar is the time alone: how far it gets in 10 minutes.
+BARS = {"cifar10-fast": {"bf16": (0.91, 600.0), "fp32": (0.0, 600.0)},
+        "mnist-fast": {"bf16": (0.995, 60.0), "fp32": (0.995, 60.0)}}
 
 
 def run_recipe(recipe: str, seed: int, tmp: Path, extra: list[str]) -> dict:
@@ -86,7 +88,7 @@ def main() -> None:
                       flush=True)
             results[recipe] = runs
             acc = [r["test_accuracy"] * 100 for r in runs]
-            bar_acc, bar_s = BARS[recipe]
+            bar_acc, bar_s = BARS[recipe]["fp32" if "its fp32 variant" in (runs[0]["variant"] or "") else "bf16"]
             hits = sum(r["test_accuracy"] >= bar_acc and r["wall_seconds"] <= bar_s for r in runs)
             print(f"{recipe}: imgcls train --data {SHARED / DATA[recipe]} --recipe {recipe} {' '.join(extra)}")
             print(f"  variant: {runs[0]['variant']}")
@@ -98,7 +100,7 @@ def main() -> None:
                   f"{spread([r['fit_seconds'] for r in runs])}   train img/s "
                   f"{spread([r['images_per_sec'] for r in runs], '.0f')}   peak RSS MiB "
                   f"{spread([r['peak_rss_mib'] for r in runs], '.0f')}   epochs {runs[0]['epochs']}")
-            print(f"  bar ({bar_acc:.1%} within {bar_s:.0f} s, data loading included): met by {hits} of {len(runs)} runs")
+            print(f"  bar ({f'{bar_acc:.1%} ' if bar_acc else ''}within {bar_s:.0f} s, data loading included): met by {hits} of {len(runs)} runs")
     for recipe, runs in results.items():  # one file per recipe, so that running one leaves the others
         tag = class_tag()  # the bf16 CPU's files (the first measured) have no tag
         path = save_results(f"recipe-{recipe}" + (f"-{args.epochs}ep" if args.epochs else "")

@@ -182,3 +182,24 @@ def test_cpu_class_env_caps_both_libraries(bench):
         "AVX512-BF16 (partly capped: only ATEN_CPU_CAPABILITY=AVX2)"
     with pytest.raises(ValueError, match="avx512"):
         bench.common.cpu_class_env("avx512")
+
+
+@pytest.mark.parametrize("cls, start_env, expected", [
+    ("avx2", {}, {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}),
+    ("native", {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}, {}),  # a shell's caps are dropped
+])
+def test_a_benchmark_enters_its_cpu_class_before_torch_reads_the_caps(cls, start_env, expected):
+    import json
+    import subprocess
+
+    script = (f"import sys, os, json; sys.path.insert(0, {str(BENCHMARKS)!r}); import common; "
+              f"common.enter_cpu_class({cls!r}); import torch; "
+              "print(json.dumps({'env': {k: os.environ[k] for k in common.CPU_CLASSES['avx2'] if k in os.environ}, "
+              "'capability': torch.backends.cpu.get_cpu_capability()}))")
+    env = {k: v for k, v in os.environ.items() if k not in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")}
+    out = subprocess.run([sys.executable, "-c", script], env={**env, **start_env}, capture_output=True, text=True,
+                         timeout=120, check=True).stdout
+    doc = json.loads(out.strip().splitlines()[-1])
+    assert doc["env"] == expected
+    if cls == "avx2":
+        assert doc["capability"] == "AVX2"
