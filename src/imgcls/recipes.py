@@ -131,7 +131,8 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
         # fp32, on the AVX2-only Zen 3 (seed 0, wall time with data loading): a training step of fastnet (SGD,
         # batch 512) runs at 370 / 180 images/s at 24x24 / 32x32 for 64/256/256, 1,250 / 680 for 32/128/128 and
         # 1,840 / 1,010 for 32/64/128. In the recipe: 32/128/128 for 10 epochs (6 at 24x24) 88.66% in 568 s, for
-        # 9 (5 at 24x24) 88.33% in 547 s; 32/64/128 for 13 (7 at 24x24) 87.54% in 477 s.
+        # 9 (5 at 24x24) 88.33% in 547 s (seed 0; seeds 1-2, an hour later on a faster machine: 88.32 / 88.40% in
+        # 477 / 475 s); 32/64/128 for 13 (7 at 24x24) 87.54% in 477 s (in the slower hour).
         variants={
             "bf16": Variant("fastnet 64/256/256, 13 epochs of which 7 at 24x24", {}, {
                 "AVX512-BF16 (2-core AMD EPYC)": "91.12% ± 0.14 [90.91, 91.27] over seeds 0-4 in 535 s",
@@ -141,7 +142,8 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
                                                      "about 45 minutes; the fp32 variant is for it"}),
             "fp32": Variant("a narrower fastnet (32/128/128), 9 epochs of which 5 at 24x24",
                             {"model_option": {"widths": [32, 128, 128]}, "epochs": 9, "low_res_epochs": 5}, {
-                "AVX2 only (2-core AMD EPYC Zen 3)": "88.33% (seed 0) in 547 s",
+                "AVX2 only (2-core AMD EPYC Zen 3)": "88.35% ± 0.04 [88.32, 88.40] over seeds 0-2 in 477 s "
+                                                     "[475, 547]",
                 "AVX512-BF16 (2-core AMD EPYC)": "not run (that CPU takes the bf16 variant)"}),
         },
         hint="Resize with --image-size 32 (and --channels 3 for grayscale) to use it anyway, "
