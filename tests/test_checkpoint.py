@@ -88,3 +88,52 @@ def test_metadata_is_plain_json_in_the_header(tmp_path):
 def test_run_folder_without_checkpoints(tmp_path):
     with pytest.raises(CheckpointError, match="holds no checkpoint"):
         load_model(tmp_path)
+
+
+def _tensor_data_offset(path) -> int:
+    """Where a safetensors file's tensor bytes start (8-byte header length, then the JSON header)."""
+    with open(path, "rb") as fh:
+        return 8 + int.from_bytes(fh.read(8), "little")
+
+
+@pytest.mark.parametrize("where", ["first", "middle", "last"])
+def test_flipped_bytes_in_the_weights_are_refused_naming_the_file(tmp_path, where, capsys):
+    model = small_model()
+    path = save_checkpoint(tmp_path / "best.safetensors", model, dict(META, arch_kwargs=model.arch_kwargs))
+    data = bytearray(path.read_bytes())
+    start = _tensor_data_offset(path)
+    at = {"first": start, "middle": (start + len(data)) // 2, "last": len(data) - 4}[where]
+    data[at:at + 4] = bytes(b ^ 0x5A for b in data[at:at + 4])  # a 4-byte flip: still a valid safetensors file
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"best\.safetensors is damaged"):
+        load_model(path)
+    from imgcls.cli import main
+
+    assert main(["evaluate", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "is damaged" in err and "Traceback" not in err
+
+
+def test_a_checkpoint_written_before_checksums_loads_with_one_note(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    model = small_model()
+    path = tmp_path / "old.safetensors"
+    tensors = {f"model.{k}": v.contiguous() for k, v in model.state_dict().items()}
+    doc = dict(META, arch_kwargs=model.arch_kwargs, format_version=1)  # as imgcls wrote it before: no checksum
+    save_file(tensors, str(path), metadata={ckpt.META_KEY: json.dumps(doc)})
+    for _ in range(2):
+        loaded, meta = load_model(path)
+    assert ckpt.CHECKSUM_KEY not in meta
+    assert capsys.readouterr().err.count("written before imgcls stored checksums") == 1
+    for k, v in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v)
+    ckpt.update_meta(path, {"temperature": 1.5})  # saving it again adds the checksum
+    assert ckpt.CHECKSUM_KEY in json.loads(read_header(path)[ckpt.META_KEY])
+
+
+def read_header(path) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as fh:
+        return fh.metadata()

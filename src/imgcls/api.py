@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 from dataclasses import dataclass
@@ -155,11 +156,17 @@ def train(config=None, *, resume: str | Path | None = None, quiet: bool = False,
         **overrides: flat options, named as the CLI flags: ``data``, ``model``,
             ``epochs``, ``lr``, ``optimizer``, ``augment``, ...
     """
+    console = console or _console(quiet)
+    with contextlib.ExitStack() as held:
+        return _train(config, resume, console, on_epoch_end, overrides, held)
+
+
+def _train(config, resume, console, on_epoch_end, overrides: dict, held: contextlib.ExitStack) -> Run:
+    """:func:`train`'s body; ``held`` keeps the run folder's write lock until training and the report are done."""
     from imgcls.training.optim import import_dynamo_in_background
     from imgcls.training.run import RunFolder
     from imgcls.training.trainer import check_compatible, fit
 
-    console = console or _console(quiet)
     if resume is not None:
         run = RunFolder(resume)
         if not (run.path / "config.yaml").is_file():
@@ -169,6 +176,7 @@ def train(config=None, *, resume: str | Path | None = None, quiet: bool = False,
         extra = sorted(set(k for k, v in overrides.items() if v is not None) - {"epochs"})
         if extra or config is not None:
             raise CheckpointError(f"a resumed run keeps its own config; only --epochs may change (got {', '.join(extra)})")
+        held.enter_context(run.writing())  # before anything in it changes: a second resume stops here
         cfg = make_config(run.path / "config.yaml", epochs=overrides.get("epochs"))
         if overrides.get("epochs") is not None:
             run.write_text("config.yaml", dump_config(cfg))
@@ -188,6 +196,7 @@ def train(config=None, *, resume: str | Path | None = None, quiet: bool = False,
         console.print(f"note: {note}", highlight=False, markup=False, soft_wrap=True)
     if resume is None:
         run = RunFolder.create(cfg)
+        held.enter_context(run.writing())
     result = fit(cfg, ds, run, console, resume=resume is not None, data_seconds=data_seconds,
                  on_epoch_end=on_epoch_end)
     if cfg.report:

@@ -6,14 +6,22 @@ weights (``model.*``) and, in a training checkpoint, the optimiser's state
 with the format version, the model's name and arguments, class names, input
 shape, normalisation and metrics.  Loading never unpickles anything.
 
+The metadata also holds a SHA-256 of every tensor (name, dtype, shape and
+bytes, in name order), written at save time and checked at load, so that a
+file whose weights changed on disk is refused instead of predicting from
+damaged weights.  Checkpoints written before the checksum existed still load,
+with one note per file that they cannot be checked.
+
 Writes go to a temporary file in the same folder, are flushed to disk and
 renamed over the final name, so a crash mid-write never leaves a broken file.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -27,6 +35,18 @@ from imgcls.errors import CheckpointError
 FORMAT_VERSION = 1
 META_KEY = "imgcls"
 CHECKPOINT_NAMES = ("best", "last")
+CHECKSUM_KEY = "tensors_sha256"
+_UNCHECKED_NOTED: set[str] = set()  # files already reported as written without a checksum
+
+
+def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over every tensor's name, dtype, shape and bytes, in name order."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
 
 
 def flatten_state(obj: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
@@ -81,6 +101,7 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, meta: dict, train_
     doc = dict(meta, format_version=FORMAT_VERSION)
     if train_state is not None:
         doc["train_state"] = flatten_state(train_state, "train", tensors)
+    doc[CHECKSUM_KEY] = tensors_digest(tensors)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -109,10 +130,25 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     if META_KEY not in header:
         raise CheckpointError(f"checkpoint {path} has no imgcls metadata; it was not written by imgcls")
     meta = upgrade_meta(json.loads(header[META_KEY]), path)
+    verify_tensors(path, tensors, meta.pop(CHECKSUM_KEY, None))
     state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
     if "train_state" in meta:
         meta["train_state"] = unflatten_state(meta["train_state"], tensors)
     return state, meta
+
+
+def verify_tensors(path: Path, tensors: dict[str, torch.Tensor], expected: str | None) -> None:
+    """Refuse a checkpoint whose tensors do not match the checksum saved with them; note one saved without."""
+    if expected is None:
+        if str(path) not in _UNCHECKED_NOTED:
+            _UNCHECKED_NOTED.add(str(path))
+            print(f"note: checkpoint {path} was written before imgcls stored checksums, so its weights cannot be "
+                  f"checked for damage; saving it again (e.g. `imgcls calibrate`) adds one", file=sys.stderr)
+        return
+    if tensors_digest(tensors) != expected:
+        raise CheckpointError(f"checkpoint {path} is damaged: its tensor data does not match the checksum saved "
+                              f"with it (the file changed after it was written). Use another checkpoint of the run "
+                              f"(checkpoints/last or best) or train again")
 
 
 def upgrade_meta(meta: dict, path: Path) -> dict:

@@ -109,7 +109,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--runtime", choices=("torch", "onnx"), default="torch",
                    help="onnx serves <run>/export/model.onnx (see `imgcls export`)")
-    p.add_argument("--api-key", help="require this key in the X-API-Key header of every API request")
+    p.add_argument("--api-key", help="require this key in the X-API-Key header of every API request (it shows in "
+                   "`ps`: prefer --api-key-file or the IMGCLS_API_KEY environment variable)")
+    p.add_argument("--api-key-file", type=Path, help="read the key from the first line of this file")
+    p.add_argument("--max-request-bytes", type=int, default=64_000_000,
+                   help="largest whole request body in bytes, however many files it carries (default: 64000000)")
+    p.add_argument("--client-timeout", type=float, default=20.0,
+                   help="seconds a client may pause while sending a request before it is dropped (default: 20)")
     p.add_argument("--max-batch", type=int, default=32, help="most images a batched model call takes (1: no batching)")
     p.add_argument("--max-wait-ms", type=float, default=5.0, help="longest wait for a batch to fill, milliseconds")
 
@@ -316,9 +322,35 @@ def cmd_serve(args) -> int:
 
     if args.max_batch < 1 or args.max_wait_ms < 0:
         raise ImgclsError("--max-batch must be at least 1 and --max-wait-ms at least 0")
-    serve(args.run, host=args.host, port=args.port, runtime=args.runtime, api_key=args.api_key,
-          max_batch=args.max_batch, max_wait_ms=args.max_wait_ms)
+    if not 0 <= args.port <= 65535:
+        raise ImgclsError(f"--port must be between 0 and 65535, got {args.port}")
+    serve(args.run, host=args.host, port=args.port, runtime=args.runtime, api_key=api_key_of(args),
+          max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_request_bytes=args.max_request_bytes,
+          client_timeout=args.client_timeout)
     return 0
+
+
+def api_key_of(args) -> str | None:
+    """The serving key: --api-key, else --api-key-file's first line, else $IMGCLS_API_KEY; None: no key."""
+    import os
+
+    given = [name for name, value in (("--api-key", args.api_key), ("--api-key-file", args.api_key_file))
+             if value is not None]
+    if len(given) > 1:
+        raise ImgclsError("give the key once: --api-key or --api-key-file, not both")
+    if args.api_key is not None:
+        return args.api_key
+    if args.api_key_file is not None:
+        try:
+            lines = args.api_key_file.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ImgclsError(f"--api-key-file {args.api_key_file}: cannot read it ({exc.__class__.__name__}); "
+                              f"give a text file whose first line is the key") from None
+        key = lines[0].strip() if lines else ""
+        if not key:
+            raise ImgclsError(f"--api-key-file {args.api_key_file}: its first line is empty; write the key there")
+        return key
+    return os.environ.get("IMGCLS_API_KEY") or None
 
 
 def cmd_export(args) -> int:

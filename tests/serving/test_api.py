@@ -465,9 +465,10 @@ def test_api_key(digits):
         assert c.post("/v1/predict", files=files, headers={"X-API-Key": KEY}).status_code == 200
         assert_error(c.post("/v1/explain", files=[upload("file", digits["paths"][0])]), 401)
         assert c.post("/v1/explain", files=[upload("file", digits["paths"][0])], headers={"X-API-Key": KEY}).status_code == 200
-        for open_route in ("/healthz", "/readyz", "/docs"):
+        for open_route in ("/healthz", "/readyz", "/"):
             assert c.get(open_route).status_code == 200
-        spec = c.get("/openapi.json").json()
+        assert_error(c.get("/docs"), 401, "unauthorized")  # the API's description needs the key too
+        spec = c.get("/openapi.json", headers={"X-API-Key": KEY}).json()
         assert any(s.get("name") == "X-API-Key" for s in spec["components"]["securitySchemes"].values())
 
 

@@ -9,16 +9,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
-import threading
-import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import numpy as np
 import pytest
 
-LOOPBACK = "127.0.0.1"
 TIMEOUT_MS = 30_000  # per wait in the page; a CPU-only machine under load is slow to run Grad-CAM
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
@@ -26,44 +22,9 @@ serving = pytest.importorskip("imgcls.serving.app", reason="imgcls.serving.app c
 httpx = pytest.importorskip("httpx")
 uvicorn = pytest.importorskip("uvicorn")
 
+from live_server import LOOPBACK, ServerThread  # after the skips
 
 # ---------------------------------------------------------------- server
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((LOOPBACK, 0))
-        return sock.getsockname()[1]
-
-
-class ServerThread:
-    """``create_app(...)`` served by uvicorn in a background thread on a free loopback port."""
-
-    def __init__(self, app):
-        self.port = free_port()
-        self.url = f"http://{LOOPBACK}:{self.port}"
-        config = uvicorn.Config(app, host=LOOPBACK, port=self.port, log_level="warning", access_log=False)
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, name=f"uvicorn-{self.port}", daemon=True)
-
-    def __enter__(self) -> "ServerThread":
-        self.thread.start()
-        deadline = time.monotonic() + 60  # s: model loading included
-        while time.monotonic() < deadline:
-            if not self.thread.is_alive():
-                raise RuntimeError("the server thread died while starting; see the log above")
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        self.__exit__()
-        raise RuntimeError(f"{self.url}/readyz did not answer 200 within 60 s")
-
-    def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=15)
 
 
 @pytest.fixture(scope="module")

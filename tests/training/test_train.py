@@ -188,3 +188,35 @@ def test_progressive_resizing_refuses_a_model_that_cannot_take_the_smaller_image
         imgcls.train(out=str(tmp_path), name="refused", quiet=True, report=False, model="seed_tf_tutorial",
                      image_size=32, epochs=1, low_res_scale=0.75, low_res_epochs=1)
     assert not (tmp_path / "refused").exists()
+
+
+def test_two_resumes_at_once_the_second_is_refused_naming_the_first(tmp_path):
+    common = ["--no-report", "--out", str(tmp_path), "--model-option", "widths=[8,16,16]"]
+    subprocess.run(_cli("train", "--name", "run", "--epochs", "1", *common), check=True, capture_output=True,
+                   timeout=600)
+    run = tmp_path / "run"
+    first = subprocess.Popen(_cli("train", "--resume", str(run), "--epochs", "400"), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        lock = run / ".lock"
+        while time.time() < deadline and first.poll() is None:
+            if lock.is_file() and lock.read_text().strip() == str(first.pid):
+                break
+            time.sleep(0.05)
+        assert first.poll() is None, "the first resume ended before the second could start"
+        second = subprocess.run(_cli("train", "--resume", str(run), "--epochs", "3"), capture_output=True, check=False,
+                                text=True, timeout=600)
+        assert second.returncode == 2
+        assert f"in use by another imgcls process (PID {first.pid})" in second.stderr
+        assert "Traceback" not in second.stderr
+        assert first.poll() is None  # the first goes on untouched
+    finally:
+        first.kill()
+        first.wait()
+    epochs = [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == list(range(1, len(epochs) + 1))  # one writer: no epoch twice
+    # The lock died with its holder: the run can be resumed again.
+    again = subprocess.run(_cli("train", "--resume", str(run), "--epochs", str(len(epochs) + 1)),
+                           capture_output=True, text=True, timeout=600, check=False)
+    assert again.returncode == 0, again.stderr[-2000:]

@@ -82,6 +82,15 @@ STATIC_DIR = Path(__file__).parent / "static"
 API_KEY_HEADER = "X-API-Key"
 READ_CHUNK = 1 << 20  # bytes read from an upload at a time
 MULTIPART_SLACK = 64 * 1024  # bytes of multipart headers allowed per file on top of max_bytes
+MAX_REQUEST_BYTES = 64_000_000  # default cap on a whole request body, whatever its number of files
+CLIENT_TIMEOUT = 20.0  # seconds a client may pause while sending a request body before it is dropped (408)
+# With a key, these need it, checked from the headers before a byte of the body is read.
+KEYED_PATHS = ("/v1/", "/metrics", "/openapi.json", "/docs", "/redoc")
+# Sent with every answer; the page's own policy (PAGE_CSP) replaces the bare frame-ancestors one.
+SECURITY_HEADERS = ((b"x-content-type-options", b"nosniff"), (b"referrer-policy", b"no-referrer"))
+FRAME_CSP = "frame-ancestors 'none'"
+PAGE_CSP = ("default-src 'self'; img-src 'self' blob: data:; connect-src 'self'; style-src 'self'; script-src 'self'; "
+            "object-src 'none'; base-uri 'self'; form-action 'none'; " + FRAME_CSP)
 OVERLAY_MIN_SIDE = 224  # px: explanation overlays are upscaled (nearest) to at least this long side
 MAP_DECIMALS = 4  # digits of the explanation map values in JSON
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)  # seconds
@@ -414,31 +423,68 @@ async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
 # ASGI middleware: body size limit and metrics
 
 
-class _BodyLimit:
-    """413 for a request body over ``limit`` bytes, by its Content-Length or while it streams in."""
+class _Guard:
+    """What every HTTP request meets before a route reads it.
 
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
+    * With an API key, the routes under ``KEYED_PATHS`` answer 401 from the
+      headers alone: no byte of the body of a request without the key is read
+      or spooled.
+    * The whole body is capped at ``limit`` bytes: 413 from its Content-Length,
+      or as soon as a streamed body passes it.
+    * A client that sends no part of its body for ``timeout`` seconds is
+      answered 408 and dropped.
+    * Every answer carries ``SECURITY_HEADERS`` and a Content-Security-Policy
+      that forbids framing.
+    """
+
+    def __init__(self, app, api_key: str | None, limit: int, timeout: float):
+        self.app, self.limit, self.timeout = app, limit, timeout
+        self.api_key = None if api_key is None else api_key.encode()
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        length = dict(scope["headers"]).get(b"content-length")
-        message = f"the request body is larger than the limit of {self.limit} bytes"
-        if length is not None and length.isdigit() and int(length) > self.limit:
-            return await error_response(413, "too_large", message)(scope, receive, send)
-        received = 0
 
-        async def limited_receive():
-            nonlocal received
-            msg = await receive()
+        async def secured_send(msg):
+            if msg["type"] == "http.response.start":
+                headers = list(msg.get("headers", []))
+                if not any(k.lower() == b"content-security-policy" for k, _ in headers):
+                    headers.append((b"content-security-policy", FRAME_CSP.encode()))
+                msg = {**msg, "headers": headers + list(SECURITY_HEADERS)}
+            await send(msg)
+
+        headers = dict(scope["headers"])
+        if self.api_key is not None and scope["path"].startswith(KEYED_PATHS):
+            key = headers.get(API_KEY_HEADER.lower().encode())
+            if key is None or not hmac.compare_digest(key, self.api_key):  # constant time: no timing oracle
+                return await error_response(401, "unauthorized", f"missing or wrong API key: send the server's key "
+                                            f"in the {API_KEY_HEADER} header")(scope, receive, secured_send)
+        length = headers.get(b"content-length")
+        too_large = f"the request body is larger than the limit of {self.limit:,} bytes"
+        if length is not None and not length.isdigit():
+            return await error_response(400, "bad_request", "the Content-Length header is not a whole number")(
+                scope, receive, secured_send)
+        if length is not None and int(length) > self.limit:
+            return await error_response(413, "too_large", too_large)(scope, receive, secured_send)
+        received, done = 0, False
+
+        async def guarded_receive():
+            nonlocal received, done
+            if done:  # the body is in: waiting for a disconnect may take as long as the answer does
+                return await receive()
+            try:
+                msg = await asyncio.wait_for(receive(), self.timeout)
+            except asyncio.TimeoutError:
+                raise ServingError(408, "timeout", f"the client sent no part of the request body for "
+                                   f"{self.timeout:g} s; send the whole request at once") from None
             if msg["type"] == "http.request":
                 received += len(msg.get("body", b""))
+                done = not msg.get("more_body", False)
                 if received > self.limit:
-                    raise ServingError(413, "too_large", message)
+                    raise ServingError(413, "too_large", too_large)
             return msg
 
-        await self.app(scope, limited_receive, send)
+        await self.app(scope, guarded_receive, secured_send)
 
 
 class _RecordMetrics:
@@ -478,27 +524,36 @@ def _route_label(scope) -> str:
 
 def create_app(run_path: str | Path, runtime: str = "torch", api_key: str | None = None, max_batch: int = 32,
                max_wait_ms: float = 5, max_bytes: int = 10_000_000, max_pixels: int = 40_000_000,
-               max_files: int = 32) -> FastAPI:
+               max_files: int = 32, max_request_bytes: int = MAX_REQUEST_BYTES,
+               client_timeout: float = CLIENT_TIMEOUT) -> FastAPI:
     """The FastAPI app serving the model of a run folder.
 
     Args:
         run_path: a run folder (or a checkpoint file, torch runtime only).
         runtime: ``"torch"`` (the checkpoint) or ``"onnx"`` (``<run>/export/model.onnx``,
             made by ``imgcls export RUN --format onnx``).
-        api_key: when set, every /v1 route and /metrics need it in the ``X-API-Key`` header.
+        api_key: when set, every /v1 route, /metrics and the API docs (/docs, /redoc,
+            /openapi.json) need it in the ``X-API-Key`` header; it is checked before
+            the body is read.
         max_batch: most images per forward pass when requests are batched; 1 disables batching.
         max_wait_ms: longest wait (ms) for other requests to join a batch; 0 disables batching.
         max_bytes: largest file accepted, in bytes (413 beyond).
         max_pixels: most pixels (width x height) an image may announce (413 beyond).
         max_files: most files in one /v1/predict request (413 beyond).
+        max_request_bytes: largest whole request body, in bytes (413 beyond), however
+            many files it carries.
+        client_timeout: seconds a client may pause while sending a body (408 beyond).
 
     The model is loaded when the app starts (its lifespan), not here.
     """
     if runtime not in RUNTIMES:
         raise unknown_name("runtime", runtime, RUNTIMES)
-    for option, value in (("max_bytes", max_bytes), ("max_pixels", max_pixels), ("max_files", max_files)):
-        if not isinstance(value, int) or value < 1:
+    for option, value in (("max_bytes", max_bytes), ("max_pixels", max_pixels), ("max_files", max_files),
+                          ("max_request_bytes", max_request_bytes)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ConfigError(f"{option} must be a positive whole number, got {value!r}")
+    if not isinstance(client_timeout, (int, float)) or not math.isfinite(client_timeout) or client_timeout <= 0:
+        raise ConfigError(f"client_timeout must be a positive number of seconds, got {client_timeout!r}")
     if api_key is not None and not api_key:
         raise ConfigError("api_key must not be empty; leave it out (None) to serve without a key")
     run_path = Path(run_path).expanduser()
@@ -526,7 +581,8 @@ def create_app(run_path: str | Path, runtime: str = "torch", api_key: str | None
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(Exception, _unexpected_error)
-    app.add_middleware(_BodyLimit, limit=max_files * (max_bytes + MULTIPART_SLACK) + MULTIPART_SLACK)
+    limit = min(max_request_bytes, max_files * (max_bytes + MULTIPART_SLACK) + MULTIPART_SLACK)
+    app.add_middleware(_Guard, api_key=api_key, limit=limit, timeout=float(client_timeout))
     app.add_middleware(_RecordMetrics, metrics=state.metrics)  # outermost: sees every answer, 413s included
     _add_routes(app, state, _key_check(api_key))
     return app
@@ -627,7 +683,7 @@ def _add_routes(app: FastAPI, state: ServingState, key: list) -> None:
         index = STATIC_DIR / "index.html"
         if not index.is_file():
             raise ServingError(404, "not_found", "the web page is not installed (imgcls/serving/static/index.html)")
-        return FileResponse(index)
+        return FileResponse(index, headers={"Content-Security-Policy": PAGE_CSP})
 
     if STATIC_DIR.is_dir():
         app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")

@@ -8,6 +8,12 @@
       dataset.json         classes, split sizes, skipped and undecodable files
       train.log            everything printed during training
       run.json             summary: final checkpoint, test metrics, time
+      .lock                the PID of the process training in it, locked while it does
+
+One process at a time writes a run: :meth:`RunFolder.writing` holds an
+advisory lock on ``.lock`` (``flock``, released by the kernel when the process
+ends, however it ends), and a second ``imgcls train --resume`` is refused with
+the holder's PID.
 """
 
 from __future__ import annotations
@@ -18,9 +24,11 @@ import os
 import platform
 import re
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 from imgcls.config import RunConfig, dump_config
+from imgcls.errors import TrainingError
 
 
 class RunFolder:
@@ -44,6 +52,28 @@ class RunFolder:
         run = cls(path)
         run.write_text("config.yaml", dump_config(cfg))
         return run
+
+    @contextmanager
+    def writing(self):
+        """Hold the run folder's write lock for the ``with`` block; TrainingError when another process holds it."""
+        try:
+            import fcntl
+        except ImportError:  # no flock (Windows): nothing to hold
+            yield self
+            return
+        with open(self.path / ".lock", "a+") as fh:
+            try:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                fh.seek(0)
+                holder = fh.read().strip() or "unknown"
+                raise TrainingError(f"run folder {self.path} is in use by another imgcls process (PID {holder}); "
+                                    f"wait for it to finish or stop it, then try again") from None
+            fh.seek(0)
+            fh.truncate()
+            fh.write(f"{os.getpid()}\n")
+            fh.flush()
+            yield self  # closing the file (or the process ending) releases the lock
 
     @property
     def checkpoints(self) -> Path:
