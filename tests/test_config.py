@@ -1,5 +1,7 @@
 """Config validation: bad values are refused with messages naming them and what is accepted."""
 
+import re
+
 import pytest
 
 from imgcls.api import make_config
@@ -69,3 +71,26 @@ def test_paths_are_accepted_and_stored_as_text(tmp_path):
     cfg = make_config(data=tmp_path / "photos.zip", out=tmp_path / "runs")
     assert cfg.data.dataset == str(tmp_path / "photos.zip") and cfg.out_dir == str(tmp_path / "runs")
     assert "photos.zip" in dump_config(cfg)
+
+
+@pytest.mark.parametrize("overrides, words", [
+    ({"name": "../../x"}, "name '../../x' is not accepted"),
+    ({"name": "a/b"}, "name 'a/b' is not accepted"),
+    ({"name": ".."}, "name '..' is not accepted"),
+    ({"epochs": -3}, "epochs must be a whole number from 1"),
+    ({"seed": -1}, "seed must be a whole number from 0"),
+])
+def test_hostile_names_epochs_and_seeds_get_the_message_that_names_them(overrides, words):
+    from imgcls.api import make_config
+
+    with pytest.raises(ConfigError, match=re.escape(words)):
+        make_config(**overrides)
+
+
+def test_a_run_name_with_a_path_never_leaves_out(tmp_path, capsys):
+    from imgcls.cli import main
+
+    out = tmp_path / "runs"
+    assert main(["train", "--out", str(out), "--name", "../../escaped", "--epochs", "1", "--no-report"]) == 2
+    assert "name '../../escaped' is not accepted" in capsys.readouterr().err
+    assert not list(tmp_path.rglob("escaped"))

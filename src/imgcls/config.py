@@ -147,6 +147,11 @@ class RunConfig:
                 if choices and value not in choices:
                     raise ConfigError(f"{f.name} {value!r} is not accepted; choose one of: {', '.join(choices)}")
         d, t = self.data, self.train
+        if self.name is not None:
+            check_run_name(self.name)
+        # The epochs first: the ranges of warmup_epochs and low_res_epochs depend on them.
+        _check_int("epochs", t.epochs, 0 if t.head_first else 1, 1_000_000)
+        _check_int("seed", t.seed, 0, 2**32 - 1)
         _check_range("val_fraction", d.val_fraction, 0.0, 0.9)
         _check_range("test_fraction", d.test_fraction, 0.0, 0.9)
         if d.val_fraction + d.test_fraction >= 1.0:
@@ -168,7 +173,6 @@ class RunConfig:
         if t.warmup_start is not None:
             _check_range("warmup_start", t.warmup_start, 0.0, 1.0)
         _check_range("norm_lr_scale", t.norm_lr_scale, 0.0, 10_000.0, low_open=True)
-        _check_int("epochs", t.epochs, 0 if t.head_first else 1, 1_000_000)
         for name in ("batch_size", "eval_batch_size", "step_size", "top_k"):
             _check_int(name, getattr(t, name), 1, 1_000_000)
         _check_range("backbone_lr_scale", t.backbone_lr_scale, 0.0, 1.0)
@@ -191,6 +195,14 @@ class RunConfig:
         if not isinstance(t.augment, list):
             t.augment = split_list(t.augment)
         return self
+
+
+def check_run_name(name) -> None:
+    """A run name is one folder name inside --out: no path separators, not '.' or '..', not hidden."""
+    if (not isinstance(name, str) or not name.strip() or name in (".", "..") or name.startswith(".")
+            or any(ch in name for ch in ("/", "\\", "\0"))):
+        raise ConfigError(f"name {str(name)[:80]!r} is not accepted: a run name is one folder name inside --out "
+                          f"(letters, digits, '-', '_', ...; no '/', '\\' or leading '.'), such as 'flowers-1'")
 
 
 def _check_range(name: str, value, low: float, high: float, low_open: bool = False) -> None:

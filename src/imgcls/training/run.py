@@ -118,7 +118,7 @@ class RunFolder:
 
 def default_run_name(cfg: RunConfig) -> str:
     source = Path(cfg.data.dataset).stem if cfg.data.dataset not in ("", ".") else "data"
-    source = re.sub(r"[^A-Za-z0-9_.-]+", "-", source).strip("-") or "data"
+    source = re.sub(r"[^A-Za-z0-9_.-]+", "-", source).strip("-.") or "data"
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     return f"{source}-{cfg.model.name}-{stamp}"
 
