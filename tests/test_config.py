@@ -94,3 +94,51 @@ def test_a_run_name_with_a_path_never_leaves_out(tmp_path, capsys):
     assert main(["train", "--out", str(out), "--name", "../../escaped", "--epochs", "1", "--no-report"]) == 2
     assert "name '../../escaped' is not accepted" in capsys.readouterr().err
     assert not list(tmp_path.rglob("escaped"))
+
+
+def _alias_bomb(levels: int = 9) -> str:
+    lines = ["train:", '  augment: &a0 ["x","x","x","x","x","x","x","x","x","x"]', "model:", "  options:"]
+    for i in range(1, levels + 1):
+        lines.append(f"    k{i}: &a{i} [" + ",".join([f"*a{i - 1}"] * 10) + "]")
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.parametrize("content, words", [
+    ('train:\n  epochs: "two"\n', "train.epochs must be a whole number, got 'two'"),
+    ("data:\n  dataset: 12\n", "data.dataset must be a string, got 12"),
+    ('train:\n  seed: "abc"\n', "train.seed must be a whole number, got 'abc'"),
+    ('model:\n  options: "not a dict"\n', "model.options must be a mapping"),
+    ("train:\n  augment: 5\n", "train.augment must be a list of augmentations"),
+    ('data:\n  cache: "no"\n', "data.cache must be true or false, got 'no'"),
+    ("train:\n  lr: [1, 2]\n", "train.lr must be a number"),
+    ("report: 1\n", "report must be true or false"),
+    (_alias_bomb(), "aliases (*a0) are not accepted"),
+    (b"\x7fELF\x02\x01\x01\x00\xd0\xff\xfe", "is not text (UTF-8)"),
+])
+def test_hostile_config_files_get_one_line_naming_the_field(tmp_path, capsys, content, words):
+    from imgcls.cli import main
+
+    path = tmp_path / "c.yaml"
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    assert main(["train", "--config", str(path), "--out", str(tmp_path / "runs"), "--no-report"]) == 2
+    err = capsys.readouterr().err
+    assert words in err and "Traceback" not in err and len(err) < 600, err[:2000]
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_config_yaml_never_holds_aliases_so_it_reads_back(tmp_path):
+    cfg = make_config(augment=["hflip"], model_option={"widths": [8, 16, 16]})
+    cfg.train.augment = cfg.model.options["w"] = ["same", "list"]  # one object twice: safe_dump would alias it
+    text = dump_config(cfg)
+    assert "&" not in text and "*" not in text
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    assert load_config(path).train.augment == ["same", "list"]
+
+
+def test_an_option_of_the_wrong_kind_names_the_model_and_option(capsys):
+    from imgcls.cli import main
+
+    assert main(["train", "--model-option", "widths=abc", "--epochs", "1", "--no-report"]) == 2
+    err = capsys.readouterr().err
+    assert "model 'fastnet_small' cannot take the options widths='abc'" in err and "Traceback" not in err

@@ -13,6 +13,8 @@ import dataclasses
 import math
 import os
 import re
+import reprlib
+import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -140,6 +142,8 @@ class RunConfig:
 
     def validate(self) -> "RunConfig":
         """Check every value that can be checked without data; raise ConfigError."""
+        for where, obj in (("", self), ("data.", self.data), ("model.", self.model), ("train.", self.train)):
+            _check_types(obj, where)
         for section in (self.data, self.train):
             for f in fields(section):
                 choices = f.metadata.get("choices")
@@ -195,6 +199,43 @@ class RunConfig:
         if not isinstance(t.augment, list):
             t.augment = split_list(t.augment)
         return self
+
+
+# Fields whose own parser takes more than their annotation says (a "32x32" size, a "90s" budget, "a,b" lists).
+_OWN_PARSER = {"image_size", "time_budget", "class_weights", "augment"}
+_KINDS = {str: "a string", bool: "true or false", int: "a whole number", float: "a number", dict: "a mapping"}
+
+
+def _check_types(obj, where: str) -> None:
+    """ConfigError naming the field when a value is not of its field's type (a config file can hold anything)."""
+    for name, hint in typing.get_type_hints(type(obj)).items():
+        if name in _OWN_PARSER or dataclasses.is_dataclass(hint):
+            continue
+        value = getattr(obj, name)
+        allowed = tuple(t for t in typing.get_args(hint) if t is not type(None)) or (hint,)
+        optional = type(None) in typing.get_args(hint)
+        if value is None and optional:
+            continue
+        if not all(t in _KINDS for t in allowed):
+            continue  # nothing simple to check
+        fits = any(isinstance(value, t) and not (t in (int, float) and isinstance(value, bool)) for t in allowed)
+        fits = fits or (float in allowed and isinstance(value, int) and not isinstance(value, bool))
+        if not fits:
+            kinds = " or ".join(_KINDS[t] for t in allowed) + (" (or left out)" if optional else "")
+            raise ConfigError(f"{where}{name} must be {kinds}, got {_shown(value)}")
+    if where == "train." and not isinstance(obj.augment, (str, list)) or (
+            where == "train." and isinstance(obj.augment, list) and not all(isinstance(a, str) for a in obj.augment)):
+        raise ConfigError(f"train.augment must be a list of augmentations or a comma-separated string "
+                          f"(e.g. hflip,crop:4), got {_shown(obj.augment)}")
+
+
+_SHORT = reprlib.Repr()  # (keyword arguments only from Python 3.12)
+_SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxdict, _SHORT.maxstring, _SHORT.maxother = 2, 4, 4, 60, 60
+
+
+def _shown(value) -> str:
+    """A short repr of ``value``: an error message never echoes (or builds) a huge value."""
+    return _SHORT.repr(value)
 
 
 def check_run_name(name) -> None:
@@ -311,14 +352,33 @@ def read_config_values(path: str | Path) -> dict:
     return values
 
 
+class _ConfigLoader(yaml.SafeLoader):
+    """YAML without aliases: a config never needs them, and nested ones expand to billions of values."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.YAMLError(f"line {event.start_mark.line + 1}: aliases (*{event.anchor}) are not accepted in "
+                                 f"a config file; write the value out")
+        return super().compose_node(parent, index)
+
+
+class _ConfigDumper(yaml.SafeDumper):
+    def ignore_aliases(self, data) -> bool:  # config.yaml is read back by _ConfigLoader
+        return True
+
+
 def _read_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
-        values = yaml.safe_load(path.read_text()) or {}
+        values = yaml.load(path.read_text(encoding="utf-8"), Loader=_ConfigLoader) or {}  # a SafeLoader
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not text (UTF-8); give a YAML file such as a run's "
+                          f"config.yaml") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+        raise ConfigError(f"config file {path} is not valid YAML: {str(exc)[:300]}") from None
     if not isinstance(values, dict):
         raise ConfigError(f"config file {path} must hold a mapping of sections (data, model, train), "
                           f"got {type(values).__name__}")
@@ -326,7 +386,7 @@ def _read_yaml(path: str | Path) -> dict:
 
 
 def dump_config(cfg: RunConfig) -> str:
-    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    return yaml.dump(cfg.to_dict(), Dumper=_ConfigDumper, sort_keys=False)
 
 
 def flat_fields() -> dict[str, tuple[str | None, dataclasses.Field]]:

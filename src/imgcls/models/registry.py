@@ -58,3 +58,9 @@ def create_model(name: str, in_chans: int, num_classes: int, img_size: tuple[int
         return _REGISTRY[name](in_chans=in_chans, num_classes=num_classes, img_size=tuple(img_size), **kwargs)
     except TypeError as exc:
         raise ConfigError(f"model {name!r} does not accept these options {sorted(kwargs)}: {exc}") from exc
+    except ConfigError:
+        raise  # already says what is wrong (a ConfigError is a ValueError too)
+    except (ValueError, OverflowError) as exc:  # an option of the right name and the wrong kind: widths=abc
+        shown = ", ".join(f"{k}={str(v)[:40]!r}" for k, v in kwargs.items())
+        raise ConfigError(f"model {name!r} cannot take the options {shown} ({exc}); see `imgcls models` for "
+                          f"each model's options") from exc
