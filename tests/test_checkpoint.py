@@ -137,3 +137,56 @@ def read_header(path) -> dict:
 
     with safe_open(str(path), framework="pt") as fh:
         return fh.metadata()
+
+
+def _with_meta(tmp_path, raw: str):
+    """A checkpoint with sound tensors (and their checksum) and the metadata document ``raw``."""
+    from safetensors.torch import save_file
+
+    model = small_model()
+    tensors = {f"model.{k}": v.contiguous() for k, v in model.state_dict().items()}
+    path = tmp_path / "bad.safetensors"
+    save_file(tensors, str(path), metadata={ckpt.META_KEY: raw})
+    return path
+
+
+def _meta(**changes) -> str:
+    doc = dict(META, arch_kwargs={}, format_version=1)
+    doc.update(changes)
+    return json.dumps({k: v for k, v in doc.items() if v != "DROP"})
+
+
+@pytest.mark.parametrize("raw, words", [
+    ("{not json", "not valid JSON"),
+    ("[1, 2]", "is a list, not a mapping"),
+    ("null", "is a NoneType, not a mapping"),
+    ("[" * 100_000 + "]" * 100_000, "not valid JSON"),
+    (_meta(classes="DROP"), "'classes' must be a list"),
+    (_meta(classes=None), "'classes' must be a list"),
+    (_meta(input_shape="DROP"), "'input_shape' must be"),
+    (_meta(input_shape=[1, 10**9, 10**9]), "'input_shape' must be"),
+    (_meta(arch_kwargs=[1]), "'arch_kwargs' must be a mapping"),
+    (_meta(temperature=-1.0), "'temperature' must be a positive number"),
+    (_meta(temperature=0), "'temperature' must be a positive number"),
+    (_meta(temperature="warm"), "'temperature' must be a positive number"),
+    (_meta(normalize={"mean": [0.5], "std": [0.0]}), "positive 'std'"),
+    (_meta(normalize={"mean": ["a"], "std": [1.0]}), "positive 'std'"),
+    (_meta(thresholds=[0.5]), "'thresholds' must be 3 numbers"),
+])
+def test_metadata_that_would_crash_or_mislead_is_refused_naming_the_file(tmp_path, raw, words):
+    path = _with_meta(tmp_path, raw)
+    with pytest.raises(CheckpointError) as err:
+        load_model(path)
+    assert words in str(err.value) and "bad.safetensors" in str(err.value)
+    assert len(str(err.value)) < 400
+
+
+def test_a_nan_temperature_is_refused_by_every_command(tmp_path, capsys):
+    from imgcls.cli import main
+
+    path = _with_meta(tmp_path, _meta(temperature=float("nan")))
+    for argv in (["evaluate", str(path)], ["export", str(path), "--out", str(tmp_path / "m.onnx")]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "'temperature' must be a positive number" in err and "Traceback" not in err
+    assert not (tmp_path / "m.onnx").exists()

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import sys
 import tempfile
@@ -129,8 +130,17 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
         raise CheckpointError(f"checkpoint {path} cannot be read ({exc}); is it a safetensors file written by imgcls?") from exc
     if META_KEY not in header:
         raise CheckpointError(f"checkpoint {path} has no imgcls metadata; it was not written by imgcls")
-    meta = upgrade_meta(json.loads(header[META_KEY]), path)
+    try:
+        doc = json.loads(header[META_KEY])
+    except (ValueError, RecursionError):
+        raise CheckpointError(f"checkpoint {path} has metadata that is not valid JSON; it is damaged or was not "
+                              f"written by imgcls") from None
+    if not isinstance(doc, dict):
+        raise CheckpointError(f"checkpoint {path} has metadata that is a {type(doc).__name__}, not a mapping; it is "
+                              f"damaged or was not written by imgcls")
+    meta = upgrade_meta(doc, path)
     verify_tensors(path, tensors, meta.pop(CHECKSUM_KEY, None))
+    check_meta(meta, path)
     state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
     if "train_state" in meta:
         meta["train_state"] = unflatten_state(meta["train_state"], tensors)
@@ -149,6 +159,62 @@ def verify_tensors(path: Path, tensors: dict[str, torch.Tensor], expected: str |
         raise CheckpointError(f"checkpoint {path} is damaged: its tensor data does not match the checksum saved "
                               f"with it (the file changed after it was written). Use another checkpoint of the run "
                               f"(checkpoints/last or best) or train again")
+
+
+MAX_INPUT_SIDE = 8192  # pixels: an input_shape beyond this is damage, not a model
+
+
+def check_meta(meta: dict, path: Path) -> None:
+    """Refuse metadata that would crash or silently mislead evaluate, predict, serve, resume or export."""
+    def bad(what: str, value) -> CheckpointError:
+        shown = json.dumps(value)[:80] if _jsonable(value) else type(value).__name__
+        return CheckpointError(f"checkpoint {path} is damaged or was not written by imgcls: {what}, got {shown}")
+
+    if not isinstance(meta.get("arch"), str) or not meta["arch"]:
+        raise bad("'arch' must name a model", meta.get("arch"))
+    classes = meta.get("classes")
+    if not isinstance(classes, list) or len(classes) < 2 or not all(isinstance(c, str) for c in classes):
+        raise bad("'classes' must be a list of at least 2 class names", classes)
+    shape = meta.get("input_shape")
+    if (not isinstance(shape, list) or len(shape) != 3 or not all(_whole(v) for v in shape)
+            or shape[0] not in (1, 3) or not all(1 <= v <= MAX_INPUT_SIDE for v in shape[1:])):
+        raise bad(f"'input_shape' must be [channels (1 or 3), height, width] with sides of 1 to {MAX_INPUT_SIDE}",
+                  shape)
+    if not isinstance(meta.get("arch_kwargs", {}), dict):
+        raise bad("'arch_kwargs' must be a mapping of model options", meta.get("arch_kwargs"))
+    norm = meta.get("normalize")
+    if norm is not None:
+        ok = isinstance(norm, dict) and all(
+            isinstance(norm.get(k), list) and len(norm[k]) == shape[0] and all(_finite(v) for v in norm[k])
+            for k in ("mean", "std"))
+        if not ok or not all(v > 0 for v in norm["std"]):
+            raise bad(f"'normalize' must hold {shape[0]} finite 'mean' and positive 'std' values", norm)
+    temperature = meta.get("temperature")
+    if temperature is not None and not (_finite(temperature) and temperature > 0):
+        raise bad("'temperature' must be a positive number", temperature)
+    thresholds = meta.get("thresholds")
+    if thresholds is not None and not (isinstance(thresholds, list) and len(thresholds) == len(classes)
+                                       and all(_finite(v) for v in thresholds)):
+        raise bad(f"'thresholds' must be {len(classes)} numbers, one per class", thresholds)
+    for key in ("tta", "resize"):
+        if meta.get(key) is not None and not isinstance(meta[key], str):
+            raise bad(f"'{key}' must be a string", meta[key])
+
+
+def _whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _jsonable(value) -> bool:
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError, RecursionError):
+        return False
+    return True
 
 
 def upgrade_meta(meta: dict, path: Path) -> dict:
