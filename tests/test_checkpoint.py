@@ -190,3 +190,25 @@ def test_a_nan_temperature_is_refused_by_every_command(tmp_path, capsys):
         err = capsys.readouterr().err
         assert "'temperature' must be a positive number" in err and "Traceback" not in err
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_a_full_disk_is_named_and_the_previous_checkpoint_kept(tmp_path, monkeypatch):
+    from safetensors import SafetensorError
+
+    model = small_model()
+    meta = dict(META, arch_kwargs=model.arch_kwargs)
+    path = save_checkpoint(tmp_path / "last.safetensors", model, meta)
+    before = path.read_bytes()
+
+    def full(tensors, filename, metadata=None):
+        with open(filename, "wb") as fh:
+            fh.write(b"partial")
+        raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "
+                              "\"No space left on device\" })")
+
+    monkeypatch.setattr(ckpt, "save_file", full)
+    with pytest.raises(CheckpointError, match="the disk is full") as err:
+        save_checkpoint(path, model, meta)
+    assert "previous last.safetensors is kept" in str(err.value) and str(tmp_path) in str(err.value)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["last.safetensors"]  # no temporary file left behind

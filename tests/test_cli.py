@@ -100,3 +100,17 @@ def test_bad_training_input_is_refused_before_a_run_exists(tmp_path, capsys, arg
 def test_resume_refuses_changes_other_than_epochs(digits_run, capsys):
     assert main(["train", "--resume", str(digits_run), "--lr", "0.5"]) == 2
     assert "only --epochs may change" in capsys.readouterr().err
+
+
+def test_a_full_disk_while_writing_the_run_is_one_line(tmp_path, monkeypatch, capsys):
+    import errno
+
+    import imgcls.training.run as run_module
+
+    def full(self, line):
+        raise OSError(errno.ENOSPC, "No space left on device", str(self.path / "train.log"))
+
+    monkeypatch.setattr(run_module.RunFolder, "log", full)
+    assert main(["train", "--out", str(tmp_path), "--name", "full", "--epochs", "1", "--no-report"]) == 2
+    err = capsys.readouterr().err
+    assert "the disk is full writing" in err and "train.log" in err and "Traceback" not in err

@@ -18,6 +18,7 @@ renamed over the final name, so a crash mid-write never leaves a broken file.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
@@ -111,10 +112,22 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, meta: dict, train_
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+    except Exception as exc:  # safetensors reports a full disk as its own error type, with the OS's words
+        if not _disk_full(exc):
+            raise
+        kept = f"the previous {path.name} is kept as it was" if path.exists() else f"no {path.name} was written"
+        raise CheckpointError(f"the disk is full: checkpoint {path} could not be written ({kept}). Free space on "
+                              f"the disk that holds {path.parent}, then resume with `imgcls train --resume` on "
+                              f"the run folder") from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def _disk_full(exc: BaseException) -> bool:
+    return getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left on device" in str(exc) \
+        or "os error 28" in str(exc)
 
 
 def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:

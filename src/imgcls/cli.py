@@ -437,6 +437,15 @@ def main(argv: list[str] | None = None) -> int:
     except ImgclsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        import errno
+
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        where = f" writing {exc.filename}" if exc.filename else ""
+        print(f"error: the disk is full{where}. Every checkpoint written before stays as it was: free space, then "
+              f"`imgcls train --resume RUN` goes on from the last one", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
