@@ -114,3 +114,31 @@ def test_a_full_disk_while_writing_the_run_is_one_line(tmp_path, monkeypatch, ca
     assert main(["train", "--out", str(tmp_path), "--name", "full", "--epochs", "1", "--no-report"]) == 2
     err = capsys.readouterr().err
     assert "the disk is full writing" in err and "train.log" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("cache", ["--cache", "--no-cache"])
+def test_file_and_class_names_that_are_not_utf8_survive_every_writer(tmp_path, cache, monkeypatch, capsys):
+    import os
+
+    from PIL import Image
+
+    monkeypatch.setenv("IMGCLS_DATA_DIR", str(tmp_path / "cache"))
+    root = os.fsencode(tmp_path / "photos")
+    rng = np.random.default_rng(0)
+    try:
+        for cls, base in ((b"dark", 40), (b"li\xffght", 200)):  # a class folder whose name is not UTF-8 too
+            os.makedirs(os.path.join(root, cls))
+            for i in range(20):
+                name = f"img{i}".encode() + (b"\xfe" if i % 4 == 0 else b"") + b".png"
+                img = rng.normal(base, 20, (12, 12, 3)).clip(0, 255).astype(np.uint8)
+                Image.fromarray(img).save(os.path.join(root, cls, name))
+    except OSError:
+        pytest.skip("this file system refuses names that are not UTF-8")
+    args = ["train", "--data", os.fsdecode(root), cache, "--epochs", "1", "--batch-size", "8",
+            "--out", str(tmp_path / "runs"), "--name", "bytes", "--model-option", "widths=[8,8,8]"]
+    assert main(args) == 0, capsys.readouterr().err[-2000:]
+    run = tmp_path / "runs" / "bytes"
+    for name in ("run.json", "eval_test.csv", "dataset.json", "report.html"):
+        assert (run / name).is_file(), name
+    assert "li\\xffght" in (run / "eval_test.csv").read_text()
+    assert "Traceback" not in capsys.readouterr().err

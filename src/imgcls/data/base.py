@@ -14,6 +14,16 @@ import numpy as np
 SPLITS = ("train", "val", "test")
 
 
+def printable(name: str) -> str:
+    """``name`` as text every JSON, CSV, HTML and log writer takes: bytes that are not UTF-8 (a file system
+    allows them; Python reads them as surrogates) become ``\\xNN`` escapes, so no two names merge."""
+    try:
+        name.encode("utf-8")
+        return name
+    except UnicodeEncodeError:
+        return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 @dataclass
 class Split:
     """One split of a dataset.
@@ -36,6 +46,8 @@ class Split:
             raise ValueError(f"labels shape {self.labels.shape} does not match {len(self.images)} images")
         if self.paths is not None and len(self.paths) != len(self.images):
             raise ValueError(f"{len(self.paths)} paths for {len(self.images)} images")
+        if self.paths is not None:
+            self.paths = [printable(p) for p in self.paths]  # for reports and CSVs: never reopened
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -52,6 +64,9 @@ class SkippedFile:
 
     path: str
     reason: str
+
+    def __post_init__(self) -> None:
+        self.path, self.reason = printable(self.path), printable(self.reason)
 
 
 @dataclass
@@ -77,6 +92,10 @@ class ImageDataset:
     skipped: list[SkippedFile] = field(default_factory=list)
     bad: list[SkippedFile] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.classes = [printable(c) for c in self.classes]  # a folder name may hold any bytes
+        self.notes = [printable(n) for n in self.notes]
     layout: str = ""
 
     @property

@@ -77,7 +77,7 @@ def source_key(path: str | os.PathLike) -> str:
         elif isinstance(source, FolderSource):
             digest.update(b"folder\n")
             for rel, (size, mtime_ns) in sorted(source.stats().items()):
-                digest.update(f"{rel}\0{size}\0{mtime_ns}\n".encode())
+                digest.update(f"{rel}\0{size}\0{mtime_ns}\n".encode("utf-8", "surrogateescape"))  # any bytes
         else:  # pragma: no cover - open_source returns one of the two
             raise DataError(f"{path}: cannot compute a cache key for {type(source).__name__}")
     return digest.hexdigest()
