@@ -142,3 +142,13 @@ def test_file_and_class_names_that_are_not_utf8_survive_every_writer(tmp_path, c
         assert (run / name).is_file(), name
     assert "li\\xffght" in (run / "eval_test.csv").read_text()
     assert "Traceback" not in capsys.readouterr().err
+
+
+def test_resume_accepts_the_runs_own_values_and_refuses_other_ones(tmp_path, capsys):
+    common = ["--out", str(tmp_path), "--name", "r", "--model-option", "widths=[8,8,8]"]
+    assert main(["train", "--epochs", "1", "--no-report", *common]) == 0
+    run = str(tmp_path / "r")
+    assert main(["train", "--resume", run, "--no-report", "--epochs", "2"]) == 0  # report is already false
+    capsys.readouterr()
+    assert main(["train", "--resume", run, "--report", "--epochs", "3"]) == 2
+    assert "only --epochs may change (got report)" in capsys.readouterr().err

@@ -80,6 +80,16 @@ def make_config(config: str | Path | dict | RunConfig | None = None, **overrides
     return cfg
 
 
+def _flat_value(cfg: RunConfig, key: str):
+    """The value of flat option ``key`` (a CLI flag's name) in ``cfg``; a sentinel when there is none."""
+    from imgcls.config import flat_fields
+
+    section, f = flat_fields().get(key, (None, None))
+    if f is None:
+        return object()
+    return getattr(cfg if section is None else getattr(cfg, section), f.name)
+
+
 def _base_settings(recipe: str | None, values: dict) -> tuple[dict, str | None]:
     """(flat settings that lie under the user's, why): a recipe's variant, or what ``--model auto`` chooses.
 
@@ -173,9 +183,12 @@ def _train(config, resume, console, on_epoch_end, overrides: dict, held: context
             raise CheckpointError(f"{run.path} is not a run folder (no config.yaml)")
         if not run.checkpoint("last").is_file():
             raise CheckpointError(f"{run.path} has no checkpoints/last.safetensors to resume from")
-        extra = sorted(set(k for k, v in overrides.items() if v is not None) - {"epochs"})
+        saved = make_config(run.path / "config.yaml")
+        extra = sorted(k for k, v in overrides.items() if v is not None and k != "epochs"
+                       and _flat_value(saved, k) != v)  # repeating the run's own value (--no-report) is no change
         if extra or config is not None:
-            raise CheckpointError(f"a resumed run keeps its own config; only --epochs may change (got {', '.join(extra)})")
+            raise CheckpointError(f"a resumed run keeps its own config; only --epochs may change (got "
+                                  f"{', '.join(extra) or '--config'})")
         held.enter_context(run.writing())  # before anything in it changes: a second resume stops here
         cfg = make_config(run.path / "config.yaml", epochs=overrides.get("epochs"))
         if overrides.get("epochs") is not None:
