@@ -227,6 +227,9 @@ def _parse_members(directory: bytes) -> list[_Member] | None:
     return [_Member(name, r[1], r[2], r[3], r[4], r[5], r[9]) for name, r in zip(names, records)]
 
 
+MAX_MEMBER_BYTES = 256 * 1024 * 1024  # one zip member, inflated: far above any photo, far below a zip bomb
+
+
 class ZipSource(ImageSource):
     """A zip file read in place: stored members are sliced from a memory map."""
 
@@ -269,12 +272,19 @@ class ZipSource(ImageSource):
 
     def read(self, rel: str) -> bytes:
         member = self._members[rel]
+        if member.file_size > MAX_MEMBER_BYTES:
+            raise OSError(f"zip member inflates to {member.file_size:,} bytes, over the limit of "
+                          f"{MAX_MEMBER_BYTES:,} for one image (a zip bomb, or not an image)")
         try:
             if member.method in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED) and not member.flags & 0x1:
                 return self._read_mapped(member)
-            return self._own_zip().read(member.zip_name)
-        except (zipfile.BadZipFile, RuntimeError, NotImplementedError, zlib.error) as exc:
+            with self._own_zip().open(member.zip_name) as fh:
+                data = fh.read(member.file_size + 1)  # never more than the declared size (+1 to see a lie)
+        except (zipfile.BadZipFile, RuntimeError, NotImplementedError, zlib.error, EOFError) as exc:
             raise OSError(f"cannot read the zip member: {exc}") from None
+        if len(data) != member.file_size:
+            raise OSError("zip member is damaged (its size differs from the size the zip declares)")
+        return data
 
     def _read_mapped(self, member: _Member) -> bytes:
         # Sliced from the memory map: no file position is shared, so threads
@@ -289,7 +299,9 @@ class ZipSource(ImageSource):
         begin = start + 30 + name_len + extra_len
         data = self._map[begin : begin + member.compress_size]
         if member.method == zipfile.ZIP_DEFLATED:
-            data = zlib.decompress(data, -15)
+            # Inflate at most the declared size (+1 to see a lie): a member whose header understates its size
+            # stops there instead of filling memory.
+            data = zlib.decompressobj(-15).decompress(data, member.file_size + 1)
         if len(data) != member.file_size or zlib.crc32(data) != member.crc:
             raise OSError("zip member is damaged (CRC mismatch)")
         return data

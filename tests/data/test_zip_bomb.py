@@ -1,0 +1,40 @@
+"""A zip member that inflates far past any image is reported as a bad file, without inflating it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import zipfile
+
+import numpy as np
+from PIL import Image
+
+
+def test_a_zip_bomb_member_is_a_bad_file_and_memory_stays_small(tmp_path):
+    path = tmp_path / "photos.zip"
+    rng = np.random.default_rng(0)
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        for cls, base in (("dark", 40), ("light", 200)):
+            for i in range(20):
+                img = Image.fromarray(rng.normal(base, 20, (12, 12, 3)).clip(0, 255).astype(np.uint8))
+                with zf.open(f"{cls}/{i}.png", "w") as fh:
+                    img.save(fh, "PNG")
+        with zf.open("dark/bomb.png", "w") as fh:  # 1 GiB of zeros: about 1 MB in the zip
+            chunk = bytes(1 << 20)
+            for _ in range(1024):
+                fh.write(chunk)
+    assert path.stat().st_size < 3_000_000
+    out = tmp_path / "runs"
+    code = ("import resource, sys; from imgcls.cli import main; rc = main(sys.argv[1:]); "
+            "print('RSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(rc)")
+    proc = subprocess.run([sys.executable, "-c", code, "train", "--data", str(path), "--epochs", "1", "--no-report",
+                           "--batch-size", "8", "--out", str(out), "--name", "bomb", "--no-cache",
+                           "--model-option", "widths=[8,8,8]"], capture_output=True, text=True, timeout=600,
+                          check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    peak_mib = int(proc.stdout.rsplit("RSS", 1)[1].split()[0]) / 1024
+    assert peak_mib < 900, peak_mib  # a run that inflated the member took 2.3-2.4 GB
+    bad = json.loads((out / "bomb" / "dataset.json").read_text())["bad"]
+    assert any("bomb.png" in b["path"] and "over the limit" in b["reason"] for b in bad), bad
+    assert "Traceback" not in proc.stderr
