@@ -121,3 +121,10 @@ def test_serve_takes_the_key_from_a_file_or_the_environment_and_refuses_bad_port
         assert main(["serve", str(run), *argv]) == 2
         err = capsys.readouterr().err
         assert words in err and "Traceback" not in err
+
+
+def test_a_model_that_cannot_be_served_is_one_line_before_any_server_starts(run, tmp_path, capsys):
+    assert main(["serve", str(run), "--runtime", "onnx", "--port", "0"]) == 2  # no export/model.onnx
+    err = capsys.readouterr().err
+    assert "export/model.onnx does not exist" in err and "Traceback" not in err and "uvicorn" not in err.lower()
+    assert len(err.strip().splitlines()) == 1

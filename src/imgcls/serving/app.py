@@ -156,8 +156,14 @@ class ServingState:
         self._explainer = None  # the torch Classifier used for explanations
         self._explainer_lock = threading.Lock()
 
+    def preload(self) -> None:
+        """Load the model now, so that a model that cannot be served fails with its own error before the server
+        starts (``serve`` calls it; the app's start-up then keeps what is loaded)."""
+        self.clf = self._load()
+
     async def start(self) -> None:
-        self.clf = await asyncio.to_thread(self._load)
+        if self.clf is None:
+            self.clf = await asyncio.to_thread(self._load)
         self.card = await asyncio.to_thread(self._model_card)
         await self.batcher.start()
         self.ready = True
@@ -694,4 +700,6 @@ def serve(run_path: str | Path, host: str = "127.0.0.1", port: int = 8000, log_l
     """Serve a run with uvicorn until interrupted; ``options`` go to :func:`create_app`."""
     import uvicorn
 
-    uvicorn.run(create_app(run_path, **options), host=host, port=port, log_level=log_level)
+    app = create_app(run_path, **options)
+    app.state.serving.preload()  # a bad run or a missing export is one error line, not uvicorn's traceback
+    uvicorn.run(app, host=host, port=port, log_level=log_level)
