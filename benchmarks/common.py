@@ -84,6 +84,11 @@ def cpu_class_env(cls: str) -> dict:
     return dict(CPU_CLASSES[cls])
 
 
+def _caps_here() -> dict:
+    """The CPU caps (ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA) set in this process's environment."""
+    return {k: os.environ[k] for k in CPU_CLASSES["avx2"] if k in os.environ}
+
+
 def enter_cpu_class(cls: str) -> None:
     """Make this benchmark process, and every child it starts, run as the CPU class ``cls``.
 
@@ -92,8 +97,7 @@ def enter_cpu_class(cls: str) -> None:
     (``native`` drops the caps a shell may have set).
     """
     wanted = cpu_class_env(cls)
-    current = {k: os.environ[k] for k in CPU_CLASSES["avx2"] if k in os.environ}
-    if current == wanted:
+    if _caps_here() == wanted:
         return
     env = {k: v for k, v in os.environ.items() if k not in CPU_CLASSES["avx2"]}
     os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], {**env, **wanted})  # orig_argv keeps -c/-m
@@ -182,7 +186,7 @@ def hardware_class(env: dict, cpuinfo: str | None = None, probe: dict | None = N
 @functools.cache
 def _inherited_hardware() -> dict:
     """The hardware class of the children this process starts with its own environment (probed once)."""
-    env = {k: os.environ[k] for k in CPU_CLASSES["avx2"] if k in os.environ}
+    env = _caps_here()
     try:
         return hardware_class(env)
     except (RuntimeError, OSError, subprocess.TimeoutExpired, StopIteration) as exc:

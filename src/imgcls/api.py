@@ -101,7 +101,7 @@ def _base_settings(recipe: str | None, values: dict) -> tuple[dict, str | None]:
 
         train = values.get("train") or {}
         runtime = resolve_runtime(str(train.get("device", "auto")), str(train.get("precision", "auto")))
-        precision = "bf16" if runtime.bf16 else "fp32"
+        precision = runtime.precision
         chosen = get_recipe(recipe)
         return chosen.options(precision), (
             f"{recipe}, its {precision} variant, for {PRECISION_CLASSES[precision]} "
@@ -183,14 +183,13 @@ def _train(config, resume, console, on_epoch_end, overrides: dict, held: context
             raise CheckpointError(f"{run.path} is not a run folder (no config.yaml)")
         if not run.checkpoint("last").is_file():
             raise CheckpointError(f"{run.path} has no checkpoints/last.safetensors to resume from")
-        saved = make_config(run.path / "config.yaml")
+        cfg = make_config(run.path / "config.yaml", epochs=overrides.get("epochs"))
         extra = sorted(k for k, v in overrides.items() if v is not None and k != "epochs"
-                       and _flat_value(saved, k) != v)  # repeating the run's own value (--no-report) is no change
+                       and _flat_value(cfg, k) != v)  # repeating the run's own value (--no-report) is no change
         if extra or config is not None:
             raise CheckpointError(f"a resumed run keeps its own config; only --epochs may change (got "
                                   f"{', '.join(extra) or '--config'})")
         held.enter_context(run.writing())  # before anything in it changes: a second resume stops here
-        cfg = make_config(run.path / "config.yaml", epochs=overrides.get("epochs"))
         if overrides.get("epochs") is not None:
             run.write_text("config.yaml", dump_config(cfg))
     else:

@@ -18,7 +18,6 @@ renamed over the final name, so a crash mid-write never leaves a broken file.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import math
@@ -32,7 +31,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from imgcls.errors import CheckpointError
+from imgcls.errors import CheckpointError, is_disk_full
 
 FORMAT_VERSION = 1
 META_KEY = "imgcls"
@@ -113,7 +112,7 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, meta: dict, train_
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except Exception as exc:  # safetensors reports a full disk as its own error type, with the OS's words
-        if not _disk_full(exc):
+        if not is_disk_full(exc):
             raise
         kept = f"the previous {path.name} is kept as it was" if path.exists() else f"no {path.name} was written"
         raise CheckpointError(f"the disk is full: checkpoint {path} could not be written ({kept}). Free space on "
@@ -123,11 +122,6 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, meta: dict, train_
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
-
-
-def _disk_full(exc: BaseException) -> bool:
-    return getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left on device" in str(exc) \
-        or "os error 28" in str(exc)
 
 
 def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:

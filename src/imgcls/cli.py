@@ -16,7 +16,7 @@ from pathlib import Path
 import yaml
 
 from imgcls.config import RunConfig, flat_fields, split_list
-from imgcls.errors import ImgclsError
+from imgcls.errors import ImgclsError, is_disk_full
 
 
 def _parse_option(text: str) -> tuple[str, object]:
@@ -253,7 +253,7 @@ def cmd_recipes(args) -> int:
     from imgcls.recipes import PRECISION_CLASSES, RECIPES
 
     runtime = resolve_runtime()
-    here = "bf16" if runtime.bf16 else "fp32"
+    here = runtime.precision
     for recipe in RECIPES.values():
         print(f"{recipe.name}\n  {recipe.summary}\n  suits: {recipe.suits}")
         for precision, variant in recipe.variants.items():
@@ -438,9 +438,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:
-        import errno
-
-        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+        if not is_disk_full(exc):
             raise
         where = f" writing {exc.filename}" if exc.filename else ""
         print(f"error: the disk is full{where}. Every checkpoint written before stays as it was: free space, then "

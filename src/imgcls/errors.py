@@ -34,3 +34,13 @@ def unknown_name(kind: str, name: str, valid) -> ConfigError:
     """Build the error for an unknown registry name, listing the valid ones."""
     listed = ", ".join(sorted(valid))
     return ConfigError(f"unknown {kind} {name!r}; choose one of: {listed}")
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` says the disk (or the user's quota) is full: an OSError, or a library's own error
+    carrying the OS's words (safetensors reports ENOSPC so)."""
+    import errno
+
+    text = str(exc)
+    return (getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left on device" in text
+            or "os error 28" in text)

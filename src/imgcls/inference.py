@@ -117,6 +117,11 @@ class Runtime:
             return ieee_fp32() if self.device.type == "cuda" else nullcontext()
         return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
+    @property
+    def precision(self) -> str:
+        """The precision class training runs in: "bf16" (autocast) or "fp32"."""
+        return "bf16" if self.bf16 else "fp32"
+
     def describe(self) -> str:
         slow = self.bf16 and self.device.type == "cpu" and not cpu_has_fast_bf16()
         return (f"device {self.device}, {'bf16 autocast' if self.bf16 else 'fp32'}"
