@@ -111,7 +111,7 @@ def _base_settings(recipe: str | None, values: dict) -> tuple[dict, str | None]:
     from imgcls.auto import choose
 
     data, train = values.get("data") or {}, values.get("train") or {}
-    return choose(str(data.get("dataset", "digits")), train)
+    return choose(str(data.get("dataset", "digits")), train, follow_links=bool(data.get("follow_links")))
 
 
 def _keep_low_res_share(base: dict, user: dict, settings: dict) -> None:

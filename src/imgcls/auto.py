@@ -55,7 +55,7 @@ class DataProbe:
     sampled: int
 
 
-def probe_data(dataset: str) -> DataProbe | None:
+def probe_data(dataset: str, follow_links: bool = False) -> DataProbe | None:
     """Size up ``dataset`` (a built-in name, a folder or a zip) from its listing and a few image headers.
 
     None when the data cannot be read: the normal loading path then reports why.
@@ -66,7 +66,7 @@ def probe_data(dataset: str) -> DataProbe | None:
     from imgcls.data.folder import detect_layout, open_source
 
     try:
-        with open_source(Path(dataset).expanduser()) as source:
+        with open_source(Path(dataset).expanduser(), follow_links) as source:
             layout = detect_layout(source.files(), source.dirs(), str(source.path))
             rels = [rel for items in layout.items.values() for rel, _ in items]
             sizes = [s for s in (_header_size(source, rel) for rel in _spread(rels, PROBE_IMAGES)) if s]
@@ -106,18 +106,19 @@ def machine_kind(device: str = "auto") -> str:
     return "cpu"
 
 
-def choose(dataset: str, user: dict) -> tuple[dict, str]:
+def choose(dataset: str, user: dict, follow_links: bool = False) -> tuple[dict, str]:
     """The settings ``--model auto`` stands for on ``dataset``, and the line that says why.
 
     Args:
         dataset: what ``--data`` names.
         user: the flat options the user set (``epochs``, ``time_budget``, ``device``, ...), which the
             choice takes into account and never overrides.
+        follow_links: read links that lead out of a ``dataset`` folder.
 
     Returns:
         (flat settings as the CLI flags name them, one line for the user and config.yaml).
     """
-    probe = probe_data(dataset)
+    probe = probe_data(dataset, follow_links)
     if probe is None or probe.median_side < PHOTO_MIN_SIDE:
         what = "its images could not be sized up" if probe is None else \
             f"{probe.images:,} images of about {probe.median_size[0]}x{probe.median_size[1]}"

@@ -52,7 +52,7 @@ _META = "meta.json"
 _STALE_TEMP_S = 3600  # a temporary folder older than this is a crashed write
 
 
-def source_key(path: str | os.PathLike) -> str:
+def source_key(path: str | os.PathLike, follow_links: bool = False) -> str:
     """A key that changes when the content of a folder or zip changes.
 
     Cheap to compute: for a zip, a hash of its central directory (every
@@ -61,7 +61,8 @@ def source_key(path: str | os.PathLike) -> str:
     modification time.
 
     Raises:
-        DataError: the path is neither a folder nor a zip file.
+        DataError: the path is neither a folder nor a zip file, or holds a
+            link that :class:`~imgcls.data.folder.FolderSource` refuses.
     """
     path = Path(path).expanduser()
     if path.is_file():
@@ -69,7 +70,7 @@ def source_key(path: str | os.PathLike) -> str:
         if directory is not None:
             return hashlib.sha256(b"zip\n" + directory).hexdigest()
     digest = hashlib.sha256()
-    with open_source(path) as source:
+    with open_source(path, follow_links) as source:
         if isinstance(source, ZipSource):
             digest.update(b"zip-members\n")
             for name, member in sorted(source.members().items()):
@@ -78,6 +79,8 @@ def source_key(path: str | os.PathLike) -> str:
             digest.update(b"folder\n")
             for rel, (size, mtime_ns) in sorted(source.stats().items()):
                 digest.update(f"{rel}\0{size}\0{mtime_ns}\n".encode("utf-8", "surrogateescape"))  # any bytes
+            for skipped in source.skipped():  # links passed over: a new one changes what is reported
+                digest.update(f"skip\0{skipped.path}\0{skipped.reason}\n".encode("utf-8", "surrogateescape"))
         else:  # pragma: no cover - open_source returns one of the two
             raise DataError(f"{path}: cannot compute a cache key for {type(source).__name__}")
     return digest.hexdigest()
@@ -92,7 +95,7 @@ def cache_key(path: str | os.PathLike, **options) -> str:
     """
     payload = {
         "format": CACHE_FORMAT,
-        "source": source_key(path),
+        "source": source_key(path, bool(options.get("follow_links"))),
         "path": os.path.abspath(os.fspath(path)),
         "options": options,
     }

@@ -32,7 +32,7 @@ from typing import Callable, NamedTuple
 import numpy as np
 from PIL import Image
 
-from imgcls.data.base import ImageDataset, SkippedFile, Split
+from imgcls.data.base import ImageDataset, SkippedFile, Split, printable
 from imgcls.data.images import (
     BadImageError,
     check_channels,
@@ -90,6 +90,10 @@ class ImageSource:
         """The path to show a person for the file at ``rel``."""
         return f"{self.path}/{rel}"
 
+    def skipped(self) -> list[SkippedFile]:
+        """Entries that are not read, with reasons (links that would hide or double files)."""
+        return []
+
     def close(self) -> None:
         """Release open files."""
 
@@ -101,31 +105,94 @@ class ImageSource:
 
 
 class FolderSource(ImageSource):
-    """A folder on disk, walked recursively (symbolic links followed once)."""
+    """A folder on disk, walked recursively.
 
-    def __init__(self, path: Path) -> None:
+    Symbolic links are read with care, so that a link can neither pull in
+    files from elsewhere unasked nor hide or double files of the folder:
+
+    * a link that leads out of the folder is refused unless ``follow_links``
+      (a class folder linked to ``/usr/share`` would train on system icons);
+    * a link to a file inside the folder is skipped (the file is read under
+      its own path, once), and so is a link to a folder above it (a loop);
+    * a link to another folder inside it is refused: its images would be read
+      twice, as two classes or in two splits.
+
+    Inside hidden folders, which are never read, links are only listed.
+    """
+
+    def __init__(self, path: Path, follow_links: bool = False) -> None:
         self.path = Path(path)
+        self.follow_links = follow_links
         self._stats: dict[str, tuple[int, int]] = {}
         self._dirs: set[str] = set()
+        self._skipped: list[SkippedFile] = []
+        self._outside: list[tuple[str, str]] = []  # (link, its target) for links that leave the folder
+        self._followed: dict[str, str] = {}  # real folder followed out of the folder -> the link that led there
         try:
-            self._walk(self.path, "", set())
+            self._real = os.path.realpath(self.path)
+            st = os.stat(self._real)
+            self._walk(self.path, "", frozenset({(st.st_dev, st.st_ino)}))
         except OSError as exc:
             raise DataError(f"{self.path}: cannot be listed ({exc})") from None
+        if self._outside:
+            shown = ", ".join(f"{printable(rel)} -> {printable(target)}" for rel, target in self._outside[:3])
+            more = f" and {len(self._outside) - 3:,} more" if len(self._outside) > 3 else ""
+            raise DataError(
+                f"{self.path}: {len(self._outside):,} {'link leads' if len(self._outside) == 1 else 'links lead'} "
+                f"out of the folder ({shown}{more}); links out of the data folder are followed only when asked: "
+                "give --follow-links (data.follow_links: true in a config), or copy the files in"
+            )
 
-    def _walk(self, folder: Path, prefix: str, seen: set[tuple[int, int]]) -> None:
-        st = os.stat(folder)
-        if (st.st_dev, st.st_ino) in seen:  # a link back up the tree
-            return
-        seen.add((st.st_dev, st.st_ino))
+    def _walk(self, folder: Path, prefix: str, above: frozenset) -> None:
+        """List ``folder``; ``above``: the (device, inode) of every real folder from the top down to it."""
         with os.scandir(folder) as entries:
             for entry in entries:
                 rel = prefix + entry.name
-                if entry.is_dir():
+                if entry.is_symlink():
+                    self._link(entry.path, rel, above)
+                elif entry.is_dir(follow_symlinks=False):
                     self._dirs.add(rel)
-                    self._walk(Path(entry.path), rel + "/", seen)
-                elif entry.is_file():
-                    s = entry.stat()
+                    st = entry.stat(follow_symlinks=False)
+                    self._walk(Path(entry.path), rel + "/", above | {(st.st_dev, st.st_ino)})
+                elif entry.is_file(follow_symlinks=False):
+                    s = entry.stat(follow_symlinks=False)
                     self._stats[rel] = (s.st_size, s.st_mtime_ns)
+
+    def _link(self, link: str, rel: str, above: frozenset) -> None:
+        target = os.path.realpath(link)
+        try:
+            st = os.stat(target)
+        except OSError:
+            self._skipped.append(SkippedFile(rel, f"a broken link (to {printable(target)})"))
+            return
+        inside = os.path.commonpath([self._real, target]) == self._real
+        hidden = skip_reason(rel + "/x.png") is not None  # inside a hidden folder: never read
+        if hidden:
+            self._skipped.append(SkippedFile(rel, "a link inside a hidden folder"))
+        elif not inside and not self.follow_links:
+            self._outside.append((rel, target))
+        elif os.path.isdir(target):
+            if (st.st_dev, st.st_ino) in above:
+                self._skipped.append(SkippedFile(rel, "a link to a folder above it (a loop)"))
+            elif inside or target in self._followed:
+                what = (f"a link to {printable(os.path.relpath(target, self._real))}/, which is read already"
+                        if inside else f"a link to the folder {printable(self._followed[target])}/ leads to")
+                raise DataError(
+                    f"{self.path}: {printable(rel)}/ is {what}: its images would be read twice (as two classes, "
+                    "or in two splits); remove the link, or copy the folder"
+                )
+            else:
+                self._followed[target] = rel
+                self._dirs.add(rel)
+                self._walk(Path(target), rel + "/", above | {(st.st_dev, st.st_ino)})
+        elif inside:
+            self._skipped.append(
+                SkippedFile(rel, f"a link to {printable(os.path.relpath(target, self._real))}, read under its own path"))
+        elif os.path.isfile(target):
+            self._stats[rel] = (st.st_size, st.st_mtime_ns)
+
+    def skipped(self) -> list[SkippedFile]:
+        return list(self._skipped)
 
     def files(self) -> list[str]:
         return sorted(self._stats)
@@ -325,15 +392,17 @@ class ZipSource(ImageSource):
             self._zip.close()
 
 
-def open_source(path: str | os.PathLike) -> ImageSource:
+def open_source(path: str | os.PathLike, follow_links: bool = False) -> ImageSource:
     """Open a folder or a zip file as an :class:`ImageSource`.
+
+    ``follow_links``: follow links that lead out of a folder (see :class:`FolderSource`).
 
     Raises:
         DataError: the path does not exist, or is a file that is not a zip.
     """
     path = Path(path).expanduser()
     if path.is_dir():
-        return FolderSource(path)
+        return FolderSource(path, follow_links)
     if not path.exists():
         raise DataError(f"{path}: no such folder or zip file")
     if path.is_file() and zipfile.is_zipfile(path):
@@ -665,6 +734,7 @@ def load_folder(
     progress: bool = False,
     *,
     workers: int | None = None,
+    follow_links: bool = False,
 ) -> ImageDataset:
     """Decode a folder (or zip) of class folders into an :class:`ImageDataset`.
 
@@ -679,6 +749,8 @@ def load_folder(
             :func:`imgcls.data.images.to_array`).
         progress: show a progress bar.
         workers: decoding processes; None uses every CPU available.
+        follow_links: read links that lead out of the folder (refused
+            otherwise; see :class:`FolderSource`).
 
     Returns:
         The splits ``all`` (class-folder layout) or ``train`` and any of
@@ -692,14 +764,14 @@ def load_folder(
     if channels is not None:
         check_channels(channels)
     image_size = _check_size(image_size)
-    with open_source(path) as source:
+    with open_source(path, follow_links) as source:
         where = str(source.path)
         layout = detect_layout(source.files(), source.dirs(), where)
         groups = [[rel for rel, _ in items] for items in layout.items.values()]
         ref_size, ref_channels = _first_native_shape(source, [r for g in groups for r in g])
         opts = _Options(channels, image_size, resize, None if image_size is not None else ref_size, ref_channels)
         chunks = decode_all(source, groups, opts, workers=workers, progress=progress)
-        skipped = [SkippedFile(source.display(s.path), s.reason) for s in layout.skipped]
+        skipped = [SkippedFile(source.display(s.path), s.reason) for s in layout.skipped + source.skipped()]
         bad, kept = [], {}
         for (name, items), group in zip(layout.items.items(), chunks):
             errors = [e for chunk in group for e in chunk.errors]
@@ -776,7 +848,8 @@ def _gather_path(path: Path, channels, size, resize, names, arrays, skipped) -> 
         except (BadImageError, OSError) as exc:
             skipped.append(SkippedFile(str(path), str(exc).removeprefix(f"{path}: ")))
         return
-    with open_source(path) as source:
+    with open_source(path, follow_links=True) as source:  # predict reads what it is pointed at, links too
+        skipped += [SkippedFile(source.display(s.path), s.reason) for s in source.skipped()]
         rels = []
         for rel in source.files():
             reason = skip_reason(rel)

@@ -104,13 +104,14 @@ def _load_path(path: Path, cfg, size, progress: bool) -> ImageDataset:
 
     def build() -> ImageDataset:
         return load_folder(path, image_size=size, channels=cfg.channels, on_bad_image=cfg.on_bad_image,
-                           resize=cfg.resize, progress=progress)
+                           resize=cfg.resize, progress=progress, follow_links=cfg.follow_links)
 
     if not cfg.cache:
         return build()
     from imgcls.data.cache import cache_key, load_cached
 
-    key = cache_key(path, image_size=size, channels=cfg.channels, resize=cfg.resize, format=CACHE_FORMAT)
+    key = cache_key(path, image_size=size, channels=cfg.channels, resize=cfg.resize, format=CACHE_FORMAT,
+                    follow_links=cfg.follow_links)
     ds, from_cache = load_cached(key, build, _cache_dir())
     if from_cache:
         ds.notes.append("decoded images came from the cache (--no-cache decodes again)")
