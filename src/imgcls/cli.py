@@ -115,7 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-request-bytes", type=int, default=64_000_000,
                    help="largest whole request body in bytes, however many files it carries (default: 64000000)")
     p.add_argument("--client-timeout", type=float, default=20.0,
-                   help="seconds a client may pause while sending a request before it is dropped (default: 20)")
+                   help="seconds a client may take to send a request's headers, or pause while sending its body, "
+                        "before it is answered 408 and dropped (default: 20)")
     p.add_argument("--max-batch", type=int, default=32, help="most images a batched model call takes (1: no batching)")
     p.add_argument("--max-wait-ms", type=float, default=5.0, help="longest wait for a batch to fill, milliseconds")
 

@@ -10,6 +10,8 @@ from typing import Self
 import httpx
 import uvicorn
 
+from imgcls.serving.app import uvicorn_config
+
 LOOPBACK = "127.0.0.1"
 
 
@@ -25,7 +27,7 @@ class ServerThread:
     def __init__(self, app):
         self.port = free_port()
         self.url = f"http://{LOOPBACK}:{self.port}"
-        config = uvicorn.Config(app, host=LOOPBACK, port=self.port, log_level="warning", access_log=False)
+        config = uvicorn_config(app, LOOPBACK, self.port, log_level="warning", access_log=False)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, name=f"uvicorn-{self.port}", daemon=True)
 

@@ -75,6 +75,52 @@ def test_a_keyed_server_refuses_from_the_headers_and_drops_clients_that_stall(ru
         assert good_predict(server.url) == 200  # the server is unharmed
 
 
+def trickle(sock: socket.socket, data: bytes, every: float, until: float) -> bytes:
+    """Send ``data`` a byte every ``every`` s until the server answers (its first bytes) or ``until`` s pass."""
+    sock.settimeout(every)
+    started = time.monotonic()
+    for byte in data:
+        if time.monotonic() - started > until:
+            break
+        try:
+            sock.sendall(bytes([byte]))
+            answer = sock.recv(4096)
+            return answer or b"<closed>"
+        except TimeoutError:
+            continue
+        except OSError:
+            return b"<closed>"
+    return b""
+
+
+def test_a_client_that_trickles_its_headers_is_answered_408_and_dropped(run):
+    app = create_app(run, client_timeout=1.0)
+    head = f"GET /healthz HTTP/1.1\r\nHost: {LOOPBACK}\r\n" + "X-Slow: " + "a" * 200 + "\r\n\r\n"
+    with ServerThread(app) as server:
+        with socket.create_connection((LOOPBACK, server.port)) as sock:  # a byte every 0.2 s: never finishes
+            started = time.monotonic()
+            answer = trickle(sock, head.encode(), 0.2, until=10)
+            seconds = time.monotonic() - started
+        assert answer.startswith(b"HTTP/1.1 408") and 0.9 < seconds < 5, (answer[:40], seconds)
+        # A kept-alive connection gets the same deadline for its next request's headers.
+        with socket.create_connection((LOOPBACK, server.port)) as sock:
+            sock.sendall(f"GET /healthz HTTP/1.1\r\nHost: {LOOPBACK}\r\n\r\n".encode())
+            first = b""
+            while not first.endswith(b'{"status":"ok"}'):  # the whole answer, which may come in two packets
+                first += sock.recv(4096)
+            assert first.startswith(b"HTTP/1.1 200")
+            started = time.monotonic()
+            answer = trickle(sock, head.encode(), 0.2, until=10)
+            seconds = time.monotonic() - started
+        assert answer.startswith(b"HTTP/1.1 408") and seconds < 5, (answer[:40], seconds)
+        # Headers that come at once, with a body that takes a moment, are unaffected.
+        assert good_predict_unkeyed(server.url) == 200
+
+
+def good_predict_unkeyed(url: str) -> int:
+    return httpx.post(f"{url}/v1/predict", files=[("files", ("d.png", png(), "image/png"))], timeout=30).status_code
+
+
 def test_the_whole_request_is_capped_whatever_each_file_is(run):
     with TestClient(create_app(run, max_request_bytes=5000)) as c:
         files = [("files", (f"{i}.png", b"\x89PNG" + bytes(2000), "image/png")) for i in range(3)]  # 3 x 2 KB

@@ -548,7 +548,8 @@ def create_app(run_path: str | Path, runtime: str = "torch", api_key: str | None
         max_files: most files in one /v1/predict request (413 beyond).
         max_request_bytes: largest whole request body, in bytes (413 beyond), however
             many files it carries.
-        client_timeout: seconds a client may pause while sending a body (408 beyond).
+        client_timeout: seconds a client may pause while sending a body, or take to send the request
+            headers when served through :func:`uvicorn_config` (408 beyond).
 
     The model is loaded when the app starts (its lifespan), not here.
     """
@@ -588,6 +589,7 @@ def create_app(run_path: str | Path, runtime: str = "torch", api_key: str | None
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(Exception, _unexpected_error)
     limit = min(max_request_bytes, max_files * (max_bytes + MULTIPART_SLACK) + MULTIPART_SLACK)
+    app.state.client_timeout = float(client_timeout)  # the body's here; the headers' in uvicorn_config
     app.add_middleware(_Guard, api_key=api_key, limit=limit, timeout=float(client_timeout))
     app.add_middleware(_RecordMetrics, metrics=state.metrics)  # outermost: sees every answer, 413s included
     _add_routes(app, state, _key_check(api_key))
@@ -695,6 +697,18 @@ def _add_routes(app: FastAPI, state: ServingState, key: list) -> None:
         app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
 
+def uvicorn_config(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, **options):
+    """The ``uvicorn.Config`` that serves ``app`` from :func:`create_app`: its HTTP connections time the
+    request headers out after the app's ``client_timeout`` (:mod:`imgcls.serving.http`).  ``options`` go
+    to ``uvicorn.Config``."""
+    import uvicorn
+
+    from imgcls.serving.http import protocol_with_deadline
+
+    http = protocol_with_deadline(app.state.client_timeout)
+    return uvicorn.Config(app, host=host, port=port, http=http, **options)
+
+
 def serve(run_path: str | Path, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
           **options) -> None:
     """Serve a run with uvicorn until interrupted; ``options`` go to :func:`create_app`."""
@@ -702,4 +716,4 @@ def serve(run_path: str | Path, host: str = "127.0.0.1", port: int = 8000, log_l
 
     app = create_app(run_path, **options)
     app.state.serving.preload()  # a bad run or a missing export is one error line, not uvicorn's traceback
-    uvicorn.run(app, host=host, port=port, log_level=log_level)
+    uvicorn.Server(uvicorn_config(app, host, port, log_level=log_level)).run()
