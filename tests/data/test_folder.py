@@ -505,6 +505,67 @@ def test_unsupported_paths(tmp_path):
         load_folder(tmp_path / "notes.txt")
 
 
+def test_a_truncated_or_empty_zip_is_named_as_such(tmp_path):
+    whole = tmp_path / "whole.zip"
+    with zipfile.ZipFile(whole, "w") as z:
+        for i in range(4):
+            z.writestr(f"{'ab'[i % 2]}/{i}.png", png())
+    data = whole.read_bytes()
+    (tmp_path / "cut.zip").write_bytes(data[: len(data) // 2])
+    (tmp_path / "cut.bin").write_bytes(data[: len(data) // 2])  # known by its first bytes, whatever its name
+    for name in ("cut.zip", "cut.bin"):
+        with pytest.raises(DataError, match=rf"{name}: a zip file whose end .* is missing or damaged.*cut short"):
+            load_folder(tmp_path / name)
+    (tmp_path / "empty.zip").write_bytes(b"")
+    with pytest.raises(DataError, match=r"empty.zip: the file is empty \(0 bytes\)"):
+        load_folder(tmp_path / "empty.zip")
+
+
+def _labelled(counts: list[int]):
+    from imgcls.data.base import ImageDataset, Split
+
+    labels = np.repeat(np.arange(len(counts)), counts)
+    images = np.zeros((len(labels), 2, 2, 1), np.uint8)
+    return ImageDataset("mine", [f"c{i}" for i in range(len(counts))], {"all": Split(images, labels)})
+
+
+def test_a_class_too_small_for_val_and_test_is_warned_of_with_the_size_it_needs():
+    ds = complete_splits(_labelled([20, 20, 1, 5]), val_fraction=0.1, test_fraction=0.1, seed=0)
+    warnings = [n for n in ds.notes if n.startswith("warning: ")]
+    assert warnings == [
+        ("warning: 2 classes (c2, c3) got no test image, so test results say nothing of them: "
+         "at --test-fraction 0.1 a class needs 6 images for one to be held out"),
+        ("warning: 1 class (c2) got no val image, so val results say nothing of it: "
+         "at --val-fraction 0.1 a class needs 5 images for one to be held out"),
+    ]
+    assert "  " + warnings[0] in ds.summary_lines()  # printed as a warning, not as a note
+    for counts, split in (([6, 6], "test"), ([5, 20], "val")):  # the sizes named are the least that suffice
+        assert (complete_splits(_labelled(counts), 0.1, 0.1, seed=0).splits[split].labels == 0).sum() == 1
+        assert not any(n.startswith("warning") for n in complete_splits(_labelled(counts), 0.1, 0.1, 0).notes
+                       if f"no {split} image" in n)
+
+
+def test_an_empty_test_split_says_why():
+    with pytest.raises(DataError, match=r"mine has no test folder and --test-fraction 0 holds out no test image.*"
+                                        r"give --test-fraction above 0"):
+        complete_splits(_labelled([20, 20]), val_fraction=0.1, test_fraction=0.0, seed=0)
+    with pytest.raises(DataError, match=r"the test split of mine is empty: --test-fraction 0.1 of each class is "
+                                        r"less than one image"):
+        complete_splits(_labelled([3, 3]), val_fraction=0.1, test_fraction=0.1, seed=0)
+
+
+def test_thousands_of_bad_images_are_summarised_not_listed():
+    from imgcls.data.base import SHOWN_BAD, SkippedFile
+
+    ds = _labelled([4, 4])
+    ds.bad = [SkippedFile(f"z.zip/a/bad{i}.png", "not a recognised image format") for i in range(20_000)]
+    lines = ds.summary_lines()
+    assert len(lines) < 40 and "  20,000 images could not be decoded and were left out:" in lines
+    assert lines[-1] == (f"    ... and {20_000 - SHOWN_BAD:,} more ({20_000 - SHOWN_BAD:,} not a recognised image "
+                         'format); a run lists them all under "bad" in its dataset.json')
+    assert len(ds.record()["bad"]) == 20_000
+
+
 def test_progress_bar_runs(tmp_path, capsys):
     ds = load_folder(write_tree(tmp_path / "d", CLASS_FILES), progress=True)
     assert len(ds.splits["all"]) == 4

@@ -7,11 +7,13 @@ images are decoded in, and it becomes a channels_last tensor without a copy.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
 
 SPLITS = ("train", "val", "test")
+SHOWN_BAD = 20  # undecodable images listed one by one in a summary; the rest are counted
 
 
 def printable(name: str) -> str:
@@ -117,12 +119,17 @@ class ImageDataset:
             lines.append(f"  layout: {self.layout}")
         for name, split in self.splits.items():
             lines.append(f"  {name}: {len(split)} images")
-        lines.extend(f"  note: {n}" for n in self.notes)
+        lines.extend(f"  {n}" if n.startswith("warning: ") else f"  note: {n}" for n in self.notes)
         if self.skipped:
             lines.append(f"  skipped {len(self.skipped)} non-image or hidden files")
         if self.bad:
-            lines.append(f"  {len(self.bad)} images could not be decoded and were left out:")
-            lines.extend(f"    {b.path}: {b.reason}" for b in self.bad)
+            lines.append(f"  {len(self.bad):,} images could not be decoded and were left out:")
+            lines.extend(f"    {b.path}: {b.reason}" for b in self.bad[:SHOWN_BAD])
+            if len(self.bad) > SHOWN_BAD:
+                reasons = Counter(b.reason for b in self.bad[SHOWN_BAD:]).most_common(3)
+                common = "; ".join(f"{n:,} {reason}" for reason, n in reasons)
+                lines.append(f"    ... and {len(self.bad) - SHOWN_BAD:,} more ({common}); a run lists them all "
+                             f"under \"bad\" in its dataset.json")
         return lines
 
     def record(self) -> dict:

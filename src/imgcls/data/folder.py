@@ -407,7 +407,22 @@ def open_source(path: str | os.PathLike, follow_links: bool = False) -> ImageSou
         raise DataError(f"{path}: no such folder or zip file")
     if path.is_file() and zipfile.is_zipfile(path):
         return ZipSource(path)
+    if path.is_file() and path.stat().st_size == 0:
+        raise DataError(f"{path}: the file is empty (0 bytes); give a folder of class folders or a .zip of one")
+    if path.is_file() and _looks_like_zip(path):
+        raise DataError(f"{path}: a zip file whose end (the list of its members) is missing or damaged, so it "
+                        "cannot be read: it was probably cut short while downloading or copying; copy or zip it again")
     raise DataError(f"{path}: not a folder or a zip file; give a folder of class folders or a .zip of one")
+
+
+def _looks_like_zip(path: Path) -> bool:
+    """Whether a file that zipfile cannot open is named or begins like a zip (a truncated one, say)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError:
+        return False
+    return path.suffix.lower() == ".zip" or head == b"PK\x03\x04"
 
 
 # ----------------------------------------------------------------------------

@@ -156,24 +156,29 @@ def complete_splits(ds: ImageDataset, val_fraction: float, test_fraction: float,
 
     Layout ``<class>/<image>`` arrives as one split ``all``; layout ``train/...``
     may lack ``val`` or ``test``, which are then carved out of ``train``.
-    What was carved is added to ``ds.layout`` (``; val carved from train``).
+    What was carved is added to ``ds.layout`` (``; val carved from train``),
+    and a class too small to give a carved split an image gets a warning in
+    ``ds.notes``.
+
+    Raises:
+        DataError: the train or test split is empty.
     """
     rng = np.random.default_rng(seed)
     splits = dict(ds.splits)
     flat = "all" in splits
-    carved = []
+    carved: dict[str, float] = {}  # split carved -> the share of each class's remaining images it took
     if flat:
         whole = splits.pop("all")
         parts = stratified_split(whole.labels, [test_fraction], rng)
         splits["train"], splits["test"] = whole.subset(parts[0]), whole.subset(parts[1])
         ds.notes.append(f"no train/test folders: held out {test_fraction:.0%} of each class for testing (seed {seed})")
-        carved.append("test")
+        carved["test"] = test_fraction
     elif "test" not in splits:
         train = splits["train"]
         parts = stratified_split(train.labels, [test_fraction], rng)
         splits["train"], splits["test"] = train.subset(parts[0]), train.subset(parts[1])
         ds.notes.append(f"no test split: held out {test_fraction:.0%} of each training class for testing (seed {seed})")
-        carved.append("test")
+        carved["test"] = test_fraction
     if "val" not in splits and val_fraction > 0:
         train = splits["train"]
         # val_fraction is a share of all images, so it is rescaled to the remaining training images.
@@ -181,15 +186,59 @@ def complete_splits(ds: ImageDataset, val_fraction: float, test_fraction: float,
         parts = stratified_split(train.labels, [share], rng)
         splits["train"], splits["val"] = train.subset(parts[0]), train.subset(parts[1])
         ds.notes.append(f"no val split: held out {share:.0%} of each training class for validation (seed {seed})")
-        carved.append("val")
-    for name in ("train", "test"):
-        if len(splits[name]) == 0:
-            raise DataError(f"the {name} split of {ds.name} is empty; add images or lower the held-out fractions")
+        carved["val"] = share
+    _check_carved(ds, splits, carved, {"val": val_fraction, "test": test_fraction})
     ds.splits = {k: splits[k] for k in ("train", "val", "test") if k in splits}
     if carved:  # "test and val carved out" of one folder per class; "val carved from train" of split folders
         what = " and ".join(carved) + (" carved out" if flat else " carved from train")
         ds.layout = f"{ds.layout}; {what}" if ds.layout else what
     return ds
+
+
+def _check_carved(ds: ImageDataset, splits: dict, carved: dict[str, float], asked: dict[str, float]) -> None:
+    """Refuse an empty train or test split, and warn of the classes a carved split got no image of.
+
+    Every class keeps an image for training, and a carved split takes a
+    rounded share of each class: a class of a few images is trained on but
+    never validated or tested.  ``asked``: the fractions as the user gave them.
+    """
+    if len(splits["test"]) == 0:
+        if "test" in carved and asked["test"] == 0:
+            raise DataError(f"{ds.name} has no test folder and --test-fraction 0 holds out no test image; every "
+                            "run is evaluated on a test split: give --test-fraction above 0 (0.1 holds out 10% of "
+                            "each class) or add a test/ folder")
+        raise DataError(f"the test split of {ds.name} is empty: --test-fraction {asked['test']:g} of each class "
+                        "is less than one image; add images, or raise --test-fraction")
+    if len(splits["train"]) == 0:
+        raise DataError(f"the train split of {ds.name} is empty; add images to its train folder")
+    shares = list(carved.values())
+    for i, name in enumerate(carved):
+        missing = [ds.classes[c] for c in np.unique(splits["train"].labels) if not np.any(splits[name].labels == c)]
+        if missing:
+            listed = ", ".join(missing[:5]) + (f" and {len(missing) - 5:,} more" if len(missing) > 5 else "")
+            them = "it" if len(missing) == 1 else "them"
+            ds.notes.append(
+                f"warning: {len(missing):,} {'class' if len(missing) == 1 else 'classes'} ({listed}) got no {name} "
+                f"image, so {name} results say nothing of {them}: at --{name}-fraction {asked[name]:g} a class "
+                f"needs {_least_images(shares[: i + 1])} images for one to be held out")
+
+
+def _least_images(shares: list[float]) -> int:
+    """The fewest images a class needs for the last of ``shares``, carved one after another, to take one."""
+    for n in range(2, 100_000):
+        left = n
+        for share in shares:
+            taken = _held_out(left, share)
+            left -= taken
+        if taken >= 1:
+            return n
+    return 100_000
+
+
+def _held_out(count: int, share: float) -> int:
+    """How many of a class's ``count`` images a split taking ``share`` of them gets: rounded, and at least
+    one left behind."""
+    return max(min(round(share * count), count - 1), 0)
 
 
 def stratified_split(labels: np.ndarray, fractions: list[float], rng: np.random.Generator) -> list[np.ndarray]:

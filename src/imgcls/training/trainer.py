@@ -147,7 +147,9 @@ def check_compatible(cfg: RunConfig, ds: ImageDataset) -> list[str]:
         raise ConfigError(f"class_weights has {len(t.class_weights)} values but the dataset has "
                           f"{ds.num_classes} classes ({', '.join(ds.classes)})")
     if t.epochs > 0 and t.batch_size > len(ds.splits["train"]):
-        raise ConfigError(f"batch_size {t.batch_size} is larger than the {len(ds.splits['train'])} training images")
+        n = len(ds.splits["train"])
+        raise ConfigError(f"batch_size {t.batch_size} is larger than the {n} training images of {ds.name}; "
+                          f"give --batch-size {n} or less, or add images")
     c, h, w = ds.image_shape
     # Building the model once refuses an unknown name, option or too-small input before a run folder exists.
     model = create_model(cfg.model.name, in_chans=c, num_classes=ds.num_classes, img_size=(h, w),
