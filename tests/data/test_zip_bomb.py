@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import types
 import zipfile
+import zlib
 
 import numpy as np
 from PIL import Image
@@ -38,3 +40,25 @@ def test_a_zip_bomb_member_is_a_bad_file_and_memory_stays_small(tmp_path):
     bad = json.loads((out / "bomb" / "dataset.json").read_text())["bad"]
     assert any("bomb.png" in b["path"] and "over the limit" in b["reason"] for b in bad), bad
     assert "Traceback" not in proc.stderr
+
+
+def test_a_member_that_inflates_too_many_times_over_is_refused_before_inflating(tmp_path, monkeypatch):
+    import imgcls.data.folder as folder
+
+    path = tmp_path / "ratio.zip"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("a/zeros.bmp", bytes(9 << 20))  # 9 MiB of zeros: about 9 KB stored, 1,000 times over
+        zf.writestr("a/noise.bin", np.random.default_rng(0).integers(0, 255, 9 << 20, dtype=np.uint8).tobytes())
+    inflated = []
+    counting = types.SimpleNamespace(**{k: getattr(zlib, k) for k in dir(zlib) if not k.startswith("__")})
+    counting.decompressobj = lambda *a: inflated.append(a) or zlib.decompressobj(*a)
+    monkeypatch.setattr(folder, "zlib", counting)
+    with folder.ZipSource(path) as source:
+        try:
+            source.read("a/zeros.bmp")
+            raise AssertionError("a 1,000:1 member over 8 MiB was read")
+        except OSError as exc:
+            assert "inflates 1,0" in str(exc) and "over the limit of 100 times" in str(exc), exc
+        assert not inflated  # refused from the central directory alone
+        assert len(source.read("a/noise.bin")) == 9 << 20  # incompressible: read in full
+

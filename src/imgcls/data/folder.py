@@ -295,6 +295,8 @@ def _parse_members(directory: bytes) -> list[_Member] | None:
 
 
 MAX_MEMBER_BYTES = 256 * 1024 * 1024  # one zip member, inflated: far above any photo, far below a zip bomb
+MAX_RATIO = 100  # inflated / stored size of a member over RATIO_FROM bytes: photos deflate about 1:1, bombs 1000:1
+RATIO_FROM = 8 * 1024 * 1024  # below this a member is inflated whatever its ratio (a flat-coloured BMP may be 300:1)
 
 
 class ZipSource(ImageSource):
@@ -342,6 +344,10 @@ class ZipSource(ImageSource):
         if member.file_size > MAX_MEMBER_BYTES:
             raise OSError(f"zip member inflates to {member.file_size:,} bytes, over the limit of "
                           f"{MAX_MEMBER_BYTES:,} for one image (a zip bomb, or not an image)")
+        if member.file_size > RATIO_FROM and member.file_size > MAX_RATIO * max(member.compress_size, 1):
+            raise OSError(f"zip member inflates {member.file_size / max(member.compress_size, 1):,.0f} times over "
+                          f"(to {member.file_size:,} bytes), over the limit of {MAX_RATIO} times for a member of "
+                          f"more than {RATIO_FROM // 2**20} MiB (a zip bomb, or not a photo)")
         try:
             if member.method in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED) and not member.flags & 0x1:
                 return self._read_mapped(member)
