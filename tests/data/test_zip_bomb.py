@@ -43,7 +43,7 @@ def test_a_zip_bomb_member_is_a_bad_file_and_memory_stays_small(tmp_path):
 
 
 def test_a_member_that_inflates_too_many_times_over_is_refused_before_inflating(tmp_path, monkeypatch):
-    import imgcls.data.folder as folder
+    from imgcls.data import folder
 
     path = tmp_path / "ratio.zip"
     with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
