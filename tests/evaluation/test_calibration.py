@@ -12,7 +12,7 @@ from imgcls.evaluation.calibration import (
     reliability_bins,
     softmax,
 )
-from imgcls.reports.html import figure_png
+from imgcls.plots import figure_png
 
 
 def calibrated_logits(n: int = 20000, k: int = 5, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -31,7 +31,7 @@ from imgcls.inference import (
     to_input,
 )
 from imgcls.models import create_model
-from imgcls.reports.html import figure_png
+from imgcls.plots import figure_png
 
 SIDE = 16  # pixels
 NUM_CLASSES = 3

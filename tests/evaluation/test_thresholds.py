@@ -14,7 +14,7 @@ from imgcls.evaluation.thresholds import (
     plot_pr_curves,
     tune_thresholds,
 )
-from imgcls.reports.html import figure_png
+from imgcls.plots import figure_png
 
 CLASSES = ["cat", "dog", "bird"]
 

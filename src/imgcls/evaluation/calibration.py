@@ -11,6 +11,8 @@ from __future__ import annotations
 import numpy as np
 from scipy.optimize import minimize_scalar
 
+from imgcls.plots import new_figure
+
 _LOG_T_BOUNDS = (-3.0, 3.0)  # T in [e^-3, e^3] ~ [0.05, 20]
 
 
@@ -111,8 +113,6 @@ def plot_reliability(logits: np.ndarray, labels: np.ndarray, temperature: float,
     Returns:
         A matplotlib Figure with two axes.
     """
-    from imgcls.reports.html import new_figure
-
     fig = new_figure(10.0, 4.4)
     axes = fig.subplots(1, 2, sharey=True)
     for ax, t, name in zip(axes, (1.0, float(temperature)), ("before scaling", "after scaling")):

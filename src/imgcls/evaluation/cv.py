@@ -27,6 +27,7 @@ from imgcls.config import RunConfig
 from imgcls.data.base import ImageDataset, Split
 from imgcls.data.registry import build_dataset, stratified_split
 from imgcls.errors import ConfigError
+from imgcls.plots import new_figure
 
 # Per-fold figures that get a mean and a spread; names as in cv.json and cv.csv.
 METRICS = ("accuracy", "macro_f1", "weighted_f1", "loss", "top_k_accuracy")
@@ -211,8 +212,6 @@ def write_cv(result: dict, cv_dir: Path) -> Path:
 
 def plot_cv(result: dict):
     """Each fold's accuracy and macro F1 (points), with their mean (dashed) and ± std (band)."""
-    from imgcls.reports.html import new_figure
-
     fig = new_figure(7.0, 4.2)
     ax = fig.add_subplot(1, 1, 1)
     folds = np.array([f["fold"] for f in result["per_fold"]])

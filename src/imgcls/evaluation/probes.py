@@ -18,6 +18,7 @@ import torch
 from imgcls.data.base import Split
 from imgcls.errors import ConfigError, DataError
 from imgcls.inference import Runtime, memory_safe_batch, normalization_tensors, to_input
+from imgcls.plots import new_figure
 
 PROBE_C = 1.0  # inverse L2 strength of the logistic regression, on standardised features
 PROBE_MAX_ITER = 1000  # lbfgs iterations; the features are standardised, so this is rarely reached
@@ -188,8 +189,6 @@ def plot_probes(rows: list[dict], chance: float | None = None):
 
     ``chance`` defaults to the rows' own ``chance`` entry, when they have one.
     """
-    from imgcls.reports.html import new_figure
-
     if chance is None and rows and "chance" in rows[0]:
         chance = rows[0]["chance"]
     fig = new_figure(max(4.8, 1.2 * len(rows) + 2.4), 4.0)

@@ -16,6 +16,7 @@ import numpy as np
 from sklearn.metrics import average_precision_score, precision_recall_curve
 
 from imgcls.errors import ConfigError
+from imgcls.plots import new_figure
 
 _ACCEPTED = "f1, precision=<target>, recall=<target> (target in (0, 1], e.g. precision=0.95)"
 
@@ -136,8 +137,6 @@ def plot_pr_curves(proba: np.ndarray, labels: np.ndarray, classes: list[str], th
     Returns:
         A matplotlib Figure with one axes per class, in a grid of up to 4 columns.
     """
-    from imgcls.reports.html import new_figure
-
     proba = np.asarray(proba)
     labels = np.asarray(labels, dtype=np.int64)
     k = len(classes)

@@ -25,6 +25,7 @@ from imgcls.explain.attribution import (
     resolve_layer,
 )
 from imgcls.inference import normalization_tensors, resolve_runtime, to_input
+from imgcls.plots import figure_png, new_figure, plain
 
 CMAP = "turbo"  # perceptually ordered and brighter than jet, same blue-to-red reading
 TARGETS = ("predicted", "true")  # the target keywords; anything else is a class name or index
@@ -243,9 +244,6 @@ def plot_explanations(exp: Explanation, ncols: int = 4, alpha: float = 0.5):
     from matplotlib.cm import ScalarMappable
     from matplotlib.colors import Normalize
 
-    from imgcls.reports.figures import plain
-    from imgcls.reports.html import new_figure
-
     n = len(exp)
     ncols = max(1, min(ncols, n))
     nrows = max(1, -(-n // ncols))
@@ -278,8 +276,6 @@ def write_explanations(exp: Explanation, out_dir: Path, save_maps: bool = False)
     Returns:
         The paths written, per image its PNG (then its .npy), then the grid.
     """
-    from imgcls.reports.html import figure_png
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []

@@ -17,6 +17,7 @@ import numpy as np
 import yaml
 
 from imgcls.errors import CheckpointError
+from imgcls.plots import new_figure
 
 # Per-epoch keys kept for the curves.
 _CURVE_KEYS = ("epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy")
@@ -97,8 +98,6 @@ def plot_compare(result: dict):
     A run without a val split is drawn from its training curves, dashed.
     """
     from matplotlib.ticker import MaxNLocator
-
-    from imgcls.reports.html import new_figure
 
     fig = new_figure(11.0, 4.2)
     ax_acc, ax_loss = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)

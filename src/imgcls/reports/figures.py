@@ -1,7 +1,7 @@
 """Figures and rankings of a run's predictions, for the report and for notebooks.
 
 Every ``plot_*`` function returns a matplotlib ``Figure`` made with
-:func:`imgcls.reports.html.new_figure` (no pyplot, no display), so it renders
+:func:`imgcls.plots.new_figure` (no pyplot, no display), so it renders
 inline in Jupyter and can be saved with ``figure_png``.
 """
 
@@ -11,16 +11,11 @@ import numpy as np
 import torch
 
 from imgcls.evaluation.predictions import SplitPredictions
-from imgcls.reports.html import new_figure
+from imgcls.plots import new_figure, plain
 
 _WRONG = "#c0392b"  # red for wrong predictions
 _RIGHT = "#1e6e3a"  # dark green for right ones
 _CELL_TEXT_MAX_CLASSES = 20  # above this a confusion matrix drops its cell text
-
-
-def plain(text) -> str:
-    """``text`` for a matplotlib label: a ``$`` in a class name is shown, not read as mathtext."""
-    return str(text).replace("$", r"\$")
 
 
 def best_epoch_of(history: list[dict], monitor: str = "val_loss") -> int | None:
