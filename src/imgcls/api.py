@@ -234,6 +234,26 @@ def _analyse(run_dir: Path, console, test_logits) -> None:
     console.print(f"report: {page}", highlight=False, markup=False, soft_wrap=True)
 
 
+def cross_validate(config=None, folds: int = 5, *, out_dir: str | Path | None = None, quiet: bool = False,
+                   console=None, **overrides) -> dict:
+    """Stratified k-fold cross-validation of ``config`` (as :func:`train` takes it) with ``folds`` folds.
+
+    Each fold is an ordinary run folder inside the cv folder (default
+    ``<out>/<name>-cv<K>``), beside cv.json, cv.csv, folds.npz and report.html.
+
+    Returns:
+        cv.json's content: per_fold figures, their mean and std, sizes, and ``path``.
+    """
+    from imgcls.reports.cv import write_cv_page
+    from imgcls.training.cv import cross_validate as run_folds
+
+    console = console or _console(quiet)
+    result = run_folds(make_config(config, **overrides), folds, console, out_dir=None if out_dir is None else Path(out_dir))
+    write_cv_page(result, Path(result["path"]))
+    console.print(f"cross-validation folder: {result['path']}", highlight=False, markup=False, soft_wrap=True)
+    return result
+
+
 class Predictor:
     """What every predictor shares: class names, input shape, reading inputs, predict and predict_proba.
 

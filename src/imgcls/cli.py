@@ -410,7 +410,7 @@ def cmd_cv(args) -> int:
 
     api, cv = import_paused("imgcls.api"), import_paused("imgcls.evaluation.cv")
     overrides = _config_overrides(args)
-    result = cv.cross_validate(api.make_config(args.config, **overrides), args.folds, Console(highlight=False))
+    result = api.cross_validate(args.config, args.folds, console=Console(highlight=False), **overrides)
     print(cv.format_cv(result))
     return 0
 

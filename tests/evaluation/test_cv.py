@@ -8,12 +8,11 @@ import numpy as np
 import pytest
 from rich.console import Console
 
-from imgcls.api import make_config
+from imgcls.api import cross_validate, make_config
 from imgcls.data.registry import build_dataset
 from imgcls.errors import ConfigError
 from imgcls.evaluation.cv import (
     METRICS,
-    cross_validate,
     format_cv,
     load_folds,
     make_folds,
@@ -27,7 +26,7 @@ TINY = {"model_option": {"widths": [8, 16, 16]}, "epochs": 2, "lr": 0.003}
 def cv(tmp_path_factory):
     out = tmp_path_factory.mktemp("cv")
     cfg = make_config(**TINY, seed=3)
-    result = cross_validate(cfg, 3, Console(quiet=True), out_dir=out / "digits-cv")
+    result = cross_validate(cfg, 3, console=Console(quiet=True), out_dir=out / "digits-cv")
     return cfg, result
 
 
@@ -95,7 +94,7 @@ def test_cv_files_are_written(cv):
 
 def test_fold_counts_out_of_range_are_refused(tmp_path):
     with pytest.raises(ConfigError, match=r"from 2 to .* got 1"):
-        cross_validate(make_config(**TINY), 1, Console(quiet=True), out_dir=tmp_path / "cv")
+        cross_validate(make_config(**TINY), 1, console=Console(quiet=True), out_dir=tmp_path / "cv")
     labels = np.array([0] * 5 + [1] * 3)
     with pytest.raises(ConfigError, match=r"from 2 to 3 .* got 4"):
         make_folds(labels, 4, seed=0)
