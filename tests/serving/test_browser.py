@@ -1,12 +1,15 @@
 """The web page in a real browser (Debian chromium via Playwright) against the real server.
 
 A user uploads a digit and sees the model's class on top of the bars, switches the
-Grad-CAM heatmap on, is told plainly when a file is not an image or too large, and
-the page never talks to any host but the server it came from.
+Grad-CAM heatmap on, is told plainly when a file is not an image or too large, uses
+the page on a phone-sized touch screen, and the page never talks to any host but
+the server it came from.
 """
 
 from __future__ import annotations
 
+import io
+import json
 import os
 import shutil
 from pathlib import Path
@@ -108,16 +111,26 @@ class PageLog:
         return sum(1 for m, url in self.requests if m == method and urlsplit(url).path == path)
 
 
-@pytest.fixture
-def page(browser):
-    context = browser.new_context(viewport={"width": 1280, "height": 860})
+def new_page(browser, **context_options):
+    """A page in a fresh context (its own storage), with its PageLog as ``page.log``."""
+    context = browser.new_context(**context_options)
     context.set_default_timeout(TIMEOUT_MS)
     page = context.new_page()
     page.log = PageLog(page)
-    yield page
-    context.close()
+    return page
+
+
+def close_page(page) -> None:
+    page.context.close()
     assert page.log.foreign_hosts() == [], "the page must talk to its own server only"
     assert page.log.errors == [], "the page raised script errors"
+
+
+@pytest.fixture
+def page(browser):
+    page = new_page(browser, viewport={"width": 1280, "height": 860})
+    yield page
+    close_page(page)
 
 
 def screenshot(page, tmp_path: Path, name: str) -> Path:
@@ -209,6 +222,7 @@ def test_drop_and_paste_classify_like_the_picker(page, server, digit_pngs):
     open_page(page, server)
     (first, first_class), (second, second_class) = digit_pngs
     dropped = page.evaluate_handle(DATA_TRANSFER, [first.name, base64.b64encode(first.read_bytes()).decode()])
+    assert page.locator(".paste-hint").is_visible()  # a desktop with a mouse and a keyboard
     page.dispatch_event("#drop", "dragenter", {"dataTransfer": dropped})
     assert "dragging" in page.locator("#drop").get_attribute("class")
     page.dispatch_event("#drop", "drop", {"dataTransfer": dropped})
@@ -310,3 +324,58 @@ def test_api_key_is_asked_for_stored_and_sent(browser, digits_run, digit_pngs):
         page.locator(".card .prob-bar").first.wait_for()
         context.close()
         assert log.foreign_hosts() == []
+
+
+def cut_jpeg() -> bytes:
+    """The first 600 bytes of a 64x64 JPEG: a header Pillow opens, then a stream that stops."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(buf, "JPEG")
+    return buf.getvalue()[:600]
+
+
+def red_png() -> bytes:
+    """A 64x64 PNG of one colour, for answers the test makes up (the class does not matter)."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+LONG_CLASS = "staffordshire_bull_terrier_with_an_unusually_long_class_name"
+
+FITS = """card => {
+    const box = card.getBoundingClientRect();
+    return Array.from(card.querySelectorAll("*"))
+        .filter((e) => e.getClientRects().length && e.getBoundingClientRect().right > box.right + 0.5)
+        .map((e) => e.className || e.tagName);
+}"""
+
+
+def test_a_phone_sized_touch_screen_shows_every_card_whole(browser, server):
+    page = new_page(browser, viewport={"width": 390, "height": 844}, has_touch=True, is_mobile=True)
+    open_page(page, server)
+    assert page.locator(".paste-hint").is_hidden()  # no Ctrl+V on a touch screen
+    assert page.locator("label[for=file-input]").is_visible()
+
+    page.set_input_files("#file-input", {"name": "photo-cut.jpg", "mimeType": "image/jpeg", "buffer": cut_jpeg()})
+    page.locator(".card .error").wait_for()
+    # The server's answer for a class name too long for the width.
+    answer = {"model": "digits", "predictions": [{"filename": "photo.png", "top": [
+        {"class": LONG_CLASS, "probability": 0.91}, {"class": "golden_retriever", "probability": 0.05},
+        {"class": "x", "probability": 0.04}]}]}
+    page.route("**/v1/predict*", lambda route: route.fulfill(status=200, content_type="application/json",
+                                                            body=json.dumps(answer)))
+    page.set_input_files("#file-input", {"name": "photo.png", "mimeType": "image/png", "buffer": red_png()})
+    page.locator(".card.done").wait_for()
+
+    label = page.locator(".card.done .prob-row.best .prob-label")
+    assert label.inner_text() == LONG_CLASS and label.get_attribute("title") == LONG_CLASS
+    assert label.evaluate("e => e.scrollWidth <= e.clientWidth")
+    for card in page.locator(".card").all():
+        assert card.evaluate(FITS) == [], "an element of the card reaches past its right edge"
+    assert page.evaluate("document.documentElement.scrollWidth") <= 390
+    close_page(page)
+

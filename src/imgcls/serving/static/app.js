@@ -9,6 +9,7 @@
   const TOP_K = 5;
   const KEY_STORAGE = "imgcls.apiKey";
   const PIXELATED_BELOW = 96; // px: smaller images are scaled up without smoothing
+  const LONG_CLASS_NAME = 14; // characters: a longer top class does not fit beside its bar
 
   const state = {
     maxBytes: DEFAULT_MAX_BYTES,
@@ -307,6 +308,19 @@
     updateStatus();
   }
 
+  // Class names like "staffordshire_bull_terrier" have no spaces: let them break after _ - . /
+  // (no look-behind in the pattern: Safari before 16.4 would refuse the whole script)
+  function setBreakableText(el, text) {
+    el.replaceChildren();
+    const value = String(text);
+    let start = 0;
+    for (const match of value.matchAll(/[_\-./]/g)) {
+      el.append(value.slice(start, match.index + 1), document.createElement("wbr"));
+      start = match.index + 1;
+    }
+    el.append(value.slice(start));
+  }
+
   function renderPrediction(card, prediction) {
     const el = card.el;
     const top = Array.isArray(prediction.top) ? prediction.top : [];
@@ -315,9 +329,12 @@
     top.forEach((entry, rank) => {
       const li = document.createElement("li");
       li.className = rank === 0 ? "prob-row best" : "prob-row";
+      // A top class longer than its column (8rem, about 14 characters) gets a line of its own.
+      if (rank === 0 && String(entry.class).length > LONG_CLASS_NAME) li.classList.add("long");
       const label = document.createElement("span");
       label.className = "prob-label";
-      label.textContent = entry.class;
+      if (rank === 0) setBreakableText(label, entry.class);
+      else label.textContent = entry.class;
       label.title = entry.class;
       const bar = document.createElement("span");
       bar.className = "prob-bar";
@@ -568,6 +585,7 @@
   }
 
   function start() {
+    if (/Mac|iPhone|iPad/.test(navigator.platform || "")) $(".paste-hint kbd").textContent = "⌘";
     setupApiKey();
     setupInputs();
     loadModelCard();
