@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -277,6 +278,8 @@ def test_wrong_type_and_too_large_are_refused_before_sending(page, server):
     text = " ".join(errors.all_inner_texts())
     assert "“notes.txt” is not an image" in text
     assert "“huge.png” is too large" in text and "10 MB" in text
+    # 10,000,001 bytes would read "10 MB" like the limit: both are then given exactly.
+    assert "10,000,001 bytes" in text and "10,000,000 bytes" in text
     assert page.log.count("POST", "/v1/predict") == 0
     assert "10 MB" in page.locator("#drop").inner_text()
 
@@ -301,29 +304,41 @@ def test_keyboard_reaches_the_picker_and_the_toggle(page, server, digit_pngs):
     assert page.locator(".card .switch").inner_text().startswith("Show Grad-CAM")
 
 
-def test_api_key_is_asked_for_stored_and_sent(browser, digits_run, digit_pngs):
-    with ServerThread(serving.create_app(digits_run, api_key="s3cret-key")) as server:
-        context = browser.new_context()
-        context.set_default_timeout(TIMEOUT_MS)
-        page = context.new_page()
-        log = PageLog(page)
-        page.goto(server.url + "/")
-        error = page.locator("#model-card .error")
-        error.wait_for()
-        assert error.inner_text().strip()
-        assert page.locator("#api-key-panel").evaluate("d => d.open")
+KEY = "s3cret-key"
 
-        page.fill("#api-key", "s3cret-key")
-        page.press("#api-key", "Enter")
-        page.wait_for_selector("#model-card .model-facts", state="visible")
-        assert page.evaluate("localStorage.getItem('imgcls.apiKey')") == "s3cret-key"
 
-        page.reload()  # the key survives a reload
-        page.wait_for_selector("#model-card .model-facts", state="visible")
-        page.set_input_files("#file-input", str(digit_pngs[0][0]))
-        page.locator(".card .prob-bar").first.wait_for()
-        context.close()
-        assert log.foreign_hosts() == []
+@pytest.fixture(scope="module")
+def keyed_server(digits_run):
+    with ServerThread(serving.create_app(digits_run, api_key=KEY)) as srv:
+        yield srv
+
+
+def assert_sentences(text: str) -> None:
+    """Text for a person: it ends a sentence, and no sentence runs into the next one ("header Enter")."""
+    text = text.strip()
+    assert text and text[-1] in ".!?", text
+    assert re.search(r"[^.!?\s]\s+(Enter|Then|Check)\b", text) is None, text
+
+
+def test_api_key_is_asked_for_stored_and_sent(browser, keyed_server, digit_pngs):
+    page = new_page(browser)
+    page.goto(keyed_server.url + "/")
+    error = page.locator("#model-card .error")
+    error.wait_for()
+    assert "API key" in error.inner_text()
+    assert_sentences(error.inner_text())
+    assert page.locator("#api-key-panel").evaluate("d => d.open")
+
+    page.fill("#api-key", KEY)
+    page.press("#api-key", "Enter")
+    page.wait_for_selector("#model-card .model-facts", state="visible")
+    assert page.evaluate("localStorage.getItem('imgcls.apiKey')") == KEY
+
+    page.reload()  # the key survives a reload
+    page.wait_for_selector("#model-card .model-facts", state="visible")
+    page.set_input_files("#file-input", str(digit_pngs[0][0]))
+    page.locator(".card .prob-bar").first.wait_for()
+    close_page(page)
 
 
 def cut_jpeg() -> bytes:
@@ -342,6 +357,20 @@ def red_png() -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", (64, 64), (200, 30, 30)).save(buf, "PNG")
     return buf.getvalue()
+
+
+def test_a_cut_short_jpeg_is_named_in_a_plain_sentence(page, server):
+    open_page(page, server)
+    page.set_input_files("#file-input", {"name": "photo.jpg", "mimeType": "image/jpeg", "buffer": cut_jpeg()})
+    error = page.locator(".card .error")
+    error.wait_for()
+    text = error.inner_text()
+    assert text.lstrip("⚠ ").startswith("photo.jpg could not be read as an image")
+    assert "damaged or cut short" in text and "JPEG" in text and "PNG" in text
+    for python_words in ("OSError", "Error:", "SyntaxError", "bytes not processed", "Truncated", "("):
+        assert python_words not in text
+    assert re.search(r"\d{4}", text) is None  # no bare byte counts or offsets
+    assert_sentences(text)
 
 
 LONG_CLASS = "staffordshire_bull_terrier_with_an_unusually_long_class_name"

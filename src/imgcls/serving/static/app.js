@@ -67,6 +67,13 @@
     });
   }
 
+  // What a person is told when the server refuses the key (the server's own message is for API clients).
+  function keyProblem() {
+    return readKey()
+      ? "The server did not accept the API key saved in this browser. Enter the right key under “API key” at the top of the page."
+      : "This server needs an API key. Enter it under “API key” at the top of the page.";
+  }
+
   function askForKey() {
     const panel = $("#api-key-panel");
     panel.open = true;
@@ -109,7 +116,7 @@
     try {
       response = await fetch(path, { ...options, headers: { ...authHeaders(), ...(options.headers || {}) } });
     } catch (err) {
-      throw new ApiError("Could not reach the server. Is `imgcls serve` still running?", 0, "network");
+      throw new ApiError("The server could not be reached. Check that imgcls serve is still running.", 0, "network");
     }
     if (!response.ok) throw await errorFrom(response);
     return response;
@@ -117,11 +124,28 @@
 
   // ---------------------------------------------------------------- formatting
 
+  const NUMBER = new Intl.NumberFormat("en-US", { maximumFractionDigits: 1 });
+
+  // 999 B, 12.3 kB, 10 MB, 1.5 GB: one decimal at most.
   function formatBytes(bytes) {
     if (bytes < 1000) return `${bytes} B`;
-    if (bytes < 1_000_000) return `${(bytes / 1000).toFixed(bytes < 10_000 ? 1 : 0)} kB`;
-    const mb = bytes / 1_000_000;
-    return `${Number.isInteger(mb) ? mb : mb.toFixed(1)} MB`;
+    if (bytes < 1_000_000) return `${NUMBER.format(bytes / 1000)} kB`;
+    if (bytes < 1_000_000_000) return `${NUMBER.format(bytes / 1_000_000)} MB`;
+    return `${NUMBER.format(bytes / 1_000_000_000)} GB`;
+  }
+
+  // Exact, with separators: for when the rounded sizes of two numbers would read the same.
+  function formatExactBytes(bytes) {
+    return `${NUMBER.format(bytes)} bytes`;
+  }
+
+  // A message as a sentence: a capital first letter (unless it starts with the file's own name,
+  // whose case is the file's) and a full stop.
+  function asSentence(text, fileName = "") {
+    let out = String(text || "").trim();
+    if (!out) return out;
+    if (!(fileName && out.startsWith(fileName))) out = out[0].toUpperCase() + out.slice(1);
+    return /[.!?]$/.test(out) ? out : `${out}.`;
   }
 
   function formatPercent(p, digits = 1) {
@@ -222,7 +246,7 @@
       const response = await request("v1/model");
       renderModelCard(await response.json());
     } catch (err) {
-      error.textContent = err.status === 401 ? `${err.message} Enter the API key at the top right.` : err.message;
+      error.textContent = err.status === 401 ? keyProblem() : asSentence(err.message);
       error.hidden = false;
       if (err.status === 401) askForKey();
     } finally {
@@ -241,7 +265,10 @@
     }
     if (file.size === 0) return `“${name}” is empty (0 bytes).`;
     if (file.size > state.maxBytes) {
-      return `“${name}” is too large: ${formatBytes(file.size)}, and the limit is ${formatBytes(state.maxBytes)} per image.`;
+      let size = formatBytes(file.size);
+      let limit = formatBytes(state.maxBytes);
+      if (size === limit) [size, limit] = [formatExactBytes(file.size), `${limit} (${formatExactBytes(state.maxBytes)})`];
+      return `“${name}” is too large: ${size}, and the limit is ${limit} per image. Choose a smaller file.`;
     }
     return "";
   }
@@ -297,10 +324,11 @@
   }
 
   function showCardError(card, message) {
+    if (!state.cards.has(card.id)) return; // removed while waiting
     const el = card.el;
     $(".loading", el).hidden = true;
     const error = $(".error", el);
-    error.textContent = message;
+    error.textContent = asSentence(message, card.file.name);
     error.hidden = false;
     el.classList.add("has-error");
     el.setAttribute("aria-busy", "false");
@@ -398,9 +426,9 @@
       });
     } catch (err) {
       if (err.status === 401) {
-        showGlobalError(`${err.message} Enter the API key at the top right, then add the images again.`);
+        showGlobalError(`${keyProblem()} Then add the images again.`);
         askForKey();
-        cards.forEach((card) => showCardError(card, err.message));
+        cards.forEach((card) => showCardError(card, "Not classified: the server needs an API key."));
       } else if (cards.length > 1 && err.status >= 400 && err.status < 500) {
         // One bad file fails the whole request: ask again one by one, so the good ones
         // still get their classes and each bad one gets its own message.
@@ -465,7 +493,7 @@
         card.heatmapLoading = null;
         toggle.checked = false;
         const error = $(".error", el);
-        error.textContent = `Heatmap: ${err.message}`;
+        error.textContent = `The heatmap could not be made. ${asSentence(err.message, card.file.name)}`;
         error.hidden = false;
         return;
       } finally {
