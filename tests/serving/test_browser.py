@@ -1,9 +1,9 @@
 """The web page in a real browser (Debian chromium via Playwright) against the real server.
 
 A user uploads a digit and sees the model's class on top of the bars, switches the
-Grad-CAM heatmap on, is told plainly when a file is not an image or too large, uses
-the page on a phone-sized touch screen, and the page never talks to any host but
-the server it came from.
+Grad-CAM heatmap on, is told plainly when a file is not an image or too large, can
+retry a failed image, uses the page on a phone-sized touch screen, and the page
+never talks to any host but the server it came from.
 """
 
 from __future__ import annotations
@@ -341,6 +341,35 @@ def test_api_key_is_asked_for_stored_and_sent(browser, keyed_server, digit_pngs)
     close_page(page)
 
 
+def test_a_card_refused_for_its_key_is_retried_once_the_key_is_right(browser, keyed_server, digit_pngs):
+    page = new_page(browser)
+    page.goto(keyed_server.url + "/")
+    page.fill("#api-key", "wrong-key")
+    page.press("#api-key", "Enter")
+    sync_api.expect(page.locator("#model-card .error")).to_contain_text("did not accept")
+    assert_sentences(page.locator("#model-card .error").inner_text())
+
+    path, expected = digit_pngs[0]
+    page.set_input_files("#file-input", str(path))
+    card = page.locator(".card")
+    card.locator(".error").wait_for()
+    assert_sentences(page.locator("#global-error").inner_text())
+    retry = card.locator("button.retry")
+    assert retry.is_visible()
+
+    page.fill("#api-key", KEY)
+    page.press("#api-key", "Enter")
+    page.wait_for_selector("#model-card .model-facts", state="visible")
+    retry.click()
+    card.locator(".prob-bar").first.wait_for()
+    assert card.locator(".prob-bar").first.get_attribute("data-class") == expected
+    assert card.locator(".error").is_hidden() and retry.is_hidden()
+    assert "has-error" not in card.get_attribute("class")
+    assert page.locator(".card").count() == 1  # the same card, not a new one
+    assert page.log.count("POST", "/v1/predict") == 2
+    close_page(page)
+
+
 def cut_jpeg() -> bytes:
     """The first 600 bytes of a 64x64 JPEG: a header Pillow opens, then a stream that stops."""
     from PIL import Image
@@ -371,6 +400,27 @@ def test_a_cut_short_jpeg_is_named_in_a_plain_sentence(page, server):
         assert python_words not in text
     assert re.search(r"\d{4}", text) is None  # no bare byte counts or offsets
     assert_sentences(text)
+
+
+def test_a_network_failure_is_retried_on_the_same_card(page, server, digit_pngs):
+    open_page(page, server)
+    path, expected = digit_pngs[1]
+    page.route("**/v1/predict*", lambda route: route.abort())
+    page.set_input_files("#file-input", str(path))
+    card = page.locator(".card")
+    card.locator(".error").wait_for()
+    assert "could not be reached" in card.locator(".error").inner_text()
+    assert "1 with a problem" in page.locator("#status").inner_text()
+
+    page.unroute("**/v1/predict*")
+    card.locator("button.retry").click()
+    card.locator(".prob-bar").first.wait_for()
+    assert card.locator(".prob-bar").first.get_attribute("data-class") == expected
+    assert card.locator(".error").is_hidden() and card.locator("button.retry").is_hidden()
+    assert "1 classified" in page.locator("#status").inner_text()
+    assert "problem" not in page.locator("#status").inner_text()
+    # The aborted fetch is logged by the browser; it is this test's doing, not the page's.
+    page.log.errors = [e for e in page.log.errors if "net::ERR_FAILED" not in e]
 
 
 LONG_CLASS = "staffordshire_bull_terrier_with_an_unusually_long_class_name"
@@ -405,6 +455,7 @@ def test_a_phone_sized_touch_screen_shows_every_card_whole(browser, server):
     assert label.evaluate("e => e.scrollWidth <= e.clientWidth")
     for card in page.locator(".card").all():
         assert card.evaluate(FITS) == [], "an element of the card reaches past its right edge"
+    assert page.locator(".card.has-error button.retry").is_visible()
     assert page.evaluate("document.documentElement.scrollWidth") <= 390
     close_page(page)
 

@@ -116,7 +116,7 @@
     try {
       response = await fetch(path, { ...options, headers: { ...authHeaders(), ...(options.headers || {}) } });
     } catch (err) {
-      throw new ApiError("The server could not be reached. Check that imgcls serve is still running.", 0, "network");
+      throw new ApiError("The server could not be reached. Check that imgcls serve is still running, then retry.", 0, "network");
     }
     if (!response.ok) throw await errorFrom(response);
     return response;
@@ -302,6 +302,9 @@
       $(".card-media", el).classList.add("no-preview");
     }
 
+    $(".retry", el).setAttribute("aria-label", `Retry ${file.name || "the image"}`);
+    $(".retry", el).addEventListener("click", () => retryCard(card));
+
     const toggle = $(".heatmap-toggle", el);
     toggle.id = `heatmap-toggle-${id}`;
     toggle.addEventListener("change", () => setHeatmap(card, toggle.checked));
@@ -323,17 +326,41 @@
     updateStatus();
   }
 
-  function showCardError(card, message) {
+  // canRetry: the file was sent and the answer was an error; a file the page refused itself would
+  // be refused the same way again.
+  function showCardError(card, message, canRetry = false) {
     if (!state.cards.has(card.id)) return; // removed while waiting
     const el = card.el;
     $(".loading", el).hidden = true;
     const error = $(".error", el);
     error.textContent = asSentence(message, card.file.name);
     error.hidden = false;
+    $(".retry", el).hidden = !canRetry;
     el.classList.add("has-error");
     el.setAttribute("aria-busy", "false");
     card.done = true;
     updateStatus();
+  }
+
+  // Send the same file again; the card goes back to "Classifying…" and shows the new answer.
+  function retryCard(card) {
+    const el = card.el;
+    const retry = $(".retry", el);
+    const focusTarget = $(".remove", el);
+    if (document.activeElement === retry) focusTarget.focus(); // the button is about to be hidden
+    retry.hidden = true;
+    $(".error", el).hidden = true;
+    $(".probs", el).hidden = true;
+    $(".answer", el).hidden = true;
+    $(".switch", el).hidden = true;
+    $(".loading", el).hidden = false;
+    el.classList.remove("has-error", "done");
+    el.setAttribute("aria-busy", "true");
+    card.done = false;
+    card.top = null;
+    hideGlobalError();
+    updateStatus();
+    predict([card]);
   }
 
   // Class names like "staffordshire_bull_terrier" have no spaces: let them break after _ - . /
@@ -422,19 +449,19 @@
       cards.forEach((card, i) => {
         if (!state.cards.has(card.id)) return; // removed while waiting
         if (predictions[i]) renderPrediction(card, predictions[i]);
-        else showCardError(card, "The server sent no prediction for this image.");
+        else showCardError(card, "The server sent no prediction for this image.", true);
       });
     } catch (err) {
       if (err.status === 401) {
-        showGlobalError(`${keyProblem()} Then add the images again.`);
+        showGlobalError(`${keyProblem()} Then press Retry on the images.`);
         askForKey();
-        cards.forEach((card) => showCardError(card, "Not classified: the server needs an API key."));
+        cards.forEach((card) => showCardError(card, "Not classified: the server needs an API key.", true));
       } else if (cards.length > 1 && err.status >= 400 && err.status < 500) {
         // One bad file fails the whole request: ask again one by one, so the good ones
         // still get their classes and each bad one gets its own message.
         await Promise.all(cards.map((card) => predict([card])));
       } else {
-        cards.forEach((card) => showCardError(card, err.message));
+        cards.forEach((card) => showCardError(card, err.message, true));
       }
     }
   }
