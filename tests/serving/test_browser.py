@@ -423,6 +423,27 @@ def test_a_network_failure_is_retried_on_the_same_card(page, server, digit_pngs)
     page.log.errors = [e for e in page.log.errors if "net::ERR_FAILED" not in e]
 
 
+def test_clear_all_switches_show_all_heatmaps_off(page, server, digit_pngs):
+    open_page(page, server)
+    path, _ = digit_pngs[0]
+    page.set_input_files("#file-input", str(path))
+    page.locator(".card.done").wait_for()
+    page.click("#heatmaps-all")
+    page.locator(".card-media.showing-heatmap").wait_for()
+    assert page.locator("#heatmaps-all").get_attribute("aria-pressed") == "true"
+
+    page.click("#clear-all")
+    assert page.locator(".card").count() == 0
+    assert page.locator("#heatmaps-all").get_attribute("aria-pressed") == "false"
+    assert page.locator("#heatmaps-all").inner_text() == "Show all heatmaps"
+
+    page.set_input_files("#file-input", str(path))
+    page.locator(".card.done").wait_for()
+    assert not page.locator(".card .heatmap-toggle").is_checked()
+    assert page.locator(".card-media.showing-heatmap").count() == 0
+    assert page.log.count("POST", "/v1/explain") == 1  # the new card asked for no heatmap
+
+
 LONG_CLASS = "staffordshire_bull_terrier_with_an_unusually_long_class_name"
 
 FITS = """card => {

@@ -319,11 +319,19 @@
     if (card.heatmapUrl) URL.revokeObjectURL(card.heatmapUrl);
     card.el.remove();
     state.cards.delete(card.id);
+    if (state.cards.size === 0) resetViewState();
     if (moveFocus) {
       const target = next ? $(".remove", next) : $("#file-input");
       target.focus();
     }
     updateStatus();
+  }
+
+  // With no card left, nothing set for the old ones carries over to the next images.
+  function resetViewState() {
+    setAllHeatmapsButton(false);
+    state.pasted = 0;
+    hideGlobalError();
   }
 
   // canRetry: the file was sent and the answer was an error; a file the page refused itself would
@@ -535,11 +543,15 @@
     $(".media-badge", el).hidden = false;
   }
 
-  function toggleAllHeatmaps() {
+  function setAllHeatmapsButton(on) {
     const button = $("#heatmaps-all");
-    const on = button.getAttribute("aria-pressed") !== "true";
     button.setAttribute("aria-pressed", String(on));
     button.textContent = on ? "Hide all heatmaps" : "Show all heatmaps";
+  }
+
+  function toggleAllHeatmaps() {
+    const on = $("#heatmaps-all").getAttribute("aria-pressed") !== "true";
+    setAllHeatmapsButton(on);
     for (const card of state.cards.values()) {
       if (card.done && card.top) setHeatmap(card, on);
     }
@@ -633,7 +645,7 @@
 
     $("#clear-all").addEventListener("click", () => {
       for (const card of Array.from(state.cards.values())) removeCard(card, false);
-      hideGlobalError();
+      resetViewState(); // also done by the last removeCard; here for a click with no card left
       $("#file-input").focus();
     });
     $("#heatmaps-all").addEventListener("click", toggleAllHeatmaps);
