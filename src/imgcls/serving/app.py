@@ -95,6 +95,7 @@ OVERLAY_MIN_SIDE = 224  # px: explanation overlays are upscaled (nearest) to at 
 MAP_DECIMALS = 4  # digits of the explanation map values in JSON
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)  # seconds
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)  # images per model call
+ACCEPTED_FORMATS = "PNG, JPEG, GIF, BMP, WebP or TIFF"  # named in error messages; Pillow reads a few more
 ROUTES = ("/", "/v1/predict", "/v1/explain", "/v1/model", "/healthz", "/readyz", "/metrics", "/docs",
           "/openapi.json")  # labels of the requests metric; anything else counts as "other"
 
@@ -269,6 +270,13 @@ def _thresholds(meta: dict, num_classes: int) -> np.ndarray | None:
 # Uploads: bytes, pixels, decoding
 
 
+def describe_bytes(n: int) -> str:
+    """A byte count as a person reads it: "3,000 bytes", "10 MB (10,000,000 bytes)"."""
+    if n < 1_000_000:
+        return f"{n:,} bytes"
+    return f"{round(n / 1_000_000, 1):g} MB ({n:,} bytes)"
+
+
 async def read_upload(upload: UploadFile, max_bytes: int, name: str) -> bytes:
     """The upload's content; 413 as soon as more than ``max_bytes`` have been read."""
     chunks, total = [], 0
@@ -278,10 +286,18 @@ async def read_upload(upload: UploadFile, max_bytes: int, name: str) -> bytes:
             break
         total += len(chunk)
         if total > max_bytes:
-            raise ServingError(413, "file_too_large",
-                               f"{name}: more than {max_bytes} bytes; the server accepts files up to {max_bytes} bytes")
+            raise ServingError(413, "file_too_large", f"{name} is larger than the server's limit of "
+                               f"{describe_bytes(max_bytes)} per file; send a smaller file")
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def damaged_image(name: str, reason: BaseException | str) -> ServingError:
+    """The 400 for a file that starts like an image but cannot be decoded; the decoder's own words go to the
+    server log, not to the person who sent it (they name Python classes and byte offsets)."""
+    log.info("%s cannot be decoded: %s", name, reason)
+    return ServingError(400, "bad_image", f"{name} could not be read as an image: it is damaged or cut short; "
+                        f"send a complete {ACCEPTED_FORMATS} file")
 
 
 def check_pixels(data: bytes, name: str, max_pixels: int) -> None:
@@ -291,15 +307,16 @@ def check_pixels(data: bytes, name: str, max_pixels: int) -> None:
         with Image.open(io.BytesIO(data)) as img:  # reads the header only
             width, height = img.size
     except Image.DecompressionBombError:
-        raise ServingError(413, "too_many_pixels", f"{name}: more pixels than the limit of {limit}") from None
+        raise ServingError(413, "too_many_pixels", f"{name} has more pixels than the server's limit of "
+                           f"{limit:,} pixels; send a smaller image") from None
     except UnidentifiedImageError:
-        raise ServingError(400, "not_an_image", f"{name}: not a recognised image format "
-                           "(send PNG, JPEG, GIF, BMP, WEBP, TIFF or another format Pillow reads)") from None
+        raise ServingError(400, "not_an_image", f"{name} is not an image in a format the server reads; "
+                           f"send a {ACCEPTED_FORMATS} file") from None
     except Exception as exc:  # noqa: BLE001 - a damaged header can make any PIL plugin fail in its own way
-        raise ServingError(400, "bad_image", f"{name}: cannot be read ({type(exc).__name__}: {exc})") from None
+        raise damaged_image(name, exc) from None
     if width * height > limit:
-        raise ServingError(413, "too_many_pixels",
-                           f"{name}: {width}x{height} is {width * height} pixels, more than the limit of {limit}")
+        raise ServingError(413, "too_many_pixels", f"{name} is {width}x{height}, that is {width * height:,} pixels, "
+                           f"more than the server's limit of {limit:,} pixels; send a smaller image")
 
 
 def decode_upload(data: bytes, name: str, input_shape, resize: str, max_pixels: int) -> np.ndarray:
@@ -308,12 +325,14 @@ def decode_upload(data: bytes, name: str, input_shape, resize: str, max_pixels: 
     check_pixels(data, name, max_pixels)
     try:
         img = decode_image(data, name, target=(h, w), resize=resize)
-    except BadImageError as exc:
-        raise ServingError(400, "bad_image", str(exc)) from None
+    except BadImageError as exc:  # check_pixels has answered unknown formats and too many pixels already
+        raise damaged_image(name, exc) from None
     try:
         return to_array(img, c, (h, w), resize)
     except Exception as exc:  # noqa: BLE001 - a decoded but odd image (mode, depth) is still the client's input
-        raise ServingError(400, "bad_image", f"{name}: cannot be converted to the model's input ({exc})") from None
+        log.info("%s (mode %s) cannot be converted to the model's input: %s", name, img.mode, exc)
+        raise ServingError(400, "bad_image", f"{name} is an image whose colour mode ({img.mode}) the model cannot "
+                           f"take; send it as an ordinary RGB or greyscale {ACCEPTED_FORMATS} file") from None
 
 
 async def decode_uploads(state: ServingState, uploads: list[UploadFile]) -> tuple[list[str], np.ndarray]:
@@ -629,8 +648,8 @@ def _add_routes(app: FastAPI, state: ServingState, key: list) -> None:
 
     @app.post("/v1/predict", response_model=PredictResponse, response_model_exclude_none=True,
               responses=_ERRORS, dependencies=upload, summary="Classify one or more images",
-              description=f"Up to {state.max_files} files per request, each at most {state.max_bytes} bytes and "
-              f"{state.max_pixels} pixels (413 beyond).")
+              description=f"Up to {state.max_files:,} files per request, each at most {state.max_bytes:,} bytes and "
+              f"{state.max_pixels:,} pixels (413 beyond).")
     async def predict(
         # (annotations are evaluated at module level: no closure variables in them)
         files: Annotated[list[UploadFile], File(description="image files (PNG, JPEG, GIF, BMP, WEBP, TIFF, ...)")],
@@ -639,7 +658,8 @@ def _add_routes(app: FastAPI, state: ServingState, key: list) -> None:
     ) -> dict:
         _ready(state)
         if len(files) > state.max_files:
-            raise ServingError(413, "too_many_files", f"{len(files)} files; send at most {state.max_files} per request")
+            raise ServingError(413, "too_many_files",
+                               f"{len(files):,} files in one request; send at most {state.max_files:,} per request")
         names, images = await decode_uploads(state, files)
         proba = await state.batcher.predict(images)
         thresholds = _thresholds(state.clf.meta, len(state.clf.classes))

@@ -9,6 +9,7 @@
   const TOP_K = 5;
   const KEY_STORAGE = "imgcls.apiKey";
   const PIXELATED_BELOW = 96; // px: smaller images are scaled up without smoothing
+  const LONG_CLASS_NAME = 14; // characters: a longer top class does not fit beside its bar
 
   const state = {
     maxBytes: DEFAULT_MAX_BYTES,
@@ -66,6 +67,13 @@
     });
   }
 
+  // What a person is told when the server refuses the key (the server's own message is for API clients).
+  function keyProblem() {
+    return readKey()
+      ? "The server did not accept the API key saved in this browser. Enter the right key under “API key” at the top of the page."
+      : "This server needs an API key. Enter it under “API key” at the top of the page.";
+  }
+
   function askForKey() {
     const panel = $("#api-key-panel");
     panel.open = true;
@@ -108,7 +116,7 @@
     try {
       response = await fetch(path, { ...options, headers: { ...authHeaders(), ...(options.headers || {}) } });
     } catch (err) {
-      throw new ApiError("Could not reach the server. Is `imgcls serve` still running?", 0, "network");
+      throw new ApiError("The server could not be reached. Check that imgcls serve is still running, then retry.", 0, "network");
     }
     if (!response.ok) throw await errorFrom(response);
     return response;
@@ -116,11 +124,28 @@
 
   // ---------------------------------------------------------------- formatting
 
+  const NUMBER = new Intl.NumberFormat("en-US", { maximumFractionDigits: 1 });
+
+  // 999 B, 12.3 kB, 10 MB, 1.5 GB: one decimal at most.
   function formatBytes(bytes) {
     if (bytes < 1000) return `${bytes} B`;
-    if (bytes < 1_000_000) return `${(bytes / 1000).toFixed(bytes < 10_000 ? 1 : 0)} kB`;
-    const mb = bytes / 1_000_000;
-    return `${Number.isInteger(mb) ? mb : mb.toFixed(1)} MB`;
+    if (bytes < 1_000_000) return `${NUMBER.format(bytes / 1000)} kB`;
+    if (bytes < 1_000_000_000) return `${NUMBER.format(bytes / 1_000_000)} MB`;
+    return `${NUMBER.format(bytes / 1_000_000_000)} GB`;
+  }
+
+  // Exact, with separators: for when the rounded sizes of two numbers would read the same.
+  function formatExactBytes(bytes) {
+    return `${NUMBER.format(bytes)} bytes`;
+  }
+
+  // A message as a sentence: a capital first letter (unless it starts with the file's own name,
+  // whose case is the file's) and a full stop.
+  function asSentence(text, fileName = "") {
+    let out = String(text || "").trim();
+    if (!out) return out;
+    if (!(fileName && out.startsWith(fileName))) out = out[0].toUpperCase() + out.slice(1);
+    return /[.!?]$/.test(out) ? out : `${out}.`;
   }
 
   function formatPercent(p, digits = 1) {
@@ -221,7 +246,7 @@
       const response = await request("v1/model");
       renderModelCard(await response.json());
     } catch (err) {
-      error.textContent = err.status === 401 ? `${err.message} Enter the API key at the top right.` : err.message;
+      error.textContent = err.status === 401 ? keyProblem() : asSentence(err.message);
       error.hidden = false;
       if (err.status === 401) askForKey();
     } finally {
@@ -240,7 +265,10 @@
     }
     if (file.size === 0) return `“${name}” is empty (0 bytes).`;
     if (file.size > state.maxBytes) {
-      return `“${name}” is too large: ${formatBytes(file.size)}, and the limit is ${formatBytes(state.maxBytes)} per image.`;
+      let size = formatBytes(file.size);
+      let limit = formatBytes(state.maxBytes);
+      if (size === limit) [size, limit] = [formatExactBytes(file.size), `${limit} (${formatExactBytes(state.maxBytes)})`];
+      return `“${name}” is too large: ${size}, and the limit is ${limit} per image. Choose a smaller file.`;
     }
     return "";
   }
@@ -274,6 +302,9 @@
       $(".card-media", el).classList.add("no-preview");
     }
 
+    $(".retry", el).setAttribute("aria-label", `Retry ${file.name || "the image"}`);
+    $(".retry", el).addEventListener("click", () => retryCard(card));
+
     const toggle = $(".heatmap-toggle", el);
     toggle.id = `heatmap-toggle-${id}`;
     toggle.addEventListener("change", () => setHeatmap(card, toggle.checked));
@@ -288,6 +319,7 @@
     if (card.heatmapUrl) URL.revokeObjectURL(card.heatmapUrl);
     card.el.remove();
     state.cards.delete(card.id);
+    if (state.cards.size === 0) resetViewState();
     if (moveFocus) {
       const target = next ? $(".remove", next) : $("#file-input");
       target.focus();
@@ -295,16 +327,61 @@
     updateStatus();
   }
 
-  function showCardError(card, message) {
+  // With no card left, nothing set for the old ones carries over to the next images.
+  function resetViewState() {
+    setAllHeatmapsButton(false);
+    state.pasted = 0;
+    hideGlobalError();
+  }
+
+  // canRetry: the file was sent and the answer was an error; a file the page refused itself would
+  // be refused the same way again.
+  function showCardError(card, message, canRetry = false) {
+    if (!state.cards.has(card.id)) return; // removed while waiting
     const el = card.el;
     $(".loading", el).hidden = true;
     const error = $(".error", el);
-    error.textContent = message;
+    error.textContent = asSentence(message, card.file.name);
     error.hidden = false;
+    $(".retry", el).hidden = !canRetry;
     el.classList.add("has-error");
     el.setAttribute("aria-busy", "false");
     card.done = true;
     updateStatus();
+  }
+
+  // Send the same file again; the card goes back to "Classifying…" and shows the new answer.
+  function retryCard(card) {
+    const el = card.el;
+    const retry = $(".retry", el);
+    const focusTarget = $(".remove", el);
+    if (document.activeElement === retry) focusTarget.focus(); // the button is about to be hidden
+    retry.hidden = true;
+    $(".error", el).hidden = true;
+    $(".probs", el).hidden = true;
+    $(".answer", el).hidden = true;
+    $(".switch", el).hidden = true;
+    $(".loading", el).hidden = false;
+    el.classList.remove("has-error", "done");
+    el.setAttribute("aria-busy", "true");
+    card.done = false;
+    card.top = null;
+    hideGlobalError();
+    updateStatus();
+    predict([card]);
+  }
+
+  // Class names like "staffordshire_bull_terrier" have no spaces: let them break after _ - . /
+  // (no look-behind in the pattern: Safari before 16.4 would refuse the whole script)
+  function setBreakableText(el, text) {
+    el.replaceChildren();
+    const value = String(text);
+    let start = 0;
+    for (const match of value.matchAll(/[_\-./]/g)) {
+      el.append(value.slice(start, match.index + 1), document.createElement("wbr"));
+      start = match.index + 1;
+    }
+    el.append(value.slice(start));
   }
 
   function renderPrediction(card, prediction) {
@@ -315,9 +392,12 @@
     top.forEach((entry, rank) => {
       const li = document.createElement("li");
       li.className = rank === 0 ? "prob-row best" : "prob-row";
+      // A top class longer than its column (8rem, about 14 characters) gets a line of its own.
+      if (rank === 0 && String(entry.class).length > LONG_CLASS_NAME) li.classList.add("long");
       const label = document.createElement("span");
       label.className = "prob-label";
-      label.textContent = entry.class;
+      if (rank === 0) setBreakableText(label, entry.class);
+      else label.textContent = entry.class;
       label.title = entry.class;
       const bar = document.createElement("span");
       bar.className = "prob-bar";
@@ -377,19 +457,19 @@
       cards.forEach((card, i) => {
         if (!state.cards.has(card.id)) return; // removed while waiting
         if (predictions[i]) renderPrediction(card, predictions[i]);
-        else showCardError(card, "The server sent no prediction for this image.");
+        else showCardError(card, "The server sent no prediction for this image.", true);
       });
     } catch (err) {
       if (err.status === 401) {
-        showGlobalError(`${err.message} Enter the API key at the top right, then add the images again.`);
+        showGlobalError(`${keyProblem()} Then press Retry on the images.`);
         askForKey();
-        cards.forEach((card) => showCardError(card, err.message));
+        cards.forEach((card) => showCardError(card, "Not classified: the server needs an API key.", true));
       } else if (cards.length > 1 && err.status >= 400 && err.status < 500) {
         // One bad file fails the whole request: ask again one by one, so the good ones
         // still get their classes and each bad one gets its own message.
         await Promise.all(cards.map((card) => predict([card])));
       } else {
-        cards.forEach((card) => showCardError(card, err.message));
+        cards.forEach((card) => showCardError(card, err.message, true));
       }
     }
   }
@@ -448,7 +528,7 @@
         card.heatmapLoading = null;
         toggle.checked = false;
         const error = $(".error", el);
-        error.textContent = `Heatmap: ${err.message}`;
+        error.textContent = `The heatmap could not be made. ${asSentence(err.message, card.file.name)}`;
         error.hidden = false;
         return;
       } finally {
@@ -463,11 +543,15 @@
     $(".media-badge", el).hidden = false;
   }
 
-  function toggleAllHeatmaps() {
+  function setAllHeatmapsButton(on) {
     const button = $("#heatmaps-all");
-    const on = button.getAttribute("aria-pressed") !== "true";
     button.setAttribute("aria-pressed", String(on));
     button.textContent = on ? "Hide all heatmaps" : "Show all heatmaps";
+  }
+
+  function toggleAllHeatmaps() {
+    const on = $("#heatmaps-all").getAttribute("aria-pressed") !== "true";
+    setAllHeatmapsButton(on);
     for (const card of state.cards.values()) {
       if (card.done && card.top) setHeatmap(card, on);
     }
@@ -561,13 +645,14 @@
 
     $("#clear-all").addEventListener("click", () => {
       for (const card of Array.from(state.cards.values())) removeCard(card, false);
-      hideGlobalError();
+      resetViewState(); // also done by the last removeCard; here for a click with no card left
       $("#file-input").focus();
     });
     $("#heatmaps-all").addEventListener("click", toggleAllHeatmaps);
   }
 
   function start() {
+    if (/Mac|iPhone|iPad/.test(navigator.platform || "")) $(".paste-hint kbd").textContent = "⌘";
     setupApiKey();
     setupInputs();
     loadModelCard();
