@@ -15,6 +15,7 @@ import numpy as np
 from imgcls.checkpoint import find_checkpoint, update_meta
 from imgcls.errors import DataError
 from imgcls.evaluation.predictions import load_run, predict_split
+from imgcls.io import write_json
 from imgcls.reports.html import Section, table
 
 
@@ -51,7 +52,7 @@ def calibrate(run_dir: str | Path, clf_ds=None, test_logits=None, val_logits=Non
                          "nll_before": cross_entropy(before, preds.labels),
                          "nll_after": cross_entropy(after, preds.labels)}
     update_meta(find_checkpoint(run_dir), {"temperature": temperature})
-    (run_dir / "calibration.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_json(run_dir / "calibration.json", result)
     clf.meta["temperature"] = temperature
     return result
 
@@ -67,7 +68,7 @@ def tune(run_dir: str | Path, objective: str = "f1", clf_ds=None) -> dict:
     result = tune_thresholds(val.proba(), val.labels, clf.classes, objective)
     result["fitted_on"] = "val"
     update_meta(find_checkpoint(run_dir), {"thresholds": result["thresholds"], "threshold_objective": objective})
-    (run_dir / "thresholds.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_json(run_dir / "thresholds.json", result)
     clf.meta["thresholds"] = result["thresholds"]
     return result
 
@@ -81,7 +82,7 @@ def probe(run_dir: str | Path, max_train: int = 5000, max_eval: int = 5000, clf_
     held_out = "val" if "val" in ds.splits else "test"
     rows = probe_layers(clf.model, clf.meta, ds.splits["train"], ds.splits[held_out], clf.runtime,
                         max_train=max_train, max_eval=max_eval)
-    (run_dir / "probes.json").write_text(json.dumps({"held_out": held_out, "rows": rows}, indent=2) + "\n")
+    write_json(run_dir / "probes.json", {"held_out": held_out, "rows": rows})
     return rows
 
 

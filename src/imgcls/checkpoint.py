@@ -21,9 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +30,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from imgcls.errors import CheckpointError, is_disk_full
+from imgcls.io import atomic_path
 
 FORMAT_VERSION = 1
 META_KEY = "imgcls"
@@ -103,14 +102,9 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, meta: dict, train_
     if train_state is not None:
         doc["train_state"] = flatten_state(train_state, "train", tensors)
     doc[CHECKSUM_KEY] = tensors_digest(tensors)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
     try:
-        save_file(tensors, tmp, metadata={META_KEY: json.dumps(doc)})
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(doc)})
     except Exception as exc:  # safetensors reports a full disk as its own error type, with the OS's words
         if not is_disk_full(exc):
             raise
@@ -118,9 +112,6 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, meta: dict, train_
         raise CheckpointError(f"the disk is full: checkpoint {path} could not be written ({kept}). Free space on "
                               f"the disk that holds {path.parent}, then resume with `imgcls train --resume` on "
                               f"the run folder") from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path
 
 

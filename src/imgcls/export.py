@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 import time
 import warnings
 from contextlib import contextmanager
@@ -38,6 +37,7 @@ from imgcls.api import Classifier, Predictor, load
 from imgcls.checkpoint import find_checkpoint
 from imgcls.errors import CheckpointError, ConfigError, DataError, ImgclsError
 from imgcls.inference import normalization_tensors, predict_logits, to_input, tta_logits
+from imgcls.io import write_atomic, write_json
 
 FORMATS = ("onnx",)
 EXPORTERS = ("auto", "dynamo", "torchscript")
@@ -155,9 +155,9 @@ def export_onnx(
             f"{used} exporter, opset {report['opset']}); {out} was not written. Try another opset or exporter, "
             f"or a larger tolerance if the difference is acceptable"
         )
-    _write_atomic(out, data)
+    write_atomic(out, data)
     report["seconds"] = round(time.perf_counter() - started, 3)
-    _write_atomic(out.parent / "export.json", (json.dumps(report, indent=2) + "\n").encode())
+    write_json(out.parent / "export.json", report)
     return report
 
 
@@ -323,21 +323,6 @@ def _compare(data: bytes, clf: Classifier, images: np.ndarray) -> dict:
         one_by_one = np.concatenate([s[k] for s in singles])
         diffs[name] = float(max(np.abs(whole[k] - reference).max(), np.abs(one_by_one - reference).max()))
     return diffs
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write to a temporary file in the same folder, fsync, and rename over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def meta_from_onnx(doc: dict, path: Path) -> dict:

@@ -38,15 +38,12 @@ def save_checked(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta
     """Write ``tensors`` to ``path`` with their checksum in the metadata, atomically."""
     from safetensors.torch import save_file
 
+    from imgcls.io import atomic_path
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={**(meta or {}), DIGEST_KEY: tensor_digest(tensors)})
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 

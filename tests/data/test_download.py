@@ -32,7 +32,8 @@ def md5_of(data: bytes) -> str:
 
 
 def leftovers(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.iterdir() if ".part" in p.name)
+    """Temporary files of a download (imgcls.io.atomic_path names them .<name>.<random>.tmp)."""
+    return sorted(p.name for p in folder.iterdir() if p.name.endswith(".tmp") or ".part" in p.name)
 
 
 PAYLOAD = bytes(range(256)) * 50

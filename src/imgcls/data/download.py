@@ -23,7 +23,6 @@ import hashlib
 import http.client
 import logging
 import os
-import secrets
 import string
 import sys
 import urllib.error
@@ -33,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from imgcls.errors import DownloadError
+from imgcls.io import atomic_path
 
 MIRROR_ENV = "IMGCLS_DATASET_MIRROR"
 WEIGHTS_MIRROR_ENV = "IMGCLS_WEIGHTS_MIRROR"  # the same, for pretrained weights' original files
@@ -201,40 +201,34 @@ def describe_failure(
 def download_verified(url: str, dest: Path, checksum: str | Checksum, timeout: float) -> None:
     """Stream ``url`` to a temporary file next to ``dest``; rename it to ``dest`` if its checksum matches.
 
-    The temporary file is removed on every path that does not end in the
-    rename, including KeyboardInterrupt, so no partial file is left behind.
+    The temporary file (:func:`imgcls.io.atomic_path`) is removed on every
+    path that does not end in the rename, including KeyboardInterrupt, so no
+    partial file is left behind.
 
     Raises:
         DownloadError: the URL could not be read or gave a different checksum.
     """
     checksum = Checksum.parse(checksum)
-    temp = dest.with_name(f"{dest.name}.part-{secrets.token_hex(4)}")
-    try:
-        actual = stream_to(url, temp, timeout, checksum.algorithm)
+    with atomic_path(dest) as temp:
+        actual = stream_to(url, temp, timeout, checksum.algorithm, label=dest.name)
         if not checksum.matches(actual):
             raise DownloadError(f"checksum mismatch for {dest.name} from {url}: expected {checksum}, "
                                 f"got {checksum.algorithm} {actual}")
-        os.replace(temp, dest)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            temp.unlink()
 
 
-def stream_to(url: str, path: Path, timeout: float, algorithm: str = "md5") -> str:
-    """Write the body of ``url`` to the new file ``path``, fsync it, and return its hex digest (``algorithm``)."""
+def stream_to(url: str, path: Path, timeout: float, algorithm: str = "md5", label: str | None = None) -> str:
+    """Write the body of ``url`` to ``path`` and return its hex digest (``algorithm``); ``label`` names the
+    progress bar (default: the file's name)."""
     request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
     digest = hashlib.new(algorithm)
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response, open(path, "xb") as out:
+        with urllib.request.urlopen(request, timeout=timeout) as response, open(path, "wb") as out:
             total = int(response.headers.get("Content-Length") or 0) or None
-            with show_progress(path.name.split(".part-")[0], total) as advance:
+            with show_progress(label or path.name, total) as advance:
                 for chunk in iter(lambda: response.read(CHUNK_BYTES), b""):
                     digest.update(chunk)
                     out.write(chunk)
                     advance(len(chunk))
-            out.flush()
-            # The rename that follows must not expose a file whose bytes are not on disk yet.
-            os.fsync(out.fileno())
     except urllib.error.HTTPError as error:
         raise DownloadError(f"HTTP {error.code} {error.reason}") from error
     except urllib.error.URLError as error:

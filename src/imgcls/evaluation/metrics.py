@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 from pathlib import Path
 
 import numpy as np
+
+from imgcls.io import write_atomic, write_json
 
 
 def cross_entropy(proba: np.ndarray, labels: np.ndarray) -> float:
@@ -115,7 +116,7 @@ def save_metrics(metrics: dict, folder: Path, stem: str) -> tuple[Path, Path]:
     """Write ``<stem>.json`` (everything) and ``<stem>.csv`` (per-class table and averages)."""
     folder.mkdir(parents=True, exist_ok=True)
     json_path = folder / f"{stem}.json"
-    json_path.write_text(json.dumps(metrics, indent=2) + "\n")
+    write_json(json_path, metrics)
     buf = io.StringIO()
     writer = csv.writer(buf)
     writer.writerow(["class", "precision", "recall", "f1", "support"])
@@ -127,5 +128,5 @@ def save_metrics(metrics: dict, folder: Path, stem: str) -> tuple[Path, Path]:
     writer.writerow(["accuracy", metrics["accuracy"], "", "", metrics["n"]])
     writer.writerow([f"top_{metrics['top_k']}_accuracy", metrics["top_k_accuracy"], "", "", metrics["n"]])
     csv_path = folder / f"{stem}.csv"
-    csv_path.write_text(buf.getvalue())
+    write_atomic(csv_path, buf.getvalue())
     return json_path, csv_path

@@ -25,6 +25,7 @@ from imgcls.explain.attribution import (
     resolve_layer,
 )
 from imgcls.inference import normalization_tensors, resolve_runtime, to_input
+from imgcls.io import write_atomic
 from imgcls.plots import figure_png, new_figure, plain
 
 CMAP = "turbo"  # perceptually ordered and brighter than jet, same blue-to-red reading
@@ -281,7 +282,7 @@ def write_explanations(exp: Explanation, out_dir: Path, save_maps: bool = False)
     written = []
     for i, stem in enumerate(file_stems(exp.names, len(exp))):
         png = out_dir / f"{stem}_{exp.method}.png"
-        png.write_bytes(figure_png(plot_explanations(_select(exp, i))))
+        write_atomic(png, figure_png(plot_explanations(_select(exp, i))), fsync=False)
         written.append(png)
         if save_maps:
             npy = out_dir / f"{stem}_{exp.method}.npy"
@@ -289,7 +290,7 @@ def write_explanations(exp: Explanation, out_dir: Path, save_maps: bool = False)
             written.append(npy)
     if len(exp) > 1:
         grid = out_dir / f"grid_{exp.method}.png"
-        grid.write_bytes(figure_png(plot_explanations(exp)))
+        write_atomic(grid, figure_png(plot_explanations(exp)), fsync=False)
         written.append(grid)
     return written
 

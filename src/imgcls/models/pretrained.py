@@ -196,7 +196,9 @@ def get_weights(model: str, tag: str = IMAGENET) -> Weights:
 
 def weights_dir() -> Path:
     """Where converted weights are cached: ``<data dir>/weights``."""
-    from imgcls.data.download import data_dir  # the one owner of the cache location, a sibling package
+    from imgcls.data.download import (
+        data_dir,  # the one owner of the cache location, a sibling package
+    )
 
     return data_dir() / "weights"
 

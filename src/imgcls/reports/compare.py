@@ -17,6 +17,7 @@ import numpy as np
 import yaml
 
 from imgcls.errors import CheckpointError
+from imgcls.io import write_json
 from imgcls.plots import new_figure
 
 # Per-epoch keys kept for the curves.
@@ -133,7 +134,7 @@ def write_compare(result: dict, out: Path) -> Path:
     out = Path(out)
     folder, page = (out.parent, out.name) if out.suffix == ".html" else (out, "compare.html")
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "compare.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_json(folder / "compare.json", result)
     rows = [_row(e) for e in result["leaderboard"]]
     note = ("Ranked by test accuracy. Training time is the sum of the epochs' training time in metrics.jsonl; "
             "speed is the median of the epochs' training images per second.")

@@ -11,6 +11,7 @@ import html
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from imgcls.io import write_atomic
 from imgcls.plots import figure_png
 
 
@@ -61,13 +62,9 @@ def render_page(title: str, sections: list[Section], out_dir: Path, page_name: s
         parts += s.tables
         for stem, fig in s.figures:
             png = figure_png(fig)
-            (out_dir / f"{stem}.png").write_bytes(png)
+            write_atomic(out_dir / f"{stem}.png", png, fsync=False)  # rebuilt by `imgcls report`
             data = base64.b64encode(png).decode("ascii")
             parts.append(f"<img alt='{html.escape(stem)}' src='data:image/png;base64,{data}'>")
         parts.append("</section>")
     parts.append("</body></html>")
-    page = out_dir / page_name
-    tmp = page.with_name(f".{page.name}.tmp")
-    tmp.write_text("".join(parts))
-    tmp.replace(page)
-    return page
+    return write_atomic(out_dir / page_name, "".join(parts), fsync=False)

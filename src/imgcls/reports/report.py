@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import html
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from imgcls.evaluation.predictions import (
     predict_split,
     read_history,
 )
+from imgcls.io import write_json
 from imgcls.models.summary import format_summary, summarize
 from imgcls.reports import figures
 from imgcls.reports.html import Section, render_page, table
@@ -350,7 +350,7 @@ class Report:
         sections = self.sections() + list(sections_extra or [])
         title = f"Report: {self.run_dir.name}"
         page = render_page(title, sections, out_dir)
-        _write_atomic(out_dir / "report.json", json.dumps(self.key_numbers(), indent=2) + "\n")
+        write_json(out_dir / "report.json", self.key_numbers())
         return page
 
 
@@ -405,9 +405,3 @@ def _read_json(path: Path) -> dict:
 
 def _read_text(path: Path) -> str:
     return path.read_text() if path.is_file() else ""
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import copy
 import csv
 import io
-import json
 import time
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from imgcls.evaluation.cv import (
     pool_splits,
     summarize,
 )
+from imgcls.io import write_atomic, write_json
 from imgcls.training.run import RunFolder, default_run_name
 from imgcls.training.trainer import check_compatible, fit
 
@@ -85,7 +85,7 @@ def cross_validate(cfg: RunConfig, folds: int, console, out_dir: Path | None = N
 
 def write_cv(result: dict, cv_dir: Path) -> None:
     """Write cv.json and cv.csv into ``cv_dir``."""
-    (cv_dir / "cv.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_json(cv_dir / "cv.json", result)
     columns = ["fold", *METRICS, "train_images", "val_images", "held_out_images", "epochs", "train_seconds"]
     buf = io.StringIO()
     writer = csv.writer(buf)
@@ -94,7 +94,7 @@ def write_cv(result: dict, cv_dir: Path) -> None:
         writer.writerow([f[c] for c in columns])
     for stat in ("mean", "std"):
         writer.writerow([stat, *(result[stat][m] for m in METRICS)] + [""] * (len(columns) - len(METRICS) - 1))
-    (cv_dir / "cv.csv").write_text(buf.getvalue())
+    write_atomic(cv_dir / "cv.csv", buf.getvalue())
 
 
 def _fold_record(fold: int, run, result, index: dict, seconds: float) -> dict:

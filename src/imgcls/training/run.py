@@ -29,6 +29,7 @@ from pathlib import Path
 
 from imgcls.config import RunConfig, dump_config
 from imgcls.errors import TrainingError
+from imgcls.io import write_atomic
 
 
 class RunFolder:
@@ -83,12 +84,8 @@ class RunFolder:
         return self.checkpoints / f"{which}.safetensors"
 
     def write_text(self, name: str, text: str) -> Path:
-        """Write a file atomically (temp file + rename)."""
-        dest = self.path / name
-        tmp = dest.with_name(f".{dest.name}.tmp")
-        tmp.write_text(text)
-        os.replace(tmp, dest)
-        return dest
+        """Write a file of the run whole or not at all (:func:`imgcls.io.write_atomic`)."""
+        return write_atomic(self.path / name, text)
 
     def write_json(self, name: str, obj) -> Path:
         return self.write_text(name, json.dumps(obj, indent=2) + "\n")
