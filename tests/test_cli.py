@@ -105,7 +105,7 @@ def test_resume_refuses_changes_other_than_epochs(digits_run, capsys):
 def test_a_full_disk_while_writing_the_run_is_one_line(tmp_path, monkeypatch, capsys):
     import errno
 
-    import imgcls.training.run as run_module
+    import imgcls.rundir as run_module
 
     def full(self, line):
         raise OSError(errno.ENOSPC, "No space left on device", str(self.path / "train.log"))

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from imgcls import rundir
 from imgcls.checkpoint import find_checkpoint, update_meta
 from imgcls.errors import DataError
 from imgcls.evaluation.predictions import load_run, predict_split
@@ -52,7 +53,7 @@ def calibrate(run_dir: str | Path, clf_ds=None, test_logits=None, val_logits=Non
                          "nll_before": cross_entropy(before, preds.labels),
                          "nll_after": cross_entropy(after, preds.labels)}
     update_meta(find_checkpoint(run_dir), {"temperature": temperature})
-    write_json(run_dir / "calibration.json", result)
+    write_json(run_dir / rundir.CALIBRATION, result)
     clf.meta["temperature"] = temperature
     return result
 
@@ -68,7 +69,7 @@ def tune(run_dir: str | Path, objective: str = "f1", clf_ds=None) -> dict:
     result = tune_thresholds(val.proba(), val.labels, clf.classes, objective)
     result["fitted_on"] = "val"
     update_meta(find_checkpoint(run_dir), {"thresholds": result["thresholds"], "threshold_objective": objective})
-    write_json(run_dir / "thresholds.json", result)
+    write_json(run_dir / rundir.THRESHOLDS, result)
     clf.meta["thresholds"] = result["thresholds"]
     return result
 
@@ -82,7 +83,7 @@ def probe(run_dir: str | Path, max_train: int = 5000, max_eval: int = 5000, clf_
     held_out = "val" if "val" in ds.splits else "test"
     rows = probe_layers(clf.model, clf.meta, ds.splits["train"], ds.splits[held_out], clf.runtime,
                         max_train=max_train, max_eval=max_eval)
-    write_json(run_dir / "probes.json", {"held_out": held_out, "rows": rows})
+    write_json(run_dir / rundir.PROBES, {"held_out": held_out, "rows": rows})
     return rows
 
 
@@ -101,7 +102,7 @@ def report_probe_images(input_shape) -> int:
 def calibration_section(run_dir: Path, val) -> Section:
     from imgcls.evaluation.calibration import plot_reliability
 
-    result = json.loads((run_dir / "calibration.json").read_text())
+    result = json.loads((run_dir / rundir.CALIBRATION).read_text())
     rows = [[split, r["ece_before"], r["ece_after"], r["nll_before"], r["nll_after"]]
             for split, r in result.items() if isinstance(r, dict)]
     return Section(
@@ -117,7 +118,7 @@ def calibration_section(run_dir: Path, val) -> Section:
 def thresholds_section(run_dir: Path, val) -> Section:
     from imgcls.evaluation.thresholds import plot_pr_curves, tune_thresholds
 
-    path = run_dir / "thresholds.json"
+    path = run_dir / rundir.THRESHOLDS
     stored = path.is_file()
     result = json.loads(path.read_text()) if stored else tune_thresholds(val.proba(), val.labels, val.classes, "f1")
     rows = [[r["class"], r["threshold"], r["precision"], r["recall"], r["f1"]] for r in result["per_class"]]
@@ -134,7 +135,7 @@ def thresholds_section(run_dir: Path, val) -> Section:
 def probes_section(run_dir: Path, clf, ds) -> Section:
     from imgcls.evaluation.probes import plot_probes
 
-    path = run_dir / "probes.json"
+    path = run_dir / rundir.PROBES
     held_out = len(ds.splits["val" if "val" in ds.splits else "test"])
     if not path.is_file() and held_out < PROBE_MIN_HELD_OUT:
         return Section("What each layer has learned", [(
@@ -192,7 +193,7 @@ def report(run_dir: str | Path, clf_ds=None, test_logits=None, val_logits=None) 
     extra = [gradcam_section(clf, rep)]
     if "val" in ds.splits:
         val = predict_split(clf, ds, "val", val_logits)  # one pass over val serves both sections
-        if (run_dir / "calibration.json").is_file():
+        if (run_dir / rundir.CALIBRATION).is_file():
             extra.append(calibration_section(run_dir, val))
         extra.append(thresholds_section(run_dir, val))
     extra.append(probes_section(run_dir, clf, ds))

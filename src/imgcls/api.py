@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from imgcls import rundir
 from imgcls.checkpoint import load_model
 from imgcls.config import (
     RunConfig,
@@ -29,6 +30,7 @@ from imgcls.errors import CheckpointError, DataError
 from imgcls.evaluation.evaluate import evaluate_model
 from imgcls.evaluation.metrics import save_metrics
 from imgcls.inference import predict_proba, resolve_runtime, scoring_runtime
+from imgcls.rundir import CONFIG, RunFolder, fold_dataset_of_run
 
 
 def make_config(config: str | Path | dict | RunConfig | None = None, **overrides) -> RunConfig:
@@ -174,16 +176,15 @@ def train(config=None, *, resume: str | Path | None = None, quiet: bool = False,
 def _train(config, resume, console, on_epoch_end, overrides: dict, held: contextlib.ExitStack) -> Run:
     """:func:`train`'s body; ``held`` keeps the run folder's write lock until training and the report are done."""
     from imgcls.training.optim import import_dynamo_in_background
-    from imgcls.training.run import RunFolder
     from imgcls.training.trainer import check_compatible, fit
 
     if resume is not None:
         run = RunFolder(resume)
-        if not (run.path / "config.yaml").is_file():
+        if not (run.path / CONFIG).is_file():
             raise CheckpointError(f"{run.path} is not a run folder (no config.yaml)")
         if not run.checkpoint("last").is_file():
             raise CheckpointError(f"{run.path} has no checkpoints/last.safetensors to resume from")
-        cfg = make_config(run.path / "config.yaml", epochs=overrides.get("epochs"))
+        cfg = make_config(run.path / CONFIG, epochs=overrides.get("epochs"))
         extra = sorted(k for k, v in overrides.items() if v is not None and k != "epochs"
                        and _flat_value(cfg, k) != v)  # repeating the run's own value (--no-report) is no change
         if extra or config is not None:
@@ -191,7 +192,7 @@ def _train(config, resume, console, on_epoch_end, overrides: dict, held: context
                                   f"{', '.join(extra) or '--config'})")
         held.enter_context(run.writing())  # before anything in it changes: a second resume stops here
         if overrides.get("epochs") is not None:
-            run.write_text("config.yaml", dump_config(cfg))
+            run.write_text(CONFIG, dump_config(cfg))
     else:
         cfg = make_config(config, **overrides)
         for label, line in (("auto", cfg.auto), ("recipe", cfg.recipe_variant)):
@@ -325,24 +326,22 @@ class Classifier(Predictor):
         metrics, _ = evaluate_model(self.model, self.meta, ds.splits[split], ds.classes, self.runtime,
                                     self.batch_size, top_k)
         if save and self.run_dir is not None:
-            save_metrics(metrics, self.run_dir, f"eval_{split}" if data is None else f"eval_{split}_{Path(str(data)).stem}")
+            save_metrics(metrics, self.run_dir, rundir.eval_stem(split, data))
         return metrics
 
     def dataset(self, data=None):
         """The run's own data with its seeded splits, or ``data`` read at the model's image size."""
         if self.run_dir is None and data is None:
             raise DataError("this classifier was loaded from a checkpoint file; pass data= to evaluate it")
-        cfg = make_config(self.run_dir / "config.yaml") if self.run_dir is not None else make_config()
+        cfg = make_config(self.run_dir / CONFIG) if self.run_dir is not None else make_config()
         c, h, w = self.input_shape
         overrides = {"image_size": [h, w], "channels": c}
         if data is not None:
             overrides["data"] = str(data)
         cfg = make_config(cfg, **overrides)
         ds = build_dataset(cfg.data, seed=cfg.train.seed)
-        if data is None and self.run_dir is not None and (self.run_dir / "fold.npz").is_file():
-            from imgcls.evaluation.cv import fold_dataset_of_run
-
-            return fold_dataset_of_run(self.run_dir, ds)
+        if data is None and self.run_dir is not None:
+            return fold_dataset_of_run(self.run_dir, ds) or ds
         return ds
 
     def explain(self, inputs, method: str = "gradcam", target: str | int = "predicted", layer: str | None = None):

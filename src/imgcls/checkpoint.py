@@ -29,6 +29,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from imgcls import rundir
 from imgcls.errors import CheckpointError, is_disk_full
 from imgcls.io import atomic_path
 
@@ -240,10 +241,10 @@ def find_checkpoint(run_or_file: str | Path, which: str | None = None) -> Path:
     if not p.is_dir():
         raise CheckpointError(f"{p} is neither a run folder nor a checkpoint file")
     if which is None:
-        info = p / "run.json"
+        info = p / rundir.RUN
         which = json.loads(info.read_text()).get("final_checkpoint", "best") if info.is_file() else "best"
     for name in (which, "last"):
-        candidate = p / "checkpoints" / f"{name}.safetensors"
+        candidate = p / rundir.CHECKPOINTS / f"{name}.safetensors"
         if candidate.is_file():
             return candidate
     raise CheckpointError(f"run folder {p} holds no checkpoint (looked for checkpoints/{which}.safetensors and last)")

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from imgcls import rundir
 from imgcls.api import Classifier, Predictor, load
 from imgcls.checkpoint import find_checkpoint
 from imgcls.errors import CheckpointError, ConfigError, DataError, ImgclsError
@@ -157,13 +158,13 @@ def export_onnx(
         )
     write_atomic(out, data)
     report["seconds"] = round(time.perf_counter() - started, 3)
-    write_json(out.parent / "export.json", report)
+    write_json(out.parent / Path(rundir.EXPORT_REPORT).name, report)  # beside the model, wherever it goes
     return report
 
 
 def _default_out(source: Path) -> Path:
     folder = source if source.is_dir() else source.parent
-    return folder / "export" / "model.onnx"
+    return folder / rundir.EXPORT
 
 
 def _images_to_check(clf: Classifier, images: np.ndarray | None) -> tuple[np.ndarray, str]:

@@ -140,3 +140,12 @@ class ImageDataset:
                        for k, v in self.splits.items()},
             "skipped": [vars(f) for f in self.skipped], "bad": [vars(f) for f in self.bad], "notes": self.notes,
         }
+
+
+def pool_splits(ds: ImageDataset) -> Split:
+    """The train and val splits of ``ds`` as one split (train first); test is not included."""
+    parts = [ds.splits[name] for name in ("train", "val") if name in ds.splits]
+    paths = None
+    if all(p.paths is not None for p in parts):
+        paths = [path for p in parts for path in p.paths]
+    return Split(np.concatenate([p.images for p in parts]), np.concatenate([p.labels for p in parts]), paths)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from imgcls.data.base import ImageDataset, Split
+from imgcls.data.base import ImageDataset, Split, pool_splits  # noqa: F401 (pool_splits: part of cv's vocabulary)
 from imgcls.data.registry import stratified_split
 from imgcls.errors import ConfigError
 
@@ -25,16 +25,6 @@ LABELS = {"accuracy": "accuracy", "macro_f1": "macro F1", "weighted_f1": "weight
            "top_k_accuracy": "top-k acc"}
 
 
-FOLD_FILE = "fold.npz"  # in each fold's run folder: pooled indices of its train, val and test images
-
-
-def pool_splits(ds: ImageDataset) -> Split:
-    """The train and val splits of ``ds`` as one split (train first); test is not included."""
-    parts = [ds.splits[name] for name in ("train", "val") if name in ds.splits]
-    paths = None
-    if all(p.paths is not None for p in parts):
-        paths = [path for p in parts for path in p.paths]
-    return Split(np.concatenate([p.images for p in parts]), np.concatenate([p.labels for p in parts]), paths)
 
 
 def check_folds(folds, labels: np.ndarray) -> None:
@@ -84,16 +74,6 @@ def summarize(per_fold: list[dict]) -> dict:
     values = {m: np.array([f[m] for f in per_fold], dtype=np.float64) for m in METRICS}
     return {"mean": {m: float(v.mean()) for m, v in values.items()},
             "std": {m: float(v.std()) for m, v in values.items()}}
-
-
-def fold_dataset_of_run(run_dir: str | Path, ds: ImageDataset) -> ImageDataset:
-    """The splits a fold run was trained and tested on, rebuilt from its ``fold.npz`` and the full dataset."""
-    with np.load(Path(run_dir) / FOLD_FILE) as data:
-        index = {name: data[name] for name in data.files}
-    pooled = pool_splits(ds)
-    splits = {name: pooled.subset(index[name]) for name in ("train", "val", "test") if name in index}
-    note = f"cross-validation fold {Path(run_dir).name}: the test split is the held-out fold"
-    return ImageDataset(ds.name, list(ds.classes), splits, notes=list(ds.notes) + [note])
 
 
 def load_folds(cv_dir: str | Path) -> list[dict[str, np.ndarray]]:

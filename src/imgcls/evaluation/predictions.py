@@ -6,7 +6,6 @@ the checkpoint gives the model, ``config.yaml`` the data and its seeded split.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,11 +71,3 @@ def predict_split(clf, ds, split: str = "test", logits: np.ndarray | None = None
                         f"({len(labels)}, {len(clf.classes)})")
     return SplitPredictions(split, logits, labels, part.images, part.paths, clf.classes,
                             float(clf.meta.get("temperature", 1.0)))
-
-
-def read_history(run_dir: str | Path) -> list[dict]:
-    """The run's metrics.jsonl as a list of per-epoch dicts."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from imgcls import rundir
 from imgcls.errors import CheckpointError
 from imgcls.io import write_json
 from imgcls.plots import new_figure
@@ -34,15 +35,15 @@ def read_run_summary(run_dir: str | Path) -> dict:
     path = Path(run_dir)
     if not path.is_dir():
         raise CheckpointError(f"{path} is not a run folder: no such folder")
-    missing = [name for name in ("config.yaml", "metrics.jsonl") if not (path / name).is_file()]
+    missing = [name for name in (rundir.CONFIG, rundir.METRICS) if not (path / name).is_file()]
     if missing:
         raise CheckpointError(f"{path} is not a run folder (no {' or '.join(missing)}); "
                               f"give folders written by `imgcls train`")
-    cfg = _read(path, "config.yaml", yaml.safe_load) or {}
-    history = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    info = _read(path, "run.json", json.loads) or {}
-    test = _read(path, "eval_test.json", json.loads) or {}
-    env = _read(path, "environment.json", json.loads) or {}
+    cfg = _read(path, rundir.CONFIG, yaml.safe_load) or {}
+    history = _read(path, rundir.METRICS, lambda _: rundir.read_history(path))
+    info = _read(path, rundir.RUN, json.loads) or {}
+    test = _read(path, f"{rundir.eval_stem('test')}.json", json.loads) or {}
+    env = _read(path, rundir.ENVIRONMENT, json.loads) or {}
     model = cfg.get("model") or {}
     speeds = [r["images_per_sec"] for r in history if "images_per_sec" in r]
     return {

@@ -20,12 +20,12 @@ from pathlib import Path
 
 import numpy as np
 
+from imgcls import rundir
 from imgcls.evaluation.metrics import compute_metrics
 from imgcls.evaluation.predictions import (
     SplitPredictions,
     load_run,
     predict_split,
-    read_history,
 )
 from imgcls.io import write_json
 from imgcls.models.summary import format_summary, summarize
@@ -103,14 +103,14 @@ class Report:
             "input_shape": list(clf.input_shape),
         }
         return cls(
-            run_dir=run_dir, preds=preds, metrics=metrics, history=read_history(run_dir),
-            run_info=_read_json(run_dir / "run.json"),
-            dataset_info=_read_json(run_dir / "dataset.json") or ds.record(),
-            environment=_read_json(run_dir / "environment.json"),
-            config_text=_read_text(run_dir / "config.yaml"),
+            run_dir=run_dir, preds=preds, metrics=metrics, history=rundir.read_history(run_dir),
+            run_info=_read_json(run_dir / rundir.RUN),
+            dataset_info=_read_json(run_dir / rundir.DATASET) or ds.record(),
+            environment=_read_json(run_dir / rundir.ENVIRONMENT),
+            config_text=_read_text(run_dir / rundir.CONFIG),
             model_text=format_summary(summarize(clf.model, clf.input_shape)),
             model_info=model_info,
-            stored_metrics=_read_json(run_dir / f"eval_{split}.json"),
+            stored_metrics=_read_json(run_dir / f"{rundir.eval_stem(split)}.json"),
         )
 
     # ---- numbers -------------------------------------------------------------------------

@@ -60,7 +60,7 @@ from prometheus_client import (
 )
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from imgcls import __version__
+from imgcls import __version__, rundir
 from imgcls.data.images import BadImageError, decode_image, to_array
 from imgcls.errors import ConfigError, ImgclsError, unknown_name
 from imgcls.explain.attribution import METHODS as EXPLAIN_METHODS
@@ -181,7 +181,7 @@ class ServingState:
             from imgcls.api import load
 
             return load(self.run_path, device="cpu")
-        onnx_file = self.run_path / "export" / "model.onnx"
+        onnx_file = self.run_path / rundir.EXPORT
         if not onnx_file.is_file():
             raise ConfigError(f"{onnx_file} does not exist: the ONNX runtime serves an exported model; "
                               f"run `imgcls export {self.run_path} --format onnx` first, or serve with runtime torch")
@@ -211,7 +211,7 @@ class ServingState:
 
     def _model_card(self) -> dict:
         meta = self.clf.meta
-        run_info = _read_json(self.run_path / "run.json")
+        run_info = _read_json(self.run_path / rundir.RUN)
         parameters = run_info.get("parameters")
         if parameters is None and self.runtime == "torch":
             parameters = sum(p.numel() for p in self.clf.model.parameters())
@@ -248,7 +248,7 @@ def _read_json(path: Path) -> dict:
 
 def _test_metrics(run_path: Path, run_info: dict) -> dict:
     """accuracy, macro_f1 and other scalars of the run's test evaluation (eval_test.json, else run.json)."""
-    ev = _read_json(run_path / "eval_test.json")
+    ev = _read_json(run_path / f"{rundir.eval_stem('test')}.json")
     metrics = {"accuracy": ev.get("accuracy", run_info.get("test_accuracy")),
                "macro_f1": (ev.get("macro_avg") or {}).get("f1", run_info.get("test_macro_f1"))}
     if (ev.get("weighted_avg") or {}).get("f1") is not None:

@@ -21,18 +21,17 @@ from pathlib import Path
 import numpy as np
 
 from imgcls.config import RunConfig
+from imgcls.data.base import pool_splits
 from imgcls.data.registry import build_dataset
 from imgcls.errors import ConfigError
 from imgcls.evaluation.cv import (
-    FOLD_FILE,
     METRICS,
     fold_dataset,
     make_folds,
-    pool_splits,
     summarize,
 )
 from imgcls.io import write_atomic, write_json
-from imgcls.training.run import RunFolder, default_run_name
+from imgcls.rundir import RunFolder, default_run_name, write_fold_index
 from imgcls.training.trainer import check_compatible, fit
 
 
@@ -68,7 +67,7 @@ def cross_validate(cfg: RunConfig, folds: int, console, out_dir: Path | None = N
         sizes = ", ".join(f"{k} {len(v)}" for k, v in index.items() if k != "test")
         _say(console, f"fold {i}/{folds}: {sizes}; its test split is the held-out fold {i} ({len(held_out)} images)")
         run = RunFolder.create(fold_cfg)
-        np.savez_compressed(run.path / FOLD_FILE, **index)  # lets `imgcls report` rebuild this fold's splits
+        write_fold_index(run.path, index)  # lets `imgcls report` rebuild this fold's splits
         started = time.perf_counter()
         result = fit(fold_cfg, fold_ds, run, console)
         per_fold.append(_fold_record(i, run, result, index, time.perf_counter() - started))

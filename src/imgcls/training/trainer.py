@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from imgcls import __version__
+from imgcls import __version__, rundir
 from imgcls.checkpoint import read_checkpoint, save_checkpoint
 from imgcls.config import RunConfig, parse_duration
 from imgcls.data.augment import build_augment, resize_batch
@@ -44,6 +44,7 @@ from imgcls.inference import (
 )
 from imgcls.models import ImageClassifier, create_model
 from imgcls.models.pretrained import LoadReport, classifier_layer, load_weights
+from imgcls.rundir import RunFolder, environment
 from imgcls.training.optim import (
     EarlyStopping,
     Lookahead,
@@ -54,7 +55,6 @@ from imgcls.training.optim import (
     param_groups,
 )
 from imgcls.training.progress import EpochProgress
-from imgcls.training.run import RunFolder, environment
 from imgcls.training.transfer import (
     FeatureRunner,
     backbone_digest,
@@ -345,8 +345,8 @@ def fit(cfg: RunConfig, ds: ImageDataset, run: RunFolder, console, resume: bool 
     if resume:
         _restore(s, run)
     say = _sayer(console, run)
-    run.write_json("environment.json", environment(runtime))
-    run.write_json("dataset.json", ds.record())
+    run.write_json(rundir.ENVIRONMENT, environment(runtime))
+    run.write_json(rundir.DATASET, ds.record())
     say(f"model {cfg.model.name}: {sum(p.numel() for p in s.model.parameters()):,} parameters; {runtime.describe()}")
     if s.weights_report is not None:
         say(s.weights_report.summary())
@@ -390,10 +390,10 @@ def fit(cfg: RunConfig, ds: ImageDataset, run: RunFolder, console, resume: bool 
     # Test metrics as `imgcls evaluate` computes them, so both report the same figures.
     metrics, test_logits = evaluate_model(s.model, s.meta, ds.splits["test"], ds.classes, scoring_runtime(runtime.device),
                                 t.eval_batch_size, t.top_k)
-    save_metrics(metrics, run.path, "eval_test")
+    save_metrics(metrics, run.path, rundir.eval_stem("test"))
     seconds = time.perf_counter() - started
     say(format_report(metrics, title=f"test split, {final} checkpoint (epoch {_checkpoint_epoch(run, final)}):"))
-    run.write_json("run.json", {
+    run.write_json(rundir.RUN, {
         "final_checkpoint": final, "epochs_run": s.epoch, "stopped_early": stopped_early,
         "best_epoch": s.tracker.best_epoch, "monitor": t.monitor, "best_value": s.tracker.best,
         "test_accuracy": metrics["accuracy"], "test_macro_f1": metrics["macro_avg"]["f1"],

@@ -1,4 +1,4 @@
-"""The run folder: what a training run leaves behind.
+"""The run folder: what a training run leaves behind, and the one owner of its file names.
 
     runs/<name>/
       config.yaml          the fully resolved config (``imgcls train --config`` repeats the run)
@@ -9,6 +9,12 @@
       train.log            everything printed during training
       run.json             summary: final checkpoint, test metrics, time
       .lock                the PID of the process training in it, locked while it does
+      fold.npz             a cross-validation fold's pooled indices of its train, val and test images
+      calibration.json, thresholds.json, probes.json, eval_<split>.json/.csv   written after training
+      report.html          the report, beside its figures
+      export/model.onnx, export/export.json                                       ``imgcls export``
+
+Every other module names these files through the constants below.
 
 One process at a time writes a run: :meth:`RunFolder.writing` holds an
 advisory lock on ``.lock`` (``flock``, released by the kernel when the process
@@ -27,9 +33,61 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
+
 from imgcls.config import RunConfig, dump_config
+from imgcls.data.base import ImageDataset, pool_splits
 from imgcls.errors import TrainingError
 from imgcls.io import write_atomic
+
+CONFIG = "config.yaml"
+METRICS = "metrics.jsonl"
+CHECKPOINTS = "checkpoints"
+ENVIRONMENT = "environment.json"
+DATASET = "dataset.json"
+LOG = "train.log"
+RUN = "run.json"
+LOCK = ".lock"
+FOLD = "fold.npz"
+CALIBRATION = "calibration.json"
+THRESHOLDS = "thresholds.json"
+PROBES = "probes.json"
+REPORT = "report.html"
+EXPORT = "export/model.onnx"
+EXPORT_REPORT = "export/export.json"
+
+
+def eval_stem(split: str, data: str | None = None) -> str:
+    """The name (without .json or .csv) of an evaluation's files: ``eval_test``, or ``eval_test_<data's stem>``
+    for other data than the run's own."""
+    return f"eval_{split}" if data is None else f"eval_{split}_{Path(str(data)).stem}"
+
+
+def read_history(run_dir: str | Path) -> list[dict]:
+    """The run's metrics.jsonl: one dict per epoch, in order ([] before the first epoch)."""
+    path = Path(run_dir) / METRICS
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def write_fold_index(run_dir: str | Path, index: dict[str, np.ndarray]) -> None:
+    """Store a cross-validation fold's pooled indices (``train``, ``val``, ``test``) in its run folder."""
+    np.savez_compressed(Path(run_dir) / FOLD, **index)
+
+
+def fold_dataset_of_run(run_dir: str | Path, ds: ImageDataset) -> ImageDataset | None:
+    """The splits a fold run was trained and tested on, rebuilt from its fold.npz and the full dataset;
+    None for a run that is not a cross-validation fold."""
+    path = Path(run_dir) / FOLD
+    if not path.is_file():
+        return None
+    with np.load(path) as data:
+        index = {name: data[name] for name in data.files}
+    pooled = pool_splits(ds)
+    splits = {name: pooled.subset(index[name]) for name in ("train", "val", "test") if name in index}
+    note = f"cross-validation fold {Path(run_dir).name}: the test split is the held-out fold"
+    return ImageDataset(ds.name, list(ds.classes), splits, notes=list(ds.notes) + [note])
 
 
 class RunFolder:
@@ -44,14 +102,14 @@ class RunFolder:
         name, n = base, 1
         # A taken name gets a suffix (-2, -3, ...), so repeating a run from its
         # config.yaml never overwrites the original.
-        while (Path(cfg.out_dir) / name / "config.yaml").exists():
+        while (Path(cfg.out_dir) / name / CONFIG).exists():
             n += 1
             name = f"{base}-{n}"
         path = Path(cfg.out_dir) / name
         path.mkdir(parents=True, exist_ok=True)
         cfg.name = name
         run = cls(path)
-        run.write_text("config.yaml", dump_config(cfg))
+        run.write_text(CONFIG, dump_config(cfg))
         return run
 
     @contextmanager
@@ -62,7 +120,7 @@ class RunFolder:
         except ImportError:  # no flock (Windows): nothing to hold
             yield self
             return
-        with open(self.path / ".lock", "a+") as fh:
+        with open(self.path / LOCK, "a+") as fh:
             try:
                 fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
@@ -78,7 +136,7 @@ class RunFolder:
 
     @property
     def checkpoints(self) -> Path:
-        return self.path / "checkpoints"
+        return self.path / CHECKPOINTS
 
     def checkpoint(self, which: str) -> Path:
         return self.checkpoints / f"{which}.safetensors"
@@ -94,23 +152,20 @@ class RunFolder:
         return json.loads((self.path / name).read_text())
 
     def log(self, line: str) -> None:
-        with open(self.path / "train.log", "a") as fh:
+        with open(self.path / LOG, "a") as fh:
             fh.write(line.rstrip("\n") + "\n")
 
     def append_metrics(self, record: dict) -> None:
-        with open(self.path / "metrics.jsonl", "a") as fh:
+        with open(self.path / METRICS, "a") as fh:
             fh.write(json.dumps(record) + "\n")
 
     def read_metrics(self) -> list[dict]:
-        path = self.path / "metrics.jsonl"
-        if not path.exists():
-            return []
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return read_history(self.path)
 
     def truncate_metrics(self, epochs_done: int) -> None:
         """Drop metric lines of epochs after the last checkpoint (a run killed mid-epoch)."""
         kept = [r for r in self.read_metrics() if r["epoch"] <= epochs_done]
-        self.write_text("metrics.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
+        self.write_text(METRICS, "".join(json.dumps(r) + "\n" for r in kept))
 
 
 def default_run_name(cfg: RunConfig) -> str:
