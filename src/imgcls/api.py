@@ -16,8 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from imgcls import rundir
-from imgcls.checkpoint import load_model
+from imgcls import predictor, rundir
 from imgcls.config import (
     RunConfig,
     apply_overrides,
@@ -29,8 +28,9 @@ from imgcls.data.registry import build_dataset
 from imgcls.errors import CheckpointError, DataError
 from imgcls.evaluation.evaluate import evaluate_model
 from imgcls.evaluation.metrics import save_metrics
-from imgcls.inference import predict_proba, resolve_runtime, scoring_runtime
-from imgcls.rundir import CONFIG, RunFolder, fold_dataset_of_run
+from imgcls.inference import resolve_runtime
+from imgcls.predictor import Predictor  # noqa: F401 (re-exported: the face of the package)
+from imgcls.rundir import CONFIG, RunFolder
 
 
 def make_config(config: str | Path | dict | RunConfig | None = None, **overrides) -> RunConfig:
@@ -255,65 +255,14 @@ def cross_validate(config=None, folds: int = 5, *, out_dir: str | Path | None = 
     return result
 
 
-class Predictor:
-    """What every predictor shares: class names, input shape, reading inputs, predict and predict_proba.
+class Classifier(predictor.Classifier):
+    """A trained model, rebuilt from its checkpoint alone, that also evaluates and explains.
 
-    Subclasses set ``meta`` (classes, input_shape, resize, ...) and implement ``proba_of_arrays``.
+    Inputs to ``predict``/``predict_proba``/``explain`` may be file paths
+    (images, folders, zips), PIL images, or uint8 arrays (H, W), (H, W, C)
+    or (N, H, W, C); a single input or a list of them.  Images are converted
+    and resized as the model's training data was.
     """
-
-    meta: dict
-
-    @property
-    def classes(self) -> list[str]:
-        return list(self.meta["classes"])
-
-    @property
-    def input_shape(self) -> tuple[int, int, int]:
-        return tuple(self.meta["input_shape"])
-
-    def load_inputs(self, inputs) -> tuple[list[str], np.ndarray, list]:
-        """Decode and resize inputs: (names, uint8 (N, H, W, C), files that could not be read)."""
-        from imgcls.data.folder import load_image_inputs
-
-        if not isinstance(inputs, (list, tuple)):
-            inputs = [inputs]
-        c, h, w = self.input_shape
-        return load_image_inputs(list(inputs), channels=c, size=(h, w), resize=self.meta.get("resize", "stretch"))
-
-    def predict_proba(self, inputs) -> np.ndarray:
-        """Probabilities (N, num_classes); raises DataError if any input cannot be read."""
-        _, images, bad = self.load_inputs(inputs)
-        if bad:
-            raise DataError("cannot read: " + "; ".join(f"{b.path}: {b.reason}" for b in bad))
-        return self.proba_of_arrays(images)
-
-    def proba_of_arrays(self, images: np.ndarray) -> np.ndarray:
-        """Probabilities (N, num_classes) for uint8 (N, H, W, C) images already at the model's size."""
-        raise NotImplementedError
-
-    def predict(self, inputs) -> np.ndarray:
-        """Predicted class names, shape (N,)."""
-        return np.array(self.classes, dtype=object)[self.predict_proba(inputs).argmax(1)]
-
-
-class Classifier(Predictor):
-    """A trained model, rebuilt from its checkpoint alone.
-
-    Inputs to ``predict``/``predict_proba`` may be file paths (images, folders,
-    zips), PIL images, or uint8 arrays (H, W), (H, W, C) or (N, H, W, C); a
-    single input or a list of them.  Images are converted and resized as the
-    model's training data was.
-    """
-
-    def __init__(self, model, meta: dict, runtime, run_dir: Path | None = None, batch_size: int = 256):
-        self.model, self.meta, self.runtime = model, meta, runtime
-        self.run_dir = run_dir
-        self.batch_size = batch_size
-
-    def proba_of_arrays(self, images: np.ndarray) -> np.ndarray:
-        """Probabilities for uint8 (N, H, W, C) images already at the model's size."""
-        return predict_proba(self.model, images, self.meta["normalize"], self.runtime, self.batch_size,
-                             temperature=self.meta.get("temperature", 1.0), tta=self.meta.get("tta", "none"))
 
     def evaluate(self, data: str | Path | None = None, split: str = "test", top_k: int = 5, save: bool = False) -> dict:
         """Metrics on ``split`` of the run's own data, or of another dataset with the same classes.
@@ -328,21 +277,6 @@ class Classifier(Predictor):
         if save and self.run_dir is not None:
             save_metrics(metrics, self.run_dir, rundir.eval_stem(split, data))
         return metrics
-
-    def dataset(self, data=None):
-        """The run's own data with its seeded splits, or ``data`` read at the model's image size."""
-        if self.run_dir is None and data is None:
-            raise DataError("this classifier was loaded from a checkpoint file; pass data= to evaluate it")
-        cfg = make_config(self.run_dir / CONFIG) if self.run_dir is not None else make_config()
-        c, h, w = self.input_shape
-        overrides = {"image_size": [h, w], "channels": c}
-        if data is not None:
-            overrides["data"] = str(data)
-        cfg = make_config(cfg, **overrides)
-        ds = build_dataset(cfg.data, seed=cfg.train.seed)
-        if data is None and self.run_dir is not None:
-            return fold_dataset_of_run(self.run_dir, ds) or ds
-        return ds
 
     def explain(self, inputs, method: str = "gradcam", target: str | int = "predicted", layer: str | None = None):
         """Attribution maps for ``inputs``: an :class:`imgcls.explain.Explanation` (``.maps``, ``.plot()``).
@@ -395,15 +329,8 @@ class Classifier(Predictor):
         x, target = self._explained_batch(exp)
         return score_methods(self.model, x, target, layer=exp.layer)
 
-    def __repr__(self) -> str:
-        c, h, w = self.input_shape
-        return f"Classifier({self.meta['arch']}, {len(self.classes)} classes, input {c}x{h}x{w})"
-
 
 def load(path: str | Path, which: str | None = None, device: str = "auto") -> Classifier:
     """Load a run folder (its final checkpoint) or a checkpoint file as a :class:`Classifier`."""
-    path = Path(path)
-    run_dir = path if path.is_dir() else None
-    runtime = scoring_runtime(device)  # fp32: the figures training reported
-    model, meta = load_model(path, which, runtime.device)
-    return Classifier(model, meta, runtime, run_dir)
+    core = predictor.load(path, which, device)
+    return Classifier(core.model, core.meta, core.runtime, core.run_dir)

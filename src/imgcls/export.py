@@ -34,11 +34,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from imgcls import rundir
-from imgcls.api import Classifier, Predictor, load
 from imgcls.checkpoint import find_checkpoint
 from imgcls.errors import CheckpointError, ConfigError, DataError, ImgclsError
 from imgcls.inference import normalization_tensors, predict_logits, to_input, tta_logits
 from imgcls.io import write_atomic, write_json
+from imgcls.predictor import Classifier, Predictor, load
 
 FORMATS = ("onnx",)
 EXPORTERS = ("auto", "dynamo", "torchscript")
@@ -327,7 +327,7 @@ def _compare(data: bytes, clf: Classifier, images: np.ndarray) -> dict:
 
 
 def meta_from_onnx(doc: dict, path: Path) -> dict:
-    """Checkpoint-style metadata (as :class:`imgcls.api.Classifier` has it) from an ``imgcls_meta`` document."""
+    """Checkpoint-style metadata (as :class:`imgcls.predictor.Classifier` has it) from an ``imgcls_meta`` document."""
     version = doc.get("format_version")
     if not isinstance(version, int) or version > META_FORMAT_VERSION:
         raise CheckpointError(f"{path} has imgcls_meta version {version!r}; this imgcls reads versions up to "
@@ -345,7 +345,7 @@ def meta_from_onnx(doc: dict, path: Path) -> dict:
 
 class OnnxClassifier(Predictor):
     """An exported model run by ONNX Runtime on the CPU, with the prediction surface of
-    :class:`imgcls.api.Classifier`: ``classes``, ``input_shape`` (C, H, W), ``meta``,
+    :class:`imgcls.predictor.Classifier`: ``classes``, ``input_shape`` (C, H, W), ``meta``,
     ``load_inputs``, ``proba_of_arrays``, ``predict_proba`` and ``predict``.
     """
 

@@ -15,6 +15,7 @@ import torch
 from imgcls.errors import DataError
 from imgcls.evaluation.evaluate import remap_labels
 from imgcls.inference import predict_logits
+from imgcls.predictor import load
 
 
 @dataclass
@@ -47,8 +48,6 @@ class SplitPredictions:
 
 def load_run(run_dir: str | Path, which: str | None = None, device: str = "auto"):
     """(Classifier, ImageDataset) of a run folder: the model and its own seeded splits."""
-    from imgcls.api import load
-
     clf = load(run_dir, which=which, device=device)
     return clf, clf.dataset()
 

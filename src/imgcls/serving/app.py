@@ -148,7 +148,7 @@ class ServingState:
         self.metrics = _Metrics()
         self.batcher = MicroBatcher(self._predict_locked, max_batch, max_wait_ms,
                                     on_batch=self.metrics.batch_size.observe)
-        self.clf = None  # imgcls.api.Classifier or imgcls.export.OnnxClassifier, once loaded
+        self.clf = None  # imgcls.predictor.Classifier or imgcls.export.OnnxClassifier, once loaded
         self.card: dict | None = None
         self.ready = False
         # Hooks (Grad-CAM) and train/eval switches make one torch model unsafe to use from two
@@ -178,7 +178,7 @@ class ServingState:
 
     def _load(self):
         if self.runtime == "torch":
-            from imgcls.api import load
+            from imgcls.predictor import load
 
             return load(self.run_path, device="cpu")
         onnx_file = self.run_path / rundir.EXPORT
@@ -199,7 +199,7 @@ class ServingState:
             return self.clf, self.model_lock
         with self._explainer_lock:
             if self._explainer is None:
-                from imgcls.api import load
+                from imgcls.predictor import load
 
                 try:
                     self._explainer = load(self.run_path, device="cpu")

@@ -1,0 +1,110 @@
+"""What predicts: a model rebuilt from its checkpoint alone, with its classes and input shape.
+
+    clf = load("runs/digits-...")          # a run folder, or a checkpoint file
+    clf.predict(["cat.jpg", pil_image, array])
+    clf.predict_proba(...)                 # (N, num_classes)
+
+:class:`Predictor` is what every predictor shares (the ONNX one of
+:mod:`imgcls.export` too); :class:`Classifier` is the PyTorch one.
+:class:`imgcls.api.Classifier` adds evaluation and explanations on top.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from imgcls.checkpoint import load_model
+from imgcls.config import apply_overrides, config_from_dict, read_config_values
+from imgcls.data.folder import load_image_inputs
+from imgcls.data.registry import build_dataset
+from imgcls.errors import DataError
+from imgcls.inference import predict_proba, scoring_runtime
+from imgcls.rundir import CONFIG, fold_dataset_of_run
+
+
+class Predictor:
+    """What every predictor shares: class names, input shape, reading inputs, predict and predict_proba.
+
+    Subclasses set ``meta`` (classes, input_shape, resize, ...) and implement ``proba_of_arrays``.
+    """
+
+    meta: dict
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.meta["classes"])
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return tuple(self.meta["input_shape"])
+
+    def load_inputs(self, inputs) -> tuple[list[str], np.ndarray, list]:
+        """Decode and resize inputs: (names, uint8 (N, H, W, C), files that could not be read)."""
+        if not isinstance(inputs, (list, tuple)):
+            inputs = [inputs]
+        c, h, w = self.input_shape
+        return load_image_inputs(list(inputs), channels=c, size=(h, w), resize=self.meta.get("resize", "stretch"))
+
+    def predict_proba(self, inputs) -> np.ndarray:
+        """Probabilities (N, num_classes); raises DataError if any input cannot be read."""
+        _, images, bad = self.load_inputs(inputs)
+        if bad:
+            raise DataError("cannot read: " + "; ".join(f"{b.path}: {b.reason}" for b in bad))
+        return self.proba_of_arrays(images)
+
+    def proba_of_arrays(self, images: np.ndarray) -> np.ndarray:
+        """Probabilities (N, num_classes) for uint8 (N, H, W, C) images already at the model's size."""
+        raise NotImplementedError
+
+    def predict(self, inputs) -> np.ndarray:
+        """Predicted class names, shape (N,)."""
+        return np.array(self.classes, dtype=object)[self.predict_proba(inputs).argmax(1)]
+
+
+class Classifier(Predictor):
+    """A trained model, rebuilt from its checkpoint alone.
+
+    Inputs to ``predict``/``predict_proba`` may be file paths (images, folders,
+    zips), PIL images, or uint8 arrays (H, W), (H, W, C) or (N, H, W, C); a
+    single input or a list of them.  Images are converted and resized as the
+    model's training data was.
+    """
+
+    def __init__(self, model, meta: dict, runtime, run_dir: Path | None = None, batch_size: int = 256):
+        self.model, self.meta, self.runtime = model, meta, runtime
+        self.run_dir = run_dir
+        self.batch_size = batch_size
+
+    def proba_of_arrays(self, images: np.ndarray) -> np.ndarray:
+        """Probabilities for uint8 (N, H, W, C) images already at the model's size."""
+        return predict_proba(self.model, images, self.meta["normalize"], self.runtime, self.batch_size,
+                             temperature=self.meta.get("temperature", 1.0), tta=self.meta.get("tta", "none"))
+
+    def dataset(self, data=None):
+        """The run's own data with its seeded splits, or ``data`` read at the model's image size."""
+        if self.run_dir is None and data is None:
+            raise DataError("this classifier was loaded from a checkpoint file; pass data= to evaluate it")
+        # The run's config.yaml is resolved already (recipe and auto choices written out): read as it is.
+        values = read_config_values(self.run_dir / CONFIG) if self.run_dir is not None else {}
+        c, h, w = self.input_shape
+        cfg = config_from_dict(apply_overrides(values, {"image_size": [h, w], "channels": c,
+                                                        "data": None if data is None else str(data)}))
+        ds = build_dataset(cfg.data, seed=cfg.train.seed)
+        if data is None and self.run_dir is not None:
+            return fold_dataset_of_run(self.run_dir, ds) or ds
+        return ds
+
+    def __repr__(self) -> str:
+        c, h, w = self.input_shape
+        return f"Classifier({self.meta['arch']}, {len(self.classes)} classes, input {c}x{h}x{w})"
+
+
+def load(path: str | Path, which: str | None = None, device: str = "auto") -> Classifier:
+    """Load a run folder (its final checkpoint) or a checkpoint file as a :class:`Classifier`."""
+    path = Path(path)
+    run_dir = path if path.is_dir() else None
+    runtime = scoring_runtime(device)  # fp32: the figures training reported
+    model, meta = load_model(path, which, runtime.device)
+    return Classifier(model, meta, runtime, run_dir)
