@@ -5,6 +5,8 @@ registered architecture; ``list_models()`` names them; ``summarize`` and
 ``format_summary`` describe a model layer by layer.
 """
 
+# The families register their models as they are imported: a new family is one module, added here.
+from imgcls.models import efficientnet, fast, resnet, resnet_imagenet, seeds  # noqa: F401
 from imgcls.models.base import ImageClassifier
 from imgcls.models.registry import create_model, list_models
 from imgcls.models.summary import format_summary, summarize

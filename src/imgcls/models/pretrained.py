@@ -174,20 +174,11 @@ for _variant, _resolution in ((0, 224), (1, 240), (2, 260)):
 
 def models_with_weights(tag: str = IMAGENET) -> list[str]:
     """Registry names of the models that have weights under ``tag``."""
-    _ensure_registered()
     return sorted(model for model, t in WEIGHTS if t == tag)
-
-
-def _ensure_registered() -> None:
-    # Families that download their weights register them in their own modules.
-    from imgcls.models import registry
-
-    registry.list_models()
 
 
 def get_weights(model: str, tag: str = IMAGENET) -> Weights:
     """The registered weights of ``model`` under ``tag``; ConfigError naming the models that have some."""
-    _ensure_registered()
     if (model, tag) not in WEIGHTS:
         raise ConfigError(f"model {model!r} has no {tag} weights; models with {tag} weights: "
                           f"{', '.join(models_with_weights(tag))}; or give a weights file with --pretrained PATH")
@@ -342,7 +333,6 @@ def load_weights(model: torch.nn.Module, pretrained: str) -> tuple[LoadReport, d
         weights expect (None for a user's file: the data's own is used).
     """
     arch = getattr(model, "arch", "")
-    _ensure_registered()
     if pretrained == IMAGENET or (arch, pretrained) in WEIGHTS:
         weights = get_weights(arch, pretrained)
         state = cached_state(weights, model)

@@ -2,6 +2,11 @@
 
 Every builder takes ``in_chans``, ``num_classes`` and ``img_size`` (H, W) plus
 its own keyword options, and returns an :class:`imgcls.models.base.ImageClassifier`.
+
+A leaf: the family modules import :func:`register_model` from here, and the
+package (``imgcls/models/__init__.py``) imports the families, so every model
+is registered once ``imgcls.models`` (or any module in it) is imported.  A new
+family is one module, named in that ``__init__``.
 """
 
 from __future__ import annotations
@@ -25,14 +30,8 @@ def register_model(fn: Callable) -> Callable:
     return fn
 
 
-def _ensure_loaded() -> None:
-    # Importing the family modules runs their @register_model decorators.
-    from imgcls.models import efficientnet, fast, resnet, resnet_imagenet, seeds  # noqa: F401
-
-
 def list_models() -> dict[str, str]:
     """Registered model names mapped to a one-line description."""
-    _ensure_loaded()
     return dict(sorted(_DESCRIPTIONS.items()))
 
 
@@ -49,7 +48,6 @@ def create_model(name: str, in_chans: int, num_classes: int, img_size: tuple[int
     Raises:
         ConfigError: unknown name, or a shape or option the model cannot take.
     """
-    _ensure_loaded()
     if name not in _REGISTRY:
         raise unknown_name("model", name, _REGISTRY)
     if num_classes < 2:
