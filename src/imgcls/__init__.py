@@ -14,13 +14,13 @@ __all__ = ["train", "load", "__version__"]
 
 def train(*args, **kwargs):
     """Train a model; see :func:`imgcls.api.train`."""
-    from imgcls.startup import import_paused
+    from imgcls.startup import import_paused  # on use: importing imgcls is free
 
     return import_paused("imgcls.api").train(*args, **kwargs)
 
 
 def load(*args, **kwargs):
     """Load a trained classifier; see :func:`imgcls.api.load`."""
-    from imgcls.startup import import_paused
+    from imgcls.startup import import_paused  # on use: importing imgcls is free
 
     return import_paused("imgcls.api").load(*args, **kwargs)

@@ -15,9 +15,23 @@ import numpy as np
 from imgcls import rundir
 from imgcls.checkpoint import find_checkpoint, update_meta
 from imgcls.errors import DataError
+from imgcls.evaluation.calibration import (
+    expected_calibration_error,
+    fit_temperature,
+    plot_reliability,
+)
+from imgcls.evaluation.metrics import cross_entropy
 from imgcls.evaluation.predictions import load_run, predict_split
+from imgcls.evaluation.probes import plot_probes, probe_layers
+from imgcls.evaluation.thresholds import (
+    parse_objective,
+    plot_pr_curves,
+    tune_thresholds,
+)
+from imgcls.explain.explain import explain_arrays, plot_explanations
 from imgcls.io import write_json
 from imgcls.reports.html import Section, table
+from imgcls.reports.report import Report
 
 
 def _held_out(ds) -> str:
@@ -33,11 +47,6 @@ def calibrate(run_dir: str | Path, clf_ds=None, test_logits=None, val_logits=Non
     Returns {"temperature", "ece_before", "ece_after", "nll_before", "nll_after"} measured on val,
     plus the same on test.  ``test_logits``, ``val_logits``: as for :func:`report`.
     """
-    from imgcls.evaluation.calibration import (
-        expected_calibration_error,
-        fit_temperature,
-    )
-    from imgcls.evaluation.metrics import cross_entropy
 
     run_dir = Path(run_dir)
     clf, ds = clf_ds or load_run(run_dir)
@@ -60,8 +69,6 @@ def calibrate(run_dir: str | Path, clf_ds=None, test_logits=None, val_logits=Non
 
 def tune(run_dir: str | Path, objective: str = "f1", clf_ds=None) -> dict:
     """Tune one threshold per class on the val split (calibrated probabilities) and store them."""
-    from imgcls.evaluation.thresholds import parse_objective, tune_thresholds
-
     parse_objective(objective)
     run_dir = Path(run_dir)
     clf, ds = clf_ds or load_run(run_dir)
@@ -76,8 +83,6 @@ def tune(run_dir: str | Path, objective: str = "f1", clf_ds=None) -> dict:
 
 def probe(run_dir: str | Path, max_train: int = 5000, max_eval: int = 5000, clf_ds=None) -> list[dict]:
     """Linear probes of every convolutional stage (per layer and cumulative)."""
-    from imgcls.evaluation.probes import probe_layers
-
     run_dir = Path(run_dir)
     clf, ds = clf_ds or load_run(run_dir)
     held_out = "val" if "val" in ds.splits else "test"
@@ -100,8 +105,6 @@ def report_probe_images(input_shape) -> int:
 
 
 def calibration_section(run_dir: Path, val) -> Section:
-    from imgcls.evaluation.calibration import plot_reliability
-
     result = json.loads((run_dir / rundir.CALIBRATION).read_text())
     rows = [[split, r["ece_before"], r["ece_after"], r["nll_before"], r["nll_after"]]
             for split, r in result.items() if isinstance(r, dict)]
@@ -116,8 +119,6 @@ def calibration_section(run_dir: Path, val) -> Section:
 
 
 def thresholds_section(run_dir: Path, val) -> Section:
-    from imgcls.evaluation.thresholds import plot_pr_curves, tune_thresholds
-
     path = run_dir / rundir.THRESHOLDS
     stored = path.is_file()
     result = json.loads(path.read_text()) if stored else tune_thresholds(val.proba(), val.labels, val.classes, "f1")
@@ -133,8 +134,6 @@ def thresholds_section(run_dir: Path, val) -> Section:
 
 
 def probes_section(run_dir: Path, clf, ds) -> Section:
-    from imgcls.evaluation.probes import plot_probes
-
     path = run_dir / rundir.PROBES
     held_out = len(ds.splits["val" if "val" in ds.splits else "test"])
     if not path.is_file() and held_out < PROBE_MIN_HELD_OUT:
@@ -158,8 +157,6 @@ def probes_section(run_dir: Path, clf, ds) -> Section:
 
 def gradcam_section(clf, rep) -> Section:
     """Grad-CAM of sample and top-loss test images, through the same function as `imgcls explain`."""
-    from imgcls.explain.explain import explain_arrays, plot_explanations
-
     preds = rep.preds
     figures = []
     picks = {"gradcam_samples": rep.sample_indices()[:8],
@@ -185,8 +182,6 @@ def report(run_dir: str | Path, clf_ds=None, test_logits=None, val_logits=None) 
     val splits, when the caller has them (training does), so those splits are
     not run through the model again.
     """
-    from imgcls.reports.report import Report
-
     run_dir = Path(run_dir)
     clf, ds = clf_ds or load_run(run_dir)
     rep = Report.from_run(run_dir, clf_ds=(clf, ds), logits=test_logits)

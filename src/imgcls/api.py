@@ -17,19 +17,22 @@ from pathlib import Path
 import numpy as np
 
 from imgcls import predictor, rundir
+from imgcls.auto import choose
 from imgcls.config import (
     RunConfig,
     apply_overrides,
     config_from_dict,
     dump_config,
+    flat_fields,
     read_config_values,
 )
 from imgcls.data.registry import build_dataset
 from imgcls.errors import CheckpointError, DataError
 from imgcls.evaluation.evaluate import evaluate_model
 from imgcls.evaluation.metrics import save_metrics
-from imgcls.inference import resolve_runtime
+from imgcls.inference import normalization_tensors, resolve_runtime, to_input
 from imgcls.predictor import Predictor  # noqa: F401 (re-exported: the face of the package)
+from imgcls.recipes import PRECISION_CLASSES, get_recipe
 from imgcls.rundir import CONFIG, RunFolder
 
 
@@ -84,8 +87,6 @@ def make_config(config: str | Path | dict | RunConfig | None = None, **overrides
 
 def _flat_value(cfg: RunConfig, key: str):
     """The value of flat option ``key`` (a CLI flag's name) in ``cfg``; a sentinel when there is none."""
-    from imgcls.config import flat_fields
-
     section, f = flat_fields().get(key, (None, None))
     if f is None:
         return object()
@@ -99,8 +100,6 @@ def _base_settings(recipe: str | None, values: dict) -> tuple[dict, str | None]:
     bf16 where the device computes it natively, fp32 elsewhere.
     """
     if recipe:
-        from imgcls.recipes import PRECISION_CLASSES, get_recipe
-
         train = values.get("train") or {}
         runtime = resolve_runtime(str(train.get("device", "auto")), str(train.get("precision", "auto")))
         precision = runtime.precision
@@ -110,7 +109,6 @@ def _base_settings(recipe: str | None, values: dict) -> tuple[dict, str | None]:
             f"({chosen.variants[precision].summary}): this run trains in {precision} on {runtime.device}")
     if (values.get("model") or {}).get("name", "auto") != "auto":
         return {}, None
-    from imgcls.auto import choose
 
     data, train = values.get("data") or {}, values.get("train") or {}
     return choose(str(data.get("dataset", "digits")), train, follow_links=bool(data.get("follow_links")))
@@ -175,8 +173,8 @@ def train(config=None, *, resume: str | Path | None = None, quiet: bool = False,
 
 def _train(config, resume, console, on_epoch_end, overrides: dict, held: contextlib.ExitStack) -> Run:
     """:func:`train`'s body; ``held`` keeps the run folder's write lock until training and the report are done."""
-    from imgcls.training.optim import import_dynamo_in_background
-    from imgcls.training.trainer import check_compatible, fit
+    from imgcls.training.optim import import_dynamo_in_background  # load() needs no trainer
+    from imgcls.training.trainer import check_compatible, fit  # load() needs no trainer
 
     if resume is not None:
         run = RunFolder(resume)
@@ -222,7 +220,7 @@ def _analyse(run_dir: Path, console, test_logits) -> None:
 
     ``test_logits``: training's own of its final checkpoint, which the report reuses.
     """
-    from imgcls import analysis
+    from imgcls import analysis  # matplotlib: on use
 
     clf_ds = analysis.load_run(run_dir)
     val_logits = None
@@ -245,11 +243,12 @@ def cross_validate(config=None, folds: int = 5, *, out_dir: str | Path | None = 
     Returns:
         cv.json's content: per_fold figures, their mean and std, sizes, and ``path``.
     """
-    from imgcls.reports.cv import write_cv_page
-    from imgcls.training.cv import cross_validate as run_folds
+    from imgcls.reports.cv import write_cv_page  # on use
+    from imgcls.training.cv import cross_validate as run_folds  # on use
 
     console = console or _console(quiet)
-    result = run_folds(make_config(config, **overrides), folds, console, out_dir=None if out_dir is None else Path(out_dir))
+    out_dir = None if out_dir is None else Path(out_dir)
+    result = run_folds(make_config(config, **overrides), folds, console, out_dir=out_dir)
     write_cv_page(result, Path(result["path"]))
     console.print(f"cross-validation folder: {result['path']}", highlight=False, markup=False, soft_wrap=True)
     return result
@@ -283,7 +282,7 @@ class Classifier(predictor.Classifier):
 
         ``target`` is ``predicted``, ``true`` (the class folder each image is in) or a class name.
         """
-        from imgcls.explain.explain import explain_arrays
+        from imgcls.explain.explain import explain_arrays  # Captum: on use
 
         names, images, bad = self.load_inputs(inputs)
         if not len(images):
@@ -308,7 +307,6 @@ class Classifier(predictor.Classifier):
     def _explained_batch(self, exp):
         import torch
 
-        from imgcls.inference import normalization_tensors, to_input
 
         mean, std = normalization_tensors(self.meta["normalize"], self.runtime.device)
         x = to_input(torch.from_numpy(exp.images).to(self.runtime.device), mean, std, channels_last=False)
@@ -316,7 +314,7 @@ class Classifier(predictor.Classifier):
 
     def sanity_check(self, exp) -> dict:
         """Model-randomisation check (Adebayo et al. 2018) of ``exp``'s method on its images."""
-        from imgcls.explain.sanity import randomisation_check
+        from imgcls.explain.sanity import randomisation_check  # Captum: on use
 
         x, target = self._explained_batch(exp)
         result = randomisation_check(self.model, x, target, exp.method, exp.layer)
@@ -324,7 +322,7 @@ class Classifier(predictor.Classifier):
 
     def score_explanations(self, exp) -> list[dict]:
         """Deletion AUC and randomisation check of every method on ``exp``'s images."""
-        from imgcls.explain.sanity import score_methods
+        from imgcls.explain.sanity import score_methods  # Captum: on use
 
         x, target = self._explained_batch(exp)
         return score_methods(self.model, x, target, layer=exp.layer)

@@ -28,6 +28,7 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
+from imgcls.data.folder import detect_layout, open_source
 from imgcls.errors import ImgclsError
 
 PHOTO_MIN_SIDE = 48  # pixels: a median shorter side at least this is a photo, worth ImageNet features
@@ -63,7 +64,6 @@ def probe_data(dataset: str, follow_links: bool = False) -> DataProbe | None:
     if dataset in _BUILTIN:
         images, side = _BUILTIN[dataset]
         return DataProbe(images, 10, side, (side, side), 0)
-    from imgcls.data.folder import detect_layout, open_source
 
     try:
         with open_source(Path(dataset).expanduser(), follow_links) as source:

@@ -32,6 +32,7 @@ from safetensors.torch import save_file
 from imgcls import rundir
 from imgcls.errors import CheckpointError, is_disk_full
 from imgcls.io import atomic_path
+from imgcls.models import create_model
 
 FORMAT_VERSION = 1
 META_KEY = "imgcls"
@@ -252,8 +253,6 @@ def find_checkpoint(run_or_file: str | Path, which: str | None = None) -> Path:
 
 def build_model(meta: dict) -> torch.nn.Module:
     """Rebuild the architecture described by checkpoint metadata (weights not loaded)."""
-    from imgcls.models import create_model
-
     c, h, w = meta["input_shape"]
     return create_model(meta["arch"], in_chans=c, num_classes=len(meta["classes"]), img_size=(h, w),
                         **meta.get("arch_kwargs", {}))

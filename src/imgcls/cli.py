@@ -1,5 +1,8 @@
 """The ``imgcls`` command: parses arguments, then calls library functions.
 
+Commands import what they use when they run (the ``# start-up time`` imports), so that
+``imgcls --help`` and a mistyped flag answer without importing torch.
+
 Training flags are generated from the config dataclasses, so every flag is
 also a config-file field and the two cannot drift apart.
 """
@@ -177,8 +180,8 @@ def cmd_train(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    import imgcls
-    from imgcls.evaluation.metrics import format_confusion, format_report
+    import imgcls  # start-up time
+    from imgcls.evaluation.metrics import format_confusion, format_report  # start-up time
 
     clf = imgcls.load(args.run, which=args.checkpoint, device=args.device)
     metrics = clf.evaluate(args.data, split=args.split, top_k=args.top_k, save=True)
@@ -189,7 +192,7 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    import imgcls
+    import imgcls  # start-up time
 
     if args.top_k < 1:
         raise ImgclsError(f"--top-k must be at least 1, got {args.top_k}")
@@ -205,7 +208,7 @@ def cmd_predict(args) -> int:
         top = p.argsort()[::-1][:k]
         row = {"input": name, "top": [{"class": clf.classes[i], "probability": float(p[i])} for i in top]}
         if thresholds is not None:
-            from imgcls.evaluation.thresholds import apply_thresholds
+            from imgcls.evaluation.thresholds import apply_thresholds  # start-up time
 
             label = int(apply_thresholds(p[None], thresholds)[0])
             row["answer"] = "unknown" if label < 0 else clf.classes[label]
@@ -250,8 +253,8 @@ def option_as_flag(key: str, value) -> str:
 
 
 def cmd_recipes(args) -> int:
-    from imgcls.inference import resolve_runtime
-    from imgcls.recipes import PRECISION_CLASSES, RECIPES
+    from imgcls.inference import resolve_runtime  # start-up time
+    from imgcls.recipes import PRECISION_CLASSES, RECIPES  # start-up time
 
     runtime = resolve_runtime()
     here = runtime.precision
@@ -271,8 +274,8 @@ def cmd_recipes(args) -> int:
 
 
 def cmd_models(args) -> int:
-    from imgcls.config import parse_image_size
-    from imgcls.models import create_model, format_summary, list_models, summarize
+    from imgcls.config import parse_image_size  # start-up time
+    from imgcls.models import create_model, format_summary, list_models, summarize  # start-up time
 
     if not args.name:
         models = list_models()
@@ -292,8 +295,8 @@ def cmd_models(args) -> int:
 
 
 def cmd_explain(args) -> int:
-    import imgcls
-    from imgcls.explain.explain import write_explanations
+    import imgcls  # start-up time
+    from imgcls.explain.explain import write_explanations  # start-up time
 
     clf = imgcls.load(args.run, device=args.device)
     exp = clf.explain(args.inputs, method=args.method, target=args.target, layer=args.layer)
@@ -319,7 +322,7 @@ def _format_scores(rows: list[dict]) -> str:
 
 
 def cmd_serve(args) -> int:
-    from imgcls.serving.app import serve
+    from imgcls.serving.app import serve  # start-up time
 
     if args.max_batch < 1 or args.max_wait_ms < 0:
         raise ImgclsError("--max-batch must be at least 1 and --max-wait-ms at least 0")
@@ -355,7 +358,7 @@ def api_key_of(args) -> str | None:
 
 
 def cmd_export(args) -> int:
-    from imgcls.export import export_onnx
+    from imgcls.export import export_onnx  # start-up time
 
     result = export_onnx(args.run, out=args.out, tolerance=args.tolerance)
     print(f"{result['path']}: {result['exporter']} exporter, opset {result['opset']}; ONNX Runtime matches PyTorch "
@@ -365,14 +368,14 @@ def cmd_export(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from imgcls import analysis
+    from imgcls import analysis  # start-up time
 
     print(analysis.report(args.run))
     return 0
 
 
 def cmd_calibrate(args) -> int:
-    from imgcls import analysis
+    from imgcls import analysis  # start-up time
 
     result = analysis.calibrate(args.run)
     print(f"temperature {result['temperature']:.4f} (fitted on the val split), stored with the model")
@@ -383,7 +386,7 @@ def cmd_calibrate(args) -> int:
 
 
 def cmd_thresholds(args) -> int:
-    from imgcls import analysis
+    from imgcls import analysis  # start-up time
 
     result = analysis.tune(args.run, args.objective)
     width = max(len(r["class"]) for r in result["per_class"])
@@ -396,8 +399,8 @@ def cmd_thresholds(args) -> int:
 
 
 def cmd_probe(args) -> int:
-    from imgcls import analysis
-    from imgcls.evaluation.probes import format_probes
+    from imgcls import analysis  # start-up time
+    from imgcls.evaluation.probes import format_probes  # start-up time
 
     print(format_probes(analysis.probe(args.run, args.max_train, args.max_eval)))
     return 0
@@ -406,7 +409,7 @@ def cmd_probe(args) -> int:
 def cmd_cv(args) -> int:
     from rich.console import Console
 
-    from imgcls.startup import import_paused
+    from imgcls.startup import import_paused  # start-up time
 
     api, cv = import_paused("imgcls.api"), import_paused("imgcls.evaluation.cv")
     overrides = _config_overrides(args)
@@ -416,7 +419,7 @@ def cmd_cv(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from imgcls.reports.compare import compare_runs, format_leaderboard, write_compare
+    from imgcls.reports.compare import compare_runs, format_leaderboard, write_compare  # start-up time
 
     result = compare_runs(args.runs)
     print(format_leaderboard(result))

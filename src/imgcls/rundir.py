@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
+import imgcls
 from imgcls.config import RunConfig, dump_config
 from imgcls.data.base import ImageDataset, pool_splits
 from imgcls.errors import TrainingError
@@ -179,8 +180,6 @@ def environment(runtime) -> dict:
     """Versions and hardware, for the run folder."""
     import numpy
     import torch
-
-    import imgcls
 
     env = {
         "imgcls": imgcls.__version__,

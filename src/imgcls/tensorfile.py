@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from imgcls.io import atomic_path
+
 DIGEST_KEY = "imgcls_tensor_sha256"
 
 
@@ -38,7 +40,6 @@ def save_checked(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta
     """Write ``tensors`` to ``path`` with their checksum in the metadata, atomically."""
     from safetensors.torch import save_file
 
-    from imgcls.io import atomic_path
 
     path = Path(path)
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}

@@ -17,6 +17,10 @@ import torch
 import torch.nn.functional as F
 
 from imgcls.data.base import ImageDataset, Split
+from imgcls.data.cache import cache_key, load_cached
+from imgcls.data.download import data_dir
+from imgcls.data.folder import load_folder
+from imgcls.data.official import load_official
 from imgcls.errors import DataError
 from imgcls.startup import collector_paused
 
@@ -36,8 +40,6 @@ def load_digits() -> ImageDataset:
 
 def _official(name: str) -> Callable[[], ImageDataset]:
     def load() -> ImageDataset:
-        from imgcls.data.official import load_official
-
         return load_official(name)
 
     load.__doc__ = f"{name}, downloaded from its official source and checksummed"
@@ -78,15 +80,12 @@ def build_dataset(cfg, seed: int = 0, progress: bool = False) -> ImageDataset:
 
 
 def _cache_dir() -> Path:
-    from imgcls.data.download import data_dir
-
     return data_dir() / "decoded"
 
 
 def _load_builtin(name: str, use_cache: bool) -> ImageDataset:
     if name == "digits" or not use_cache:
         return _BUILTIN[name]()
-    from imgcls.data.cache import load_cached
 
     # Official files are verified by checksum, so the name identifies the content.
     key = hashlib.sha256(f"official:{name}:{CACHE_FORMAT}".encode()).hexdigest()[:32]
@@ -100,7 +99,6 @@ def _load_path(path: Path, cfg, size, progress: bool) -> ImageDataset:
             f"--data {cfg.dataset!r} is neither a built-in dataset ({', '.join(_BUILTIN)}) "
             f"nor an existing folder or .zip file"
         )
-    from imgcls.data.folder import load_folder
 
     def build() -> ImageDataset:
         return load_folder(path, image_size=size, channels=cfg.channels, on_bad_image=cfg.on_bad_image,
@@ -108,7 +106,6 @@ def _load_path(path: Path, cfg, size, progress: bool) -> ImageDataset:
 
     if not cfg.cache:
         return build()
-    from imgcls.data.cache import cache_key, load_cached
 
     key = cache_key(path, image_size=size, channels=cfg.channels, resize=cfg.resize, format=CACHE_FORMAT,
                     follow_links=cfg.follow_links)

@@ -29,6 +29,7 @@ from scipy.stats import spearmanr
 
 from imgcls.errors import ConfigError
 from imgcls.explain.attribution import METHODS, attribute
+from imgcls.models import create_model
 
 # Mean Spearman correlation between trained-model and randomised-model maps
 # at or above which a method is flagged: its maps keep most of their ranking
@@ -343,7 +344,6 @@ def train_pattern_model(x: torch.Tensor, y: torch.Tensor, seed: int = 0, steps: 
     """
     import torch.nn.functional as F
 
-    from imgcls.models import create_model
 
     torch.manual_seed(seed)
     model = create_model("resnet8", in_chans=x.shape[1], num_classes=int(y.max()) + 1, img_size=tuple(x.shape[-2:]))

@@ -32,6 +32,7 @@ from typing import Callable
 
 import torch
 
+from imgcls.data.download import data_dir
 from imgcls.errors import CheckpointError, ConfigError
 from imgcls.tensorfile import DamagedFile, load_checked, save_checked
 
@@ -187,10 +188,6 @@ def get_weights(model: str, tag: str = IMAGENET) -> Weights:
 
 def weights_dir() -> Path:
     """Where converted weights are cached: ``<data dir>/weights``."""
-    from imgcls.data.download import (
-        data_dir,  # the one owner of the cache location, a sibling package
-    )
-
     return data_dir() / "weights"
 
 

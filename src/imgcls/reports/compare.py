@@ -20,6 +20,7 @@ from imgcls import rundir
 from imgcls.errors import CheckpointError
 from imgcls.io import write_json
 from imgcls.plots import new_figure
+from imgcls.reports.html import Section, render_page, table
 
 # Per-epoch keys kept for the curves.
 _CURVE_KEYS = ("epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy")
@@ -130,8 +131,6 @@ def write_compare(result: dict, out: Path) -> Path:
 
     ``out`` is a folder (the page is ``compare.html`` in it) or a ``.html`` path.
     """
-    from imgcls.reports.html import Section, render_page, table
-
     out = Path(out)
     folder, page = (out.parent, out.name) if out.suffix == ".html" else (out, "compare.html")
     folder.mkdir(parents=True, exist_ok=True)

@@ -61,9 +61,13 @@ from prometheus_client import (
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from imgcls import __version__, rundir
+from imgcls.checkpoint import find_checkpoint
 from imgcls.data.images import BadImageError, decode_image, to_array
 from imgcls.errors import ConfigError, ImgclsError, unknown_name
+from imgcls.evaluation.thresholds import apply_thresholds
 from imgcls.explain.attribution import METHODS as EXPLAIN_METHODS
+from imgcls.explain.explain import explain_arrays, overlay
+from imgcls.predictor import load
 from imgcls.serving.batching import MicroBatcher
 from imgcls.serving.schemas import (
     ErrorResponse,
@@ -178,14 +182,12 @@ class ServingState:
 
     def _load(self):
         if self.runtime == "torch":
-            from imgcls.predictor import load
-
             return load(self.run_path, device="cpu")
         onnx_file = self.run_path / rundir.EXPORT
         if not onnx_file.is_file():
             raise ConfigError(f"{onnx_file} does not exist: the ONNX runtime serves an exported model; "
                               f"run `imgcls export {self.run_path} --format onnx` first, or serve with runtime torch")
-        from imgcls.export import load_onnx
+        from imgcls.export import load_onnx  # onnxruntime: on use
 
         return load_onnx(onnx_file)
 
@@ -199,8 +201,6 @@ class ServingState:
             return self.clf, self.model_lock
         with self._explainer_lock:
             if self._explainer is None:
-                from imgcls.predictor import load
-
                 try:
                     self._explainer = load(self.run_path, device="cpu")
                 except ImgclsError as exc:
@@ -229,8 +229,6 @@ class ServingState:
         }
 
     def _checkpoint_time(self) -> str | None:
-        from imgcls.checkpoint import find_checkpoint
-
         try:
             path = find_checkpoint(self.run_path)
         except ImgclsError:
@@ -360,8 +358,6 @@ def predictions(names: list[str], proba: np.ndarray, classes: list[str], top_k: 
     k = min(top_k, len(classes))
     answers = None
     if thresholds is not None:
-        from imgcls.evaluation.thresholds import apply_thresholds
-
         answers = apply_thresholds(proba, thresholds)
     out = []
     for i, name in enumerate(names):
@@ -381,8 +377,6 @@ def upscale(rgb: np.ndarray, min_side: int = OVERLAY_MIN_SIDE) -> np.ndarray:
 
 def overlay_png(exp) -> bytes:
     """PNG of the first image of an Explanation with its heatmap over it, upscaled to be seen."""
-    from imgcls.explain.explain import overlay
-
     buf = io.BytesIO()
     Image.fromarray(upscale(overlay(exp.images[0], exp.maps[0])), "RGB").save(buf, format="PNG")
     return buf.getvalue()
@@ -399,8 +393,6 @@ def explanation_json(exp, name: str) -> dict:
 
 def explain_image(state: ServingState, image: np.ndarray, name: str, method: str):
     """An Explanation of one uint8 (H, W, C) image by the torch model (runs in a worker thread)."""
-    from imgcls.explain.explain import explain_arrays
-
     clf, lock = state.explainer()
     with lock:
         return explain_arrays(clf.model, clf.meta, image[None], method=method, device=None, names=[name])
@@ -723,7 +715,7 @@ def uvicorn_config(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, **op
     to ``uvicorn.Config``."""
     import uvicorn
 
-    from imgcls.serving.http import protocol_with_deadline
+    from imgcls.serving.http import protocol_with_deadline  # uvicorn: on use
 
     http = protocol_with_deadline(app.state.client_timeout)
     return uvicorn.Config(app, host=host, port=port, http=http, **options)

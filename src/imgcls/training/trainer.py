@@ -29,6 +29,7 @@ from imgcls.checkpoint import read_checkpoint, save_checkpoint
 from imgcls.config import RunConfig, parse_duration
 from imgcls.data.augment import build_augment, resize_batch
 from imgcls.data.base import ImageDataset
+from imgcls.data.download import data_dir
 from imgcls.errors import ConfigError, TrainingError
 from imgcls.evaluation.evaluate import evaluate_model
 from imgcls.evaluation.metrics import cross_entropy, format_report, save_metrics
@@ -44,6 +45,7 @@ from imgcls.inference import (
 )
 from imgcls.models import ImageClassifier, create_model
 from imgcls.models.pretrained import LoadReport, classifier_layer, load_weights
+from imgcls.recipes import get_recipe
 from imgcls.rundir import RunFolder, environment
 from imgcls.training.optim import (
     EarlyStopping,
@@ -134,8 +136,6 @@ def check_compatible(cfg: RunConfig, ds: ImageDataset) -> list[str]:
     t = cfg.train
     notes = []
     if cfg.recipe:
-        from imgcls.recipes import get_recipe
-
         get_recipe(cfg.recipe).check(ds)
     if t.monitor.startswith("val_") and "val" not in ds.splits:
         if t.early_stopping or t.schedule == "plateau":
@@ -407,8 +407,6 @@ def fit(cfg: RunConfig, ds: ImageDataset, run: RunFolder, console, resume: bool 
 
 def fit_head(s: TrainState, ds: ImageDataset, say) -> dict:
     """Transfer stage 1: fit the classifier on the frozen backbone's cached features; the epoch-0 record."""
-    from imgcls.data.download import data_dir  # the cache's one location
-
     t = s.cfg.train
     started = time.perf_counter()
     _, h, w = ds.image_shape
