@@ -173,8 +173,9 @@ def train(config=None, *, resume: str | Path | None = None, quiet: bool = False,
 
 def _train(config, resume, console, on_epoch_end, overrides: dict, held: contextlib.ExitStack) -> Run:
     """:func:`train`'s body; ``held`` keeps the run folder's write lock until training and the report are done."""
-    from imgcls.training.optim import import_dynamo_in_background  # load() needs no trainer
-    from imgcls.training.trainer import check_compatible, fit  # load() needs no trainer
+    # on use: load() needs no trainer
+    from imgcls.training.optim import import_dynamo_in_background
+    from imgcls.training.trainer import check_compatible, fit
 
     if resume is not None:
         run = RunFolder(resume)

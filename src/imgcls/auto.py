@@ -28,7 +28,8 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
-from imgcls.data.folder import detect_layout, open_source
+from imgcls.data.layout import detect_layout
+from imgcls.data.sources import open_source
 from imgcls.errors import ImgclsError
 
 PHOTO_MIN_SIDE = 48  # pixels: a median shorter side at least this is a photo, worth ImageNet features

@@ -181,7 +181,10 @@ def cmd_train(args) -> int:
 
 def cmd_evaluate(args) -> int:
     import imgcls  # start-up time
-    from imgcls.evaluation.metrics import format_confusion, format_report  # start-up time
+    from imgcls.evaluation.metrics import (  # start-up time
+        format_confusion,
+        format_report,
+    )
 
     clf = imgcls.load(args.run, which=args.checkpoint, device=args.device)
     metrics = clf.evaluate(args.data, split=args.split, top_k=args.top_k, save=True)
@@ -275,7 +278,12 @@ def cmd_recipes(args) -> int:
 
 def cmd_models(args) -> int:
     from imgcls.config import parse_image_size  # start-up time
-    from imgcls.models import create_model, format_summary, list_models, summarize  # start-up time
+    from imgcls.models import (  # start-up time
+        create_model,
+        format_summary,
+        list_models,
+        summarize,
+    )
 
     if not args.name:
         models = list_models()
@@ -419,7 +427,11 @@ def cmd_cv(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from imgcls.reports.compare import compare_runs, format_leaderboard, write_compare  # start-up time
+    from imgcls.reports.compare import (  # start-up time
+        compare_runs,
+        format_leaderboard,
+        write_compare,
+    )
 
     result = compare_runs(args.runs)
     print(format_leaderboard(result))

@@ -17,7 +17,7 @@ import numpy as np
 
 from imgcls.checkpoint import load_model
 from imgcls.config import apply_overrides, config_from_dict, read_config_values
-from imgcls.data.folder import load_image_inputs
+from imgcls.data.inputs import load_image_inputs
 from imgcls.data.registry import build_dataset
 from imgcls.errors import DataError
 from imgcls.inference import predict_proba, scoring_runtime

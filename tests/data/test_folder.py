@@ -9,16 +9,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import imgcls.data.folder as folder_module
-from imgcls.data.folder import (
-    detect_layout,
-    load_folder,
-    load_image_inputs,
-    open_source,
-)
+from imgcls.data import decode as decode_module
+from imgcls.data import sources as sources_module
+from imgcls.data.folder import load_folder
 from imgcls.data.images import decode_image, to_array
-from imgcls.data.layout import Layout, describe_layout, split_of
+from imgcls.data.inputs import load_image_inputs
+from imgcls.data.layout import Layout, describe_layout, detect_layout, split_of
 from imgcls.data.registry import complete_splits
+from imgcls.data.sources import open_source
 from imgcls.errors import ConfigError, DataError
 
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
@@ -411,11 +409,11 @@ def test_parallel_decoding_matches_serial(tmp_path, monkeypatch):
     files["c0/bad.png"] = RANDOM_BYTES
     path = write_zip(tmp_path / "p.zip", files)
     serial = load_folder(path, workers=1)
-    monkeypatch.setattr(folder_module, "_PARALLEL_MIN", 0)
-    monkeypatch.setattr(folder_module, "_CHUNK", 7)
+    monkeypatch.setattr(decode_module, "_PARALLEL_MIN", 0)
+    monkeypatch.setattr(decode_module, "_CHUNK", 7)
     pools = []
-    make_executor = folder_module._make_executor
-    monkeypatch.setattr(folder_module, "_make_executor", lambda *a: pools.append(1) or make_executor(*a))
+    make_executor = decode_module._make_executor
+    monkeypatch.setattr(decode_module, "_make_executor", lambda *a: pools.append(1) or make_executor(*a))
     parallel = load_folder(path, workers=2)
     assert pools == [1]
     np.testing.assert_array_equal(parallel.splits["all"].images, serial.splits["all"].images)
@@ -441,8 +439,8 @@ def test_workers_write_into_shared_slots_and_a_whole_group_is_not_copied(tmp_pat
         files["c1/013.png"] = png((1, 2, 3), size=(9, 4))
     path = write_zip(tmp_path / "p.zip", files)
     serial = load_folder(path, workers=1)
-    monkeypatch.setattr(folder_module, "_PARALLEL_MIN", 0)
-    monkeypatch.setattr(folder_module, "_CHUNK", 7)
+    monkeypatch.setattr(decode_module, "_PARALLEL_MIN", 0)
+    monkeypatch.setattr(decode_module, "_CHUNK", 7)
     parallel = load_folder(path, workers=2)
     np.testing.assert_array_equal(parallel.splits["all"].images, serial.splits["all"].images)
     assert parallel.splits["all"].paths == serial.splits["all"].paths
@@ -479,7 +477,7 @@ def test_a_zip_lists_and_reads_as_zipfile_does(tmp_path, kind):
         with zipfile.ZipFile(path, "a") as zf, zf.open("dogs/g.png", "w", force_zip64=True) as member:
             member.write(png((10, 11, 12)))
     want_files, want_dirs, want_bytes = _zipfile_view(path)
-    parsed = folder_module._parse_members(folder_module.zip_central_directory(path) or b"PK")
+    parsed = sources_module._parse_members(sources_module.zip_central_directory(path) or b"PK")
     assert (parsed is None) == (kind == "data-in-front")  # the offsets there need zipfile's correction
     with open_source(path) as source:
         assert source.files() == want_files and source.dirs() == want_dirs
@@ -492,7 +490,7 @@ def test_a_zip_whose_directory_is_damaged_is_refused_with_its_name(tmp_path):
     at = data.rindex(b"PK\x01\x02")  # the last member's central-directory entry
     data[at + 3] = 9  # its signature
     path.write_bytes(bytes(data))
-    assert folder_module._parse_members(folder_module.zip_central_directory(path)) is None
+    assert sources_module._parse_members(sources_module.zip_central_directory(path)) is None
     with pytest.raises(DataError, match="d.zip: cannot be read as a zip file"):
         load_folder(path)
 
@@ -624,16 +622,16 @@ def test_plain_jpegs_load_through_the_shortcut_with_the_pixels_pil_gives(tmp_pat
                                     quality=75) for c in ("cats", "dogs") for i in range(4)}
     files["dogs/gray.jpg"] = encode(Image.fromarray(rng.integers(0, 256, (12, 10), dtype=np.uint8)), "JPEG")
     path = write_zip(tmp_path / "d.zip", files)
-    real, taken = folder_module.decode_jpeg_array, []
+    real, taken = decode_module.decode_jpeg_array, []
 
     def spy(*args):
         out = real(*args)
         taken.append(out is not None)
         return out
 
-    monkeypatch.setattr(folder_module, "decode_jpeg_array", spy)
+    monkeypatch.setattr(decode_module, "decode_jpeg_array", spy)
     fast = load_folder(path, workers=1)
-    monkeypatch.setattr(folder_module, "decode_jpeg_array", lambda *args: None)
+    monkeypatch.setattr(decode_module, "decode_jpeg_array", lambda *args: None)
     slow = load_folder(path, workers=1)
     # Every file takes the shortcut: the gray one decodes to one channel, as with PIL, and is made RGB
     # with the rest of the dataset afterwards.

@@ -43,7 +43,7 @@ def test_a_zip_bomb_member_is_a_bad_file_and_memory_stays_small(tmp_path):
 
 
 def test_a_member_that_inflates_too_many_times_over_is_refused_before_inflating(tmp_path, monkeypatch):
-    from imgcls.data import folder
+    from imgcls.data import sources
 
     path = tmp_path / "ratio.zip"
     with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
@@ -52,8 +52,8 @@ def test_a_member_that_inflates_too_many_times_over_is_refused_before_inflating(
     inflated = []
     counting = types.SimpleNamespace(**{k: getattr(zlib, k) for k in dir(zlib) if not k.startswith("__")})
     counting.decompressobj = lambda *a: inflated.append(a) or zlib.decompressobj(*a)
-    monkeypatch.setattr(folder, "zlib", counting)
-    with folder.ZipSource(path) as source:
+    monkeypatch.setattr(sources, "zlib", counting)
+    with sources.ZipSource(path) as source:
         try:
             source.read("a/zeros.bmp")
             raise AssertionError("a 1,000:1 member over 8 MiB was read")

@@ -31,7 +31,7 @@ from typing import Callable
 import numpy as np
 
 from imgcls.data.base import ImageDataset, SkippedFile, Split
-from imgcls.data.folder import (
+from imgcls.data.sources import (
     FolderSource,
     ZipSource,
     open_source,
@@ -62,7 +62,7 @@ def source_key(path: str | os.PathLike, follow_links: bool = False) -> str:
 
     Raises:
         DataError: the path is neither a folder nor a zip file, or holds a
-            link that :class:`~imgcls.data.folder.FolderSource` refuses.
+            link that :class:`~imgcls.data.sources.FolderSource` refuses.
     """
     path = Path(path).expanduser()
     if path.is_file():

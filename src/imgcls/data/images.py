@@ -1,6 +1,6 @@
 """Decoding one image file into a uint8 array.
 
-Shared by training-data loading (:mod:`imgcls.data.folder`) and prediction, so
+Shared by training-data loading (:mod:`imgcls.data.decode`) and prediction, so
 that an image is turned into pixels the same way in both places.
 
 The two steps are kept apart:
