@@ -1,6 +1,6 @@
 """How far each attribution method can be trusted, on a task where the evidence is known.
 
-For each seed: build :func:`imgcls.explain.sanity.make_pattern_dataset`
+For each seed: build ``make_pattern_dataset`` (tests/explain/patterns.py)
 (32x32 noise, one 8x8 class shape and one 8x8 distractor shape of no class, at
 random places), train a ResNet-8 on it as ``tests/explain/test_localisation.py``
 does, and on the correctly classified held-out images measure per method:
@@ -28,7 +28,9 @@ import argparse
 import os
 import platform
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -40,13 +42,14 @@ from imgcls.explain.sanity import (
     deletion_auc,
     deletion_curve,
     edge_map,
-    make_pattern_dataset,
     peak_in_box,
     random_deletion_auc,
     randomisation_check,
-    train_pattern_model,
 )
 from imgcls.inference import channel_stats, normalization_tensors, to_input
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "explain"))  # the pattern task: test data
+from patterns import make_pattern_dataset, train_pattern_model  # noqa: E402
 
 TRAIN_IMAGES = 3000
 TRAIN_STEPS = 300  # Adam steps

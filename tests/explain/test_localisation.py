@@ -1,6 +1,6 @@
 """Attribution maps land where the evidence is, and the sanity checks can fail.
 
-A ResNet-8 is trained here on :func:`make_pattern_dataset`: 32x32 noise with
+A ResNet-8 is trained here on :func:`patterns.make_pattern_dataset`: 32x32 noise with
 one 8x8 class shape (cross, ring, diagonal, square) and one 8x8 distractor
 shape of no class, each of random colour at a random place, so the only
 evidence for the class is the class shape.  On held-out images the model
@@ -17,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from patterns import make_pattern_dataset, train_pattern_model
 
 from imgcls.explain.attribution import METHODS, attribute
 from imgcls.explain.sanity import (
@@ -24,11 +25,9 @@ from imgcls.explain.sanity import (
     deletion_auc,
     deletion_curve,
     edge_map,
-    make_pattern_dataset,
     peak_in_box,
     random_deletion_auc,
     randomisation_check,
-    train_pattern_model,
 )
 from imgcls.inference import channel_stats, normalization_tensors, to_input
 

@@ -6,15 +6,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from patterns import PATTERN_SIZE, make_pattern_dataset
 from torch import nn
 
 from imgcls.errors import ConfigError
 from imgcls.explain.sanity import (
-    PATTERN_SIZE,
     deletion_auc,
     deletion_curve,
     edge_map,
-    make_pattern_dataset,
     peak_in_box,
     random_deletion_auc,
     randomisation_check,
