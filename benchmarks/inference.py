@@ -79,7 +79,9 @@ def main() -> None:
     import imgcls
     from imgcls.export import export_onnx, load_onnx
     from imgcls.inference import resolve_runtime
+    from imgcls.startup import keep_freed_memory
 
+    keep_freed_memory()  # as imgcls predict and serve do: a program that predicts through imgcls.load opts in
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=5)
     add_cpu_class_argument(parser)  # ONNX Runtime has no ISA cap: under avx2 it still uses all the CPU has

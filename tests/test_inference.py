@@ -75,11 +75,10 @@ def test_the_batch_size_counts_views_so_the_model_never_sees_more_at_once(tta, v
 
 _FAULTS_CHILD = """
 import resource, sys, torch
-from imgcls import inference
+from imgcls import inference, startup
 from imgcls.models import create_model
 path = sys.argv[1]
-if path == "train":
-    inference.keep_freed_memory()  # as fit() does; predict_logits must do it by itself
+startup.keep_freed_memory()  # as every entry point does (the CLI, api.train, serve)
 torch.manual_seed(0)
 model = create_model("fastnet", in_chans=3, num_classes=10, img_size=(32, 32), widths=[64, 64, 64], whiten=False)
 x, y = torch.randn(512, 3, 32, 32), torch.randint(0, 10, (512,))
@@ -99,7 +98,7 @@ for _ in range(5):
     before = faults()
     step()
     per_step.append(faults() - before)
-print(inference._ALLOCATOR_TUNED, min(per_step))  # the steady step: an odd step may still grow an arena
+print(startup._ALLOCATOR_TUNED, min(per_step))  # the steady step: an odd step may still grow an arena
 """
 
 
@@ -109,8 +108,8 @@ print(inference._ALLOCATOR_TUNED, min(per_step))  # the steady step: an odd step
 def test_keep_freed_memory_stops_steps_and_predictions_faulting_their_buffers_in_again(path, mode):
     # With glibc's default every training step maps its big buffers afresh and page-faults them in (276,000 to
     # 346,000 faults a step here; 173,000 a prediction of 512 images); keep_freed_memory() lets the next step
-    # reuse them. Prediction on the CPU tunes it by itself (the fp32 6-view test pass of cifar10-fast: 62 s
-    # untuned, 34 s tuned). The fewest faults of five steps is compared, not the mean: tuned, most steps fault
+    # reuse them, and prediction gains as much (the fp32 6-view test pass of cifar10-fast: 62 s untuned, 34 s
+    # tuned). The fewest faults of five steps is compared, not the mean: tuned, most steps fault
     # 0 times, but an odd step that grows a thread's arena took the mean of three to 13,951 once in CI.
     # IMGCLS_MALLOC=system keeps glibc's default.
     env = {**os.environ, "IMGCLS_MALLOC": "system" if mode == "system" else ""}
@@ -183,3 +182,25 @@ def test_training_defaults_to_channels_last_on_every_cpu_and_fp32_where_bf16_is_
     rt = resolve_runtime("cpu")
     assert (rt.bf16, rt.channels_last) == (False, True)
     assert resolve_runtime("cpu", "auto", "off").channels_last is False
+
+
+_LIBRARY_CHILD = """
+import sys, torch
+from imgcls import inference, startup
+from imgcls.models import create_model
+model = create_model("fastnet_small", in_chans=3, num_classes=2, img_size=(16, 16))
+cpu = inference.Runtime(torch.device("cpu"), bf16=False, channels_last=False)
+inference.predict_logits(model, torch.zeros(4, 16, 16, 3, dtype=torch.uint8), {"mean": [0.5] * 3, "std": [0.25] * 3},
+                         cpu, 4)
+print(startup._ALLOCATOR_TUNED)
+from imgcls.cli import main
+main(["models"])
+print(startup._ALLOCATOR_TUNED)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc tuning is Linux-only")
+def test_a_library_call_leaves_the_allocator_alone_and_an_entry_point_tunes_it():
+    out = subprocess.run([sys.executable, "-c", _LIBRARY_CHILD], env={**os.environ, "IMGCLS_MALLOC": ""},
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.split()[0] == "False" and out.stdout.split()[-1] == "True", out.stdout

@@ -34,6 +34,7 @@ from imgcls.inference import normalization_tensors, resolve_runtime, to_input
 from imgcls.predictor import Predictor  # noqa: F401 (re-exported: the face of the package)
 from imgcls.recipes import PRECISION_CLASSES, get_recipe
 from imgcls.rundir import CONFIG, RunFolder
+from imgcls.startup import keep_freed_memory  # also the opt-in of library users
 
 
 def make_config(config: str | Path | dict | RunConfig | None = None, **overrides) -> RunConfig:
@@ -166,6 +167,7 @@ def train(config=None, *, resume: str | Path | None = None, quiet: bool = False,
         **overrides: flat options, named as the CLI flags: ``data``, ``model``,
             ``epochs``, ``lr``, ``optimizer``, ``augment``, ...
     """
+    keep_freed_memory()  # an entry point: see imgcls.startup
     console = console or _console(quiet)
     with contextlib.ExitStack() as held:
         return _train(config, resume, console, on_epoch_end, overrides, held)
@@ -247,6 +249,7 @@ def cross_validate(config=None, folds: int = 5, *, out_dir: str | Path | None = 
     from imgcls.reports.cv import write_cv_page  # on use
     from imgcls.training.cv import cross_validate as run_folds  # on use
 
+    keep_freed_memory()  # an entry point: see imgcls.startup
     console = console or _console(quiet)
     out_dir = None if out_dir is None else Path(out_dir)
     result = run_folds(make_config(config, **overrides), folds, console, out_dir=out_dir)

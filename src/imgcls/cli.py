@@ -20,6 +20,7 @@ import yaml
 
 from imgcls.config import RunConfig, flat_fields, split_list
 from imgcls.errors import ImgclsError, is_disk_full
+from imgcls.startup import import_paused, keep_freed_memory
 
 
 def _parse_option(text: str) -> tuple[str, object]:
@@ -417,8 +418,6 @@ def cmd_probe(args) -> int:
 def cmd_cv(args) -> int:
     from rich.console import Console
 
-    from imgcls.startup import import_paused  # start-up time
-
     api, cv = import_paused("imgcls.api"), import_paused("imgcls.evaluation.cv")
     overrides = _config_overrides(args)
     result = api.cross_validate(args.config, args.folds, console=Console(highlight=False), **overrides)
@@ -448,6 +447,7 @@ COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    keep_freed_memory()  # a command is a process of its own: the entry point sets it (imgcls.startup)
     try:
         return COMMANDS[args.command](args)
     except ImgclsError as exc:

@@ -43,42 +43,6 @@ def cpu_has_fast_bf16() -> bool:
     return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
-# glibc mallopt parameters (malloc.h).
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-_ALLOCATOR_TUNED = False
-
-
-def keep_freed_memory() -> bool:
-    """Let glibc's malloc reuse freed activation buffers instead of returning them to the system.
-
-    By default glibc serves each allocation over 32 MiB with a fresh ``mmap``
-    and unmaps it on free, so every training step page-faults its activations
-    and gradients in again (about 270,000 faults a step for fastnet at batch
-    1024); that took a fifth of the step time on the 2-core CPU.  Serving them
-    from the heap, and keeping the heap's freed top, removes the faults.  The
-    cost: memory freed after training stays with the process until it exits.
-
-    Prediction gains as much: the fp32 test pass of a ``cifar10-fast`` model
-    (6-view TTA, 10,000 images) took 62 s with glibc's default and 34 s with
-    this (one-off, the 2-core CPU).  So it is called by training on the CPU and
-    by :func:`predict_logits` on the CPU (``evaluate``, ``predict``, ``serve``
-    and ``imgcls.load(...).predict`` all go through it); once per process; a
-    no-op off Linux glibc or when ``IMGCLS_MALLOC=system``.  Returns whether
-    the setting is in force.
-    """
-    global _ALLOCATOR_TUNED
-    if _ALLOCATOR_TUNED or os.environ.get("IMGCLS_MALLOC", "").lower() == "system":
-        return _ALLOCATOR_TUNED
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        _ALLOCATOR_TUNED = bool(libc.mallopt(_M_MMAP_THRESHOLD, 2**30) and libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
-    except (OSError, AttributeError):
-        _ALLOCATOR_TUNED = False
-    return _ALLOCATOR_TUNED
-
-
 @contextmanager
 def ieee_fp32():
     """CUDA convolutions and matrix products in IEEE fp32 (no TF32) inside the context; restored after."""
@@ -279,8 +243,6 @@ def predict_logits(model: torch.nn.Module, images, norm: dict, runtime: Runtime,
     sees at once, views included: with 6-view TTA, 1024 means 170 images (at
     6 x 1024 the fp32 test pass of fastnet on the 2-core CPU took 60 s instead of 34 s).
     """
-    if runtime.device.type == "cpu":
-        keep_freed_memory()
     model.eval()
     mean, std = normalization_tensors(norm, runtime.device)
     images = torch.as_tensor(images)

@@ -77,6 +77,7 @@ from imgcls.serving.schemas import (
     PredictResponse,
     Ready,
 )
+from imgcls.startup import keep_freed_memory
 
 log = logging.getLogger("imgcls.serving")
 
@@ -726,6 +727,7 @@ def serve(run_path: str | Path, host: str = "127.0.0.1", port: int = 8000, log_l
     """Serve a run with uvicorn until interrupted; ``options`` go to :func:`create_app`."""
     import uvicorn
 
+    keep_freed_memory()  # an entry point: see imgcls.startup
     app = create_app(run_path, **options)
     app.state.serving.preload()  # a bad run or a missing export is one error line, not uvicorn's traceback
     uvicorn.Server(uvicorn_config(app, host, port, log_level=log_level)).run()

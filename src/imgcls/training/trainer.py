@@ -36,7 +36,6 @@ from imgcls.evaluation.metrics import cross_entropy, format_report, save_metrics
 from imgcls.inference import (
     Runtime,
     channel_stats,
-    keep_freed_memory,
     normalization_tensors,
     predict_proba,
     resolve_runtime,
@@ -338,8 +337,6 @@ def fit(cfg: RunConfig, ds: ImageDataset, run: RunFolder, console, resume: bool 
     """
     t = cfg.train
     runtime = resolve_runtime(t.device, t.precision, t.channels_last)
-    if runtime.device.type == "cpu":
-        keep_freed_memory()
     s = prepare(cfg, ds, runtime)
     s.dataset = ds
     if resume:
