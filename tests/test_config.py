@@ -142,3 +142,34 @@ def test_an_option_of_the_wrong_kind_names_the_model_and_option(capsys):
     assert main(["train", "--model-option", "widths=abc", "--epochs", "1", "--no-report"]) == 2
     err = capsys.readouterr().err
     assert "model 'fastnet_small' cannot take the options widths='abc'" in err and "Traceback" not in err
+
+
+def test_validation_changes_nothing_and_resolving_gives_a_new_config():
+    import copy
+
+    from imgcls.config import RunConfig
+
+    cfg = RunConfig()
+    cfg.data.image_size, cfg.train.augment, cfg.train.class_weights = "32x48", "hflip,crop", "1,2"
+    before = copy.deepcopy(cfg)
+    assert cfg.validate() is None and cfg == before
+    resolved = cfg.resolved()
+    assert resolved is not cfg and cfg == before
+    assert resolved.data.image_size == [32, 48] and resolved.train.augment == ["hflip", "crop"]
+    assert resolved.train.class_weights == [1.0, 2.0]
+    resolved.model.options["dropout"] = 0.5  # the new config shares no mutable part with the old
+    assert cfg.model.options == before.model.options
+
+
+def test_a_setting_that_follows_the_data_comes_back_in_a_new_config():
+    import numpy as np
+
+    from imgcls.data.base import ImageDataset, Split
+    from imgcls.training.trainer import check_compatible
+
+    cfg = make_config(val_fraction=0.0, model_option={"widths": [8, 8, 8]})
+    split = Split(np.zeros((80, 8, 8, 1), np.uint8), np.arange(80) % 2)
+    ds = ImageDataset("tiny", ["a", "b"], {"train": split, "test": split})
+    resolved, notes = check_compatible(cfg, ds)
+    assert cfg.train.monitor == "val_loss" and resolved.train.monitor == "train_loss"
+    assert notes == ["no val split: the best checkpoint is chosen by train_loss"]

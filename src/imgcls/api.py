@@ -206,7 +206,8 @@ def _train(config, resume, console, on_epoch_end, overrides: dict, held: context
     data_seconds = time.perf_counter() - started
     for line in ds.summary_lines() + [f"data ready in {data_seconds:.1f}s"]:
         console.print(line, highlight=False, markup=False, soft_wrap=True)
-    for note in check_compatible(cfg, ds):
+    cfg, notes = check_compatible(cfg, ds)
+    for note in notes:
         console.print(f"note: {note}", highlight=False, markup=False, soft_wrap=True)
     if resume is None:
         run = RunFolder.create(cfg)

@@ -15,7 +15,7 @@ import os
 import re
 import reprlib
 import typing
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -142,8 +142,8 @@ class RunConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-    def validate(self) -> "RunConfig":
-        """Check every value that can be checked without data; raise ConfigError."""
+    def validate(self) -> None:
+        """Check every value that can be checked without data; raise ConfigError.  Changes nothing."""
         for where, obj in (("", self), ("data.", self.data), ("model.", self.model), ("train.", self.train)):
             _check_types(obj, where)
         for section in (self.data, self.train):
@@ -165,7 +165,7 @@ class RunConfig:
         if d.channels not in (None, 1, 3):
             raise ConfigError(f"channels must be 1 or 3, got {d.channels!r}")
         if d.image_size is not None:
-            d.image_size = parse_image_size(d.image_size)
+            parse_image_size(d.image_size)
         _check_range("lr", t.lr, 0.0, 100.0, low_open=True)
         _check_range("label_smoothing", t.label_smoothing, 0.0, 0.999)
         _check_range("momentum", t.momentum, 0.0, 0.9999)
@@ -191,16 +191,26 @@ class RunConfig:
             _check_int(name, getattr(t, name), 0, 1_000_000)
         if t.grad_clip is not None:
             _check_range("grad_clip", t.grad_clip, 0.0, math.inf, low_open=True)
-        t.class_weights = parse_class_weights(t.class_weights)
+        parse_class_weights(t.class_weights)
         if t.nesterov and t.optimizer not in ("sgd", "muon"):
             raise ConfigError(f"nesterov applies to the sgd and muon optimizers only, not {t.optimizer!r}")
         _check_range("muon_lr", t.muon_lr, 0.0, 100.0, low_open=True)
         _check_range("muon_momentum", t.muon_momentum, 0.0, 0.9999)
         if t.nesterov and t.momentum <= 0:
             raise ConfigError("nesterov needs momentum > 0")
-        if not isinstance(t.augment, list):
-            t.augment = split_list(t.augment)
-        return self
+
+    def resolved(self) -> "RunConfig":
+        """A new, checked RunConfig with its values in their canonical form.
+
+        ``image_size`` becomes ``[height, width]``, ``class_weights`` a list or
+        ``"balanced"``, ``augment`` a list; this config is left as it was.
+        """
+        self.validate()
+        d, t = self.data, self.train
+        data = replace(d, image_size=None if d.image_size is None else parse_image_size(d.image_size))
+        augment = list(t.augment) if isinstance(t.augment, list) else split_list(t.augment)
+        train = replace(t, class_weights=parse_class_weights(t.class_weights), augment=augment)
+        return replace(self, data=data, model=replace(self.model, options=dict(self.model.options)), train=train)
 
 
 # Fields whose own parser takes more than their annotation says (a "32x32" size, a "90s" budget, "a,b" lists).
@@ -339,7 +349,7 @@ def config_from_dict(values: dict) -> RunConfig:
         raise ConfigError(f"unknown config field {unknown[0]!r}; top-level fields are: {', '.join(sorted(known))}")
     kwargs = {k: _section_from_dict(cls, values.get(k) or {}, k) for k, cls in sections.items()}
     kwargs.update({k: values[k] for k in top if k in values})
-    return RunConfig(**kwargs).validate()
+    return RunConfig(**kwargs).resolved()
 
 
 def load_config(path: str | Path) -> RunConfig:

@@ -62,7 +62,8 @@ def cross_validate(cfg: RunConfig, folds: int, console, out_dir: Path | None = N
         indices.update({f"fold{i}_{name}": idx for name, idx in index.items()})
         fold_cfg = copy.deepcopy(cfg)
         fold_cfg.out_dir, fold_cfg.name = str(cv_dir), f"fold-{i}"
-        for note in check_compatible(fold_cfg, fold_ds):
+        fold_cfg, notes = check_compatible(fold_cfg, fold_ds)
+        for note in notes:
             _say(console, f"note: {note}")
         sizes = ", ".join(f"{k} {len(v)}" for k, v in index.items() if k != "test")
         _say(console, f"fold {i}/{folds}: {sizes}; its test split is the held-out fold {i} ({len(held_out)} images)")

@@ -15,6 +15,7 @@ uninterrupted run takes.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import math
 import time
@@ -127,10 +128,13 @@ def low_res_size(t, image_shape) -> tuple[int, int] | None:
     return max(1, round(h * t.low_res_scale)), max(1, round(w * t.low_res_scale))
 
 
-def check_compatible(cfg: RunConfig, ds: ImageDataset) -> list[str]:
+def check_compatible(cfg: RunConfig, ds: ImageDataset) -> tuple[RunConfig, list[str]]:
     """Refuse, before any training, what the config and data cannot do together.
 
-    Returns notes for the user about settings resolved from the data.
+    Returns:
+        (the config resolved for this data, a new object where a setting had to
+        follow the data (``cfg`` itself otherwise), notes for the user saying
+        which settings and why).
     """
     t = cfg.train
     notes = []
@@ -140,7 +144,8 @@ def check_compatible(cfg: RunConfig, ds: ImageDataset) -> list[str]:
         if t.early_stopping or t.schedule == "plateau":
             raise ConfigError(f"monitor {t.monitor!r} needs a validation split; set --val-fraction above 0 "
                               f"or monitor train_loss")
-        t.monitor = t.monitor.replace("val_", "train_")
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(t, monitor=t.monitor.replace("val_", "train_")))
+        t = cfg.train
         notes.append(f"no val split: the best checkpoint is chosen by {t.monitor}")
     if isinstance(t.class_weights, list) and len(t.class_weights) != ds.num_classes:
         raise ConfigError(f"class_weights has {len(t.class_weights)} values but the dataset has "
@@ -167,7 +172,7 @@ def check_compatible(cfg: RunConfig, ds: ImageDataset) -> list[str]:
                               f"{low[0]}x{low[1]} images (the data is {h}x{w}), and it cannot take them ({reason}); "
                               f"use a model that pools globally (such as fastnet) or a scale nearer 1, "
                               f"or turn progressive resizing off with low_res_scale 1") from e
-    return notes
+    return cfg, notes
 
 
 def prepare(cfg: RunConfig, ds: ImageDataset, runtime: Runtime) -> TrainState:
