@@ -14,7 +14,11 @@
 * ``start_epoch(epoch)`` is called before each training epoch (0-based) and
   may change which parameters train (freeze some after a few epochs); the
   default does nothing.  It depends only on ``epoch``, so a resumed run
-  trains the same parameters as an uninterrupted one.
+  trains the same parameters as an uninterrupted one;
+* ``apply_constraints()`` is called after every optimiser step and may
+  project the weights back into a constraint set (a max-norm on each unit's
+  weights, as Keras' kernel constraints do); the default does nothing.  The
+  trainer calls it only on models that override it.
 
 Models see only tensors: they know nothing of data, training or serving.
 """
@@ -63,6 +67,9 @@ class ImageClassifier(nn.Module):
 
     def start_epoch(self, epoch: int) -> None:
         """Called before training epoch ``epoch`` (0-based); nothing by default."""
+
+    def apply_constraints(self) -> None:
+        """Called after every optimiser step to project the weights into a constraint set; nothing by default."""
 
 
 def pooled_linear_head(channels: int, num_classes: int, dropout: float = 0.0) -> nn.Sequential:
