@@ -205,18 +205,11 @@ def cmd_predict(args) -> int:
     if args.thresholds and thresholds is None:
         raise ImgclsError(f"{args.run} has no thresholds stored; run `imgcls thresholds {args.run}` first")
     names, images, bad = clf.load_inputs(args.inputs)
-    proba = clf.proba_of_arrays(images) if len(images) else []
-    k = min(args.top_k, len(clf.classes))
-    rows = []
-    for name, p in zip(names, proba):
-        top = p.argsort()[::-1][:k]
-        row = {"input": name, "top": [{"class": clf.classes[i], "probability": float(p[i])} for i in top]}
-        if thresholds is not None:
-            from imgcls.evaluation.thresholds import apply_thresholds  # start-up time
+    from imgcls.evaluation.thresholds import rank_classes  # start-up time
 
-            label = int(apply_thresholds(p[None], thresholds)[0])
-            row["answer"] = "unknown" if label < 0 else clf.classes[label]
-        rows.append(row)
+    proba = clf.proba_of_arrays(images) if len(images) else []
+    ranked = rank_classes(proba, clf.classes, args.top_k, thresholds) if len(images) else []
+    rows = [{"input": name, **r} for name, r in zip(names, ranked)]
     print(_format_predictions(rows, bad, args.format), end="")
     for b in bad:
         print(f"error: cannot read {b.path}: {b.reason}", file=sys.stderr)

@@ -131,6 +131,31 @@ def apply_thresholds(proba: np.ndarray, thresholds) -> np.ndarray:
     return pred
 
 
+def rank_classes(proba: np.ndarray, classes: list[str], top_k: int, thresholds=None) -> list[dict]:
+    """What a prediction answers, per image: its ``top_k`` classes with probabilities, and with per-class
+    ``thresholds`` the ``answer`` (a class, or ``"unknown"`` when none clears its threshold).
+
+    Args:
+        proba: class probabilities, float (N, K).
+        classes: the K class names.
+        top_k: classes listed per image (at most K); equal probabilities keep the classes' order.
+        thresholds: K thresholds (see :func:`apply_thresholds`), or None for no answer.
+
+    Returns:
+        Per image ``{"top": [{"class", "probability"}, ...]}``, plus ``"answer"`` with thresholds.
+    """
+    proba = np.asarray(proba, dtype=np.float64).reshape(-1, len(classes))
+    answers = None if thresholds is None else apply_thresholds(proba, thresholds)
+    out = []
+    for i, p in enumerate(proba):
+        order = np.argsort(-p, kind="stable")[:min(top_k, len(classes))]
+        item = {"top": [{"class": classes[j], "probability": float(p[j])} for j in order]}
+        if answers is not None:
+            item["answer"] = "unknown" if answers[i] < 0 else classes[answers[i]]
+        out.append(item)
+    return out
+
+
 def plot_pr_curves(proba: np.ndarray, labels: np.ndarray, classes: list[str], thresholds):
     """One precision-recall panel per class (one-vs-rest), the chosen threshold marked, AP in the title.
 

@@ -64,7 +64,7 @@ from imgcls import __version__, rundir
 from imgcls.checkpoint import find_checkpoint
 from imgcls.data.images import BadImageError, decode_image, to_array
 from imgcls.errors import ConfigError, ImgclsError, unknown_name
-from imgcls.evaluation.thresholds import apply_thresholds
+from imgcls.evaluation.thresholds import rank_classes
 from imgcls.explain.attribution import METHODS as EXPLAIN_METHODS
 from imgcls.explain.explain import explain_arrays, overlay
 from imgcls.predictor import load
@@ -356,18 +356,8 @@ async def decode_uploads(state: ServingState, uploads: list[UploadFile]) -> tupl
 
 def predictions(names: list[str], proba: np.ndarray, classes: list[str], top_k: int, thresholds) -> list[dict]:
     """The ``predictions`` list of /v1/predict from probabilities (N, K)."""
-    k = min(top_k, len(classes))
-    answers = None
-    if thresholds is not None:
-        answers = apply_thresholds(proba, thresholds)
-    out = []
-    for i, name in enumerate(names):
-        order = np.argsort(-proba[i], kind="stable")[:k]
-        item = {"filename": name, "top": [{"class": classes[j], "probability": float(proba[i, j])} for j in order]}
-        if answers is not None:
-            item["answer"] = "unknown" if answers[i] < 0 else classes[answers[i]]
-        out.append(item)
-    return out
+    ranked = rank_classes(proba, classes, top_k, thresholds)
+    return [{"filename": name, **r} for name, r in zip(names, ranked)]
 
 
 def upscale(rgb: np.ndarray, min_side: int = OVERLAY_MIN_SIDE) -> np.ndarray:
