@@ -53,6 +53,10 @@ SMALL = ("--model-option", "widths=[8,8,8]")  # a small fastnet: a training case
 RSS_BOUND_MB = 600  # MB: imgcls on tiny data peaks at 225-380 here; a member of 1 GiB inflated is far past it
 
 
+class CaseUnsupported(Exception):
+    """This machine cannot make the case's files (a file system that refuses names that are not UTF-8)."""
+
+
 @dataclass(frozen=True)
 class Case:
     """One hostile input and the behaviour expected of ``imgcls``.
@@ -127,13 +131,14 @@ def judge(case: Case, outcome: Outcome) -> list[tuple[str, str]]:
         found.append(("traceback", _tail(err)))
     if case.max_rss_mb is not None and outcome.peak_rss_mb is not None and outcome.peak_rss_mb > case.max_rss_mb:
         found.append(("blow-up", f"peak RSS {outcome.peak_rss_mb:,.0f} MB, bound {case.max_rss_mb:,.0f} MB"))
-    found += [("silent wrong", p) for p in outcome.post]
-    if outcome.timed_out or found and found[0][0] == "traceback":
-        return found
-    if outcome.code != case.code:
-        kind = "silent wrong" if outcome.code == 0 else "unclear"
+    crashed = outcome.timed_out or "Traceback" in err  # its exit code and message say nothing more
+    if not crashed and outcome.code != case.code:
+        kind = "silent wrong" if outcome.code == 0 else "unclear"  # exit 0: a bad input taken as good
         found.append((kind, f"exit {outcome.code}, expected {case.code}: {_tail(err)}"))
-    elif case.code != 0:
+    found += [("silent wrong", p) for p in outcome.post]
+    if crashed or outcome.code != case.code:
+        return found
+    if case.code != 0:
         found += [("unclear", p) for p in message_problems(case, err)]
     else:
         if missing := [w for w in case.expect if w not in err]:
@@ -846,8 +851,9 @@ def checkpoint_cases(root: Path, base: Path) -> list[Case]:
             cases.append(Case(
                 "checkpoint", f"{damage_name}/{command}", tuple(argv(run, d)), code=2,
                 expect=(f"{damage_name}-{command}", *(damage.words_for or {}).get(command, damage.words)), setup=setup_for(d, damage.fn), watch=(run,),
-                # a refused resume rewrites config.yaml with the new epochs: run-folder/refused-resume-keeps-config
-                unwatched=(".lock", "config.yaml") if command == "resume" else (".lock",),
+                # a refused resume rewrites config.yaml with the new epochs (run-folder/refused-resume-keeps-config)
+                # and may log to train.log
+                unwatched=(".lock", "config.yaml", "train.log") if command == "resume" else (".lock",),
                 check=_absent(d / "export"), xfail=(damage.bugs or {}).get(command)))
     return cases
 
@@ -1000,12 +1006,16 @@ def _non_utf8_folder(root: Path) -> Callable[[], None]:
         raw = os.fsencode(root)
         if os.path.isdir(raw):
             return
-        for cls, base in ((b"dark", 40), (b"li\xffght", 200)):
-            os.makedirs(os.path.join(raw, cls))
-            for i in range(16):
-                name = f"img{i}".encode() + (b"\xfe\x80" if i % 4 == 0 else b"") + b".png"
-                with open(os.path.join(raw, cls, name), "wb") as fh:
-                    fh.write(png_bytes(base=base, seed=i))
+        try:
+            for cls, base in ((b"dark", 40), (b"li\xffght", 200)):
+                os.makedirs(os.path.join(raw, cls))
+                for i in range(16):
+                    name = f"img{i}".encode() + (b"\xfe\x80" if i % 4 == 0 else b"") + b".png"
+                    with open(os.path.join(raw, cls, name), "wb") as fh:
+                        fh.write(png_bytes(base=base, seed=i))
+        except OSError as exc:
+            shutil.rmtree(raw, ignore_errors=True)
+            raise CaseUnsupported(f"this file system refuses names that are not UTF-8 ({exc})") from None
     return setup
 
 
