@@ -18,6 +18,7 @@ import numpy as np
 
 from imgcls import predictor, rundir
 from imgcls.auto import choose
+from imgcls.checkpoint import load_model
 from imgcls.config import (
     RunConfig,
     apply_overrides,
@@ -192,6 +193,8 @@ def _train(config, resume, console, on_epoch_end, overrides: dict, held: context
             raise CheckpointError(f"a resumed run keeps its own config; only --epochs may change (got "
                                   f"{', '.join(extra) or '--config'})")
         held.enter_context(run.writing())  # before anything in it changes: a second resume stops here
+        load_model(run.checkpoint("last"))  # damage is refused before config.yaml takes the new epochs
+        rundir.read_history(run.path)
         if overrides.get("epochs") is not None:
             run.write_text(CONFIG, dump_config(cfg))
     else:

@@ -23,11 +23,11 @@ the one line saying what was chosen and why under ``auto``.
 
 from __future__ import annotations
 
-import io
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
+from imgcls.data.images import open_image
 from imgcls.data.layout import detect_layout
 from imgcls.data.sources import open_source
 from imgcls.errors import ImgclsError
@@ -89,10 +89,10 @@ def _spread(items: list, n: int) -> list:
 
 
 def _header_size(source, rel: str) -> tuple[int, int] | None:
-    from PIL import Image, UnidentifiedImageError
+    from PIL import UnidentifiedImageError
 
     try:
-        with Image.open(io.BytesIO(source.read(rel))) as img:
+        with open_image(source.read(rel)) as img:
             return img.height, img.width
     except (OSError, UnidentifiedImageError, ValueError):
         return None

@@ -30,8 +30,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from imgcls import rundir
-from imgcls.errors import CheckpointError, is_disk_full
-from imgcls.io import atomic_path
+from imgcls.errors import CheckpointError, ConfigError, is_disk_full
+from imgcls.io import atomic_path, read_json
 from imgcls.models import create_model
 
 FORMAT_VERSION = 1
@@ -141,6 +141,7 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     meta = upgrade_meta(doc, path)
     verify_tensors(path, tensors, meta.pop(CHECKSUM_KEY, None))
     check_meta(meta, path)
+    check_finite(path, tensors)
     state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
     if "train_state" in meta:
         meta["train_state"] = unflatten_state(meta["train_state"], tensors)
@@ -161,7 +162,18 @@ def verify_tensors(path: Path, tensors: dict[str, torch.Tensor], expected: str |
                               f"(checkpoints/last or best) or train again")
 
 
+def check_finite(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Refuse weights that hold NaN or infinity: every prediction from them would be NaN."""
+    bad = [k for k, v in tensors.items() if k.startswith("model.") and v.is_floating_point()
+           and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise CheckpointError(f"checkpoint {path} is damaged: {len(bad)} weight tensor(s) hold NaN or infinite "
+                              f"values (such as {bad[0][len('model.'):]}); use another checkpoint of the run "
+                              f"(checkpoints/last or best) or train again")
+
+
 MAX_INPUT_SIDE = 8192  # pixels: an input_shape beyond this is damage, not a model
+NORMALIZE_RANGE = {"mean": (-1e3, 1e3), "std": (1e-4, 1e3)}  # for pixels in [0, 1]: anything outside is damage
 
 
 def check_meta(meta: dict, path: Path) -> None:
@@ -185,10 +197,12 @@ def check_meta(meta: dict, path: Path) -> None:
     norm = meta.get("normalize")
     if norm is not None:
         ok = isinstance(norm, dict) and all(
-            isinstance(norm.get(k), list) and len(norm[k]) == shape[0] and all(_finite(v) for v in norm[k])
-            for k in ("mean", "std"))
-        if not ok or not all(v > 0 for v in norm["std"]):
-            raise bad(f"'normalize' must hold {shape[0]} finite 'mean' and positive 'std' values", norm)
+            isinstance(norm.get(k), list) and len(norm[k]) == shape[0]
+            and all(_finite(v) and lo <= v <= hi for v in norm[k]) for k, (lo, hi) in NORMALIZE_RANGE.items())
+        if not ok:
+            (mlo, mhi), (slo, shi) = NORMALIZE_RANGE["mean"], NORMALIZE_RANGE["std"]
+            raise bad(f"'normalize' must hold {shape[0]} finite 'mean' values in [{mlo:g}, {mhi:g}] and positive "
+                      f"'std' values in [{slo:g}, {shi:g}]", norm)
     temperature = meta.get("temperature")
     if temperature is not None and not (_finite(temperature) and temperature > 0):
         raise bad("'temperature' must be a positive number", temperature)
@@ -242,8 +256,9 @@ def find_checkpoint(run_or_file: str | Path, which: str | None = None) -> Path:
     if not p.is_dir():
         raise CheckpointError(f"{p} is neither a run folder nor a checkpoint file")
     if which is None:
-        info = p / rundir.RUN
-        which = json.loads(info.read_text()).get("final_checkpoint", "best") if info.is_file() else "best"
+        which = _final_checkpoint(p / rundir.RUN)
+    elif which not in CHECKPOINT_NAMES:
+        raise CheckpointError(f"no checkpoint named {str(which)[:60]!r}; a run keeps {' and '.join(CHECKPOINT_NAMES)}")
     for name in (which, "last"):
         candidate = p / rundir.CHECKPOINTS / f"{name}.safetensors"
         if candidate.is_file():
@@ -251,22 +266,56 @@ def find_checkpoint(run_or_file: str | Path, which: str | None = None) -> Path:
     raise CheckpointError(f"run folder {p} holds no checkpoint (looked for checkpoints/{which}.safetensors and last)")
 
 
-def build_model(meta: dict) -> torch.nn.Module:
-    """Rebuild the architecture described by checkpoint metadata (weights not loaded)."""
+def _final_checkpoint(info: Path) -> str:
+    """The run's final checkpoint as its run.json names it (``best`` when there is none yet)."""
+    try:
+        doc = read_json(info, default={})
+    except (ValueError, RecursionError, UnicodeDecodeError):
+        raise CheckpointError(f"{info} is damaged: it is not JSON; restore it, or name the checkpoint "
+                              f"(--checkpoint best or last)") from None
+    which = doc.get("final_checkpoint", "best") if isinstance(doc, dict) else None
+    if which not in CHECKPOINT_NAMES:
+        raise CheckpointError(f"{info} is damaged: its final_checkpoint must be one of {', '.join(CHECKPOINT_NAMES)}, "
+                              f"got {json.dumps(which)[:60] if which is not None else 'no mapping'}; restore it, "
+                              f"or name the checkpoint (--checkpoint best or last)")
+    return which
+
+
+def build_model(meta: dict, path: Path | None = None) -> torch.nn.Module:
+    """Rebuild the architecture described by checkpoint metadata (weights not loaded).
+
+    Raises:
+        CheckpointError: the metadata names a model or options that cannot be built (naming ``path``).
+    """
     c, h, w = meta["input_shape"]
-    return create_model(meta["arch"], in_chans=c, num_classes=len(meta["classes"]), img_size=(h, w),
-                        **meta.get("arch_kwargs", {}))
+    try:
+        return create_model(meta["arch"], in_chans=c, num_classes=len(meta["classes"]), img_size=(h, w),
+                            **meta.get("arch_kwargs", {}))
+    except ConfigError as exc:
+        raise CheckpointError(f"checkpoint {path or 'metadata'} describes a model that cannot be built: {exc}") \
+            from None
+
+
+def load_state(model: torch.nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
+    """Load a checkpoint's weights into ``model``; CheckpointError in one line when they do not fit."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or shapes:
+        parts = [f"{len(names)} {what} (such as {names[0]})" for what, names in
+                 (("missing", missing), ("unexpected", unexpected), ("of another shape", shapes)) if names]
+        raise CheckpointError(f"checkpoint {path} does not match the model its metadata describes: weights "
+                              f"{'; '.join(parts)}; it is damaged or was not written by imgcls")
+    model.load_state_dict(state)
 
 
 def load_model(run_or_file: str | Path, which: str | None = None, device: str | torch.device = "cpu"):
     """Load a model from a run folder or checkpoint file: (model in eval mode, metadata)."""
     path = find_checkpoint(run_or_file, which)
     state, meta = read_checkpoint(path)
-    model = build_model(meta)
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as exc:
-        raise CheckpointError(f"checkpoint {path} does not match architecture {meta['arch']!r}: {exc}") from exc
+    model = build_model(meta, path)
+    load_state(model, state, path)
     return model.to(device).eval(), meta
 
 

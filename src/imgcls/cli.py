@@ -11,23 +11,39 @@ from __future__ import annotations
 
 import argparse
 import csv
+import errno
 import io
 import json
+import re
 import sys
 from pathlib import Path
 
-import yaml
-
-from imgcls.config import RunConfig, flat_fields, split_list
-from imgcls.errors import ImgclsError, is_disk_full
+from imgcls.config import RunConfig, flat_fields, parse_yaml_value, shown, split_list
+from imgcls.errors import ConfigError, ImgclsError, is_disk_full
 from imgcls.startup import import_paused, keep_freed_memory
 
 
 def _parse_option(text: str) -> tuple[str, object]:
     if "=" not in text:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {shown(text)}")
     key, value = text.split("=", 1)
-    return key.strip(), yaml.safe_load(value)
+    try:
+        return key.strip(), parse_yaml_value(value)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(f"{shown(key.strip())}: {exc}") from None
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a refused value shown cut short (a 100,000-character --optimizer was echoed whole)."""
+
+    def error(self, message: str):
+        super().error(_cut_quoted(message))
+
+
+def _cut_quoted(message: str, keep: int = 80) -> str:
+    """``message`` with every quoted value longer than ``keep`` characters cut, saying how long it was."""
+    return re.sub(r"'([^']{%d})[^']{120,}'" % keep, lambda m: f"'{m.group(1)}...' ({len(m.group(0)) - 2:,} characters)",
+                  message)
 
 
 def _flag_type(f):
@@ -64,8 +80,8 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="imgcls", description="Train, evaluate and use CNN image classifiers.")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    parser = _Parser(prog="imgcls", description="Train, evaluate and use CNN image classifiers.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 
     p = sub.add_parser("train", help="train a model (default: a CNN on the built-in 8x8 digits)")
@@ -187,6 +203,8 @@ def cmd_evaluate(args) -> int:
         format_report,
     )
 
+    if args.top_k < 1:
+        raise ImgclsError(f"--top-k must be at least 1, got {args.top_k}")
     clf = imgcls.load(args.run, which=args.checkpoint, device=args.device)
     metrics = clf.evaluate(args.data, split=args.split, top_k=args.top_k, save=True)
     print(format_report(metrics, title=f"{args.run}: {args.split} split"))
@@ -447,6 +465,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:
+        if exc.errno == errno.ENAMETOOLONG:
+            name = str(exc.filename or "")
+            shown_name = name if len(name) <= 120 else f"{name[:60]}...{name[-50:]}"
+            print(f"error: a path is too long for the file system ({len(name):,} characters): {shown_name}",
+                  file=sys.stderr)
+            return 2
         if not is_disk_full(exc):
             raise
         where = f" writing {exc.filename}" if exc.filename else ""

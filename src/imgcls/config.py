@@ -151,7 +151,7 @@ class RunConfig:
                 choices = f.metadata.get("choices")
                 value = getattr(section, f.name)
                 if choices and value not in choices:
-                    raise ConfigError(f"{f.name} {value!r} is not accepted; choose one of: {', '.join(choices)}")
+                    raise ConfigError(f"{f.name} {shown(value)} is not accepted; choose one of: {', '.join(choices)}")
         d, t = self.data, self.train
         if self.name is not None:
             check_run_name(self.name)
@@ -234,27 +234,33 @@ def _check_types(obj, where: str) -> None:
         fits = fits or (float in allowed and isinstance(value, int) and not isinstance(value, bool))
         if not fits:
             kinds = " or ".join(_KINDS[t] for t in allowed) + (" (or left out)" if optional else "")
-            raise ConfigError(f"{where}{name} must be {kinds}, got {_shown(value)}")
+            raise ConfigError(f"{where}{name} must be {kinds}, got {shown(value)}")
     if where == "train." and not isinstance(obj.augment, (str, list)) or (
             where == "train." and isinstance(obj.augment, list) and not all(isinstance(a, str) for a in obj.augment)):
         raise ConfigError(f"train.augment must be a list of augmentations or a comma-separated string "
-                          f"(e.g. hflip,crop:4), got {_shown(obj.augment)}")
+                          f"(e.g. hflip,crop:4), got {shown(obj.augment)}")
 
 
 _SHORT = reprlib.Repr()  # (keyword arguments only from Python 3.12)
 _SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxdict, _SHORT.maxstring, _SHORT.maxother = 2, 4, 4, 60, 60
 
 
-def _shown(value) -> str:
+def shown(value) -> str:
     """A short repr of ``value``: an error message never echoes (or builds) a huge value."""
     return _SHORT.repr(value)
 
 
+MAX_RUN_NAME_BYTES = 200  # a run name is a folder name: file systems allow 255 bytes, and --out may add "-2"
+
+
 def check_run_name(name) -> None:
-    """A run name is one folder name inside --out: no path separators, not '.' or '..', not hidden."""
+    """A run name is one folder name inside --out: no path separators, not '.' or '..', not hidden, not long."""
+    if isinstance(name, str) and len(name.encode("utf-8", "surrogateescape")) > MAX_RUN_NAME_BYTES:
+        raise ConfigError(f"name {shown(name)} is too long: {len(name):,} characters, where a run name (a folder "
+                          f"name) may have {MAX_RUN_NAME_BYTES} bytes at most")
     if (not isinstance(name, str) or not name.strip() or name in (".", "..") or name.startswith(".")
             or any(ch in name for ch in ("/", "\\", "\0"))):
-        raise ConfigError(f"name {str(name)[:80]!r} is not accepted: a run name is one folder name inside --out "
+        raise ConfigError(f"name {shown(name)} is not accepted: a run name is one folder name inside --out "
                           f"(letters, digits, '-', '_', ...; no '/', '\\' or leading '.'), such as 'flowers-1'")
 
 
@@ -380,17 +386,28 @@ class _ConfigDumper(yaml.SafeDumper):
         return True
 
 
+def parse_yaml_value(text: str):
+    """The YAML document ``text`` (safe types, no aliases); ConfigError in one line of at most 300 characters."""
+    try:
+        return yaml.load(text, Loader=_ConfigLoader)  # a SafeLoader
+    except yaml.YAMLError as exc:
+        said = " ".join(re.sub(r'\s*in "<unicode string>"', "", str(exc)).split())
+        raise ConfigError(f"is not valid YAML: {said[:300]}") from None
+    except RecursionError:
+        raise ConfigError("is not valid YAML here: it nests too deeply") from None
+
+
 def _read_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
-        values = yaml.load(path.read_text(encoding="utf-8"), Loader=_ConfigLoader) or {}  # a SafeLoader
+        values = parse_yaml_value(path.read_text(encoding="utf-8")) or {}
     except UnicodeDecodeError:
         raise ConfigError(f"config file {path} is not text (UTF-8); give a YAML file such as a run's "
                           f"config.yaml") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path} is not valid YAML: {str(exc)[:300]}") from None
+    except ConfigError as exc:
+        raise ConfigError(f"config file {path} {exc}") from None
     if not isinstance(values, dict):
         raise ConfigError(f"config file {path} must hold a mapping of sections (data, model, train), "
                           f"got {type(values).__name__}")

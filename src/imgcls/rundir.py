@@ -38,7 +38,7 @@ import numpy as np
 import imgcls
 from imgcls.config import RunConfig, dump_config
 from imgcls.data.base import ImageDataset, pool_splits
-from imgcls.errors import TrainingError
+from imgcls.errors import CheckpointError, TrainingError
 from imgcls.io import write_atomic
 
 CONFIG = "config.yaml"
@@ -65,11 +65,27 @@ def eval_stem(split: str, data: str | None = None) -> str:
 
 
 def read_history(run_dir: str | Path) -> list[dict]:
-    """The run's metrics.jsonl: one dict per epoch, in order ([] before the first epoch)."""
+    """The run's metrics.jsonl: one dict per epoch, in order ([] before the first epoch).
+
+    Raises:
+        CheckpointError: a line is not a JSON record of an epoch (the file is damaged).
+    """
     path = Path(run_dir) / METRICS
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except (ValueError, RecursionError):
+            record = None
+        if not isinstance(record, dict) or not isinstance(record.get("epoch"), int):
+            raise CheckpointError(f"{path} is damaged: line {number} is not the JSON record of an epoch; "
+                                  f"restore the file or train again")
+        records.append(record)
+    return records
 
 
 def write_fold_index(run_dir: str | Path, index: dict[str, np.ndarray]) -> None:
@@ -99,6 +115,9 @@ class RunFolder:
 
     @classmethod
     def create(cls, cfg: RunConfig) -> "RunFolder":
+        out = Path(cfg.out_dir)
+        if out.exists() and not out.is_dir():
+            raise TrainingError(f"--out {out} is a file, not a folder; give the folder the runs go in")
         base = cfg.name or default_run_name(cfg)
         name, n = base, 1
         # A taken name gets a suffix (-2, -3, ...), so repeating a run from its
@@ -121,7 +140,12 @@ class RunFolder:
         except ImportError:  # no flock (Windows): nothing to hold
             yield self
             return
-        with open(self.path / LOCK, "a+") as fh:
+        try:
+            fh = open(self.path / LOCK, "a+")  # noqa: SIM115 (held for the with block below)
+        except OSError as exc:
+            raise TrainingError(f"run folder {self.path} cannot be locked: {self.path / LOCK} cannot be opened "
+                                f"({exc.strerror}); remove it if it is not a file") from None
+        with fh:
             try:
                 fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:

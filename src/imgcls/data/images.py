@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import io
 import struct
+import warnings
 import zlib
 
 import numpy as np
@@ -101,7 +102,7 @@ def decode_image(
             hold more pixels than ``PIL.Image.MAX_IMAGE_PIXELS`` allows.
     """
     try:
-        img = Image.open(io.BytesIO(data))
+        img = open_image(data)
         _refuse_bomb(img, source)
         orientation = _orientation(img)
         if target is not None and img.format == "JPEG":
@@ -226,6 +227,14 @@ def _orientation(img: Image.Image) -> int:
     return value if value in range(1, 9) else 1
 
 
+def open_image(data: bytes) -> Image.Image:
+    """``PIL.Image.open`` of ``data`` (the header read, the pixels not yet), without PIL's
+    DecompressionBombWarning on stderr: whoever opens an image refuses too many pixels in its own words."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        return Image.open(io.BytesIO(data))
+
+
 def _reason(exc: BaseException) -> str:
     text = str(exc).strip()
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
@@ -237,7 +246,7 @@ def _refuse_bomb(img: Image.Image, source: str) -> None:
     limit = Image.MAX_IMAGE_PIXELS
     if limit is not None and img.width * img.height > limit:
         raise BadImageError(
-            f"{source}: {img.width}x{img.height} pixels is more than the limit of {limit} "
+            f"{source}: {img.width}x{img.height} pixels is more than the limit of {limit:,} "
             "(PIL.Image.MAX_IMAGE_PIXELS, a guard against decompression bombs); "
             "raise that limit if the file is trusted"
         )

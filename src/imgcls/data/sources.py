@@ -375,10 +375,10 @@ def open_source(path: str | os.PathLike, follow_links: bool = False) -> ImageSou
 
 
 def _looks_like_zip(path: Path) -> bool:
-    """Whether a file that zipfile cannot open is named or begins like a zip (a truncated one, say)."""
+    """Whether a file that zipfile cannot open begins like a zip (a truncated one, say)."""
     try:
         with open(path, "rb") as f:
             head = f.read(4)
     except OSError:
         return False
-    return path.suffix.lower() == ".zip" or head == b"PK\x03\x04"
+    return head == b"PK\x03\x04"

@@ -62,7 +62,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from imgcls import __version__, rundir
 from imgcls.checkpoint import find_checkpoint
-from imgcls.data.images import BadImageError, decode_image, to_array
+from imgcls.data.images import BadImageError, decode_image, open_image, to_array
 from imgcls.errors import ConfigError, ImgclsError, unknown_name
 from imgcls.evaluation.thresholds import rank_classes
 from imgcls.explain.attribution import METHODS as EXPLAIN_METHODS
@@ -303,7 +303,7 @@ def check_pixels(data: bytes, name: str, max_pixels: int) -> None:
     """Refuse an image whose header announces more than ``max_pixels`` (413), before decoding it."""
     limit = max_pixels if Image.MAX_IMAGE_PIXELS is None else min(max_pixels, Image.MAX_IMAGE_PIXELS)
     try:
-        with Image.open(io.BytesIO(data)) as img:  # reads the header only
+        with open_image(data) as img:  # reads the header only
             width, height = img.size
     except Image.DecompressionBombError:
         raise ServingError(413, "too_many_pixels", f"{name} has more pixels than the server's limit of "

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from imgcls import __version__, rundir
-from imgcls.checkpoint import read_checkpoint, save_checkpoint
+from imgcls.checkpoint import load_state, read_checkpoint, save_checkpoint
 from imgcls.config import RunConfig, parse_duration
 from imgcls.data.augment import build_augment, resize_batch
 from imgcls.data.base import ImageDataset
@@ -304,7 +304,7 @@ def _train_state_dict(s: TrainState) -> dict:
 def _restore(s: TrainState, run: RunFolder) -> None:
     """Load model, optimiser, schedule and tracker state from ``checkpoints/last``."""
     state, meta = read_checkpoint(run.checkpoint("last"))
-    s.model.load_state_dict(state)
+    load_state(s.model, state, run.checkpoint("last"))
     ts = meta["train_state"]
     if s.optimizer is not None and ts["optimizer"]:  # {}: saved before any step, a fresh optimiser is the same
         s.optimizer.load_state_dict(ts["optimizer"])
