@@ -1061,8 +1061,30 @@ def folder_cases(root: Path, base: Path) -> list[Case]:
         folder("only-bad-images", lambda p: _files(p, {f"{c}/{i}.png": b"x" * i for c in "ab" for i in range(8)}), 2,
                lists_files=True),
         folder("html-and-newline-classes", weird_names, 0, bad={}),
+        # Links: one out of the folder pulls in files from elsewhere; one to a sibling would read its images twice.
+        folder("class-linked-outside", link_outside, 2, ("system ->", "--follow-links")),
+        folder("class-linked-to-sibling", link_sibling, 2, ("dark2/ is a link to dark/",)),
+        folder("file-linked-inside", link_file_inside, 0, bad={}),
     ]
     return cases
+
+
+def link_outside(p: Path) -> None:
+    write_class_folders(p)
+    elsewhere = p.parent / "elsewhere"
+    write_class_folders(elsewhere, classes={"icons": 40})
+    (p / "system").symlink_to(elsewhere / "icons", target_is_directory=True)
+
+
+def link_sibling(p: Path) -> None:
+    write_class_folders(p)
+    (p / "dark2").symlink_to(p / "dark", target_is_directory=True)
+
+
+def link_file_inside(p: Path) -> None:
+    write_class_folders(p)
+    first = sorted((p / "dark").iterdir())[0]
+    (p / "light" / "also-dark.png").symlink_to(first)  # skipped with its reason: read once, as dark
 
 
 @contextlib.contextmanager
