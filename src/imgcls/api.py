@@ -22,9 +22,9 @@ from imgcls.checkpoint import load_model
 from imgcls.config import (
     RunConfig,
     apply_overrides,
-    config_from_dict,
     dump_config,
     flat_fields,
+    layer_settings,
     read_config_values,
 )
 from imgcls.data.registry import build_dataset
@@ -43,10 +43,8 @@ def make_config(config: str | Path | dict | RunConfig | None = None, **overrides
 
     With a recipe (``recipe="cifar10-fast"`` here or in the config), values
     come from, in rising priority: the defaults, the recipe, the config, the
-    overrides.  Model options merge key by key in the same order
-    (``model_option={"widths": [16, 32, 64]}`` keeps the recipe's other model
-    options), except that the recipe's are dropped when the model is not the
-    recipe's.
+    overrides; ``--model auto`` is resolved the same way (see
+    :func:`imgcls.config.layer_settings`, which does the layering).
     """
     if isinstance(config, RunConfig):
         values = config.to_dict()
@@ -54,37 +52,12 @@ def make_config(config: str | Path | dict | RunConfig | None = None, **overrides
         values = read_config_values(config)  # only what the file sets, so a recipe's settings stay under it
     else:
         values = dict(config or {})
-    layers = [dict((values.get("model") or {}).get("options") or {}),
-              dict(overrides.get("model_option") or overrides.get("model_options") or {})]
     recipe = overrides.get("recipe") or values.get("recipe")
+    option_layers = [dict((values.get("model") or {}).get("options") or {}),  # the config's, then the flags'
+                     dict(overrides.get("model_option") or overrides.get("model_options") or {})]
     values = apply_overrides(copy.deepcopy(values), overrides)  # what the user set: the config, then the flags
     settings, why = _base_settings(recipe, values)
-    if settings and (values.get("model") or {}).get("name") == "auto":
-        del values["model"]["name"]  # an explicit --model auto asks for what the auto layer chose
-    base_model = None
-    if settings:  # a recipe's or --model auto's settings, under the user's own
-        base_model = settings.get("model")
-        layers.insert(0, dict(settings.get("model_option") or {}))
-        base = apply_overrides({}, settings)
-        _keep_low_res_share(base, values, settings)
-        for key, value in values.items():
-            if isinstance(value, dict) and isinstance(base.get(key), dict):
-                base[key].update(value)
-            else:
-                base[key] = value
-        values = base
-    cfg = config_from_dict(values)
-    if settings and cfg.model.name != base_model:
-        layers.pop(0)
-    merged: dict = {}
-    for layer in layers:
-        merged.update(layer)
-    cfg.model.options = merged
-    if why and recipe:
-        cfg.recipe_variant = cfg.recipe_variant or why  # a resumed run's config.yaml keeps the variant it took
-    elif why:
-        cfg.auto = why
-    return cfg
+    return layer_settings(values, settings, option_layers, why, from_recipe=bool(recipe))
 
 
 def _flat_value(cfg: RunConfig, key: str):
@@ -114,21 +87,6 @@ def _base_settings(recipe: str | None, values: dict) -> tuple[dict, str | None]:
 
     data, train = values.get("data") or {}, values.get("train") or {}
     return choose(str(data.get("dataset", "digits")), train, follow_links=bool(data.get("follow_links")))
-
-
-def _keep_low_res_share(base: dict, user: dict, settings: dict) -> None:
-    """When only the epochs of a recipe with progressive resizing change, keep its share of the run.
-
-    ``--recipe cifar10-fast --epochs 26`` trains the first 14 epochs at low
-    resolution (the recipe's 7 of 13), not 7; a ``low_res_epochs`` the user
-    sets is kept as it is.
-    """
-    given = user.get("train") or {}
-    epochs = given.get("epochs")
-    if (not settings.get("low_res_epochs") or "low_res_epochs" in given or isinstance(epochs, bool)
-            or not isinstance(epochs, int) or epochs < 1):
-        return
-    base.setdefault("train", {})["low_res_epochs"] = settings["low_res_epochs"] * epochs / settings["epochs"]
 
 
 @dataclass

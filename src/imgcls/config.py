@@ -450,3 +450,62 @@ def apply_overrides(values: dict, overrides: dict) -> dict:
         else:
             values.setdefault(section, {})[f.name] = value
     return values
+
+
+def layer_settings(values: dict, settings: dict, option_layers: list[dict], why: str | None,
+                   from_recipe: bool) -> RunConfig:
+    """The RunConfig of the user's ``values`` laid over ``settings`` (a recipe's, or what ``--model auto`` chose).
+
+    Args:
+        values: nested config values the user set (config file, then flags).
+        settings: flat settings that lie under them (``{}`` for none).
+        option_layers: the model options the user gave, the config file's
+            then the flags'; model options merge key by key (the settings',
+            then these), except that the settings' are dropped when the model
+            is not theirs.
+        why: the line saying what the settings are, kept in ``recipe_variant``
+            (a recipe) or ``auto`` (the auto choice).
+        from_recipe: whether ``settings`` are a recipe's.
+    """
+    layers = list(option_layers)
+    if settings and (values.get("model") or {}).get("name") == "auto":
+        values = copy.deepcopy(values)
+        del values["model"]["name"]  # an explicit --model auto asks for what the auto layer chose
+    base_model = settings.get("model") if settings else None
+    if settings:
+        layers.insert(0, dict(settings.get("model_option") or {}))
+        base = apply_overrides({}, settings)
+        _keep_low_res_share(base, values, settings)
+        for key, value in values.items():
+            if isinstance(value, dict) and isinstance(base.get(key), dict):
+                base[key].update(value)
+            else:
+                base[key] = value
+        values = base
+    cfg = config_from_dict(values)
+    if settings and cfg.model.name != base_model:
+        layers = layers[1:]
+    merged: dict = {}
+    for layer in layers:
+        merged.update(layer)
+    cfg.model.options = merged
+    if why and from_recipe:
+        cfg.recipe_variant = cfg.recipe_variant or why  # a resumed run's config.yaml keeps the variant it took
+    elif why:
+        cfg.auto = why
+    return cfg
+
+
+def _keep_low_res_share(base: dict, user: dict, settings: dict) -> None:
+    """When only the epochs of a recipe with progressive resizing change, keep its share of the run.
+
+    ``--recipe cifar10-fast --epochs 26`` trains the first 14 epochs at low
+    resolution (the recipe's 7 of 13), not 7; a ``low_res_epochs`` the user
+    sets is kept as it is.
+    """
+    given = user.get("train") or {}
+    epochs = given.get("epochs")
+    if (not settings.get("low_res_epochs") or "low_res_epochs" in given or isinstance(epochs, bool)
+            or not isinstance(epochs, int) or epochs < 1):
+        return
+    base.setdefault("train", {})["low_res_epochs"] = settings["low_res_epochs"] * epochs / settings["epochs"]
