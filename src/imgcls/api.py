@@ -171,7 +171,7 @@ def _train(config, resume, console, on_epoch_end, overrides: dict, held: context
     for note in notes:
         console.print(f"note: {note}", highlight=False, markup=False, soft_wrap=True)
     if resume is None:
-        run = RunFolder.create(cfg)
+        run, cfg = RunFolder.create(cfg)
         held.enter_context(run.writing())
     result = fit(cfg, ds, run, console, resume=resume is not None, data_seconds=data_seconds,
                  on_epoch_end=on_epoch_end)

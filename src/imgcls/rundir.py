@@ -24,6 +24,7 @@ the holder's PID.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import json
 import os
@@ -114,7 +115,8 @@ class RunFolder:
         self.path = Path(path)
 
     @classmethod
-    def create(cls, cfg: RunConfig) -> "RunFolder":
+    def create(cls, cfg: RunConfig) -> tuple["RunFolder", RunConfig]:
+        """A new run folder for ``cfg``, and the config with the name it got (a new object) in its config.yaml."""
         out = Path(cfg.out_dir)
         if out.exists() and not out.is_dir():
             raise TrainingError(f"--out {out} is a file, not a folder; give the folder the runs go in")
@@ -127,10 +129,10 @@ class RunFolder:
             name = f"{base}-{n}"
         path = Path(cfg.out_dir) / name
         path.mkdir(parents=True, exist_ok=True)
-        cfg.name = name
+        cfg = dataclasses.replace(cfg, name=name)
         run = cls(path)
         run.write_text(CONFIG, dump_config(cfg))
-        return run
+        return run, cfg
 
     @contextmanager
     def writing(self):

@@ -12,8 +12,9 @@ The page of the folds (report.html) is :func:`imgcls.reports.cv.write_cv_page`.
 
 from __future__ import annotations
 
-import copy
 import csv
+import copy
+import dataclasses
 import io
 import time
 from pathlib import Path
@@ -60,14 +61,13 @@ def cross_validate(cfg: RunConfig, folds: int, console, out_dir: Path | None = N
     for i, held_out in enumerate(held_outs, start=1):
         fold_ds, index = fold_dataset(ds, pooled, held_out, i, folds, cfg.data.val_fraction, seed)
         indices.update({f"fold{i}_{name}": idx for name, idx in index.items()})
-        fold_cfg = copy.deepcopy(cfg)
-        fold_cfg.out_dir, fold_cfg.name = str(cv_dir), f"fold-{i}"
+        fold_cfg = dataclasses.replace(copy.deepcopy(cfg), out_dir=str(cv_dir), name=f"fold-{i}")  # shares nothing
         fold_cfg, notes = check_compatible(fold_cfg, fold_ds)
         for note in notes:
             _say(console, f"note: {note}")
         sizes = ", ".join(f"{k} {len(v)}" for k, v in index.items() if k != "test")
         _say(console, f"fold {i}/{folds}: {sizes}; its test split is the held-out fold {i} ({len(held_out)} images)")
-        run = RunFolder.create(fold_cfg)
+        run, fold_cfg = RunFolder.create(fold_cfg)
         write_fold_index(run.path, index)  # lets `imgcls report` rebuild this fold's splits
         started = time.perf_counter()
         result = fit(fold_cfg, fold_ds, run, console)
