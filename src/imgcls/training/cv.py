@@ -12,8 +12,8 @@ The page of the folds (report.html) is :func:`imgcls.reports.cv.write_cv_page`.
 
 from __future__ import annotations
 
-import csv
 import copy
+import csv
 import dataclasses
 import io
 import time
