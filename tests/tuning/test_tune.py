@@ -1,0 +1,193 @@
+"""imgcls tune on the built-in digits: a study of tiny trials, its files, and bad input refused before any trial."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+optuna = pytest.importorskip("optuna")
+
+from imgcls import api
+from imgcls.cli import main
+from imgcls.errors import ConfigError
+from imgcls.rundir import read_history
+from imgcls.tuning.space import read_space
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TINY = {"epochs": 2, "model": "fastnet_small", "model_option": {"widths": [8, 8, 8]}}
+TINY_FLAGS = ["--epochs", "2", "--model", "fastnet_small", "--model-option", "widths=[8,8,8]"]
+
+
+def _write(path, text: str):
+    path.write_text(text)
+    return path
+
+
+def _study(path) -> dict:
+    return json.loads((path / "study.json").read_text())
+
+
+def test_a_study_runs_its_trials_and_its_best_config_trains_again(tmp_path, capsys):
+    out = tmp_path / "runs"
+    assert main(["tune", *TINY_FLAGS, "--trials", "3", "--out", str(out), "--study", "s", "--sampler", "random",
+                 "--seed", "0"]) == 0
+    printed = capsys.readouterr().out
+    folder = out / "s"
+    summary = _study(folder)
+    assert summary["finished"] == 3 and sorted(t["trial"] for t in summary["trials"]) == [0, 1, 2]
+    assert sum(summary["counts"].values()) == 3
+    assert summary["counts"]["complete"] >= 1
+    for line in ("leaderboard of study s", "trial   0", "trial   1", "trial   2", "best: trial"):
+        assert line in printed
+    # Every trial is an ordinary run folder; trials.csv has a row per trial with the searched fields.
+    for t in summary["trials"]:
+        assert (folder / f"trial-{t['trial']}" / "config.yaml").is_file()
+    rows = list(csv.DictReader((folder / "trials.csv").open()))
+    assert [r["trial"] for r in rows] == ["0", "1", "2"]
+    assert {"lr", "weight_decay", "batch_size", "optimizer", "augment"} <= set(rows[0])
+    assert (folder / "tune.html").is_file() and (folder / "study.db").is_file()
+    # best/config.yaml holds the best trial's values and repeats its run exactly.
+    best = folder / "best" / "config.yaml"
+    cfg = api.make_config(best)
+    for key, value in summary["best_params"].items():
+        got = getattr(cfg.train, key)
+        assert (",".join(got) if key == "augment" else got) == value, key
+    assert main(["train", "--config", str(best), "--out", str(tmp_path / "again"), "--name", "again", "--quiet",
+                 "--no-report"]) == 0
+    trial = read_history(summary["best_run"])
+    again = read_history(tmp_path / "again" / "again")
+    assert [r["val_loss"] for r in again] == pytest.approx([r["val_loss"] for r in trial], abs=1e-6)
+    # The trial's value is the metric of the weights it ended with (the best checkpoint's epoch).
+    best_epoch = json.loads((tmp_path / summary["best_run"] / "run.json").read_text())["best_epoch"]
+    assert summary["best_value"] == next(r["val_accuracy"] for r in trial if r["epoch"] == best_epoch)
+
+
+@pytest.mark.parametrize("space, message", [
+    ("lrr: {low: 0.001, high: 0.1}", "unknown config field 'lrr'"),
+    ("lr: {low: 0.1, high: 0.01}", "bad range: low 0.1 must be below high 0.01"),
+    ("weight_decay: {low: 0, high: 0.01, log: true}", "a log range needs low above 0"),
+    ("optimizer: {low: 1, high: 2}", "is not a number, so it takes a list of choices"),
+    ("lr: [fast, 0.01]", "train.lr must be a number"),
+    ("batch_size: {low: 8, high: 64.5}", "train.batch_size must be a whole number"),
+    ("label_smoothing: {low: 0.0, high: 1.5}", "label_smoothing must be a number in [0, 0.999]"),
+    ("optimizer: [adam, nadam]", "optimizer 'nadam' is not accepted"),
+    ("data: [digits, mnist]", "data cannot be searched"),
+])
+def test_a_bad_space_is_refused_before_any_trial(tmp_path, capsys, space, message):
+    path = _write(tmp_path / "space.yaml", space + "\n")
+    out = tmp_path / "runs"
+    assert main(["tune", *TINY_FLAGS, "--trials", "2", "--out", str(out), "--study", "s", "--space", str(path)]) == 2
+    assert message in capsys.readouterr().err
+    assert not (out / "s").exists()
+
+
+def test_a_field_both_given_and_searched_and_a_continuous_grid_are_refused(tmp_path, capsys):
+    path = _write(tmp_path / "space.yaml", "lr: {low: 0.001, high: 0.1, log: true}\n")
+    out = tmp_path / "runs"
+    assert main(["tune", *TINY_FLAGS, "--lr", "0.01", "--out", str(out), "--space", str(path)]) == 2
+    assert "lr is both given (--lr) and searched" in capsys.readouterr().err
+    assert main(["tune", *TINY_FLAGS, "--out", str(out), "--space", str(path), "--sampler", "grid"]) == 2
+    assert "grid sampler needs a finite space, but lr is a continuous range" in capsys.readouterr().err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("url, message", [
+    ("nosuchdb://host/db", "unknown database kind 'nosuchdb'"),
+    ("not a url", "is not a database URL"),
+    ("sqlite:////nonexistent-folder/sub/study.db", "the database cannot be opened"),
+])
+def test_a_storage_that_cannot_be_used_is_refused_before_any_trial(tmp_path, capsys, url, message):
+    out = tmp_path / "runs"
+    assert main(["tune", *TINY_FLAGS, "--out", str(out), "--study", "s", "--storage", url]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_an_unreachable_database_is_one_line_without_its_password(tmp_path, capsys):
+    out = tmp_path / "runs"
+    code = main(["tune", *TINY_FLAGS, "--out", str(out), "--storage", "postgresql://me:s3cret@127.0.0.1:1/db"])
+    err = capsys.readouterr().err
+    assert code == 2 and "the database cannot be opened" in err and "s3cret" not in err
+    assert len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_running_again_continues_the_study_and_another_space_is_refused(tmp_path):
+    space = {"lr": {"low": 1e-3, "high": 3e-2, "log": True}}
+    common = dict(TINY, out=str(tmp_path), study="c", space=space, sampler="random", quiet=True)
+    first = api.tune(trials=2, **common)
+    assert first["finished"] == 2
+    second = api.tune(trials=4, **common)
+    numbers = [t["trial"] for t in second["trials"]]
+    assert numbers == [0, 1, 2, 3] and second["finished"] == 4
+    # The first two trials are the same ones, not repeated.
+    assert [t["params"] for t in second["trials"][:2]] == [t["params"] for t in first["trials"]]
+    assert sorted(p.name for p in tmp_path.joinpath("c").glob("trial-*")) == [f"trial-{i}" for i in range(4)]
+    # Reaching the number again runs nothing more.
+    assert [t["trial"] for t in api.tune(trials=4, **common)["trials"]] == [0, 1, 2, 3]
+    with pytest.raises(ConfigError, match="made with another search space .*lr"):
+        api.tune(trials=5, **{**common, "space": {"lr": {"low": 1e-4, "high": 3e-2, "log": True}}})
+    with pytest.raises(ConfigError, match="made with another training flags .*epochs"):
+        api.tune(trials=5, **{**common, "epochs": 3})
+
+
+def test_a_failed_trial_is_recorded_with_its_reason_and_the_study_goes_on(tmp_path):
+    # The digits' training split has about 1,400 images: a batch of 5,000 passes the config checks and is
+    # refused by the data, when that trial starts.
+    summary = api.tune(trials=2, **TINY, out=str(tmp_path), study="f", space={"batch_size": [32, 5000]},
+                       sampler="grid", quiet=True)
+    by_size = {t["params"]["batch_size"]: t for t in summary["trials"]}
+    assert by_size[5000]["state"] == "failed"
+    assert "batch_size 5000 is larger than the" in by_size[5000]["reason"]
+    assert by_size[32]["state"] == "complete" and summary["best_trial"] == by_size[32]["trial"]
+    assert summary["finished"] == 2
+
+
+def test_a_loss_that_becomes_nan_fails_its_trial_only(tmp_path):
+    summary = api.tune(trials=2, **TINY, out=str(tmp_path), study="n", optimizer="sgd",
+                       space={"lr": [0.01, 100.0]}, sampler="grid", quiet=True)
+    by_lr = {t["params"]["lr"]: t for t in summary["trials"]}
+    assert by_lr[100.0]["state"] == "failed" and "the training loss became" in by_lr[100.0]["reason"]
+    assert by_lr[0.01]["state"] == "complete"
+
+
+def test_pruning_stops_the_trials_that_are_clearly_worse(tmp_path):
+    good, bad = 0.01, 1e-7
+    pruner = optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0)
+    # Seed 0 of the random sampler draws bad, good, bad, bad, good, good.
+    summary = api.tune(trials=6, **{**TINY, "epochs": 3}, out=str(tmp_path), study="p", space={"lr": [good, bad]},
+                       sampler="random", pruner=pruner, seed=0, quiet=True)
+    trials = sorted(summary["trials"], key=lambda t: t["trial"])
+    # What the median pruner must do with this sequence: a bad trial is stopped once two trials have completed
+    # and at least half of them were good (the median is then above chance); a good trial is never stopped.
+    expected, completed = [], []
+    for t in trials:
+        lr = t["params"]["lr"]
+        stop = lr == bad and len(completed) >= 2 and completed.count(good) >= completed.count(bad)
+        expected.append("pruned" if stop else "complete")
+        if not stop:
+            completed.append(lr)
+    assert [t["state"] for t in trials] == expected
+    assert "pruned" in expected, "the seed gives no trial to prune: choose another"
+    for t in trials:
+        history = read_history(tmp_path / "p" / t["run"])
+        if t["state"] == "pruned":  # stopped after its first epoch, its folder kept
+            assert len(history) == 1 and t["reason"] == "pruned after epoch 1"
+            assert (tmp_path / "p" / t["run"] / "checkpoints" / "last.safetensors").is_file()
+        else:
+            assert len(history) == 3
+
+
+def test_show_space_prints_a_file_that_space_reads(tmp_path, capsys):
+    assert main(["tune", *TINY_FLAGS, "--show-space"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("# default search space: fastnet_small trained from scratch")
+    space = read_space(_write(tmp_path / "space.yaml", text))
+    assert list(space) == ["lr", "weight_decay", "label_smoothing", "batch_size", "optimizer", "augment"]
+    assert space["lr"].log and space["lr"].low == 1e-4
+    # A flag given fixes its field: it leaves the default space.
+    assert main(["tune", *TINY_FLAGS, "--lr", "0.003", "--show-space"]) == 0
+    assert "\nlr:" not in capsys.readouterr().out
