@@ -47,12 +47,14 @@ from imgcls.tuning.study import (
     PRUNERS,
     SAMPLERS,
     default_storage,
+    fail_dead_workers_trials,
     make_pruner,
     make_sampler,
     open_storage,
     open_study,
     sampler_seed,
     shown_url,
+    worker_id,
 )
 
 # Flags that do not change what a trial trains, left out of the study's record of its flags.
@@ -91,35 +93,20 @@ def tune(*, make, train, flags: dict, trials: int, timeout=None, space=None, met
     ``sampler`` and ``pruner`` are names, or Optuna objects (Python callers).
     Everything that can be refused is refused before the study folder is made.
     """
-    if not isinstance(trials, int) or isinstance(trials, bool) or trials < 1:
-        raise ConfigError(f"--trials must be a whole number of at least 1, got {shown(trials)}")
-    if metric not in METRICS:
-        raise ConfigError(f"--metric {shown(metric)} is not accepted; choose one of: {', '.join(METRICS)}")
-    if isinstance(sampler, str) and sampler not in SAMPLERS:
-        raise ConfigError(f"--sampler {shown(sampler)} is not accepted; choose one of: {', '.join(SAMPLERS)}")
-    if isinstance(pruner, str) and pruner not in PRUNERS:
-        raise ConfigError(f"--pruner {shown(pruner)} is not accepted; choose one of: {', '.join(PRUNERS)}")
-    if flags.get("name") is not None:
-        raise ConfigError("--name is not taken by tune: trials are named trial-<number>; name the study with --study")
+    _check_arguments(trials, metric, sampler, pruner, flags)
     seconds = _timeout(timeout)
     base = make({})
-    if metric == "val_macro_f1" and base.train.epochs == 0:
-        raise ConfigError("val_macro_f1 is measured after every epoch and --epochs 0 trains none; use --metric "
-                          "val_accuracy or val_loss, or give --epochs N")
+    _check_base(base, metric)
     name = study or default_study_name(base.data.dataset)
     _check_study_name(name)
     found, title = resolve_space(make, flags, space)
     grid = grid_of(found) if sampler == "grid" else None
     study_dir = Path(base.out_dir) / name
-    if Path(base.out_dir).exists() and not Path(base.out_dir).is_dir():
-        raise ConfigError(f"--out {base.out_dir} is a file, not a folder; give the folder the study goes in")
     url = storage or default_storage(study_dir)
-    if storage is not None:
-        store = open_storage(url)  # refused before the study folder is made
-    attrs = {"space": space_to_dict(found), "metric": metric, "flags": _recorded_flags(flags)}
+    store = open_storage(url) if storage is not None else None  # refused before the study folder is made
     study_dir.mkdir(parents=True, exist_ok=True)
-    if storage is None:
-        store = open_storage(url)
+    store = store or open_storage(url)
+    attrs = {"space": space_to_dict(found), "metric": metric, "flags": _recorded_flags(flags)}
     seed = base.train.seed
     with _optuna_quiet():
         opened = open_study(name, store, lambda existing: _sampler(sampler, sampler_seed(seed, existing), grid),
@@ -131,17 +118,55 @@ def tune(*, make, train, flags: dict, trials: int, timeout=None, space=None, met
                   f"pruner {context.pruner}; {title}")
     _say(console, f"study folder {study_dir}; storage {context.storage}")
     _say(console, f"searching: {', '.join(f'{k} {_range(p)}' for k, p in found.items())}")
-    done = counted(opened)
-    if done >= trials:
-        _say(console, f"the study has {done} finished trials already (--trials {trials}); raise --trials to run more")
-    else:
-        if done:
-            _say(console, f"continuing: {done} of {trials} trials finished before")
-        _optimize(opened, context, make_objective(found, train, study_dir, metric), trials - done, seconds, console)
+    _run(opened, store, context, make_objective(found, train, study_dir, metric), seconds, console)
     summary = results.write_all(opened, context, html=True)
     console.print(results.format_leaderboard(summary), highlight=False, markup=False, soft_wrap=True)
     _say(console, results.closing_line(summary))
     return summary
+
+
+def _check_arguments(trials, metric: str, sampler, pruner, flags: dict) -> None:
+    if not isinstance(trials, int) or isinstance(trials, bool) or trials < 1:
+        raise ConfigError(f"--trials must be a whole number of at least 1, got {shown(trials)}")
+    if metric not in METRICS:
+        raise ConfigError(f"--metric {shown(metric)} is not accepted; choose one of: {', '.join(METRICS)}")
+    if isinstance(sampler, str) and sampler not in SAMPLERS:
+        raise ConfigError(f"--sampler {shown(sampler)} is not accepted; choose one of: {', '.join(SAMPLERS)}")
+    if isinstance(pruner, str) and pruner not in PRUNERS:
+        raise ConfigError(f"--pruner {shown(pruner)} is not accepted; choose one of: {', '.join(PRUNERS)}")
+    if flags.get("name") is not None:
+        raise ConfigError("--name is not taken by tune: trials are named trial-<number>; name the study with --study")
+
+
+def _check_base(base, metric: str) -> None:
+    """Refuse a config no trial could be ranked by ``metric`` with."""
+    if metric == "val_macro_f1" and base.train.epochs == 0:
+        raise ConfigError("val_macro_f1 is measured after every epoch and --epochs 0 trains none; use --metric "
+                          "val_accuracy or val_loss, or give --epochs N")
+    if base.data.val_fraction == 0 and not Path(base.data.dataset).expanduser().exists():
+        # A built-in dataset has no val split of its own (a folder or zip may have one: checked at its first epoch).
+        whose = " (the recipe's)" if base.recipe else ""
+        raise ConfigError(f"tuning ranks trials by {metric} on a validation split, and {base.data.dataset} with "
+                          f"val_fraction 0{whose} has none; give --val-fraction 0.1")
+    out = Path(base.out_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file, not a folder; give the folder the study goes in")
+
+
+def _run(study, store, context, objective, seconds: float | None, console) -> None:
+    """Run trials until the study has ``context.trials`` finished ones (or ``seconds`` have passed)."""
+    gone = fail_dead_workers_trials(study, store)
+    if gone:
+        _say(console, f"trials {', '.join(map(str, gone))} were running when their worker on this machine stopped: "
+                      f"marked interrupted (their folders stay); they do not count towards --trials")
+    done = counted(study)
+    if done >= context.trials:
+        _say(console, f"the study has {done} finished trials already (--trials {context.trials}); raise --trials to "
+                      f"run more")
+        return
+    if done:
+        _say(console, f"continuing: {done} of {context.trials} trials finished before")
+    _optimize(study, context, objective, context.trials - done, seconds, console)
 
 
 def show_space(make, flags: dict, space=None) -> str:
@@ -173,6 +198,7 @@ def make_objective(space: dict, train, study_dir: Path, metric: str):
         params = suggest(trial, space)
         run_name = f"trial-{trial.number}"
         trial.set_user_attr("run", run_name)
+        trial.set_user_attr("worker", worker_id())
         values: dict[int, float] = {}
 
         def on_epoch_end(state, record: dict) -> None:

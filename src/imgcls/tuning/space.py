@@ -98,7 +98,8 @@ def space_yaml(space: Space, title: str = "") -> str:
     """The space as a file that ``--space`` reads back, one field a line, ``title`` as comment lines."""
     lines = [f"# {line}" for line in title.splitlines()]
     for name, p in space.items():
-        lines.append(f"{name}: {yaml.safe_dump(p.to_dict(), default_flow_style=True, width=10_000).strip()}")
+        text = yaml.safe_dump(p.to_dict(), default_flow_style=True, width=10_000, sort_keys=False)
+        lines.append(f"{name}: {text.strip()}")
     return "\n".join(lines) + "\n"
 
 
@@ -256,6 +257,11 @@ _PHOTO_AUGMENT = ("hflip", "hflip,rotate:10,zoom:0.1", "hflip,rotate:15,zoom:0.2
 _SMALL_AUGMENT = ("none", "rotate:10,zoom:0.1", "rotate:15,zoom:0.2")
 
 
+def _round(x: float) -> float:
+    """``x`` to 3 significant digits, as a space file would give it."""
+    return float(f"{x:.3g}")
+
+
 def default_space(cfg: RunConfig, fixed=frozenset()) -> tuple[Space, str]:
     """The default space for ``cfg`` (a resolved config) and a line saying which it is.
 
@@ -265,9 +271,9 @@ def default_space(cfg: RunConfig, fixed=frozenset()) -> tuple[Space, str]:
     if t.optimizer == "muon":
         # A recipe's settings are tuned already: search a factor of 3 either side of them.
         wd = max(t.weight_decay, 1e-5)
-        params = [Param("lr", "float", t.lr / 3, t.lr * 3, log=True),
-                  Param("muon_lr", "float", t.muon_lr / 3, min(t.muon_lr * 3, 100.0), log=True),
-                  Param("weight_decay", "float", wd / 10, min(wd * 10, 1.0), log=True),
+        params = [Param("lr", "float", _round(t.lr / 3), _round(t.lr * 3), log=True),
+                  Param("muon_lr", "float", _round(t.muon_lr / 3), min(_round(t.muon_lr * 3), 100.0), log=True),
+                  Param("weight_decay", "float", _round(wd / 10), min(_round(wd * 10), 1.0), log=True),
                   Param("label_smoothing", "float", 0.0, 0.3),
                   Param("batch_size", "categorical", choices=(max(t.batch_size // 2, 1), t.batch_size))]
         why = f"around the muon settings of {cfg.recipe or 'this config'} ({cfg.model.name})"

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import warnings
 from pathlib import Path
 
@@ -148,3 +149,35 @@ def _check_attrs(name: str, have: dict, want: dict, storage, study_id) -> None:
                 detail = f"it has {shown(theirs)}, this command {shown(ours)}"
             raise ConfigError(f"study {name!r} was made with another {what} ({detail}); run it with the same one "
                               f"to continue it, or give another --study name")
+
+
+def worker_id() -> list:
+    """[host, PID] of this process, kept with each trial it runs."""
+    return [socket.gethostname(), os.getpid()]
+
+
+def fail_dead_workers_trials(study, storage) -> list[int]:
+    """Mark failed the running trials of workers on this machine that are gone (killed); their numbers.
+
+    Trials of other machines are left to the heartbeat (GRACE seconds after their last beat).
+    """
+    host, numbers = socket.gethostname(), []
+    study_id = storage.get_study_id_from_name(study.study_name)
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        worker = t.user_attrs.get("worker")
+        if not (isinstance(worker, list) and len(worker) == 2 and worker[0] == host) or _alive(worker[1]):
+            continue
+        trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, t.number)
+        if storage.set_trial_state_values(trial_id, state=optuna.trial.TrialState.FAIL):
+            numbers.append(t.number)
+    return numbers
+
+
+def _alive(pid) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, ValueError, OverflowError):
+        return True  # another user's process, or not a PID: leave it to the heartbeat
+    return True
