@@ -4,6 +4,12 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -16,6 +22,8 @@ from imgcls.rundir import read_history
 from imgcls.tuning.space import read_space
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+SRC = Path(__file__).resolve().parents[2] / "src"
 
 TINY = {"epochs": 2, "model": "fastnet_small", "model_option": {"widths": [8, 8, 8]}}
 TINY_FLAGS = ["--epochs", "2", "--model", "fastnet_small", "--model-option", "widths=[8,8,8]"]
@@ -191,3 +199,47 @@ def test_show_space_prints_a_file_that_space_reads(tmp_path, capsys):
     # A flag given fixes its field: it leaves the default space.
     assert main(["tune", *TINY_FLAGS, "--lr", "0.003", "--show-space"]) == 0
     assert "\nlr:" not in capsys.readouterr().out
+
+
+def test_a_killed_study_resumes_with_no_trial_lost_or_duplicated(tmp_path):
+    space = _write(tmp_path / "space.yaml", "lr: [0.003, 0.01]\n")
+    args = ["tune", "--epochs", "15", "--model", "fastnet_small", "--model-option", "widths=[8,8,8]", "--trials", "3",
+            "--out", str(tmp_path / "runs"), "--study", "k", "--sampler", "random", "--space", str(space)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.Popen([sys.executable, "-m", "imgcls.cli", *args], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    started = tmp_path / "runs" / "k" / "trial-1" / "metrics.jsonl"  # trial 1 has trained an epoch
+    deadline = time.time() + 300
+    while not started.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert started.exists(), "the study ended before it could be killed"
+    assert main(args + ["--quiet"]) == 0
+    summary = _study(tmp_path / "runs" / "k")
+    states = {t["trial"]: t["state"] for t in summary["trials"]}
+    assert sorted(states) == [0, 1, 2, 3]  # every number once
+    assert states[1] == "interrupted" and [states[n] for n in (0, 2, 3)] == ["complete"] * 3
+    assert summary["finished"] == 3 and summary["counts"]["interrupted"] == 1
+    assert len(read_history(tmp_path / "runs" / "k" / "trial-1")) < 15  # its folder kept as the kill left it
+    rows = list(csv.DictReader((tmp_path / "runs" / "k" / "trials.csv").open()))
+    assert [r["trial"] for r in rows] == ["0", "1", "2", "3"]
+
+
+def test_macro_f1_and_hyperband(tmp_path):
+    summary = api.tune(trials=2, **TINY, out=str(tmp_path), study="m", space={"lr": [0.003, 0.01]}, sampler="grid",
+                       metric="val_macro_f1", pruner="hyperband", quiet=True)
+    # Hyperband may stop the second trial after its first epoch: each finishes, complete or pruned.
+    assert summary["finished"] == 2 and summary["counts"]["complete"] >= 1 and summary["direction"] == "maximize"
+    for t in summary["trials"]:
+        history = read_history(tmp_path / "m" / t["run"])
+        accuracy = {r["epoch"]: r["val_accuracy"] for r in history}
+        # Macro F1 is not accuracy (10 classes of unequal recall), but near it.
+        assert 0 < t["value"] <= 1 and t["value"] not in accuracy.values()
+        assert min(abs(t["value"] - a) for a in accuracy.values()) < 0.2
+
+
+def test_a_built_in_dataset_without_a_val_split_is_refused(tmp_path, capsys):
+    assert main(["tune", *TINY_FLAGS, "--val-fraction", "0", "--out", str(tmp_path)]) == 2
+    assert "give --val-fraction 0.1" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
