@@ -243,3 +243,22 @@ def test_a_built_in_dataset_without_a_val_split_is_refused(tmp_path, capsys):
     assert main(["tune", *TINY_FLAGS, "--val-fraction", "0", "--out", str(tmp_path)]) == 2
     assert "give --val-fraction 0.1" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
+
+
+def test_two_workers_sharing_one_study_finish_exactly_its_trials(tmp_path):
+    # Two processes on one SQLite file, as two machines on one PostgreSQL database would be: trial numbers come
+    # from the storage, and a trial started once the study has its number runs nothing and is left out.
+    space = _write(tmp_path / "space.yaml", "lr: {low: 0.001, high: 0.03, log: true}\n")
+    args = ["tune", "--epochs", "3", "--model", "fastnet_small", "--model-option", "widths=[8,8,8]", "--trials", "5",
+            "--out", str(tmp_path / "runs"), "--study", "w", "--sampler", "random", "--space", str(space), "--quiet"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")])),
+           "OMP_NUM_THREADS": "1"}
+    workers = [subprocess.Popen([sys.executable, "-m", "imgcls.cli", *args], env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    errors = [w.communicate(timeout=600)[1] for w in workers]
+    assert [w.returncode for w in workers] == [0, 0], errors
+    summary = _study(tmp_path / "runs" / "w")
+    numbers = sorted(t["trial"] for t in summary["trials"])
+    assert summary["finished"] == 5 and summary["counts"]["complete"] == 5
+    assert len(numbers) == len(set(numbers)) == 5
+    assert all((tmp_path / "runs" / "w" / f"trial-{n}" / "config.yaml").is_file() for n in numbers)

@@ -57,10 +57,13 @@ class Context:
 
 
 def state_of(trial) -> str:
-    """complete, pruned, failed (by its own settings: it has a reason), interrupted (its worker stopped), running."""
+    """complete, pruned, failed (by its own settings: it has a reason), interrupted (its worker stopped), running;
+    surplus (started when the study had its trials: it ran nothing and is left out of the results)."""
     state = trial.state
     if state == optuna.trial.TrialState.FAIL:
         attrs = trial.user_attrs
+        if attrs.get("surplus"):
+            return "surplus"
         return "failed" if attrs.get("fail_reason") and not attrs.get("interrupted") else "interrupted"
     return {optuna.trial.TrialState.COMPLETE: "complete", optuna.trial.TrialState.PRUNED: "pruned",
             optuna.trial.TrialState.RUNNING: "running"}.get(state, state.name.lower())
@@ -97,7 +100,7 @@ def _ranked(rows: list[dict], direction: str) -> list[dict]:
 def summarize(study, context: Context) -> dict:
     """The summary of ``study`` (study.json's content): counts by state, the best trial, every trial."""
     direction = METRICS[context.metric]
-    rows = [trial_row(t) for t in study.get_trials(deepcopy=False)]
+    rows = [trial_row(t) for t in study.get_trials(deepcopy=False) if state_of(t) != "surplus"]
     counts = Counter(r["state"] for r in rows)
     complete = [r for r in _ranked(rows, direction) if r["state"] == "complete" and r["value"] is not None]
     best = complete[0] if complete else None

@@ -65,6 +65,18 @@ class StudyError(ImgclsError):
     """The study cannot go on (not one trial's settings): it stops with this message."""
 
 
+class Surplus(Exception):
+    """A trial started after the study had its number of trials (by other workers): it runs nothing."""
+
+
+def _surplus(trial, limit: int) -> bool:
+    """Whether ``limit`` trials numbered before ``trial`` are finished or running (numbers are given out in order by
+    the storage, so every worker agrees which trials are surplus)."""
+    earlier = [t for t in trial.study.get_trials(deepcopy=False) if t.number < trial.number
+               and results.state_of(t) in ("complete", "pruned", "failed", "running")]
+    return len(earlier) >= limit
+
+
 def resolve_space(make, flags: dict, space=None) -> tuple[dict, str]:
     """(the space, a line saying what it is): ``space`` (a file path or a dict) checked, or the default one.
 
@@ -118,7 +130,7 @@ def tune(*, make, train, flags: dict, trials: int, timeout=None, space=None, met
                   f"pruner {context.pruner}; {title}")
     _say(console, f"study folder {study_dir}; storage {context.storage}")
     _say(console, f"searching: {', '.join(f'{k} {_range(p)}' for k, p in found.items())}")
-    _run(opened, store, context, make_objective(found, train, study_dir, metric), seconds, console)
+    _run(opened, store, context, make_objective(found, train, study_dir, metric, trials), seconds, console)
     summary = results.write_all(opened, context, html=True)
     console.print(results.format_leaderboard(summary), highlight=False, markup=False, soft_wrap=True)
     _say(console, results.closing_line(summary))
@@ -177,13 +189,14 @@ def show_space(make, flags: dict, space=None) -> str:
 
 def _optimize(study, context, objective, n_trials: int, timeout: float | None, console) -> None:
     def after_trial(study, trial) -> None:
-        _say(console, results.trial_line(results.trial_row(trial), context))
-        results.write_all(study, context, html=False)
+        if results.state_of(trial) != "surplus":
+            _say(console, results.trial_line(results.trial_row(trial), context))
+            results.write_all(study, context, html=False)
         if counted(study) >= context.trials:
             study.stop()  # other workers may have finished trials meanwhile
 
     with _optuna_quiet():
-        study.optimize(objective, n_trials=n_trials, timeout=timeout, catch=(ConfigError, TrainingError),
+        study.optimize(objective, n_trials=n_trials, timeout=timeout, catch=(ConfigError, TrainingError, Surplus),
                        callbacks=[after_trial], gc_after_trial=False)
 
 
@@ -192,9 +205,17 @@ def counted(study) -> int:
     return sum(1 for t in study.get_trials(deepcopy=False) if results.state_of(t) in ("complete", "pruned", "failed"))
 
 
-def make_objective(space: dict, train, study_dir: Path, metric: str):
-    """The Optuna objective: one trial trains one run folder, ``<study_dir>/trial-<number>``."""
+def make_objective(space: dict, train, study_dir: Path, metric: str, limit: int):
+    """The Optuna objective: one trial trains one run folder, ``<study_dir>/trial-<number>``.
+
+    A trial numbered after ``limit`` trials that are finished or running (other workers') runs nothing: it is
+    marked surplus and left out of every result, so that workers sharing a study finish exactly ``limit``.
+    """
     def objective(trial) -> float:
+        if _surplus(trial, limit):
+            trial.set_user_attr("surplus", True)
+            trial.study.stop()
+            raise Surplus(f"the study has {limit} trials before trial {trial.number}")
         params = suggest(trial, space)
         run_name = f"trial-{trial.number}"
         trial.set_user_attr("run", run_name)

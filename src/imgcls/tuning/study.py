@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import time
 import warnings
 from pathlib import Path
 
@@ -64,10 +65,7 @@ def open_storage(url: str):
     connect = {"sqlite": {"timeout": 60}, "postgresql": {"connect_timeout": 10},
                "mysql": {"connect_timeout": 10}}.get(kind, {})
     try:
-        with warnings.catch_warnings():  # the heartbeat is "experimental" in Optuna 4 and 5
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": connect},
-                                              heartbeat_interval=HEARTBEAT, grace_period=GRACE)
+        return _rdb_storage(url, connect)
     except Exception as exc:  # noqa: BLE001 (any driver's error: reported in one line)
         said = " ".join(str(exc).split())[:300] or type(exc).__name__
         if parsed.password:
@@ -81,6 +79,22 @@ def sampler_seed(seed: int, trials: int) -> int:
     if trials == 0:
         return seed
     return (seed * 1_000_003 + trials * 7_919 + os.getpid()) % 2**32
+
+
+def _rdb_storage(url: str, connect: dict):
+    """RDBStorage(url); when two workers create the tables of a new database at once, the second tries again."""
+    from sqlalchemy.exc import IntegrityError  # optuna's own dependency
+
+    for wait in (1.0, 2.0, None):  # seconds: the other worker's tables are there by then
+        try:
+            with warnings.catch_warnings():  # the heartbeat is "experimental" in Optuna 4 and 5
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": connect},
+                                                  heartbeat_interval=HEARTBEAT, grace_period=GRACE)
+        except IntegrityError:
+            if wait is None:
+                raise
+            time.sleep(wait)
 
 
 def make_sampler(name: str, seed: int, grid: dict | None = None):
