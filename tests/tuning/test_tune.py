@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+import imgcls
+
 optuna = pytest.importorskip("optuna")
 
 from imgcls import api
@@ -56,7 +58,8 @@ def test_a_study_runs_its_trials_and_its_best_config_trains_again(tmp_path, caps
     rows = list(csv.DictReader((folder / "trials.csv").open()))
     assert [r["trial"] for r in rows] == ["0", "1", "2"]
     assert {"lr", "weight_decay", "batch_size", "optimizer", "augment"} <= set(rows[0])
-    assert (folder / "tune.html").is_file() and (folder / "study.db").is_file()
+    page = (folder / "tune.html").read_text()
+    assert "Leaderboard" in page and page.count("data:image/png;base64,") >= 1 and (folder / "study.db").is_file()
     # best/config.yaml holds the best trial's values and repeats its run exactly.
     best = folder / "best" / "config.yaml"
     cfg = api.make_config(best)
@@ -126,7 +129,7 @@ def test_an_unreachable_database_is_one_line_without_its_password(tmp_path, caps
 def test_running_again_continues_the_study_and_another_space_is_refused(tmp_path):
     space = {"lr": {"low": 1e-3, "high": 3e-2, "log": True}}
     common = dict(TINY, out=str(tmp_path), study="c", space=space, sampler="random", quiet=True)
-    first = api.tune(trials=2, **common)
+    first = imgcls.tune(trials=2, **common)  # the package's face, as api.tune
     assert first["finished"] == 2
     second = api.tune(trials=4, **common)
     numbers = [t["trial"] for t in second["trials"]]
@@ -262,3 +265,30 @@ def test_two_workers_sharing_one_study_finish_exactly_its_trials(tmp_path):
     assert summary["finished"] == 5 and summary["counts"]["complete"] == 5
     assert len(numbers) == len(set(numbers)) == 5
     assert all((tmp_path / "runs" / "w" / f"trial-{n}" / "config.yaml").is_file() for n in numbers)
+
+
+def test_ctrl_c_leaves_the_trial_interrupted_and_the_same_command_goes_on(tmp_path):
+    from rich.console import Console
+
+    from imgcls.tuning import search
+
+    space = {"lr": [0.003, 0.01]}
+    flags = {**TINY, "out": str(tmp_path)}
+    started = []
+
+    def train(params, out_dir, name, on_epoch_end):
+        started.append(name)
+        if len(started) == 2:
+            raise KeyboardInterrupt  # Ctrl-C during the second trial
+        return api.train(quiet=True, on_epoch_end=on_epoch_end, **{**flags, **params, "out": str(out_dir)},
+                         report=False, name=name)
+
+    with pytest.raises(KeyboardInterrupt):
+        search.tune(make=lambda p: api.make_config(**flags, report=False, **p), train=train, flags=flags, trials=3,
+                    space=space, study="i", sampler="random", console=Console(quiet=True))
+    states = {t["trial"]: t["state"] for t in _study(tmp_path / "i")["trials"]}
+    assert states == {0: "complete", 1: "interrupted"}  # study.json written as the study stopped
+    summary = api.tune(trials=3, **flags, space=space, study="i", sampler="random", quiet=True)
+    assert {t["trial"]: t["state"] for t in summary["trials"]} == {0: "complete", 1: "interrupted", 2: "complete",
+                                                                   3: "complete"}
+    assert summary["finished"] == 3

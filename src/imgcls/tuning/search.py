@@ -178,7 +178,11 @@ def _run(study, store, context, objective, seconds: float | None, console) -> No
         return
     if done:
         _say(console, f"continuing: {done} of {context.trials} trials finished before")
-    _optimize(study, context, objective, context.trials - done, seconds, console)
+    try:
+        _optimize(study, context, objective, context.trials - done, seconds, console)
+    except KeyboardInterrupt:
+        results.write_all(study, context, html=False)  # the interrupted trial shows as such; run again to go on
+        raise
 
 
 def show_space(make, flags: dict, space=None) -> str:
