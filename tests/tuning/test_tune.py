@@ -109,6 +109,7 @@ def test_a_field_both_given_and_searched_and_a_continuous_grid_are_refused(tmp_p
     ("nosuchdb://host/db", "unknown database kind 'nosuchdb'"),
     ("not a url", "is not a database URL"),
     ("sqlite:////nonexistent-folder/sub/study.db", "the database cannot be opened"),
+    ("sqlite://", "a database in memory, which keeps nothing"),
 ])
 def test_a_storage_that_cannot_be_used_is_refused_before_any_trial(tmp_path, capsys, url, message):
     out = tmp_path / "runs"

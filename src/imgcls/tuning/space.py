@@ -108,7 +108,8 @@ def read_space(path: str | Path) -> Space:
     path = Path(path)
     where = f"space file {path}"
     if not path.is_file():
-        raise ConfigError(f"{where} does not exist")
+        raise ConfigError(f"{where} {'is not a file' if path.exists() else 'does not exist'}; give a YAML file as "
+                          f"--show-space prints it")
     try:
         values = parse_yaml_value(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError:

@@ -62,6 +62,9 @@ def open_storage(url: str):
     except NoSuchModuleError:
         raise ConfigError(f"--storage {shown_url(url)}: unknown database kind {parsed.drivername!r}; {hint}") from None
     kind = parsed.get_backend_name()
+    if kind == "sqlite" and parsed.database in (None, "", ":memory:"):
+        raise ConfigError(f"--storage {shown_url(url)} is a database in memory, which keeps nothing and no other "
+                          f"worker can join; give sqlite:///FILE (or leave --storage out for the study folder's)")
     connect = {"sqlite": {"timeout": 60}, "postgresql": {"connect_timeout": 10},
                "mysql": {"connect_timeout": 10}}.get(kind, {})
     try:
