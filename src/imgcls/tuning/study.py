@@ -69,6 +69,9 @@ def open_storage(url: str):
                "mysql": {"connect_timeout": 10}}.get(kind, {})
     try:
         return _rdb_storage(url, connect)
+    except ModuleNotFoundError as exc:
+        raise ConfigError(f"--storage {shown_url(url)}: its database driver {exc.name!r} is not installed; for "
+                          f"PostgreSQL pip install 'psycopg[binary]' and write postgresql+psycopg://...") from None
     except Exception as exc:  # noqa: BLE001 (any driver's error: reported in one line)
         said = " ".join(str(exc).split())[:300] or type(exc).__name__
         if parsed.password:
