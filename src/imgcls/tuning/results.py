@@ -20,6 +20,7 @@ import dataclasses
 import html
 import io
 import math
+import warnings
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -265,7 +266,9 @@ def _importances(study) -> dict:
     if len(complete) < 3 or not any(len(t.params) for t in complete):
         return {}
     try:
-        return dict(optuna.importance.get_param_importances(study))
+        with warnings.catch_warnings():  # too few trials to tell the parameters apart: equal importances, said once
+            warnings.simplefilter("ignore", UserWarning)
+            return dict(optuna.importance.get_param_importances(study))
     except Exception:  # noqa: BLE001 (a figure of the page: the study's results stand without it)
         return {}
 

@@ -89,16 +89,20 @@ def sampler_seed(seed: int, trials: int) -> int:
 
 def _rdb_storage(url: str, connect: dict):
     """RDBStorage(url); when two workers create the tables of a new database at once, the second tries again."""
-    from sqlalchemy.exc import IntegrityError  # optuna's own dependency
+    from sqlalchemy.exc import DatabaseError, IntegrityError  # optuna's own dependency
 
-    for wait in (1.0, 2.0, None):  # seconds: the other worker's tables are there by then
+    for wait in (1.0, 2.0, 4.0, None):  # seconds: the other worker's tables are there by then
         try:
             with warnings.catch_warnings():  # the heartbeat is "experimental" in Optuna 4 and 5
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": connect},
                                                   heartbeat_interval=HEARTBEAT, grace_period=GRACE)
-        except IntegrityError:
-            if wait is None:
+        except DatabaseError as exc:
+            # Both workers saw no tables and one made them first: "already exists", a duplicate key (the version
+            # row, PostgreSQL's type of a table), or SQLite's lock while it did.
+            racing = isinstance(exc, IntegrityError) or any(
+                words in str(exc) for words in ("already exists", "duplicate key", "database is locked"))
+            if wait is None or not racing:
                 raise
             time.sleep(wait)
 
