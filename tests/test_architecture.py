@@ -25,7 +25,7 @@ FLOORS = [
     ("training",),
     ("explain",),
     ("reports",),
-    ("analysis", "export"),
+    ("analysis", "export", "tuning"),
     ("api",),
     ("serving",),
     ("cli", "__main__"),

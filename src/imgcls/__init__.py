@@ -9,7 +9,7 @@ Heavy modules are imported lazily so that ``import imgcls`` stays cheap.
 
 __version__ = "0.1.0"
 
-__all__ = ["train", "load", "__version__"]
+__all__ = ["train", "load", "tune", "__version__"]
 
 
 def train(*args, **kwargs):
@@ -24,3 +24,10 @@ def load(*args, **kwargs):
     from imgcls.startup import import_paused  # on use: importing imgcls is free
 
     return import_paused("imgcls.api").load(*args, **kwargs)
+
+
+def tune(*args, **kwargs):
+    """Search hyperparameters with Optuna (``pip install imgcls[tune]``); see :func:`imgcls.api.tune`."""
+    from imgcls.startup import import_paused  # on use: importing imgcls is free
+
+    return import_paused("imgcls.api").tune(*args, **kwargs)

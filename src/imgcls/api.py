@@ -28,7 +28,7 @@ from imgcls.config import (
     read_config_values,
 )
 from imgcls.data.registry import build_dataset
-from imgcls.errors import CheckpointError, DataError
+from imgcls.errors import CheckpointError, ConfigError, DataError
 from imgcls.evaluation.evaluate import evaluate_model
 from imgcls.evaluation.metrics import save_metrics
 from imgcls.inference import normalization_tensors, resolve_runtime, to_input
@@ -218,6 +218,65 @@ def cross_validate(config=None, folds: int = 5, *, out_dir: str | Path | None = 
     write_cv_page(result, Path(result["path"]))
     console.print(f"cross-validation folder: {result['path']}", highlight=False, markup=False, soft_wrap=True)
     return result
+
+
+def tune(config=None, *, trials: int = 20, timeout: str | float | None = None, space=None,
+         metric: str = "val_accuracy", study: str | None = None, storage: str | None = None, sampler="tpe",
+         pruner="median", quiet: bool = False, console=None, **overrides) -> dict:
+    """Search hyperparameters with Optuna: ``trials`` runs of ``config`` (as :func:`train` takes it), each with
+    values drawn from ``space``, in the study folder ``<out>/<study>``.
+
+    Args:
+        trials: the study's finished trials to reach (complete, pruned, or failed by their settings); running
+            the same call again continues the study up to that number.
+        timeout: stop starting trials after this long (``"30m"``, seconds).
+        space: a YAML file or a dict mapping config fields to ranges or choices (see
+            :mod:`imgcls.tuning.space`); default: the default space for the config.
+        metric: ``val_accuracy`` (maximised), ``val_loss`` (minimised) or ``val_macro_f1`` (maximised),
+            reported after every epoch for the pruner.
+        study: the study's name (default ``<data>-tune``).
+        storage: a SQLAlchemy URL (default: ``sqlite:///<study folder>/study.db``).
+        sampler: ``tpe`` (seeded by the config's seed), ``random``, ``grid``, or an Optuna sampler.
+        pruner: ``median``, ``hyperband``, ``none``, or an Optuna pruner.
+        **overrides: flat training options, as for :func:`train`; ``out`` is where the study folder goes.
+
+    Returns:
+        The study's summary (study.json): ``best_value``, ``best_params``, ``best_run``, ``best_config``,
+        ``counts`` by state, and every trial.
+    """
+    search = _tuning()
+    keep_freed_memory()  # an entry point: see imgcls.startup
+    console = console or _console(quiet)
+    trial_flags = {"report": False, **{k: v for k, v in overrides.items() if v is not None}}
+
+    def make(params: dict) -> RunConfig:
+        return make_config(config, **{**trial_flags, **params})
+
+    def run_trial(params: dict, out_dir: Path, name: str, on_epoch_end) -> Run:
+        return train(config, quiet=True, on_epoch_end=on_epoch_end,
+                     **{**trial_flags, **params, "out": str(out_dir), "name": name})
+
+    return search.tune(make=make, train=run_trial, flags=overrides, trials=trials, timeout=timeout, space=space,
+                       metric=metric, study=study, storage=storage, sampler=sampler, pruner=pruner, console=console)
+
+
+def _tuning():
+    """imgcls.tuning.search; a ConfigError saying what to install when Optuna is not there."""
+    try:
+        from imgcls.tuning import search  # optuna: on use
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("optuna", "sqlalchemy"):
+            raise
+        raise ConfigError(f"imgcls tune runs on Optuna, which is not installed ({exc.name} is missing); "
+                          f"pip install 'imgcls[tune]' (or 'optuna>=4,<6')") from None
+    return search
+
+
+def search_space(config=None, *, space=None, **overrides) -> str:
+    """The space :func:`tune` with these arguments would search, as the YAML that ``space=`` (``--space``) reads."""
+    search = _tuning()
+    trial_flags = {"report": False, **{k: v for k, v in overrides.items() if v is not None}}
+    return search.show_space(lambda params: make_config(config, **{**trial_flags, **params}), overrides, space)
 
 
 class Classifier(predictor.Classifier):

@@ -166,6 +166,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", type=Path, help="YAML config file")
     add_config_flags(p)
 
+    p = sub.add_parser("tune", help="search hyperparameters with Optuna: trials as run folders, with pruning "
+                       "(takes the training options)")
+    p.add_argument("--trials", type=int, default=20, help="finished trials the study runs to; the same command run "
+                   "again continues the study up to this number (default: 20)")
+    p.add_argument("--timeout", help="start no trial after this long, e.g. 30m or 2h (default: none)")
+    p.add_argument("--space", type=Path, help="YAML search space: config fields mapped to ranges or choices "
+                   "(default: the one --show-space prints)")
+    p.add_argument("--metric", default="val_accuracy", choices=("val_accuracy", "val_loss", "val_macro_f1"),
+                   help="what the trials are ranked and pruned by, on the val split after every epoch "
+                        "(default: val_accuracy)")
+    p.add_argument("--study", help="study name; its folder is <out>/<study> (default: <data>-tune)")
+    p.add_argument("--storage", help="SQLAlchemy URL of the study's database, e.g. postgresql://USER:PASS@HOST/DB "
+                   "for workers on several machines (default: sqlite:///<study folder>/study.db)")
+    p.add_argument("--sampler", default="tpe", choices=("tpe", "random", "grid"),
+                   help="tpe (default, seeded by --seed), random, or grid (a space of choices only)")
+    p.add_argument("--pruner", default="median", choices=("median", "hyperband", "none"),
+                   help="stop bad trials after an epoch: median (default), hyperband or none")
+    p.add_argument("--show-space", action="store_true", help="print the search space (as a --space file) and exit")
+    p.add_argument("--config", type=Path, help="YAML config file the trials start from")
+    p.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    add_config_flags(p)
+
     p = sub.add_parser("compare", help="several runs side by side: leaderboard and validation curves")
     p.add_argument("runs", type=Path, nargs="+", help="run folders")
     p.add_argument("--out", type=Path, default=Path("compare"), help="folder for compare.html (default: compare)")
@@ -436,6 +458,20 @@ def cmd_cv(args) -> int:
     return 0
 
 
+def cmd_tune(args) -> int:
+    from rich.console import Console
+
+    api = import_paused("imgcls.api")
+    overrides = _config_overrides(args)
+    if args.show_space:
+        print(api.search_space(args.config, space=args.space, **overrides), end="")
+        return 0
+    summary = api.tune(args.config, trials=args.trials, timeout=args.timeout, space=args.space, metric=args.metric,
+                       study=args.study, storage=args.storage, sampler=args.sampler, pruner=args.pruner,
+                       console=Console(highlight=False, quiet=args.quiet), **overrides)
+    return 0 if summary["best_trial"] is not None else 1
+
+
 def cmd_compare(args) -> int:
     from imgcls.reports.compare import (  # start-up time
         compare_runs,
@@ -453,7 +489,7 @@ COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict
             "recipes": cmd_recipes,
             "explain": cmd_explain, "serve": cmd_serve, "export": cmd_export,
             "report": cmd_report, "calibrate": cmd_calibrate, "thresholds": cmd_thresholds, "probe": cmd_probe,
-            "cv": cmd_cv, "compare": cmd_compare}
+            "cv": cmd_cv, "tune": cmd_tune, "compare": cmd_compare}
 
 
 def main(argv: list[str] | None = None) -> int:
