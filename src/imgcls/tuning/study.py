@@ -134,37 +134,41 @@ def _same(a, b) -> bool:
     return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
 
 
+ATTR = "imgcls"  # the study's user attribute holding what it searches, set in one write
+
+
 def open_study(name: str, storage, sampler_for, pruner, attrs: dict):
     """Create study ``name`` in ``storage``, or load it when it exists and ``attrs`` match what it was made with.
 
     Args:
         sampler_for: ``sampler_for(trials)`` -> the sampler, given the number of trials the study has already.
-        attrs: what the study searches (``space``, ``metric``, ``flags``), kept in its user attributes.
+        attrs: what the study searches (``space``, ``metric``, ``flags``), kept as one user attribute.
     """
-    direction = METRICS[attrs["metric"]]
     try:
         study_id = storage.get_study_id_from_name(name)
     except KeyError:
         study_id = None
-    if study_id is not None:
-        _check_attrs(name, storage.get_study_user_attrs(study_id), attrs, storage, study_id)
+    if study_id is None:
+        study = optuna.create_study(study_name=name, storage=storage, sampler=sampler_for(0), pruner=pruner,
+                                    direction=METRICS[attrs["metric"]], load_if_exists=True)  # another may be first
+        study_id = storage.get_study_id_from_name(name)
+    else:
         sampler = sampler_for(len(storage.get_all_trials(study_id, deepcopy=False)))
-        return optuna.load_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner)
-    study = optuna.create_study(study_name=name, storage=storage, sampler=sampler_for(0), pruner=pruner,
-                                direction=direction, load_if_exists=True)  # another worker may create it first
-    for key, value in attrs.items():
-        if key not in study.user_attrs:
-            study.set_user_attr(key, value)
+        study = optuna.load_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner)
+    have = storage.get_study_user_attrs(study_id).get(ATTR)
+    if have is None:
+        # A new study, or one whose maker has not written its attribute yet (it does before its first trial).
+        if storage.get_all_trials(study_id, deepcopy=False):
+            raise ConfigError(f"study {name!r} in this storage was not made by imgcls tune; give another --study name")
+        study.set_user_attr(ATTR, attrs)
+    else:
+        _check_attrs(name, have, attrs)
     return study
 
 
-def _check_attrs(name: str, have: dict, want: dict, storage, study_id) -> None:
-    if not have:
-        if storage.get_all_trials(study_id, deepcopy=False):
-            raise ConfigError(f"study {name!r} in this storage was not made by imgcls tune; give another --study name")
-        return
+def _check_attrs(name: str, have: dict, want: dict) -> None:
     for key, what in (("space", "search space"), ("metric", "metric"), ("flags", "training flags")):
-        if key in want and not _same(have.get(key), want[key]):
+        if not _same(have.get(key), want[key]):
             theirs, ours = have.get(key), want[key]
             if isinstance(theirs, dict) and isinstance(ours, dict):
                 differ = sorted(k for k in set(theirs) | set(ours) if not _same(theirs.get(k), ours.get(k)))
