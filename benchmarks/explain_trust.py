@@ -49,7 +49,7 @@ from imgcls.explain.sanity import (
 from imgcls.inference import channel_stats, normalization_tensors, to_input
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "explain"))  # the pattern task: test data
-from patterns import make_pattern_dataset, train_pattern_model  # noqa: E402
+from patterns import make_pattern_dataset, train_pattern_model
 
 TRAIN_IMAGES = 3000
 TRAIN_STEPS = 300  # Adam steps

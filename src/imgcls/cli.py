@@ -42,8 +42,8 @@ class _Parser(argparse.ArgumentParser):
 
 def _cut_quoted(message: str, keep: int = 80) -> str:
     """``message`` with every quoted value longer than ``keep`` characters cut, saying how long it was."""
-    return re.sub(r"'([^']{%d})[^']{120,}'" % keep, lambda m: f"'{m.group(1)}...' ({len(m.group(0)) - 2:,} characters)",
-                  message)
+    pattern = "'([^']{" + str(keep) + "})[^']{120,}'"
+    return re.sub(pattern, lambda m: f"'{m.group(1)}...' ({len(m.group(0)) - 2:,} characters)", message)
 
 
 def _flag_type(f):

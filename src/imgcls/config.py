@@ -199,7 +199,7 @@ class RunConfig:
         if t.nesterov and t.momentum <= 0:
             raise ConfigError("nesterov needs momentum > 0")
 
-    def resolved(self) -> "RunConfig":
+    def resolved(self) -> RunConfig:
         """A new, checked RunConfig with its values in their canonical form.
 
         ``image_size`` becomes ``[height, width]``, ``class_weights`` a list or

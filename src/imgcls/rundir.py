@@ -115,7 +115,7 @@ class RunFolder:
         self.path = Path(path)
 
     @classmethod
-    def create(cls, cfg: RunConfig) -> tuple["RunFolder", RunConfig]:
+    def create(cls, cfg: RunConfig) -> tuple[RunFolder, RunConfig]:
         """A new run folder for ``cfg``, and the config with the name it got (a new object) in its config.yaml."""
         out = Path(cfg.out_dir)
         if out.exists() and not out.is_dir():
