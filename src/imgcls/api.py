@@ -32,6 +32,7 @@ from imgcls.errors import CheckpointError, ConfigError, DataError
 from imgcls.evaluation.evaluate import evaluate_model
 from imgcls.evaluation.metrics import save_metrics
 from imgcls.inference import normalization_tensors, resolve_runtime, to_input
+from imgcls.io import read_json
 from imgcls.predictor import Predictor  # noqa: F401 (re-exported: the face of the package)
 from imgcls.recipes import PRECISION_CLASSES, get_recipe
 from imgcls.rundir import CONFIG, RunFolder
@@ -258,6 +259,32 @@ def tune(config=None, *, trials: int = 20, timeout: str | float | None = None, s
 
     return search.tune(make=make, train=run_trial, flags=overrides, trials=trials, timeout=timeout, space=space,
                        metric=metric, study=study, storage=storage, sampler=sampler, pruner=pruner, console=console)
+
+
+def retrain_best(summary: dict, *, quiet: bool = False, console=None) -> Run:
+    """Train the best trial's configuration on its training and validation images together, and evaluate it
+    on the test split once: the run ``<study folder>/best-retrained``.
+
+    It trains for the epochs that gave the best trial its value (its best epoch, with early stopping off: no
+    validation images are left to stop on).  Validation images carved out of the training data join the
+    training set; a val/ folder of the data's own stays a validation split.
+
+    Args:
+        summary: what :func:`tune` returned (study.json's content).
+    """
+    if not summary.get("best_config") or not summary.get("best_run"):
+        raise ConfigError(f"study {summary.get('study', '')!r} has no complete trial yet: nothing to retrain")
+    console = console or _console(quiet)
+    best_run = Path(summary["best_run"])
+    info = read_json(best_run / rundir.RUN, default={}) or {}
+    best = make_config(summary["best_config"])
+    epochs = best.train.epochs if info.get("best_epoch") is None else int(info["best_epoch"])
+    epochs = epochs if best.train.head_first else max(epochs, 1)  # a head-first run may train its head alone
+    cfg = make_config(best, val_fraction=0.0, early_stopping=False, epochs=epochs,
+                      out=str(Path(summary["path"])), name="best-retrained")
+    console.print(f"retraining the best trial ({best_run.name}) on train + val for {cfg.train.epochs} epochs, then "
+                  f"the test split once", highlight=False, markup=False, soft_wrap=True)
+    return train(cfg, console=console)
 
 
 def _tuning():

@@ -184,6 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pruner", default="median", choices=("median", "hyperband", "none"),
                    help="stop bad trials after an epoch: median (default), hyperband or none")
     p.add_argument("--show-space", action="store_true", help="print the search space (as a --space file) and exit")
+    p.add_argument("--retrain-best", action="store_true", help="then train the best trial's config on train + val "
+                   "and evaluate it on the test split once (<study folder>/best-retrained)")
     p.add_argument("--config", type=Path, help="YAML config file the trials start from")
     p.add_argument("--quiet", action="store_true", help="print nothing but errors")
     add_config_flags(p)
@@ -469,7 +471,12 @@ def cmd_tune(args) -> int:
     summary = api.tune(args.config, trials=args.trials, timeout=args.timeout, space=args.space, metric=args.metric,
                        study=args.study, storage=args.storage, sampler=args.sampler, pruner=args.pruner,
                        console=Console(highlight=False, quiet=args.quiet), **overrides)
-    return 0 if summary["best_trial"] is not None else 1
+    if summary["best_trial"] is None:
+        return 1
+    if args.retrain_best:
+        run = api.retrain_best(summary, console=Console(highlight=False, quiet=args.quiet))
+        print(f"best configuration retrained: {run.path}, test accuracy {run.test_metrics['accuracy']:.4f}")
+    return 0
 
 
 def cmd_compare(args) -> int:

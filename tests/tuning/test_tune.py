@@ -340,3 +340,26 @@ def test_tpe_finds_the_planted_learning_rate_and_draws_near_it_more_than_random(
             assert min(abs(math.log10(lr / 3e-3)) for lr in lrs) < 0.2
     # Random draws a sixth of its trials there (a decade of six); seeded, TPE draws 7 of 20 and random 4.
     assert near["tpe"] > near["random"], near
+
+
+def test_retrain_best_trains_the_best_config_on_train_and_val_and_tests_it_once(tmp_path, capsys):
+    out = tmp_path / "runs"
+    assert main(["tune", *TINY_FLAGS, "--trials", "2", "--out", str(out), "--study", "rb", "--sampler", "random",
+                 "--seed", "0", "--retrain-best"]) == 0
+    printed = capsys.readouterr().out
+    summary = _study(out / "rb")
+    best, again = Path(summary["best_run"]), out / "rb" / "best-retrained"
+    assert f"best configuration retrained: {again}" in printed
+    best_data = json.loads((best / "dataset.json").read_text())["splits"]
+    again_data = json.loads((again / "dataset.json").read_text())["splits"]
+    # The best trial's train and val images train the retrained model; the test split is the same.
+    assert "val" not in again_data
+    assert again_data["train"]["images"] == best_data["train"]["images"] + best_data["val"]["images"]
+    assert again_data["test"] == best_data["test"]
+    best_run = json.loads((best / "run.json").read_text())
+    assert len(read_history(again)) == best_run["best_epoch"]  # as long as the best trial's chosen epoch
+    assert (again / "eval_test.json").is_file() and (again / "report.html").is_file()
+    again_cfg = imgcls.api.make_config(again / "config.yaml")
+    searched = imgcls.api.make_config(**summary["best_params"]).train  # the values in their config form
+    for key in summary["best_params"]:  # the searched values are the best trial's
+        assert getattr(again_cfg.train, key) == getattr(searched, key), key
