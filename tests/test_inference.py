@@ -119,7 +119,9 @@ def test_keep_freed_memory_stops_steps_and_predictions_faulting_their_buffers_in
     if mode == "tuned":
         assert tuned == "True" and int(faults) < 10_000
     else:
-        assert tuned == "False" and int(faults) > 100_000
+        # Untuned, a step faults its buffers in again: 276,000-346,000 faults here, and once 94,607 (a full
+        # suite's run, the machine busy): the bound sits well above the tuned one, not at the usual count.
+        assert tuned == "False" and int(faults) > 50_000
 
 
 def test_scores_are_computed_in_fp32_channels_last_and_the_layout_changes_them_only_by_rounding():
