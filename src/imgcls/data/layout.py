@@ -101,7 +101,8 @@ def skip_reason(rel: str) -> str | None:
     return None
 
 
-def _visible_dir(rel: str) -> bool:
+def visible_dir(rel: str) -> bool:
+    """Whether no part of the folder path ``rel`` is hidden (``.name``) or macOS metadata (``__MACOSX``)."""
     return not any(p.startswith(".") or p == "__MACOSX" for p in rel.split("/"))
 
 
@@ -126,7 +127,7 @@ def detect_layout(files: list[str], dirs: set[str], where: str) -> Layout:
             images.append(rel)
         else:
             skipped.append(SkippedFile(rel, reason))
-    dirs = {d for d in dirs if _visible_dir(d)}
+    dirs = {d for d in dirs if visible_dir(d)}
     root = _unwrap(images, dirs, "", stop_at_splits=True)
     _refuse_loose_images(images, root, where)
     tops = _children(dirs, root)

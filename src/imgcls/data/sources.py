@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from imgcls.data.base import SkippedFile, printable
-from imgcls.data.layout import skip_reason
+from imgcls.data.layout import visible_dir
 from imgcls.errors import DataError
 
 
@@ -119,8 +119,7 @@ class FolderSource(ImageSource):
             self._skipped.append(SkippedFile(rel, f"a broken link (to {printable(target)})"))
             return
         inside = os.path.commonpath([self._real, target]) == self._real
-        hidden = skip_reason(rel + "/x.png") is not None  # inside a hidden folder: never read
-        if hidden:
+        if not visible_dir(rel):  # a hidden folder, or inside one: never read
             self._skipped.append(SkippedFile(rel, "a link inside a hidden folder"))
         elif not inside and not self.follow_links:
             self._outside.append((rel, target))

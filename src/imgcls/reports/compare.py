@@ -41,7 +41,7 @@ def read_run_summary(run_dir: str | Path) -> dict:
         raise CheckpointError(f"{path} is not a run folder (no {' or '.join(missing)}); "
                               f"give folders written by `imgcls train`")
     cfg = _read(path, rundir.CONFIG, yaml.safe_load) or {}
-    history = _read(path, rundir.METRICS, lambda _: rundir.read_history(path))
+    history = rundir.read_history(path)
     info = _read(path, rundir.RUN, json.loads) or {}
     test = _read(path, f"{rundir.eval_stem('test')}.json", json.loads) or {}
     env = _read(path, rundir.ENVIRONMENT, json.loads) or {}

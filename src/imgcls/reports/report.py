@@ -27,7 +27,7 @@ from imgcls.evaluation.predictions import (
     load_run,
     predict_split,
 )
-from imgcls.io import write_json
+from imgcls.io import read_json, write_json
 from imgcls.models.summary import format_summary, summarize
 from imgcls.reports import figures
 from imgcls.reports.html import Section, render_page, table
@@ -104,13 +104,13 @@ class Report:
         }
         return cls(
             run_dir=run_dir, preds=preds, metrics=metrics, history=rundir.read_history(run_dir),
-            run_info=_read_json(run_dir / rundir.RUN),
-            dataset_info=_read_json(run_dir / rundir.DATASET) or ds.record(),
-            environment=_read_json(run_dir / rundir.ENVIRONMENT),
+            run_info=read_json(run_dir / rundir.RUN, default={}),
+            dataset_info=read_json(run_dir / rundir.DATASET, default={}) or ds.record(),
+            environment=read_json(run_dir / rundir.ENVIRONMENT, default={}),
             config_text=_read_text(run_dir / rundir.CONFIG),
             model_text=format_summary(summarize(clf.model, clf.input_shape)),
             model_info=model_info,
-            stored_metrics=_read_json(run_dir / f"{rundir.eval_stem(split)}.json"),
+            stored_metrics=read_json(run_dir / f"{rundir.eval_stem(split)}.json", default={}),
         )
 
     # ---- numbers -------------------------------------------------------------------------
@@ -397,10 +397,6 @@ def _duration(seconds: float) -> str:
         return f"{int(minutes)} min {s:.0f} s"
     hours, minutes = divmod(minutes, 60)
     return f"{int(hours)} h {int(minutes)} min"
-
-
-def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def _read_text(path: Path) -> str:
