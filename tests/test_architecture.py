@@ -78,23 +78,14 @@ def scan(src: Path) -> tuple[dict[str, Path], list[Import]]:
     return modules, found
 
 
-def _bodies(tree: ast.Module):
-    """(statement list, inside a function) for the module and every block nested in it."""
-    yield tree.body, False
-    for node in ast.walk(tree):
-        in_function = isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
-        for field in ("body", "orelse", "finalbody", "handlers"):
-            body = getattr(node, field, None)
-            if node is not tree and isinstance(body, list) and body and isinstance(body[0], ast.stmt):
-                yield body, in_function or _inside_function(tree, node)
-
-
-def _inside_function(tree: ast.Module, target: ast.AST) -> bool:
-    for node in ast.walk(tree):
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node is not target:
-            if any(child is target for child in ast.walk(node)):
-                return True
-    return False
+def _bodies(node: ast.AST, in_function: bool = False):
+    """(statement list, inside a function) for ``node``'s blocks and every block nested in them."""
+    for field in ("body", "orelse", "finalbody"):
+        body = getattr(node, field, None)
+        if isinstance(body, list) and body and isinstance(body[0], ast.stmt):
+            yield body, in_function
+    for child in ast.iter_child_nodes(node):
+        yield from _bodies(child, in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)))
 
 
 def _targets(node: ast.Import | ast.ImportFrom, modules: dict[str, Path]) -> list[str]:
@@ -207,7 +198,7 @@ def test_the_checks_catch_an_upward_import_a_cycle_and_a_silent_function_level_i
     (pkg / "evaluation" / "__init__.py").write_text("")
     (pkg / "evaluation" / "metrics.py").write_text("def f():\n    from imgcls.api import load\n")
     (pkg / "api.py").write_text("from imgcls.evaluation import metrics\n")
-    modules, imports = scan(tmp_path)
+    _, imports = scan(tmp_path)
     assert upward(imports) == ["imgcls.evaluation.metrics (floor 5) imports imgcls.api (floor 10), line 2"]
     assert cycles(imports) == [["imgcls.api", "imgcls.evaluation.metrics"]]
     assert [(i.importer, i.in_function, i.reason) for i in imports if i.importer.endswith("metrics")] == [
