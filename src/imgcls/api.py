@@ -37,6 +37,7 @@ from imgcls.predictor import Predictor  # noqa: F401 (re-exported: the face of t
 from imgcls.recipes import PRECISION_CLASSES, get_recipe
 from imgcls.rundir import CONFIG, RunFolder
 from imgcls.startup import keep_freed_memory  # also the opt-in of library users
+from imgcls.training.callbacks import EpochEnd
 
 
 def make_config(config: str | Path | dict | RunConfig | None = None, **overrides) -> RunConfig:
@@ -114,7 +115,7 @@ def _console(quiet: bool):
 
 
 def train(config=None, *, resume: str | Path | None = None, quiet: bool = False, console=None,
-          on_epoch_end=None, **overrides) -> Run:
+          on_epoch_end=None, callbacks=(), **overrides) -> Run:
     """Train a model and return its :class:`Run`.
 
     Args:
@@ -124,16 +125,19 @@ def train(config=None, *, resume: str | Path | None = None, quiet: bool = False,
         quiet: print nothing.
         on_epoch_end: called as ``on_epoch_end(state, record)`` after each
             epoch (see :func:`imgcls.training.trainer.fit`).
+        callbacks: objects with any of the hooks of :mod:`imgcls.training.callbacks`
+            (``on_train_start``, ``on_step``, ``on_epoch_end``, ``on_train_end``).
         **overrides: flat options, named as the CLI flags: ``data``, ``model``,
             ``epochs``, ``lr``, ``optimizer``, ``augment``, ...
     """
     keep_freed_memory()  # an entry point: see imgcls.startup
     console = console or _console(quiet)
     with contextlib.ExitStack() as held:
-        return _train(config, resume, console, on_epoch_end, overrides, held)
+        return _train(config, resume, console, [*callbacks, EpochEnd(on_epoch_end) if on_epoch_end else None],
+                      overrides, held)
 
 
-def _train(config, resume, console, on_epoch_end, overrides: dict, held: contextlib.ExitStack) -> Run:
+def _train(config, resume, console, callbacks: list, overrides: dict, held: contextlib.ExitStack) -> Run:
     """:func:`train`'s body; ``held`` keeps the run folder's write lock until training and the report are done."""
     # on use: load() needs no trainer
     from imgcls.training.optim import import_dynamo_in_background
@@ -175,7 +179,7 @@ def _train(config, resume, console, on_epoch_end, overrides: dict, held: context
         run, cfg = RunFolder.create(cfg)
         held.enter_context(run.writing())
     result = fit(cfg, ds, run, console, resume=resume is not None, data_seconds=data_seconds,
-                 on_epoch_end=on_epoch_end)
+                 callbacks=callbacks)
     if cfg.report:
         _analyse(run.path, console, result.test_logits)
     return Run(run.path, cfg, result.history, result.test_metrics)

@@ -47,6 +47,7 @@ from imgcls.models import ImageClassifier, create_model
 from imgcls.models.pretrained import LoadReport, classifier_layer, load_weights
 from imgcls.recipes import get_recipe
 from imgcls.rundir import RunFolder, environment
+from imgcls.training.callbacks import Callbacks, EpochEnd
 from imgcls.training.optim import (
     EarlyStopping,
     Lookahead,
@@ -85,7 +86,8 @@ class TrainState:
     low_res: tuple[int, int] | None = None  # progressive resizing: (H, W) of the first low_res_steps steps
     low_res_steps: int = 0
     weights_report: LoadReport | None = None  # what the pretrained weights matched
-    dataset: ImageDataset | None = None  # set by fit, for on_epoch_end callbacks
+    dataset: ImageDataset | None = None  # set by fit, for callbacks
+    hooks: Callbacks = field(default_factory=Callbacks)  # set by fit: see imgcls.training.callbacks
     epoch: int = 0  # epochs completed
     step: int = 0  # optimiser steps taken
     history: list[dict] = field(default_factory=list)
@@ -277,7 +279,11 @@ def train_one_epoch(s: TrainState, progress: EpochProgress) -> dict:
             if not math.isfinite(mean_loss):
                 raise TrainingError(f"the training loss became {mean_loss} at epoch {s.epoch + 1}, step {i + 1}; "
                                     f"try a lower --lr (now {t.lr:g}) or --grad-clip")
-            progress.update(i + 1, mean_loss, correct.item() / seen, seen / (time.perf_counter() - start))
+            rate = seen / (time.perf_counter() - start)
+            progress.update(i + 1, mean_loss, correct.item() / seen, rate)
+            if s.hooks:
+                s.hooks.call("on_step", s, {"step": s.step, "epoch": s.epoch + 1, "train_loss": mean_loss,
+                                            "train_accuracy": correct.item() / seen, "lr": lr, "images_per_sec": rate})
     seconds = time.perf_counter() - start
     return {"train_loss": loss_sum.item() / seen, "train_accuracy": correct.item() / seen, "lr": lr,
             "train_seconds": round(seconds, 3), "images_per_sec": round(seen / seconds, 1)}
@@ -319,11 +325,13 @@ def _restore(s: TrainState, run: RunFolder) -> None:
 
 
 def _keep_epoch(s: TrainState, run: RunFolder, record: dict, is_best: bool, say) -> None:
-    """Add an epoch's record (stage 1's too) to the history and metrics.jsonl, write its checkpoints, say it."""
+    """Add an epoch's record (stage 1's too) to the history and metrics.jsonl, write its checkpoints, say it,
+    then call the callbacks' on_epoch_end."""
     s.history.append(record)
     run.append_metrics(record)
     _save_epoch(s, run, record, is_best)
     say(_epoch_line(record, is_best))
+    s.hooks.call("on_epoch_end", s, record)
 
 
 def _save_epoch(s: TrainState, run: RunFolder, record: dict, is_best: bool) -> None:
@@ -334,18 +342,20 @@ def _save_epoch(s: TrainState, run: RunFolder, record: dict, is_best: bool) -> N
 
 
 def fit(cfg: RunConfig, ds: ImageDataset, run: RunFolder, console, resume: bool = False,
-        data_seconds: float | None = None, on_epoch_end=None) -> TrainResult:
+        data_seconds: float | None = None, on_epoch_end=None, callbacks=()) -> TrainResult:
     """Train ``cfg.model`` on ``ds`` into ``run``; evaluate the final weights on the test split.
 
-    ``on_epoch_end(state, record)``, if given, is called after each epoch's
-    checkpoint is written, with the :class:`TrainState` (model, meta, runtime,
-    dataset) and the epoch's metrics record; it may read the model but not
-    change it.
+    ``callbacks``: objects with any of the hooks of :mod:`imgcls.training.callbacks`.
+    ``on_epoch_end(state, record)``, if given, is one more such hook, called
+    after each epoch's checkpoint is written (stage 1's too, as epoch 0), with
+    the :class:`TrainState` (model, meta, runtime, dataset) and the epoch's
+    metrics record; it may read the model but not change it.
     """
     t = cfg.train
     runtime = resolve_runtime(t.device, t.precision, t.channels_last)
     s = prepare(cfg, ds, runtime)
     s.dataset = ds
+    s.hooks = Callbacks([*callbacks, EpochEnd(on_epoch_end) if on_epoch_end is not None else None])
     if resume:
         _restore(s, run)
     say = _sayer(console, run)
@@ -359,6 +369,7 @@ def fit(cfg: RunConfig, ds: ImageDataset, run: RunFolder, console, resume: bool 
     if s.low_res_steps > s.step:
         say(f"progressive resizing: steps {s.step + 1} to {s.low_res_steps} of {t.epochs * s.steps_per_epoch} train "
             f"on {s.low_res[0]}x{s.low_res[1]} images, the rest at {ds.image_shape[1]}x{ds.image_shape[2]}")
+    s.hooks.call("on_train_start", s, run)
     started = time.perf_counter()
     stopped_early = False
     if t.head_first and not resume:
@@ -381,8 +392,6 @@ def fit(cfg: RunConfig, ds: ImageDataset, run: RunFolder, console, resume: bool 
         is_best = s.tracker.update(s.epoch, record)
         s.schedule.end_epoch(record)
         _keep_epoch(s, run, record, is_best, say)
-        if on_epoch_end is not None:
-            on_epoch_end(s, record)
         if t.early_stopping and s.tracker.should_stop:
             say(f"early stopping: {t.monitor} has not improved for {t.patience} epochs "
                 f"(best {s.tracker.best:.4f} at epoch {s.tracker.best_epoch})")
@@ -406,7 +415,9 @@ def fit(cfg: RunConfig, ds: ImageDataset, run: RunFolder, console, resume: bool 
         "parameters": sum(p.numel() for p in s.model.parameters()),
     })
     say(f"run folder: {run.path}")
-    return TrainResult(run, s.history, metrics, final, seconds, test_logits)
+    result = TrainResult(run, s.history, metrics, final, seconds, test_logits)
+    s.hooks.call("on_train_end", s, result)
+    return result
 
 
 def fit_head(s: TrainState, ds: ImageDataset, say) -> dict:

@@ -227,6 +227,8 @@ def make_objective(space: dict, train, study_dir: Path, metric: str, limit: int)
         values: dict[int, float] = {}
 
         def on_epoch_end(state, record: dict) -> None:
+            if record.get("stage") == "head":
+                return  # stage 1 of a head-first run: its figure is not a training epoch's
             value = _metric(metric, state, record)
             values[record["epoch"]] = value
             trial.report(value, record["epoch"])
