@@ -140,10 +140,17 @@ def train(config=None, *, resume: str | Path | None = None, quiet: bool = False,
 def _train(config, resume, console, callbacks: list, overrides: dict, held: contextlib.ExitStack) -> Run:
     """:func:`train`'s body; ``held`` keeps the run folder's write lock until training and the report are done."""
     # on use: load() needs no trainer
+    from imgcls.training import distributed  # start-up time: torch.distributed
+    from imgcls.training.launch import note_run  # start-up time
     from imgcls.training.optim import import_dynamo_in_background
     from imgcls.training.trainer import check_compatible, fit
 
-    if resume is not None:
+    d = distributed.init_distributed()  # rank 0 of 1 unless torchrun started this process
+    if not d.is_main:
+        console = _console(True)  # rank 0 speaks for the job
+    if resume is not None and not d.is_main:
+        cfg = None  # rank 0 reads the run folder (another node may not see it) and sends its config
+    elif resume is not None:
         run = RunFolder(resume)
         if not (run.path / CONFIG).is_file():
             raise CheckpointError(f"{run.path} is not a run folder (no config.yaml)")
@@ -161,25 +168,38 @@ def _train(config, resume, console, callbacks: list, overrides: dict, held: cont
         if overrides.get("epochs") is not None:
             run.write_text(CONFIG, dump_config(cfg))
     else:
-        cfg = make_config(config, **overrides)
+        cfg = make_config(config, **overrides)  # on every rank: a bad option stops them all at once
         for label, line in (("auto", cfg.auto), ("recipe", cfg.recipe_variant)):
             if line:
                 console.print(f"{label}: {line}", highlight=False, markup=False, soft_wrap=True)
+    cfg = distributed.broadcast(cfg)
     if cfg.train.optimizer != "muon" and cfg.train.epochs > 0:
         import_dynamo_in_background()  # torch's optimisers need it: overlap it with loading the data (1-1.4 s)
     started = time.perf_counter()
+    if d.local_rank != 0:
+        distributed.barrier()  # the node's first process decodes and caches the data; the others map the cache
     ds = build_dataset(cfg.data, seed=cfg.train.seed, progress=console.is_terminal)
+    if d.local_rank == 0:
+        distributed.barrier()
     data_seconds = time.perf_counter() - started
     for line in ds.summary_lines() + [f"data ready in {data_seconds:.1f}s"]:
         console.print(line, highlight=False, markup=False, soft_wrap=True)
     cfg, notes = check_compatible(cfg, ds)
     for note in notes:
         console.print(f"note: {note}", highlight=False, markup=False, soft_wrap=True)
-    if resume is None:
+    if resume is None and d.is_main:
         run, cfg = RunFolder.create(cfg)
         held.enter_context(run.writing())
-    result = fit(cfg, ds, run, console, resume=resume is not None, data_seconds=data_seconds,
-                 callbacks=callbacks)
+    if d.is_main:
+        note_run(run.path)  # for imgcls train --nproc's message, should a process fail
+    else:
+        run = None  # rank 0 alone writes the run folder
+    cfg = distributed.broadcast(cfg)  # the run's name, as rank 0 chose it
+    with distributed.peer_failures():
+        result = fit(cfg, ds, run, console, resume=resume is not None, data_seconds=data_seconds,
+                     callbacks=callbacks)
+    if not d.is_main:
+        return Run(None, cfg, result.history, {})
     if cfg.report:
         _analyse(run.path, console, result.test_logits)
     return Run(run.path, cfg, result.history, result.test_metrics)

@@ -14,6 +14,7 @@ import csv
 import errno
 import io
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -88,6 +89,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", type=Path, help="YAML config file (e.g. a run's config.yaml to repeat it)")
     p.add_argument("--resume", type=Path, metavar="RUN", help="continue a run folder from its last checkpoint")
     p.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    launch = p.add_argument_group("distributed options (torch.distributed; or start imgcls under torchrun)")
+    launch.add_argument("--nproc", type=int, metavar="N",
+                        help="train in N processes on this node (DDP: gloo on CPU, NCCL on CUDA; --batch-size is the "
+                             "global batch)")
+    launch.add_argument("--nnodes", type=int, default=1, metavar="N", help="nodes in the job (default: 1)")
+    launch.add_argument("--rdzv-endpoint", metavar="HOST:PORT",
+                        help="several nodes: the first node's address, where the nodes meet (c10d rendezvous)")
+    launch.add_argument("--rdzv-timeout", type=float, default=300.0, metavar="SECONDS",
+                        help="how long to wait for every node to join (default: 300)")
     add_config_flags(p)
 
     p = sub.add_parser("evaluate", help="metrics of a trained model on a split")
@@ -216,6 +226,20 @@ def cmd_train(args) -> int:
     import imgcls  # its train() imports torch with the garbage collector paused (imgcls.startup)
 
     overrides = _config_overrides(args)
+    if "LOCAL_RANK" in os.environ:  # started by torchrun or by --nproc: the job is already running
+        if args.nproc is not None and args.nproc != int(os.environ.get("LOCAL_WORLD_SIZE", args.nproc)):
+            raise ImgclsError(f"--nproc {args.nproc} differs from the {os.environ['LOCAL_WORLD_SIZE']} processes "
+                              f"per node torchrun started; give one or the other")
+    elif args.nproc is not None and (args.nproc > 1 or args.nnodes > 1):
+        from imgcls.training.launch import launch  # start-up time: torch.distributed
+
+        return launch(["train", *args.argv], args.nproc, args.nnodes, args.rdzv_endpoint, args.rdzv_timeout)
+    else:
+        from imgcls.training.launch import check_launch  # start-up time
+
+        check_launch(args.nproc, args.nnodes, args.rdzv_endpoint, args.rdzv_timeout)
+        if args.nnodes > 1:
+            raise ImgclsError(f"--nnodes {args.nnodes} needs --nproc (processes on each node)")
     imgcls.train(args.config, resume=args.resume, quiet=args.quiet, **overrides)
     return 0
 
@@ -500,7 +524,9 @@ COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv[argv.index(args.command) + 1:]  # what --nproc hands on to every process
     keep_freed_memory()  # a command is a process of its own: the entry point sets it (imgcls.startup)
     try:
         return COMMANDS[args.command](args)

@@ -107,7 +107,10 @@ class TrainConfig:
                                 "rest, and every evaluation, at full size; 1 = off")
     low_res_epochs: float = _opt(0.0, "progressive resizing: how many epochs (fractions allowed) train at "
                                  "--low-res-scale")
-    batch_size: int = _opt(64, "training batch size")
+    batch_size: int = _opt(64, "training batch size (the global batch when several processes train: each takes "
+                           "a slice)")
+    sync_bn: bool = _opt(False, "several processes: BatchNorm statistics over the global batch instead of each "
+                         "process's slice (slower: every BatchNorm layer waits for the others)")
     eval_batch_size: int = _opt(512, "batch size for evaluation and prediction")
     early_stopping: bool = _opt(False, "stop when the monitored metric stops improving")
     monitor: str = _opt("val_loss", "metric for early stopping, plateau and the best checkpoint", choices=MONITORS)

@@ -202,8 +202,8 @@ def default_run_name(cfg: RunConfig) -> str:
     return f"{source}-{cfg.model.name}-{stamp}"
 
 
-def environment(runtime) -> dict:
-    """Versions and hardware, for the run folder."""
+def environment(runtime, processes: int = 1) -> dict:
+    """Versions and hardware, for the run folder; ``processes``: how many trained it (DDP)."""
     import numpy
     import torch
 
@@ -219,6 +219,7 @@ def environment(runtime) -> dict:
         "device": str(runtime.device),
         "bf16": runtime.bf16,
         "channels_last": runtime.channels_last,
+        "processes": processes,
     }
     if runtime.device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(runtime.device)

@@ -23,9 +23,13 @@ def remap_labels(labels: np.ndarray, data_classes: list[str], model_classes: lis
 
 
 def evaluate_model(model, meta: dict, split: Split, data_classes: list[str], runtime: Runtime,
-                   batch_size: int = 512, top_k: int = 5) -> tuple[dict, np.ndarray]:
-    """Metrics of ``model`` on ``split`` and the logits (N, K) they came from, float32 before any temperature."""
+                   batch_size: int = 512, top_k: int = 5, logits=None) -> tuple[dict, np.ndarray]:
+    """Metrics of ``model`` on ``split`` and the logits (N, K) they came from, float32 before any temperature.
+
+    ``logits``: the model's own on ``split``, already computed (a float32 tensor), so none are computed here.
+    """
     labels = remap_labels(split.labels, data_classes, meta["classes"])
-    logits = predict_logits(model, split.images, meta["normalize"], runtime, batch_size, meta.get("tta", "none"))
+    if logits is None:
+        logits = predict_logits(model, split.images, meta["normalize"], runtime, batch_size, meta.get("tta", "none"))
     proba = proba_from_logits(logits, meta.get("temperature", 1.0))
     return compute_metrics(labels, proba, meta["classes"], top_k), logits.numpy()

@@ -38,6 +38,7 @@ from imgcls.inference import (
     Runtime,
     channel_stats,
     normalization_tensors,
+    predict_logits,
     predict_proba,
     resolve_runtime,
     scoring_runtime,
@@ -47,7 +48,9 @@ from imgcls.models import ImageClassifier, create_model
 from imgcls.models.pretrained import LoadReport, classifier_layer, load_weights
 from imgcls.recipes import get_recipe
 from imgcls.rundir import RunFolder, environment
+from imgcls.training import distributed
 from imgcls.training.callbacks import Callbacks, EpochEnd
+from imgcls.training.distributed import Dist
 from imgcls.training.optim import (
     EarlyStopping,
     Lookahead,
@@ -88,13 +91,14 @@ class TrainState:
     weights_report: LoadReport | None = None  # what the pretrained weights matched
     dataset: ImageDataset | None = None  # set by fit, for callbacks
     hooks: Callbacks = field(default_factory=Callbacks)  # set by fit: see imgcls.training.callbacks
+    dist: Dist = field(default_factory=Dist)  # this process's rank and the number of processes
     epoch: int = 0  # epochs completed
     step: int = 0  # optimiser steps taken
     history: list[dict] = field(default_factory=list)
 
     @property
     def steps_per_epoch(self) -> int:
-        return _steps_per_epoch(len(self.y_train), self.cfg.train.batch_size)
+        return _steps_per_epoch(len(self.y_train), self.cfg.train.batch_size, self.dist.world)
 
 
 @dataclass
@@ -111,11 +115,12 @@ class TrainResult:
 INIT_SAMPLE = 5000
 
 
-def _steps_per_epoch(n: int, batch_size: int) -> int:
-    # A last batch of one image is dropped (BatchNorm cannot train on it); the
-    # shuffle changes every epoch, so no image is left out every time.
+def _steps_per_epoch(n: int, batch_size: int, world: int = 1) -> int:
+    # A last batch of one image is dropped (BatchNorm cannot train on it), and under
+    # DDP one that leaves a process fewer than two; the shuffle changes every epoch,
+    # so no image is left out every time.
     full, rest = divmod(n, batch_size)
-    return full + (1 if rest > 1 else 0)
+    return full + (1 if rest >= 2 * world else 0)
 
 
 def _epoch_seed(seed: int, epoch: int) -> int:
@@ -152,6 +157,8 @@ def check_compatible(cfg: RunConfig, ds: ImageDataset) -> tuple[RunConfig, list[
     if isinstance(t.class_weights, list) and len(t.class_weights) != ds.num_classes:
         raise ConfigError(f"class_weights has {len(t.class_weights)} values but the dataset has "
                           f"{ds.num_classes} classes ({', '.join(ds.classes)})")
+    if t.epochs > 0:
+        distributed.check_batch(t.batch_size, distributed.env_world().world)
     if t.epochs > 0 and t.batch_size > len(ds.splits["train"]):
         n = len(ds.splits["train"])
         raise ConfigError(f"batch_size {t.batch_size} is larger than the {n} training images of {ds.name}; "
@@ -177,9 +184,10 @@ def check_compatible(cfg: RunConfig, ds: ImageDataset) -> tuple[RunConfig, list[
     return cfg, notes
 
 
-def prepare(cfg: RunConfig, ds: ImageDataset, runtime: Runtime) -> TrainState:
-    """Build model, optimiser, schedule and device data for ``ds``."""
+def prepare(cfg: RunConfig, ds: ImageDataset, runtime: Runtime, dist: Dist | None = None) -> TrainState:
+    """Build model, optimiser, schedule and device data for ``ds`` (this process's, under DDP)."""
     t = cfg.train
+    dist = dist or Dist()
     c, h, w = ds.image_shape
     torch.manual_seed(t.seed)
     model = create_model(cfg.model.name, in_chans=c, num_classes=ds.num_classes, img_size=(h, w),
@@ -212,9 +220,11 @@ def prepare(cfg: RunConfig, ds: ImageDataset, runtime: Runtime) -> TrainState:
     }
     if weights_report is not None:
         meta["pretrained"] = weights_report.to_dict()
+    if t.sync_bn and dist.enabled:
+        model = distributed.sync_batchnorm(model)  # before the optimiser: on the CPU it builds new layers
     # A run that ends at stage 1 takes no optimiser step; building one would import torch._dynamo (1 s).
     optimizer = build_optimizer(param_groups(model, t), t, runtime.bf16) if t.epochs > 0 else None
-    steps = _steps_per_epoch(len(train), t.batch_size)
+    steps = _steps_per_epoch(len(train), t.batch_size, dist.world)
     weights = class_weight_tensor(t.class_weights, train.labels, ds.num_classes)
     augment = build_augment(t.augment, (h, w))
     low_res = low_res_size(t, ds.image_shape)
@@ -227,19 +237,27 @@ def prepare(cfg: RunConfig, ds: ImageDataset, runtime: Runtime) -> TrainState:
         flip_half=(torch.rand(len(train), generator=torch.Generator().manual_seed(t.seed)) < 0.5).to(runtime.device)
         if augment.alternating_flip else None,
         low_res=low_res, low_res_steps=round(t.low_res_epochs * steps) if low_res else 0,
-        weights_report=weights_report,
+        weights_report=weights_report, dist=dist,
     )
 
 
 def train_one_epoch(s: TrainState, progress: EpochProgress) -> dict:
-    """One pass over the shuffled training split; returns train_loss, train_accuracy, lr, images_per_sec."""
-    t = s.cfg.train
+    """One pass over the shuffled training split; returns train_loss, train_accuracy, lr, images_per_sec.
+
+    Under DDP every process draws the same order of global batches and trains
+    on its own slice of each; the figures returned are the global batch's.
+    """
+    t, d = s.cfg.train, s.dist
     model, rt = s.model, s.runtime
     model.train()
     model.start_epoch(s.epoch)
+    net = distributed.wrap(model, d)  # after start_epoch: DDP fixes the set of trained parameters when built
     gen = torch.Generator().manual_seed(_epoch_seed(t.seed, s.epoch))
-    torch.manual_seed(_epoch_seed(t.seed, s.epoch) + 1)  # dropout and other in-model randomness
+    torch.manual_seed(_epoch_seed(t.seed, s.epoch) + 1 + d.rank)  # dropout and other in-model randomness
     order = torch.randperm(len(s.y_train), generator=gen).to(rt.device)
+    # Augmentation draws: rank 0 goes on with the order's generator (one process is the plain run);
+    # the others from their own, seeded by (seed, epoch, rank).
+    aug_gen = gen if d.rank == 0 else torch.Generator().manual_seed(_epoch_seed(t.seed, s.epoch) + 104_729 * d.rank)
     mean, std = normalization_tensors(s.meta["normalize"], rt.device)
     loss_sum = torch.zeros((), device=rt.device, dtype=torch.float64)
     correct = torch.zeros((), device=rt.device, dtype=torch.int64)
@@ -248,18 +266,22 @@ def train_one_epoch(s: TrainState, progress: EpochProgress) -> dict:
     own = getattr(type(model), "apply_constraints", ImageClassifier.apply_constraints)
     constrain = model.apply_constraints if own is not ImageClassifier.apply_constraints else None
     for i in range(s.steps_per_epoch):
-        idx = order[i * t.batch_size:(i + 1) * t.batch_size]
+        batch = order[i * t.batch_size:(i + 1) * t.batch_size]
+        idx = distributed.shard(batch, d) if d.enabled else batch
         x = to_input(s.x_train[idx], mean, std, rt.channels_last)
         y = s.y_train[idx]
         if s.augment:
             flip = (s.flip_half[idx] ^ bool(s.epoch % 2)) if s.augment.alternating_flip else None
-            x = s.augment(x, gen, flip)
+            x = s.augment(x, aug_gen, flip)
         if s.step < s.low_res_steps:
             x = resize_batch(x, s.low_res)
         lr = s.schedule.apply(s.optimizer, s.step)
         with rt.autocast():
-            logits = model(x)
-        loss = F.cross_entropy(logits.float(), y, weight=s.class_weights, label_smoothing=t.label_smoothing)
+            logits = net(x)
+        if d.enabled:
+            loss = distributed.batch_loss(logits, y, s.y_train[batch], s.class_weights, t.label_smoothing, d)
+        else:
+            loss = F.cross_entropy(logits.float(), y, weight=s.class_weights, label_smoothing=t.label_smoothing)
         s.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if t.grad_clip is not None:
@@ -270,23 +292,29 @@ def train_one_epoch(s: TrainState, progress: EpochProgress) -> dict:
         s.step += 1
         if s.lookahead is not None:
             s.lookahead.after_step(model, s.step)
-        loss_sum += loss.detach() * len(y)
+        # Under DDP a process's loss is its share of the global batch's mean (see batch_loss).
+        loss_sum += loss.detach() * (len(batch) / d.world if d.enabled else len(y))
         correct += (logits.argmax(1) == y).sum()
         seen += len(y)
         if i % 20 == 0 or i == s.steps_per_epoch - 1:
-            # One host sync every 20 steps: it feeds the progress bar and catches a NaN early.
-            mean_loss = loss_sum.item() / seen
+            # One host sync every 20 steps (and under DDP one all-reduce): it feeds the progress bar,
+            # and every process catches a NaN at the same step.
+            loss_total, correct_total, seen_total = distributed.all_sum(
+                torch.stack([loss_sum, correct.double(), torch.tensor(float(seen), device=rt.device,
+                                                                        dtype=torch.float64)])).tolist()
+            mean_loss = loss_total / seen_total
             if not math.isfinite(mean_loss):
                 raise TrainingError(f"the training loss became {mean_loss} at epoch {s.epoch + 1}, step {i + 1}; "
                                     f"try a lower --lr (now {t.lr:g}) or --grad-clip")
-            rate = seen / (time.perf_counter() - start)
-            progress.update(i + 1, mean_loss, correct.item() / seen, rate)
+            rate = seen_total / (time.perf_counter() - start)
+            progress.update(i + 1, mean_loss, correct_total / seen_total, rate)
             if s.hooks:
                 s.hooks.call("on_step", s, {"step": s.step, "epoch": s.epoch + 1, "train_loss": mean_loss,
-                                            "train_accuracy": correct.item() / seen, "lr": lr, "images_per_sec": rate})
+                                            "train_accuracy": correct_total / seen_total, "lr": lr,
+                                            "images_per_sec": rate})
     seconds = time.perf_counter() - start
-    return {"train_loss": loss_sum.item() / seen, "train_accuracy": correct.item() / seen, "lr": lr,
-            "train_seconds": round(seconds, 3), "images_per_sec": round(seen / seconds, 1)}
+    return {"train_loss": loss_total / seen_total, "train_accuracy": correct_total / seen_total, "lr": lr,
+            "train_seconds": round(seconds, 3), "images_per_sec": round(seen_total / seconds, 1)}
 
 
 def validate(s: TrainState, ds: ImageDataset) -> dict:
@@ -294,8 +322,10 @@ def validate(s: TrainState, ds: ImageDataset) -> dict:
     if "val" not in ds.splits:
         return {}
     val = ds.splits["val"]
-    proba = predict_proba(s.model, val.images, s.meta["normalize"], s.runtime, s.cfg.train.eval_batch_size,
-                          tta=s.meta["tta"])
+    # Under DDP each process scores its own slice of val; every process gets the whole.
+    proba = distributed.gather_rows(lambda lo, hi: predict_proba(
+        s.model, val.images[lo:hi], s.meta["normalize"], s.runtime, s.cfg.train.eval_batch_size,
+        tta=s.meta["tta"]), len(val))
     return {"val_loss": cross_entropy(proba, val.labels), "val_accuracy": float((proba.argmax(1) == val.labels).mean())}
 
 
@@ -307,10 +337,21 @@ def _train_state_dict(s: TrainState) -> dict:
     return state
 
 
-def _restore(s: TrainState, run: RunFolder) -> None:
-    """Load model, optimiser, schedule and tracker state from ``checkpoints/last``."""
-    state, meta = read_checkpoint(run.checkpoint("last"))
-    load_state(s.model, state, run.checkpoint("last"))
+def _restore(s: TrainState, run: RunFolder | None) -> None:
+    """Load model, optimiser, schedule and tracker state from ``checkpoints/last``.
+
+    Under DDP the process that holds the run folder reads it and sends the
+    rest what they need (other nodes need not see the folder).
+    """
+    state = meta = history = None
+    if s.dist.is_main:
+        state, meta = read_checkpoint(run.checkpoint("last"))
+        load_state(s.model, state, run.checkpoint("last"))
+        run.truncate_metrics(meta["train_state"]["epoch"])
+        history = run.read_metrics()
+    state, meta, history = distributed.broadcast((state, meta, history))
+    if not s.dist.is_main:
+        s.model.load_state_dict(state)
     ts = meta["train_state"]
     if s.optimizer is not None and ts["optimizer"]:  # {}: saved before any step, a fresh optimiser is the same
         s.optimizer.load_state_dict(ts["optimizer"])
@@ -320,14 +361,15 @@ def _restore(s: TrainState, run: RunFolder) -> None:
         s.lookahead.load_state_dict(ts["lookahead"])
     s.epoch, s.step = ts["epoch"], ts["step"]
     s.meta["normalize"] = meta["normalize"]
-    run.truncate_metrics(s.epoch)
-    s.history = run.read_metrics()
+    s.history = history
 
 
 def _keep_epoch(s: TrainState, run: RunFolder, record: dict, is_best: bool, say) -> None:
     """Add an epoch's record (stage 1's too) to the history and metrics.jsonl, write its checkpoints, say it,
     then call the callbacks' on_epoch_end."""
     s.history.append(record)
+    if not s.dist.is_main:
+        return
     run.append_metrics(record)
     _save_epoch(s, run, record, is_best)
     say(_epoch_line(record, is_best))
@@ -341,9 +383,13 @@ def _save_epoch(s: TrainState, run: RunFolder, record: dict, is_best: bool) -> N
     save_checkpoint(run.checkpoint("last"), s.model, meta, train_state=_train_state_dict(s))
 
 
-def fit(cfg: RunConfig, ds: ImageDataset, run: RunFolder, console, resume: bool = False,
+def fit(cfg: RunConfig, ds: ImageDataset, run: RunFolder | None, console, resume: bool = False,
         data_seconds: float | None = None, on_epoch_end=None, callbacks=()) -> TrainResult:
     """Train ``cfg.model`` on ``ds`` into ``run``; evaluate the final weights on the test split.
+
+    Under DDP (see :mod:`imgcls.training.distributed`) every process calls
+    ``fit``; only rank 0 has a ``run`` (the others pass None), writes to it,
+    speaks, and calls the callbacks.
 
     ``callbacks``: objects with any of the hooks of :mod:`imgcls.training.callbacks`.
     ``on_epoch_end(state, record)``, if given, is one more such hook, called
@@ -353,18 +399,24 @@ def fit(cfg: RunConfig, ds: ImageDataset, run: RunFolder, console, resume: bool 
     """
     t = cfg.train
     runtime = resolve_runtime(t.device, t.precision, t.channels_last)
-    s = prepare(cfg, ds, runtime)
+    d = distributed.current()
+    distributed.check_device(runtime.device, d)
+    s = prepare(cfg, ds, runtime, d)
     s.dataset = ds
-    s.hooks = Callbacks([*callbacks, EpochEnd(on_epoch_end) if on_epoch_end is not None else None])
+    if d.is_main:
+        s.hooks = Callbacks([*callbacks, EpochEnd(on_epoch_end) if on_epoch_end is not None else None])
     if resume:
         _restore(s, run)
-    say = _sayer(console, run)
-    run.write_json(rundir.ENVIRONMENT, environment(runtime))
-    run.write_json(rundir.DATASET, ds.record())
-    say(f"model {cfg.model.name}: {sum(p.numel() for p in s.model.parameters()):,} parameters; {runtime.describe()}")
+    say = _sayer(console, run) if d.is_main else (lambda line: None)
+    if d.is_main:
+        run.write_json(rundir.ENVIRONMENT, environment(runtime, d.world))
+        run.write_json(rundir.DATASET, ds.record())
+    say(f"model {cfg.model.name}: {sum(p.numel() for p in s.model.parameters()):,} parameters; {runtime.describe()}"
+        + (f"; {d.world} processes, each {t.batch_size // d.world}-{-(-t.batch_size // d.world)} images of every "
+           f"batch of {t.batch_size}" + (", BatchNorm synchronised" if t.sync_bn else "") if d.enabled else ""))
     if s.weights_report is not None:
         say(s.weights_report.summary())
-    if resume:
+    if resume and d.is_main:
         say(f"resuming {run.path} after epoch {s.epoch} of {t.epochs}")
     if s.low_res_steps > s.step:
         say(f"progressive resizing: steps {s.step + 1} to {s.low_res_steps} of {t.epochs * s.steps_per_epoch} train "
@@ -373,13 +425,15 @@ def fit(cfg: RunConfig, ds: ImageDataset, run: RunFolder, console, resume: bool 
     started = time.perf_counter()
     stopped_early = False
     if t.head_first and not resume:
-        record = fit_head(s, ds, say)
+        # Rank 0 fits the head; the others get it when DDP is built for epoch 1, or with the final weights.
+        record = distributed.broadcast(fit_head(s, ds, say) if d.is_main else None)
         _keep_epoch(s, run, record, s.tracker.update(0, record), say)
     budget = parse_duration(t.time_budget) if t.time_budget else None
     while s.epoch < t.epochs:
         spent = time.perf_counter() - started + (data_seconds or 0.0)
         epoch_seconds = [r["train_seconds"] for r in s.history if r.get("stage") != "head"]
-        if budget is not None and epoch_seconds and spent + max(epoch_seconds[-3:]) > budget:
+        over = budget is not None and epoch_seconds and spent + max(epoch_seconds[-3:]) > budget
+        if budget is not None and distributed.broadcast(over):  # rank 0's clock decides for all
             say(f"time budget: {t.time_budget} would be exceeded by another epoch (spent {spent:.0f}s, an epoch takes "
                 f"about {max(epoch_seconds[-3:]):.0f}s); stopping after epoch {s.epoch}")
             stopped_early = True
@@ -398,13 +452,19 @@ def fit(cfg: RunConfig, ds: ImageDataset, run: RunFolder, console, resume: bool 
             stopped_early = True
             break
     final = "best" if t.restore_best else "last"
-    state, _ = read_checkpoint(run.checkpoint(final))
-    s.model.load_state_dict(state)
-    # Test metrics as `imgcls evaluate` computes them, so both report the same figures.
-    metrics, test_logits = evaluate_model(s.model, s.meta, ds.splits["test"], ds.classes, scoring_runtime(runtime.device),
-                                t.eval_batch_size, t.top_k)
-    save_metrics(metrics, run.path, rundir.eval_stem("test"))
+    s.model.load_state_dict(distributed.broadcast(read_checkpoint(run.checkpoint(final))[0] if d.is_main else None))
+    # Test metrics as `imgcls evaluate` computes them, so both report the same figures; under DDP each
+    # process scores its own slice of the test split, every image once.
+    test, scoring = ds.splits["test"], scoring_runtime(runtime.device)
+    logits = distributed.gather_rows(lambda lo, hi: predict_logits(
+        s.model, test.images[lo:hi], s.meta["normalize"], scoring, t.eval_batch_size, s.meta.get("tta", "none")
+    ).numpy(), len(test))
     seconds = time.perf_counter() - started
+    if not d.is_main:
+        return TrainResult(run, s.history, {}, final, seconds)
+    metrics, test_logits = evaluate_model(s.model, s.meta, test, ds.classes, scoring, t.eval_batch_size, t.top_k,
+                                          logits=torch.from_numpy(logits))
+    save_metrics(metrics, run.path, rundir.eval_stem("test"))
     say(format_report(metrics, title=f"test split, {final} checkpoint (epoch {_checkpoint_epoch(run, final)}):"))
     run.write_json(rundir.RUN, {
         "final_checkpoint": final, "epochs_run": s.epoch, "stopped_early": stopped_early,

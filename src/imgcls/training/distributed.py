@@ -1,0 +1,242 @@
+"""Data-parallel training on torch.distributed: one process per CPU socket share or GPU, started by torchrun.
+
+    torchrun --nproc-per-node N -m imgcls train ...     (or: imgcls train --nproc N ...)
+      -> init_distributed()       reads torchrun's RANK / WORLD_SIZE / LOCAL_RANK; gloo on CPU, NCCL on CUDA
+      -> every rank decodes (or maps) the same uint8 dataset; rank 0 first, so the cache is built once
+      -> every step: all ranks draw the same shuffled global batch, each trains on its own slice
+         (``shard``), DistributedDataParallel averages the gradients
+      -> validation and test: each rank scores a contiguous slice of the split (``gather_rows``),
+         so every image is scored exactly once, with no padding
+      -> rank 0 alone writes the run folder, logs, checkpoints (from the unwrapped model) and the report
+
+Without torchrun's environment every function here is the single-process case:
+rank 0 of 1, no process group, nothing gathered.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from imgcls.errors import ConfigError, TrainingError
+
+# How long a collective waits for a rank that stopped answering before the job fails (seconds).
+TIMEOUT_S = 600
+
+
+@dataclass(frozen=True)
+class Dist:
+    """This process's place in the job."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def env_world() -> Dist:
+    """The job described by torchrun's environment variables (rank 0 of 1 without them)."""
+    try:
+        return Dist(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")),
+                    int(os.environ.get("LOCAL_RANK", "0")))
+    except ValueError as e:
+        raise ConfigError(f"torchrun's RANK, WORLD_SIZE and LOCAL_RANK must be integers ({e})") from None
+
+
+def init_distributed() -> Dist:
+    """Join the process group torchrun set up (once per process).
+
+    The group runs gloo for CPU tensors and, where CUDA is available, NCCL for
+    GPU tensors (each process on GPU ``LOCAL_RANK``), so it can be joined before
+    the run's config (and so its device) is known: a resumed run's config is
+    read by rank 0 and sent to the others.
+    """
+    d = env_world()
+    if not d.enabled or dist.is_initialized():
+        return d
+    backend = "gloo"
+    if torch.cuda.is_available() and d.local_rank < torch.cuda.device_count():
+        torch.cuda.set_device(d.local_rank)
+        backend = "cpu:gloo,cuda:nccl"
+    dist.init_process_group(backend, timeout=_dt.timedelta(seconds=TIMEOUT_S))
+    return d
+
+
+def check_device(device: torch.device, d: Dist) -> None:
+    """Refuse a CUDA run with more processes on this node than it has GPUs."""
+    if d.enabled and device.type == "cuda" and d.local_rank >= torch.cuda.device_count():
+        raise ConfigError(f"process {d.local_rank} of this node has no GPU: the node has {torch.cuda.device_count()}; "
+                          f"start at most that many processes per node (--nproc), or train on --device cpu")
+
+
+def current() -> Dist:
+    """This process's rank and world once the group is up (rank 0 of 1 otherwise)."""
+    if dist.is_available() and dist.is_initialized():
+        return Dist(dist.get_rank(), dist.get_world_size(), env_world().local_rank)
+    return Dist()
+
+
+def barrier() -> None:
+    if current().enabled:
+        dist.barrier()
+
+
+def broadcast(obj, src: int = 0):
+    """``obj`` as rank ``src`` has it, on every rank (any picklable object)."""
+    if not current().enabled:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_sum(values: torch.Tensor) -> torch.Tensor:
+    """The element-wise sum of ``values`` over all ranks (a new float64 tensor on the same device)."""
+    out = values.detach().to(torch.float64).clone()
+    if current().enabled:
+        dist.all_reduce(out)
+    return out
+
+
+def chunk(n: int, d: Dist) -> tuple[int, int]:
+    """Rank ``d.rank``'s contiguous slice [lo, hi) of ``n`` rows: sizes differ by at most one, none repeated."""
+    base, extra = divmod(n, d.world)
+    lo = d.rank * base + min(d.rank, extra)
+    return lo, lo + base + (1 if d.rank < extra else 0)
+
+
+def shard(batch: torch.Tensor, d: Dist) -> torch.Tensor:
+    """This rank's part of a global batch of indices (contiguous, sizes differ by at most one)."""
+    lo, hi = chunk(len(batch), d)
+    return batch[lo:hi]
+
+
+def gather_rows(score, n: int) -> np.ndarray:
+    """``score(lo, hi)`` (rows of an (N, ...) array) on each rank's slice, joined in order on every rank."""
+    d = current()
+    lo, hi = chunk(n, d)
+    part = score(lo, hi)
+    if not d.enabled:
+        return part
+    parts = [None] * d.world
+    dist.all_gather_object(parts, np.asarray(part))
+    return np.concatenate(parts)
+
+
+def wrap(model: nn.Module, d: Dist) -> nn.Module:
+    """``model`` in DistributedDataParallel (the model itself when there is one process).
+
+    Built again each epoch by the trainer: a model may change which parameters
+    train from one epoch to the next (fastnet's whitening bias), and DDP fixes
+    that set when it is built.
+    """
+    if not d.enabled:
+        return model
+    cuda = next(model.parameters()).is_cuda
+    return nn.parallel.DistributedDataParallel(model, device_ids=[d.local_rank] if cuda else None)
+
+
+def sync_batchnorm(model: nn.Module) -> nn.Module:
+    """Make every BatchNorm compute its training statistics over the global batch.
+
+    torch's SyncBatchNorm serves CUDA; on the CPU (which it refuses) each
+    BatchNorm2d becomes a :class:`CPUSyncBatchNorm`.  State-dict keys stay the
+    same, so checkpoints load into the ordinary model.
+    """
+    if next(model.parameters()).is_cuda:
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.BatchNorm2d:
+                synced = CPUSyncBatchNorm(child.num_features, child.eps, child.momentum, child.affine,
+                                          child.track_running_stats)
+                synced.load_state_dict(child.state_dict())
+                for p_new, p_old in zip(synced.parameters(), child.parameters()):
+                    p_new.requires_grad_(p_old.requires_grad)
+                setattr(parent, name, synced)
+    return model
+
+
+class CPUSyncBatchNorm(nn.BatchNorm2d):
+    """BatchNorm2d whose training statistics are summed over all ranks (gloo), with gradients through them.
+
+    Per channel: the sums of x and x^2 and the count are all-reduced, mean and
+    variance follow; the all-reduce is torch.distributed.nn's differentiable one.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and current().enabled):
+            return super().forward(x)
+        from torch.distributed.nn.functional import all_reduce  # on use: DDP runs only
+
+        xf = x.float()
+        count = torch.tensor([x.numel() / x.shape[1]], dtype=torch.float32)
+        stats = all_reduce(torch.cat([xf.sum((0, 2, 3)), (xf * xf).sum((0, 2, 3)), count]))
+        c = x.shape[1]
+        n = stats[-1]
+        mean = stats[:c] / n
+        var = (stats[c:2 * c] / n - mean * mean).clamp_min(0)
+        if self.track_running_stats:
+            with torch.no_grad():
+                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked + 1)
+                self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
+                self.running_var.mul_(1 - m).add_(var.detach() * (n / (n - 1).clamp_min(1)), alpha=m)
+                self.num_batches_tracked.add_(1)
+        shape = (1, c, 1, 1)
+        y = (xf - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        if self.affine:
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        return y.to(x.dtype)
+
+
+def batch_loss(logits: torch.Tensor, y: torch.Tensor, y_global: torch.Tensor, weight: torch.Tensor | None,
+               label_smoothing: float, d: Dist) -> torch.Tensor:
+    """This rank's share of the global batch's mean cross-entropy, scaled so that DDP's gradient average
+    equals the gradient of the whole batch's mean (slices may differ in size by one)."""
+    total = F.cross_entropy(logits.float(), y, weight=weight, label_smoothing=label_smoothing, reduction="sum")
+    denom = len(y_global) if weight is None else weight[y_global].sum()
+    return total * d.world / denom
+
+
+def check_batch(batch_size: int, world: int) -> None:
+    """Refuse a global batch that leaves a rank fewer than 2 images (BatchNorm needs two)."""
+    if batch_size < 2 * world:
+        raise ConfigError(f"batch_size {batch_size} is too small for {world} processes: --batch-size is the global "
+                          f"batch, split between them, and each needs at least 2 images; give --batch-size "
+                          f"{2 * world} or more, or fewer processes")
+
+
+@contextlib.contextmanager
+def peer_failures():
+    """Turn a collective's failure (another process died or hung) into one TrainingError line."""
+    try:
+        yield
+    except (dist.DistError, RuntimeError) as exc:
+        text = str(exc)
+        if not current().enabled or not (isinstance(exc, dist.DistError) or any(
+                k in text for k in ("gloo", "NCCL", "Connection", "connection"))):
+            raise
+        first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+        first = first.split(" This is typically")[0]  # gloo's advice that follows is for its own developers
+        raise TrainingError(f"process {current().rank}: another process of the job stopped answering "
+                            f"({first[:200]})") from None
+
+
+def destroy() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,158 @@
+"""``imgcls train --nproc N``: start N training processes on this node through torch.distributed's launcher.
+
+It is what ``torchrun --nproc-per-node N -m imgcls train ...`` does (the same
+elastic agent and c10d rendezvous, ``torch.distributed.launcher``), with
+imgcls's defaults and errors:
+
+- one node: a private rendezvous on localhost (torchrun's ``--standalone``);
+  several: c10d at ``--rdzv-endpoint``, waiting at most ``--rdzv-timeout`` seconds
+  for the other nodes;
+- each process gets ``OMP_NUM_THREADS`` = this machine's cores / N, unless set;
+- no restarts: a process that dies ends the job, and the message names it,
+  the run folder's last good checkpoint, and the command that resumes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import tempfile
+import uuid
+from pathlib import Path
+
+from imgcls.errors import ConfigError, TrainingError
+
+# The file, named by the launcher, where rank 0 writes its run folder's path (for the message after a failure).
+RUN_NOTE_ENV = "IMGCLS_RUN_NOTE"
+
+
+def check_launch(nproc: int | None, nnodes: int, endpoint: str | None, timeout: float) -> None:
+    """Refuse launcher flags that cannot work, before any process starts."""
+    if nproc is not None and nproc < 1:
+        raise ConfigError(f"--nproc must be at least 1 (processes on this node), got {nproc}")
+    if nnodes < 1:
+        raise ConfigError(f"--nnodes must be at least 1, got {nnodes}")
+    if nnodes > 1 and not endpoint:
+        raise ConfigError(f"--nnodes {nnodes} needs --rdzv-endpoint HOST:PORT, the address every node can reach "
+                          f"(the first node's, e.g. 10.0.0.1:29400)")
+    if endpoint is not None:
+        host, _, port = endpoint.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(f"--rdzv-endpoint must be HOST:PORT (e.g. 10.0.0.1:29400), got {endpoint!r}")
+    if timeout <= 0:
+        raise ConfigError(f"--rdzv-timeout must be a positive number of seconds, got {timeout:g}")
+
+
+def launch(argv: list[str], nproc: int, nnodes: int = 1, endpoint: str | None = None, timeout: float = 300.0) -> int:
+    """Run ``imgcls <argv>`` in ``nproc`` processes on this node (of ``nnodes``); 0 when all of them succeed.
+
+    Raises:
+        TrainingError: a process failed, or the nodes did not meet within ``timeout`` seconds.
+    """
+    from torch.distributed.elastic.multiprocessing import (  # start-up time: torch
+        DefaultLogsSpecs,
+        Std,
+    )
+    from torch.distributed.elastic.multiprocessing.errors import (
+        ChildFailedError,  # start-up time: torch
+    )
+    from torch.distributed.elastic.rendezvous.api import (
+        RendezvousError,  # start-up time: torch
+    )
+    from torch.distributed.launcher.api import (  # start-up time: torch
+        LaunchConfig,
+        elastic_launch,
+    )
+
+    check_launch(nproc, nnodes, endpoint, timeout)
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    # The agent's own log lines (worker groups, restarts, failures) repeat what the processes and _failure say.
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    standalone = nnodes == 1 and endpoint is None
+    tmp = tempfile.TemporaryDirectory(prefix="imgcls-launch-")
+    # The node's first process speaks for it; the others' output goes to files, and a failed one's error is shown.
+    logs = DefaultLogsSpecs(log_dir=tmp.name, redirects={r: Std.ALL for r in range(1, nproc)})
+    config = LaunchConfig(
+        logs_specs=logs,
+        min_nodes=nnodes, max_nodes=nnodes, nproc_per_node=nproc, max_restarts=0,
+        run_id="imgcls-" + uuid.uuid4().hex[:12] if standalone else "imgcls",
+        rdzv_backend="c10d", rdzv_endpoint="localhost:0" if standalone else endpoint,
+        rdzv_configs={"join_timeout": timeout, "read_timeout": timeout, **({"is_host": True} if standalone else {})},
+        monitor_interval=0.5,
+    )
+    with tmp:
+        note = Path(tmp.name) / "run"
+        os.environ[RUN_NOTE_ENV] = str(note)
+        try:
+            elastic_launch(config, sys.executable)("-m", "imgcls", *argv)
+        except ChildFailedError as exc:
+            raise TrainingError(_failure(exc, nproc, note, argv, Path(tmp.name))) from None
+        except RendezvousError as exc:
+            raise TrainingError(f"the {nnodes} nodes did not meet at {endpoint} within {timeout:g}s "
+                                f"({type(exc).__name__}{': ' + str(exc) if str(exc) else ''}); start the same command "
+                                f"on every node, check that {endpoint} is the first node's address and reachable "
+                                f"from the others, or raise --rdzv-timeout") from None
+        finally:
+            os.environ.pop(RUN_NOTE_ENV, None)
+    return 0
+
+
+def note_run(path: Path) -> None:
+    """Rank 0's run folder, for the launcher's message if the job fails (nothing outside a launch)."""
+    target = os.environ.get(RUN_NOTE_ENV)
+    if target:
+        Path(target).write_text(str(path))
+
+
+def _failure(exc, nproc: int, note: Path, argv: list[str], logs: Path) -> str:
+    """One message for a failed job: which process, how, and where training can go on from."""
+    import signal
+
+    from imgcls import rundir  # start-up time
+    from imgcls.checkpoint import read_checkpoint  # start-up time
+
+    parts = []
+    # The agent stops the rest with SIGTERM once one fails: name the first failures, not their consequences.
+    first = {r: f for r, f in exc.failures.items() if f.exitcode != -signal.SIGTERM} or exc.failures
+    for rank, f in sorted(first.items()):
+        if f.exitcode < 0:
+            try:
+                how = f"was killed by {signal.Signals(-f.exitcode).name}"
+            except ValueError:
+                how = f"was killed by signal {-f.exitcode}"
+        else:
+            how = f"exited with code {f.exitcode}"
+            said = _last_error(logs, f.local_rank) if f.local_rank else ""
+            how += f" ({said})" if said else ""
+        parts.append(f"process {rank} of {nproc} {how}")
+    message = "; ".join(parts) + "; the others were stopped"
+    run = Path(note.read_text()) if note.is_file() else None
+    last = rundir.RunFolder(run).checkpoint("last") if run is not None else None
+    if last is not None and last.is_file():
+        epoch = read_checkpoint(last)[1].get("epoch")
+        resume = [a for a in argv if a != "train"]
+        message += (f". The last good checkpoint is {last} (epoch {epoch}); go on with: imgcls train --resume {run}"
+                    + _launch_flags(resume))
+    elif run is not None:
+        message += f". {run} has no checkpoint yet: start again"
+    return message
+
+
+def _last_error(logs: Path, local_rank: int) -> str:
+    """The last line a redirected process wrote to stderr (its ``error: ...``), or ""."""
+    for path in logs.glob(f"**/attempt_*/{local_rank}/stderr.log"):
+        lines = [line.strip() for line in path.read_text(errors="replace").splitlines() if line.strip()]
+        if lines:
+            return lines[-1].removeprefix("error: ")
+    return ""
+
+
+def _launch_flags(argv: list[str]) -> str:
+    """The launcher flags of ``argv`` (the resumed run keeps the rest of its settings)."""
+    keep, out = ("--nproc", "--nnodes", "--rdzv-endpoint", "--rdzv-timeout"), []
+    for i, a in enumerate(argv):
+        name = a.split("=", 1)[0]
+        if name in keep:
+            out.append(a if "=" in a else f"{a} {argv[i + 1]}")
+    return "".join(" " + a for a in out)
