@@ -6,8 +6,8 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -55,7 +55,7 @@ def test_two_processes_match_one_process_with_synced_batchnorm(tmp_path):
     subprocess.run(_cli("train", "--name", "one", "--out", str(tmp_path), *COMMON), check=True,
                    capture_output=True, timeout=600, env=ONE_THREAD)
     two = subprocess.run(_torchrun("train", "--name", "two", "--out", str(tmp_path), "--sync-bn", *COMMON),
-                         capture_output=True, text=True, timeout=600)
+                         capture_output=True, text=True, timeout=600, check=False)
     assert two.returncode == 0, two.stderr[-3000:]
     assert "2 processes, each 32-32 images of every batch of 64, BatchNorm synchronised" in two.stdout
     one_run, two_run = tmp_path / "one", tmp_path / "two"
@@ -106,8 +106,8 @@ def _rank_pids(launcher_pid: int, rank: int) -> list[int]:
         if not pid.isdigit():
             continue
         try:
-            env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
-            status = open(f"/proc/{pid}/status").read()
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            status = Path(f"/proc/{pid}/status").read_text()
         except OSError:
             continue
         ppid = int(status.split("PPid:")[1].split()[0])
@@ -140,7 +140,7 @@ def test_killed_process_ends_the_job_and_resume_matches_an_uninterrupted_run(tmp
                     f"is {last} (epoch {epoch}); go on with: imgcls train --resume {tmp_path / 'killed'} --nproc 2")
     assert "Traceback" not in err
     resumed = subprocess.run(_cli("train", "--resume", str(tmp_path / "killed"), "--nproc", "2"),
-                             capture_output=True, text=True, timeout=600)
+                             capture_output=True, text=True, timeout=600, check=False)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     a, b = _records(tmp_path / "whole"), _records(tmp_path / "killed")
     assert [r["epoch"] for r in b] == list(range(1, 7))
@@ -160,7 +160,7 @@ def test_killed_process_ends_the_job_and_resume_matches_an_uninterrupted_run(tmp
     (["--nproc", "2", "--rdzv-timeout", "0"], "error: --rdzv-timeout must be a positive number of seconds"),
 ])
 def test_bad_launch_flags_are_refused_before_any_process_starts(args, message, tmp_path):
-    out = subprocess.run(_cli("train", "--out", str(tmp_path), *args), capture_output=True, text=True, timeout=120)
+    out = subprocess.run(_cli("train", "--out", str(tmp_path), *args), capture_output=True, text=True, timeout=120, check=False)
     assert out.returncode == 2
     assert out.stderr.startswith(message), out.stderr
     assert not any(tmp_path.iterdir())
@@ -168,7 +168,7 @@ def test_bad_launch_flags_are_refused_before_any_process_starts(args, message, t
 
 def test_a_global_batch_too_small_for_the_processes_is_one_error(tmp_path):
     out = subprocess.run(_cli("train", "--nproc", "2", "--batch-size", "3", "--out", str(tmp_path)),
-                         capture_output=True, text=True, timeout=300)
+                         capture_output=True, text=True, timeout=300, check=False)
     assert out.returncode == 2
     errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
     assert errors[0] == ("error: batch_size 3 is too small for 2 processes: --batch-size is the global batch, split "
@@ -184,7 +184,7 @@ def test_nodes_that_never_meet_end_with_a_bounded_wait(tmp_path):
     started = time.monotonic()
     out = subprocess.run(_cli("train", "--nproc", "1", "--nnodes", "2", "--rdzv-endpoint", "127.0.0.1:29431",
                               "--rdzv-timeout", "3", "--out", str(tmp_path)),
-                         capture_output=True, text=True, timeout=120)
+                         capture_output=True, text=True, timeout=120, check=False)
     assert out.returncode == 2
     assert time.monotonic() - started < 60
     last = out.stderr.strip().splitlines()[-1]
@@ -239,7 +239,7 @@ def test_cpu_synced_batchnorm_is_batchnorm_over_the_global_batch(tmp_path):
     script, result = tmp_path / "check.py", tmp_path / "result.json"
     script.write_text(SYNC_BN_CHECK)
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                          str(script), str(result)], capture_output=True, text=True, timeout=300)
+                          str(script), str(result)], capture_output=True, text=True, timeout=300, check=False)
     assert out.returncode == 0, out.stderr[-3000:]
     r = json.loads(result.read_text())
     assert r["type"] == "CPUSyncBatchNorm"
