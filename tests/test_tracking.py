@@ -92,14 +92,14 @@ def test_tensorboard_events_hold_the_run_folders_figures(tmp_path):
 
 
 class CrashAt:
-    """Raises on the trainer's hook at ``step``, after the trackers logged the steps before it."""
+    """Raises ``error`` on the trainer's hook at ``step``, after the trackers logged the steps before it."""
 
-    def __init__(self, step: int):
-        self.step = step
+    def __init__(self, step: int, error=RuntimeError):
+        self.step, self.error = step, error
 
     def on_step(self, state, values):
         if values["step"] == self.step:
-            raise RuntimeError(f"crash at step {self.step}")
+            raise self.error(f"crash at step {self.step}")
 
 
 def test_a_resumed_run_continues_both_trackers_without_duplicates(tmp_path):
@@ -128,6 +128,15 @@ def test_a_resumed_run_continues_both_trackers_without_duplicates(tmp_path):
     history = client.get_metric_history(run_id, "val_accuracy")
     assert [(m.step, m.value) for m in history] == [(r["epoch"], r["val_accuracy"]) for r in records]
     assert info.data.metrics["test_accuracy"] == run.test_metrics["accuracy"]
+
+
+def test_ctrl_c_ends_the_mlflow_run_killed(tmp_path):
+    pytest.importorskip("mlflow")
+    with pytest.raises(KeyboardInterrupt):
+        imgcls.train(out=str(tmp_path), name="k", track="mlflow", callbacks=[CrashAt(1, KeyboardInterrupt)],
+                     **{**TINY, "epochs": 1})
+    client, run_id = _client(tmp_path / "k")
+    assert client.get_run(run_id).info.status == "KILLED"
 
 
 def test_mlflow_logs_the_config_every_epoch_and_the_run_files(tmp_path):
