@@ -253,6 +253,12 @@ def test_bad_tracking_flags_are_refused(tmp_path, capsys, args, message):
     assert not (tmp_path / "runs").exists()
 
 
+def test_cross_validation_refuses_track_rather_than_ignore_it(tmp_path, capsys):
+    assert main(["cv", "--folds", "2", "--out", str(tmp_path / "runs"), "--track", "tensorboard"]) == 2
+    assert "cross-validation does not track experiments yet" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
 def test_track_flags_are_config_fields():
     cfg = api.make_config(track="mlflow,tensorboard,mlflow", mlflow_uri="sqlite:///x.db")
     assert cfg.track == ["mlflow", "tensorboard"] and cfg.mlflow_uri == "sqlite:///x.db"

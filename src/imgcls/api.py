@@ -225,7 +225,11 @@ def cross_validate(config=None, folds: int = 5, *, out_dir: str | Path | None = 
     keep_freed_memory()  # an entry point: see imgcls.startup
     console = console or _console(quiet)
     out_dir = None if out_dir is None else Path(out_dir)
-    result = run_folds(make_config(config, **overrides), folds, console, out_dir=out_dir)
+    cfg = make_config(config, **overrides)
+    if cfg.track:  # the folds train through training.cv, which takes no trackers yet: refused, not ignored
+        raise ConfigError(f"cross-validation does not track experiments yet; leave out --track "
+                          f"{','.join(cfg.track)} (train or tune a run with it)")
+    result = run_folds(cfg, folds, console, out_dir=out_dir)
     write_cv_page(result, Path(result["path"]))
     console.print(f"cross-validation folder: {result['path']}", highlight=False, markup=False, soft_wrap=True)
     return result
