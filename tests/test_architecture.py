@@ -25,7 +25,7 @@ FLOORS = [
     ("training",),
     ("explain",),
     ("reports",),
-    ("analysis", "export", "tuning"),
+    ("analysis", "export", "tracking", "tuning"),
     ("api",),
     ("serving",),
     ("cli", "__main__"),

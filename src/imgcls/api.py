@@ -37,6 +37,7 @@ from imgcls.predictor import Predictor  # noqa: F401 (re-exported: the face of t
 from imgcls.recipes import PRECISION_CLASSES, get_recipe
 from imgcls.rundir import CONFIG, RunFolder
 from imgcls.startup import keep_freed_memory  # also the opt-in of library users
+from imgcls.tracking import build_trackers, tracked
 from imgcls.training.callbacks import EpochEnd
 
 
@@ -115,7 +116,7 @@ def _console(quiet: bool):
 
 
 def train(config=None, *, resume: str | Path | None = None, quiet: bool = False, console=None,
-          on_epoch_end=None, callbacks=(), **overrides) -> Run:
+          on_epoch_end=None, callbacks=(), trial: tuple[str, int] | None = None, **overrides) -> Run:
     """Train a model and return its :class:`Run`.
 
     Args:
@@ -127,6 +128,8 @@ def train(config=None, *, resume: str | Path | None = None, quiet: bool = False,
             epoch (see :func:`imgcls.training.trainer.fit`).
         callbacks: objects with any of the hooks of :mod:`imgcls.training.callbacks`
             (``on_train_start``, ``on_step``, ``on_epoch_end``, ``on_train_end``).
+        trial: (study name, trial number) when the run is a trial of :func:`tune`: the trackers of
+            ``track`` group it with the study's other trials (see :mod:`imgcls.tracking`).
         **overrides: flat options, named as the CLI flags: ``data``, ``model``,
             ``epochs``, ``lr``, ``optimizer``, ``augment``, ...
     """
@@ -134,10 +137,11 @@ def train(config=None, *, resume: str | Path | None = None, quiet: bool = False,
     console = console or _console(quiet)
     with contextlib.ExitStack() as held:
         return _train(config, resume, console, [*callbacks, EpochEnd(on_epoch_end) if on_epoch_end else None],
-                      overrides, held)
+                      overrides, held, trial)
 
 
-def _train(config, resume, console, callbacks: list, overrides: dict, held: contextlib.ExitStack) -> Run:
+def _train(config, resume, console, callbacks: list, overrides: dict, held: contextlib.ExitStack,
+           trial: tuple[str, int] | None = None) -> Run:
     """:func:`train`'s body; ``held`` keeps the run folder's write lock until training and the report are done."""
     # on use: load() needs no trainer
     from imgcls.training import distributed  # start-up time: torch.distributed
@@ -173,6 +177,8 @@ def _train(config, resume, console, callbacks: list, overrides: dict, held: cont
             if line:
                 console.print(f"{label}: {line}", highlight=False, markup=False, soft_wrap=True)
     cfg = distributed.broadcast(cfg)
+    # A tracker's missing package is refused before the data is read; rank 0 alone tracks.
+    trackers = build_trackers(cfg, trial) if d.is_main else []
     if cfg.train.optimizer != "muon" and cfg.train.epochs > 0:
         import_dynamo_in_background()  # torch's optimisers need it: overlap it with loading the data (1-1.4 s)
     started = time.perf_counter()
@@ -195,13 +201,14 @@ def _train(config, resume, console, callbacks: list, overrides: dict, held: cont
     else:
         run = None  # rank 0 alone writes the run folder
     cfg = distributed.broadcast(cfg)  # the run's name, as rank 0 chose it
-    with distributed.peer_failures():
+    # The trackers' runs end after the report, or with the error that stopped training.
+    with tracked(trackers), distributed.peer_failures():
         result = fit(cfg, ds, run, console, resume=resume is not None, data_seconds=data_seconds,
-                     callbacks=callbacks)
-    if not d.is_main:
-        return Run(None, cfg, result.history, {})
-    if cfg.report:
-        _analyse(run.path, console, result.test_logits)
+                     callbacks=[*callbacks, *trackers])
+        if not d.is_main:
+            return Run(None, cfg, result.history, {})
+        if cfg.report:
+            _analyse(run.path, console, result.test_logits)
     return Run(run.path, cfg, result.history, result.test_metrics)
 
 
@@ -239,7 +246,11 @@ def cross_validate(config=None, folds: int = 5, *, out_dir: str | Path | None = 
     keep_freed_memory()  # an entry point: see imgcls.startup
     console = console or _console(quiet)
     out_dir = None if out_dir is None else Path(out_dir)
-    result = run_folds(make_config(config, **overrides), folds, console, out_dir=out_dir)
+    cfg = make_config(config, **overrides)
+    if cfg.track:  # the folds train through training.cv, which takes no trackers yet: refused, not ignored
+        raise ConfigError(f"cross-validation does not track experiments yet; leave out --track "
+                          f"{','.join(cfg.track)} (train or tune a run with it)")
+    result = run_folds(cfg, folds, console, out_dir=out_dir)
     write_cv_page(result, Path(result["path"]))
     console.print(f"cross-validation folder: {result['path']}", highlight=False, markup=False, soft_wrap=True)
     return result
@@ -278,7 +289,8 @@ def tune(config=None, *, trials: int = 20, timeout: str | float | None = None, s
         return make_config(config, **{**trial_flags, **params})
 
     def run_trial(params: dict, out_dir: Path, name: str, on_epoch_end) -> Run:
-        return train(config, quiet=True, on_epoch_end=on_epoch_end,
+        trial = (out_dir.name, int(name.removeprefix("trial-")))  # the study's folder; search names runs trial-<n>
+        return train(config, quiet=True, on_epoch_end=on_epoch_end, trial=trial,
                      **{**trial_flags, **params, "out": str(out_dir), "name": name})
 
     return search.tune(make=make, train=run_trial, flags=overrides, trials=trials, timeout=timeout, space=space,

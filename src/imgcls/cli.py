@@ -75,6 +75,8 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
                                help=help_text)
         elif _flag_type(f) is None:
             group.add_argument(flag, dest=key, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif _flag_type(f) is split_list:  # a list: "a,b" and a repeated flag both add to it
+            group.add_argument(flag, dest=key, type=split_list, action="extend", default=None, help=help_text)
         else:
             group.add_argument(flag, dest=key, type=_flag_type(f), choices=f.metadata.get("choices"),
                                default=None, help=help_text)

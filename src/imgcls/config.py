@@ -32,6 +32,7 @@ PRECISIONS = ("auto", "fp32", "bf16")
 SWITCHES = ("auto", "on", "off")
 RESIZE_MODES = ("stretch", "crop", "pad")
 BAD_IMAGE_POLICIES = ("skip", "error")
+TRACKERS = ("tensorboard", "mlflow")
 
 
 def _opt(default: Any, help: str, flag: str | None = None, choices: tuple | None = None, factory=None):
@@ -139,6 +140,11 @@ class RunConfig:
     report: bool = _opt(True, "calibrate on the val split and write report.html when training ends")
     recipe: str | None = _opt(None, "a named set of settings tuned for a kind of data (see `imgcls recipes`); "
                               "flags given beside it override its values")
+    track: list[str] = _opt(  # noqa: RUF009 (a list, as augment: _opt gives it a default_factory)
+        None, "experiment trackers, comma-separated or repeated: tensorboard (event files in <run>/tensorboard), "
+        "mlflow (see --mlflow-uri); needs pip install 'imgcls[track]'", factory=list)
+    mlflow_uri: str | None = _opt(None, "MLflow tracking URI for --track mlflow, e.g. http://127.0.0.1:5000 "
+                                  "(default: sqlite:///<out>/mlflow.db, artefacts in <out>/mlartifacts)")
     auto: str | None = None  # what `--model auto` chose and why (written by imgcls, not a flag)
     recipe_variant: str | None = None  # which of the recipe's variants was taken and why (written by imgcls)
 
@@ -158,6 +164,7 @@ class RunConfig:
         d, t = self.data, self.train
         if self.name is not None:
             check_run_name(self.name)
+        _check_track(self.track, self.mlflow_uri)
         # The epochs first: the ranges of warmup_epochs and low_res_epochs depend on them.
         _check_int("epochs", t.epochs, 0 if t.head_first else 1, 1_000_000)
         _check_int("seed", t.seed, 0, 2**32 - 1)
@@ -213,11 +220,12 @@ class RunConfig:
         data = replace(d, image_size=None if d.image_size is None else parse_image_size(d.image_size))
         augment = list(t.augment) if isinstance(t.augment, list) else split_list(t.augment)
         train = replace(t, class_weights=parse_class_weights(t.class_weights), augment=augment)
-        return replace(self, data=data, model=replace(self.model, options=dict(self.model.options)), train=train)
+        return replace(self, data=data, model=replace(self.model, options=dict(self.model.options)), train=train,
+                       track=list(dict.fromkeys(split_list(self.track))))
 
 
 # Fields whose own parser takes more than their annotation says (a "32x32" size, a "90s" budget, "a,b" lists).
-_OWN_PARSER = {"image_size", "time_budget", "class_weights", "augment"}
+_OWN_PARSER = {"image_size", "time_budget", "class_weights", "augment", "track"}
 _KINDS = {str: "a string", bool: "true or false", int: "a whole number", float: "a number", dict: "a mapping"}
 
 
@@ -265,6 +273,19 @@ def check_run_name(name) -> None:
             or any(ch in name for ch in ("/", "\\", "\0"))):
         raise ConfigError(f"name {shown(name)} is not accepted: a run name is one folder name inside --out "
                           f"(letters, digits, '-', '_', ...; no '/', '\\' or leading '.'), such as 'flowers-1'")
+
+
+def _check_track(track, mlflow_uri) -> None:
+    """``track``: a list of tracker names or a comma-separated string of them; ``mlflow_uri`` only beside mlflow."""
+    if not (isinstance(track, str) or isinstance(track, list) and all(isinstance(n, str) for n in track)):
+        raise ConfigError(f"track must be a list of trackers or a comma-separated string (e.g. tensorboard,mlflow), "
+                          f"got {shown(track)}")
+    names = split_list(track)
+    for name in names:
+        if name not in TRACKERS:
+            raise ConfigError(f"track {shown(name)} is not accepted; choose one or more of: {', '.join(TRACKERS)}")
+    if mlflow_uri is not None and "mlflow" not in names:
+        raise ConfigError(f"mlflow_uri {shown(mlflow_uri)} is given but track does not name mlflow; add --track mlflow")
 
 
 def _check_range(name: str, value, low: float, high: float, low_open: bool = False) -> None:

@@ -13,6 +13,8 @@
       calibration.json, thresholds.json, probes.json, eval_<split>.json/.csv   written after training
       report.html          the report, beside its figures
       export/model.onnx, export/export.json                                       ``imgcls export``
+      tensorboard/         TensorBoard event files (``--track tensorboard``)
+      mlflow.json          the MLflow run this run logs to, so that a resumed run continues it (``--track mlflow``)
 
 Every other module names these files through the constants below.
 
@@ -57,6 +59,8 @@ PROBES = "probes.json"
 REPORT = "report.html"
 EXPORT = "export/model.onnx"
 EXPORT_REPORT = "export/export.json"
+TENSORBOARD = "tensorboard"
+MLFLOW = "mlflow.json"
 
 
 def eval_stem(split: str, data: str | None = None) -> str:

@@ -58,7 +58,7 @@ from imgcls.tuning.study import (
 )
 
 # Flags that do not change what a trial trains, left out of the study's record of its flags.
-_NOT_COMPARED = ("out", "report")
+_NOT_COMPARED = ("out", "report", "track", "mlflow_uri")
 
 
 class StudyError(ImgclsError):
