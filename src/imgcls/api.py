@@ -155,22 +155,7 @@ def _train(config, resume, console, callbacks: list, overrides: dict, held: cont
     if resume is not None and not d.is_main:
         cfg = None  # rank 0 reads the run folder (another node may not see it) and sends its config
     elif resume is not None:
-        run = RunFolder(resume)
-        if not (run.path / CONFIG).is_file():
-            raise CheckpointError(f"{run.path} is not a run folder (no config.yaml)")
-        if not run.checkpoint("last").is_file():
-            raise CheckpointError(f"{run.path} has no checkpoints/last.safetensors to resume from")
-        cfg = make_config(run.path / CONFIG, epochs=overrides.get("epochs"))
-        extra = sorted(k for k, v in overrides.items() if v is not None and k != "epochs"
-                       and _flat_value(cfg, k) != v)  # repeating the run's own value (--no-report) is no change
-        if extra or config is not None:
-            raise CheckpointError(f"a resumed run keeps its own config; only --epochs may change (got "
-                                  f"{', '.join(extra) or '--config'})")
-        held.enter_context(run.writing())  # before anything in it changes: a second resume stops here
-        load_model(run.checkpoint("last"))  # damage is refused before config.yaml takes the new epochs
-        rundir.read_history(run.path)
-        if overrides.get("epochs") is not None:
-            run.write_text(CONFIG, dump_config(cfg))
+        run, cfg = _resumed(resume, config, overrides, held)
     else:
         cfg = make_config(config, **overrides)  # on every rank: a bad option stops them all at once
         for label, line in (("auto", cfg.auto), ("recipe", cfg.recipe_variant)):
@@ -210,6 +195,27 @@ def _train(config, resume, console, callbacks: list, overrides: dict, held: cont
         if cfg.report:
             _analyse(run.path, console, result.test_logits)
     return Run(run.path, cfg, result.history, result.test_metrics)
+
+
+def _resumed(resume, config, overrides: dict, held: contextlib.ExitStack) -> tuple[RunFolder, RunConfig]:
+    """The run folder to resume and its config, checked and locked (``held`` keeps the lock)."""
+    run = RunFolder(resume)
+    if not (run.path / CONFIG).is_file():
+        raise CheckpointError(f"{run.path} is not a run folder (no config.yaml)")
+    if not run.checkpoint("last").is_file():
+        raise CheckpointError(f"{run.path} has no checkpoints/last.safetensors to resume from")
+    cfg = make_config(run.path / CONFIG, epochs=overrides.get("epochs"))
+    extra = sorted(k for k, v in overrides.items() if v is not None and k != "epochs"
+                   and _flat_value(cfg, k) != v)  # repeating the run's own value (--no-report) is no change
+    if extra or config is not None:
+        raise CheckpointError(f"a resumed run keeps its own config; only --epochs may change (got "
+                              f"{', '.join(extra) or '--config'})")
+    held.enter_context(run.writing())  # before anything in it changes: a second resume stops here
+    load_model(run.checkpoint("last"))  # damage is refused before config.yaml takes the new epochs
+    rundir.read_history(run.path)
+    if overrides.get("epochs") is not None:
+        run.write_text(CONFIG, dump_config(cfg))
+    return run, cfg
 
 
 def _analyse(run_dir: Path, console, test_logits) -> None:
