@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import base64
 import csv
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -40,6 +42,19 @@ def _study(path) -> dict:
     return json.loads((path / "study.json").read_text())
 
 
+def _images(page: str) -> dict[str, bytes]:
+    """tune.html's embedded figures: alt text -> PNG bytes."""
+    found = re.findall(r"<img alt='([^']+)' src='data:image/png;base64,([^']+)'>", page)
+    return {alt: base64.b64decode(data) for alt, data in found}
+
+
+def _section(page: str, title: str) -> str:
+    """The HTML of the page's section titled ``title``."""
+    match = re.search(rf"<section id='s\d+'><h2>{title}</h2>(.*?)</section>", page)
+    assert match, f"no section {title!r}"
+    return match.group(1)
+
+
 def test_a_study_runs_its_trials_and_its_best_config_trains_again(tmp_path, capsys):
     out = tmp_path / "runs"
     assert main(["tune", *TINY_FLAGS, "--trials", "3", "--out", str(out), "--study", "s", "--sampler", "random",
@@ -59,7 +74,12 @@ def test_a_study_runs_its_trials_and_its_best_config_trains_again(tmp_path, caps
     assert [r["trial"] for r in rows] == ["0", "1", "2"]
     assert {"lr", "weight_decay", "batch_size", "optimizer", "augment"} <= set(rows[0])
     page = (folder / "tune.html").read_text()
-    assert "Leaderboard" in page and page.count("data:image/png;base64,") >= 1 and (folder / "study.db").is_file()
+    assert "Leaderboard" in page and (folder / "study.db").is_file()
+    # The parameters' section: parallel coordinates of the complete trials and one slice plot per parameter.
+    figures = _images(_section(page, "Parameters"))
+    assert set(figures) == {"tune_parallel", *(f"tune_slice_{name}" for name in summary["space"])}
+    assert all(png.startswith(b"\x89PNG") and len(png) > 5_000 for png in figures.values())
+    assert "tune_history" in _images(_section(page, "Study"))
     # best/config.yaml holds the best trial's values and repeats its run exactly.
     best = folder / "best" / "config.yaml"
     cfg = api.make_config(best)
@@ -86,6 +106,11 @@ def test_a_study_runs_its_trials_and_its_best_config_trains_again(tmp_path, caps
     ("label_smoothing: {low: 0.0, high: 1.5}", "label_smoothing must be a number in [0, 0.999]"),
     ("optimizer: [adam, nadam]", "optimizer 'nadam' is not accepted"),
     ("data: [digits, mnist]", "data cannot be searched"),
+    ("model_option: [a, b]", "name one model option at a time, as model_option.KEY"),
+    ("model_option.depth: [1, 2]", "model 'fastnet_small' does not accept these options ['depth']; it takes: widths"),
+    ("model.options.pool: [ceil, middle]", "space: model_option.pool: choice 'middle' is refused: pool must be"),
+    ("model_option.widths: [[8, 8, 8], [16, 16, 16]]",
+     "model_option.widths is both given (--model-option widths=...) and searched"),
 ])
 def test_a_bad_space_is_refused_before_any_trial(tmp_path, capsys, space, message):
     path = _write(tmp_path / "space.yaml", space + "\n")
@@ -93,6 +118,65 @@ def test_a_bad_space_is_refused_before_any_trial(tmp_path, capsys, space, messag
     assert main(["tune", *TINY_FLAGS, "--trials", "2", "--out", str(out), "--study", "s", "--space", str(path)]) == 2
     assert message in capsys.readouterr().err
     assert not (out / "s").exists()
+
+
+def test_a_model_option_is_refused_with_the_message_training_gives(tmp_path, capsys):
+    path = _write(tmp_path / "space.yaml", "model_option.depth: [1, 2]\n")
+    assert main(["tune", "--epochs", "1", "--out", str(tmp_path / "runs"), "--space", str(path)]) == 2
+    refused = capsys.readouterr().err.strip()
+    assert main(["train", "--epochs", "1", "--model-option", "depth=1", "--out", str(tmp_path / "t"), "--quiet"]) == 2
+    trained = capsys.readouterr().err.strip()
+    assert refused == f"error: space: model_option.depth: choice 1 is refused: {trained.removeprefix('error: ')}"
+    assert not (tmp_path / "runs").exists()
+    # An option given beside the space (not searched) is refused before any trial too.
+    space = {"lr": [0.01]}
+    with pytest.raises(ConfigError, match=r"does not accept these options \['depth'\]"):
+        api.tune(trials=1, epochs=1, model_option={"depth": 1}, space=space, out=str(tmp_path / "runs"), quiet=True)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_space_of_model_widths_trains_each_trial_at_its_widths(tmp_path):
+    from imgcls.models import create_model
+
+    choices = [[8, 8, 8], [16, 16, 32]]
+    summary = api.tune(trials=2, epochs=1, model="fastnet_small", model_option={"bn_scale": False},
+                       space={"model.options.widths": {"choices": choices}}, sampler="grid", out=str(tmp_path),
+                       study="w", quiet=True)
+    assert summary["counts"]["complete"] == 2
+    assert summary["space"] == {"model_option.widths": {"choices": choices}}
+    chosen = sorted(t["params"]["model_option.widths"] for t in summary["trials"])  # lists, not Optuna's text
+    assert chosen == choices
+    for t in summary["trials"]:
+        run = tmp_path / "w" / t["run"]
+        options = api.make_config(run / "config.yaml").model.options
+        widths = t["params"]["model_option.widths"]
+        assert options == {"widths": widths, "bn_scale": False}  # the searched option joins the given one
+        count = json.loads((run / "run.json").read_text())["parameters"]
+        model = create_model("fastnet_small", 1, 10, (8, 8), widths=widths, bn_scale=False)  # digits: 1x8x8
+        assert count == sum(p.numel() for p in model.parameters())
+    counts = {json.loads((tmp_path / "w" / t["run"] / "run.json").read_text())["parameters"]
+              for t in summary["trials"]}
+    assert len(counts) == 2
+    rows = list(csv.DictReader((tmp_path / "w" / "trials.csv").open()))
+    assert sorted(r["model_option.widths"] for r in rows) == ["[16, 16, 32]", "[8, 8, 8]"]
+    best = api.make_config(summary["best_config"])
+    assert best.model.options["widths"] == summary["best_params"]["model_option.widths"]
+
+
+@pytest.mark.parametrize("space, trials, complete", [
+    ({"optimizer": ["adam", "adamw"]}, 1, 1),  # one trial, choices only
+    ({"batch_size": [5000]}, 1, 0),  # every trial failed (larger than the training split)
+])
+def test_the_page_has_its_parameter_figures_for_one_trial_or_none_complete(tmp_path, space, trials, complete):
+    summary = api.tune(trials=trials, **TINY, space=space, out=str(tmp_path), study="p", sampler="random",
+                       quiet=True)
+    assert summary["counts"]["complete"] == complete and summary["finished"] == trials
+    section = _section((tmp_path / "p" / "tune.html").read_text(), "Parameters")
+    figures = _images(section)
+    if complete:
+        assert set(figures) == {"tune_parallel", *(f"tune_slice_{name}" for name in space)}
+    else:
+        assert figures == {} and "no trial has a val_accuracy yet (1 failed" in section
 
 
 def test_a_field_both_given_and_searched_and_a_continuous_grid_are_refused(tmp_path, capsys):
@@ -186,6 +270,14 @@ def test_pruning_stops_the_trials_that_are_clearly_worse(tmp_path):
             completed.append(lr)
     assert [t["state"] for t in trials] == expected
     assert "pruned" in expected, "the seed gives no trial to prune: choose another"
+    # The slice plot shows the pruned trials apart from the complete ones: grey crosses at their value when stopped.
+    from imgcls.tuning import figures
+    from imgcls.tuning.space import parse_space
+
+    ax = figures.slice_figure(summary, "lr", parse_space({"lr": [good, bad]})["lr"]).axes[0]
+    handles, labels = ax.get_legend_handles_labels()
+    points = {label: len(h.get_offsets()) for h, label in zip(handles, labels)}
+    assert points == {"complete": expected.count("complete"), "pruned": expected.count("pruned"), "best": 1}
     for t in trials:
         history = read_history(tmp_path / "p" / t["run"])
         if t["state"] == "pruned":  # stopped after its first epoch, its folder kept
@@ -205,6 +297,15 @@ def test_show_space_prints_a_file_that_space_reads(tmp_path, capsys):
     # A flag given fixes its field: it leaves the default space.
     assert main(["tune", *TINY_FLAGS, "--lr", "0.003", "--show-space"]) == 0
     assert "\nlr:" not in capsys.readouterr().out
+    # A from-scratch model's width is searched, at its own and at half, unless given.
+    assert main(["tune", "--epochs", "2", "--model", "fastnet_small", "--show-space"]) == 0
+    space = read_space(_write(tmp_path / "space.yaml", capsys.readouterr().out))
+    assert space["model_option.widths"].choices == ([16, 32, 64], [32, 64, 128])
+    assert main(["tune", "--epochs", "2", "--model", "resnet8", "--show-space"]) == 0
+    assert read_space(_write(tmp_path / "space.yaml", capsys.readouterr().out))["model_option.width"].choices == (
+        0.5, 1.0)
+    assert main(["tune", "--epochs", "2", "--model", "resnet8", "--model-option", "width=2", "--show-space"]) == 0
+    assert "model_option.width" not in capsys.readouterr().out
 
 
 def test_a_killed_study_resumes_with_no_trial_lost_or_duplicated(tmp_path):

@@ -11,12 +11,14 @@ family is one module, named in that ``__init__``.
 
 from __future__ import annotations
 
+import inspect
 from typing import Callable
 
 from imgcls.errors import ConfigError, unknown_name
 
 _REGISTRY: dict[str, Callable] = {}
 _DESCRIPTIONS: dict[str, str] = {}
+_SHAPE = ("in_chans", "num_classes", "img_size")  # what every builder takes; the rest are its options
 
 
 def register_model(fn: Callable) -> Callable:
@@ -33,6 +35,26 @@ def register_model(fn: Callable) -> Callable:
 def list_models() -> dict[str, str]:
     """Registered model names mapped to a one-line description."""
     return dict(sorted(_DESCRIPTIONS.items()))
+
+
+def model_options(name: str) -> dict | None:
+    """The options model ``name`` takes, with their defaults (its builder's keyword arguments beyond the shape);
+    None when the builder takes any keyword."""
+    if name not in _REGISTRY:
+        raise unknown_name("model", name, _REGISTRY)
+    params = inspect.signature(_REGISTRY[name]).parameters.values()
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return None
+    return {p.name: p.default for p in params if p.name not in _SHAPE}
+
+
+def check_options(name: str, options: dict) -> None:
+    """Refuse option names that model ``name`` does not take, without building it (no data shape needed)."""
+    takes = model_options(name)
+    unknown = [] if takes is None else sorted(k for k in options if k not in takes)
+    if unknown:
+        raise ConfigError(f"model {name!r} does not accept these options {unknown}; it takes: "
+                          f"{', '.join(takes) or 'no options'}")
 
 
 def create_model(name: str, in_chans: int, num_classes: int, img_size: tuple[int, int], **kwargs):
@@ -52,6 +74,7 @@ def create_model(name: str, in_chans: int, num_classes: int, img_size: tuple[int
         raise unknown_name("model", name, _REGISTRY)
     if num_classes < 2:
         raise ConfigError(f"num_classes must be at least 2, got {num_classes}")
+    check_options(name, kwargs)
     try:
         return _REGISTRY[name](in_chans=in_chans, num_classes=num_classes, img_size=tuple(img_size), **kwargs)
     except TypeError as exc:

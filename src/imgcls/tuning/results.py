@@ -6,7 +6,8 @@
       study.json          the summary: metric, space, flags, counts by state, the best trial, every trial
       trials.csv          one row per trial: state, metric, seconds, epochs, parameters, run, reason
       best/config.yaml    the best trial's full config: ``imgcls train --config`` repeats it as a new run
-      tune.html           optimisation history, parameter importances, the leaderboard and the space
+      tune.html           optimisation history, parameter importances, parallel coordinates, a slice plot per
+                          parameter, the leaderboard and the space (figures: tuning/figures.py)
 
 study.json, trials.csv and best/config.yaml are rewritten after every trial,
 so a study stopped at any moment leaves them current; tune.html when a
@@ -20,6 +21,7 @@ import dataclasses
 import html
 import io
 import math
+import re
 import warnings
 from collections import Counter
 from dataclasses import dataclass
@@ -29,8 +31,8 @@ import optuna
 
 from imgcls.config import config_from_dict, dump_config
 from imgcls.io import write_atomic, write_json
-from imgcls.plots import new_figure
 from imgcls.reports.html import Section, render_page, table
+from imgcls.tuning import figures
 from imgcls.tuning.space import space_to_dict
 from imgcls.tuning.study import METRICS
 
@@ -75,8 +77,9 @@ def finite(value) -> float | None:
     return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
 
 
-def trial_row(trial) -> dict:
-    """One trial as study.json and trials.csv hold it."""
+def trial_row(trial, space: dict | None = None) -> dict:
+    """One trial as study.json and trials.csv hold it; its parameters as ``space`` gives them (a list choice,
+    which Optuna stores as text, as the list)."""
     state = state_of(trial)
     steps = trial.intermediate_values
     value = trial.value if state == "complete" else (steps[max(steps)] if state == "pruned" and steps else None)
@@ -89,7 +92,8 @@ def trial_row(trial) -> dict:
     elif state == "interrupted":
         reason = "interrupted: its worker stopped before the trial finished"
     return {"trial": trial.number, "state": state, "value": finite(value), "seconds": seconds, "epochs": len(steps),
-            "params": dict(trial.params), "run": trial.user_attrs.get("run"), "reason": reason}
+            "params": {k: space[k].decode(v) if k in (space or {}) else v for k, v in trial.params.items()},
+            "run": trial.user_attrs.get("run"), "reason": reason}
 
 
 def _ranked(rows: list[dict], direction: str) -> list[dict]:
@@ -101,7 +105,7 @@ def _ranked(rows: list[dict], direction: str) -> list[dict]:
 def summarize(study, context: Context) -> dict:
     """The summary of ``study`` (study.json's content): counts by state, the best trial, every trial."""
     direction = METRICS[context.metric]
-    rows = [trial_row(t) for t in study.get_trials(deepcopy=False) if state_of(t) != "surplus"]
+    rows = [trial_row(t, context.space) for t in study.get_trials(deepcopy=False) if state_of(t) != "surplus"]
     counts = Counter(r["state"] for r in rows)
     complete = [r for r in _ranked(rows, direction) if r["state"] == "complete" and r["value"] is not None]
     best = complete[0] if complete else None
@@ -207,11 +211,12 @@ def closing_line(summary: dict) -> str:
 
 
 def write_page(summary: dict, context: Context, study) -> Path:
-    """tune.html: the study in numbers, its optimisation history, parameter importances, leaderboard and space."""
-    figures = [("tune_history", history_figure(summary))]
+    """tune.html: the study in numbers, its optimisation history, parameter importances, parallel coordinates and
+    slice plots, leaderboard and space."""
+    shown = [("tune_history", figures.history_figure(summary))]
     importances = _importances(study)
     if importances:
-        figures.append(("tune_importance", importance_figure(importances)))
+        shown.append(("tune_importance", figures.importance_figure(importances)))
     best = "no trial completed" if summary["best_trial"] is None else (
         f"best: trial {summary['best_trial']}, {summary['metric']} {summary['best_value']:.4f}")
     counts = ", ".join(f"{n} {s}" for s, n in summary["counts"].items() if n) or "no trials"
@@ -227,37 +232,12 @@ def write_page(summary: dict, context: Context, study) -> Path:
         Section("Study", paragraphs=[
             html.escape(f"{summary['metric']} ({summary['direction']}), sampler {summary['sampler']}, pruner "
                         f"{summary['pruner']}; {counts}; {best}."),
-            html.escape(f"storage: {summary['storage']}")], figures=figures),
+            html.escape(f"storage: {summary['storage']}")], figures=shown),
+        parameters_section(summary, context.space),
         Section("Leaderboard", tables=[board]),
         Section("Search space", tables=[space]),
     ]
     return render_page(f"imgcls tune: {summary['study']}", sections, context.path, page_name=PAGE)
-
-
-def history_figure(summary: dict):
-    """The metric of every trial by number (complete, pruned), and the best so far."""
-    fig = new_figure(7.0, 3.8)
-    ax = fig.add_subplot()
-    rows = sorted(summary["trials"], key=lambda r: r["trial"])
-    for state, marker, colour in (("complete", "o", "tab:blue"), ("pruned", "x", "tab:grey")):
-        points = [(r["trial"], r["value"]) for r in rows if r["state"] == state and r["value"] is not None]
-        if points:
-            ax.scatter(*zip(*points), marker=marker, color=colour, label=state)
-    best, line = None, []
-    better = max if summary["direction"] == "maximize" else min
-    for r in rows:
-        if r["state"] == "complete" and r["value"] is not None:
-            best = r["value"] if best is None else better(best, r["value"])
-        if best is not None:
-            line.append((r["trial"], best))
-    if line:
-        ax.step(*zip(*line), where="post", color="tab:orange", label="best so far")
-    ax.set_xlabel("trial")
-    ax.set_ylabel(summary["metric"])
-    ax.set_title("optimisation history (pruned: the value when stopped)")
-    if rows:
-        ax.legend(loc="best")
-    return fig
 
 
 def _importances(study) -> dict:
@@ -273,11 +253,25 @@ def _importances(study) -> dict:
         return {}
 
 
-def importance_figure(importances: dict):
-    fig = new_figure(6.0, 0.5 + 0.4 * len(importances))
-    ax = fig.add_subplot()
-    names = list(importances)[::-1]
-    ax.barh(names, [importances[n] for n in names], color="tab:blue")
-    ax.set_xlabel("importance (Optuna's default evaluator)")
-    ax.set_title("parameter importances")
-    return fig
+def figure_stem(name: str) -> str:
+    """The file stem of parameter ``name``'s slice plot (also its image's alt text in tune.html)."""
+    return "tune_slice_" + re.sub(r"[^A-Za-z0-9_]+", "_", name)
+
+
+def parameters_section(summary: dict, space: dict) -> Section:
+    """The parallel-coordinates plot and one slice plot per parameter, or a line saying why there are none."""
+    rows = summary["trials"]
+    complete, pruned = (len(figures.valued(rows, (s,))) for s in ("complete", "pruned"))
+    left_out = sum(1 for r in rows if r["state"] in ("failed", "interrupted", "running"))
+    if not complete + pruned:
+        return Section("Parameters", paragraphs=[html.escape(
+            f"no trial has a {summary['metric']} yet ({left_out} failed, interrupted or running): no parallel "
+            f"coordinates or slice plots")])
+    said = (f"Parallel coordinates: the {complete} complete trials, one line each, coloured by {summary['metric']}. "
+            f"Slice plots: {summary['metric']} against each parameter, complete trials as dots, {pruned} pruned as "
+            f"grey crosses at their value when stopped (an earlier epoch's); log-scaled ranges on a log axis, "
+            f"choices as categories. Failed, interrupted and running trials have no value and are left out "
+            f"({left_out}).")
+    shown = [("tune_parallel", figures.parallel_figure(summary, space))] if complete else []
+    shown += [(figure_stem(name), figures.slice_figure(summary, name, param)) for name, param in space.items()]
+    return Section("Parameters", paragraphs=[html.escape(said)], figures=shown)

@@ -33,8 +33,10 @@ from imgcls.inference import predict_proba
 from imgcls.rundir import CONFIG, RUN, RunFolder
 from imgcls.tuning import results
 from imgcls.tuning.space import (
+    as_options,
     check_space,
     default_space,
+    given_names,
     grid_of,
     parse_space,
     read_space,
@@ -88,7 +90,7 @@ def resolve_space(make, flags: dict, space=None) -> tuple[dict, str]:
     given = {k: v for k, v in flags.items() if v is not None}
     base = make({})
     if space is None:
-        found, why = default_space(base, fixed=set(given))
+        found, why = default_space(base, fixed=given_names(given))
         title = f"default search space: {why}"
     elif isinstance(space, dict):
         found, title = parse_space(space), "search space given in Python"
@@ -130,7 +132,7 @@ def tune(*, make, train, flags: dict, trials: int, timeout=None, space=None, met
                   f"pruner {context.pruner}; {title}")
     _say(console, f"study folder {study_dir}; storage {context.storage}")
     _say(console, f"searching: {', '.join(f'{k} {_range(p)}' for k, p in found.items())}")
-    _run(opened, store, context, make_objective(found, train, study_dir, metric, trials), seconds, console)
+    _run(opened, store, context, make_objective(found, train, study_dir, metric, trials, flags), seconds, console)
     summary = results.write_all(opened, context, html=True)
     console.print(results.format_leaderboard(summary), highlight=False, markup=False, soft_wrap=True)
     _say(console, results.closing_line(summary))
@@ -188,13 +190,14 @@ def _run(study, store, context, objective, seconds: float | None, console) -> No
 def show_space(make, flags: dict, space=None) -> str:
     """The space a study with these flags would search, as the YAML that ``--space`` reads."""
     found, title = resolve_space(make, flags, space)
-    return space_yaml(found, f"{title}\nevery key is a config field; save this, edit it, and give it to --space")
+    return space_yaml(found, f"{title}\nevery key is a config field (model_option.KEY: a model option); save this, "
+                             f"edit it, and give it to --space")
 
 
 def _optimize(study, context, objective, n_trials: int, timeout: float | None, console) -> None:
     def after_trial(study, trial) -> None:
         if results.state_of(trial) != "surplus":
-            _say(console, results.trial_line(results.trial_row(trial), context))
+            _say(console, results.trial_line(results.trial_row(trial, context.space), context))
             results.write_all(study, context, html=False)
         if counted(study) >= context.trials:
             study.stop()  # other workers may have finished trials meanwhile
@@ -209,8 +212,9 @@ def counted(study) -> int:
     return sum(1 for t in study.get_trials(deepcopy=False) if results.state_of(t) in ("complete", "pruned", "failed"))
 
 
-def make_objective(space: dict, train, study_dir: Path, metric: str, limit: int):
-    """The Optuna objective: one trial trains one run folder, ``<study_dir>/trial-<number>``.
+def make_objective(space: dict, train, study_dir: Path, metric: str, limit: int, flags: dict):
+    """The Optuna objective: one trial trains one run folder, ``<study_dir>/trial-<number>``, with ``flags``
+    (the options given: ``--model-option`` values are merged with searched ones) and the trial's values.
 
     A trial numbered after ``limit`` trials that are finished or running (other workers') runs nothing: it is
     marked surplus and left out of every result, so that workers sharing a study finish exactly ``limit``.
@@ -236,7 +240,7 @@ def make_objective(space: dict, train, study_dir: Path, metric: str, limit: int)
                 raise optuna.TrialPruned(f"{metric} {value:.4f} after epoch {record['epoch']}")
 
         try:
-            run = train(params, study_dir, run_name, on_epoch_end)
+            run = train(as_options(params, flags), study_dir, run_name, on_epoch_end)
         except (ConfigError, TrainingError) as exc:
             trial.set_user_attr("fail_reason", " ".join(str(exc).split())[:500])
             if not (study_dir / run_name / CONFIG).is_file():

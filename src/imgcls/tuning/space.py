@@ -10,10 +10,18 @@ prints the default one in this form)::
     epochs: {low: 2, high: 6, step: 2}            # a whole-number field gives whole numbers
     batch_size: [32, 64, 128]                     # choices (or {choices: [...]})
     optimizer: [adam, adamw, sgd]
+    model_option.widths: [[16, 32, 64], [32, 64, 128]]   # a model option (--model-option widths=...)
+
+A model option is named ``model_option.KEY`` (or ``model.options.KEY``, as
+config.yaml nests it); it is merged into the ``--model-option`` values given.
+A choice may be a list (Optuna stores it as its YAML text, ``"[16, 32, 64]"``,
+and each trial gets the list back).
 
 Everything is checked before the first trial: an unknown field, a bad range
 and a value the field cannot take (each bound and each choice goes through
-the config checks, with their messages) are refused.  What only the data can
+the config checks, with their messages) are refused; a model option the model
+does not take is refused with the message training would give, and each of
+its values builds the model once (at the config's image size, else 64x64).  What only the data can
 refuse (a batch larger than the training set) fails that trial alone.
 """
 
@@ -25,17 +33,44 @@ from pathlib import Path
 
 import yaml
 
-from imgcls.config import RunConfig, flat_fields, parse_yaml_value, shown
+from imgcls.config import (
+    RunConfig,
+    flat_fields,
+    parse_image_size,
+    parse_yaml_value,
+    shown,
+)
 from imgcls.errors import ConfigError
+from imgcls.models.registry import check_options, create_model, model_options
 
 # Fields a study cannot vary, and why.
 NOT_SEARCHED = {
     "data": "the data is what a study tunes on; give it with --data",
     "out": "the study folder holds the trials; give it with --out",
     "name": "trials are named trial-<number>; name the study with --study",
-    "model_option": "model options cannot be searched yet; fix them with --model-option KEY=VALUE",
+    "model_option": "name one model option at a time, as model_option.KEY (e.g. model_option.widths: "
+                    "[[16, 32, 64], [32, 64, 128]])",
 }
 _SCALARS = (str, int, float, bool, type(None))  # what an Optuna categorical choice may be
+MODEL_OPTION = "model_option."  # a space's key for one model option: model_option.KEY
+_MODEL_OPTION_ALIASES = ("model.options.", "model_options.")  # config.yaml's nesting, the Python keyword's
+_CHECK_SIZE = (64, 64)  # (H, W) a model option's values are built at when the config gives no --image-size
+
+
+def _encoded(choice):
+    """``choice`` as an Optuna categorical choice: itself when a single value, else its YAML text."""
+    if isinstance(choice, _SCALARS):
+        return choice
+    return yaml.safe_dump(choice, default_flow_style=True, width=10_000).strip()
+
+
+def _plain(value):
+    """``value`` with tuples as lists, as YAML gives them."""
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
 
 
 @dataclass(frozen=True)
@@ -67,10 +102,28 @@ class Param:
             return [(f"choice {shown(c)}", c) for c in self.choices]
         return [("low", self.low), ("high", self.high)]
 
+    def stored(self) -> list:
+        """The choices as Optuna stores them (a list as its YAML text)."""
+        return [_encoded(c) for c in self.choices]
+
+    def index(self, value) -> int | None:
+        """The position of ``value`` (as a trial has it, or as Optuna stored it) among the choices; None if absent."""
+        keys = [repr(c) for c in self.stored()]
+        for key in (repr(_encoded(_plain(value))), repr(value)):
+            if key in keys:
+                return keys.index(key)
+        return None
+
+    def decode(self, value):
+        """A value as Optuna stored it, back as this field's (a list choice's text as the list)."""
+        if self.kind == "categorical":
+            return dict(zip(map(repr, self.stored()), self.choices)).get(repr(value), value)
+        return value
+
     def suggest(self, trial):
         """This field's value for an Optuna ``trial``."""
         if self.kind == "categorical":
-            return trial.suggest_categorical(self.name, list(self.choices))
+            return self.decode(trial.suggest_categorical(self.name, self.stored()))
         if self.kind == "int":
             return trial.suggest_int(self.name, int(self.low), int(self.high), step=int(self.step or 1), log=self.log)
         return trial.suggest_float(self.name, float(self.low), float(self.high), step=self.step, log=self.log)
@@ -78,7 +131,7 @@ class Param:
     def grid(self) -> list | None:
         """Every value, for the grid sampler; None for a continuous range."""
         if self.kind == "categorical":
-            return list(self.choices)
+            return self.stored()
         if self.kind == "int" and not self.log:
             return list(range(int(self.low), int(self.high) + 1, int(self.step or 1)))
         if self.kind == "float" and self.step is not None:
@@ -127,7 +180,10 @@ def parse_space(values, where: str = "space") -> Space:
     table = flat_fields()
     space = {}
     for key, spec in values.items():
-        key = str(key).replace("-", "_")
+        key = _key(str(key), where)
+        if key.startswith(MODEL_OPTION):
+            space[key] = _param(key, spec, where)
+            continue
         if key not in table:
             raise ConfigError(f"{where}: unknown config field {key!r}; fields are: {', '.join(sorted(table))}")
         if key in NOT_SEARCHED:
@@ -136,8 +192,28 @@ def parse_space(values, where: str = "space") -> Space:
     return space
 
 
-def _field_kind(key: str) -> tuple[str, str]:
-    """(the field's kind: "int", "float" or "other"; its dotted name, as config.yaml's messages give it)."""
+def _key(key: str, where: str) -> str:
+    """A space's key in its canonical form: a flat field (``_`` for ``-``), or ``model_option.KEY``."""
+    for alias in _MODEL_OPTION_ALIASES:
+        if key.startswith(alias):
+            key = MODEL_OPTION + key[len(alias):]
+    if key.startswith(MODEL_OPTION):
+        if not key[len(MODEL_OPTION):].isidentifier():
+            raise ConfigError(f"{where}: {key!r} does not name a model option; write model_option.KEY, e.g. "
+                              f"model_option.widths")
+        return key
+    return key.replace("-", "_")
+
+
+def _field_kind(key: str, spec: dict) -> tuple[str, str]:
+    """(the field's kind: "int", "float" or "other"; its dotted name, as config.yaml's messages give it).
+
+    A model option has no declared type: a range of whole numbers is "int", any other range "float".
+    """
+    if key.startswith(MODEL_OPTION):
+        bounds = [spec.get(b) for b in ("low", "high", "step") if spec.get(b) is not None]
+        whole = bounds and all(isinstance(b, int) and not isinstance(b, bool) for b in bounds)
+        return ("int" if whole else "float"), f"model.options.{key[len(MODEL_OPTION):]}"
     section, f = flat_fields()[key]
     kind = str(f.type)
     dotted = f"{section}.{f.name}" if section else f.name
@@ -159,18 +235,19 @@ def _param(key: str, spec, where: str) -> Param:
     if unknown:
         raise ConfigError(f"{at}: unknown key {unknown[0]!r}; a range has low, high and optionally log or step, "
                           f"a list of values has choices")
-    kind, dotted = _field_kind(key)
+    kind, dotted = _field_kind(key, spec)
     if "choices" in spec:
         if set(spec) != {"choices"}:
             raise ConfigError(f"{at}: give either choices or a range (low, high), not both")
         choices = spec["choices"]
         if not isinstance(choices, list) or not choices:
             raise ConfigError(f"{at}: choices must be a non-empty list, got {shown(choices)}")
-        bad = [c for c in choices if not isinstance(c, _SCALARS)]
+        choices = _plain(choices)
+        bad = [c for c in choices if not isinstance(c, (*_SCALARS, list, dict))]
         if bad:
-            raise ConfigError(f"{at}: a choice must be a single value (text, number, true/false or null), got "
-                              f"{shown(bad[0])}; for augment write one comma-separated string, e.g. 'hflip,crop:2'")
-        if len(set(map(repr, choices))) != len(choices):
+            raise ConfigError(f"{at}: a choice must be a value (text, number, true/false, null) or a list of "
+                              f"them, got {shown(bad[0])}")
+        if len({repr(_encoded(c)) for c in choices}) != len(choices):
             raise ConfigError(f"{at}: choices {shown(choices)} name a value twice")
         return Param(key, "categorical", choices=tuple(choices))
     if "low" not in spec or "high" not in spec:
@@ -222,16 +299,64 @@ def check_space(space: Space, make, flags: dict) -> None:
         flags: the flat options given beside the space (command-line flags):
             a field both given and searched is refused.
     """
-    both = sorted(k for k in space if flags.get(k) is not None)
+    both = sorted(k for k in space if k in given_names(flags))
     if both:
-        raise ConfigError(f"{both[0]} is both given (--{both[0].replace('_', '-')}) and searched (in the space); "
-                          f"drop one of them")
+        flag = (f"--model-option {both[0][len(MODEL_OPTION):]}=..." if both[0].startswith(MODEL_OPTION)
+                else f"--{both[0].replace('_', '-')}")
+        raise ConfigError(f"{both[0]} is both given ({flag}) and searched (in the space); drop one of them")
+    check_model(make(as_options({}, flags)))  # the options given beside the space (--model-option)
     for key, param in space.items():
         for what, value in param.values_to_check():
             try:
-                make({key: value})
+                cfg = make(as_options({key: value}, flags))
+                if key.startswith(MODEL_OPTION):
+                    check_model(cfg, key[len(MODEL_OPTION):])
             except ConfigError as exc:
                 raise ConfigError(f"space: {key}: {what} is refused: {exc}") from None
+
+
+def given_names(flags: dict) -> set[str]:
+    """The space keys that the flags fix: flat fields given, and ``model_option.KEY`` for each model option given."""
+    names = {k for k, v in flags.items() if v is not None}
+    return names | {MODEL_OPTION + k for k in _given_options(flags)}
+
+
+def _given_options(flags: dict) -> dict:
+    return dict(flags.get("model_option") or flags.get("model_options") or {})
+
+
+def as_options(values: dict, flags: dict) -> dict:
+    """A trial's flat options (what ``imgcls train`` takes) from its values: ``model_option.KEY`` values join
+    the model options given with the flags (``--model-option``), the rest stay as they are."""
+    out, options = {}, {}
+    for key, value in values.items():
+        if key.startswith(MODEL_OPTION):
+            options[key[len(MODEL_OPTION):]] = value
+        else:
+            out[key] = value
+    if options:
+        out["model_option"] = {**_given_options(flags), **options}
+    return out
+
+
+def check_model(cfg: RunConfig, searched: str | None = None) -> None:
+    """Refuse, before any trial, model options that training would refuse.
+
+    Option names by the builder's signature (the message training gives); with ``searched``, the model is also
+    built once with these options at the config's image size (64x64 when it has none): a value the model
+    refuses there, while it takes its other options at that size, is refused.
+    """
+    check_options(cfg.model.name, cfg.model.options)
+    if searched is None:
+        return
+    size = tuple(parse_image_size(cfg.data.image_size) if cfg.data.image_size else _CHECK_SIZE)
+    channels = cfg.data.channels or 3
+    others = {k: v for k, v in cfg.model.options.items() if k != searched}
+    try:
+        create_model(cfg.model.name, channels, 10, size, **others)
+    except ConfigError:
+        return  # the size (not the option) is refused: the data's own size decides, at each trial
+    create_model(cfg.model.name, channels, 10, size, **cfg.model.options)
 
 
 def suggest(trial, space: Space) -> dict:
@@ -261,6 +386,21 @@ _SMALL_AUGMENT = ("none", "rotate:10,zoom:0.1", "rotate:15,zoom:0.2")
 def _round(x: float) -> float:
     """``x`` to 3 significant digits, as a space file would give it."""
     return float(f"{x:.3g}")
+
+
+def _width_param(cfg: RunConfig) -> tuple[Param | None, str]:
+    """The width of a from-scratch model whose builder takes one, searched at its own and at half (about a quarter
+    of the compute, so a trial costs no more than the default): (the param, a clause saying so) or (None, "")."""
+    takes = model_options(cfg.model.name) or {}
+    if "widths" in takes:  # channels per block (fastnet)
+        own = [int(w) for w in cfg.model.options.get("widths", takes["widths"])]
+        half = [max(1, w // 2) for w in own]
+        return (Param(MODEL_OPTION + "widths", "categorical", choices=(half, own)),
+                f"; widths {own} and half of them")
+    if "width" in takes:  # a multiplier of every stage's channels (the CIFAR ResNets)
+        own = float(cfg.model.options.get("width", takes["width"]))
+        return Param(MODEL_OPTION + "width", "categorical", choices=(own / 2, own)), f"; width x{own:g} and half"
+    return None, ""
 
 
 def default_space(cfg: RunConfig, fixed=frozenset()) -> tuple[Space, str]:
@@ -298,7 +438,10 @@ def default_space(cfg: RunConfig, fixed=frozenset()) -> tuple[Space, str]:
                   Param("batch_size", "categorical", choices=(32, 64, 128)),
                   Param("optimizer", "categorical", choices=("adam", "adamw")),
                   Param("augment", "categorical", choices=_SMALL_AUGMENT)]
-        why = f"{cfg.model.name} trained from scratch (adam and adamw share a learning-rate scale; add sgd in a space file)"
+        width, said = _width_param(cfg)
+        params += [width] if width else []
+        why = (f"{cfg.model.name} trained from scratch (adam and adamw share a learning-rate scale; add sgd in a "
+               f"space file){said}")
     space = {p.name: p for p in params if p.name not in fixed}
     if not space:
         raise ConfigError(f"every field of the default space ({', '.join(p.name for p in params)}) is fixed by a "
