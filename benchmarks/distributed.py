@@ -15,7 +15,7 @@ On a 2-core CPU two processes share the two cores that one process already uses 
 they add a gradient all-reduce (and with --sync-bn one per BatchNorm layer) every step: expect an
 efficiency well under 1/2 x 2 = 1, that is, no speed-up.  DDP pays on several GPUs or machines.
 
-    python benchmarks/distributed.py                              # flowers.zip at 64x64, 2 processes
+    python benchmarks/distributed.py                              # flowers.zip at 64x64, fastnet_small, 2 processes
     python benchmarks/distributed.py --data ../shared/data/cifar10-jpg.zip --nproc 2 --repeats 3
     python benchmarks/distributed.py --device cuda --nproc 4      # on a machine with 4 GPUs
 """
@@ -39,7 +39,7 @@ DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / 
 def _run(args, nproc: int, sync_bn: bool, cache: Path) -> dict:
     with tempfile.TemporaryDirectory() as out:
         cmd = [sys.executable, "-m", "imgcls", "train", "--data", str(args.data), "--image-size", str(args.image_size),
-               "--epochs", str(args.epochs), "--batch-size", str(args.batch_size), "--no-report",
+               "--model", args.model, "--epochs", str(args.epochs), "--batch-size", str(args.batch_size), "--no-report",
                "--device", args.device, "--out", out, "--name", "run", *args.extra]
         if nproc > 1:
             cmd += ["--nproc", str(nproc)]
@@ -56,7 +56,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--image-size", type=int, default=64)
-    parser.add_argument("--epochs", type=int, default=4, help="epochs per run; the first is not counted")
+    parser.add_argument("--model", default="fastnet_small", help="trained from scratch, so no weights to load")
+    parser.add_argument("--epochs", type=int, default=3, help="epochs per run; the first is not counted")
     parser.add_argument("--batch-size", type=int, default=64, help="the global batch")
     parser.add_argument("--nproc", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=2)
@@ -81,7 +82,7 @@ def main() -> None:
                 print(f"  repeat {repeat + 1}, {name}: {statistics.median(r['images_per_sec']):,.0f} img/s, "
                       f"{r['wall_seconds']:.1f} s, test accuracy {r['test_accuracy']:.4f}", flush=True)
     base = statistics.median(v for r in results["1 process"] for v in r["images_per_sec"])
-    print(f"\n{args.data.name} at {args.image_size}x{args.image_size}, global batch {args.batch_size}, "
+    print(f"\n{args.data.name} at {args.image_size}x{args.image_size}, {args.model}, global batch {args.batch_size}, "
           f"{args.epochs} epochs (the first not counted), {args.repeats} repeats, device {args.device}:")
     print(f"{'case':<28} {'img/s median [min, max]':>26} {'speed-up':>9} {'efficiency':>10} {'wall s':>16}")
     summary = {}
@@ -95,7 +96,8 @@ def main() -> None:
         print(f"{name:<28} {common.spread(rates, ',.0f'):>26} {median / base:>8.2f}x {median / base / nproc:>10.2f} "
               f"{common.spread(summary[name]['wall_seconds']):>16}")
     path = common.save_results(f"distributed-{common.class_tag()}", {
-        "command": " ".join(sys.argv), "data": str(args.data), "image_size": args.image_size, "epochs": args.epochs,
+        "command": " ".join(sys.argv), "data": str(args.data), "model": args.model, "image_size": args.image_size,
+        "epochs": args.epochs,
         "batch_size": args.batch_size, "repeats": args.repeats, "device": args.device, "hardware": hw,
         "cases": summary, "finished": time.strftime("%Y-%m-%d %H:%M:%S")})
     print(f"\nresults: {path}")
