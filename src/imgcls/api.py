@@ -169,7 +169,7 @@ def _train(config, resume, console, callbacks: list, overrides: dict, held: cont
     started = time.perf_counter()
     if d.local_rank != 0:
         distributed.barrier()  # the node's first process decodes and caches the data; the others map the cache
-    ds = build_dataset(cfg.data, seed=cfg.train.seed, progress=console.is_terminal)
+    ds = build_dataset(cfg.data, seed=cfg.train.seed, progress=console.is_terminal and d.is_main)
     if d.local_rank == 0:
         distributed.barrier()
     data_seconds = time.perf_counter() - started

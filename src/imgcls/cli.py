@@ -531,6 +531,9 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = argv[argv.index(args.command) + 1:]  # what --nproc hands on to every process
     keep_freed_memory()  # a command is a process of its own: the entry point sets it (imgcls.startup)
     try:
+        if args.command != "train" and int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+            raise ImgclsError(f"imgcls {args.command} runs in one process; torchrun starts only `imgcls train` "
+                              f"(each of its {os.environ['WORLD_SIZE']} processes would repeat the whole command)")
         return COMMANDS[args.command](args)
     except ImgclsError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -249,3 +249,36 @@ def test_cpu_synced_batchnorm_is_batchnorm_over_the_global_batch(tmp_path):
     assert r["type"] == "CPUSyncBatchNorm"
     for key in ("forward", "input_grad", "weight_grad", "bias_grad", "running_var"):
         assert r[key] < 1e-4, (key, r)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_meet_through_the_c10d_rendezvous(tmp_path):
+    """Two launchers on this machine stand in for two nodes: one process each, one job of 2, one run folder."""
+    endpoint = f"127.0.0.1:{_free_port()}"
+    args = ["train", "--nproc", "1", "--nnodes", "2", "--rdzv-endpoint", endpoint, "--rdzv-timeout", "60",
+            "--epochs", "2", "--batch-size", "128", "--model-option", "widths=[8,8,8]", "--no-report"]
+    nodes = [subprocess.Popen(_cli(*args, "--out", str(tmp_path / f"node{i}"), "--name", "job"),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in (0, 1)]
+    outs = [p.communicate(timeout=300) for p in nodes]
+    assert [p.returncode for p in nodes] == [0, 0], [err[-2000:] for _, err in outs]
+    # Rank 0's node writes the run folder (under the --out that rank 0 was given, sent to the other node).
+    written = [d for d in tmp_path.iterdir() if (d / "job" / "run.json").is_file()]
+    assert len(written) == 1 and not any((d / "job").exists() for d in tmp_path.iterdir() if d not in written)
+    assert json.loads((written[0] / "job" / "environment.json").read_text())["processes"] == 2
+    assert sum("run folder:" in out for out, _ in outs) == 1
+
+
+def test_commands_other_than_train_refuse_to_run_under_torchrun(tmp_path):
+    env = {**os.environ, "WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"}
+    out = subprocess.run(_cli("cv", "--folds", "2", "--out", str(tmp_path)), capture_output=True, text=True,
+                         timeout=120, env=env, check=False)
+    assert out.returncode == 2
+    assert out.stderr.startswith("error: imgcls cv runs in one process; torchrun starts only `imgcls train`")
+    assert not any(tmp_path.iterdir())
