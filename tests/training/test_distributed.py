@@ -123,7 +123,9 @@ def _rank_pids(launcher_pid: int, rank: int) -> list[int]:
 def test_killed_process_ends_the_job_and_resume_matches_an_uninterrupted_run(tmp_path):
     common = ["--nproc", "2", "--epochs", "6", "--batch-size", "64", "--model-option", "widths=[32,32,32]",
               "--no-report", "--out", str(tmp_path), "--augment", "hflip"]
-    subprocess.run(_cli("train", "--name", "whole", *common), check=True, capture_output=True, timeout=600)
+    whole = subprocess.run(_cli("train", "--name", "whole", *common), capture_output=True, text=True, timeout=600,
+                           check=False)
+    assert whole.returncode == 0, whole.stderr[-3000:]
     proc = subprocess.Popen(_cli("train", "--name", "killed", *common), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     metrics = tmp_path / "killed" / "metrics.jsonl"
