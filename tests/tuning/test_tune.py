@@ -464,3 +464,42 @@ def test_retrain_best_trains_the_best_config_on_train_and_val_and_tests_it_once(
     searched = imgcls.api.make_config(**summary["best_params"]).train  # the values in their config form
     for key in summary["best_params"]:  # the searched values are the best trial's
         assert getattr(again_cfg.train, key) == getattr(searched, key), key
+
+
+def test_two_workers_opening_a_fresh_study_together_draw_different_values(tmp_path):
+    """Both workers seed their sampler with the config's seed (the study was empty when each opened it); the one
+    whose first trial is not trial 0 reseeds, so the two do not draw the same values."""
+    from types import SimpleNamespace
+
+    import optuna
+
+    from imgcls.rundir import RUN, RunFolder
+    from imgcls.tuning import search
+    from imgcls.tuning.space import parse_space
+
+    def train(params, out_dir, name, on_epoch_end):
+        cfg = api.make_config(**{**TINY, "epochs": 1}, report=False, **params)
+        run = RunFolder(out_dir / name)
+        run.path.mkdir(parents=True)
+        record = {"epoch": 1, "val_accuracy": params["lr"]}
+        on_epoch_end(SimpleNamespace(cfg=cfg), record)
+        run.write_json(RUN, {"final_checkpoint": "last", "epochs_run": 1, "best_epoch": 1})
+        return SimpleNamespace(path=run.path, config=cfg, history=[record])
+
+    space = parse_space({"lr": {"low": 1e-4, "high": 1e-1, "log": True}})
+    storage = optuna.storages.InMemoryStorage()
+    drawn = {}
+    with search._optuna_quiet():
+        workers = [optuna.create_study(study_name="s", storage=storage, load_if_exists=True, direction="maximize",
+                                       sampler=optuna.samplers.RandomSampler(seed=0)) for _ in range(2)]
+        for i, (study, fresh) in enumerate([(workers[0], True), (workers[1], True), (workers[1], False)]):
+            objective = search.make_objective(space, train, tmp_path / f"w{i}", "val_accuracy", 10, {},
+                                              fresh_seed=fresh)
+            study.optimize(objective, n_trials=1)
+            drawn[i] = study.trials[-1].params["lr"]
+    assert drawn[1] != drawn[0]  # reseeded: without it, the same seed draws the same first value
+    # Control: a sampler with the same seed, not reseeded, repeats worker 0's first value.
+    again = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0), direction="maximize")
+    with search._optuna_quiet():
+        again.optimize(lambda t: t.suggest_float("lr", 1e-4, 1e-1, log=True), n_trials=1)
+    assert again.trials[0].params["lr"] == drawn[0]

@@ -123,8 +123,13 @@ def tune(*, make, train, flags: dict, trials: int, timeout=None, space=None, met
     attrs = {"space": space_to_dict(found), "metric": metric, "flags": _recorded_flags(flags)}
     seed = base.train.seed
     with _optuna_quiet():
-        opened = open_study(name, store, lambda existing: _sampler(sampler, sampler_seed(seed, existing), grid),
-                            _pruner(pruner, base.train.epochs), attrs)
+        seen = {}  # the study's trial count when this worker opened it
+
+        def sampler_for(existing: int):
+            seen["existing"] = existing
+            return _sampler(sampler, sampler_seed(seed, existing), grid)
+
+        opened = open_study(name, store, sampler_for, _pruner(pruner, base.train.epochs), attrs)
     context = results.Context(name=name, path=study_dir, storage=shown_url(url), metric=metric, space=found,
                               flags=attrs["flags"], sampler=_described(sampler), pruner=_described(pruner),
                               trials=trials, out_dir=base.out_dir)
@@ -132,7 +137,9 @@ def tune(*, make, train, flags: dict, trials: int, timeout=None, space=None, met
                   f"pruner {context.pruner}; {title}")
     _say(console, f"study folder {study_dir}; storage {context.storage}")
     _say(console, f"searching: {', '.join(f'{k} {_range(p)}' for k, p in found.items())}")
-    _run(opened, store, context, make_objective(found, train, study_dir, metric, trials, flags), seconds, console)
+    objective = make_objective(found, train, study_dir, metric, trials, flags,
+                               fresh_seed=isinstance(sampler, str) and seen.get("existing") == 0)
+    _run(opened, store, context, objective, seconds, console)
     summary = results.write_all(opened, context, html=True)
     console.print(results.format_leaderboard(summary), highlight=False, markup=False, soft_wrap=True)
     _say(console, results.closing_line(summary))
@@ -212,14 +219,25 @@ def counted(study) -> int:
     return sum(1 for t in study.get_trials(deepcopy=False) if results.state_of(t) in ("complete", "pruned", "failed"))
 
 
-def make_objective(space: dict, train, study_dir: Path, metric: str, limit: int, flags: dict):
+def make_objective(space: dict, train, study_dir: Path, metric: str, limit: int, flags: dict,
+                   fresh_seed: bool = False):
     """The Optuna objective: one trial trains one run folder, ``<study_dir>/trial-<number>``, with ``flags``
     (the options given: ``--model-option`` values are merged with searched ones) and the trial's values.
 
     A trial numbered after ``limit`` trials that are finished or running (other workers') runs nothing: it is
     marked surplus and left out of every result, so that workers sharing a study finish exactly ``limit``.
+
+    ``fresh_seed``: the sampler was seeded with the config's seed because the study was empty when this worker
+    opened it.  If another worker took trial 0 in the meantime (two workers started together), this worker's
+    first trial is not 0, and its sampler is reseeded, so that the two do not draw the same values.
     """
+    first = {"pending": fresh_seed}
+
     def objective(trial) -> float:
+        if first["pending"]:
+            first["pending"] = False
+            if trial.number > 0:
+                trial.study.sampler.reseed_rng()
         if _surplus(trial, limit):
             trial.set_user_attr("surplus", True)
             trial.study.stop()
