@@ -190,6 +190,8 @@ def _train(config, resume, console, callbacks: list, overrides: dict, held: cont
     with tracked(trackers), distributed.peer_failures():
         result = fit(cfg, ds, run, console, resume=resume is not None, data_seconds=data_seconds,
                      callbacks=[*callbacks, *trackers])
+        if d.enabled:
+            distributed.finish()  # before rank 0's report: no collective is left, and none waits on it
         if not d.is_main:
             return Run(None, cfg, result.history, {})
         if cfg.report:

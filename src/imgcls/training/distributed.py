@@ -237,6 +237,14 @@ def peer_failures():
                             f"({first[:200]})") from None
 
 
-def destroy() -> None:
+def finish() -> None:
+    """Leave the process group together once the last collective is done.
+
+    Every process waits for the others, then destroys its group: a process
+    that exited while another still held the group's store could die at exit
+    (SIGABRT in gloo's teardown), and the job would count as failed.
+    """
     if dist.is_available() and dist.is_initialized():
+        if current().enabled:
+            dist.barrier()
         dist.destroy_process_group()
