@@ -131,9 +131,8 @@ def _failure(exc, nproc: int, note: Path, argv: list[str], logs: Path) -> str:
     last = rundir.RunFolder(run).checkpoint("last") if run is not None else None
     if last is not None and last.is_file():
         epoch = read_checkpoint(last)[1].get("epoch")
-        resume = [a for a in argv if a != "train"]
         message += (f". The last good checkpoint is {last} (epoch {epoch}); go on with: imgcls train --resume {run}"
-                    + _launch_flags(resume))
+                    + _launch_flags(argv))
     elif run is not None:
         message += f". {run} has no checkpoint yet: start again"
     return message

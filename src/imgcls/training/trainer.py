@@ -267,7 +267,7 @@ def train_one_epoch(s: TrainState, progress: EpochProgress) -> dict:
     constrain = model.apply_constraints if own is not ImageClassifier.apply_constraints else None
     for i in range(s.steps_per_epoch):
         batch = order[i * t.batch_size:(i + 1) * t.batch_size]
-        idx = distributed.shard(batch, d) if d.enabled else batch
+        idx = distributed.shard(batch, d)  # the whole batch in one process
         x = to_input(s.x_train[idx], mean, std, rt.channels_last)
         y = s.y_train[idx]
         if s.augment:
