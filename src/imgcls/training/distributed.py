@@ -172,21 +172,38 @@ def sync_batchnorm(model: nn.Module) -> nn.Module:
     return model
 
 
+class _AllSum(torch.autograd.Function):
+    """The sum over all ranks, differentiable: the gradient of a sum is the sum of every rank's gradient.
+
+    torch.distributed.nn.functional.all_reduce does the same but warns, in torch 2.13, that it is deprecated.
+    """
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor) -> torch.Tensor:
+        t = t.clone()
+        dist.all_reduce(t)
+        return t
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
 class CPUSyncBatchNorm(nn.BatchNorm2d):
     """BatchNorm2d whose training statistics are summed over all ranks (gloo), with gradients through them.
 
     Per channel: the sums of x and x^2 and the count are all-reduced, mean and
-    variance follow; the all-reduce is torch.distributed.nn's differentiable one.
+    variance follow; the all-reduce is differentiable (:class:`_AllSum`).
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and current().enabled):
             return super().forward(x)
-        from torch.distributed.nn.functional import all_reduce  # on use: DDP runs only
-
         xf = x.float()
         count = torch.tensor([x.numel() / x.shape[1]], dtype=torch.float32)
-        stats = all_reduce(torch.cat([xf.sum((0, 2, 3)), (xf * xf).sum((0, 2, 3)), count]))
+        stats = _AllSum.apply(torch.cat([xf.sum((0, 2, 3)), (xf * xf).sum((0, 2, 3)), count]))
         c = x.shape[1]
         n = stats[-1]
         mean = stats[:c] / n
