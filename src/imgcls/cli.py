@@ -526,6 +526,14 @@ COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict
 
 
 def main(argv: list[str] | None = None) -> int:
+    code = _main(argv)
+    joined = sys.modules.get("imgcls.training.distributed")  # imported only by a run that may have joined a group
+    if joined is not None:
+        joined.exit_now(code)  # a torchrun process that joined a group ends here (its teardown could abort)
+    return code
+
+
+def _main(argv: list[str] | None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     args.argv = argv[argv.index(args.command) + 1:]  # what --nproc hands on to every process
@@ -537,7 +545,7 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except ImgclsError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return getattr(exc, "exit_code", 2)
     except OSError as exc:
         if exc.errno == errno.ENAMETOOLONG:
             name = str(exc.filename or "")

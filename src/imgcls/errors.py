@@ -30,6 +30,16 @@ class TrainingError(ImgclsError):
     """Training stopped because it could not go on (for example a NaN loss)."""
 
 
+class PeerLost(TrainingError):
+    """A process of a distributed job stopped because another one died or stopped answering.
+
+    The command line exits with :attr:`exit_code` 3 rather than 2, so that a
+    launcher can tell this consequence from the failure that caused it.
+    """
+
+    exit_code = 3
+
+
 def unknown_name(kind: str, name: str, valid) -> ConfigError:
     """Build the error for an unknown registry name, listing the valid ones."""
     listed = ", ".join(sorted(valid))

@@ -173,6 +173,23 @@ def test_bad_launch_flags_are_refused_before_any_process_starts(args, message, t
     assert not any(tmp_path.iterdir())
 
 
+def test_the_failure_message_names_the_cause_not_the_processes_stopped_by_it(tmp_path):
+    """A killed process is the cause; a peer that then lost it (exit code 3) and those the agent stopped
+    (SIGTERM) are consequences.  Consequences alone are still named."""
+    from types import SimpleNamespace
+
+    from imgcls.training.launch import _failure
+
+    def failed(**codes):
+        return SimpleNamespace(failures={int(r[1:]): SimpleNamespace(exitcode=c, local_rank=int(r[1:]))
+                                         for r, c in codes.items()})
+
+    note = tmp_path / "no-run-yet"
+    message = _failure(failed(r0=3, r1=-signal.SIGKILL, r2=-signal.SIGTERM), 3, note, [], tmp_path)
+    assert message == "process 1 of 3 was killed by SIGKILL; the others were stopped"
+    assert _failure(failed(r0=3), 2, note, [], tmp_path) == "process 0 of 2 exited with code 3; the others were stopped"
+
+
 def test_a_global_batch_too_small_for_the_processes_is_one_error(tmp_path):
     out = subprocess.run(_cli("train", "--nproc", "2", "--batch-size", "3", "--out", str(tmp_path)),
                          capture_output=True, text=True, timeout=300, check=False)

@@ -21,7 +21,7 @@ import tempfile
 import uuid
 from pathlib import Path
 
-from imgcls.errors import ConfigError, TrainingError
+from imgcls.errors import ConfigError, PeerLost, TrainingError
 
 # The file, named by the launcher, where rank 0 writes its run folder's path (for the message after a failure).
 RUN_NOTE_ENV = "IMGCLS_RUN_NOTE"
@@ -113,8 +113,10 @@ def _failure(exc, nproc: int, note: Path, argv: list[str], logs: Path) -> str:
     from imgcls.checkpoint import read_checkpoint  # start-up time
 
     parts = []
-    # The agent stops the rest with SIGTERM once one fails: name the first failures, not their consequences.
-    first = {r: f for r, f in exc.failures.items() if f.exitcode != -signal.SIGTERM} or exc.failures
+    # Name the first failures, not their consequences: the agent stops the rest with SIGTERM once one fails,
+    # and a process whose peer died exits with PeerLost's code.
+    first = {r: f for r, f in exc.failures.items()
+             if f.exitcode not in (-signal.SIGTERM, PeerLost.exit_code)} or exc.failures
     for rank, f in sorted(first.items()):
         if f.exitcode < 0:
             try:
