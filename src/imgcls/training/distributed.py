@@ -88,8 +88,9 @@ def exit_now(code: int) -> None:
 
     After :func:`finish` such a process has nothing left to do, yet its exit
     could still die by SIGABRT ("terminate called without an active
-    exception": a C++ thread of torch.distributed destroyed while joinable),
-    seen about once in 30 runs; torchrun then counts the job as failed, and a
+    exception": gloo's worker threads can still hold work with tensors while
+    the interpreter is torn down, pytorch/pytorch#179291), seen about once
+    in 30 runs; torchrun then counts the job as failed, and a
     surviving node's agent waits out its exit barrier.  Its files are closed
     by then; stdout and stderr are flushed here.  A process that joined no
     group returns.
