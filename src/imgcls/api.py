@@ -27,6 +27,7 @@ from imgcls.config import (
     layer_settings,
     read_config_values,
 )
+from imgcls.data.download import data_dir
 from imgcls.data.registry import build_dataset
 from imgcls.errors import CheckpointError, ConfigError, DataError
 from imgcls.evaluation.evaluate import evaluate_model
@@ -176,6 +177,8 @@ def _train(config, resume, console, callbacks: list, overrides: dict, held: cont
     for line in ds.summary_lines() + [f"data ready in {data_seconds:.1f}s"]:
         console.print(line, highlight=False, markup=False, soft_wrap=True)
     cfg, notes = check_compatible(cfg, ds)
+    shared = distributed.share_splits(ds, data_dir() / "shared")  # DDP: the node's processes map one copy
+    notes = [*notes, shared] if shared else notes
     for note in notes:
         console.print(f"note: {note}", highlight=False, markup=False, soft_wrap=True)
     if resume is None and d.is_main:

@@ -274,6 +274,59 @@ def test_cpu_synced_batchnorm_is_batchnorm_over_the_global_batch(tmp_path):
         assert r[key] < 1e-4, (key, r)
 
 
+SHARE_CHECK = """
+import json, os, sys
+from pathlib import Path
+import numpy as np
+import torch.distributed as dist
+from imgcls.data.base import ImageDataset, Split
+from imgcls.training import distributed
+
+distributed.init_distributed()
+folder = Path(sys.argv[2])
+rng = np.random.default_rng(0)
+images = {k: rng.integers(0, 256, (n, 16, 16, 3), dtype=np.uint8) for k, n in (("train", 300), ("test", 50))}
+def dataset():
+    return ImageDataset(name="made", classes=["a", "b"],
+                        splits={k: Split(v.copy(), np.zeros(len(v), np.int64), None) for k, v in images.items()})
+ds = dataset()
+note = distributed.share_splits(ds, folder)
+mine = {"note": note, "equal": all(np.array_equal(ds.splits[k].images, v) for k, v in images.items()),
+        "mapped": all(isinstance(s.images, np.memmap) for s in ds.splits.values()),
+        "inodes": sorted(line.split()[4] for line in open("/proc/self/maps") if "split-" in line)}
+# A folder that cannot be written: every process keeps its own copy, and says why.
+(folder.parent / "blocker").write_text("a file where the folder would be")
+ds2 = dataset()
+mine["note2"] = distributed.share_splits(ds2, folder.parent / "blocker" / "shared")
+mine["kept"] = all(type(s.images) is np.ndarray for s in ds2.splits.values())
+everyone = [None, None]
+dist.all_gather_object(everyone, mine)
+if dist.get_rank() == 0:
+    Path(sys.argv[1]).write_text(json.dumps(everyone))
+distributed.finish()
+distributed.exit_now(0)
+"""
+
+
+def test_the_processes_of_a_node_map_one_copy_of_the_split_images(tmp_path):
+    """share_splits: both processes see the split images unchanged, through mappings of the same file inodes,
+    and no file is left once both have mapped them; an unwritable folder leaves each its own copy, with a note."""
+    script, result, folder = tmp_path / "check.py", tmp_path / "result.json", tmp_path / "shared"
+    script.write_text(SHARE_CHECK)
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          str(script), str(result), str(folder)], capture_output=True, text=True, timeout=300,
+                         check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    ranks = json.loads(result.read_text())
+    for r in ranks:
+        assert r["note"] is None and r["equal"] and r["mapped"]
+        assert len(r["inodes"]) == 2
+        assert r["note2"].startswith("each process holds its own copy of the images: ") and "blocker" in r["note2"]
+        assert r["kept"]
+    assert ranks[0]["inodes"] == ranks[1]["inodes"]  # one copy: the same two files (train, test) in both
+    assert list(folder.iterdir()) == []
+
+
 def _free_port() -> int:
     import socket
 

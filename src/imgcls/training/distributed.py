@@ -2,7 +2,8 @@
 
     torchrun --nproc-per-node N -m imgcls train ...     (or: imgcls train --nproc N ...)
       -> init_distributed()       reads torchrun's RANK / WORLD_SIZE / LOCAL_RANK; gloo on CPU, NCCL on CUDA
-      -> every rank decodes (or maps) the same uint8 dataset; rank 0 first, so the cache is built once
+      -> every rank decodes (or maps) the same uint8 dataset; rank 0 first, so the cache is built once;
+         the node's processes then map one copy of each split's images (``share_splits``)
       -> every step: all ranks draw the same shuffled global batch, each trains on its own slice
          (``shard``), DistributedDataParallel averages the gradients
       -> validation and test: each rank scores a contiguous slice of the split (``gather_rows``),
@@ -19,7 +20,10 @@ import contextlib
 import datetime as _dt
 import os
 import sys
+import time
+import uuid
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -31,6 +35,8 @@ from imgcls.errors import ConfigError, PeerLost
 
 # How long a collective waits for a rank that stopped answering before the job fails (seconds).
 TIMEOUT_S = 600
+# A shared split file older than this was left by a job that died before unlinking it (seconds).
+_STALE_SHARED_S = 3600
 
 
 @dataclass(frozen=True)
@@ -162,6 +168,68 @@ def gather_rows(score, n: int) -> np.ndarray:
     parts = [None] * d.world
     dist.all_gather_object(parts, np.asarray(part))
     return np.concatenate(parts)
+
+
+def share_splits(ds, folder: Path) -> str | None:
+    """Under DDP, let each node's processes map one copy of every split's images instead of holding one each.
+
+    Cutting train/val/test out of a dataset copies their images into each
+    process (N x the dataset's bytes on a node of N).  Here the node's first
+    process writes each split to ``folder`` once; every process maps the file
+    copy-on-write, so all read the same pages of the page cache, and the first
+    process unlinks the files once all have mapped them (a mapping outlives its
+    file's name: nothing is left on disk, even if the job dies later).  A
+    collective, so every rank must call it.
+
+    Returns:
+        None when the images are shared (or there is nothing to share: one
+        process on this node), else a note saying why each process keeps
+        its own copy (``folder`` could not be written: no space, no permission).
+    """
+    d = current()
+    if not d.enabled or int(os.environ.get("LOCAL_WORLD_SIZE", "1")) <= 1:
+        return None
+    job = broadcast(uuid.uuid4().hex[:12])  # one name for the job's files; the node's number keeps nodes apart
+    stem = f"split-{job}-{os.environ.get('GROUP_RANK', '0')}"
+    paths = {name: folder / f"{stem}-{name}.npy" for name in ds.splits}
+    reason = ""
+    if d.local_rank == 0:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            _remove_stale_shared(folder)
+            for name, split in ds.splits.items():
+                part = folder / f".{stem}-{name}.npy.part"  # renamed into place once whole
+                with open(part, "wb") as f:
+                    np.save(f, np.ascontiguousarray(split.images), allow_pickle=False)
+                os.replace(part, paths[name])
+        except OSError as exc:
+            reason = f"{folder} could not be written ({exc})"
+            _unlink([*paths.values(), *(folder / f".{stem}-{name}.npy.part" for name in paths)])
+    reasons = [""] * d.world  # collective, so also the barrier before anyone maps
+    dist.all_gather_object(reasons, reason)
+    failed = [r for r in reasons if r]
+    if not failed:
+        for name, split in ds.splits.items():
+            split.images = np.load(paths[name], mmap_mode="c", allow_pickle=False)
+    barrier()  # every process has mapped every file
+    if d.local_rank == 0 and not failed:
+        _unlink(paths.values())
+    return f"each process holds its own copy of the images: {failed[0]}" if failed else None
+
+
+def _unlink(paths) -> None:
+    for path in paths:
+        with contextlib.suppress(OSError):
+            path.unlink(missing_ok=True)
+
+
+def _remove_stale_shared(folder: Path) -> None:
+    """Remove the split files of jobs that died between writing and unlinking them."""
+    now = time.time()
+    for path in folder.glob("*split-*.npy*"):
+        with contextlib.suppress(OSError):
+            if now - path.stat().st_mtime > _STALE_SHARED_S:
+                path.unlink()
 
 
 def wrap(model: nn.Module, d: Dist) -> nn.Module:
