@@ -52,12 +52,13 @@ def _run(args, nproc: int, sync_bn: bool, cache: Path) -> dict:
             "test_accuracy": run["test_accuracy"]}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def setup(doc: str, image_size: int, epochs: int, epochs_help: str) -> tuple[argparse.Namespace, dict]:
+    """The command line shared by the data-parallel benchmarks, parsed; the hardware line printed."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--image-size", type=int, default=image_size)
     parser.add_argument("--model", default="fastnet_small", help="trained from scratch, so no weights to load")
-    parser.add_argument("--epochs", type=int, default=3, help="epochs per run; the first is not counted")
+    parser.add_argument("--epochs", type=int, default=epochs, help=epochs_help)
     parser.add_argument("--batch-size", type=int, default=64, help="the global batch")
     parser.add_argument("--nproc", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=2)
@@ -70,17 +71,30 @@ def main() -> None:
         sys.exit(f"{args.data} does not exist; give --data a folder or zip of class folders")
     hw = common.hardware_class(common.cpu_class_env(args.cpu_class))
     print(common.hardware_line(hw))
-    cases = [("1 process", 1, False), (f"{args.nproc} processes", args.nproc, False),
-             (f"{args.nproc} processes, --sync-bn", args.nproc, True)]
+    return args, hw
+
+
+def run_cases(args, cases: list[tuple[str, int, bool]], run, describe) -> dict[str, list[dict]]:
+    """``run(args, nproc, flag, cache)`` for every case, each repeat, after one untimed run that fills the
+    decoded-image cache; ``describe(result)`` is printed after each."""
     results = {name: [] for name, _, _ in cases}
     with tempfile.TemporaryDirectory() as cache:
-        _run(argparse.Namespace(**{**vars(args), "epochs": 1}), 1, False, Path(cache))  # decode once: a warm cache
+        run(argparse.Namespace(**{**vars(args), "epochs": 1}), 1, cases[0][2], Path(cache))  # a warm cache
         for repeat in range(args.repeats):
-            for name, nproc, sync in cases:
-                r = _run(args, nproc, sync, Path(cache))
+            for name, nproc, flag in cases:
+                r = run(args, nproc, flag, Path(cache))
                 results[name].append(r)
-                print(f"  repeat {repeat + 1}, {name}: {statistics.median(r['images_per_sec']):,.0f} img/s, "
-                      f"{r['wall_seconds']:.1f} s, test accuracy {r['test_accuracy']:.4f}", flush=True)
+                print(f"  repeat {repeat + 1}, {name}: {describe(r)}", flush=True)
+    return results
+
+
+def main() -> None:
+    args, hw = setup(__doc__, 64, 3, "epochs per run; the first is not counted")
+    cases = [("1 process", 1, False), (f"{args.nproc} processes", args.nproc, False),
+             (f"{args.nproc} processes, --sync-bn", args.nproc, True)]
+    results = run_cases(args, cases, _run, lambda r: (
+        f"{statistics.median(r['images_per_sec']):,.0f} img/s, {r['wall_seconds']:.1f} s, "
+        f"test accuracy {r['test_accuracy']:.4f}"))
     base = statistics.median(v for r in results["1 process"] for v in r["images_per_sec"])
     print(f"\n{args.data.name} at {args.image_size}x{args.image_size}, {args.model}, global batch {args.batch_size}, "
           f"{args.epochs} epochs (the first not counted), {args.repeats} repeats, device {args.device}:")

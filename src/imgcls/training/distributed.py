@@ -35,6 +35,8 @@ from imgcls.errors import ConfigError, PeerLost
 
 # How long a collective waits for a rank that stopped answering before the job fails (seconds).
 TIMEOUT_S = 600
+# IMGCLS_SHARE_SPLITS=0 leaves each process its own copy of the split images (benchmarks/ddp_memory.py compares).
+SHARE_ENV = "IMGCLS_SHARE_SPLITS"
 # A shared split file older than this was left by a job that died before unlinking it (seconds).
 _STALE_SHARED_S = 3600
 
@@ -187,7 +189,7 @@ def share_splits(ds, folder: Path) -> str | None:
         its own copy (``folder`` could not be written: no space, no permission).
     """
     d = current()
-    if not d.enabled or int(os.environ.get("LOCAL_WORLD_SIZE", "1")) <= 1:
+    if not d.enabled or int(os.environ.get("LOCAL_WORLD_SIZE", "1")) <= 1 or os.environ.get(SHARE_ENV) == "0":
         return None
     job = broadcast(uuid.uuid4().hex[:12])  # one name for the job's files; the node's number keeps nodes apart
     stem = f"split-{job}-{os.environ.get('GROUP_RANK', '0')}"
