@@ -194,19 +194,19 @@ def share_splits(ds, folder: Path) -> str | None:
     job = broadcast(uuid.uuid4().hex[:12])  # one name for the job's files; the node's number keeps nodes apart
     stem = f"split-{job}-{os.environ.get('GROUP_RANK', '0')}"
     paths = {name: folder / f"{stem}-{name}.npy" for name in ds.splits}
+    parts = {name: folder / f".{stem}-{name}.npy.part" for name in ds.splits}  # renamed into place once whole
     reason = ""
     if d.local_rank == 0:
         try:
             folder.mkdir(parents=True, exist_ok=True)
             _remove_stale_shared(folder)
             for name, split in ds.splits.items():
-                part = folder / f".{stem}-{name}.npy.part"  # renamed into place once whole
-                with open(part, "wb") as f:
+                with open(parts[name], "wb") as f:
                     np.save(f, np.ascontiguousarray(split.images), allow_pickle=False)
-                os.replace(part, paths[name])
+                os.replace(parts[name], paths[name])
         except OSError as exc:
             reason = f"{folder} could not be written ({exc})"
-            _unlink([*paths.values(), *(folder / f".{stem}-{name}.npy.part" for name in paths)])
+            _unlink([*paths.values(), *parts.values()])
     reasons = [""] * d.world  # collective, so also the barrier before anyone maps
     dist.all_gather_object(reasons, reason)
     failed = [r for r in reasons if r]
@@ -214,7 +214,7 @@ def share_splits(ds, folder: Path) -> str | None:
         for name, split in ds.splits.items():
             split.images = np.load(paths[name], mmap_mode="c", allow_pickle=False)
     barrier()  # every process has mapped every file
-    if d.local_rank == 0 and not failed:
+    if d.local_rank == 0:  # also when another node failed: this node's files, written for nothing, go too
         _unlink(paths.values())
     return f"each process holds its own copy of the images: {failed[0]}" if failed else None
 
