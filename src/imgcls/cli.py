@@ -527,9 +527,9 @@ COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict
 
 def main(argv: list[str] | None = None) -> int:
     code = _main(argv)
-    joined = sys.modules.get("imgcls.training.distributed")  # imported only by a run that may have joined a group
-    if joined is not None:
-        joined.exit_now(code)  # a torchrun process that joined a group ends here (its teardown could abort)
+    distributed = sys.modules.get("imgcls.training.distributed")  # imported only by a run that may join a group
+    if distributed is not None:
+        distributed.exit_now(code)  # a process that joined a group ends here (its teardown could abort)
     return code
 
 

@@ -30,8 +30,8 @@ def _cli(*args):
 
 
 def _torchrun(*args):
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-            "-m", "imgcls", *args]
+    """torchrun with 2 processes on this machine; ``args`` name what they run (``-m imgcls ...`` or a script)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *args]
 
 
 def _records(run):
@@ -56,8 +56,8 @@ def test_two_processes_match_one_process_with_synced_batchnorm(tmp_path):
     subprocess.run(_cli("train", "--name", "one", "--out", str(tmp_path), *COMMON), check=True,
                    capture_output=True, timeout=600, env=ONE_THREAD)
     track = ["--track", "tensorboard"] if importlib.util.find_spec("tensorboard") else []
-    two = subprocess.run(_torchrun("train", "--name", "two", "--out", str(tmp_path), "--sync-bn", *track, *COMMON),
-                         capture_output=True, text=True, timeout=600, check=False)
+    two = subprocess.run(_torchrun("-m", "imgcls", "train", "--name", "two", "--out", str(tmp_path), "--sync-bn",
+                                   *track, *COMMON), capture_output=True, text=True, timeout=600, check=False)
     assert two.returncode == 0, two.stderr[-3000:]
     assert "2 processes, each 32-32 images of every batch of 64, BatchNorm synchronised" in two.stdout
     one_run, two_run = tmp_path / "one", tmp_path / "two"
@@ -264,8 +264,7 @@ def test_cpu_synced_batchnorm_is_batchnorm_over_the_global_batch(tmp_path):
     over the whole batch."""
     script, result = tmp_path / "check.py", tmp_path / "result.json"
     script.write_text(SYNC_BN_CHECK)
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                          str(script), str(result)], capture_output=True, text=True, timeout=300, check=False)
+    out = subprocess.run(_torchrun(str(script), str(result)), capture_output=True, text=True, timeout=300, check=False)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "Warning" not in out.stderr, out.stderr[-3000:]  # torch.distributed.nn's all_reduce warns it is deprecated
     r = json.loads(result.read_text())
@@ -313,9 +312,8 @@ def test_the_processes_of_a_node_map_one_copy_of_the_split_images(tmp_path):
     and no file is left once both have mapped them; an unwritable folder leaves each its own copy, with a note."""
     script, result, folder = tmp_path / "check.py", tmp_path / "result.json", tmp_path / "shared"
     script.write_text(SHARE_CHECK)
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                          str(script), str(result), str(folder)], capture_output=True, text=True, timeout=300,
-                         check=False)
+    out = subprocess.run(_torchrun(str(script), str(result), str(folder)), capture_output=True, text=True,
+                         timeout=300, check=False)
     assert out.returncode == 0, out.stderr[-3000:]
     ranks = json.loads(result.read_text())
     for r in ranks:
