@@ -426,3 +426,41 @@ def test_duplicate_registration_raises():
 
     with pytest.raises(RuntimeError, match="registered twice"):
         register_model(seed_tf_tutorial)
+
+
+# ---------------------------------------------------------------------------
+# EfficientNet-Lite's classifier over several stages (head_stages).
+
+
+def test_lite0_head_stages_parameter_counts():
+    # 1,280 pooled features (the original), then stage 2 to the head convolution: 24+40+80+112+192+320+1280.
+    assert count_params(create_model("efficientnet_lite0", 3, NUM_CLASSES, (64, 64))) == 3_383_818
+    multi = create_model("efficientnet_lite0", 3, NUM_CLASSES, (64, 64), head_stages=7)
+    assert multi.num_features == 2_048 and count_params(multi) == 3_383_818 + 768 * NUM_CLASSES
+    assert create_model("efficientnet_lite2", 3, NUM_CLASSES, (64, 64), head_stages=8).stage_widths == \
+        (16, 24, 48, 88, 120, 208, 352, 1280)
+
+
+@pytest.mark.parametrize("k", [2, 7, 8])
+def test_head_stages_reads_the_pooled_outputs_of_the_last_stages(k):
+    torch.manual_seed(0)
+    model = create_model("efficientnet_lite0", 3, NUM_CLASSES, (64, 48), head_stages=k).eval()
+    x = images(3, (64, 48))
+    with torch.no_grad():
+        features = model.forward_features(x)
+        taps = model.stages[-k:]
+        outputs = outputs_of(model, taps, x)
+    assert features.shape == (2, model.num_features, 1, 1) == (2, sum(model.stage_widths[-k:]), 1, 1)
+    torch.testing.assert_close(features.flatten(1), torch.cat([outputs[t].mean((2, 3)) for t in taps], 1))
+    # The same weights read the last stage alone with head_stages 1: its pooled map is the last 1,280 features.
+    single = create_model("efficientnet_lite0", 3, NUM_CLASSES, (64, 48)).eval()
+    single.load_state_dict({n: v for n, v in model.state_dict().items() if not n.startswith("head.")}, strict=False)
+    with torch.no_grad():
+        torch.testing.assert_close(single.forward_features(x).mean((2, 3)), features.flatten(1)[:, -1280:])
+    assert model.arch_kwargs["head_stages"] == k and "head_stages" not in single.arch_kwargs
+
+
+@pytest.mark.parametrize("value", [0, 9, True, 2.5, "7"])
+def test_head_stages_outside_1_to_8_is_refused_with_the_range(value):
+    with pytest.raises(ConfigError, match=r"head_stages must be a whole number from 1 .* to 8 .*got"):
+        create_model("efficientnet_lite0", 3, NUM_CLASSES, (64, 64), head_stages=value)
