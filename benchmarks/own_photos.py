@@ -9,7 +9,11 @@ runs on this machine, each in a fresh process, one after the other:
 * imgcls with its defaults: ``imgcls train --data FOLDER --out TMP --name own
   --seed S`` and no other flag.  Its test accuracy is run.json's
   ``test_accuracy`` (the checkpoint training ends on, fp32, as
-  ``imgcls evaluate``).
+  ``imgcls evaluate``);
+* a plain fine-tune (benchmarks/peer_finetune.py): the same EfficientNet-Lite0
+  ImageNet weights fine-tuned in plain PyTorch as a person would write it
+  (Adam, every layer, 128 px, flip and crop, early stopping on val), given
+  imgcls's wall time of that run (``--seconds``), in this venv.
 
 Both see the same images.  imgcls draws its own stratified split from
 ``--seed`` (there is no separate split seed), so for seed S the benchmark
@@ -73,6 +77,7 @@ from common import (
 )
 
 PEER = ROOT / "benchmarks" / "peer_keras.py"
+FINETUNE_PEER = ROOT / "benchmarks" / "peer_finetune.py"
 IMGCLS_TRAIN = [sys.executable, "-m", "imgcls.cli", "train"]
 ZIP_SEPARATOR = "::"  # peer_keras.py's "<zip file>::<member>"
 SPLIT_IMAGE_SIZE = [64, 64]  # the test split does not depend on it; the peer's input size
@@ -185,6 +190,19 @@ def run_keras(python: str, split_file: Path, seed: int, env: dict, out: Path) ->
             "tensorflow": doc["tensorflow_version"]}
 
 
+def finetune_command(split_file: Path, seed: int, seconds: float, out: Path) -> list[str]:
+    return [sys.executable, str(FINETUNE_PEER), "--split-file", str(split_file), "--seed", str(seed),
+            "--seconds", f"{seconds:.1f}", "--json", str(out)]
+
+
+def run_finetune(split_file: Path, seed: int, seconds: float, env: dict, out: Path) -> dict:
+    """The plain fine-tune peer on the split file, stopped after ``seconds`` of wall time from its launch."""
+    proc = run_child(finetune_command(split_file, seed, seconds, out), env=env)
+    doc = json.loads(out.read_text())
+    return {**proc, **{k: doc[k] for k in ("test_accuracy", "epochs", "best_epoch", "steps", "train_images_per_sec",
+                                          "n_train", "n_val", "n_test")}}
+
+
 def run_imgcls(folder: str, seed: int, env: dict, cache: Path, out: Path) -> dict:
     proc = run_child(imgcls_command(folder, out, seed), env={**env, "IMGCLS_DATA_DIR": str(cache)})
     launched = time.time() - proc["wall_seconds"]
@@ -211,6 +229,8 @@ def run_folder(folder: str, args, python: str, env: dict, tmp: Path) -> dict:
             cache = WARM_CACHE if args.warm_cache else tmp / f"cache-{tag}"  # empty: this run decodes
             cache.mkdir(parents=True, exist_ok=True)
             ours = run_imgcls(folder, seed, env, cache, tmp / f"imgcls-{tag}")
+            plain = run_finetune(split_file, seed, ours["wall_seconds"], env, tmp / f"finetune-{tag}.json") \
+                if args.finetune else None
             problems = split_mismatches(doc, ours.pop("dataset"))
             if problems:
                 mismatches.append({"seed": seed, "problems": problems})
@@ -218,9 +238,13 @@ def run_folder(folder: str, args, python: str, env: dict, tmp: Path) -> dict:
             if keras["n_test"] != len(doc["test"]) or keras["n_train"] != len(doc["train"]):
                 raise RuntimeError(f"the Keras peer read {keras['n_train']}/{keras['n_test']} images, "
                                    f"the split file lists {len(doc['train'])}/{len(doc['test'])}")
-            pairs.append({"seed": seed, "repeat": rep, "keras": keras, "imgcls": ours})
-            print(f"  {tag}: Keras {keras['test_accuracy']:.4f} in {keras['wall_seconds']:.1f}s, "
-                  f"imgcls {ours['test_accuracy']:.4f} in {ours['wall_seconds']:.1f}s", flush=True)
+            pairs.append({"seed": seed, "repeat": rep, "keras": keras, "imgcls": ours, "finetune": plain})
+            line = (f"  {tag}: Keras {keras['test_accuracy']:.4f} in {keras['wall_seconds']:.1f}s, "
+                    f"imgcls {ours['test_accuracy']:.4f} in {ours['wall_seconds']:.1f}s")
+            if plain:
+                line += (f", plain fine-tune {plain['test_accuracy']:.4f} in {plain['wall_seconds']:.1f}s "
+                         f"({plain['epochs']} epoch(s), {plain['steps']} steps)")
+            print(line, flush=True)
     return {"pairs": pairs, "split_mismatches": mismatches}
 
 
@@ -237,13 +261,22 @@ def summarise(pairs: list[dict]) -> dict:
     i_wall = [p["imgcls"]["wall_seconds"] for p in pairs]
     ratio = [k / i for k, i in zip(k_wall, i_wall)]
     keras_median = statistics.median(k_acc)
+    plain = [p["finetune"] for p in pairs if p.get("finetune")]
+    f_acc = [p["test_accuracy"] * 100 for p in plain]
+    f_diff = [p["imgcls"]["test_accuracy"] * 100 - p["finetune"]["test_accuracy"] * 100 for p in pairs
+              if p.get("finetune")]
     bars = {"imgcls_more_accurate": statistics.median(diff) > 0,
             "margin_needed": keras_median < BAR_KERAS_CEILING * 100,
             "margin_held": statistics.median(diff) >= BAR_MARGIN_POINTS,
             "imgcls_faster": statistics.median(ratio) > 1,
             "runs_more_accurate": sum(d > 0 for d in diff), "runs_faster": sum(r > 1 for r in ratio),
             "runs": len(pairs)}
+    if plain:
+        bars.update(imgcls_at_least_plain_finetune=all(d >= 0 for d in f_diff),
+                    runs_at_least_plain_finetune=sum(d >= 0 for d in f_diff))
     return {"keras_accuracy": k_acc, "imgcls_accuracy": i_acc, "difference_points": diff, "keras_wall": k_wall,
+            "finetune_accuracy": f_acc, "finetune_wall": [p["wall_seconds"] for p in plain],
+            "difference_finetune_points": f_diff,
             "imgcls_wall": i_wall, "ratio": ratio, "imgcls_peak_rss": [p["imgcls"]["peak_rss_mib"] for p in pairs],
             "keras_peak_rss": [p["keras"]["peak_rss_mib"] for p in pairs],
             "imgcls_to_run_json": [p["imgcls"]["imgcls_to_run_json"] for p in pairs], "bars": bars}
@@ -263,6 +296,10 @@ def bar_lines(bars: dict) -> list[str]:
     else:
         lines.append(f"by >= {BAR_MARGIN_POINTS:.0f} points: not asked (Keras at {BAR_KERAS_CEILING:.0%} or more)")
     lines.append(f"imgcls less wall time: {held(bars['imgcls_faster'])} ({bars['runs_faster']} of {n} runs)")
+    if "imgcls_at_least_plain_finetune" in bars:
+        lines.append(f"imgcls at least as accurate as the plain fine-tune in the same wall time: "
+                     f"{held(bars['imgcls_at_least_plain_finetune'])} ({bars['runs_at_least_plain_finetune']} "
+                     f"of {n} runs)")
     return lines
 
 
@@ -277,6 +314,10 @@ def report(folder: str, summary: dict, pairs: list[dict]) -> None:
             ("imgcls peak RSS MiB", spread(s["imgcls_peak_rss"], ".0f")),
             ("Keras peak RSS MiB", spread(s["keras_peak_rss"], ".0f")),
             ("imgcls launch to run.json s", spread(s["imgcls_to_run_json"]))]
+    if s["finetune_accuracy"]:
+        rows += [("plain fine-tune test accuracy %", spread(s["finetune_accuracy"], ".2f")),
+                 ("difference, points (imgcls - plain)", spread(s["difference_finetune_points"], "+.2f")),
+                 ("plain fine-tune wall s", spread(s["finetune_wall"]))]
     cached = sum(p["imgcls"]["from_cache"] for p in pairs)
     print(f"\n{folder}: {len(pairs)} run(s) a framework, median [min, max]; imgcls's images came from its cache in "
           f"{cached} of {len(pairs)} runs")
@@ -299,6 +340,10 @@ def print_commands(folder: str, args, python: str, env: dict) -> None:
     print(f"    Keras:  {prefix}{shlex.join(keras_command(python, Path('split.json'), seed, Path('keras.json')))}")
     cache = "" if args.warm_cache else "IMGCLS_DATA_DIR=$(mktemp -d) "
     print(f"    imgcls: {prefix}{cache}{shlex.join(imgcls_command(folder, Path('runs'), seed))}")
+    if args.finetune:
+        command = finetune_command(Path("split.json"), seed, 0.0, Path("finetune.json"))
+        command[command.index("--seconds") + 1] = "IMGCLS_WALL_SECONDS"
+        print(f"    plain fine-tune: {prefix}{shlex.join(command)}")
 
 
 def write_results(path: Path, doc: dict) -> Path:
@@ -323,6 +368,8 @@ def main() -> None:
     parser.add_argument("--keras-python", help="a Python with tensorflow-cpu (default: a venv made on first use)")
     parser.add_argument("--warm-cache", action="store_true",
                         help=f"let imgcls reuse decoded images in {WARM_CACHE} (default: every run decodes)")
+    parser.add_argument("--no-finetune", dest="finetune", action="store_false",
+                        help="leave out the plain fine-tune peer (benchmarks/peer_finetune.py)")
     parser.add_argument("--write-split", metavar="PATH",
                         help="only write the split file of the first folder and seed to PATH, then stop")
     args = parser.parse_args()

@@ -203,3 +203,26 @@ def test_a_benchmark_enters_its_cpu_class_before_torch_reads_the_caps(cls, start
     assert doc["env"] == expected
     if cls == "avx2":
         assert doc["capability"] == "AVX2"
+
+
+def test_the_plain_fine_tune_peer_stops_at_its_wall_time_and_scores_the_test_images(bench, photos, tmp_path):
+    """peer_finetune.py on the split file: with a wall time already spent it takes no step, scores val once
+    (its first epoch) and the test images, and writes its figures."""
+    import json
+    import subprocess
+
+    _, archive = photos
+    doc = bench.own_photos.split_document(bench.own_photos.imgcls_split(str(archive), 0))
+    split = tmp_path / "split.json"
+    split.write_text(json.dumps(doc))
+    out = tmp_path / "out.json"
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / "peer_finetune.py"), "--split-file", str(split),
+                           "--seconds", "0.01", "--size", "64", "--json", str(out)], capture_output=True, text=True,
+                          check=False)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    assert (result["steps"], result["epochs"], result["best_epoch"]) == (0, 1, 1)
+    assert result["n_test"] == len(doc["test"]) and result["n_train"] + result["n_val"] == len(doc["train"])
+    assert result["n_val"] == len(CLASSES)  # 10% of each class, at least one
+    assert 0.0 <= result["test_accuracy"] <= 1.0
+    assert "plain fine-tune: test accuracy" in proc.stdout
