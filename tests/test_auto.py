@@ -122,7 +122,7 @@ def test_a_folder_of_small_images_gets_fastnet_small(tmp_path):
     assert f"{root}: 60 images of about 32x32 -> fastnet_small trained from scratch" in line
 
 
-@pytest.mark.parametrize("side, model", [(47, "fastnet_small"), (48, "efficientnet_lite0")])
+@pytest.mark.parametrize("side, model", [(47, "fastnet_small"), (48, "efficientnet_lite2")])
 def test_photos_start_at_48_pixels_on_the_shorter_side(tmp_path, side, model):
     root = write_plain(tmp_path / "edge", (side, 200))
     assert auto.probe_data(str(root)).median_size == (side, 200)
@@ -130,19 +130,45 @@ def test_photos_start_at_48_pixels_on_the_shorter_side(tmp_path, side, model):
 
 
 @pytest.mark.parametrize("as_zip", [False, True])
-def test_photos_get_efficientnet_lite0_pretrained_stage_1_only_on_a_cpu(big_photos, tmp_path, as_zip):
+def test_photos_get_efficientnet_lite2_pretrained_stage_1_only_on_a_cpu(big_photos, tmp_path, as_zip):
     data = zip_folder(big_photos, tmp_path / "big.zip") if as_zip else big_photos
     probe = auto.probe_data(str(data))
     assert probe == auto.DataProbe(images=12, classes=3, median_side=96, median_size=(96, 96), sampled=12)
     settings, line = auto.choose(str(data), {})
-    assert settings["model"] == "efficientnet_lite0" and settings["pretrained"] == "imagenet"
+    assert settings["model"] == "efficientnet_lite2" and settings["pretrained"] == "imagenet"
     assert settings["head_first"] is True and settings["epochs"] == 0
     assert settings["image_size"] == [128, 128] and settings["channels"] == 3
-    assert settings["model_option"] == {"freeze_bn": True} and settings["backbone_lr_scale"] == 0.1
+    assert settings["model_option"] == {"freeze_bn": True, "head_stages": 7} and settings["backbone_lr_scale"] == 0.1
     assert settings["augment"] == ["hflip"]  # stage 1 adds the mirrored view
     assert settings["batch_size"] == 4  # half of the ~9 training images
-    assert line.startswith(f"{data}: 12 photos of about 96x96 in 3 classes -> efficientnet_lite0 pretrained on "
-                           f"ImageNet at 128x128 on the cpu; stage 1 only on this CPU")
+    assert re.fullmatch(
+        re.escape(f"{data}: 12 photos of about 96x96 in 3 classes -> efficientnet_lite2 pretrained on ImageNet at "
+                  f"128x128 on the cpu; stage 1 only (on this CPU): the classifier on frozen features of the photos "
+                  f"and their mirror images, about ") + r"\d+s of frozen passes here at most \(\d+ images/s timed\); "
+        + re.escape("less: --fast (efficientnet_lite0); more: --time-budget 10m fine-tunes after it; override with "
+                    "--model, --image-size, --epochs"), line)
+
+
+def test_fast_is_stage_1_on_lite0_whatever_the_budget_or_machine(big_photos, monkeypatch):
+    for user in ({"fast": True}, {"fast": True, "time_budget": "5m", "epochs": 3}):
+        settings, line = auto.choose(str(big_photos), user)
+        assert settings["model"] == "efficientnet_lite0" and settings["epochs"] == 0 and settings["head_first"]
+        assert "stage 1 only (--fast)" in line and "without --fast the backbone is efficientnet_lite2" in line
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    settings, line = auto.choose(str(big_photos), {"fast": True})
+    assert settings["image_size"] == [128, 128] and settings["epochs"] == 0 and "the backbone is efficientnet_lite0" \
+        in line  # a GPU's default fine-tunes Lite0 at 224 px
+
+
+def test_the_stage_1_estimate_is_the_photos_passes_at_the_timed_rate(big_photos, monkeypatch):
+    monkeypatch.setattr(auto, "forward_rate", lambda model, shape, device="cpu": 4.0)
+    assert auto.stage1_seconds("efficientnet_lite2", 128, 12, {"head_stages": 7}) == (12 * 2.0 / 4.0, 4.0)
+    assert "about 6s of frozen passes here at most (4 images/s timed)" in auto.choose(str(big_photos), {})[1]
+
+
+def _masked(line: str) -> str:
+    """An auto line with its measured figures masked: two choices of the same plan differ only there."""
+    return re.sub(r"\d+", "N", line)
 
 
 @pytest.mark.parametrize("user, epochs, plan", [
@@ -191,15 +217,18 @@ def test_data_that_cannot_be_read_falls_back_to_scratch_without_an_error(tmp_pat
 
 def test_make_config_resolves_auto_for_photos(big_photos):
     cfg = make_config(data=str(big_photos))
-    assert cfg.model.name == "efficientnet_lite0" and cfg.model.pretrained == "imagenet"
-    assert cfg.model.options == {"freeze_bn": True}
+    assert cfg.model.name == "efficientnet_lite2" and cfg.model.pretrained == "imagenet"
+    assert cfg.model.options == {"freeze_bn": True, "head_stages": 7}
     assert cfg.train.head_first is True and cfg.train.epochs == 0 and cfg.train.backbone_lr_scale == 0.1
     assert cfg.data.image_size == [128, 128] and cfg.data.channels == 3
-    assert cfg.auto == auto.choose(str(big_photos), {})[1]
+    assert _masked(cfg.auto) == _masked(auto.choose(str(big_photos), {})[1])
 
 
 def test_an_explicit_model_auto_is_the_default(big_photos):
-    assert make_config(data=str(big_photos), model="auto").to_dict() == make_config(data=str(big_photos)).to_dict()
+    explicit, default = make_config(data=str(big_photos), model="auto"), make_config(data=str(big_photos))
+    assert _masked(explicit.auto) == _masked(default.auto)
+    explicit.auto = default.auto
+    assert explicit.to_dict() == default.to_dict()
 
 
 def test_a_named_model_turns_auto_off(big_photos):
@@ -220,13 +249,14 @@ def test_the_users_flags_win_over_the_auto_layer(big_photos):
     assert cfg.train.augment == ["hflip"]
     # Epochs given: the fine-tuning settings come with them.
     assert cfg.train.early_stopping is True and cfg.train.patience == 2 and cfg.train.head_first is True
-    assert cfg.model.name == "efficientnet_lite0" and cfg.auto is not None
+    assert cfg.model.name == "efficientnet_lite2" and cfg.auto is not None
 
 
 def test_a_users_model_option_keeps_the_auto_freeze_bn(big_photos):
     cfg = make_config(data=str(big_photos), model_option={"dropout": 0.1})
-    assert cfg.model.options == {"freeze_bn": True, "dropout": 0.1}
-    assert make_config(data=str(big_photos), model_option={"freeze_bn": False}).model.options == {"freeze_bn": False}
+    assert cfg.model.options == {"freeze_bn": True, "head_stages": 7, "dropout": 0.1}
+    assert make_config(data=str(big_photos), model_option={"freeze_bn": False}).model.options == \
+        {"freeze_bn": False, "head_stages": 7}
 
 
 def test_a_config_yaml_repeats_the_choice_without_choosing_again(big_photos, tmp_path):
@@ -259,18 +289,18 @@ def test_a_folder_of_photos_trains_end_to_end_with_no_flags(photos, tmp_path, mo
     text = (run.path / "config.yaml").read_text()
     assert any(line.startswith("auto: ") for line in text.splitlines())
     cfg = yaml.safe_load(text)
-    assert cfg["model"]["name"] == "efficientnet_lite0" and cfg["model"]["pretrained"] == "imagenet"
+    assert cfg["model"]["name"] == "efficientnet_lite2" and cfg["model"]["pretrained"] == "imagenet"
     assert cfg["data"]["image_size"] == [64, 64] and cfg["train"]["epochs"] == 0
-    assert f"{photos}: 90 photos of about 80x80 in 3 classes -> efficientnet_lite0" in cfg["auto"]
+    assert f"{photos}: 90 photos of about 80x80 in 3 classes -> efficientnet_lite2" in cfg["auto"]
 
     log = _log(run)
-    assert ("stage 1: classifier fitted on frozen efficientnet_lite0 features of 72 training images x 2 views "
+    assert ("stage 1: classifier fitted on frozen efficientnet_lite2 features of 72 training images x 2 views "
             "(none + hflip)") in log
     # 153 frozen passes: under ORT_MIN_IMAGES, so PyTorch computes them (no graph export for so few).
     assert 72 * 2 + 9 < transfer.ORT_MIN_IMAGES
     assert re.search(r"\(features \d+\.\ds with torch fp32\)", log)
-    # Train (plain and mirrored) and val features, cached.
-    assert len(list((data_dir() / "features").glob("*.safetensors"))) == 3
+    # Train (plain and mirrored) and val (plain and mirrored, for tta auto) features, cached.
+    assert len(list((data_dir() / "features").glob("*.safetensors"))) == 4
 
     _, meta = read_checkpoint(run.path / "checkpoints" / "best.safetensors")
     assert meta["normalize"] == HALF_NORMALIZE and meta["input_shape"] == [3, 64, 64]
@@ -281,7 +311,8 @@ def test_a_folder_of_photos_trains_end_to_end_with_no_flags(photos, tmp_path, mo
     # (at temperature 1; the report has since stored a fitted one).  Stage-1 features computed with bf16
     # autocast (a CPU with fast bf16) move this small loss by about 13% (0.029 against 0.033 in fp32).
     val = clf.dataset().splits["val"]
-    proba = predict_proba(clf.model, val.images, clf.meta["normalize"], clf.runtime, 64)
+    proba = predict_proba(clf.model, val.images, clf.meta["normalize"], clf.runtime, 64, tta=clf.meta["tta"])
+    assert clf.meta["tta"] == records[0]["tta"] in ("none", "flip")  # tta auto: stage 1's choice, kept
     assert (proba.argmax(1) == val.labels).mean() == records[0]["val_accuracy"]
     val_loss = -np.log(proba[np.arange(len(val.labels)), val.labels]).mean()
     assert val_loss == pytest.approx(records[0]["val_loss"], rel=0.25 if "with torch bf16" in log else 1e-3)
@@ -307,7 +338,7 @@ def test_epochs_fine_tune_the_backbone_with_its_batchnorm_statistics_frozen(phot
                        out=str(tmp_path / "runs"))
     assert [(r["epoch"], r.get("stage")) for r in _metrics(run)] == [(0, "head"), (1, None)]
     assert run.config.train.backbone_lr_scale == 0.1 and run.config.model.options["freeze_bn"] is True
-    pretrained = create_model("efficientnet_lite0", in_chans=3, num_classes=3, img_size=(64, 64))
+    pretrained = create_model("efficientnet_lite2", in_chans=3, num_classes=3, img_size=(64, 64))
     load_weights(pretrained, "imagenet")
     before = pretrained.state_dict()
     after, meta = read_checkpoint(run.path / "checkpoints" / "last.safetensors")
@@ -322,16 +353,43 @@ def test_epochs_fine_tune_the_backbone_with_its_batchnorm_statistics_frozen(phot
     assert not torch.equal(before["features.head_conv.conv.weight"], after["features.head_conv.conv.weight"])
 
 
-def test_a_time_budget_stops_after_the_first_fine_tuning_epoch(photos, tmp_path):
+def test_a_time_budget_spent_by_stage_1_leaves_no_fine_tuning_epoch(photos, tmp_path, monkeypatch):
+    import time
+
+    from imgcls.training import trainer
+
+    real = trainer.fit_head
+
+    def slow_stage_1(*args):
+        record = real(*args)
+        time.sleep(1.0)  # stage 1 spends the whole budget
+        return record
+
+    monkeypatch.setattr(trainer, "fit_head", slow_stage_1)
     run = imgcls.train(data=str(photos), epochs=5, time_budget="1s", image_size=64, report=False, quiet=True,
                        out=str(tmp_path / "runs"))
-    assert [r["epoch"] for r in _metrics(run)] == [0, 1]
+    assert [r["epoch"] for r in _metrics(run)] == [0]
     log = _log(run)
-    assert "time budget: 1s would be exceeded by another epoch" in log
-    assert "stopping after epoch 1" in log
+    assert re.search(r"time budget: 1s leaves \d+s, too little for another epoch .*; stopping after epoch 0", log)
     info = json.loads((run.path / "run.json").read_text())
-    assert info["stopped_early"] is True and info["epochs_run"] == 1
+    assert info["stopped_early"] is True and info["epochs_run"] == 0
     assert run.config.train.epochs == 5  # the user's epochs, over the auto's 30
+
+
+def test_a_time_budget_too_short_for_stage_1_is_refused_before_a_run_folder(photos, tmp_path, monkeypatch, capsys):
+    from imgcls.training import trainer
+
+    monkeypatch.setattr(trainer, "forward_rate", lambda *args: 10.0)  # images/s: a slow machine
+    with pytest.raises(ConfigError, match=r"--time-budget 5s is too short for stage 1 of this run, which needs "
+                                          r"about 18s on this machine \(180 frozen passes at 10 images/s\); give "
+                                          r"--time-budget 30s or more, or leave it out"):
+        imgcls.train(data=str(photos), time_budget="5s", image_size=64, quiet=True, out=str(tmp_path / "runs"))
+    assert not (tmp_path / "runs").exists()
+    # Half the estimate is enough: ONNX Runtime may well run the pass faster than PyTorch was timed.
+    capsys.readouterr()
+    imgcls.train(data=str(photos), time_budget="9s", image_size=64, report=False, out=str(tmp_path / "runs"))
+    assert "note: stage 1 should take at most about 18s here: 180 frozen passes (72 training images x 2 views, " \
+           "then val and test, each with its mirror image) at 10 images/s or more" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("text, seconds", [("90s", 90.0), ("5m", 300.0), ("1.5h", 5400.0), ("300", 300.0),
@@ -375,12 +433,12 @@ def test_zero_epochs_need_head_first():
     assert make_config(model="efficientnet_lite0", pretrained="imagenet", head_first=True, epochs=0).train.epochs == 0
 
 
-@pytest.mark.parametrize("model", ["efficientnet_lite0", None])
-def test_a_weights_file_of_another_architecture_is_refused_before_a_run_folder(photos, tmp_path, model):
+@pytest.mark.parametrize("model, shown", [("efficientnet_lite0", "efficientnet_lite0"), (None, "efficientnet_lite2")])
+def test_a_weights_file_of_another_architecture_is_refused_before_a_run_folder(photos, tmp_path, model, shown):
     fast = create_model("fastnet_small", in_chans=3, num_classes=3, img_size=(64, 64))
     torch.save(fast.state_dict(), tmp_path / "fast.pt")
     out = tmp_path / "runs"
-    with pytest.raises(CheckpointError, match=r"do not fit model 'efficientnet_lite0': .*"
+    with pytest.raises(CheckpointError, match=rf"do not fit model '{shown}': .*"
                                               r"features\.stem\.conv\.weight: file \(\d+, 3, \d+, \d+\), "
                                               r"model \(32, 3, 3, 3\)"):
         imgcls.train(data=str(photos), model=model, pretrained=str(tmp_path / "fast.pt"), image_size=64,
@@ -397,7 +455,7 @@ def test_grayscale_photos_train_as_three_channel_images(tmp_path):
     with Image.open(next(gray.rglob("*.jpg"))) as img:
         assert img.mode == "L"
     cfg = make_config(data=str(gray), image_size=64)
-    assert cfg.data.channels == 3 and cfg.model.name == "efficientnet_lite0"
+    assert cfg.data.channels == 3 and cfg.model.name == "efficientnet_lite2"
     ds = build_dataset(cfg.data, seed=cfg.train.seed)
     assert ds.image_shape == (3, 64, 64)
     images = ds.splits["train"].images
@@ -406,3 +464,32 @@ def test_grayscale_photos_train_as_three_channel_images(tmp_path):
     _, meta = read_checkpoint(run.path / "checkpoints" / "best.safetensors")
     assert meta["input_shape"] == [3, 64, 64] and meta["pretrained"]["adapted"] == []
     assert run.test_metrics["accuracy"] >= TEST_ACCURACY_FLOOR
+
+
+# ----------------------------------------------------------------------------
+# A model named by hand on photos
+
+
+def test_a_model_with_imagenet_weights_named_on_photos_starts_from_them(big_photos):
+    cfg = make_config(data=str(big_photos), model="efficientnet_lite2")
+    assert cfg.model.name == "efficientnet_lite2" and cfg.model.pretrained == "imagenet"
+    assert cfg.model.options == {"freeze_bn": True, "head_stages": 7}
+    assert cfg.train.head_first is True and cfg.train.epochs == 0 and cfg.data.image_size == [128, 128]
+    assert "efficientnet_lite2 (named) starts from its ImageNet weights (--pretrained none: from random weights)" \
+        in cfg.auto
+    # A model that takes no head_stages gets only the options it takes.
+    resnet = make_config(data=str(big_photos), model="resnet18_imagenet")
+    assert resnet.model.pretrained == "imagenet" and resnet.model.options == {}
+
+
+def test_pretrained_none_trains_a_named_model_from_random_weights(big_photos):
+    cfg = make_config(data=str(big_photos), model="efficientnet_lite2", pretrained="none")
+    assert cfg.auto is None and cfg.model.pretrained == "none" and cfg.model.weights is None
+    assert cfg.train.head_first is False and cfg.data.image_size is None
+    with pytest.raises(ConfigError, match="head_first fits the classifier on a pretrained backbone"):
+        make_config(data=str(big_photos), model="efficientnet_lite2", pretrained="none", head_first=True)
+
+
+def test_a_model_named_on_small_images_trains_as_it_is(tmp_path):
+    cfg = make_config(data=str(write_plain(tmp_path / "small", (32, 32))), model="efficientnet_lite0")
+    assert cfg.auto is None and cfg.model.pretrained is None and cfg.train.head_first is False

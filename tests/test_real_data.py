@@ -52,18 +52,21 @@ def test_seed_tf_tutorial_one_epoch_on_the_cifar10_zip(tmp_path):
 def test_flowers_zip_with_no_flags_gets_pretrained_transfer_and_beats_random_weights(tmp_path):
     """The own-photos default on the real flowers.zip: the layout found, the auto choice, an accuracy floor.
 
-    ImageNet features score 75% here (seed 0, 430 test images); the same network with random weights
-    gives the classifier nothing to work with, which shows the weights are real and mapped right.
+    EfficientNet-Lite2's ImageNet features, pooled from stage 2 to the head and with the flip chosen on val,
+    score 77.9% here (seed 0, 430 test images; the head convolution alone of Lite0, the default before, 75.1%);
+    the same network with random weights gives the classifier nothing to work with, which shows the weights are
+    real and mapped right.
     """
     path = shared_zip("flowers.zip")
     run = imgcls.train(data=str(path), out=str(tmp_path), name="flowers", quiet=True, report=False)
     cfg = run.config
-    assert cfg.model.name == "efficientnet_lite0" and cfg.model.pretrained == "imagenet" and cfg.train.head_first
+    assert cfg.model.name == "efficientnet_lite2" and cfg.model.pretrained == "imagenet" and cfg.train.head_first
+    assert cfg.model.options["head_stages"] == 7 and cfg.train.tta == "auto"
     assert "4,317 photos" in cfg.auto
     record = __import__("json").loads((run.path / "dataset.json").read_text())
     assert record["layout"].startswith("one folder per class (5 classes, 4,317 images) under flowers/")
     assert run.test_metrics["n"] == 430
-    assert run.test_metrics["accuracy"] >= 0.70
+    assert run.test_metrics["accuracy"] >= 0.77
 
     from imgcls.inference import resolve_runtime
     from imgcls.models import create_model
@@ -75,7 +78,7 @@ def test_flowers_zip_with_no_flags_gets_pretrained_transfer_and_beats_random_wei
     )
 
     ds = registry.build_dataset(cfg.data, seed=0)
-    random_model = create_model("efficientnet_lite0", 3, 5, (128, 128))
+    random_model = create_model(cfg.model.name, 3, 5, (128, 128), **cfg.model.options)
     runner = FeatureRunner.create(random_model, resolve_runtime("cpu", "fp32", "on"), (128, 128), HALF_NORMALIZE,
                                   images=10_000)
     train, val, test = (ds.splits[s] for s in ("train", "val", "test"))

@@ -133,9 +133,14 @@ def thresholds_section(run_dir: Path, val) -> Section:
     )
 
 
-def probes_section(run_dir: Path, clf, ds) -> Section:
+def probes_section(run_dir: Path, clf, ds, run_probes: bool = True) -> Section:
     path = run_dir / rundir.PROBES
     held_out = len(ds.splits["val" if "val" in ds.splits else "test"])
+    if not path.is_file() and not run_probes:
+        return Section("What each layer has learned", [(
+            "Layer probes (a linear classifier on each convolutional stage's pooled output) are not run when "
+            "training ends, to keep the run short; `imgcls probe RUN` runs them, and `imgcls report RUN` then "
+            "shows them here.")])
     if not path.is_file() and held_out < PROBE_MIN_HELD_OUT:
         return Section("What each layer has learned", [(
             f"Layer probes need at least {PROBE_MIN_HELD_OUT} held-out images to say anything (each image here would "
@@ -175,12 +180,13 @@ def gradcam_section(clf, rep) -> Section:
     )
 
 
-def report(run_dir: str | Path, clf_ds=None, test_logits=None, val_logits=None) -> Path:
+def report(run_dir: str | Path, clf_ds=None, test_logits=None, val_logits=None, probes: bool = True) -> Path:
     """Write ``report.html`` (and every figure as PNG) in the run folder; returns its path.
 
     ``test_logits``, ``val_logits``: the final checkpoint's on the test and
     val splits, when the caller has them (training does), so those splits are
-    not run through the model again.
+    not run through the model again.  ``probes``: run the layer probes when
+    the run has none stored (training leaves them to ``imgcls probe``).
     """
     run_dir = Path(run_dir)
     clf, ds = clf_ds or load_run(run_dir)
@@ -191,5 +197,5 @@ def report(run_dir: str | Path, clf_ds=None, test_logits=None, val_logits=None) 
         if (run_dir / rundir.CALIBRATION).is_file():
             extra.append(calibration_section(run_dir, val))
         extra.append(thresholds_section(run_dir, val))
-    extra.append(probes_section(run_dir, clf, ds))
+    extra.append(probes_section(run_dir, clf, ds, probes))
     return rep.write(sections_extra=extra)

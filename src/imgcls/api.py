@@ -86,11 +86,13 @@ def _base_settings(recipe: str | None, values: dict) -> tuple[dict, str | None]:
         return chosen.options(precision), (
             f"{recipe}, its {precision} variant, for {PRECISION_CLASSES[precision]} "
             f"({chosen.variants[precision].summary}): this run trains in {precision} on {runtime.device}")
-    if (values.get("model") or {}).get("name", "auto") != "auto":
-        return {}, None
-
+    model = values.get("model") or {}
+    name = model.get("name", "auto")
+    if name != "auto" and model.get("pretrained") is not None:
+        return {}, None  # a named model with the weights the user chose (or none)
     data, train = values.get("data") or {}, values.get("train") or {}
-    return choose(str(data.get("dataset", "digits")), train, follow_links=bool(data.get("follow_links")))
+    return choose(str(data.get("dataset", "digits")), train, follow_links=bool(data.get("follow_links")),
+                  model=None if name == "auto" else name)
 
 
 @dataclass
@@ -198,7 +200,7 @@ def _train(config, resume, console, callbacks: list, overrides: dict, held: cont
         if not d.is_main:
             return Run(None, cfg, result.history, {})
         if cfg.report:
-            _analyse(run.path, console, result.test_logits)
+            _analyse(run.path, console, result.test_logits, result.val_logits)
     return Run(run.path, cfg, result.history, result.test_metrics)
 
 
@@ -223,21 +225,22 @@ def _resumed(resume, config, overrides: dict, held: contextlib.ExitStack) -> tup
     return run, cfg
 
 
-def _analyse(run_dir: Path, console, test_logits) -> None:
+def _analyse(run_dir: Path, console, test_logits, val_logits=None) -> None:
     """After training: fit temperature scaling on val (when there is one) and write the report.
 
-    ``test_logits``: training's own of its final checkpoint, which the report reuses.
+    ``test_logits``, ``val_logits``: training's own of its final checkpoint, which calibration and the report
+    reuse (stage 1 has the val logits from its frozen features; else one val pass serves both steps).
     """
     from imgcls import analysis  # matplotlib: on use
 
     clf_ds = analysis.load_run(run_dir)
-    val_logits = None
     if "val" in clf_ds[1].splits:
-        val_logits = analysis.predict_split(*clf_ds, "val").logits  # one pass over val serves both steps
+        if val_logits is None:
+            val_logits = analysis.predict_split(*clf_ds, "val").logits
         cal = analysis.calibrate(run_dir, clf_ds, test_logits, val_logits)
         console.print(f"calibration: temperature {cal['temperature']:.3f}, val ECE {cal['val']['ece_before']:.4f} "
                       f"-> {cal['val']['ece_after']:.4f}", highlight=False, markup=False, soft_wrap=True)
-    page = analysis.report(run_dir, clf_ds, test_logits, val_logits)
+    page = analysis.report(run_dir, clf_ds, test_logits, val_logits, probes=False)  # imgcls probe runs them
     console.print(f"report: {page}", highlight=False, markup=False, soft_wrap=True)
 
 

@@ -31,15 +31,27 @@ from imgcls.data.images import open_image
 from imgcls.data.layout import detect_layout
 from imgcls.data.sources import open_source
 from imgcls.errors import ImgclsError
+from imgcls.models.pretrained import models_with_weights
+from imgcls.models.registry import create_model, model_options
 
 PHOTO_MIN_SIDE = 48  # pixels: a median shorter side at least this is a photo, worth ImageNet features
 SCRATCH_MODEL = "fastnet_small"
-PHOTO_MODEL = "efficientnet_lite0"
+# The backbone on each kind of machine.  A CPU fits the classifier on frozen features (stage 1), where Lite2
+# at 128 px beat Lite0 on every folder measured (79.3% against 77.4% on flowers.zip, median of 3 seeds; 82.7
+# against 78.3 on 64 px CIFAR-10 photos; 98.5 against 97.0 on 64 px MNIST photos) for 1.2x the wall time; a GPU
+# fine-tunes Lite0 at 224 px (not measured against Lite2 there).
+PHOTO_MODEL = {"cpu": "efficientnet_lite2", "cuda": "efficientnet_lite0"}
 # Image side, pixels.  On a CPU 128 (3.4x the images/s of 224, for 1-3 points less on flowers.zip, whose photos are
 # 128x128), or 160 where the photos have the detail (a median shorter side of 160 or more) at 1.6x the cost of 128.
 PHOTO_SIDE = {"cuda": 224, "cpu": 128}
 CPU_DETAIL_SIDE = 160
+FAST_MODEL = "efficientnet_lite0"  # --fast: 77.4% on flowers.zip in 28 s, against 79.3% in 34 s for Lite2
 PROBE_IMAGES = 48  # image headers read to size up a folder
+RATE_IMAGES = 8  # images of each timed batch of the frozen pass (two batches: the first builds oneDNN's kernels)
+# Frozen passes per photo in stage 1: 80% train x 2 views (the photo, its mirror), 10% val and 10% test x 2
+# (tta auto scores their mirror images too).
+PASSES_PER_IMAGE = 2.0
+MULTI_STAGE_HEAD = 7  # EfficientNet-Lite's stages 2 to 7 and its head convolution, pooled
 
 # Built-in datasets: (images, median shorter side) without reading them.
 _BUILTIN = {"digits": (1797, 8), "mnist": (70000, 28), "fashion-mnist": (70000, 28), "cifar10": (60000, 32),
@@ -107,7 +119,7 @@ def machine_kind(device: str = "auto") -> str:
     return "cpu"
 
 
-def choose(dataset: str, user: dict, follow_links: bool = False) -> tuple[dict, str]:
+def choose(dataset: str, user: dict, follow_links: bool = False, model: str | None = None) -> tuple[dict, str]:
     """The settings ``--model auto`` stands for on ``dataset``, and the line that says why.
 
     Args:
@@ -115,11 +127,18 @@ def choose(dataset: str, user: dict, follow_links: bool = False) -> tuple[dict, 
         user: the flat options the user set (``epochs``, ``time_budget``, ``device``, ...), which the
             choice takes into account and never overrides.
         follow_links: read links that lead out of a ``dataset`` folder.
+        model: a model the user named (``--model``) with no ``--pretrained``: on photos it starts from its
+            ImageNet weights with the photo settings (the line says so), when it has such weights; otherwise
+            nothing is chosen for it (``({}, None)``).
 
     Returns:
         (flat settings as the CLI flags name them, one line for the user and config.yaml).
     """
+    if model is not None and model not in models_with_weights():
+        return {}, None
     probe = probe_data(dataset, follow_links)
+    if model is not None and (probe is None or probe.median_side < PHOTO_MIN_SIDE):
+        return {}, None  # small images: the named model trains as it is, from scratch
     if probe is None or probe.median_side < PHOTO_MIN_SIDE:
         what = "its images could not be sized up" if probe is None else \
             f"{probe.images:,} images of about {probe.median_size[0]}x{probe.median_size[1]}"
@@ -127,20 +146,26 @@ def choose(dataset: str, user: dict, follow_links: bool = False) -> tuple[dict, 
                                           f"(small images; pretrained ImageNet features need photos of "
                                           f"{PHOTO_MIN_SIDE}+ pixels); override with --model")
     kind = machine_kind(str(user.get("device") or "auto"))
-    side = PHOTO_SIDE[kind]
-    if kind == "cpu" and probe.median_side >= CPU_DETAIL_SIDE:
+    fast = bool(user.get("fast"))
+    side = PHOTO_SIDE["cpu" if fast else kind]
+    if (kind == "cpu" or fast) and probe.median_side >= CPU_DETAIL_SIDE:
         side = CPU_DETAIL_SIDE
+    backbone = model or (FAST_MODEL if fast else PHOTO_MODEL[kind])
     settings = {
-        "model": PHOTO_MODEL, "pretrained": "imagenet", "head_first": True, "image_size": [side, side],
-        "channels": 3, "resize": "stretch", "augment": ["hflip"], "model_option": {"freeze_bn": True},
+        "model": backbone, "pretrained": "imagenet", "head_first": True, "image_size": [side, side],
+        "channels": 3, "resize": "stretch", "augment": ["hflip"], "tta": "auto",
+        # The classifier reads the pooled outputs of stage 2 to the head convolution when val prefers them
+        # (stage 1 fits both readings): 76.7% against 75.1% on flowers.zip, 78.0 against 70.0 on 64 px CIFAR-10
+        # photos (benchmarks/README.md).
+        "model_option": _photo_options(backbone),
         # Fine-tuning, when it runs: Adam at 1e-3 for the new classifier, a tenth for the backbone.
         "optimizer": "adam", "lr": 1e-3, "backbone_lr_scale": 0.1, "early_stopping": True,
         "monitor": "val_loss", "patience": 2, "schedule": "constant",
         # 32, or half of the about 80% of the images that train, for a folder of a few dozen.
         "batch_size": max(2, min(32, int(probe.images * 0.8) // 2)),
     }
-    finetune = (kind == "cuda" or user.get("time_budget") is not None or user.get("epochs") is not None
-                or user.get("head_first") is False)
+    finetune = not fast and (kind == "cuda" or user.get("time_budget") is not None
+                             or user.get("epochs") is not None or user.get("head_first") is False)
     if finetune:
         settings["epochs"] = 30 if user.get("time_budget") is not None else 5
         # Photo augmentation: mirror, zoom and shift (a random-resized-crop in small), mild colour jitter.
@@ -154,9 +179,59 @@ def choose(dataset: str, user: dict, follow_links: bool = False) -> tuple[dict, 
             plan += f" within {user['time_budget']}"
     else:
         settings["epochs"] = 0
-        plan = ("stage 1 only on this CPU: the classifier on frozen features, with mirrored copies "
-                "(fine-tuning costs minutes a pass here: --time-budget 5m or --epochs N adds it)")
+        seconds, rate = stage1_seconds(backbone, side, probe.images, settings["model_option"])
+        where = "--fast" if fast else "on this CPU"
+        plan = (f"stage 1 only ({where}): the classifier on frozen features of the photos and their mirror images, "
+                f"about {seconds:.0f}s of frozen passes here at most ({rate:.0f} images/s timed); "
+                + ("without --fast the backbone is " + PHOTO_MODEL[kind] if fast else
+                   f"less: --fast ({FAST_MODEL}); more: --time-budget 10m fine-tunes after it"))
+    what = (f"{backbone} (named) starts from its ImageNet weights (--pretrained none: from random weights)"
+            if model else f"{backbone} pretrained on ImageNet")
     line = (f"{dataset}: {probe.images:,} photos of about {probe.median_size[0]}x{probe.median_size[1]} in "
-            f"{probe.classes} classes -> {PHOTO_MODEL} pretrained on ImageNet at {side}x{side} on the {kind}; "
+            f"{probe.classes} classes -> {what} at {side}x{side} on the {kind}; "
             f"{plan}; override with --model, --image-size, --epochs")
     return settings, line
+
+
+def forward_rate(model, image_shape: tuple[int, int, int], device: str = "cpu") -> float:
+    """Images/s of ``model``'s eval forward pass in PyTorch (fp32, channels_last) at ``image_shape`` (C, H, W).
+
+    Two batches of ``RATE_IMAGES`` random images, the second timed: about 0.1 s for EfficientNet-Lite2 at 128 px
+    on 2 AVX2 cores.  Stage 1 runs its frozen pass through ONNX Runtime where that is faster (1.5 to 3 times,
+    benchmarks/README.md), so a time from this rate errs long.
+    """
+    import time
+
+    import torch
+
+    model = model.eval().to(device, memory_format=torch.channels_last)
+    x = torch.randn(RATE_IMAGES, *image_shape, device=device).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        model(x)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        model(x)
+        if device == "cuda":
+            torch.cuda.synchronize()
+    return RATE_IMAGES / max(time.perf_counter() - started, 1e-6)
+
+
+def stage1_seconds(model: str, side: int, images: int, options: dict) -> tuple[float, float]:
+    """(seconds, images/s): the most stage 1's frozen passes over ``images`` photos should take on this CPU,
+    from ``model`` timed at ``side`` x ``side`` (random weights: the speed does not depend on them)."""
+    import torch
+
+    with torch.random.fork_rng():  # the timing draws random weights and pixels; the run's seeds stay untouched
+        torch.manual_seed(0)
+        net = create_model(model, in_chans=3, num_classes=2, img_size=(side, side), **options)
+        rate = forward_rate(net, (3, side, side))
+    return images * PASSES_PER_IMAGE / rate, rate
+
+
+def _photo_options(model: str) -> dict:
+    """The model options of the photo settings that ``model`` takes: BatchNorm statistics frozen, and (EfficientNet-
+    Lite) the classifier reading several stages."""
+    takes = model_options(model) or {}
+    wanted = {"freeze_bn": True, "head_stages": MULTI_STAGE_HEAD}
+    return {k: v for k, v in wanted.items() if k in takes}

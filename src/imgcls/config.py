@@ -26,6 +26,7 @@ from imgcls.errors import ConfigError
 OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop", "muon")
 SCHEDULES = ("constant", "step", "cosine", "onecycle", "linear", "plateau")
 TTA_MODES = ("none", "flip", "translate", "flip-translate")
+TTA_AUTO = "auto"  # the config's tta: chosen by stage 1 on val; a model's meta always holds one of TTA_MODES
 MONITORS = ("val_loss", "val_accuracy", "train_loss", "train_accuracy")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -59,15 +60,24 @@ class DataConfig:
                               "a link cannot pull in files from elsewhere)")
 
 
+NO_WEIGHTS = "none"  # --pretrained none: random weights, said explicitly
+
+
 @dataclass
 class ModelConfig:
     name: str = _opt("auto", "registered architecture (see `imgcls models`); auto: chosen from the data and the "
                      "machine (a pretrained EfficientNet-Lite0 for photos, fastnet_small for small images)", flag="model")
     pretrained: str | None = _opt(None, "start from pretrained weights: 'imagenet' (the models that have them are "
                                   "marked in `imgcls models`), or a weights file (.safetensors, or a PyTorch state "
-                                  "dict, read with weights_only)")
+                                  "dict, read with weights_only); 'none': random weights (a model with ImageNet "
+                                  "weights named on photos starts from them otherwise)")
     options: dict = _opt(None, "architecture option KEY=VALUE (repeatable), e.g. dropout=0.3",
                          flag="model-option", factory=dict)
+
+    @property
+    def weights(self) -> str | None:
+        """The weights to start from: ``pretrained``, with ``none`` read as no weights."""
+        return None if self.pretrained in (None, NO_WEIGHTS) else self.pretrained
 
 
 @dataclass
@@ -99,6 +109,8 @@ class TrainConfig:
     head_first: bool = _opt(False, "transfer learning, stage 1: fit the classifier on the frozen pretrained backbone's "
                             "features (computed once and cached) before any epoch; the flip view is added when "
                             "--augment has hflip")
+    fast: bool = _opt(False, "with --model auto on photos: the quickest good run, stage 1 only on EfficientNet-Lite0 "
+                      "(no fine-tuning, whatever the machine or budget)")
     backbone_lr_scale: float = _opt(1.0, "multiply the learning rate of every parameter but the classifier's by this "
                                     "(fine-tuning a pretrained backbone: 0.1)")
     time_budget: str | None = _opt(None, "stop training before this much time has passed since the data was ready "
@@ -127,7 +139,8 @@ class TrainConfig:
     seed: int = _opt(0, "random seed: a run repeats exactly on the same machine")
     top_k: int = _opt(5, "k of the top-k accuracy reported by evaluation")
     tta: str = _opt("none", "test-time augmentation, kept with the model and used wherever it predicts: "
-                    "average the logits over mirrored and/or 1-pixel-shifted copies", choices=TTA_MODES)
+                    "average the logits over mirrored and/or 1-pixel-shifted copies; auto: flip when stage 1's "
+                    "val loss says it helps (--head-first), else none", choices=TTA_MODES + (TTA_AUTO,))
 
 
 @dataclass
@@ -194,7 +207,7 @@ class RunConfig:
         _check_range("backbone_lr_scale", t.backbone_lr_scale, 0.0, 1.0)
         if t.time_budget is not None:
             parse_duration(t.time_budget)
-        if t.head_first and not self.model.pretrained:
+        if t.head_first and not self.model.weights:
             raise ConfigError("head_first fits the classifier on a pretrained backbone's features; give --pretrained "
                               "imagenet (or a weights file) with it")
         for name in ("patience", "plateau_patience"):

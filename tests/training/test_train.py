@@ -220,3 +220,24 @@ def test_two_resumes_at_once_the_second_is_refused_naming_the_first(tmp_path):
     again = subprocess.run(_cli("train", "--resume", str(run), "--epochs", str(len(epochs) + 1)),
                            capture_output=True, text=True, timeout=600, check=False)
     assert again.returncode == 0, again.stderr[-2000:]
+
+
+def test_an_epoch_stops_taking_steps_when_the_time_budget_runs_out(tmp_path, monkeypatch):
+    import re
+
+    from imgcls.training import trainer
+
+    real_epoch = trainer.train_one_epoch
+
+    def late(s, progress):
+        assert s.deadline is not None  # set from the budget before every epoch
+        s.deadline = time.perf_counter() - 1.0  # as if the run had gone past its estimate
+        return real_epoch(s, progress)
+
+    monkeypatch.setattr(trainer, "train_one_epoch", late)
+    run = imgcls.train(out=str(tmp_path), quiet=True, report=False, epochs=3, time_budget="1h", batch_size=64)
+    assert [r["epoch"] for r in run.history] == [1] and run.history[0]["steps"] == 1
+    assert "val_loss" in run.history[0] and run.test_metrics["accuracy"] > 0
+    log = (run.path / "train.log").read_text()
+    assert re.search(r"time budget: 1h is spent; epoch 1 stopped after 1 of 2\d steps", log)
+    assert json.loads((run.path / "run.json").read_text())["stopped_early"] is True

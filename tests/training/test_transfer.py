@@ -22,6 +22,7 @@ from imgcls.training.transfer import (
     cached_features,
     compute_features,
     fit_linear_head,
+    fit_stage_head,
 )
 
 SIDE = 64  # pixels
@@ -120,6 +121,49 @@ def test_without_val_the_head_is_fitted_once_at_the_middle_of_the_grid(val):
 
 # ----------------------------------------------------------------------------
 # FeatureRunner, compute_features and cached_features
+
+
+# ----------------------------------------------------------------------------
+# fit_stage_head: the classifier over several stages' pooled features, or the last alone
+
+
+def _stage_blobs(rng, n_per_class: int, informative: str):
+    """Features of two 'stages' of 8 and 16 columns, 3 classes; the class shows only in the ``informative`` one
+    (``early`` or ``last``), the other is noise."""
+    y = np.repeat(np.arange(3), n_per_class)
+    centres = np.eye(3, 8) * 4 if informative == "early" else np.eye(3, 16) * 4
+    signal = centres[y] + rng.normal(0, 1, (len(y), centres.shape[1]))
+    noise = rng.normal(0, 1, (len(y), 16 if informative == "early" else 8))
+    x = np.concatenate([signal, noise] if informative == "early" else [noise, signal], 1)
+    return (2.0 + 3.0 * x).astype(np.float32), y
+
+
+def test_stage_head_reads_every_stage_when_only_an_early_one_tells_the_classes():
+    rng = np.random.default_rng(0)
+    (x, y), (xv, yv) = _stage_blobs(rng, 40, "early"), _stage_blobs(rng, 20, "early")
+    choice = fit_stage_head(x, y, 3, (8, 16), xv, yv)
+    assert choice.stages == 2 and set(choice.tried) == {1, 2} and choice.tried[2] < choice.tried[1]
+    assert choice.fit.weight.shape == (3, 24) and choice.fit.val_accuracy >= 0.95
+    assert choice.fit.weight[:, :8].abs().sum() > 0
+
+
+def test_stage_head_keeps_the_last_stage_alone_when_val_prefers_it_and_zeroes_the_rest():
+    rng = np.random.default_rng(1)
+    (x, y), (xv, yv) = _stage_blobs(rng, 12, "last"), _stage_blobs(rng, 40, "last")
+    choice = fit_stage_head(x, y, 3, (8, 16), xv, yv)
+    assert choice.tried[1] <= choice.tried[2] and choice.stages == 1
+    assert torch.count_nonzero(choice.fit.weight[:, :8]) == 0 and choice.fit.weight.shape == (3, 24)
+    logits = torch.from_numpy(xv) @ choice.fit.weight.T + choice.fit.bias  # applies to every column as they are
+    assert (logits.argmax(1).numpy() == yv).mean() == pytest.approx(choice.fit.val_accuracy)
+
+
+def test_stage_head_without_val_reads_every_stage_and_refuses_features_of_another_width():
+    rng = np.random.default_rng(2)
+    x, y = _stage_blobs(rng, 10, "early")
+    choice = fit_stage_head(x, y, 3, (8, 16))
+    assert choice.stages == 2 and list(choice.tried) == [2]
+    with pytest.raises(ValueError, match="24 features given for stages of 20 channels"):
+        fit_stage_head(x, y, 3, (8, 12))
 
 
 @pytest.fixture(scope="module")

@@ -503,3 +503,41 @@ def test_two_workers_opening_a_fresh_study_together_draw_different_values(tmp_pa
     with search._optuna_quiet():
         again.optimize(lambda t: t.suggest_float("lr", 1e-4, 1e-1, log=True), n_trials=1)
     assert again.trials[0].params["lr"] == drawn[0]
+
+
+def _photos(root: Path, n: int = 12) -> Path:
+    """Noisy colour photos of 3 classes (a tint each), 80x80, n a class."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c, name in enumerate(("red", "green", "blue")):
+        (root / name).mkdir(parents=True)
+        for i in range(n):
+            pixels = np.full((80, 80, 3), 100.0)
+            pixels[..., c] += 40
+            pixels += rng.normal(0, 50, pixels.shape)
+            Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(root / name / f"{i}.jpg")
+    return root
+
+
+def test_on_photos_the_default_space_searches_the_transfer_settings_and_trials_reuse_the_features(
+        tmp_path, capsys, monkeypatch):
+    photos = _photos(tmp_path / "photos")
+    assert main(["tune", "--data", str(photos), "--show-space"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("# default search space: efficientnet_lite2, stage 1 only (--epochs 0): label smoothing, "
+                           "the backbone (efficientnet_lite0, efficientnet_lite1, efficientnet_lite2), the image size "
+                           "(128, 160, 192 px), the stages the classifier reads (1, 4 or 7)")
+    space = read_space(_write(tmp_path / "space.yaml", text))
+    assert space["model"].choices == ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
+    assert space["image_size"].choices == (128, 160, 192)
+    assert space["model_option.head_stages"].choices == (1, 4, 7)
+    # Trials that share a backbone and a size fit their classifiers on the same cached frozen features.
+    monkeypatch.setenv("IMGCLS_DATA_DIR", str(tmp_path / "cache"))
+    summary = imgcls.tune(data=str(photos), trials=2, space={"label_smoothing": {"low": 0.0, "high": 0.2}},
+                          out=str(tmp_path / "out"), image_size=64, quiet=True)
+    assert summary["counts"]["complete"] == 2
+    study = Path(summary["path"])
+    logs = [(study / t["run"] / "train.log").read_text() for t in sorted(summary["trials"], key=lambda t: t["trial"])]
+    assert "from the cache" not in logs[0] and "4 of 4 from the cache" in logs[1]

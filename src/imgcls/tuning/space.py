@@ -41,6 +41,7 @@ from imgcls.config import (
     shown,
 )
 from imgcls.errors import ConfigError
+from imgcls.models.pretrained import models_with_weights
 from imgcls.models.registry import check_options, create_model, model_options
 
 # Fields a study cannot vary, and why.
@@ -403,6 +404,28 @@ def _width_param(cfg: RunConfig) -> tuple[Param | None, str]:
     return None, ""
 
 
+def _transfer_params(cfg: RunConfig) -> tuple[list[Param], str]:
+    """What changes the classifier of a stage-1 run on a pretrained backbone: the backbone (among those of its
+    family with ImageNet weights), the image size (its own, 1.25x and 1.5x), how many stages the classifier
+    reads (a model option), and label smoothing; (the params, a clause saying so)."""
+    params = [Param("label_smoothing", "float", 0.0, 0.2)]
+    said = ["label smoothing"]
+    family = cfg.model.name.rstrip("0123456789")
+    backbones = [m for m in models_with_weights() if m.rstrip("0123456789") == family]
+    if cfg.model.pretrained == "imagenet" and len(backbones) > 1:
+        params.append(Param("model", "categorical", choices=tuple(backbones)))
+        said.append(f"the backbone ({', '.join(backbones)})")
+    side = parse_image_size(cfg.data.image_size)[0] if cfg.data.image_size else None
+    if side:
+        sides = (side, 8 * round(side * 1.25 / 8), 8 * round(side * 1.5 / 8))
+        params.append(Param("image_size", "categorical", choices=sides))
+        said.append(f"the image size ({', '.join(map(str, sides))} px)")
+    if "head_stages" in (model_options(cfg.model.name) or {}):
+        params.append(Param(MODEL_OPTION + "head_stages", "categorical", choices=(1, 4, 7)))
+        said.append("the stages the classifier reads (1, 4 or 7)")
+    return params, ", ".join(said)
+
+
 def default_space(cfg: RunConfig, fixed=frozenset()) -> tuple[Space, str]:
     """The default space for ``cfg`` (a resolved config) and a line saying which it is.
 
@@ -418,11 +441,12 @@ def default_space(cfg: RunConfig, fixed=frozenset()) -> tuple[Space, str]:
                   Param("label_smoothing", "float", 0.0, 0.3),
                   Param("batch_size", "categorical", choices=(max(t.batch_size // 2, 1), t.batch_size))]
         why = f"around the muon settings of {cfg.recipe or 'this config'} ({cfg.model.name})"
-    elif cfg.model.pretrained and t.epochs == 0:
-        params = [Param("label_smoothing", "float", 0.0, 0.2)]
-        why = (f"{cfg.model.name}, stage 1 only (--epochs 0): only label smoothing changes the fitted classifier; "
-               f"give --epochs N to tune fine-tuning")
-    elif cfg.model.pretrained:
+    elif cfg.model.weights and t.epochs == 0:
+        params, said = _transfer_params(cfg)
+        why = (f"{cfg.model.name}, stage 1 only (--epochs 0): {said}; the frozen features of a size and backbone "
+               f"are computed once and cached for the trials that share them; give --epochs N to tune "
+               f"fine-tuning")
+    elif cfg.model.weights:
         params = [Param("lr", "float", 1e-5, 3e-3, log=True),
                   Param("weight_decay", "float", 1e-6, 1e-2, log=True),
                   Param("label_smoothing", "float", 0.0, 0.2),
@@ -430,7 +454,7 @@ def default_space(cfg: RunConfig, fixed=frozenset()) -> tuple[Space, str]:
                   Param("batch_size", "categorical", choices=(16, 32, 64)),
                   Param("optimizer", "categorical", choices=("adam", "adamw")),
                   Param("augment", "categorical", choices=_PHOTO_AUGMENT)]
-        why = f"fine-tuning {cfg.model.name} from {cfg.model.pretrained} weights"
+        why = f"fine-tuning {cfg.model.name} from {cfg.model.weights} weights"
     else:
         params = [Param("lr", "float", 1e-4, 1e-2, log=True),
                   Param("weight_decay", "float", 1e-6, 1e-2, log=True),
