@@ -5,13 +5,19 @@
 machine, and picks:
 
 * **photos** (a folder or zip whose images are at least 48 pixels on their
-  shorter side): EfficientNet-Lite0 with its ImageNet weights at 128x128 on a
-  CPU (224x224 on a GPU), RGB (a gray image's channel repeated), stage 1 of
+  shorter side): on a CPU, EfficientNet-Lite2 with its ImageNet weights at
+  128x128 (160 where the photos' median shorter side is 160 or more;
+  ``--fast``: Lite0 at 128), its classifier reading the pooled outputs of
+  stage 2 to the head convolution (or the head alone, by val loss); on a GPU,
+  Lite0 at 224x224.  RGB (a gray image's channel repeated), stage 1 of
   transfer learning (the classifier fitted on the frozen backbone's cached
-  features, with their mirror images) and, where it pays within the time
-  there is, fine-tuning: on a GPU, or on a CPU when ``--time-budget`` or
-  ``--epochs`` is given, with the backbone at a tenth of the learning rate,
-  BatchNorm statistics frozen, photo augmentation and early stopping on val;
+  features, with their mirror images; the mirror image kept at prediction
+  time where val says so) and, where it pays within the time there is,
+  fine-tuning: on a GPU, or on a CPU when ``--time-budget`` or ``--epochs``
+  is given, with the backbone at a tenth of the learning rate, BatchNorm
+  statistics frozen, photo augmentation and early stopping on val.  The
+  line says how long stage 1 should take, from a timed batch of the frozen
+  pass;
 * **small images** (the built-in digits, MNIST, CIFAR and folders of images
   under 48 pixels): ``fastnet_small`` trained from scratch, which is both
   better and faster there (ImageNet features of an 8x8 digit are noise).

@@ -101,3 +101,17 @@ def test_plot_reliability_png():
     assert len(fig.axes) == 2
     assert "ECE" in fig.axes[0].get_title() and "ECE" in fig.axes[1].get_title()
     assert figure_png(fig).startswith(b"\x89PNG")
+
+
+@pytest.mark.parametrize("scale", [0.3, 1.0, 2.5, 40.0])
+def test_fitted_temperature_is_scipy_bounded_minimum(scale):
+    """The golden-section search lands where SciPy's bounded Brent does (to the 4 decimals kept)."""
+    from scipy.optimize import minimize_scalar
+
+    from imgcls.evaluation.calibration import _nll
+
+    logits, labels = calibrated_logits(n=3000, seed=1)
+    logits = (scale * logits).astype(np.float64)
+    res = minimize_scalar(lambda log_t: _nll(logits, labels, float(np.exp(log_t))), bounds=(-3.0, 3.0),
+                          method="bounded", options={"xatol": 1e-6})
+    assert fit_temperature(logits, labels) == pytest.approx(float(np.exp(res.x)), abs=2e-4)

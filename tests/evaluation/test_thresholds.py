@@ -148,3 +148,20 @@ def test_plot_pr_curves_png(k):
     assert len(fig.axes) == k
     assert all("AP" in ax.get_title() for ax in fig.axes)
     assert figure_png(fig).startswith(b"\x89PNG")
+
+
+@pytest.mark.parametrize("seed, ties", [(0, False), (1, True), (2, True)])
+def test_precision_recall_curve_and_average_precision_match_scikit_learn(seed, ties):
+    from sklearn.metrics import average_precision_score
+    from sklearn.metrics import precision_recall_curve as sk_curve
+
+    from imgcls.evaluation.thresholds import average_precision, precision_recall_curve
+
+    rng = np.random.default_rng(seed)
+    positive = rng.random(300) < 0.3
+    scores = rng.random(300) + 0.4 * positive
+    if ties:  # few distinct scores: the curve keeps one point a distinct score
+        scores = np.round(scores, 1)
+    for ours, theirs in zip(precision_recall_curve(positive, scores), sk_curve(positive, scores)):
+        np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-12)
+    assert average_precision(positive, scores) == pytest.approx(average_precision_score(positive, scores), abs=1e-12)

@@ -8,8 +8,9 @@ Fit T on the validation split and judge it on the test split.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
-from scipy.optimize import minimize_scalar
 
 from imgcls.plots import new_figure
 
@@ -50,9 +51,30 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
     _check(logits, labels, "logits")
     if len(labels) == 0 or len(np.unique(labels)) < 2:
         return 1.0
-    res = minimize_scalar(lambda log_t: _nll(logits, labels, float(np.exp(log_t))),
-                          bounds=_LOG_T_BOUNDS, method="bounded", options={"xatol": 1e-6})
-    return round(float(np.exp(res.x)), 4)
+    log_t = golden_section(lambda x: _nll(logits, labels, math.exp(x)), *_LOG_T_BOUNDS, tol=1e-6)
+    return round(math.exp(log_t), 4)
+
+
+def golden_section(f, low: float, high: float, tol: float) -> float:
+    """The x in [low, high] that minimises a unimodal ``f``, to within ``tol`` (golden-section search).
+
+    The NLL of temperature-scaled logits is convex in 1/T, so unimodal in log T.
+    (SciPy's bounded Brent did this before; importing scipy.optimize took 0.3 s of every run's report.)
+    """
+    ratio = (math.sqrt(5) - 1) / 2
+    a, b = low, high
+    c, d = b - ratio * (b - a), a + ratio * (b - a)
+    fc, fd = f(c), f(d)
+    while b - a > tol:
+        if fc <= fd:
+            b, d, fd = d, c, fc
+            c = b - ratio * (b - a)
+            fc = f(c)
+        else:
+            a, c, fc = c, d, fd
+            d = a + ratio * (b - a)
+            fd = f(d)
+    return (a + b) / 2
 
 
 def reliability_bins(proba: np.ndarray, labels: np.ndarray, bins: int = 15) -> dict:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from sklearn.metrics import average_precision_score, precision_recall_curve
 
 from imgcls.errors import ConfigError
 from imgcls.plots import new_figure
@@ -84,6 +83,29 @@ def tune_thresholds(proba: np.ndarray, labels: np.ndarray, classes: list[str], o
                           "support": int(positive.sum()), "met": met})
     text = kind if target is None else f"{kind}={target:g}"
     return {"objective": text, "thresholds": [e["threshold"] for e in per_class], "per_class": per_class}
+
+
+def precision_recall_curve(positive: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(precision, recall, thresholds) of "positive when score >= t", as scikit-learn's function of that name gives.
+
+    ``thresholds``: the distinct scores, ascending; ``precision`` and
+    ``recall`` have one more entry, the end point (1, 0).  Written here in
+    numpy because importing scikit-learn's metrics (with SciPy) took 0.8 s of
+    every run's report.
+    """
+    order = np.argsort(scores, kind="mergesort")[::-1]  # descending, ties in a stable order
+    ranked = np.asarray(scores)[order]
+    last = np.r_[np.flatnonzero(np.diff(ranked)), len(ranked) - 1]  # the last image of each distinct score
+    tps = np.cumsum(np.asarray(positive, dtype=np.float64)[order])[last]
+    precision = tps / (last + 1)
+    recall = tps / tps[-1] if tps[-1] else np.ones_like(tps)
+    return np.r_[precision[::-1], 1.0], np.r_[recall[::-1], 0.0], ranked[last][::-1]
+
+
+def average_precision(positive: np.ndarray, scores: np.ndarray) -> float:
+    """Average precision: the precision-recall step function's integral, as scikit-learn's average_precision_score."""
+    precision, recall, _ = precision_recall_curve(positive, scores)
+    return float(max(0.0, -np.sum(np.diff(recall) * precision[:-1])))
 
 
 def _pick(positive: np.ndarray, scores: np.ndarray, kind: str, target: float | None) -> tuple[float, bool]:
@@ -183,7 +205,7 @@ def plot_pr_curves(proba: np.ndarray, labels: np.ndarray, classes: list[str], th
             ax.set_title(f"{classes[i]}: no images", fontsize=9)
             continue
         precision, recall, _ = precision_recall_curve(positive, proba[:, i])
-        ap = average_precision_score(positive, proba[:, i])
+        ap = average_precision(positive, proba[:, i])
         ax.plot(recall, precision, drawstyle="steps-post", linewidth=1.2)
         p, r, _ = _scores_at(positive, proba[:, i], float(thresholds[i]))
         ax.plot([r], [p], "o", color="tab:red", markersize=6, label=f"t = {float(thresholds[i]):.3f}")
