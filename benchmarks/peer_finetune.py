@@ -27,8 +27,9 @@ What it does, and the choices a person would make:
   (patience 3), the best val epoch's weights kept.
 * **The clock**: the wall time runs from the process's launch (``BENCH_T0``,
   set by ``common.run_child``; else the process's start); training stops
-  taking steps when ``--seconds`` minus the time of a val and a test pass
-  (estimated from the first val pass) has passed, and the weights of the
+  taking steps when the next step would end past ``--seconds`` minus the
+  time of a val and a test pass (estimated from a timed batch before
+  training, then from each val pass), and the weights of the
   best val loss so far (the last partial epoch included, after a val pass)
   are scored on the test images.
 
@@ -127,6 +128,18 @@ def score(model, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
     return F.cross_entropy(logits, y).item(), (logits.argmax(1) == y).float().mean().item()
 
 
+def pass_seconds(model, x: torch.Tensor, images: int) -> float:
+    """1.2x the seconds an eval pass over ``images`` images should take, from a timed batch of ``x``.
+
+    The batch runs twice; the second is timed (the first builds the CPU kernels).
+    """
+    batch = x[:64]
+    for _ in range(2):
+        started = time.perf_counter()
+        score(model, batch, torch.zeros(len(batch), dtype=torch.int64))
+    return 1.2 * (time.perf_counter() - started) * images / max(1, len(batch))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--split-file", required=True)
@@ -152,16 +165,17 @@ def main() -> None:
     g = torch.Generator().manual_seed(args.seed)
     best = (float("inf"), None, 0)  # (val loss, weights, epoch)
     epochs = steps = seen = 0
-    reserve = 0.0  # seconds kept for the last val and test passes, from the first val pass
-    train_seconds, stale, out_of_time = 0.0, 0, False
+    reserve = pass_seconds(model, x_val, len(x_val) + len(x_test))  # kept for the last val and test passes
+    train_seconds, stale, out_of_time, step_seconds = 0.0, 0, False, 0.0
     for epoch in range(1, MAX_EPOCHS + 1):
         model.train()
         order = torch.randperm(len(x_train), generator=g)
         started = time.perf_counter()
         for i in range(0, len(order) - 1, BATCH):  # a last batch of one image is dropped (BatchNorm)
-            if time.time() > deadline - reserve:
+            if time.time() + step_seconds > deadline - reserve:
                 out_of_time = True
                 break
+            step_started = time.perf_counter()
             idx = order[i:i + BATCH]
             loss = F.cross_entropy(model(to_float(augment(x_train[idx], g))), y_train[idx])
             optimizer.zero_grad()
@@ -169,6 +183,7 @@ def main() -> None:
             optimizer.step()
             steps += 1
             seen += len(idx)
+            step_seconds = time.perf_counter() - step_started
         train_seconds += time.perf_counter() - started
         epochs = epoch
         val_started = time.perf_counter()
