@@ -127,13 +127,13 @@ def test_without_val_the_head_is_fitted_once_at_the_middle_of_the_grid(val):
 # fit_stage_head: the classifier over several stages' pooled features, or the last alone
 
 
-def _stage_blobs(rng, n_per_class: int, informative: str):
+def _stage_blobs(rng, n_per_class: int, informative: str, noise_width: int = 0):
     """Features of two 'stages' of 8 and 16 columns, 3 classes; the class shows only in the ``informative`` one
-    (``early`` or ``last``), the other is noise."""
+    (``early`` or ``last``), the other is noise (``noise_width`` columns of it in place of the first stage's 8)."""
     y = np.repeat(np.arange(3), n_per_class)
     centres = np.eye(3, 8) * 4 if informative == "early" else np.eye(3, 16) * 4
     signal = centres[y] + rng.normal(0, 1, (len(y), centres.shape[1]))
-    noise = rng.normal(0, 1, (len(y), 16 if informative == "early" else 8))
+    noise = rng.normal(0, 1, (len(y), 16 if informative == "early" else noise_width or 8))
     x = np.concatenate([signal, noise] if informative == "early" else [noise, signal], 1)
     return (2.0 + 3.0 * x).astype(np.float32), y
 
@@ -147,14 +147,22 @@ def test_stage_head_reads_every_stage_when_only_an_early_one_tells_the_classes()
     assert choice.fit.weight[:, :8].abs().sum() > 0
 
 
-def test_stage_head_keeps_the_last_stage_alone_when_val_prefers_it_and_zeroes_the_rest():
-    rng = np.random.default_rng(1)
-    (x, y), (xv, yv) = _stage_blobs(rng, 12, "last"), _stage_blobs(rng, 40, "last")
-    choice = fit_stage_head(x, y, 3, (8, 16), xv, yv)
-    assert choice.tried[1] <= choice.tried[2] and choice.stages == 1
-    assert torch.count_nonzero(choice.fit.weight[:, :8]) == 0 and choice.fit.weight.shape == (3, 24)
+def test_stage_head_keeps_the_last_stage_alone_when_val_clearly_prefers_it_and_zeroes_the_rest():
+    rng = np.random.default_rng(1)  # 128 columns of noise before the last stage: reading them overfits
+    (x, y), (xv, yv) = _stage_blobs(rng, 12, "last", 128), _stage_blobs(rng, 40, "last", 128)
+    choice = fit_stage_head(x, y, 3, (128, 16), xv, yv)
+    assert choice.tried[1] < choice.tried[2] / 3 and choice.stages == 1
+    assert torch.count_nonzero(choice.fit.weight[:, :128]) == 0 and choice.fit.weight.shape == (3, 144)
     logits = torch.from_numpy(xv) @ choice.fit.weight.T + choice.fit.bias  # applies to every column as they are
     assert (logits.argmax(1).numpy() == yv).mean() == pytest.approx(choice.fit.val_accuracy)
+
+
+def test_stage_head_reads_every_stage_when_the_last_wins_on_val_by_less_than_the_noise():
+    rng = np.random.default_rng(0)
+    (x, y), (xv, yv) = _stage_blobs(rng, 12, "last"), _stage_blobs(rng, 40, "last")
+    choice = fit_stage_head(x, y, 3, (8, 16), xv, yv)
+    assert choice.tried[1] < choice.tried[2] and choice.stages == 2  # lower, within 2 standard errors
+    assert fit_stage_head(x, y, 3, (8, 16), xv, yv, margin=0.0).stages == 1  # the lower loss alone
 
 
 def test_stage_head_without_val_reads_every_stage_and_refuses_features_of_another_width():

@@ -670,6 +670,8 @@ def _stages_line(choice, widths: tuple[int, ...]) -> str:
     losses = ", ".join(f"{choice.tried[k]:.4f} reading {'the last stage' if k == 1 else f'{k} stages'}"
                        for k in sorted(choice.tried, reverse=True))
     read = "the last stage alone" if choice.stages == 1 else f"the last {choice.stages} stages pooled"
+    if choice.stages != 1 and choice.tried.get(1, float("inf")) < choice.tried[choice.stages]:
+        losses += ": the last stage's lead is within the val split's noise"
     return f"; it reads {read} ({sum(widths[-choice.stages:]):,} features; val loss {losses})" \
         if len(choice.tried) > 1 else f"; it reads the last {choice.stages} stages pooled (no val split to choose)"
 
