@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT))  # the corpus lives with the tests: tests/hostile/
 from tests.hostile import corpus, server_corpus
 
 COLUMNS = {"traceback": "tracebacks", "hang": "hangs", "blow-up": "blow-ups", "silent wrong": "silent wrong",
-           "unclear": "unclear"}  # corpus.judge's verdicts -> table columns
+           "unclear": "unclear", "leak": "leaks"}  # corpus.judge's verdicts -> table columns
 MB = 1_000_000
 
 

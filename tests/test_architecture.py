@@ -16,7 +16,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 
 # Bottom first.  A module may import its own floor and the floors below it, never a floor above.
 FLOORS = [
-    ("errors", "io", "plots", "startup", "tensorfile"),
+    ("errors", "io", "plots", "startup", "tensorfile", "terminal"),
     ("config", "recipes"),
     ("data", "models"),
     ("auto", "checkpoint", "rundir"),

@@ -113,9 +113,9 @@ class Run:
 
 
 def _console(quiet: bool):
-    from rich.console import Console
+    from imgcls.terminal import console  # rich: on use
 
-    return Console(quiet=quiet, highlight=False)
+    return console(quiet)
 
 
 def train(config=None, *, resume: str | Path | None = None, quiet: bool = False, console=None,

@@ -107,12 +107,11 @@ def _spread(items: list, n: int) -> list:
 
 
 def _header_size(source, rel: str) -> tuple[int, int] | None:
-    from PIL import UnidentifiedImageError
-
+    """(height, width) from the header of ``rel``; None where it cannot be read (loading then reports it)."""
     try:
-        with open_image(source.read(rel)) as img:
+        with open_image(source.read(rel), rel) as img:
             return img.height, img.width
-    except (OSError, UnidentifiedImageError, ValueError):
+    except (ImgclsError, OSError, ValueError):
         return None
 
 

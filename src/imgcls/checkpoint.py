@@ -246,24 +246,34 @@ def upgrade_meta(meta: dict, path: Path) -> dict:
 def find_checkpoint(run_or_file: str | Path, which: str | None = None) -> Path:
     """Resolve a run folder (or a checkpoint file) to a checkpoint file.
 
-    A run folder resolves to ``checkpoints/<which>.safetensors``; ``which=None``
-    means the run's final checkpoint (``final_checkpoint`` in run.json, else
-    ``best``), falling back to ``last`` when that does not exist yet.
+    A run folder resolves to ``checkpoints/<which>.safetensors``, refused when
+    that file is missing (never another checkpoint in its place).
+    ``which=None`` means the run's final checkpoint (``final_checkpoint`` in
+    run.json); for a run still training (no run.json yet), its best so far,
+    or ``last`` before it has one.
     """
     p = Path(run_or_file)
     if p.is_file():
         return p
     if not p.is_dir():
         raise CheckpointError(f"{p} is neither a run folder nor a checkpoint file")
+    named = which is not None
     if which is None:
-        which = _final_checkpoint(p / rundir.RUN)
+        if (p / rundir.RUN).is_file():
+            which = _final_checkpoint(p / rundir.RUN)
+        else:
+            which = "best" if (p / rundir.CHECKPOINTS / "best.safetensors").is_file() else "last"
     elif which not in CHECKPOINT_NAMES:
         raise CheckpointError(f"no checkpoint named {str(which)[:60]!r}; a run keeps {' and '.join(CHECKPOINT_NAMES)}")
-    for name in (which, "last"):
-        candidate = p / rundir.CHECKPOINTS / f"{name}.safetensors"
-        if candidate.is_file():
-            return candidate
-    raise CheckpointError(f"run folder {p} holds no checkpoint (looked for checkpoints/{which}.safetensors and last)")
+    candidate = p / rundir.CHECKPOINTS / f"{which}.safetensors"
+    if candidate.is_file():
+        return candidate
+    others = [n for n in CHECKPOINT_NAMES if n != which and (p / rundir.CHECKPOINTS / f"{n}.safetensors").is_file()]
+    said = "--checkpoint " + which if named else f"its final checkpoint, {which} (run.json)"
+    if others:
+        raise CheckpointError(f"run folder {p} has no checkpoints/{which}.safetensors ({said}); it keeps "
+                              f"{' and '.join(others)}: give --checkpoint {others[0]} to use it")
+    raise CheckpointError(f"run folder {p} holds no checkpoint (looked for checkpoints/{which}.safetensors)")
 
 
 def _final_checkpoint(info: Path) -> str:

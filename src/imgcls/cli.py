@@ -19,6 +19,7 @@ import re
 import sys
 from pathlib import Path
 
+from imgcls import terminal
 from imgcls.config import RunConfig, flat_fields, parse_yaml_value, shown, split_list
 from imgcls.errors import ConfigError, ImgclsError, is_disk_full
 from imgcls.startup import import_paused, keep_freed_memory
@@ -100,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="several nodes: the first node's address, where the nodes meet (c10d rendezvous)")
     launch.add_argument("--rdzv-timeout", type=float, default=300.0, metavar="SECONDS",
                         help="how long to wait for every node to join (default: 300)")
+    launch.add_argument("--force", action="store_true",
+                        help="start --nproc processes even where they are more than this node's CPU cores")
     add_config_flags(p)
 
     p = sub.add_parser("evaluate", help="metrics of a trained model on a split")
@@ -229,19 +232,26 @@ def cmd_train(args) -> int:
 
     overrides = _config_overrides(args)
     if "LOCAL_RANK" in os.environ:  # started by torchrun or by --nproc: the job is already running
+        from imgcls.training.launch import die_with_launcher  # start-up time
+
+        die_with_launcher()
         if args.nproc is not None and args.nproc != int(os.environ.get("LOCAL_WORLD_SIZE", args.nproc)):
             raise ImgclsError(f"--nproc {args.nproc} differs from the {os.environ['LOCAL_WORLD_SIZE']} processes "
                               f"per node torchrun started; give one or the other")
     elif args.nproc is not None and (args.nproc > 1 or args.nnodes > 1):
         from imgcls.training.launch import launch  # start-up time: torch.distributed
 
-        return launch(["train", *args.argv], args.nproc, args.nnodes, args.rdzv_endpoint, args.rdzv_timeout)
+        return launch(["train", *args.argv], args.nproc, args.nnodes, args.rdzv_endpoint, args.rdzv_timeout,
+                      args.force)
     else:
         from imgcls.training.launch import check_launch  # start-up time
 
-        check_launch(args.nproc, args.nnodes, args.rdzv_endpoint, args.rdzv_timeout)
+        check_launch(args.nproc, args.nnodes, args.rdzv_endpoint, args.rdzv_timeout, args.force)
         if args.nnodes > 1:
             raise ImgclsError(f"--nnodes {args.nnodes} needs --nproc (processes on each node)")
+        if args.rdzv_endpoint is not None:
+            raise ImgclsError(f"--rdzv-endpoint {args.rdzv_endpoint} is where several processes meet; give --nproc "
+                              f"(and --nnodes for several machines), or leave it out to train in one process")
     imgcls.train(args.config, resume=args.resume, quiet=args.quiet, **overrides)
     return 0
 
@@ -280,7 +290,7 @@ def cmd_predict(args) -> int:
     rows = [{"input": name, **r} for name, r in zip(names, ranked)]
     print(_format_predictions(rows, bad, args.format), end="")
     for b in bad:
-        print(f"error: cannot read {b.path}: {b.reason}", file=sys.stderr)
+        print(terminal.safe(f"error: cannot read {b.path}: {b.reason}"), file=sys.stderr)
     return 1 if bad else 0
 
 
@@ -304,7 +314,7 @@ def _format_predictions(rows: list[dict], bad: list, fmt: str) -> str:
         tops = "   ".join(f"{t['class']} {t['probability']:.1%}" for t in row["top"])
         answer = f"{row['answer']:<10}  " if "answer" in row else ""
         lines.append(f"{row['input']:<{width}}  {answer}{tops}")
-    return "\n".join(lines) + ("\n" if lines else "")
+    return terminal.safe("\n".join(lines) + ("\n" if lines else ""))
 
 
 def option_as_flag(key: str, value) -> str:
@@ -477,17 +487,15 @@ def cmd_probe(args) -> int:
 
 
 def cmd_cv(args) -> int:
-    from rich.console import Console
 
     api, cv = import_paused("imgcls.api"), import_paused("imgcls.evaluation.cv")
     overrides = _config_overrides(args)
-    result = api.cross_validate(args.config, args.folds, console=Console(highlight=False), **overrides)
+    result = api.cross_validate(args.config, args.folds, console=terminal.console(), **overrides)
     print(cv.format_cv(result))
     return 0
 
 
 def cmd_tune(args) -> int:
-    from rich.console import Console
 
     api = import_paused("imgcls.api")
     overrides = _config_overrides(args)
@@ -496,11 +504,11 @@ def cmd_tune(args) -> int:
         return 0
     summary = api.tune(args.config, trials=args.trials, timeout=args.timeout, space=args.space, metric=args.metric,
                        study=args.study, storage=args.storage, sampler=args.sampler, pruner=args.pruner,
-                       console=Console(highlight=False, quiet=args.quiet), **overrides)
+                       console=terminal.console(args.quiet), **overrides)
     if summary["best_trial"] is None:
         return 1
     if args.retrain_best:
-        run = api.retrain_best(summary, console=Console(highlight=False, quiet=args.quiet))
+        run = api.retrain_best(summary, console=terminal.console(args.quiet))
         print(f"best configuration retrained: {run.path}, test accuracy {run.test_metrics['accuracy']:.4f}")
     return 0
 
@@ -544,7 +552,7 @@ def _main(argv: list[str] | None) -> int:
                               f"(each of its {os.environ['WORLD_SIZE']} processes would repeat the whole command)")
         return COMMANDS[args.command](args)
     except ImgclsError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(terminal.safe(f"error: {exc}"), file=sys.stderr)
         return getattr(exc, "exit_code", 2)
     except OSError as exc:
         if exc.errno == errno.ENAMETOOLONG:

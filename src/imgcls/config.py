@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from imgcls.errors import ConfigError
+from imgcls.errors import ConfigError, shown_url, url_secrets
 
 OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop", "muon")
 SCHEDULES = ("constant", "step", "cosine", "onecycle", "linear", "plateau")
@@ -297,6 +297,11 @@ def _check_track(track, mlflow_uri) -> None:
     for name in names:
         if name not in TRACKERS:
             raise ConfigError(f"track {shown(name)} is not accepted; choose one or more of: {', '.join(TRACKERS)}")
+    if mlflow_uri is not None and url_secrets(str(mlflow_uri)):
+        raise ConfigError(f"mlflow_uri {shown(shown_url(str(mlflow_uri)))} holds a password or token, which would "
+                          f"be printed and stored in config.yaml; give the URI without it, and the credentials in "
+                          f"MLflow's own environment variables MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD "
+                          f"(or MLFLOW_TRACKING_TOKEN)")
     if mlflow_uri is not None and "mlflow" not in names:
         raise ConfigError(f"mlflow_uri {shown(mlflow_uri)} is given but track does not name mlflow; add --track mlflow")
 
@@ -408,7 +413,8 @@ def read_config_values(path: str | Path) -> dict:
 
 
 class _ConfigLoader(yaml.SafeLoader):
-    """YAML without aliases: a config never needs them, and nested ones expand to billions of values."""
+    """YAML without aliases (a config never needs them, and nested ones expand to billions of values) and
+    without a key given twice in one mapping (YAML keeps the last silently: the first would be lost)."""
 
     def compose_node(self, parent, index):
         if self.check_event(yaml.AliasEvent):
@@ -416,6 +422,20 @@ class _ConfigLoader(yaml.SafeLoader):
             raise yaml.YAMLError(f"line {event.start_mark.line + 1}: aliases (*{event.anchor}) are not accepted in "
                                  f"a config file; write the value out")
         return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                duplicate = key in seen
+                seen.add(key)
+            except TypeError:  # an unhashable key: SafeLoader's own error follows
+                continue
+            if duplicate:
+                raise yaml.YAMLError(f"line {key_node.start_mark.line + 1}: the key {shown(key)} is given twice in "
+                                     f"one mapping; keep one")
+        return super().construct_mapping(node, deep)
 
 
 class _ConfigDumper(yaml.SafeDumper):

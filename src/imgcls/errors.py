@@ -54,3 +54,41 @@ def is_disk_full(exc: BaseException) -> bool:
     text = str(exc)
     return (getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left on device" in text
             or "os error 28" in text)
+
+
+# Query parameters whose value is a credential, in any URL a user may give (SQLAlchemy's drivers take
+# ?password=, ?sslpassword=, ?token=...; cloud stores take keys and secrets).
+_SECRET_WORDS = ("pass", "pwd", "secret", "token", "key", "auth", "credential", "signature")
+
+
+def url_secrets(url: str) -> list[str]:
+    """The credentials written in ``url`` (a password after ``user:``, secret query values), as written and
+    percent-decoded, longest first; [] for text that is not a URL."""
+    from urllib.parse import parse_qsl, quote, unquote, urlsplit
+
+    try:
+        parts = urlsplit(str(url))
+    except ValueError:
+        return []
+    found = []
+    userinfo = parts.netloc.rpartition("@")[0]
+    if ":" in userinfo:
+        found.append(userinfo.split(":", 1)[1])
+    for key, value in parse_qsl(parts.query, keep_blank_values=True):
+        if value and any(word in key.lower() for word in _SECRET_WORDS):
+            found.append(value)
+    found += [unquote(s) for s in found]
+    found += [quote(s, safe="") for s in found]
+    return sorted({s for s in found if s}, key=len, reverse=True)
+
+
+def hide_secrets(text: str, url: str) -> str:
+    """``text`` with every credential of ``url`` replaced by ``***`` (for messages, files and logs)."""
+    for secret in url_secrets(url):
+        text = text.replace(secret, "***")
+    return text
+
+
+def shown_url(url: str) -> str:
+    """``url`` with its credentials replaced by ``***``, for messages and files."""
+    return hide_secrets(str(url), url)

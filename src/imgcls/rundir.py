@@ -125,14 +125,26 @@ class RunFolder:
         if out.exists() and not out.is_dir():
             raise TrainingError(f"--out {out} is a file, not a folder; give the folder the runs go in")
         base = cfg.name or default_run_name(cfg)
-        name, n = base, 1
-        # A taken name gets a suffix (-2, -3, ...), so repeating a run from its
-        # config.yaml never overwrites the original.
-        while (Path(cfg.out_dir) / name / CONFIG).exists():
-            n += 1
-            name = f"{base}-{n}"
-        path = Path(cfg.out_dir) / name
-        path.mkdir(parents=True, exist_ok=True)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise TrainingError(f"--out {out} cannot be created ({exc.strerror}); give a folder imgcls may "
+                                f"write in") from None
+        # A taken name gets a suffix (-2, -3, ...): a run, and any other file or folder of that name, so that
+        # repeating a run from its config.yaml never overwrites the original and a run never writes into a
+        # folder it did not make.  mkdir without exist_ok claims the name against a concurrent run too.
+        n = 1
+        while True:
+            name = base if n == 1 else f"{base}-{n}"
+            path = out / name
+            try:
+                path.mkdir()
+                break
+            except FileExistsError:
+                n += 1
+            except OSError as exc:
+                raise TrainingError(f"run folder {path} cannot be created ({exc.strerror}); give --out a folder "
+                                    f"imgcls may write in") from None
         cfg = dataclasses.replace(cfg, name=name)
         run = cls(path)
         run.write_text(CONFIG, dump_config(cfg))

@@ -158,6 +158,20 @@ def test_entry_of_the_format_before_the_layout_line_is_rebuilt_with_it(tmp_path)
     assert json.loads(meta_file.read_text())["layout"] == rebuilt.layout
 
 
+def test_an_edited_class_list_in_meta_json_is_not_trusted(tmp_path):
+    source = write_zip(tmp_path / "d.zip", FILES)
+    build = CountingBuild(source)
+    cache_dir = tmp_path / "decoded"
+    original, _ = load_cached("a" * 32, build, cache_dir)
+    meta_file = cache_dir / ("a" * 32) / "meta.json"
+    meta = json.loads(meta_file.read_text())
+    meta["classes"] = list(reversed(meta["classes"]))  # every label would name the other class
+    meta_file.write_text(json.dumps(meta))
+    rebuilt, hit = load_cached("a" * 32, build, cache_dir)
+    assert not hit and build.calls == 2 and rebuilt.classes == original.classes
+    assert load_cached("a" * 32, build, cache_dir)[1]
+
+
 def test_entry_for_another_key_is_not_trusted(tmp_path):
     source = write_zip(tmp_path / "d.zip", FILES)
     build = CountingBuild(source)

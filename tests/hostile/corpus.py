@@ -69,6 +69,7 @@ class Case:
         expect: words the one-line error must hold (the input's name at least); for an exit 0, words
             stderr must hold.
         avoid: words the error must not hold (a misleading message).
+        secrets: credentials given in the input, which must appear nowhere in stdout or stderr.
         max_rss_mb: peak RSS bound of the whole process, MB (None: memory is not the risk).
         setup: makes the case's files; idempotent.
         check: after the run, what is wrong on disk (a file left under a final name, data lost), or None.
@@ -86,6 +87,7 @@ class Case:
     code: int
     expect: tuple[str, ...] = ()
     avoid: tuple[str, ...] = ()
+    secrets: tuple[str, ...] = ()  # credentials in the input that must appear in no output
     max_rss_mb: float | None = None
     setup: Callable[[], None] = lambda: None
     check: Callable[[], str | None] | None = None
@@ -116,9 +118,10 @@ class Outcome:
     timed_out: bool = False
     seconds: float = 0.0
     post: list[str] = field(default_factory=list)  # what the post-checks found wrong
+    stdout: str = ""
 
 
-PROBLEMS = ("traceback", "hang", "blow-up", "silent wrong", "unclear")
+PROBLEMS = ("traceback", "hang", "blow-up", "silent wrong", "unclear", "leak")
 
 
 def judge(case: Case, outcome: Outcome) -> list[tuple[str, str]]:
@@ -136,6 +139,10 @@ def judge(case: Case, outcome: Outcome) -> list[tuple[str, str]]:
         kind = "silent wrong" if outcome.code == 0 else "unclear"  # exit 0: a bad input taken as good
         found.append((kind, f"exit {outcome.code}, expected {case.code}: {_tail(err)}"))
     found += [("silent wrong", p) for p in outcome.post]
+    if leaked := [w for w in case.secrets if w in err or w in outcome.stdout]:
+        found.append(("leak", f"{leaked} shown on the terminal"))
+    if "\x1b" in err or "\x1b" in outcome.stdout:  # from a file or class name: it would act on the terminal
+        found.append(("unclear", "a raw escape character (\\x1b) written to the terminal"))
     if crashed or outcome.code != case.code:
         return found
     if case.code != 0:
@@ -361,6 +368,14 @@ def write_zip(path: Path, members: list[ZipMember], declared: dict[str, int] | N
 def image_members(per_class: int = 16, prefix: str = "") -> list[ZipMember]:
     return [ZipMember.of(f"{prefix}{cls}/{i}.png", png_bytes(base=base, seed=i), deflate=False)
             for cls, base in (("dark", 40), ("light", 200)) for i in range(per_class)]
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG signature and IHDR chunk declaring ``width`` x ``height`` 8-bit grey pixels, and no pixels (58 bytes)."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    chunk = struct.pack(">I", len(ihdr)) + b"IHDR" + ihdr + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+    end = struct.pack(">I", 0) + b"IEND" + struct.pack(">I", zlib.crc32(b"IEND"))
+    return b"\x89PNG\r\n\x1a\n" + chunk + end
 
 
 def png_pixel_bomb(side: int = 12_000) -> bytes:
@@ -610,6 +625,42 @@ def _absent(*paths: Path) -> Callable[[], str | None]:
     return check
 
 
+_PRECIOUS = {"checkpoints/best.safetensors": b"not imgcls's: a user's own file", "eval_test.csv": b"a,b\n1,2\n",
+             "metrics.jsonl": b'{"mine": true}\n', "notes.txt": b"keep me\n"}
+
+
+def _plain_folder_like_a_run(folder: Path) -> Callable[[], None]:
+    """A folder imgcls did not make, holding files named like a run's (no config.yaml)."""
+    def setup() -> None:
+        for rel, content in _PRECIOUS.items():
+            (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+            (folder / rel).write_bytes(content)
+    return setup
+
+
+def _untouched_and_beside(folder: Path, new_run: Path) -> Callable[[], str | None]:
+    def check() -> str | None:
+        for rel, content in _PRECIOUS.items():
+            if (folder / rel).read_bytes() != content:
+                return f"{rel} in a folder imgcls did not make was overwritten"
+        extra = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()
+                       and str(p.relative_to(folder)) not in _PRECIOUS)
+        if extra:
+            return f"the run wrote into a folder it did not make: {extra[:5]}"
+        return None if (new_run / "run.json").is_file() else f"no run in {new_run.name} beside it"
+    return check
+
+
+def _copy_without(base: Path, dest: Path, rel: str, image: Path) -> Callable[[], None]:
+    def setup() -> None:
+        if not dest.exists():
+            shutil.copytree(base, dest)
+            (dest / rel).unlink()
+        image.parent.mkdir(parents=True, exist_ok=True)
+        image.write_bytes(png_bytes(side=8, channels=1))
+    return setup
+
+
 def _same_as(path: Path, original: Path) -> Callable[[], str | None]:
     """``path`` holds what ``original`` holds after the run (a refused command changed nothing)."""
     def check() -> str | None:
@@ -640,6 +691,8 @@ def alias_bomb(levels: int = 9, where: str = "augment") -> str:
 CONFIGS: dict[str, tuple[bytes | str, tuple[str, ...]]] = {
     # name -> (file content, words of the error besides the file or field name)
     "epochs-string": ('train:\n  epochs: "two"\n', ("train.epochs", "'two'")),
+    "key-twice": ("train:\n  epochs: 1\n  epochs: 50\n", ("'epochs'", "twice", "line 3")),
+    "section-twice": ("train:\n  epochs: 1\ntrain:\n  lr: 0.1\n", ("'train'", "twice")),
     "epochs-null": ("train:\n  epochs: null\n", ("train.epochs",)),
     "epochs-inf": ("train:\n  epochs: .inf\n", ("train.epochs",)),
     "epochs-list": ("train:\n  epochs: [1, 2]\n", ("train.epochs",)),
@@ -712,8 +765,14 @@ def cli_cases(root: Path, base: Path) -> list[Case]:
               check=None, setup=lambda: None) -> Case:
         return Case("cli-args", name, tuple(argv), code=code, expect=words, xfail=xfail, check=check, setup=setup)
 
+    def tune(name: str, args: list[str], words: tuple[str, ...]) -> Case:
+        where = root / name  # nothing at all may appear here: the study folder, its database, or one above it
+        return Case("cli-args", name, ("tune", "--out", str(where / "a" / "b" / "runs"), "--trials", "1",
+                                       "--epochs", "1", *args), code=2, expect=words, check=_absent(where))
+
     d = root / "files"
     run = root / "run"  # a copy of the base run: a case that wrongly succeeds must not change the shared one
+    nobest = root / "run-without-best"
 
     def copy_run() -> None:
         if not run.exists():
@@ -758,6 +817,42 @@ def cli_cases(root: Path, base: Path) -> list[Case]:
         Case("cli-args", "out-is-a-file", ("train", "--out", str(d / "out.txt"), "--epochs", "1", "--no-report"),
              code=2, expect=("out.txt",), setup=_write(d / "out.txt", "a file, not a folder\n"),
              check=lambda: None if (d / "out.txt").read_text() == "a file, not a folder\n" else "out.txt changed"),
+        train("nproc-more-than-cores", ["--nproc", "64"], ("--nproc 64", "cores", "--force")),
+        train("rdzv-timeout-nan", ["--rdzv-timeout", "nan"], ("--rdzv-timeout", "nan")),
+        train("rdzv-endpoint-without-nproc", ["--rdzv-endpoint", "127.0.0.1:29400"], ("--rdzv-endpoint", "--nproc")),
+        dataclasses.replace(train("mlflow-uri-with-password", ["--track", "mlflow", "--mlflow-uri",
+                                                               "http://me:s3cr3t-pw@127.0.0.1:1"],
+                                  ("mlflow_uri", "MLFLOW_TRACKING_PASSWORD")), secrets=("s3cr3t-pw",)),
+        dataclasses.replace(train("mlflow-uri-with-token", ["--track", "mlflow", "--mlflow-uri",
+                                                            "http://127.0.0.1:1/?token=t0ken-xyz"],
+                                  ("mlflow_uri",)), secrets=("t0ken-xyz",)),
+        tune("study-percent-encoded-parent", ["--study", "%2e%2e%2f%2e%2e%2fx"], ("--study", "%2e%2e")),
+        tune("study-with-url-query", ["--study", "x?mode=ro"], ("--study", "x?mode=ro")),
+        tune("study-empty", ["--study", ""], ("--study", "''")),
+        tune("study-with-space", ["--study", "a b"], ("--study", "'a b'")),
+        dataclasses.replace(tune("grid-tiny-step", ["--sampler", "grid", "--space", str(d / "tiny-step.yaml")],
+                                 ("grid", "combinations", "lr")),
+                            setup=_write(d / "tiny-step.yaml", "lr: {low: 0.001, high: 0.1, step: 1.0e-12}\n"),
+                            max_rss_mb=RSS_BOUND_MB),
+        dataclasses.replace(tune("grid-seed-4e9", ["--sampler", "grid", "--space", str(d / "seeds.yaml")],
+                                 ("grid", "combinations", "seed")),
+                            setup=_write(d / "seeds.yaml", "seed: {low: 0, high: 4000000000}\n"),
+                            max_rss_mb=RSS_BOUND_MB),
+        tune("storage-port-not-a-number", ["--storage", "postgresql://me@127.0.0.1:notaport/db"],
+             ("--storage", "notaport", "port")),
+        dataclasses.replace(tune("storage-password-in-query", [
+            "--storage", "postgresql+psycopg://me@127.0.0.1:1/db?password=hunt3r2-pw&connect_timeout=2"],
+            ("--storage", "password=***")), secrets=("hunt3r2-pw",)),
+        dataclasses.replace(tune("storage-password-in-userinfo", [
+            "--storage", "postgresql+psycopg://me:hunt3r2-pw@127.0.0.1:1/db?connect_timeout=2"],
+            ("--storage", "me:***@")), secrets=("hunt3r2-pw",)),
+        Case("run-folder", "out-name-is-a-plain-folder-with-run-files",
+             ("train", "--out", str(d / "plain"), "--name", "x", "--epochs", "1", "--no-report", "--quiet", *SMALL),
+             code=0, setup=_plain_folder_like_a_run(d / "plain" / "x"),
+             check=_untouched_and_beside(d / "plain" / "x", d / "plain" / "x-2")),
+        other("predict-checkpoint-best-missing", ["predict", str(nobest), str(d / "x.png"), "--checkpoint", "best"],
+              ("best.safetensors", "--checkpoint last"), setup=_copy_without(base, nobest, "checkpoints/best.safetensors",
+                                                                             d / "x.png")),
         other("serve-port-99999", ["serve", str(base), "--port", "99999"], ("--port", "99999")),
         other("serve-port-negative", ["serve", str(base), "--port", "-1"], ("--port", "-1")),
         other("serve-max-batch-zero", ["serve", str(base), "--max-batch", "0", "--port", "0"], ("--max-batch",)),
@@ -1045,6 +1140,14 @@ def folder_cases(root: Path, base: Path) -> list[Case]:
         write_class_folders(p)
         (p / "dark" / "huge.png").write_bytes(png_pixel_bomb())
 
+    def with_header_bomb(p: Path) -> None:  # over twice PIL's limit: Image.open itself raises
+        write_class_folders(p)
+        (p / "dark" / "declared-huge.png").write_bytes(png_header_only(30_000, 30_000))
+
+    def ansi_name(p: Path) -> None:  # a name that would clear the screen and turn the text red
+        write_class_folders(p)
+        (p / "dark" / "\x1b[2J\x1b[31mfake.png").write_bytes(b"not an image")
+
     def weird_names(p: Path) -> None:
         write_class_folders(p, classes={"<b onmouseover=alert(1)>": 40, "new\nline": 200})
 
@@ -1055,6 +1158,9 @@ def folder_cases(root: Path, base: Path) -> list[Case]:
         folder("pixel-bomb", with_pixel_bomb, 0, bad={"huge.png": "more than the limit"}, max_rss=RSS_BOUND_MB),
         folder("pixel-bomb", with_pixel_bomb, 1, ("huge.png", "more than the limit"), command="predict",
                max_rss=RSS_BOUND_MB),
+        folder("header-bomb", with_header_bomb, 0, bad={"declared-huge.png": "decompression bomb"}),
+        folder("header-bomb", with_header_bomb, 1, ("declared-huge.png", "decompression bomb"), command="predict"),
+        folder("ansi-escape-name", ansi_name, 1, ("fake.png", "\\x1b[2J"), command="predict"),
         folder("empty", lambda p: None, 2),
         folder("one-class", lambda p: write_class_folders(p, classes={"only": 90}), 2),
         folder("no-images", lambda p: _files(p, {f"{c}/notes.txt": b"hi" for c in "ab"}), 2),

@@ -72,7 +72,8 @@ def run_in_process(case: Case, capsys, monkeypatch) -> Outcome:
             code = None
             print(traceback.format_exc(), file=sys.stderr)
     shown = "".join(warnings.formatwarning(w.message, w.category, w.filename, w.lineno, w.line) for w in seen)
-    outcome = Outcome(code=code, stderr=shown + capsys.readouterr().err)
+    captured = capsys.readouterr()
+    outcome = Outcome(code=code, stderr=shown + captured.err, stdout=captured.out)
     outcome.post = post_checks(case, before)
     return outcome
 
@@ -111,7 +112,9 @@ def test_the_corpus_covers_every_kind_with_several_variants():
     (Outcome(None, "", timed_out=True), ["hang"]),
     (Outcome(2, "error: c.yaml: bad\n", peak_rss_mb=5000.0), ["blow-up"]),
     (Outcome(2, "error: c.yaml: bad\n", post=["left behind: runs/x"]), ["silent wrong"]),
+    (Outcome(2, "error: c.yaml: bad pw hunter2\n"), ["leak"]),
+    (Outcome(2, "error: c.yaml: bad\n", stdout="storage sqlite://u:hunter2@h/db\n"), ["leak"]),
 ])
 def test_the_judge_names_each_kind_of_failure(outcome, kinds):
-    case = Case("config", "x", ("train",), code=2, expect=("c.yaml",), max_rss_mb=900)
+    case = Case("config", "x", ("train",), code=2, expect=("c.yaml",), max_rss_mb=900, secrets=("hunter2",))
     assert [kind for kind, _ in judge(case, outcome)] == kinds

@@ -1,5 +1,6 @@
 """Data-parallel training: 2 gloo processes on the CPU against one process, a killed process, resume, bad input."""
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -162,8 +163,68 @@ def test_killed_process_ends_the_job_and_resume_matches_an_uninterrupted_run(tmp
     assert ea["confusion_matrix"] == eb["confusion_matrix"]
 
 
+def _start_and_wait_for_epoch(tmp_path, name: str) -> tuple[subprocess.Popen, list[int]]:
+    """``imgcls train --nproc 2`` of many epochs, once its first epoch is written; (launcher, its 2 processes)."""
+    args = ["--nproc", "2", "--epochs", "200", "--batch-size", "64", "--model-option", "widths=[8,8,8]",
+            "--no-report", "--out", str(tmp_path), "--name", name]
+    proc = subprocess.Popen(_cli("train", *args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / name / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not (metrics.is_file() and metrics.read_text()):
+        time.sleep(0.05)
+    workers = _rank_pids(proc.pid, 0) + _rank_pids(proc.pid, 1)
+    assert proc.poll() is None and len(workers) == 2, "the job did not start its two processes"
+    return proc, workers
+
+
+def _gone(pids: list[int], seconds: float) -> bool:
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        alive = []
+        for pid in pids:
+            try:
+                state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            except OSError:
+                continue
+            if state != "Z":  # a zombie has ended; its parent (the dead launcher) would have reaped it
+                alive.append(pid)
+        if not alive:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_processes_end_when_the_launcher_is_killed(tmp_path):
+    proc, workers = _start_and_wait_for_epoch(tmp_path, "orphans")
+    os.kill(proc.pid, signal.SIGKILL)  # no handler runs: only the kernel can tell the processes
+    proc.wait(timeout=60)  # not communicate(): the processes hold its pipes open as long as they live
+    try:
+        # Without PR_SET_PDEATHSIG they went on for about 35 s here before failing on their own.
+        assert _gone(workers, 5), "the processes went on training after their launcher was killed"
+    finally:
+        for pid in workers:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        proc.stdout.close()
+        proc.stderr.close()
+
+
+def test_sigterm_to_the_launcher_is_one_line_with_the_resume_command(tmp_path):
+    proc, workers = _start_and_wait_for_epoch(tmp_path, "stopped")
+    os.kill(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in err, err[-3000:]
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("error: stopped by SIGTERM: the 2 processes were stopped. The last good checkpoint is "), line
+    assert line.endswith(f"go on with: imgcls train --resume {tmp_path / 'stopped'} --nproc 2"), line
+    assert _gone(workers, 30)
+
+
 @pytest.mark.parametrize("args, message", [
     (["--nproc", "0"], "error: --nproc must be at least 1 (processes on this node), got 0"),
+    (["--nproc", "64"], "error: --nproc 64 is more processes than the"),
+    (["--rdzv-timeout", "nan"], "error: --rdzv-timeout must be a positive number of seconds, got nan"),
+    (["--rdzv-endpoint", "127.0.0.1:29400"], "error: --rdzv-endpoint 127.0.0.1:29400 is where several processes"),
     (["--nproc", "2", "--nnodes", "2"], "error: --nnodes 2 needs --rdzv-endpoint HOST:PORT"),
     (["--nproc", "2", "--nnodes", "2", "--rdzv-endpoint", "nowhere"], "error: --rdzv-endpoint must be HOST:PORT"),
     (["--nnodes", "2", "--rdzv-endpoint", "127.0.0.1:29400"], "error: --nnodes 2 needs --nproc"),

@@ -268,6 +268,18 @@ def test_cached_features_are_read_back_and_a_damaged_file_is_computed_again(runn
     assert len(notes) == 1
 
 
+def test_features_of_other_images_copied_under_a_key_are_computed_again(runner, images, tmp_path):
+    cache = tmp_path / "features"
+    notes = []
+    mine, _ = cached_features(runner, images[:8], "none", cache, "backbone-a", notes.append)
+    cached_features(runner, images[8:16], "none", cache, "backbone-a", notes.append)
+    (a, b) = sorted(cache.iterdir(), key=lambda p: p.stat().st_mtime_ns)
+    b.replace(a)  # another dataset's features, checksum and all, under the first key
+    again, hit = cached_features(runner, images[:8], "none", cache, "backbone-a", notes.append)
+    assert not hit and np.allclose(again, mine, atol=1e-6)
+    assert len(notes) == 1 and "computed for other images or another backbone" in notes[0]
+
+
 def test_the_cache_key_holds_the_view_and_the_backbone(runner, images, tmp_path):
     cache = tmp_path / "features"
     plain, _ = cached_features(runner, images, "none", cache, "backbone-a")

@@ -39,13 +39,14 @@ from imgcls.data.sources import (
 )
 from imgcls.errors import DataError
 
-CACHE_FORMAT = 2
+CACHE_FORMAT = 3
 """Version of the entry layout and of the decoding; bump it when either changes.
 
 It is part of :func:`cache_key` and of ``meta.json``: an entry of another
 version is never found under a new key, or fails :func:`read_entry` and is
 rebuilt.  2: the layout line (``meta["layout"]``), and split folders found
-under more names, which can change what a folder decodes to.
+under more names, which can change what a folder decodes to.  3: meta.json
+carries a checksum of itself.
 """
 
 _META = "meta.json"
@@ -166,6 +167,7 @@ def write_entry(entry: Path, key: str, dataset: ImageDataset) -> None:
             "notes": dataset.notes,
             "layout": dataset.layout,
         }
+        meta["checksum"] = meta_checksum(meta)
         with open(tmp / _META, "w", encoding="utf-8") as f:
             json.dump(meta, f)
         try:
@@ -187,8 +189,10 @@ def read_entry(entry: Path, key: str) -> ImageDataset:
     """
     with open(entry / _META, encoding="utf-8") as f:
         meta = json.load(f)
-    if meta.get("format") != CACHE_FORMAT or meta.get("key") != key:
+    if not isinstance(meta, dict) or meta.get("format") != CACHE_FORMAT or meta.get("key") != key:
         raise ValueError("cache entry from another format or key")
+    if meta.get("checksum") != meta_checksum(meta):
+        raise ValueError(f"cache entry {entry} is damaged ({_META} does not match its checksum)")
     splits = {}
     for info in meta["splits"]:
         # Mapped, not read: the pages the entry already has in the page cache become the array, and no
@@ -214,6 +218,13 @@ def read_entry(entry: Path, key: str) -> ImageDataset:
         notes=list(meta["notes"]),
         layout=str(meta["layout"]),
     )
+
+
+def meta_checksum(meta: dict) -> str:
+    """SHA-256 of ``meta`` without its ``checksum`` (JSON, keys sorted): the classes, paths and split names
+    are trusted only as written (an edited class list would relabel every prediction)."""
+    body = {k: v for k, v in meta.items() if k != "checksum"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, ensure_ascii=True).encode()).hexdigest()
 
 
 def _save(path: Path, array: np.ndarray) -> None:

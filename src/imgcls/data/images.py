@@ -57,6 +57,14 @@ class BadImageError(DataError):
     """An image file that cannot be decoded (corrupt, truncated, too large)."""
 
 
+class NotAnImageError(BadImageError):
+    """Bytes that no image format recognises."""
+
+
+class TooManyPixelsError(BadImageError):
+    """An image whose header declares more pixels than PIL's guard against decompression bombs lets open."""
+
+
 def has_image_extension(name: str) -> bool:
     """Return whether ``name`` ends with one of :data:`IMAGE_EXTENSIONS`."""
     dot = name.rfind(".")
@@ -102,7 +110,7 @@ def decode_image(
             hold more pixels than ``PIL.Image.MAX_IMAGE_PIXELS`` allows.
     """
     try:
-        img = open_image(data)
+        img = open_image(data, source)
         _refuse_bomb(img, source)
         orientation = _orientation(img)
         if target is not None and img.format == "JPEG":
@@ -113,9 +121,7 @@ def decode_image(
     except BadImageError:
         raise
     except Image.DecompressionBombError as exc:
-        raise BadImageError(f"{source}: refused as a possible decompression bomb ({exc})") from None
-    except UnidentifiedImageError:
-        raise BadImageError(f"{source}: not a recognised image format") from None
+        raise TooManyPixelsError(f"{source}: refused as a possible decompression bomb ({exc})") from None
     except Exception as exc:  # noqa: BLE001 - a corrupt file can make any PIL plugin fail in its own way
         raise BadImageError(f"{source}: cannot be decoded ({_reason(exc)})") from None
     return img
@@ -227,12 +233,25 @@ def _orientation(img: Image.Image) -> int:
     return value if value in range(1, 9) else 1
 
 
-def open_image(data: bytes) -> Image.Image:
-    """``PIL.Image.open`` of ``data`` (the header read, the pixels not yet), without PIL's
-    DecompressionBombWarning on stderr: whoever opens an image refuses too many pixels in its own words."""
+def open_image(data: bytes, source: str = "image") -> Image.Image:
+    """``PIL.Image.open`` of ``data`` (the header read, the pixels not yet): the one way imgcls opens an image.
+
+    Raises BadImageError, naming ``source``, for whatever the header does: NotAnImageError where no format
+    recognises it, TooManyPixelsError where it declares more than twice ``PIL.Image.MAX_IMAGE_PIXELS``
+    (PIL's DecompressionBombError), BadImageError where a format's plugin fails on it.  PIL's
+    DecompressionBombWarning (between once and twice the limit) is not printed: whoever opens an image
+    refuses too many pixels in its own words.
+    """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        return Image.open(io.BytesIO(data))
+        try:
+            return Image.open(io.BytesIO(data))
+        except Image.DecompressionBombError as exc:
+            raise TooManyPixelsError(f"{source}: refused as a possible decompression bomb ({exc})") from None
+        except UnidentifiedImageError:
+            raise NotAnImageError(f"{source}: not a recognised image format") from None
+        except Exception as exc:  # noqa: BLE001 - a damaged header can make any PIL plugin fail in its own way
+            raise BadImageError(f"{source}: cannot be decoded ({_reason(exc)})") from None
 
 
 def _reason(exc: BaseException) -> str:

@@ -50,7 +50,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.security import APIKeyHeader
 from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -62,7 +62,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from imgcls import __version__, rundir
 from imgcls.checkpoint import find_checkpoint
-from imgcls.data.images import BadImageError, decode_image, open_image, to_array
+from imgcls.data.images import (
+    BadImageError,
+    NotAnImageError,
+    TooManyPixelsError,
+    decode_image,
+    open_image,
+    to_array,
+)
 from imgcls.errors import ConfigError, ImgclsError, unknown_name
 from imgcls.evaluation.thresholds import rank_classes
 from imgcls.explain.attribution import METHODS as EXPLAIN_METHODS
@@ -303,15 +310,17 @@ def check_pixels(data: bytes, name: str, max_pixels: int) -> None:
     """Refuse an image whose header announces more than ``max_pixels`` (413), before decoding it."""
     limit = max_pixels if Image.MAX_IMAGE_PIXELS is None else min(max_pixels, Image.MAX_IMAGE_PIXELS)
     try:
-        with open_image(data) as img:  # reads the header only
+        with open_image(data, name) as img:  # reads the header only
             width, height = img.size
-    except Image.DecompressionBombError:
+    except TooManyPixelsError:
         raise ServingError(413, "too_many_pixels", f"{name} has more pixels than the server's limit of "
                            f"{limit:,} pixels; send a smaller image") from None
-    except UnidentifiedImageError:
+    except NotAnImageError:
         raise ServingError(400, "not_an_image", f"{name} is not an image in a format the server reads; "
                            f"send a {ACCEPTED_FORMATS} file") from None
-    except Exception as exc:  # noqa: BLE001 - a damaged header can make any PIL plugin fail in its own way
+    except BadImageError as exc:
+        raise damaged_image(name, exc) from None
+    except Exception as exc:  # noqa: BLE001 - the size of a damaged header can fail too
         raise damaged_image(name, exc) from None
     if width * height > limit:
         raise ServingError(413, "too_many_pixels", f"{name} is {width}x{height}, that is {width * height:,} pixels, "

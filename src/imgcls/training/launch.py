@@ -15,6 +15,7 @@ imgcls's defaults and errors:
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 import tempfile
@@ -27,10 +28,23 @@ from imgcls.errors import ConfigError, PeerLost, TrainingError
 RUN_NOTE_ENV = "IMGCLS_RUN_NOTE"
 
 
-def check_launch(nproc: int | None, nnodes: int, endpoint: str | None, timeout: float) -> None:
+def usable_cores() -> int:
+    """The CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def check_launch(nproc: int | None, nnodes: int, endpoint: str | None, timeout: float, force: bool = False) -> None:
     """Refuse launcher flags that cannot work, before any process starts."""
     if nproc is not None and nproc < 1:
         raise ConfigError(f"--nproc must be at least 1 (processes on this node), got {nproc}")
+    cores = usable_cores()
+    if nproc is not None and nproc > cores and not force:
+        raise ConfigError(f"--nproc {nproc} is more processes than the {cores} CPU cores this node gives imgcls: "
+                          f"each holds a copy of the model and its activations, and together they would only "
+                          f"slow each other; give --nproc {cores} or fewer (--force starts them anyway)")
     if nnodes < 1:
         raise ConfigError(f"--nnodes must be at least 1, got {nnodes}")
     if nnodes > 1 and not endpoint:
@@ -40,11 +54,12 @@ def check_launch(nproc: int | None, nnodes: int, endpoint: str | None, timeout: 
         host, _, port = endpoint.rpartition(":")
         if not host or not port.isdigit() or not 0 < int(port) < 65536:
             raise ConfigError(f"--rdzv-endpoint must be HOST:PORT (e.g. 10.0.0.1:29400), got {endpoint!r}")
-    if timeout <= 0:
+    if not math.isfinite(timeout) or timeout <= 0:
         raise ConfigError(f"--rdzv-timeout must be a positive number of seconds, got {timeout:g}")
 
 
-def launch(argv: list[str], nproc: int, nnodes: int = 1, endpoint: str | None = None, timeout: float = 300.0) -> int:
+def launch(argv: list[str], nproc: int, nnodes: int = 1, endpoint: str | None = None, timeout: float = 300.0,
+           force: bool = False) -> int:
     """Run ``imgcls <argv>`` in ``nproc`` processes on this node (of ``nnodes``); 0 when all of them succeed.
 
     Raises:
@@ -52,6 +67,7 @@ def launch(argv: list[str], nproc: int, nnodes: int = 1, endpoint: str | None = 
     """
     from torch.distributed.elastic.multiprocessing import (  # start-up time: torch
         DefaultLogsSpecs,
+        SignalException,
         Std,
     )
     from torch.distributed.elastic.multiprocessing.errors import (
@@ -65,7 +81,7 @@ def launch(argv: list[str], nproc: int, nnodes: int = 1, endpoint: str | None = 
         elastic_launch,
     )
 
-    check_launch(nproc, nnodes, endpoint, timeout)
+    check_launch(nproc, nnodes, endpoint, timeout, force)
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     # The agent's own log lines (worker groups, restarts, failures) repeat what the processes and _failure say.
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
@@ -88,6 +104,9 @@ def launch(argv: list[str], nproc: int, nnodes: int = 1, endpoint: str | None = 
             elastic_launch(config, sys.executable)("-m", "imgcls", *argv)
         except ChildFailedError as exc:
             raise TrainingError(_failure(exc, nproc, note, argv, Path(tmp.name))) from None
+        except SignalException as exc:  # Ctrl-C or SIGTERM to this launcher: the agent stopped the processes
+            raise TrainingError(f"stopped by {exc.sigval.name}: the {nproc} processes were stopped"
+                                + _resume_hint(note, argv)) from None
         except RendezvousError as exc:
             raise TrainingError(f"the {nnodes} nodes did not meet at {endpoint} within {timeout:g}s "
                                 f"({type(exc).__name__}{': ' + str(exc) if str(exc) else ''}); start the same command "
@@ -96,6 +115,30 @@ def launch(argv: list[str], nproc: int, nnodes: int = 1, endpoint: str | None = 
         finally:
             os.environ.pop(RUN_NOTE_ENV, None)
     return 0
+
+
+_PR_SET_PDEATHSIG = 1  # prctl(2)
+
+
+def die_with_launcher() -> bool:
+    """In a process started by ``imgcls train --nproc``: ask Linux for SIGTERM when the launcher dies, even by
+    SIGKILL, so that no process goes on training alone.  Returns whether that is in force (Linux glibc only)."""
+    import signal
+
+    if RUN_NOTE_ENV not in os.environ:  # torchrun's own processes: torchrun's business
+        return False
+    launcher = os.getppid()
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) != 0:
+            return False
+    except (OSError, AttributeError):
+        return False
+    if os.getppid() != launcher:  # it died before the request was made
+        os.kill(os.getpid(), signal.SIGTERM)
+    return True
 
 
 def note_run(path: Path) -> None:
@@ -108,9 +151,6 @@ def note_run(path: Path) -> None:
 def _failure(exc, nproc: int, note: Path, argv: list[str], logs: Path) -> str:
     """One message for a failed job: which process, how, and where training can go on from."""
     import signal
-
-    from imgcls import rundir  # start-up time
-    from imgcls.checkpoint import read_checkpoint  # start-up time
 
     parts = []
     # Name the first failures, not their consequences: the agent stops the rest with SIGTERM once one fails,
@@ -128,16 +168,23 @@ def _failure(exc, nproc: int, note: Path, argv: list[str], logs: Path) -> str:
             said = _last_error(logs, f.local_rank) if f.local_rank else ""
             how += f" ({said})" if said else ""
         parts.append(f"process {rank} of {nproc} {how}")
-    message = "; ".join(parts) + "; the others were stopped"
+    return "; ".join(parts) + "; the others were stopped" + _resume_hint(note, argv)
+
+
+def _resume_hint(note: Path, argv: list[str]) -> str:
+    """Where the stopped job can go on from: its last checkpoint and the command ("" before rank 0 made a run)."""
+    from imgcls import rundir  # start-up time
+    from imgcls.checkpoint import read_checkpoint  # start-up time
+
     run = Path(note.read_text()) if note.is_file() else None
     last = rundir.RunFolder(run).checkpoint("last") if run is not None else None
     if last is not None and last.is_file():
         epoch = read_checkpoint(last)[1].get("epoch")
-        message += (f". The last good checkpoint is {last} (epoch {epoch}); go on with: imgcls train --resume {run}"
-                    + _launch_flags(argv))
-    elif run is not None:
-        message += f". {run} has no checkpoint yet: start again"
-    return message
+        return (f". The last good checkpoint is {last} (epoch {epoch}); go on with: imgcls train --resume {run}"
+                + _launch_flags(argv))
+    if run is not None:
+        return f". {run} has no checkpoint yet: start again"
+    return ""
 
 
 def _last_error(logs: Path, local_rank: int) -> str:
@@ -151,9 +198,9 @@ def _last_error(logs: Path, local_rank: int) -> str:
 
 def _launch_flags(argv: list[str]) -> str:
     """The launcher flags of ``argv`` (the resumed run keeps the rest of its settings)."""
-    keep, out = ("--nproc", "--nnodes", "--rdzv-endpoint", "--rdzv-timeout"), []
+    keep, out = ("--nproc", "--nnodes", "--rdzv-endpoint", "--rdzv-timeout", "--force"), []
     for i, a in enumerate(argv):
         name = a.split("=", 1)[0]
         if name in keep:
-            out.append(a if "=" in a else f"{a} {argv[i + 1]}")
+            out.append(a if "=" in a or name == "--force" else f"{a} {argv[i + 1]}")
     return "".join(" " + a for a in out)

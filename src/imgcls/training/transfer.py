@@ -157,17 +157,23 @@ def cached_features(runner: FeatureRunner, images: np.ndarray, view: str, cache_
     """
     if cache_dir is None:
         return compute_features(runner, images, view), False
-    key = hashlib.sha256("|".join([images_digest(images), backbone, view, runner.name]).encode()).hexdigest()[:32]
-    path = cache_dir / f"{key}.safetensors"
+    key = hashlib.sha256("|".join([images_digest(images), backbone, view, runner.name]).encode()).hexdigest()
+    path = cache_dir / f"{key[:32]}.safetensors"
     if path.is_file():
         try:
-            return load_checked(path)[0]["features"].numpy(), True
-        except DamagedFile as exc:
+            tensors, meta = load_checked(path)
+            features = tensors["features"]
+            if meta.get("key") != key or features.ndim != 2 or features.shape[0] != len(images):
+                raise DamagedFile(f"they were computed for other images or another backbone (key "
+                                  f"{str(meta.get('key'))[:12]}..., {tuple(features.shape)})")
+            return features.numpy(), True
+        except (DamagedFile, KeyError) as exc:
             say(f"note: cached features {path} were computed again: {exc}")
             path.unlink(missing_ok=True)
     features = compute_features(runner, images, view)
     try:
-        save_checked(path, {"features": torch.from_numpy(features)}, {"view": view, "runtime": runner.name})
+        save_checked(path, {"features": torch.from_numpy(features)}, {"view": view, "runtime": runner.name,
+                                                                      "key": key})
     except OSError as exc:
         say(f"note: the features could not be cached in {cache_dir} ({exc})")
     return features, False

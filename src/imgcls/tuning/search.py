@@ -111,11 +111,12 @@ def tune(*, make, train, flags: dict, trials: int, timeout=None, space=None, met
     seconds = _timeout(timeout)
     base = make({})
     _check_base(base, metric)
-    name = study or default_study_name(base.data.dataset)
+    name = default_study_name(base.data.dataset) if study is None else study  # "" is refused, not the default
     _check_study_name(name)
     found, title = resolve_space(make, flags, space)
     grid = grid_of(found) if sampler == "grid" else None
     study_dir = Path(base.out_dir) / name
+    storage = storage or os.environ.get("IMGCLS_STORAGE") or None  # a URL with a password stays off the command line
     url = storage or default_storage(study_dir)
     store = open_storage(url) if storage is not None else None  # refused before the study folder is made
     study_dir.mkdir(parents=True, exist_ok=True)
@@ -320,10 +321,13 @@ def default_study_name(dataset: str) -> str:
 
 
 def _check_study_name(name) -> None:
-    if (not isinstance(name, str) or not name.strip() or name in (".", "..") or name.startswith(".")
-            or any(ch in name for ch in ("/", "\\", "\0")) or len(name.encode("utf-8", "surrogateescape")) > 200):
-        raise ConfigError(f"--study {shown(name)} is not accepted: a study name is one folder name inside --out "
-                          f"(letters, digits, '-', '_', ...; no '/', '\\' or leading '.'), such as 'digits-lr'")
+    """A study name is a plain folder name: letters, digits, '_', '-' and '.', not first.  Anything else
+    ('%2e%2e%2f', '?mode=ro', a space) could mean something else to a path or a database URL."""
+    if (not isinstance(name, str) or re.fullmatch(r"\w[\w.\-]*", name) is None
+            or len(name.encode("utf-8", "surrogateescape")) > 200):
+        raise ConfigError(f"--study {shown(name)} is not accepted: a study name is one plain folder name inside "
+                          f"--out (letters, digits, '-', '_' and '.', not first; 200 bytes at most), such as "
+                          f"'digits-lr'")
 
 
 def _recorded_flags(flags: dict) -> dict:

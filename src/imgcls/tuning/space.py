@@ -129,6 +129,16 @@ class Param:
             return trial.suggest_int(self.name, int(self.low), int(self.high), step=int(self.step or 1), log=self.log)
         return trial.suggest_float(self.name, float(self.low), float(self.high), step=self.step, log=self.log)
 
+    def grid_size(self) -> int | None:
+        """How many values :meth:`grid` gives, counted without building them; None for a continuous range."""
+        if self.kind == "categorical":
+            return len(self.stored())
+        if self.kind == "int" and not self.log:
+            return max(0, (int(self.high) - int(self.low)) // int(self.step or 1) + 1)
+        if self.kind == "float" and self.step is not None:
+            return max(0, math.floor((self.high - self.low) / self.step + 1e-9) + 1)
+        return None
+
     def grid(self) -> list | None:
         """Every value, for the grid sampler; None for a continuous range."""
         if self.kind == "categorical":
@@ -365,17 +375,28 @@ def suggest(trial, space: Space) -> dict:
     return {name: param.suggest(trial) for name, param in space.items()}
 
 
+MAX_GRID_POINTS = 100_000  # combinations the grid sampler may hold (each a trial; Optuna keeps the grid in memory)
+
+
 def grid_of(space: Space) -> dict:
-    """The grid sampler's search space: every value of every field; ConfigError for a continuous range."""
-    grid = {}
+    """The grid sampler's search space: every value of every field; ConfigError for a continuous range, or for a
+    grid of more than MAX_GRID_POINTS combinations (counted before a value is built)."""
+    sizes = {}
     for name, param in space.items():
-        values = param.grid()
-        if values is None:
+        size = param.grid_size()
+        if size is None:
             raise ConfigError(f"the grid sampler needs a finite space, but {name} is a continuous range "
                               f"({shown(param.to_dict())}); give it choices (e.g. {name}: [{param.low:g}, "
                               f"{param.high:g}]) or a step, or use --sampler tpe or random")
-        grid[name] = values
-    return grid
+        sizes[name] = size
+    total = math.prod(sizes.values())
+    if total > MAX_GRID_POINTS:
+        largest = max(sizes, key=sizes.get)
+        counts = ", ".join(f"{n}: {k:,}" for n, k in list(sizes.items())[:6]) + (", ..." if len(sizes) > 6 else "")
+        raise ConfigError(f"the grid has {total:,} combinations ({counts}), "
+                          f"more than the {MAX_GRID_POINTS:,} the grid sampler takes; give {largest} a larger step or "
+                          f"fewer choices, or use --sampler tpe or random")
+    return {name: param.grid() for name, param in space.items()}
 
 
 # Augmentation strengths of the default spaces: none, light and strong, in units that do not depend on the image

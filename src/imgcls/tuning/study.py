@@ -22,7 +22,7 @@ from pathlib import Path
 import optuna
 
 from imgcls.config import shown
-from imgcls.errors import ConfigError
+from imgcls.errors import ConfigError, hide_secrets
 
 DB = "study.db"
 METRICS = {"val_accuracy": "maximize", "val_loss": "minimize", "val_macro_f1": "maximize"}
@@ -34,17 +34,18 @@ HEARTBEAT, GRACE = 30, 120
 
 
 def default_storage(study_dir: Path) -> str:
-    return f"sqlite:///{Path(study_dir).resolve() / DB}"
+    """The SQLite URL of ``study_dir``'s study.db, built from the path (a '?', '%' or '#' in a folder name
+    stays part of the path, not a URL's query or escape)."""
+    from sqlalchemy.engine import URL  # optuna's own dependency
+
+    return URL.create("sqlite", database=str(Path(study_dir).resolve() / DB)).render_as_string(hide_password=False)
 
 
 def shown_url(url: str) -> str:
-    """``url`` with its password hidden, for messages and study.json."""
-    try:
-        from sqlalchemy.engine import make_url  # optuna's own dependency
-
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # noqa: BLE001 (not a URL: shown cut short)
-        return shown(url)
+    """``url`` with its credentials hidden (a password after ``user:`` and in the query), for messages and
+    study.json; cut short when it is long."""
+    text = hide_secrets(str(url), str(url))
+    return text if len(text) <= 300 else shown(text)
 
 
 def open_storage(url: str):
@@ -55,8 +56,9 @@ def open_storage(url: str):
     hint = "give sqlite:///FILE, postgresql://USER:PASSWORD@HOST/DATABASE or another SQLAlchemy URL"
     try:
         parsed = make_url(url)
-    except ArgumentError:
-        raise ConfigError(f"--storage {shown(url)} is not a database URL; {hint}") from None
+    except (ArgumentError, ValueError, TypeError) as exc:  # ValueError: a port that is not a number
+        port = " (its port is not a number)" if isinstance(exc, ValueError) and "int()" in str(exc) else ""
+        raise ConfigError(f"--storage {shown_url(url)} is not a database URL{port}; {hint}") from None
     try:
         parsed.get_dialect()
     except NoSuchModuleError:
@@ -73,9 +75,10 @@ def open_storage(url: str):
         raise ConfigError(f"--storage {shown_url(url)}: its database driver {exc.name!r} is not installed; for "
                           f"PostgreSQL pip install 'psycopg[binary]' and write postgresql+psycopg://...") from None
     except Exception as exc:  # noqa: BLE001 (any driver's error: reported in one line)
-        said = " ".join(str(exc).split())[:300] or type(exc).__name__
+        said = hide_secrets(" ".join(str(exc).split()), url)
         if parsed.password:
             said = said.replace(str(parsed.password), "***")
+        said = said[:300] or type(exc).__name__
         raise ConfigError(f"--storage {shown_url(url)}: the database cannot be opened ({said})") from None
 
 
