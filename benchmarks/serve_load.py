@@ -188,6 +188,7 @@ class Pass:
     errors: int
     mean_batch: float = float("nan")
     error_samples: list[str] = field(default_factory=list)
+    explained: dict[int, int] = field(default_factory=dict)  # /v1/explain answers by status, under --explanations
 
     @property
     def rps(self) -> float:
@@ -197,13 +198,28 @@ class Pass:
         return float(np.percentile(self.latencies_ms, q)) if self.latencies_ms else float("nan")
 
 
-async def send_requests(url: str, images: list[bytes], requests: int, clients: int) -> Pass:
-    """``requests`` POST /v1/predict, one image each, from ``clients`` concurrent clients."""
+async def send_requests(url: str, images: list[bytes], requests: int, clients: int, explainers: int = 0) -> Pass:
+    """``requests`` POST /v1/predict, one image each, from ``clients`` concurrent clients; meanwhile
+    ``explainers`` more clients ask for occlusion maps (POST /v1/explain) one after the other, until the
+    predictions are done (their answers are counted in ``explained``, not in the latencies)."""
     import httpx
 
     latencies: list[float] = []
     errors: list[str] = []
+    explained: dict[int, int] = {}
     next_index = iter(range(requests))
+    predicting = True
+
+    async def explainer(http: httpx.AsyncClient, k: int) -> None:
+        while predicting:
+            files = {"file": (f"img{k}.png", images[k % len(images)], "image/png")}
+            try:
+                status = (await http.post(f"{url}/v1/explain", params={"method": "occlusion"}, files=files)).status_code
+            except httpx.HTTPError:
+                status = -1
+            explained[status] = explained.get(status, 0) + 1
+            if status == 503:
+                await asyncio.sleep(0.5)  # busy: as a client honouring Retry-After would, sooner
 
     async def client(http: httpx.AsyncClient) -> None:
         for i in next_index:  # a shared iterator: the clients take turns until the budget is spent
@@ -220,20 +236,25 @@ async def send_requests(url: str, images: list[bytes], requests: int, clients: i
             if ok:
                 latencies.append((time.perf_counter() - started) * 1000)
 
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    limits = httpx.Limits(max_connections=clients + explainers, max_keepalive_connections=clients + explainers)
     async with httpx.AsyncClient(limits=limits, timeout=REQUEST_TIMEOUT, trust_env=False) as http:
+        background = [asyncio.create_task(explainer(http, k)) for k in range(explainers)]
+        if explainers:
+            await asyncio.sleep(1.0)  # the explanations are under way before the first prediction
         started = time.perf_counter()
         await asyncio.gather(*(client(http) for _ in range(clients)))
         seconds = time.perf_counter() - started
-    return Pass(seconds, latencies, len(errors), error_samples=errors[:3])
+        predicting = False
+        await asyncio.gather(*background)
+    return Pass(seconds, latencies, len(errors), error_samples=errors[:3], explained=explained)
 
 
-def measure(server: Server, images: list[bytes], args) -> list[Pass]:
+def measure(server: Server, images: list[bytes], args, explainers: int = 0) -> list[Pass]:
     asyncio.run(send_requests(server.url, images, min(args.requests, 4 * args.clients), args.clients))  # warm-up
     passes = []
     for _ in range(args.repeats):
         images_before, calls_before = server.batch_stats()
-        result = asyncio.run(send_requests(server.url, images, args.requests, args.clients))
+        result = asyncio.run(send_requests(server.url, images, args.requests, args.clients, explainers))
         images_after, calls_after = server.batch_stats()
         if calls_after > calls_before:
             result.mean_batch = (images_after - images_before) / (calls_after - calls_before)
@@ -257,6 +278,7 @@ def summarise(runtime: str, batching: str, passes: list[Pass]) -> dict:
         "errors": sum(p.errors for p in passes),
         "mean_batch": [p.mean_batch for p in passes],
         "error_samples": [s for p in passes for s in p.error_samples][:3],
+        "explained": [p.explained for p in passes],
     }
 
 
@@ -270,6 +292,8 @@ def print_table(rows: list[dict]) -> None:
               f"{spread(r['p99_ms'], '.1f'):>26} {r['errors']:>6} {batch:>6.1f}")
         for sample in r["error_samples"]:
             print(f"    error: {sample}")
+        if any(r["explained"]):
+            print(f"    /v1/explain answers by status, each repeat: {r['explained']}")
 
 
 def print_ratios(rows: list[dict]) -> None:
@@ -290,6 +314,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="bursts per configuration (median, min, max)")
     parser.add_argument("--runtimes", nargs="+", default=["torch", "onnx"], choices=["torch", "onnx"])
     parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
+    parser.add_argument("--explanations", type=int, default=0, metavar="N",
+                        help="also measure torch with batching on while N clients ask for occlusion maps")
     args = parser.parse_args()
     for name in ("requests", "clients", "repeats"):
         if getattr(args, name) < 1:
@@ -323,6 +349,10 @@ def main() -> None:
                     print(f"  FAILED: {runtime}, batching {batching}: {exc}", file=sys.stderr, flush=True)
                     continue
                 print(f"  done: {runtime}, batching {batching}", file=sys.stderr, flush=True)
+        if args.explanations > 0:
+            with Server(run, {"runtime": "torch", **BATCHING["on"]}, tmp) as server:
+                rows.append(summarise("torch", f"on+{args.explanations}x", measure(server, images, args,
+                                                                                   args.explanations)))
         print_table(rows)
         print()
         print_ratios(rows)

@@ -4,6 +4,7 @@ succeeds after every bad one."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import time
 
@@ -73,6 +74,42 @@ def test_a_keyed_server_refuses_from_the_headers_and_drops_clients_that_stall(ru
         status, seconds = raw_request(server.port, multipart_head("/v1/predict", 1000, KEY), b"--b\r\nContent")
         assert status.endswith("408 Request Timeout") and seconds < 8, (status, seconds)
         assert good_predict(server.url) == 200  # the server is unharmed
+
+
+def _push_after_answer(port: int, head: str, total: int) -> tuple[bytes, int]:
+    """Announce ``total`` bytes and send them as fast as the server takes them: (the answer, bytes sent)."""
+    sent, answer = 0, b""
+    chunk = bytes(64 * 1024)
+    with socket.create_connection((LOOPBACK, port), timeout=10) as sock:
+        sock.sendall(head.encode() + b"\r\n\r\n")
+        sock.settimeout(0.5)
+        try:
+            while sent < total:
+                sent += sock.send(chunk)
+                with contextlib.suppress(TimeoutError, BlockingIOError):
+                    sock.setblocking(False)
+                    answer += sock.recv(65536)
+                sock.setblocking(True)
+                sock.settimeout(0.5)
+        except OSError:  # the server closed the connection: what it had read is all it will read
+            pass
+        with contextlib.suppress(OSError):
+            sock.settimeout(2)
+            answer += sock.recv(65536)
+    return answer, sent
+
+
+def test_a_refused_body_is_not_drained_the_connection_closes_with_the_answer(run):
+    app = create_app(run, api_key=KEY, client_timeout=5.0)
+    with ServerThread(app) as server:
+        for head, status in ((multipart_head("/v1/predict", 2_000_000_000), b"401"),
+                             (multipart_head("/v1/predict", 2_000_000_000, KEY), b"413")):
+            answer, sent = _push_after_answer(server.port, head, 200_000_000)
+            assert answer.startswith(b"HTTP/1.1 " + status), answer[:60]
+            assert b"connection: close" in answer.lower()
+            # The kernel's socket buffers take a few MB without the server reading them; draining took all 200 MB.
+            assert sent < 20_000_000, f"{sent:,} bytes sent after a {status.decode()}"
+        assert good_predict(server.url) == 200
 
 
 def trickle(sock: socket.socket, data: bytes, every: float, until: float) -> bytes:
@@ -174,3 +211,52 @@ def test_a_model_that_cannot_be_served_is_one_line_before_any_server_starts(run,
     err = capsys.readouterr().err
     assert "export/model.onnx does not exist" in err and "Traceback" not in err and "uvicorn" not in err.lower()
     assert len(err.strip().splitlines()) == 1
+
+
+def test_predictions_go_on_while_every_explanation_slot_is_taken(run, monkeypatch):
+    """Explanations hold their model for as long as they run (an occlusion map takes seconds to minutes): here
+    they block until released.  Predictions must not wait for them; a ninth is refused 503 busy, and /readyz says
+    the server is saturated until they end."""
+    import threading
+
+    import imgcls.serving.app as serving
+
+    release = threading.Event()
+    started = threading.Semaphore(0)
+
+    def held_explanation(state, image, name, method):
+        clf, lock = state.explainer()
+        with lock:  # as explain_image holds it
+            started.release()
+            release.wait(60)
+        return serving.explain_arrays(clf.model, clf.meta, image[None], method="gradcam", device=None, names=[name])
+
+    monkeypatch.setattr(serving, "explain_image", held_explanation)
+    app = create_app(run)
+    with ServerThread(app) as server:
+        answers = []
+
+        def explain():
+            answers.append(httpx.post(f"{server.url}/v1/explain", files=[("file", ("d.png", png(), "image/png"))],
+                                      timeout=60).status_code)
+
+        threads = [threading.Thread(target=explain) for _ in range(serving.EXPLAIN_QUEUE)]
+        for t in threads:
+            t.start()
+        assert started.acquire(timeout=30), "no explanation started"
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and httpx.get(f"{server.url}/readyz").status_code == 200:
+            time.sleep(0.05)
+        ready = httpx.get(f"{server.url}/readyz")
+        assert ready.status_code == 503 and ready.json()["saturated"] is True, ready.text
+        assert httpx.head(f"{server.url}/healthz").status_code == 200
+        for _ in range(3):  # the prediction model is free: answered while every explanation is held
+            assert good_predict_unkeyed(server.url) == 200
+        busy = httpx.post(f"{server.url}/v1/explain", files=[("file", ("d.png", png(), "image/png"))], timeout=30)
+        assert busy.status_code == 503 and busy.json()["error"]["code"] == "busy", busy.text
+        assert busy.headers["retry-after"] == "5"
+        release.set()
+        for t in threads:
+            t.join(60)
+        assert answers == [200] * serving.EXPLAIN_QUEUE
+        assert httpx.get(f"{server.url}/readyz").json() == {"ready": True}

@@ -29,6 +29,7 @@ import logging
 import math
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from datetime import datetime
 from pathlib import Path
@@ -166,8 +167,12 @@ class ServingState:
         # Hooks (Grad-CAM) and train/eval switches make one torch model unsafe to use from two
         # threads at once: predictions and explanations of the same model take turns.
         self.model_lock = threading.Lock()
+        # Explanations (an occlusion map is hundreds of forward passes) run on a model of their own, one at a time
+        # in a thread of their own, at most EXPLAIN_QUEUE admitted at once: predictions never wait for them.
         self._explainer = None  # the torch Classifier used for explanations
         self._explainer_lock = threading.Lock()
+        self.explain_pool = ThreadPoolExecutor(1, thread_name_prefix="imgcls-explain")
+        self.explaining = 0  # explanations admitted: running or waiting
 
     def preload(self) -> None:
         """Load the model now, so that a model that cannot be served fails with its own error before the server
@@ -187,6 +192,24 @@ class ServingState:
     async def stop(self) -> None:
         self.ready = False
         await self.batcher.stop()
+        self.explain_pool.shutdown(wait=False, cancel_futures=True)
+
+    @property
+    def saturated(self) -> bool:
+        """Every explanation slot is taken: another would be refused (503) until one ends."""
+        return self.explaining >= EXPLAIN_QUEUE
+
+    async def explain(self, image: np.ndarray, name: str, method: str):
+        """Explain ``image`` in the explanation thread; 503 when EXPLAIN_QUEUE explanations are admitted already."""
+        if self.saturated:
+            raise ServingError(503, "busy", f"{self.explaining} explanations are running or waiting, the most this "
+                               f"server takes at once; retry in a few seconds", headers={"Retry-After": "5"})
+        self.explaining += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.explain_pool, explain_image, self, image,
+                                                                    name, method)
+        finally:
+            self.explaining -= 1
 
     def _load(self):
         if self.runtime == "torch":
@@ -204,9 +227,8 @@ class ServingState:
             return self.clf.proba_of_arrays(images)
 
     def explainer(self):
-        """The torch Classifier that explains: the served one, or (ONNX runtime) the checkpoint loaded once."""
-        if self.runtime == "torch":
-            return self.clf, self.model_lock
+        """The torch Classifier that explains: the run's checkpoint, loaded once beside the served model (a model
+        of its own, so that an explanation's hooks and its minutes of forward passes never hold up predictions)."""
         with self._explainer_lock:
             if self._explainer is None:
                 try:
@@ -440,6 +462,10 @@ async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
 # ASGI middleware: body size limit and metrics
 
 
+EXPLAIN_QUEUE = 8  # explanations admitted at once (one runs, the rest wait); more are answered 503 busy
+CLOSING_STATUSES = (400, 401, 408, 413)  # answers after which the server stops reading the request
+
+
 class _Guard:
     """What every HTTP request meets before a route reads it.
 
@@ -467,6 +493,10 @@ class _Guard:
                 headers = list(msg.get("headers", []))
                 if not any(k.lower() == b"content-security-policy" for k, _ in headers):
                     headers.append((b"content-security-policy", FRAME_CSP.encode()))
+                if msg["status"] in CLOSING_STATUSES and not any(k.lower() == b"connection" for k, _ in headers):
+                    # The body of a refused request is not read: the connection ends with the answer, or
+                    # keeping it alive would mean draining whatever the client goes on sending.
+                    headers.append((b"connection", b"close"))
                 msg = {**msg, "headers": headers + list(SECURITY_HEADERS)}
             await send(msg)
 
@@ -675,7 +705,7 @@ def _add_routes(app: FastAPI, state: ServingState, key: list) -> None:
         if format not in EXPLAIN_FORMATS:
             raise ServingError(400, "bad_parameter", str(unknown_name("format", format, EXPLAIN_FORMATS)))
         names, images = await decode_uploads(state, [file])
-        exp = await asyncio.to_thread(explain_image, state, images[0], names[0], method)
+        exp = await state.explain(images[0], names[0], method)
         if format == "png":
             return Response(overlay_png(exp), media_type="image/png")
         return JSONResponse(explanation_json(exp, names[0]))
@@ -684,14 +714,18 @@ def _add_routes(app: FastAPI, state: ServingState, key: list) -> None:
     async def model_card() -> dict:
         return _ready(state).card
 
-    @app.get("/healthz", response_model=Health, summary="Liveness: the process answers")
+    @app.api_route("/healthz", methods=["GET", "HEAD"], response_model=Health,
+                   summary="Liveness: the process answers")
     async def healthz() -> dict:
         return {"status": "ok"}
 
-    @app.get("/readyz", response_model=Ready, responses={503: {"model": Ready}},
-             summary="Readiness: 200 once the model is loaded")
+    @app.api_route("/readyz", methods=["GET", "HEAD"], response_model=Ready, responses={503: {"model": Ready}},
+                   summary="Readiness: 200 once the model is loaded, 503 while every explanation slot is taken")
     async def readyz():
-        return JSONResponse({"ready": state.ready}, status_code=200 if state.ready else 503)
+        doc = {"ready": state.ready}
+        if state.ready and state.explaining:
+            doc.update(explanations=state.explaining, explanation_slots=EXPLAIN_QUEUE, saturated=state.saturated)
+        return JSONResponse(doc, status_code=200 if state.ready and not state.saturated else 503)
 
     @app.get("/metrics", response_class=Response, dependencies=key, summary="Prometheus metrics",
              responses={200: {"content": {CONTENT_TYPE_LATEST.split(";")[0]: {}}}, 401: {"model": ErrorResponse}})

@@ -69,3 +69,6 @@ class Health(BaseModel):
 
 class Ready(BaseModel):
     ready: bool
+    explanations: int | None = None  # explanations running or waiting, while there are any
+    explanation_slots: int | None = None
+    saturated: bool | None = None  # every slot taken: /v1/explain answers 503 until one ends
