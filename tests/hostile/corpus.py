@@ -765,6 +765,27 @@ def cli_cases(root: Path, base: Path) -> list[Case]:
               check=None, setup=lambda: None) -> Case:
         return Case("cli-args", name, tuple(argv), code=code, expect=words, xfail=xfail, check=check, setup=setup)
 
+    def pretrained(name: str, make: Callable[[Path], None] | None, words: tuple[str, ...], file: Path | None = None
+                   ) -> Case:
+        where = root / name
+        file = file or where / "weights.safetensors"
+        out = where / "runs"
+
+        def setup() -> None:
+            where.mkdir(parents=True, exist_ok=True)
+            if make is not None and not file.exists():
+                make(file)
+        return Case("cli-args", name, ("train", "--out", str(out), "--epochs", "1", "--no-report", *SMALL,
+                                       "--pretrained", str(file)), code=2, expect=(file.name, *words),
+                    setup=setup, check=_absent(out))
+
+    def base_tensors(edit: Callable[[dict], dict]) -> Callable[[Path], None]:
+        def make(path: Path) -> None:
+            tensors, _ = _read_st(base / "checkpoints" / "best.safetensors")  # the model's tensors under "model."
+            plain = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
+            _write_st(path, edit(plain), {})
+        return make
+
     def tune(name: str, args: list[str], words: tuple[str, ...]) -> Case:
         where = root / name  # nothing at all may appear here: the study folder, its database, or one above it
         return Case("cli-args", name, ("tune", "--out", str(where / "a" / "b" / "runs"), "--trials", "1",
@@ -818,6 +839,16 @@ def cli_cases(root: Path, base: Path) -> list[Case]:
              code=2, expect=("out.txt",), setup=_write(d / "out.txt", "a file, not a folder\n"),
              check=lambda: None if (d / "out.txt").read_text() == "a file, not a folder\n" else "out.txt changed"),
         train("nproc-more-than-cores", ["--nproc", "64"], ("--nproc 64", "cores", "--force")),
+        pretrained("pretrained-all-nan", base_tensors(lambda t: {k: v * float("nan") if v.is_floating_point() else v
+                                                                 for k, v in t.items()}), ("NaN",)),
+        pretrained("pretrained-integers", base_tensors(lambda t: {k: v.to(dtype=__import__("torch").int32)
+                                                                  for k, v in t.items()}), ("whole numbers",)),
+        pretrained("pretrained-three-tensors", base_tensors(lambda t: dict(list(sorted(t.items()))[:3])),
+                   ("fit only 3",)),
+        pretrained("pretrained-is-a-folder", lambda p: p.mkdir(), ("is a folder",)),
+        pretrained("pretrained-is-a-fifo", lambda p: os.mkfifo(p), ("not a regular file",),
+                   file=root / "pretrained-is-a-fifo" / "weights.pt"),
+        pretrained("pretrained-dev-zero", None, ("not a regular file",), file=Path("/dev/zero")),
         train("rdzv-timeout-nan", ["--rdzv-timeout", "nan"], ("--rdzv-timeout", "nan")),
         train("rdzv-endpoint-without-nproc", ["--rdzv-endpoint", "127.0.0.1:29400"], ("--rdzv-endpoint", "--nproc")),
         dataclasses.replace(train("mlflow-uri-with-password", ["--track", "mlflow", "--mlflow-uri",

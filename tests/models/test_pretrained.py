@@ -21,8 +21,10 @@ from imgcls.errors import CheckpointError, ConfigError, DownloadError
 from imgcls.models import create_model, resnet_imagenet
 from imgcls.models.pretrained import (
     IMAGENET_NORMALIZE,
+    apply_state,
     load_weights,
     models_with_weights,
+    read_state_file,
     weights_dir,
 )
 from imgcls.tensorfile import DamagedFile, load_checked
@@ -403,3 +405,27 @@ def test_efficientnet_lite0_imagenet_weights_recognise_photos(darknet):
     model = create_model("efficientnet_lite0", 3, 1000, (224, 224))
     load_weights(model, "imagenet")
     assert photo_checks(model, darknet) == {"eagle": True, "kite": True, "dog": True, "giraffe": True}
+
+
+def test_an_imgcls_checkpoint_is_read_as_its_models_state(tmp_path):
+    from safetensors.torch import save_file
+
+    model = create_model("fastnet_small", in_chans=1, num_classes=10, img_size=(8, 8))
+    state = model.state_dict()
+    save_file({f"model.{k}": v.contiguous() for k, v in state.items()}, str(tmp_path / "best.safetensors"))
+    read = read_state_file(tmp_path / "best.safetensors")
+    assert read.keys() == state.keys()
+    fresh = create_model("fastnet_small", in_chans=1, num_classes=10, img_size=(8, 8))
+    assert len(apply_state(fresh, read, "best.safetensors").matched) == len(state)
+
+
+@pytest.mark.parametrize("damage, words", [
+    (lambda s: {k: v * float("nan") if v.is_floating_point() else v for k, v in s.items()}, "NaN or infinite"),
+    (lambda s: {k: v.to(torch.int32) for k, v in s.items()}, "whole numbers"),
+    (lambda s: dict(list(s.items())[:3]), "fit only 3 of the"),
+])
+def test_weights_that_would_train_nothing_are_refused(damage, words):
+    model = create_model("fastnet_small", in_chans=1, num_classes=10, img_size=(8, 8))
+    source = damage(create_model("fastnet_small", in_chans=1, num_classes=10, img_size=(8, 8)).state_dict())
+    with pytest.raises(CheckpointError, match=words):
+        apply_state(model, source, "w.safetensors")

@@ -214,14 +214,17 @@ def read_state_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
     A PyTorch file may hold the state dict itself or wrap it under ``state_dict``
     or ``model`` (as training scripts save them); a ``module.`` prefix (from
-    DataParallel) is dropped.
+    DataParallel) is dropped, and so is the ``model.`` prefix of an imgcls
+    checkpoint (``runs/X/checkpoints/best.safetensors``).
 
     Raises:
         CheckpointError: the file is missing, unreadable, or holds no tensors.
     """
     path = Path(path).expanduser()
     if not path.is_file():
-        raise CheckpointError(f"weights file {path} does not exist; give a .safetensors file or a PyTorch state "
+        what = ("is a folder" if path.is_dir() else "is not a regular file (a device, pipe or socket)"
+                if path.exists() else "does not exist")
+        raise CheckpointError(f"weights file {path} {what}; give a .safetensors file or a PyTorch state "
                               f"dict (.pt, .pth, .bin)")
     try:
         if _is_safetensors(path):
@@ -238,6 +241,8 @@ def read_state_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             state = state[key]
     tensors = {str(k).removeprefix("module."): v for k, v in (state.items() if isinstance(state, dict) else [])
                if isinstance(v, torch.Tensor)}
+    if tensors and all(k.startswith("model.") for k in tensors):  # an imgcls checkpoint: its model's tensors
+        tensors = {k.removeprefix("model."): v for k, v in tensors.items()}
     if not tensors:
         raise CheckpointError(f"weights file {path} holds no tensors (found {type(state).__name__}); "
                               f"give a state dict of tensor names to tensors")
@@ -313,9 +318,23 @@ def apply_state(model: torch.nn.Module, state: dict[str, torch.Tensor], source: 
     if not fitted:
         raise CheckpointError(f"weights {source} do not fit model {arch!r}: no tensor name matches; the file has "
                               f"{_first(sorted(state))}, the model has {_first(sorted(own))}")
+    wrong_kind = [f"{n} ({v.dtype})" for n, v in fitted.items() if own[n].is_floating_point()
+                  and not v.is_floating_point()]
+    if wrong_kind:
+        raise CheckpointError(f"weights {source} hold whole numbers where model {arch!r} has real ones: "
+                              f"{len(wrong_kind)} tensors, first: {', '.join(wrong_kind[:3])}; give float weights")
+    broken = [n for n, v in fitted.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if broken:
+        raise CheckpointError(f"weights {source} hold NaN or infinite values in {len(broken)} of {len(fitted)} "
+                              f"tensors (first: {', '.join(sorted(broken)[:3])}); they would train to NaN")
     report.matched = sorted(fitted)
     report.missing = sorted(k for k in own if k not in fitted and k not in report.new_head
                             and not k.endswith("num_batches_tracked"))
+    learned = [k for k in own if not k.endswith("num_batches_tracked") and k not in head]
+    if len([k for k in report.matched if k not in head]) * 2 < len(learned):
+        raise CheckpointError(f"weights {source} fit only {len(report.matched)} of the {len(learned)} tensors of "
+                              f"model {arch!r} outside its classifier (missing: {_first(report.missing)}); "
+                              f"they are for another network, or a part of one: give the weights of {arch!r}")
     with torch.no_grad():
         for name, value in fitted.items():
             own[name].copy_(value.to(own[name].dtype))
