@@ -7,7 +7,6 @@ checkpoint, so ``predict`` and serving use them, and as JSON in the run folder.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -105,7 +104,7 @@ def report_probe_images(input_shape) -> int:
 
 
 def calibration_section(run_dir: Path, val) -> Section:
-    result = json.loads((run_dir / rundir.CALIBRATION).read_text())
+    result = rundir.read_doc(run_dir / rundir.CALIBRATION, f"`imgcls calibrate {run_dir}` writes it again")
     rows = [[split, r["ece_before"], r["ece_after"], r["nll_before"], r["nll_after"]]
             for split, r in result.items() if isinstance(r, dict)]
     return Section(
@@ -121,7 +120,8 @@ def calibration_section(run_dir: Path, val) -> Section:
 def thresholds_section(run_dir: Path, val) -> Section:
     path = run_dir / rundir.THRESHOLDS
     stored = path.is_file()
-    result = json.loads(path.read_text()) if stored else tune_thresholds(val.proba(), val.labels, val.classes, "f1")
+    result = (rundir.read_doc(path, f"`imgcls thresholds {run_dir}` writes it again") if stored
+              else tune_thresholds(val.proba(), val.labels, val.classes, "f1"))
     rows = [[r["class"], r["threshold"], r["precision"], r["recall"], r["f1"]] for r in result["per_class"]]
     note = ("stored with the model; `imgcls predict --thresholds` answers 'unknown' when no class clears its threshold"
             if stored else "not stored: run `imgcls thresholds RUN` to store them with the model")
@@ -147,7 +147,8 @@ def probes_section(run_dir: Path, clf, ds, run_probes: bool = True) -> Section:
             f"move a probe's accuracy by {1 / max(held_out, 1):.0%}); this run has {held_out}. "
             f"`imgcls probe RUN` runs them anyway.")])
     n = report_probe_images(clf.input_shape)
-    doc = json.loads(path.read_text()) if path.is_file() else {"held_out": None, "rows": probe(run_dir, n, n, (clf, ds))}
+    doc = (rundir.read_doc(path, f"`imgcls probe {run_dir}` writes it again") if path.is_file()
+           else {"held_out": None, "rows": probe(run_dir, n, n, (clf, ds))})
     rows = doc["rows"]
     return Section(
         "What each layer has learned",

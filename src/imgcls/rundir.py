@@ -42,7 +42,7 @@ import imgcls
 from imgcls.config import RunConfig, dump_config
 from imgcls.data.base import ImageDataset, pool_splits
 from imgcls.errors import CheckpointError, TrainingError
-from imgcls.io import write_atomic
+from imgcls.io import read_json, write_atomic
 
 CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"
@@ -67,6 +67,23 @@ def eval_stem(split: str, data: str | None = None) -> str:
     """The name (without .json or .csv) of an evaluation's files: ``eval_test``, or ``eval_test_<data's stem>``
     for other data than the run's own."""
     return f"eval_{split}" if data is None else f"eval_{split}_{Path(str(data)).stem}"
+
+
+def read_doc(path: str | Path, fix: str) -> dict:
+    """The JSON object a run folder keeps at ``path`` ({} when the file is not there).
+
+    Raises:
+        CheckpointError: the file is there but is not a JSON object; the message names it and ``fix``.
+    """
+    path = Path(path)
+    try:
+        doc = read_json(path, default={})
+    except (ValueError, UnicodeDecodeError, RecursionError, OSError) as exc:
+        said = "it is not JSON" if isinstance(exc, ValueError) else f"it cannot be read ({type(exc).__name__})"
+        raise CheckpointError(f"{path} is damaged: {said}; {fix}") from None
+    if not isinstance(doc, dict):
+        raise CheckpointError(f"{path} is damaged: it holds a JSON {type(doc).__name__}, not an object; {fix}")
+    return doc
 
 
 def read_history(run_dir: str | Path) -> list[dict]:

@@ -843,7 +843,7 @@ def cli_cases(root: Path, base: Path) -> list[Case]:
                                                                  for k, v in t.items()}), ("NaN",)),
         pretrained("pretrained-integers", base_tensors(lambda t: {k: v.to(dtype=__import__("torch").int32)
                                                                   for k, v in t.items()}), ("whole numbers",)),
-        pretrained("pretrained-three-tensors", base_tensors(lambda t: dict(list(sorted(t.items()))[:3])),
+        pretrained("pretrained-three-tensors", base_tensors(lambda t: dict(sorted(t.items())[:3])),
                    ("fit only 3",)),
         pretrained("pretrained-is-a-folder", lambda p: p.mkdir(), ("is a folder",)),
         pretrained("pretrained-is-a-fifo", lambda p: os.mkfifo(p), ("not a regular file",),
@@ -1260,6 +1260,9 @@ def run_folder_cases(root: Path, base: Path) -> list[Case]:
     def evaluate(run: Path) -> list[str]:
         return ["evaluate", str(run)]
 
+    def report(run: Path) -> list[str]:
+        return ["report", str(run)]
+
     def write(rel: str, content: bytes | str) -> Callable[[Path], None]:
         return lambda run: _write(run / rel, content)()
 
@@ -1304,6 +1307,13 @@ def run_folder_cases(root: Path, base: Path) -> list[Case]:
         run_case("run-json-garbage", write("run.json", "{not json"), evaluate, ("run.json",)),
         run_case("run-json-list", write("run.json", "[1, 2]"), evaluate, ("run.json",)),
         run_case("run-json-points-outside", decoy_outside, evaluate, ("final_checkpoint",)),
+        run_case("eval-test-json-garbage", write("eval_test.json", "{not json"), report, ("eval_test.json",
+                                                                                           "imgcls evaluate")),
+        run_case("eval-test-json-list", write("eval_test.json", "[1, 2]"), report, ("eval_test.json", "list")),
+        run_case("calibration-json-garbage", write("calibration.json", "{not json"), report,
+                 ("calibration.json", "imgcls calibrate")),
+        run_case("thresholds-json-a-string", write("thresholds.json", '"f1"'), report,
+                 ("thresholds.json", "imgcls thresholds")),
         run_case("refused-resume-keeps-config", lambda r: flip_bytes("middle")(r / "checkpoints" / "last.safetensors"),
                  resume, ("is damaged",)),
         Case("run-folder", "missing-run", ("train", "--resume", str(root / "no-such-run"), "--epochs", "3"), code=2,

@@ -27,7 +27,7 @@ from imgcls.evaluation.predictions import (
     load_run,
     predict_split,
 )
-from imgcls.io import read_json, write_json
+from imgcls.io import write_json
 from imgcls.models.summary import format_summary, summarize
 from imgcls.reports import figures
 from imgcls.reports.html import Section, render_page, table
@@ -104,13 +104,16 @@ class Report:
         }
         return cls(
             run_dir=run_dir, preds=preds, metrics=metrics, history=rundir.read_history(run_dir),
-            run_info=read_json(run_dir / rundir.RUN, default={}),
-            dataset_info=read_json(run_dir / rundir.DATASET, default={}) or ds.record(),
-            environment=read_json(run_dir / rundir.ENVIRONMENT, default={}),
+            run_info=rundir.read_doc(run_dir / rundir.RUN, "restore it, or train the run again"),
+            dataset_info=rundir.read_doc(run_dir / rundir.DATASET, "delete it: the report then describes the data "
+                                         "as it reads it now") or ds.record(),
+            environment=rundir.read_doc(run_dir / rundir.ENVIRONMENT, "delete it: the report then leaves the "
+                                        "machine out"),
             config_text=_read_text(run_dir / rundir.CONFIG),
             model_text=format_summary(summarize(clf.model, clf.input_shape)),
             model_info=model_info,
-            stored_metrics=read_json(run_dir / f"{rundir.eval_stem(split)}.json", default={}),
+            stored_metrics=rundir.read_doc(run_dir / f"{rundir.eval_stem(split)}.json",
+                                           f"`imgcls evaluate {run_dir} --split {split}` writes it again"),
         )
 
     # ---- numbers -------------------------------------------------------------------------
