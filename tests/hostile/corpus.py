@@ -794,6 +794,7 @@ def cli_cases(root: Path, base: Path) -> list[Case]:
     d = root / "files"
     run = root / "run"  # a copy of the base run: a case that wrongly succeeds must not change the shared one
     nobest = root / "run-without-best"
+    busy = _free_port()  # another program listens there while the case runs
 
     def copy_run() -> None:
         if not run.exists():
@@ -884,6 +885,8 @@ def cli_cases(root: Path, base: Path) -> list[Case]:
         other("predict-checkpoint-best-missing", ["predict", str(nobest), str(d / "x.png"), "--checkpoint", "best"],
               ("best.safetensors", "--checkpoint last"), setup=_copy_without(base, nobest, "checkpoints/best.safetensors",
                                                                              d / "x.png")),
+        dataclasses.replace(other("serve-port-in-use", ["serve", str(base), "--port", str(busy)],
+                                  (f"127.0.0.1:{busy}", "in use", "--port")), hold=lambda: port_in_use(busy)),
         other("serve-port-99999", ["serve", str(base), "--port", "99999"], ("--port", "99999")),
         other("serve-port-negative", ["serve", str(base), "--port", "-1"], ("--port", "-1")),
         other("serve-max-batch-zero", ["serve", str(base), "--max-batch", "0", "--port", "0"], ("--max-batch",)),
@@ -1222,6 +1225,25 @@ def link_file_inside(p: Path) -> None:
     write_class_folders(p)
     first = sorted((p / "dark").iterdir())[0]
     (p / "light" / "also-dark.png").symlink_to(first)  # skipped with its reason: read once, as dark
+
+
+@contextlib.contextmanager
+def port_in_use(port: int) -> Iterator[None]:
+    """Another program listening on 127.0.0.1:``port``."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", port))
+        sock.listen()
+        yield
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 @contextlib.contextmanager

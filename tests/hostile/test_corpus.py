@@ -59,6 +59,7 @@ def run_in_process(case: Case, capsys, monkeypatch) -> Outcome:
         raise AssertionError("serve got past its checks and would start a server")
 
     monkeypatch.setattr("uvicorn.run", no_server)
+    monkeypatch.setattr("uvicorn.Server.run", no_server)  # what imgcls.serving.app.serve calls
     case.setup()
     before = case.snapshot()
     capsys.readouterr()

@@ -27,6 +27,7 @@ import io
 import json
 import logging
 import math
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -763,4 +764,32 @@ def serve(run_path: str | Path, host: str = "127.0.0.1", port: int = 8000, log_l
     keep_freed_memory()  # an entry point: see imgcls.startup
     app = create_app(run_path, **options)
     app.state.serving.preload()  # a bad run or a missing export is one error line, not uvicorn's traceback
-    uvicorn.Server(uvicorn_config(app, host, port, log_level=log_level)).run()
+    sock = listening_socket(host, port)  # a port in use is one error line, not uvicorn's six
+    bound = sock.getsockname()
+    shown = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
+    # uvicorn says where it listens only when it binds the socket itself
+    print(f"serving {Path(run_path)} at http://{shown}:{bound[1]} (Ctrl-C to stop)", flush=True)
+    uvicorn.Server(uvicorn_config(app, host, port, log_level=log_level)).run(sockets=[sock])
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host``:``port`` for uvicorn to serve on; ConfigError in one line where it cannot be."""
+    import errno
+
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+    except (socket.gaierror, UnicodeError) as exc:
+        raise ConfigError(f"--host {host!r} is not an address or a name this machine can resolve ({exc})") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: a restart may reuse the port
+    try:
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        why = {errno.EADDRINUSE: "is in use by another program; stop it or give another --port",
+               errno.EACCES: "needs privileges this user has not; give a --port of 1024 or more",
+               errno.EADDRNOTAVAIL: "is not an address of this machine; give one of its own --host"}
+        raise ConfigError(f"{host}:{port} {why.get(exc.errno, f'cannot be listened on ({exc.strerror})')}") from None
+    sock.set_inheritable(True)
+    return sock
