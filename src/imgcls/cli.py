@@ -506,6 +506,11 @@ def cmd_tune(args) -> int:
                        study=args.study, storage=args.storage, sampler=args.sampler, pruner=args.pruner,
                        console=terminal.console(args.quiet), **overrides)
     if summary["best_trial"] is None:
+        counts = ", ".join(f"{n} {state}" for state, n in summary["counts"].items() if n)
+        first = next((f"trial {r['trial']}: {r['reason']}" for r in summary["trials"] if r.get("reason")), "")
+        print(terminal.safe(f"error: no trial of study {summary['study']} completed ({counts or 'none ran'})"
+                            + (f"; {first}" if first else "") + f"; every trial's reason is in "
+                            f"{Path(summary['path']) / 'study.json'}"), file=sys.stderr)
         return 1
     if args.retrain_best:
         run = api.retrain_best(summary, console=terminal.console(args.quiet))

@@ -541,3 +541,17 @@ def test_on_photos_the_default_space_searches_the_transfer_settings_and_trials_r
     study = Path(summary["path"])
     logs = [(study / t["run"] / "train.log").read_text() for t in sorted(summary["trials"], key=lambda t: t["trial"])]
     assert "from the cache" not in logs[0] and "4 of 4 from the cache" in logs[1]
+
+
+def test_a_grid_smaller_than_the_trials_asked_says_so_when_it_runs_out(tmp_path, capsys):
+    summary = api.tune(trials=5, **TINY, out=str(tmp_path), study="g", space={"lr": [0.003, 0.01]}, sampler="grid")
+    assert summary["counts"]["complete"] == 2
+    out = capsys.readouterr().out
+    assert "note: the grid has 2 combinations and every one was tried: the study stops at 2 of the 5 trials" in out
+
+
+def test_a_grid_over_the_limit_is_refused_before_a_value_is_built(tmp_path):
+    with pytest.raises(ConfigError, match=r"the grid has 99,000,000,001 combinations \(lr: 99,000,000,001\)"):
+        api.tune(trials=1, **TINY, out=str(tmp_path), space={"lr": {"low": 0.001, "high": 0.1, "step": 1e-12}},
+                 sampler="grid", quiet=True)
+    assert not (tmp_path / "digits-tune").exists()

@@ -19,6 +19,7 @@ again, on this machine or another sharing the storage, tops the study up to N.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import re
 from pathlib import Path
@@ -141,6 +142,10 @@ def tune(*, make, train, flags: dict, trials: int, timeout=None, space=None, met
     objective = make_objective(found, train, study_dir, metric, trials, flags,
                                fresh_seed=isinstance(sampler, str) and seen.get("existing") == 0)
     _run(opened, store, context, objective, seconds, console)
+    if grid is not None and seconds is None and counted(opened) < trials:
+        points = math.prod(len(v) for v in grid.values())
+        _say(console, f"note: the grid has {points} combinations and every one was tried: the study stops at "
+                      f"{counted(opened)} of the {trials} trials asked")
     summary = results.write_all(opened, context, html=True)
     console.print(results.format_leaderboard(summary), highlight=False, markup=False, soft_wrap=True)
     _say(console, results.closing_line(summary))
