@@ -27,13 +27,16 @@ import importlib
 import io
 import json
 import logging
+import math
+import os
+import threading
 import time
 import warnings
 from pathlib import Path
 
 from imgcls import rundir
 from imgcls.config import RunConfig, dump_config
-from imgcls.errors import ConfigError
+from imgcls.errors import ConfigError, hide_secrets, shown_url
 from imgcls.io import read_json
 from imgcls.plots import figure_png
 
@@ -58,7 +61,9 @@ def build_trackers(cfg: RunConfig, trial: tuple[str, int] | None = None) -> list
             built.append(TensorBoardTracker())
         elif name == "mlflow":
             _require(name, "mlflow", "mlflow", "mlflow.tracking")
-            built.append(MLflowTracker(cfg.mlflow_uri, trial))
+            tracker = MLflowTracker(cfg.mlflow_uri, trial)
+            tracker.check(cfg.out_dir)
+            built.append(tracker)
         else:  # config.validate refuses other names; this is for a RunConfig changed after it was checked
             raise ConfigError(f"track {name!r} is not accepted; choose one or more of: tensorboard, mlflow")
     return built
@@ -178,6 +183,18 @@ class TensorBoardTracker:
             self.writer = None
 
 
+def _tracker_timeout() -> float:
+    """Seconds a tracking store may take to answer the check before training: IMGCLS_TRACKER_TIMEOUT, else 5."""
+    text = os.environ.get("IMGCLS_TRACKER_TIMEOUT", "")
+    try:
+        value = float(text) if text else 5.0
+    except ValueError:
+        value = float("nan")
+    if not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"IMGCLS_TRACKER_TIMEOUT must be a positive number of seconds, got {text!r}")
+    return value
+
+
 def default_mlflow_uri(out_dir: str | Path) -> str:
     """``sqlite:///<out>/mlflow.db``: one store for the runs of an --out folder (a study's trials: its folder)."""
     return "sqlite:///" + str(Path(out_dir).resolve() / MLFLOW_DB)
@@ -214,6 +231,46 @@ class MLflowTracker:
     def __init__(self, uri: str | None, trial: tuple[str, int] | None = None):
         self.uri, self.trial = uri, trial
         self.client = self.run_id = self.run = None
+
+    def check(self, out_dir: str | Path, timeout: float | None = None) -> None:
+        """Refuse, in one line, a store that cannot take this run: before any data is read.
+
+        A local SQLite store must be writable; any other URI must answer a search for one experiment within
+        ``timeout`` seconds (``IMGCLS_TRACKER_TIMEOUT``, default 5; MLflow's own retries take minutes).
+        """
+        uri = self.uri or default_mlflow_uri(out_dir)
+        where = f"mlflow_uri {shown_url(uri)}" if self.uri else f"the MLflow store {uri}"
+        if uri.startswith("sqlite:///"):
+            db = Path(uri.removeprefix("sqlite:///"))
+            folder = next((p for p in (db.parent, *db.parent.parents) if p.exists()), None)
+            if db.exists() and (not db.is_file() or not os.access(db, os.R_OK | os.W_OK)) or (
+                    folder is not None and not db.exists() and not os.access(folder, os.W_OK | os.X_OK)):
+                raise ConfigError(f"{where} cannot be written by this user; give --mlflow-uri a store it can "
+                                  f"write, or --out a folder it can write")
+            return
+        if timeout is None:
+            timeout = _tracker_timeout()
+        outcome: dict = {}
+
+        def probe() -> None:
+            try:
+                from mlflow.tracking import MlflowClient
+
+                with _mlflow_quiet():
+                    MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+            except BaseException as exc:  # noqa: BLE001 - any store's error is reported in one line
+                outcome["error"] = exc
+
+        thread = threading.Thread(target=probe, name="imgcls-mlflow-check", daemon=True)
+        thread.start()
+        thread.join(timeout)
+        if thread.is_alive():
+            raise ConfigError(f"{where} did not answer within {timeout:g} s; start the server or check the "
+                              f"address (IMGCLS_TRACKER_TIMEOUT sets how long to wait)")
+        if "error" in outcome:
+            exc = outcome["error"]
+            said = " ".join(str(exc).split()) or type(exc).__name__
+            raise ConfigError(f"{where} cannot be used: {hide_secrets(said, uri)[:300]}")
 
     def on_train_start(self, state, run) -> None:
         from mlflow.tracking import MlflowClient
