@@ -802,6 +802,8 @@ def cli_cases(root: Path, base: Path) -> list[Case]:
 
     cases = [
         train("model-option-widths-abc", ["--model-option", "widths=abc"], ("fastnet_small", "widths")),
+        dataclasses.replace(train("model-option-widths-huge", ["--model-option", "widths=[100000,100000,100000]"],
+                                  ("fastnet_small", "parameters", "GiB")), max_rss_mb=RSS_BOUND_MB),
         train("model-option-widths-negative", ["--model-option", "widths=[-8,8,8]"], ("widths",)),
         train("model-option-unknown", ["--model-option", "depth=3"], ("depth",)),
         train("model-option-no-equals", ["--model-option", "widths"], ("--model-option", "KEY=VALUE")),

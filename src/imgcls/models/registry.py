@@ -12,6 +12,7 @@ family is one module, named in that ``__init__``.
 from __future__ import annotations
 
 import inspect
+import os
 from typing import Callable
 
 from imgcls.errors import ConfigError, unknown_name
@@ -57,6 +58,32 @@ def check_options(name: str, options: dict) -> None:
                           f"{', '.join(takes) or 'no options'}")
 
 
+TRAINING_BYTES_PER_PARAM = 16  # fp32 weights, their gradients and Adam's two moments
+
+
+def _refuse_too_large(name: str, options: dict, build, in_chans: int, num_classes: int, img_size) -> None:
+    """ConfigError when the model these options describe could not even hold its training state in this machine's
+    memory (``widths=[100000, ...]`` asked for 360 GB); nothing is allocated to find out."""
+    import torch
+
+    try:
+        with torch.device("meta"):
+            probe = build(in_chans=in_chans, num_classes=num_classes, img_size=img_size, **options)
+        params = sum(p.numel() for p in probe.parameters())
+    except Exception:  # noqa: BLE001 - a model that cannot be built on the meta device is built as before
+        return
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return
+    need = params * TRAINING_BYTES_PER_PARAM
+    if need > memory:
+        shown = ", ".join(f"{k}={str(v)[:40]}" for k, v in options.items())
+        raise ConfigError(f"model {name!r} with {shown} has {params:,} parameters: training it needs about "
+                          f"{need / 2**30:,.0f} GiB for the weights, their gradients and Adam's state alone, more "
+                          f"than this machine's {memory / 2**30:,.0f} GiB; give smaller options")
+
+
 def create_model(name: str, in_chans: int, num_classes: int, img_size: tuple[int, int], **kwargs):
     """Build a registered model.
 
@@ -76,6 +103,8 @@ def create_model(name: str, in_chans: int, num_classes: int, img_size: tuple[int
         raise ConfigError(f"num_classes must be at least 2, got {num_classes}")
     check_options(name, kwargs)
     try:
+        if kwargs:  # options may ask for any size: counted on the meta device (no memory) before it is built
+            _refuse_too_large(name, kwargs, _REGISTRY[name], in_chans, num_classes, tuple(img_size))
         return _REGISTRY[name](in_chans=in_chans, num_classes=num_classes, img_size=tuple(img_size), **kwargs)
     except TypeError as exc:
         raise ConfigError(f"model {name!r} does not accept these options {sorted(kwargs)}: {exc}") from exc
