@@ -12,6 +12,10 @@ prints the default one in this form)::
     optimizer: [adam, adamw, sgd]
     model_option.widths: [[16, 32, 64], [32, 64, 128]]   # a model option (--model-option widths=...)
 
+A field lists at most 1,000 choices, and the grid sampler takes at most
+100,000 combinations; larger ones are refused before anything is checked or
+built.
+
 A model option is named ``model_option.KEY`` (or ``model.options.KEY``, as
 config.yaml nests it); it is merged into the ``--model-option`` values given.
 A choice may be a list (Optuna stores it as its YAML text, ``"[16, 32, 64]"``,
@@ -253,6 +257,9 @@ def _param(key: str, spec, where: str) -> Param:
         choices = spec["choices"]
         if not isinstance(choices, list) or not choices:
             raise ConfigError(f"{at}: choices must be a non-empty list, got {shown(choices)}")
+        if len(choices) > MAX_CHOICES:  # each is checked as a config (about 2 ms): 200,000 took minutes
+            raise ConfigError(f"{at}: {len(choices):,} choices, more than the {MAX_CHOICES:,} a field may list; "
+                              f"give a range (low, high, and a step for evenly spaced values)")
         choices = _plain(choices)
         bad = [c for c in choices if not isinstance(c, (*_SCALARS, list, dict))]
         if bad:
@@ -375,6 +382,7 @@ def suggest(trial, space: Space) -> dict:
     return {name: param.suggest(trial) for name, param in space.items()}
 
 
+MAX_CHOICES = 1_000  # values one field may list
 MAX_GRID_POINTS = 100_000  # combinations the grid sampler may hold (each a trial; Optuna keeps the grid in memory)
 
 
