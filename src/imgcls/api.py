@@ -38,7 +38,7 @@ from imgcls.predictor import Predictor  # noqa: F401 (re-exported: the face of t
 from imgcls.recipes import PRECISION_CLASSES, get_recipe
 from imgcls.rundir import CONFIG, RunFolder
 from imgcls.startup import keep_freed_memory  # also the opt-in of library users
-from imgcls.tracking import build_trackers, tracked
+from imgcls.tracking import build_trackers, check_run_folder, tracked
 from imgcls.training.callbacks import EpochEnd
 
 
@@ -219,6 +219,7 @@ def _resumed(resume, config, overrides: dict, held: contextlib.ExitStack) -> tup
                               f"{', '.join(extra) or '--config'})")
     held.enter_context(run.writing())  # before anything in it changes: a second resume stops here
     load_model(run.checkpoint("last"))  # damage is refused before config.yaml takes the new epochs
+    check_run_folder(cfg, run.path)  # so is a tracker folder that cannot be written
     rundir.read_history(run.path)
     if overrides.get("epochs") is not None:
         run.write_text(CONFIG, dump_config(cfg))

@@ -69,6 +69,20 @@ def build_trackers(cfg: RunConfig, trial: tuple[str, int] | None = None) -> list
     return built
 
 
+def check_run_folder(cfg: RunConfig, run_dir: str | Path) -> None:
+    """Refuse, in one line, a resumed run folder whose tracker files cannot be written (before anything in it
+    changes): ``tensorboard/`` that is a file, or a folder this user cannot write."""
+    if "tensorboard" not in cfg.track:
+        return
+    folder = Path(run_dir) / rundir.TENSORBOARD
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"{folder} is a file where this run's TensorBoard event files go (it tracks to "
+                          f"tensorboard); move the file away, then resume")
+    if folder.is_dir() and not os.access(folder, os.W_OK | os.X_OK):
+        raise ConfigError(f"{folder} cannot be written by this user, and this run tracks to tensorboard; make "
+                          f"it writable, then resume")
+
+
 def _require(tracker: str, package: str, *modules: str) -> None:
     for module in modules:
         try:

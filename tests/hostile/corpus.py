@@ -1315,6 +1315,11 @@ def run_folder_cases(root: Path, base: Path) -> list[Case]:
             (run / rel).mkdir()
         return spoil
 
+    def tensorboard_file(run: Path) -> None:  # a run that tracks to TensorBoard, its folder a file
+        text = (run / "config.yaml").read_text()
+        (run / "config.yaml").write_text(text.replace("track: []", "track:\n- tensorboard"))
+        (run / "tensorboard").write_text("not a folder\n")
+
     def decoy_outside(run: Path) -> None:  # a checkpoint beside the run, and run.json pointing at it
         (run.parent / "decoy").mkdir()
         shutil.copy(run / "checkpoints" / "best.safetensors", run.parent / "decoy" / "best.safetensors")
@@ -1344,6 +1349,7 @@ def run_folder_cases(root: Path, base: Path) -> list[Case]:
         run_case("run-json-garbage", write("run.json", "{not json"), evaluate, ("run.json",)),
         run_case("run-json-list", write("run.json", "[1, 2]"), evaluate, ("run.json",)),
         run_case("run-json-points-outside", decoy_outside, evaluate, ("final_checkpoint",)),
+        run_case("tensorboard-is-a-file", tensorboard_file, resume, ("tensorboard", "is a file")),
         run_case("eval-test-json-garbage", write("eval_test.json", "{not json"), report, ("eval_test.json",
                                                                                            "imgcls evaluate")),
         run_case("eval-test-json-list", write("eval_test.json", "[1, 2]"), report, ("eval_test.json", "list")),
