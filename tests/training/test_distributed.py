@@ -280,6 +280,17 @@ def test_nodes_that_never_meet_end_with_a_bounded_wait(tmp_path):
     assert "raise --rdzv-timeout" in last and "Traceback" not in out.stderr
 
 
+def test_a_store_that_cannot_be_reached_is_one_line_without_cpp_logs(tmp_path):
+    """192.0.2.1 (TEST-NET-1) is no one's address: torch's C++ log printed 40 lines before the error."""
+    out = subprocess.run(_cli("train", "--nproc", "1", "--nnodes", "2", "--rdzv-endpoint", "192.0.2.1:29400",
+                              "--rdzv-timeout", "3", "--out", str(tmp_path)),
+                         capture_output=True, text=True, timeout=120, check=False)
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: the 2 nodes did not meet at 192.0.2.1:29400"), out.stderr
+    assert not any(tmp_path.iterdir())
+
+
 SYNC_BN_CHECK = """
 import json, sys
 import torch

@@ -14,6 +14,7 @@ imgcls's defaults and errors:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -65,6 +66,9 @@ def launch(argv: list[str], nproc: int, nnodes: int = 1, endpoint: str | None = 
     Raises:
         TrainingError: a process failed, or the nodes did not meet within ``timeout`` seconds.
     """
+    check_launch(nproc, nnodes, endpoint, timeout, force)
+    with _quiet_cpp_log():  # the launcher's own: a store it cannot reach printed 40 lines of C++ before our one
+        import torch  # noqa: F401 - start-up time: torch; its C++ log level is read when it loads
     from torch.distributed.elastic.multiprocessing import (  # start-up time: torch
         DefaultLogsSpecs,
         SignalException,
@@ -81,7 +85,6 @@ def launch(argv: list[str], nproc: int, nnodes: int = 1, endpoint: str | None = 
         elastic_launch,
     )
 
-    check_launch(nproc, nnodes, endpoint, timeout, force)
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     # The agent's own log lines (worker groups, restarts, failures) repeat what the processes and _failure say.
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
@@ -115,6 +118,20 @@ def launch(argv: list[str], nproc: int, nnodes: int = 1, endpoint: str | None = 
         finally:
             os.environ.pop(RUN_NOTE_ENV, None)
     return 0
+
+
+@contextlib.contextmanager
+def _quiet_cpp_log():
+    """torch's C++ log at FATAL only while torch loads in this process (unless the user set
+    TORCH_CPP_LOG_LEVEL); the variable is gone after, so the training processes log as they would."""
+    if "TORCH_CPP_LOG_LEVEL" in os.environ or "torch" in sys.modules:
+        yield
+        return
+    os.environ["TORCH_CPP_LOG_LEVEL"] = "FATAL"
+    try:
+        yield
+    finally:
+        os.environ.pop("TORCH_CPP_LOG_LEVEL", None)
 
 
 _PR_SET_PDEATHSIG = 1  # prctl(2)
