@@ -715,18 +715,20 @@ def _add_routes(app: FastAPI, state: ServingState, key: list) -> None:
     async def model_card() -> dict:
         return _ready(state).card
 
-    @app.api_route("/healthz", methods=["GET", "HEAD"], response_model=Health,
-                   summary="Liveness: the process answers")
+    @app.get("/healthz", response_model=Health, summary="Liveness: the process answers")
     async def healthz() -> dict:
         return {"status": "ok"}
 
-    @app.api_route("/readyz", methods=["GET", "HEAD"], response_model=Ready, responses={503: {"model": Ready}},
-                   summary="Readiness: 200 once the model is loaded, 503 while every explanation slot is taken")
+    @app.get("/readyz", response_model=Ready, responses={503: {"model": Ready}},
+             summary="Readiness: 200 once the model is loaded, 503 while every explanation slot is taken")
     async def readyz():
         doc = {"ready": state.ready}
         if state.ready and state.explaining:
             doc.update(explanations=state.explaining, explanation_slots=EXPLAIN_QUEUE, saturated=state.saturated)
         return JSONResponse(doc, status_code=200 if state.ready and not state.saturated else 503)
+
+    for path, answer in (("/healthz", healthz), ("/readyz", readyz)):  # HEAD too, as load balancers probe
+        app.add_api_route(path, answer, methods=["HEAD"], include_in_schema=False)
 
     @app.get("/metrics", response_class=Response, dependencies=key, summary="Prometheus metrics",
              responses={200: {"content": {CONTENT_TYPE_LATEST.split(";")[0]: {}}}, 401: {"model": ErrorResponse}})
