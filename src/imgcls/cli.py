@@ -487,7 +487,6 @@ def cmd_probe(args) -> int:
 
 
 def cmd_cv(args) -> int:
-
     api, cv = import_paused("imgcls.api"), import_paused("imgcls.evaluation.cv")
     overrides = _config_overrides(args)
     result = api.cross_validate(args.config, args.folds, console=terminal.console(), **overrides)
@@ -496,7 +495,6 @@ def cmd_cv(args) -> int:
 
 
 def cmd_tune(args) -> int:
-
     api = import_paused("imgcls.api")
     overrides = _config_overrides(args)
     if args.show_space:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 import warnings
 from contextlib import contextmanager
@@ -39,6 +38,7 @@ from imgcls.errors import CheckpointError, ConfigError, DataError, ImgclsError
 from imgcls.inference import normalization_tensors, predict_logits, to_input, tta_logits
 from imgcls.io import write_atomic, write_json
 from imgcls.predictor import Classifier, Predictor, load
+from imgcls.startup import usable_cores
 
 FORMATS = ("onnx",)
 EXPORTERS = ("auto", "dynamo", "torchscript")
@@ -303,7 +303,7 @@ def _session(model: bytes | str, threads: int | None = None):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    options.intra_op_num_threads = threads or min(len(os.sched_getaffinity(0)), 8)
+    options.intra_op_num_threads = threads or min(usable_cores(), 8)
     options.inter_op_num_threads = 1  # one sequential graph: a second pool would only contend
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3  # errors only

@@ -38,6 +38,14 @@ def collector_paused():
             gc.enable()
 
 
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity, else the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
 def import_paused(name: str) -> ModuleType:
     """Import the module ``name`` with the collector paused (see the module docstring)."""
     with collector_paused():

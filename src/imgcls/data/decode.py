@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import mmap
 import multiprocessing
-import os
 import sys
 from concurrent.futures import (
     Executor,
@@ -37,6 +36,7 @@ from imgcls.data.images import (
 )
 from imgcls.data.sources import ImageSource
 from imgcls.errors import ConfigError, DataError
+from imgcls.startup import usable_cores
 
 FALLBACK_SIZE = (64, 64)
 """(height, width) used when images differ in size and none was asked for."""
@@ -163,10 +163,7 @@ def _decode_chunk_in_worker(rels: list[str], opts: DecodeOptions, start: int = 0
 
 def default_workers() -> int:
     """Worker processes used for decoding: the CPUs this process may use."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
+    return usable_cores()
 
 
 def _make_executor(source: ImageSource, workers: int, slots: _SharedSlots | None) -> tuple[Executor, Callable, bool]:

@@ -341,9 +341,7 @@ def check_pixels(data: bytes, name: str, max_pixels: int) -> None:
     except NotAnImageError:
         raise ServingError(400, "not_an_image", f"{name} is not an image in a format the server reads; "
                            f"send a {ACCEPTED_FORMATS} file") from None
-    except BadImageError as exc:
-        raise damaged_image(name, exc) from None
-    except Exception as exc:  # noqa: BLE001 - the size of a damaged header can fail too
+    except Exception as exc:  # noqa: BLE001 - BadImageError, or the size of a damaged header failing
         raise damaged_image(name, exc) from None
     if width * height > limit:
         raise ServingError(413, "too_many_pixels", f"{name} is {width}x{height}, that is {width * height:,} pixels, "

@@ -24,17 +24,10 @@ import uuid
 from pathlib import Path
 
 from imgcls.errors import ConfigError, PeerLost, TrainingError
+from imgcls.startup import usable_cores
 
 # The file, named by the launcher, where rank 0 writes its run folder's path (for the message after a failure).
 RUN_NOTE_ENV = "IMGCLS_RUN_NOTE"
-
-
-def usable_cores() -> int:
-    """The CPU cores this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
 
 
 def check_launch(nproc: int | None, nnodes: int, endpoint: str | None, timeout: float, force: bool = False) -> None:

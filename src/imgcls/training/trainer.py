@@ -620,9 +620,9 @@ def fit_head(s: TrainState, ds: ImageDataset, say) -> dict:
         layer.bias.copy_(fit.bias)
     tested = ""
     if x_val is not None:
-        s.val_logits = _head_logits(fit, x_val)
+        s.val_logits = fit.logits(x_val)
         if x_val_flip is not None:  # tta auto: the mirror image too where it lowers the val loss
-            flip_logits = 0.5 * (s.val_logits + _head_logits(fit, x_val_flip))
+            flip_logits = 0.5 * (s.val_logits + fit.logits(x_val_flip))
             flip_loss = F.cross_entropy(flip_logits, torch.from_numpy(y_val)).item()
             tested = f"; test-time flip {'kept' if flip_loss < fit.val_loss else 'left out'} (val loss " \
                      f"{flip_loss:.4f} with it)"
@@ -645,11 +645,6 @@ def fit_head(s: TrainState, ds: ImageDataset, say) -> dict:
     if fit.val_loss is not None:
         record.update(val_loss=fit.val_loss, val_accuracy=fit.val_accuracy)
     return record
-
-
-def _head_logits(fit, features: np.ndarray) -> torch.Tensor:
-    """(N, classes) logits of a fitted linear head on (N, F) features."""
-    return torch.from_numpy(np.asarray(features, np.float32)) @ fit.weight.T + fit.bias
 
 
 def _views(t) -> list[str]:

@@ -192,6 +192,10 @@ class HeadFit:
     val_accuracy: float | None
     tried: dict  # L2 strength -> val loss (or train loss without val)
 
+    def logits(self, features: np.ndarray) -> torch.Tensor:
+        """(N, classes) logits of (N, F) features."""
+        return torch.from_numpy(np.asarray(features, np.float32)) @ self.weight.T + self.bias
+
 
 def fit_linear_head(x_train: np.ndarray, y_train: np.ndarray, num_classes: int, x_val: np.ndarray | None = None,
                     y_val: np.ndarray | None = None, class_weights: torch.Tensor | None = None,
@@ -277,8 +281,8 @@ def fit_stage_head(x_train: np.ndarray, y_train: np.ndarray, num_classes: int, w
         fits[k] = (first, fit)
         tried[k] = round(fit.val_loss if has_val else fit.train_loss, 5)
         if has_val:
-            logits = torch.from_numpy(np.asarray(x_val[:, first:], np.float32)) @ fit.weight.T + fit.bias
-            losses[k] = F.cross_entropy(logits, torch.from_numpy(np.asarray(y_val, np.int64)), reduction="none")
+            losses[k] = F.cross_entropy(fit.logits(x_val[:, first:]), torch.from_numpy(np.asarray(y_val, np.int64)),
+                                        reduction="none")
     k = len(widths)
     if 1 in losses and k != 1:
         gain = (losses[k] - losses[1]).double()  # > 0 where the last stage alone does better

@@ -48,6 +48,10 @@ from imgcls.errors import ConfigError
 from imgcls.models.pretrained import models_with_weights
 from imgcls.models.registry import check_options, create_model, model_options
 
+MAX_CHOICES = 1_000  # values one field may list
+MAX_GRID_POINTS = 100_000  # combinations the grid sampler may hold (each a trial; Optuna keeps the grid in memory)
+
+
 # Fields a study cannot vary, and why.
 NOT_SEARCHED = {
     "data": "the data is what a study tunes on; give it with --data",
@@ -380,10 +384,6 @@ def check_model(cfg: RunConfig, searched: str | None = None) -> None:
 def suggest(trial, space: Space) -> dict:
     """Flat options of one trial: a value for every field of ``space``."""
     return {name: param.suggest(trial) for name, param in space.items()}
-
-
-MAX_CHOICES = 1_000  # values one field may list
-MAX_GRID_POINTS = 100_000  # combinations the grid sampler may hold (each a trial; Optuna keeps the grid in memory)
 
 
 def grid_of(space: Space) -> dict:

@@ -23,6 +23,7 @@ import optuna
 
 from imgcls.config import shown
 from imgcls.errors import ConfigError, hide_secrets
+from imgcls.errors import shown_url as errors_shown_url
 
 DB = "study.db"
 METRICS = {"val_accuracy": "maximize", "val_loss": "minimize", "val_macro_f1": "maximize"}
@@ -44,7 +45,7 @@ def default_storage(study_dir: Path) -> str:
 def shown_url(url: str) -> str:
     """``url`` with its credentials hidden (a password after ``user:`` and in the query), for messages and
     study.json; cut short when it is long."""
-    text = hide_secrets(str(url), str(url))
+    text = errors_shown_url(url)
     return text if len(text) <= 300 else shown(text)
 
 
