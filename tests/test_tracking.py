@@ -253,10 +253,26 @@ def test_bad_tracking_flags_are_refused(tmp_path, capsys, args, message):
     assert not (tmp_path / "runs").exists()
 
 
-def test_cross_validation_refuses_track_rather_than_ignore_it(tmp_path, capsys):
-    assert main(["cv", "--folds", "2", "--out", str(tmp_path / "runs"), "--track", "tensorboard"]) == 2
-    assert "cross-validation does not track experiments yet" in capsys.readouterr().err
-    assert not (tmp_path / "runs").exists()
+def test_cross_validation_tracks_every_fold_as_one_group(tmp_path):
+    """imgcls cv --track tensorboard,mlflow: each fold's run folder holds its event files, whose test figures are
+    the fold's in cv.json, and MLflow groups the folds in an experiment named after the cv folder."""
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    out = tmp_path / "runs"
+    assert main(["cv", "--folds", "2", "--out", str(out), "--name", "c", "--track", "tensorboard,mlflow",
+                 "--epochs", "1", "--batch-size", "256", "--model-option", "widths=[8,8,8]"]) == 0
+    cv = json.loads((out / "c" / "cv.json").read_text())
+    for fold in cv["per_fold"]:
+        acc = _events(out / "c" / fold["run"])
+        assert acc.Scalars("test/accuracy")[-1].value == pytest.approx(fold["accuracy"], abs=1e-6)
+    client = MlflowClient(tracking_uri=f"sqlite:///{out / 'c' / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("c").experiment_id])
+    assert sorted((r.data.tags["imgcls.cv"], r.data.tags["imgcls.fold"], r.info.run_name, r.info.status)
+                  for r in runs) == [("c", "1", "fold-1", "FINISHED"), ("c", "2", "fold-2", "FINISHED")]
+    by_fold = {f["run"]: f for f in cv["per_fold"]}
+    for r in runs:
+        assert r.data.metrics["test_accuracy"] == pytest.approx(by_fold[r.info.run_name]["accuracy"], abs=1e-6)
 
 
 def test_track_flags_are_config_fields():

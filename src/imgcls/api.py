@@ -8,101 +8,26 @@
 
 from __future__ import annotations
 
-import contextlib
-import copy
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from imgcls import predictor, rundir
-from imgcls.auto import choose
-from imgcls.checkpoint import load_model
-from imgcls.config import (
-    RunConfig,
-    apply_overrides,
-    dump_config,
-    flat_fields,
-    layer_settings,
-    read_config_values,
-)
-from imgcls.data.download import data_dir
-from imgcls.data.registry import build_dataset
-from imgcls.errors import CheckpointError, ConfigError, DataError
+from imgcls import driver, predictor, rundir
+from imgcls.config import RunConfig
+from imgcls.driver import make_config  # re-exported: the face of the package
+from imgcls.errors import ConfigError, DataError
 from imgcls.evaluation.evaluate import evaluate_model
 from imgcls.evaluation.metrics import save_metrics
-from imgcls.inference import normalization_tensors, resolve_runtime, to_input
-from imgcls.io import read_json
+from imgcls.inference import normalization_tensors, to_input
 from imgcls.predictor import Predictor  # noqa: F401 (re-exported: the face of the package)
-from imgcls.recipes import PRECISION_CLASSES, get_recipe
-from imgcls.rundir import CONFIG, RunFolder
 from imgcls.startup import keep_freed_memory  # also the opt-in of library users
-from imgcls.tracking import build_trackers, check_run_folder, tracked
+from imgcls.terminal import say
+from imgcls.tracking import Group
 from imgcls.training.callbacks import EpochEnd
 
 
-def make_config(config: str | Path | dict | RunConfig | None = None, **overrides) -> RunConfig:
-    """A validated RunConfig from a YAML file, dict or RunConfig plus flat overrides (``lr=0.1``).
-
-    With a recipe (``recipe="cifar10-fast"`` here or in the config), values
-    come from, in rising priority: the defaults, the recipe, the config, the
-    overrides; ``--model auto`` is resolved the same way (see
-    :func:`imgcls.config.layer_settings`, which does the layering).
-    """
-    if isinstance(config, RunConfig):
-        values = config.to_dict()
-    elif isinstance(config, (str, Path)):
-        values = read_config_values(config)  # only what the file sets, so a recipe's settings stay under it
-    else:
-        values = dict(config or {})
-    recipe = overrides.get("recipe") or values.get("recipe")
-    option_layers = [dict((values.get("model") or {}).get("options") or {}),  # the config's, then the flags'
-                     dict(overrides.get("model_option") or overrides.get("model_options") or {})]
-    values = apply_overrides(copy.deepcopy(values), overrides)  # what the user set: the config, then the flags
-    settings, why = _base_settings(recipe, values)
-    return layer_settings(values, settings, option_layers, why, from_recipe=bool(recipe))
-
-
-def _flat_value(cfg: RunConfig, key: str):
-    """The value of flat option ``key`` (a CLI flag's name) in ``cfg``; a sentinel when there is none."""
-    section, f = flat_fields().get(key, (None, None))
-    if f is None:
-        return object()
-    return getattr(cfg if section is None else getattr(cfg, section), f.name)
-
-
-def _base_settings(recipe: str | None, values: dict) -> tuple[dict, str | None]:
-    """(flat settings that lie under the user's, why): a recipe's variant, or what ``--model auto`` chooses.
-
-    A recipe's variant is the one for the precision the run will train in:
-    bf16 where the device computes it natively, fp32 elsewhere.
-    """
-    if recipe:
-        train = values.get("train") or {}
-        runtime = resolve_runtime(str(train.get("device", "auto")), str(train.get("precision", "auto")))
-        precision = runtime.precision
-        chosen = get_recipe(recipe)
-        return chosen.options(precision), (
-            f"{recipe}, its {precision} variant, for {PRECISION_CLASSES[precision]} "
-            f"({chosen.variants[precision].summary}): this run trains in {precision} on {runtime.device}")
-    model = values.get("model") or {}
-    name = model.get("name", "auto")
-    if name != "auto" and model.get("pretrained") is not None:
-        return {}, None  # a named model with the weights the user chose (or none)
-    data, train = values.get("data") or {}, values.get("train") or {}
-    return choose(str(data.get("dataset", "digits")), train, follow_links=bool(data.get("follow_links")),
-                  model=None if name == "auto" else name)
-
-
-@dataclass
-class Run:
-    """A finished (or interrupted) training run."""
-
-    path: Path
-    config: RunConfig
-    history: list[dict]
-    test_metrics: dict
+class Run(driver.Finished):
+    """A finished (or interrupted) training run: ``path``, ``config``, ``history``, ``test_metrics``."""
 
     def load(self, which: str | None = None, device: str = "auto") -> "Classifier":
         return load(self.path, which=which, device=device)
@@ -138,111 +63,11 @@ def train(config=None, *, resume: str | Path | None = None, quiet: bool = False,
     """
     keep_freed_memory()  # an entry point: see imgcls.startup
     console = console or _console(quiet)
-    with contextlib.ExitStack() as held:
-        return _train(config, resume, console, [*callbacks, EpochEnd(on_epoch_end) if on_epoch_end else None],
-                      overrides, held, trial)
-
-
-def _train(config, resume, console, callbacks: list, overrides: dict, held: contextlib.ExitStack,
-           trial: tuple[str, int] | None = None) -> Run:
-    """:func:`train`'s body; ``held`` keeps the run folder's write lock until training and the report are done."""
-    # on use: load() needs no trainer
-    from imgcls.training import distributed  # start-up time: torch.distributed
-    from imgcls.training.launch import note_run  # start-up time
-    from imgcls.training.optim import import_dynamo_in_background
-    from imgcls.training.trainer import check_compatible, fit
-
-    d = distributed.init_distributed()  # rank 0 of 1 unless torchrun started this process
-    if not d.is_main:
-        console = _console(True)  # rank 0 speaks for the job
-    if resume is not None and not d.is_main:
-        cfg = None  # rank 0 reads the run folder (another node may not see it) and sends its config
-    elif resume is not None:
-        run, cfg = _resumed(resume, config, overrides, held)
-    else:
-        cfg = make_config(config, **overrides)  # on every rank: a bad option stops them all at once
-        for label, line in (("auto", cfg.auto), ("recipe", cfg.recipe_variant)):
-            if line:
-                console.print(f"{label}: {line}", highlight=False, markup=False, soft_wrap=True)
-    cfg = distributed.broadcast(cfg)
-    # A tracker's missing package is refused before the data is read; rank 0 alone tracks.
-    trackers = build_trackers(cfg, trial) if d.is_main else []
-    if cfg.train.optimizer != "muon" and cfg.train.epochs > 0:
-        import_dynamo_in_background()  # torch's optimisers need it: overlap it with loading the data (1-1.4 s)
-    started = time.perf_counter()
-    if d.local_rank != 0:
-        distributed.barrier()  # the node's first process decodes and caches the data; the others map the cache
-    ds = build_dataset(cfg.data, seed=cfg.train.seed, progress=console.is_terminal and d.is_main)
-    if d.local_rank == 0:
-        distributed.barrier()
-    data_seconds = time.perf_counter() - started
-    for line in ds.summary_lines() + [f"data ready in {data_seconds:.1f}s"]:
-        console.print(line, highlight=False, markup=False, soft_wrap=True)
-    cfg, notes = check_compatible(cfg, ds)
-    shared = distributed.share_splits(ds, data_dir() / "shared")  # DDP: the node's processes map one copy
-    notes = [*notes, shared] if shared else notes
-    for note in notes:
-        console.print(f"note: {note}", highlight=False, markup=False, soft_wrap=True)
-    if resume is None and d.is_main:
-        run, cfg = RunFolder.create(cfg)
-        held.enter_context(run.writing())
-    if d.is_main:
-        note_run(run.path)  # for imgcls train --nproc's message, should a process fail
-    else:
-        run = None  # rank 0 alone writes the run folder
-    cfg = distributed.broadcast(cfg)  # the run's name, as rank 0 chose it
-    # The trackers' runs end after the report, or with the error that stopped training.
-    with tracked(trackers), distributed.peer_failures():
-        result = fit(cfg, ds, run, console, resume=resume is not None, data_seconds=data_seconds,
-                     callbacks=[*callbacks, *trackers])
-        if d.enabled:
-            distributed.finish()  # before rank 0's report: no collective is left, and none waits on it
-        if not d.is_main:
-            return Run(None, cfg, result.history, {})
-        if cfg.report:
-            _analyse(run.path, console, result.test_logits, result.val_logits)
-    return Run(run.path, cfg, result.history, result.test_metrics)
-
-
-def _resumed(resume, config, overrides: dict, held: contextlib.ExitStack) -> tuple[RunFolder, RunConfig]:
-    """The run folder to resume and its config, checked and locked (``held`` keeps the lock)."""
-    run = RunFolder(resume)
-    if not (run.path / CONFIG).is_file():
-        raise CheckpointError(f"{run.path} is not a run folder (no config.yaml)")
-    if not run.checkpoint("last").is_file():
-        raise CheckpointError(f"{run.path} has no checkpoints/last.safetensors to resume from")
-    cfg = make_config(run.path / CONFIG, epochs=overrides.get("epochs"))
-    extra = sorted(k for k, v in overrides.items() if v is not None and k != "epochs"
-                   and _flat_value(cfg, k) != v)  # repeating the run's own value (--no-report) is no change
-    if extra or config is not None:
-        raise CheckpointError(f"a resumed run keeps its own config; only --epochs may change (got "
-                              f"{', '.join(extra) or '--config'})")
-    held.enter_context(run.writing())  # before anything in it changes: a second resume stops here
-    load_model(run.checkpoint("last"))  # damage is refused before config.yaml takes the new epochs
-    check_run_folder(cfg, run.path)  # so is a tracker folder that cannot be written
-    rundir.read_history(run.path)
-    if overrides.get("epochs") is not None:
-        run.write_text(CONFIG, dump_config(cfg))
-    return run, cfg
-
-
-def _analyse(run_dir: Path, console, test_logits, val_logits=None) -> None:
-    """After training: fit temperature scaling on val (when there is one) and write the report.
-
-    ``test_logits``, ``val_logits``: training's own of its final checkpoint, which calibration and the report
-    reuse (stage 1 has the val logits from its frozen features; else one val pass serves both steps).
-    """
-    from imgcls import analysis  # matplotlib: on use
-
-    clf_ds = analysis.load_run(run_dir)
-    if "val" in clf_ds[1].splits:
-        if val_logits is None:
-            val_logits = analysis.predict_split(*clf_ds, "val").logits
-        cal = analysis.calibrate(run_dir, clf_ds, test_logits, val_logits)
-        console.print(f"calibration: temperature {cal['temperature']:.3f}, val ECE {cal['val']['ece_before']:.4f} "
-                      f"-> {cal['val']['ece_after']:.4f}", highlight=False, markup=False, soft_wrap=True)
-    page = analysis.report(run_dir, clf_ds, test_logits, val_logits, probes=False)  # imgcls probe runs them
-    console.print(f"report: {page}", highlight=False, markup=False, soft_wrap=True)
+    finished = driver.train_run(config, overrides, console, resume=resume,
+                                callbacks=[*callbacks, EpochEnd(on_epoch_end) if on_epoch_end else None],
+                                group=None if trial is None else Group("study", *trial),
+                                quiet_console=lambda: _console(True))
+    return Run(finished.path, finished.config, finished.history, finished.test_metrics)
 
 
 def cross_validate(config=None, folds: int = 5, *, out_dir: str | Path | None = None, quiet: bool = False,
@@ -255,19 +80,15 @@ def cross_validate(config=None, folds: int = 5, *, out_dir: str | Path | None = 
     Returns:
         cv.json's content: per_fold figures, their mean and std, sizes, and ``path``.
     """
-    from imgcls.reports.cv import write_cv_page  # on use
-    from imgcls.training.cv import cross_validate as run_folds  # on use
+    from imgcls.reports.cv import write_cv_page  # matplotlib: on use
 
     keep_freed_memory()  # an entry point: see imgcls.startup
     console = console or _console(quiet)
     out_dir = None if out_dir is None else Path(out_dir)
     cfg = make_config(config, **overrides)
-    if cfg.track:  # the folds train through training.cv, which takes no trackers yet: refused, not ignored
-        raise ConfigError(f"cross-validation does not track experiments yet; leave out --track "
-                          f"{','.join(cfg.track)} (train or tune a run with it)")
-    result = run_folds(cfg, folds, console, out_dir=out_dir)
+    result = driver.cross_validate(cfg, folds, console, out_dir=out_dir)
     write_cv_page(result, Path(result["path"]))
-    console.print(f"cross-validation folder: {result['path']}", highlight=False, markup=False, soft_wrap=True)
+    say(console, f"cross-validation folder: {result['path']}")
     return result
 
 
@@ -327,14 +148,14 @@ def retrain_best(summary: dict, *, quiet: bool = False, console=None) -> Run:
         raise ConfigError(f"study {summary.get('study', '')!r} has no complete trial yet: nothing to retrain")
     console = console or _console(quiet)
     best_run = Path(summary["best_run"])
-    info = read_json(best_run / rundir.RUN, default={}) or {}
+    info = rundir.read_doc(best_run / rundir.RUN, f"tune again, or retrain {best_run} by hand")
     best = make_config(summary["best_config"])
     epochs = best.train.epochs if info.get("best_epoch") is None else int(info["best_epoch"])
     epochs = epochs if best.train.head_first else max(epochs, 1)  # a head-first run may train its head alone
     cfg = make_config(best, val_fraction=0.0, early_stopping=False, epochs=epochs,
                       out=str(Path(summary["path"])), name="best-retrained")
-    console.print(f"retraining the best trial ({best_run.name}) on train + val for {cfg.train.epochs} epochs, then "
-                  f"the test split once", highlight=False, markup=False, soft_wrap=True)
+    say(console, f"retraining the best trial ({best_run.name}) on train + val for {cfg.train.epochs} epochs, then "
+                 f"the test split once")
     return train(cfg, console=console)
 
 
@@ -357,7 +178,7 @@ def search_space(config=None, *, space=None, **overrides) -> str:
     return search.show_space(lambda params: make_config(config, **{**trial_flags, **params}), overrides, space)
 
 
-class Classifier(predictor.Classifier):
+class Classifier(predictor.TorchPredictor):
     """A trained model, rebuilt from its checkpoint alone, that also evaluates and explains.
 
     Inputs to ``predict``/``predict_proba``/``explain`` may be file paths

@@ -37,7 +37,7 @@ from imgcls.checkpoint import find_checkpoint
 from imgcls.errors import CheckpointError, ConfigError, DataError, ImgclsError
 from imgcls.inference import normalization_tensors, predict_logits, to_input, tta_logits
 from imgcls.io import write_atomic, write_json
-from imgcls.predictor import Classifier, Predictor, load
+from imgcls.predictor import Predictor, TorchPredictor, load
 from imgcls.startup import usable_cores
 
 FORMATS = ("onnx",)
@@ -167,7 +167,7 @@ def _default_out(source: Path) -> Path:
     return folder / rundir.EXPORT
 
 
-def _images_to_check(clf: Classifier, images: np.ndarray | None) -> tuple[np.ndarray, str]:
+def _images_to_check(clf: TorchPredictor, images: np.ndarray | None) -> tuple[np.ndarray, str]:
     """uint8 (N, H, W, C) images to compare ONNX Runtime with PyTorch on, and where they came from."""
     c, h, w = clf.input_shape
     if images is not None:
@@ -310,7 +310,7 @@ def _session(model: bytes | str, threads: int | None = None):
     return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
 
-def _compare(data: bytes, clf: Classifier, images: np.ndarray) -> dict:
+def _compare(data: bytes, clf: TorchPredictor, images: np.ndarray) -> dict:
     """Max abs differences of logits and probabilities, ONNX Runtime vs PyTorch, at batch sizes 1 and N."""
     session = _session(data)
     torch_logits = predict_logits(clf.model, images, clf.meta["normalize"], clf.runtime, clf.batch_size,
@@ -327,7 +327,7 @@ def _compare(data: bytes, clf: Classifier, images: np.ndarray) -> dict:
 
 
 def meta_from_onnx(doc: dict, path: Path) -> dict:
-    """Checkpoint-style metadata (as :class:`imgcls.predictor.Classifier` has it) from an ``imgcls_meta`` document."""
+    """Checkpoint-style metadata (as :class:`imgcls.predictor.TorchPredictor` has it) from an ``imgcls_meta`` document."""
     version = doc.get("format_version")
     if not isinstance(version, int) or version > META_FORMAT_VERSION:
         raise CheckpointError(f"{path} has imgcls_meta version {version!r}; this imgcls reads versions up to "
@@ -345,7 +345,7 @@ def meta_from_onnx(doc: dict, path: Path) -> dict:
 
 class OnnxClassifier(Predictor):
     """An exported model run by ONNX Runtime on the CPU, with the prediction surface of
-    :class:`imgcls.predictor.Classifier`: ``classes``, ``input_shape`` (C, H, W), ``meta``,
+    :class:`imgcls.predictor.TorchPredictor`: ``classes``, ``input_shape`` (C, H, W), ``meta``,
     ``load_inputs``, ``proba_of_arrays``, ``predict_proba`` and ``predict``.
     """
 

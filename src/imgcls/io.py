@@ -51,6 +51,15 @@ def write_atomic(path: str | os.PathLike, data: str | bytes, *, fsync: bool = Tr
     return Path(path)
 
 
+def write_npz(path: str | os.PathLike, arrays: dict) -> Path:
+    """Write ``arrays`` (name -> numpy array) as one compressed ``.npz``, whole or not at all; returns ``path``."""
+    import numpy as np  # start-up time: the JSON and text writers need no numpy
+
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        np.savez_compressed(fh, **arrays)
+    return Path(path)
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
     """Write ``obj`` as indented JSON with a final newline, atomically; returns ``path``."""
     return write_atomic(path, json.dumps(obj, indent=2) + "\n")

@@ -5,8 +5,8 @@
     clf.predict_proba(...)                 # (N, num_classes)
 
 :class:`Predictor` is what every predictor shares (the ONNX one of
-:mod:`imgcls.export` too); :class:`Classifier` is the PyTorch one.
-:class:`imgcls.api.Classifier` adds evaluation and explanations on top.
+:mod:`imgcls.export` too); :class:`TorchPredictor` is the PyTorch one, and
+:class:`imgcls.api.Classifier`, the face of the package, adds evaluation and explanations on top.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ class Predictor:
         return np.array(self.classes, dtype=object)[self.predict_proba(inputs).argmax(1)]
 
 
-class Classifier(Predictor):
+class TorchPredictor(Predictor):
     """A trained model, rebuilt from its checkpoint alone.
 
     Inputs to ``predict``/``predict_proba`` may be file paths (images, folders,
@@ -98,13 +98,13 @@ class Classifier(Predictor):
 
     def __repr__(self) -> str:
         c, h, w = self.input_shape
-        return f"Classifier({self.meta['arch']}, {len(self.classes)} classes, input {c}x{h}x{w})"
+        return f"{type(self).__name__}({self.meta['arch']}, {len(self.classes)} classes, input {c}x{h}x{w})"
 
 
-def load(path: str | Path, which: str | None = None, device: str = "auto") -> Classifier:
-    """Load a run folder (its final checkpoint) or a checkpoint file as a :class:`Classifier`."""
+def load(path: str | Path, which: str | None = None, device: str = "auto") -> TorchPredictor:
+    """Load a run folder (its final checkpoint) or a checkpoint file as a :class:`TorchPredictor`."""
     path = Path(path)
     run_dir = path if path.is_dir() else None
     runtime = scoring_runtime(device)  # fp32: the figures training reported
     model, meta = load_model(path, which, runtime.device)
-    return Classifier(model, meta, runtime, run_dir)
+    return TorchPredictor(model, meta, runtime, run_dir)

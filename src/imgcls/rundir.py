@@ -42,7 +42,7 @@ import imgcls
 from imgcls.config import RunConfig, dump_config
 from imgcls.data.base import ImageDataset, pool_splits
 from imgcls.errors import CheckpointError, TrainingError
-from imgcls.io import read_json, write_atomic
+from imgcls.io import read_json, write_atomic, write_npz
 
 CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"
@@ -112,7 +112,7 @@ def read_history(run_dir: str | Path) -> list[dict]:
 
 def write_fold_index(run_dir: str | Path, index: dict[str, np.ndarray]) -> None:
     """Store a cross-validation fold's pooled indices (``train``, ``val``, ``test``) in its run folder."""
-    np.savez_compressed(Path(run_dir) / FOLD, **index)
+    write_npz(Path(run_dir) / FOLD, index)
 
 
 def fold_dataset_of_run(run_dir: str | Path, ds: ImageDataset) -> ImageDataset | None:

@@ -1,4 +1,4 @@
-"""What imgcls writes to a terminal: text whose control characters are shown, never obeyed.
+"""What imgcls writes to a terminal: plain lines (:func:`say`) whose control characters are shown, never obeyed.
 
 File and class names come from the user's data, and a name may hold ANSI
 escape sequences (``\\x1b[2J`` clears the screen; others retitle the window or
@@ -28,3 +28,9 @@ def console(quiet: bool = False, **options):
             return super().print(*(safe(o) if isinstance(o, str) else o for o in objects), **kwargs)
 
     return SafeConsole(quiet=quiet, highlight=False, **options)
+
+
+def say(console, line: str) -> None:
+    """Print ``line`` on ``console`` as it is: no markup, no highlighting, long lines wrapped by the terminal
+    (not cut), so that a path or a figure is never restyled or split."""
+    console.print(line, highlight=False, markup=False, soft_wrap=True)

@@ -2,8 +2,8 @@
 
     imgcls train --track tensorboard,mlflow [--mlflow-uri URI]
 
-    build_trackers(cfg, trial)   the trackers ``cfg.track`` names; a missing package is refused here, before any data
-                                 is read (api._train calls it first)
+    build_trackers(cfg, group)   the trackers ``cfg.track`` names; a missing package is refused here, before any data
+                                 is read (the run driver, imgcls.driver, calls it first)
     tracked(trackers)            the ``with`` block around training and the report: every tracker's run ends
                                  FINISHED, or FAILED on an error, KILLED on Ctrl-C or a pruned tune trial
     TensorBoardTracker           <run>/tensorboard/: train/* scalars every 20 steps, epoch/* scalars of every
@@ -14,15 +14,17 @@
                                  test_* metrics, and the run's files as artefacts; its run id in <run>/mlflow.json,
                                  so a resumed run goes on in the same MLflow run
 
-A tune trial is a run like any other; ``trial`` (study name, trial number) puts it in the MLflow experiment named
-after the study, tagged with both, and its event files lie in its run folder inside the study folder, so
-``tensorboard --logdir <study folder>`` shows every trial.  The hooks run only where the trainer calls them
+A tune trial or a cross-validation fold is a run like any other; its :class:`Group` (the study and the trial's
+number, or the cv folder and the fold's) puts it in the MLflow experiment named after the study or cv folder,
+tagged with both, and its event files lie in its run folder inside that folder, so
+``tensorboard --logdir <study or cv folder>`` shows every trial or fold.  The hooks run only where the trainer calls them
 (rank 0 under DDP); a tracker whose run never started closes as a no-op.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib
 import io
 import json
@@ -48,7 +50,22 @@ PARAM_CHARS = 6000  # MLflow's longest param value
 BATCH = 100  # MLflow takes at most 100 params (1,000 metrics) in one log_batch
 
 
-def build_trackers(cfg: RunConfig, trial: tuple[str, int] | None = None) -> list:
+@dataclasses.dataclass(frozen=True)
+class Group:
+    """Runs tracked together: the trials of a tune study (kind ``study``) or the folds of a cross-validation
+    (kind ``cv``)."""
+
+    kind: str  # "study" or "cv"
+    name: str  # the study's or the cv folder's name: the MLflow experiment
+    member: int  # the trial's number, or the fold's
+
+    def tags(self) -> dict[str, str]:
+        """MLflow tags: imgcls.study and imgcls.trial, or imgcls.cv and imgcls.fold."""
+        return {f"imgcls.{self.kind}": self.name,
+                f"imgcls.{'trial' if self.kind == 'study' else 'fold'}": str(self.member)}
+
+
+def build_trackers(cfg: RunConfig, group: Group | None = None) -> list:
     """The trackers ``cfg.track`` names, ready to be given to ``fit(callbacks=...)`` and :func:`tracked`.
 
     Raises:
@@ -61,7 +78,7 @@ def build_trackers(cfg: RunConfig, trial: tuple[str, int] | None = None) -> list
             built.append(TensorBoardTracker())
         elif name == "mlflow":
             _require(name, "mlflow", "mlflow", "mlflow.tracking")
-            tracker = MLflowTracker(cfg.mlflow_uri, trial)
+            tracker = MLflowTracker(cfg.mlflow_uri, group)
             tracker.check(cfg.out_dir)
             built.append(tracker)
         else:  # config.validate refuses other names; this is for a RunConfig changed after it was checked
@@ -242,8 +259,8 @@ def _mlflow_quiet():
 class MLflowTracker:
     """One MLflow run per run folder, through an ``MlflowClient`` of its own (no global tracking URI is set)."""
 
-    def __init__(self, uri: str | None, trial: tuple[str, int] | None = None):
-        self.uri, self.trial = uri, trial
+    def __init__(self, uri: str | None, group: Group | None = None):
+        self.uri, self.group = uri, group
         self.client = self.run_id = self.run = None
 
     def check(self, out_dir: str | Path, timeout: float | None = None) -> None:
@@ -297,10 +314,10 @@ class MLflowTracker:
         params = flat_params(state.cfg)
         if saved.get("tracking_uri") == uri and self._reopen(saved.get("run_id"), params):
             return
-        experiment = self._experiment_id(self.trial[0] if self.trial else EXPERIMENT, uri)
+        experiment = self._experiment_id(self.group.name if self.group else EXPERIMENT, uri)
         tags = {"imgcls.run_dir": str(run.path.resolve()), "imgcls.dataset": state.cfg.data.dataset}
-        if self.trial:
-            tags.update({"imgcls.study": self.trial[0], "imgcls.trial": str(self.trial[1])})
+        if self.group:
+            tags.update(self.group.tags())
         self.run_id = self.client.create_run(experiment, run_name=run.path.name, tags=tags).info.run_id
         run.write_json(rundir.MLFLOW, {"tracking_uri": uri, "experiment_id": experiment, "run_id": self.run_id})
         self._log_params(params)

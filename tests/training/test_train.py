@@ -12,6 +12,7 @@ import torch
 
 import imgcls
 from imgcls.checkpoint import read_checkpoint
+from imgcls.data.registry import build_dataset
 from imgcls.errors import ConfigError, TrainingError
 
 SMALL = {"model_option": {"widths": [8, 16, 16]}}
@@ -116,7 +117,7 @@ def test_classifier_accepts_paths_pil_images_and_arrays(tmp_path):
     digits = load_digits()
     pixels = np.rint(digits.images * 255 / 16).astype(np.uint8)
     # The run's own seeded split decides which images were held out for testing.
-    ds_test = imgcls.api.build_dataset(run.config.data, seed=run.config.train.seed).splits["test"]
+    ds_test = build_dataset(run.config.data, seed=run.config.train.seed).splits["test"]
     array_pred = clf.predict(ds_test.images)
     assert (array_pred == np.array(clf.classes)[ds_test.labels]).mean() >= 0.9
     Image.fromarray(pixels[5]).save(tmp_path / "five.png")

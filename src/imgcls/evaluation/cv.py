@@ -1,23 +1,39 @@
-"""Stratified k-fold cross-validation, the numbers: folds, each fold's splits, the summary over folds.
+"""Stratified k-fold cross-validation: folds, each fold's splits, the summary over folds, and the cv folder.
 
-The training loop is :func:`imgcls.training.cv.cross_validate`, the page
+The loop over the folds is :func:`imgcls.driver.cross_validate`, the page
 :func:`imgcls.reports.cv.write_cv_page`; :func:`imgcls.api.cross_validate`
 runs both.
 
-Fold numbers run from 1 to K.  ``folds.npz`` holds, per fold, the indices
-(into the pooled train + val images, train first) of its train, val and
-held-out images; :func:`load_folds` reads them back.
+This module alone names the cv folder's files::
+
+    <cv folder>/
+      fold-<i>/        an ordinary run folder per fold (i from 1 to K), with its fold.npz
+      cv.json          the summary: per-fold figures, mean and std, sizes, the config
+      cv.csv           the same figures as a table
+      folds.npz        per fold, the indices (into the pooled train + val images, train first) of its train,
+                       val and held-out images; :func:`load_folds` reads them back
+      report.html      the page (:mod:`imgcls.reports.cv`), beside its figures
 """
 
 from __future__ import annotations
 
+import csv
+import io
 from pathlib import Path
 
 import numpy as np
 
+from imgcls.config import RunConfig
 from imgcls.data.base import ImageDataset, Split, pool_splits  # noqa: F401 (pool_splits: part of cv's vocabulary)
 from imgcls.data.registry import stratified_split
 from imgcls.errors import ConfigError
+from imgcls.io import write_atomic, write_json, write_npz
+from imgcls.rundir import default_run_name
+
+CV_JSON = "cv.json"
+CV_CSV = "cv.csv"
+FOLDS = "folds.npz"
+FOLD_PREFIX = "fold-"  # fold-1, fold-2, ...: the folds' run folders
 
 # Per-fold figures that get a mean and a spread; names as in cv.json and cv.csv.
 METRICS = ("accuracy", "macro_f1", "weighted_f1", "loss", "top_k_accuracy")
@@ -25,6 +41,55 @@ LABELS = {"accuracy": "accuracy", "macro_f1": "macro F1", "weighted_f1": "weight
            "top_k_accuracy": "top-k acc"}
 
 
+def fold_name(fold: int) -> str:
+    """The run folder of fold ``fold`` (from 1) inside the cv folder."""
+    return f"{FOLD_PREFIX}{fold}"
+
+
+def new_cv_folder(cfg: RunConfig, folds: int, out_dir: Path | None) -> Path:
+    """The cv folder, made: ``out_dir`` (refused when it already holds a cross-validation), else a new
+    ``<out>/<name>-cv<K>`` (``-2``, ``-3``, ... when taken)."""
+    if out_dir is not None:
+        out_dir = Path(out_dir)
+        if (out_dir / CV_JSON).exists() or any(out_dir.glob(f"{FOLD_PREFIX}*/config.yaml")):
+            raise ConfigError(f"{out_dir} already holds a cross-validation; choose another folder")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        return out_dir
+    base = cfg.name or f"{default_run_name(cfg)}-cv{folds}"
+    name, n = base, 1
+    while (Path(cfg.out_dir) / name).exists():
+        n += 1
+        name = f"{base}-{n}"
+    path = Path(cfg.out_dir) / name
+    path.mkdir(parents=True)
+    return path
+
+
+def fold_record(fold: int, run_dir: Path, m: dict, epochs: int, index: dict, seconds: float) -> dict:
+    """One fold's line of cv.json: its held-out figures ``m`` (test metrics), sizes, epochs and seconds."""
+    return {
+        "fold": fold, "run": Path(run_dir).name, "accuracy": m["accuracy"], "macro_f1": m["macro_avg"]["f1"],
+        "weighted_f1": m["weighted_avg"]["f1"], "loss": m["loss"], "top_k_accuracy": m["top_k_accuracy"],
+        "top_k": m["top_k"], "train_images": len(index["train"]), "val_images": len(index.get("val", ())),
+        "held_out_images": len(index["test"]), "epochs": epochs, "train_seconds": round(seconds, 2),
+    }
+
+
+def write_cv(result: dict, cv_dir: Path, indices: dict[str, np.ndarray] | None = None) -> None:
+    """Write folds.npz (``indices``: ``fold<i>_<split>`` -> pooled indices), cv.json and cv.csv into ``cv_dir``,
+    each whole or not at all."""
+    if indices is not None:
+        write_npz(cv_dir / FOLDS, indices)
+    write_json(cv_dir / CV_JSON, result)
+    columns = ["fold", *METRICS, "train_images", "val_images", "held_out_images", "epochs", "train_seconds"]
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(columns)
+    for f in result["per_fold"]:
+        writer.writerow([f[c] for c in columns])
+    for stat in ("mean", "std"):
+        writer.writerow([stat, *(result[stat][m] for m in METRICS)] + [""] * (len(columns) - len(METRICS) - 1))
+    write_atomic(cv_dir / CV_CSV, buf.getvalue())
 
 
 def check_folds(folds, labels: np.ndarray) -> None:
@@ -65,7 +130,7 @@ def fold_dataset(ds: ImageDataset, pooled: Split, held_out: np.ndarray, fold: in
     index["test"] = held_out
     splits = {name: pooled.subset(idx) for name, idx in index.items()}
     note = (f"cross-validation fold {fold} of {folds}: the test split is fold {fold} of the pooled train + val "
-            f"images; indices in ../folds.npz")
+            f"images; indices in ../{FOLDS}")
     return ImageDataset(ds.name, list(ds.classes), splits, notes=list(ds.notes) + [note]), index
 
 
@@ -78,7 +143,7 @@ def summarize(per_fold: list[dict]) -> dict:
 
 def load_folds(cv_dir: str | Path) -> list[dict[str, np.ndarray]]:
     """Per fold, the pooled indices of its ``train``, ``val`` (if any) and ``test`` (held-out) images."""
-    with np.load(Path(cv_dir) / "folds.npz") as data:
+    with np.load(Path(cv_dir) / FOLDS) as data:
         arrays = dict(data)
     folds = sorted({int(key.split("_")[0][4:]) for key in arrays})
     return [{key.split("_", 1)[1]: arrays[key] for key in arrays if key.startswith(f"fold{i}_")} for i in folds]

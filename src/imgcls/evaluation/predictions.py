@@ -47,7 +47,7 @@ class SplitPredictions:
 
 
 def load_run(run_dir: str | Path, which: str | None = None, device: str = "auto"):
-    """(Classifier, ImageDataset) of a run folder: the model and its own seeded splits."""
+    """(TorchPredictor, ImageDataset) of a run folder: the model and its own seeded splits."""
     clf = load(run_dir, which=which, device=device)
     return clf, clf.dataset()
 

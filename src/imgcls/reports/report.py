@@ -88,7 +88,7 @@ class Report:
                  logits=None) -> Report:
         """Load the model and data of ``run_dir`` and predict ``split``.
 
-        ``clf_ds``: the (Classifier, ImageDataset) of :func:`load_run`, when the caller has them already;
+        ``clf_ds``: the (TorchPredictor, ImageDataset) of :func:`load_run`, when the caller has them already;
         ``logits``: the model's on ``split``, when the caller has them already (see :func:`predict_split`).
         """
         run_dir = Path(run_dir)
@@ -366,7 +366,7 @@ def build_report(run_dir: str | Path, sections_extra: list[Section] | None = Non
         sections_extra: more sections appended after the standard ones.
         out_dir: where to write (default: the run folder); report.json and one
             PNG per figure are written beside the page.
-        clf_ds: the (Classifier, ImageDataset) of :func:`load_run`, to skip loading them again.
+        clf_ds: the (TorchPredictor, ImageDataset) of :func:`load_run`, to skip loading them again.
     """
     return Report.from_run(run_dir, clf_ds=clf_ds).write(out_dir, sections_extra)
 

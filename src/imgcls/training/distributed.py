@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from imgcls.errors import ConfigError, PeerLost
+from imgcls.training.strategy import OneProcess
 
 # How long a collective waits for a rank that stopped answering before the job fails (seconds).
 TIMEOUT_S = 600
@@ -317,23 +318,6 @@ class CPUSyncBatchNorm(nn.BatchNorm2d):
         return y.to(x.dtype)
 
 
-def batch_loss(logits: torch.Tensor, y: torch.Tensor, y_global: torch.Tensor, weight: torch.Tensor | None,
-               label_smoothing: float, d: Dist) -> torch.Tensor:
-    """This rank's share of the global batch's mean cross-entropy, scaled so that DDP's gradient average
-    equals the gradient of the whole batch's mean (slices may differ in size by one)."""
-    total = F.cross_entropy(logits.float(), y, weight=weight, label_smoothing=label_smoothing, reduction="sum")
-    denom = len(y_global) if weight is None else weight[y_global].sum()
-    return total * d.world / denom
-
-
-def check_batch(batch_size: int, world: int) -> None:
-    """Refuse a global batch that leaves a rank fewer than 2 images (BatchNorm needs two)."""
-    if batch_size < 2 * world:
-        raise ConfigError(f"batch_size {batch_size} is too small for {world} processes: --batch-size is the global "
-                          f"batch, split between them, and each needs at least 2 images; give --batch-size "
-                          f"{2 * world} or more, or fewer processes")
-
-
 @contextlib.contextmanager
 def peer_failures():
     """Turn a collective's failure (another process died or hung) into one PeerLost line (exit code 3)."""
@@ -361,3 +345,90 @@ def finish() -> None:
         if current().enabled:
             dist.barrier()
         dist.destroy_process_group()
+
+
+class DataParallel(OneProcess):
+    """The trainer's strategy when torchrun started several processes (see :mod:`imgcls.training.strategy`).
+
+    Every process draws the same order of global batches and trains on its own
+    slice of each (``shard``); DistributedDataParallel averages the gradients,
+    and ``batch_loss`` scales each process's loss so that the average is the
+    gradient of the whole batch's mean.  Decisions (the time budget's clock,
+    stage 1's head) are the main process's, broadcast to the others.
+    """
+
+    parallel = True
+    check_every = 20  # steps between checks of the deadline: each is a broadcast
+
+    def __init__(self, d: Dist):
+        self.d = d
+        self.world = d.world
+        self.is_main = d.is_main
+
+    def check_device(self, device: torch.device) -> None:
+        check_device(device, self.d)
+
+    @contextlib.contextmanager
+    def node_first(self):
+        first = self.d.local_rank == 0
+        if not first:
+            barrier()  # waits for the node's first process to end its block
+        yield
+        if first:
+            barrier()
+
+    def share_images(self, ds, folder) -> str | None:
+        return share_splits(ds, folder)
+
+    def describe(self, batch_size: int, sync_bn: bool) -> str:
+        return (f"; {self.world} processes, each {batch_size // self.world}-{-(-batch_size // self.world)} images of "
+                f"every batch of {batch_size}" + (", BatchNorm synchronised" if sync_bn else ""))
+
+    def sync_batchnorm(self, model: nn.Module) -> nn.Module:
+        return sync_batchnorm(model)
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        return wrap(model, self.d)
+
+    def shard(self, batch: torch.Tensor) -> torch.Tensor:
+        return shard(batch, self.d)
+
+    def model_seed(self, epoch_seed: int) -> int:
+        return epoch_seed + 1 + self.d.rank
+
+    def augment_draws(self, order_draws: torch.Generator, epoch_seed: int) -> torch.Generator:
+        """The main process goes on with the order's generator (as one process does); the others draw from
+        their own, seeded by (seed, epoch, process)."""
+        if self.is_main:
+            return order_draws
+        return torch.Generator().manual_seed(epoch_seed + 104_729 * self.d.rank)
+
+    def batch_loss(self, logits: torch.Tensor, y: torch.Tensor, y_global: torch.Tensor,
+                   weight: torch.Tensor | None, label_smoothing: float) -> torch.Tensor:
+        """This process's share of the global batch's mean cross-entropy, scaled so that DDP's gradient average
+        equals the gradient of the whole batch's mean (slices may differ in size by one)."""
+        total = F.cross_entropy(logits.float(), y, weight=weight, label_smoothing=label_smoothing, reduction="sum")
+        denom = len(y_global) if weight is None else weight[y_global].sum()
+        return total * self.world / denom
+
+    def all_sum(self, values: torch.Tensor) -> torch.Tensor:
+        return all_sum(values)
+
+    def broadcast(self, obj):
+        return broadcast(obj)
+
+    def gather_rows(self, score, n: int) -> np.ndarray:
+        return gather_rows(score, n)
+
+    def failures(self):
+        return peer_failures()
+
+    def finish(self) -> None:
+        finish()
+
+
+def strategy() -> OneProcess:
+    """The trainer's strategy for this process: :class:`DataParallel` in a process group of several, else
+    :class:`imgcls.training.strategy.OneProcess`."""
+    d = current()
+    return DataParallel(d) if d.enabled else OneProcess()

@@ -49,9 +49,7 @@ from imgcls.models import ImageClassifier, create_model
 from imgcls.models.pretrained import LoadReport, classifier_layer, load_weights
 from imgcls.recipes import get_recipe
 from imgcls.rundir import RunFolder, environment
-from imgcls.training import distributed
 from imgcls.training.callbacks import Callbacks, EpochEnd
-from imgcls.training.distributed import Dist
 from imgcls.training.optim import (
     EarlyStopping,
     Lookahead,
@@ -62,6 +60,7 @@ from imgcls.training.optim import (
     param_groups,
 )
 from imgcls.training.progress import EpochProgress
+from imgcls.training.strategy import OneProcess
 from imgcls.training.transfer import (
     FeatureRunner,
     backbone_digest,
@@ -93,7 +92,7 @@ class TrainState:
     weights_report: LoadReport | None = None  # what the pretrained weights matched
     dataset: ImageDataset | None = None  # set by fit, for callbacks
     hooks: Callbacks = field(default_factory=Callbacks)  # set by fit: see imgcls.training.callbacks
-    dist: Dist = field(default_factory=Dist)  # this process's rank and the number of processes
+    strategy: OneProcess = field(default_factory=OneProcess)  # one process, or several (imgcls.training.strategy)
     deadline: float | None = None  # time.perf_counter() by which an epoch stops taking steps (--time-budget)
     val_logits: torch.Tensor | None = None  # stage 1's on the val split, from the frozen features
     epoch: int = 0  # epochs completed
@@ -102,7 +101,7 @@ class TrainState:
 
     @property
     def steps_per_epoch(self) -> int:
-        return _steps_per_epoch(len(self.y_train), self.cfg.train.batch_size, self.dist.world)
+        return _steps_per_epoch(len(self.y_train), self.cfg.train.batch_size, self.strategy.world)
 
 
 @dataclass
@@ -143,7 +142,8 @@ def low_res_size(t, image_shape) -> tuple[int, int] | None:
     return max(1, round(h * t.low_res_scale)), max(1, round(w * t.low_res_scale))
 
 
-def check_compatible(cfg: RunConfig, ds: ImageDataset) -> tuple[RunConfig, list[str]]:
+def check_compatible(cfg: RunConfig, ds: ImageDataset, strategy: OneProcess | None = None
+                     ) -> tuple[RunConfig, list[str]]:
     """Refuse, before any training, what the config and data cannot do together.
 
     Returns:
@@ -166,7 +166,7 @@ def check_compatible(cfg: RunConfig, ds: ImageDataset) -> tuple[RunConfig, list[
         raise ConfigError(f"class_weights has {len(t.class_weights)} values but the dataset has "
                           f"{ds.num_classes} classes ({', '.join(ds.classes)})")
     if t.epochs > 0:
-        distributed.check_batch(t.batch_size, distributed.env_world().world)
+        (strategy or OneProcess()).check_batch(t.batch_size)
     if t.epochs > 0 and t.batch_size > len(ds.splits["train"]):
         n = len(ds.splits["train"])
         raise ConfigError(f"batch_size {t.batch_size} is larger than the {n} training images of {ds.name}; "
@@ -218,10 +218,10 @@ def _stage1_estimate(cfg: RunConfig, ds: ImageDataset, model: torch.nn.Module) -
     return line
 
 
-def prepare(cfg: RunConfig, ds: ImageDataset, runtime: Runtime, dist: Dist | None = None) -> TrainState:
+def prepare(cfg: RunConfig, ds: ImageDataset, runtime: Runtime, strategy: OneProcess | None = None) -> TrainState:
     """Build model, optimiser, schedule and device data for ``ds`` (this process's, under DDP)."""
     t = cfg.train
-    dist = dist or Dist()
+    strategy = strategy or OneProcess()
     c, h, w = ds.image_shape
     torch.manual_seed(t.seed)
     model = create_model(cfg.model.name, in_chans=c, num_classes=ds.num_classes, img_size=(h, w),
@@ -254,11 +254,11 @@ def prepare(cfg: RunConfig, ds: ImageDataset, runtime: Runtime, dist: Dist | Non
     }
     if weights_report is not None:
         meta["pretrained"] = weights_report.to_dict()
-    if t.sync_bn and dist.enabled:
-        model = distributed.sync_batchnorm(model)  # before the optimiser: on the CPU it builds new layers
+    if t.sync_bn:
+        model = strategy.sync_batchnorm(model)  # before the optimiser: on the CPU it builds new layers
     # A run that ends at stage 1 takes no optimiser step; building one would import torch._dynamo (1 s).
     optimizer = build_optimizer(param_groups(model, t), t, runtime.bf16) if t.epochs > 0 else None
-    steps = _steps_per_epoch(len(train), t.batch_size, dist.world)
+    steps = _steps_per_epoch(len(train), t.batch_size, strategy.world)
     weights = class_weight_tensor(t.class_weights, train.labels, ds.num_classes)
     augment = build_augment(t.augment, (h, w))
     low_res = low_res_size(t, ds.image_shape)
@@ -271,7 +271,7 @@ def prepare(cfg: RunConfig, ds: ImageDataset, runtime: Runtime, dist: Dist | Non
         flip_half=(torch.rand(len(train), generator=torch.Generator().manual_seed(t.seed)) < 0.5).to(runtime.device)
         if augment.alternating_flip else None,
         low_res=low_res, low_res_steps=round(t.low_res_epochs * steps) if low_res else 0,
-        weights_report=weights_report, dist=dist,
+        weights_report=weights_report, strategy=strategy,
     )
 
 
@@ -281,17 +281,16 @@ def train_one_epoch(s: TrainState, progress: EpochProgress) -> dict:
     Under DDP every process draws the same order of global batches and trains
     on its own slice of each; the figures returned are the global batch's.
     """
-    t, d = s.cfg.train, s.dist
+    t, many = s.cfg.train, s.strategy
     model, rt = s.model, s.runtime
     model.train()
     model.start_epoch(s.epoch)
-    net = distributed.wrap(model, d)  # after start_epoch: DDP fixes the set of trained parameters when built
-    gen = torch.Generator().manual_seed(_epoch_seed(t.seed, s.epoch))
-    torch.manual_seed(_epoch_seed(t.seed, s.epoch) + 1 + d.rank)  # dropout and other in-model randomness
+    net = many.wrap(model)  # after start_epoch: DDP fixes the set of trained parameters when built
+    seed = _epoch_seed(t.seed, s.epoch)
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(many.model_seed(seed))  # dropout and other in-model randomness
     order = torch.randperm(len(s.y_train), generator=gen).to(rt.device)
-    # Augmentation draws: rank 0 goes on with the order's generator (one process is the plain run);
-    # the others from their own, seeded by (seed, epoch, rank).
-    aug_gen = gen if d.rank == 0 else torch.Generator().manual_seed(_epoch_seed(t.seed, s.epoch) + 104_729 * d.rank)
+    aug_gen = many.augment_draws(gen, seed)
     mean, std = normalization_tensors(s.meta["normalize"], rt.device)
     loss_sum = torch.zeros((), device=rt.device, dtype=torch.float64)
     correct = torch.zeros((), device=rt.device, dtype=torch.int64)
@@ -301,12 +300,12 @@ def train_one_epoch(s: TrainState, progress: EpochProgress) -> dict:
     constrain = model.apply_constraints if own is not ImageClassifier.apply_constraints else None
     steps = s.steps_per_epoch
     for i in range(steps):
-        if s.deadline is not None and i % (20 if d.enabled else 1) == 0 and i > 0 and \
-                distributed.broadcast(time.perf_counter() > s.deadline):  # rank 0's clock decides for all
+        if s.deadline is not None and i % many.check_every == 0 and i > 0 and \
+                many.broadcast(time.perf_counter() > s.deadline):  # the main process's clock decides for all
             steps = i  # the time budget is spent: this epoch ends early (see fit)
             break
         batch = order[i * t.batch_size:(i + 1) * t.batch_size]
-        idx = distributed.shard(batch, d)  # the whole batch in one process
+        idx = many.shard(batch)  # the whole batch in one process
         x = to_input(s.x_train[idx], mean, std, rt.channels_last)
         y = s.y_train[idx]
         if s.augment:
@@ -317,10 +316,7 @@ def train_one_epoch(s: TrainState, progress: EpochProgress) -> dict:
         lr = s.schedule.apply(s.optimizer, s.step)
         with rt.autocast():
             logits = net(x)
-        if d.enabled:
-            loss = distributed.batch_loss(logits, y, s.y_train[batch], s.class_weights, t.label_smoothing, d)
-        else:
-            loss = F.cross_entropy(logits.float(), y, weight=s.class_weights, label_smoothing=t.label_smoothing)
+        loss = many.batch_loss(logits, y, s.y_train[batch], s.class_weights, t.label_smoothing)
         s.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if t.grad_clip is not None:
@@ -331,14 +327,14 @@ def train_one_epoch(s: TrainState, progress: EpochProgress) -> dict:
         s.step += 1
         if s.lookahead is not None:
             s.lookahead.after_step(model, s.step)
-        # Under DDP a process's loss is its share of the global batch's mean (see batch_loss).
-        loss_sum += loss.detach() * (len(batch) / d.world if d.enabled else len(y))
+        # A process's loss is its share of the global batch's mean (see batch_loss).
+        loss_sum += loss.detach() * (len(batch) / many.world)
         correct += (logits.argmax(1) == y).sum()
         seen += len(y)
         if i % 20 == 0 or i == steps - 1:
             # One host sync every 20 steps (and under DDP one all-reduce): it feeds the progress bar,
             # and every process catches a NaN at the same step.
-            loss_total, correct_total, seen_total = distributed.all_sum(
+            loss_total, correct_total, seen_total = many.all_sum(
                 torch.stack([loss_sum, correct.double(), torch.tensor(float(seen), device=rt.device,
                                                                         dtype=torch.float64)])).tolist()
             mean_loss = loss_total / seen_total
@@ -352,7 +348,7 @@ def train_one_epoch(s: TrainState, progress: EpochProgress) -> dict:
                                             "train_accuracy": correct_total / seen_total, "lr": lr,
                                             "images_per_sec": rate})
     if steps < s.steps_per_epoch:  # stopped early: the totals of the steps after the last sync
-        loss_total, correct_total, seen_total = distributed.all_sum(
+        loss_total, correct_total, seen_total = many.all_sum(
             torch.stack([loss_sum, correct.double(), torch.tensor(float(seen), device=rt.device,
                                                                     dtype=torch.float64)])).tolist()
     seconds = time.perf_counter() - start
@@ -370,7 +366,7 @@ def validate(s: TrainState, ds: ImageDataset) -> dict:
     val = ds.splits["val"]
     started = time.perf_counter()
     # Under DDP each process scores its own slice of val; every process gets the whole.
-    proba = distributed.gather_rows(lambda lo, hi: predict_proba(
+    proba = s.strategy.gather_rows(lambda lo, hi: predict_proba(
         s.model, val.images[lo:hi], s.meta["normalize"], s.runtime, s.cfg.train.eval_batch_size,
         tta=s.meta["tta"]), len(val))
     return {"val_loss": cross_entropy(proba, val.labels), "val_accuracy": float((proba.argmax(1) == val.labels).mean()),
@@ -414,7 +410,7 @@ class TimeBudget:
         epoch_seconds = [r["train_seconds"] for r in s.history if r.get("stage") != "head"]
         left = self.remaining()
         need = 0.25 * epoch_seconds[-1] if epoch_seconds else 0.0
-        if distributed.broadcast(left > need):  # rank 0's clock decides for all
+        if s.strategy.broadcast(left > need):  # the main process's clock decides for all
             return True
         say(f"time budget: {s.cfg.train.time_budget} leaves {max(left, 0):.0f}s, too little for another epoch "
             f"(one takes about {epoch_seconds[-1] if epoch_seconds else 0:.0f}s); stopping after epoch {s.epoch}")
@@ -436,13 +432,13 @@ def _restore(s: TrainState, run: RunFolder | None) -> None:
     rest what they need (other nodes need not see the folder).
     """
     state = meta = history = None
-    if s.dist.is_main:
+    if s.strategy.is_main:
         state, meta = read_checkpoint(run.checkpoint("last"))
         load_state(s.model, state, run.checkpoint("last"))
         run.truncate_metrics(meta["train_state"]["epoch"])
         history = run.read_metrics()
-    state, meta, history = distributed.broadcast((state, meta, history))
-    if not s.dist.is_main:
+    state, meta, history = s.strategy.broadcast((state, meta, history))
+    if not s.strategy.is_main:
         s.model.load_state_dict(state)
     ts = meta["train_state"]
     if s.optimizer is not None and ts["optimizer"]:  # {}: saved before any step, a fresh optimiser is the same
@@ -461,7 +457,7 @@ def _keep_epoch(s: TrainState, run: RunFolder, record: dict, is_best: bool, say)
     """Add an epoch's record (stage 1's too) to the history and metrics.jsonl, write its checkpoints, say it,
     then call the callbacks' on_epoch_end."""
     s.history.append(record)
-    if not s.dist.is_main:
+    if not s.strategy.is_main:
         return
     run.append_metrics(record)
     _save_epoch(s, run, record, is_best)
@@ -477,12 +473,13 @@ def _save_epoch(s: TrainState, run: RunFolder, record: dict, is_best: bool) -> N
 
 
 def fit(cfg: RunConfig, ds: ImageDataset, run: RunFolder | None, console, resume: bool = False,
-        data_seconds: float | None = None, on_epoch_end=None, callbacks=()) -> TrainResult:
+        data_seconds: float | None = None, on_epoch_end=None, callbacks=(),
+        strategy: OneProcess | None = None) -> TrainResult:
     """Train ``cfg.model`` on ``ds`` into ``run``; evaluate the final weights on the test split.
 
-    Under DDP (see :mod:`imgcls.training.distributed`) every process calls
-    ``fit``; only rank 0 has a ``run`` (the others pass None), writes to it,
-    speaks, and calls the callbacks.
+    ``strategy``: how many processes train (:mod:`imgcls.training.strategy`; default one).  When several do,
+    every process calls ``fit``; only the main one has a ``run`` (the others pass None), writes to it, speaks,
+    and calls the callbacks.
 
     ``callbacks``: objects with any of the hooks of :mod:`imgcls.training.callbacks`.
     ``on_epoch_end(state, record)``, if given, is one more such hook, called
@@ -492,24 +489,23 @@ def fit(cfg: RunConfig, ds: ImageDataset, run: RunFolder | None, console, resume
     """
     t = cfg.train
     runtime = resolve_runtime(t.device, t.precision, t.channels_last)
-    d = distributed.current()
-    distributed.check_device(runtime.device, d)
-    s = prepare(cfg, ds, runtime, d)
+    many = strategy or OneProcess()
+    many.check_device(runtime.device)
+    s = prepare(cfg, ds, runtime, many)
     s.dataset = ds
-    if d.is_main:
+    if many.is_main:
         s.hooks = Callbacks([*callbacks, EpochEnd(on_epoch_end) if on_epoch_end is not None else None])
     if resume:
         _restore(s, run)
-    say = _sayer(console, run) if d.is_main else (lambda line: None)
-    if d.is_main:
-        run.write_json(rundir.ENVIRONMENT, environment(runtime, d.world))
+    say = _sayer(console, run) if many.is_main else (lambda line: None)
+    if many.is_main:
+        run.write_json(rundir.ENVIRONMENT, environment(runtime, many.world))
         run.write_json(rundir.DATASET, ds.record())
     say(f"model {cfg.model.name}: {sum(p.numel() for p in s.model.parameters()):,} parameters; {runtime.describe()}"
-        + (f"; {d.world} processes, each {t.batch_size // d.world}-{-(-t.batch_size // d.world)} images of every "
-           f"batch of {t.batch_size}" + (", BatchNorm synchronised" if t.sync_bn else "") if d.enabled else ""))
+        + many.describe(t.batch_size, t.sync_bn))
     if s.weights_report is not None:
         say(s.weights_report.summary())
-    if resume and d.is_main:
+    if resume and many.is_main:
         say(f"resuming {run.path} after epoch {s.epoch} of {t.epochs}")
     if s.low_res_steps > s.step:
         say(f"progressive resizing: steps {s.step + 1} to {s.low_res_steps} of {t.epochs * s.steps_per_epoch} train "
@@ -518,9 +514,10 @@ def fit(cfg: RunConfig, ds: ImageDataset, run: RunFolder | None, console, resume
     started = time.perf_counter()
     stopped_early = False
     if t.head_first and not resume:
-        # Rank 0 fits the head; the others get it when DDP is built for epoch 1, or with the final weights.
-        record = distributed.broadcast(fit_head(s, ds, say) if d.is_main else None)
-        s.meta["tta"] = record.get("tta", s.meta["tta"])  # tta auto: rank 0's choice, for every rank's scoring
+        # The main process fits the head; the others get it when DDP is built for epoch 1, or with the final
+        # weights.
+        record = many.broadcast(fit_head(s, ds, say) if many.is_main else None)
+        s.meta["tta"] = record.get("tta", s.meta["tta"])  # tta auto: the main process's choice, for every one
         _keep_epoch(s, run, record, s.tracker.update(0, record), say)
     budget = TimeBudget(parse_duration(t.time_budget), started - (data_seconds or 0.0)) if t.time_budget else None
     while s.epoch < t.epochs:
@@ -547,15 +544,15 @@ def fit(cfg: RunConfig, ds: ImageDataset, run: RunFolder | None, console, resume
             stopped_early = True
             break
     final = "best" if t.restore_best else "last"
-    s.model.load_state_dict(distributed.broadcast(read_checkpoint(run.checkpoint(final))[0] if d.is_main else None))
+    s.model.load_state_dict(many.broadcast(read_checkpoint(run.checkpoint(final))[0] if many.is_main else None))
     # Test metrics as `imgcls evaluate` computes them, so both report the same figures; under DDP each
     # process scores its own slice of the test split, every image once.
     test, scoring = ds.splits["test"], scoring_runtime(runtime.device)
-    logits = distributed.gather_rows(lambda lo, hi: predict_logits(
+    logits = many.gather_rows(lambda lo, hi: predict_logits(
         s.model, test.images[lo:hi], s.meta["normalize"], scoring, t.eval_batch_size, s.meta.get("tta", "none")
     ).numpy(), len(test))
     seconds = time.perf_counter() - started
-    if not d.is_main:
+    if not many.is_main:
         return TrainResult(run, s.history, {}, final, seconds)
     metrics, test_logits = evaluate_model(s.model, s.meta, test, ds.classes, scoring, t.eval_batch_size, t.top_k,
                                           logits=torch.from_numpy(logits))
