@@ -17,7 +17,9 @@ import json
 import os
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 from imgcls import terminal
 from imgcls.config import RunConfig, flat_fields, parse_yaml_value, shown, split_list
@@ -83,15 +85,57 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
                                default=None, help=help_text)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="imgcls", description="Train, evaluate and use CNN image classifiers.")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    sub.required = True
+# Arguments several commands take.  Each command's own arguments are added by the _<command>_args function just
+# above its cmd_<command>; COMMANDS, near the end, ties the two together with its line in `imgcls --help`.
+RUN_OR_CHECKPOINT = "run folder or checkpoint file"
 
-    p = sub.add_parser("train", help="train a model (default: a CNN on the built-in 8x8 digits)")
-    p.add_argument("--config", type=Path, help="YAML config file (e.g. a run's config.yaml to repeat it)")
-    p.add_argument("--resume", type=Path, metavar="RUN", help="continue a run folder from its last checkpoint")
+
+def _add_run(p: argparse.ArgumentParser, what: str = RUN_OR_CHECKPOINT) -> None:
+    p.add_argument("run", type=Path, help=what)
+
+
+def _add_run_folder(p: argparse.ArgumentParser) -> None:
+    """The ``run`` argument of a command that needs a run folder, not a lone checkpoint."""
+    _add_run(p, "run folder")
+
+
+def _add_inputs(p: argparse.ArgumentParser) -> None:
+    p.add_argument("inputs", nargs="+", help="image files, folders or .zip files")
+
+
+def _add_checkpoint(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", choices=("best", "last"), help="which checkpoint (default: the run's final one)")
+
+
+def _add_device(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+
+
+def _add_config_file(p: argparse.ArgumentParser, what: str = "YAML config file") -> None:
+    p.add_argument("--config", type=Path, help=what)
+
+
+def _add_quiet(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="print nothing but errors")
+
+
+def _config_overrides(args) -> dict:
+    """The config flags of ``train`` and ``cv`` as flat overrides (unset flags are None)."""
+    overrides = {k: getattr(args, k) for k in flat_fields()}
+    if overrides.get("model_option"):
+        overrides["model_option"] = dict(overrides["model_option"])
+    return overrides
+
+
+def _train_args(p: argparse.ArgumentParser) -> None:
+    _add_config_file(p, "YAML config file (e.g. a run's config.yaml to repeat it)")
+    p.add_argument("--resume", type=Path, metavar="RUN", help="continue a run folder from its last checkpoint")
+    _add_quiet(p)
+    _add_launch_flags(p)
+    add_config_flags(p)
+
+
+def _add_launch_flags(p: argparse.ArgumentParser) -> None:
     launch = p.add_argument_group("distributed options (torch.distributed; or start imgcls under torchrun)")
     launch.add_argument("--nproc", type=int, metavar="N",
                         help="train in N processes on this node (DDP: gloo on CPU, NCCL on CUDA; --batch-size is the "
@@ -103,128 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="how long to wait for every node to join (default: 300)")
     launch.add_argument("--force", action="store_true",
                         help="start --nproc processes even where they are more than this node's CPU cores")
-    add_config_flags(p)
 
-    p = sub.add_parser("evaluate", help="metrics of a trained model on a split")
-    p.add_argument("run", type=Path, help="run folder or checkpoint file")
-    p.add_argument("--data", help="evaluate on this dataset instead of the run's own (same classes)")
-    p.add_argument("--split", default="test", help="split to evaluate (default: test)")
-    p.add_argument("--top-k", type=int, default=5, help="k of top-k accuracy (default: 5)")
-    p.add_argument("--checkpoint", choices=("best", "last"), help="which checkpoint (default: the run's final one)")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-
-    p = sub.add_parser("predict", help="top classes for images, folders or zips")
-    p.add_argument("run", type=Path, help="run folder or checkpoint file")
-    p.add_argument("inputs", nargs="+", help="image files, folders or .zip files")
-    p.add_argument("--top-k", type=int, default=3, help="classes to show per image (default: 3)")
-    p.add_argument("--format", choices=("table", "json", "csv"), default="table")
-    p.add_argument("--checkpoint", choices=("best", "last"), help="which checkpoint (default: the run's final one)")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-
-    p.add_argument("--thresholds", action="store_true",
-                   help="answer 'unknown' when no class clears its tuned threshold (see `imgcls thresholds`)")
-
-    p = sub.add_parser("explain", help="heatmaps of the evidence behind predictions (Grad-CAM and others)")
-    p.add_argument("run", type=Path, help="run folder or checkpoint file")
-    p.add_argument("inputs", nargs="+", help="image files, folders or .zip files")
-    p.add_argument("--method", default="gradcam", help="gradcam (default), gradcam++, integrated-gradients, "
-                   "occlusion or saliency")
-    p.add_argument("--target", default="predicted", help="predicted (default), true (the class folder an image "
-                   "is in) or a class name")
-    p.add_argument("--layer", default="auto", help="layer for Grad-CAM (default: the model's own choice)")
-    p.add_argument("--out", type=Path, help="output folder (default: <run>/explain)")
-    p.add_argument("--save-maps", action="store_true", help="also write each raw map as .npy")
-    p.add_argument("--score", action="store_true", help="score every method: deletion AUC and the "
-                   "model-randomisation check")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-
-    p = sub.add_parser("serve", help="a web page and an HTTP API for a trained model")
-    p.add_argument("run", type=Path, help="run folder")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--runtime", choices=("torch", "onnx"), default="torch",
-                   help="onnx serves <run>/export/model.onnx (see `imgcls export`)")
-    p.add_argument("--api-key", help="require this key in the X-API-Key header of every API request (it shows in "
-                   "`ps`: prefer --api-key-file or the IMGCLS_API_KEY environment variable)")
-    p.add_argument("--api-key-file", type=Path, help="read the key from the first line of this file")
-    p.add_argument("--max-request-bytes", type=int, default=64_000_000,
-                   help="largest whole request body in bytes, however many files it carries (default: 64000000)")
-    p.add_argument("--client-timeout", type=float, default=20.0,
-                   help="seconds a client may take to send a request's headers, or pause while sending its body, "
-                        "before it is answered 408 and dropped (default: 20)")
-    p.add_argument("--max-batch", type=int, default=32, help="most images a batched model call takes (1: no batching)")
-    p.add_argument("--max-wait-ms", type=float, default=5.0, help="longest wait for a batch to fill, milliseconds")
-
-    p = sub.add_parser("export", help="export a trained model (ONNX), checked against PyTorch on real images")
-    p.add_argument("run", type=Path, help="run folder or checkpoint file")
-    p.add_argument("--format", choices=("onnx",), default="onnx")
-    p.add_argument("--out", type=Path, help="output file (default: <run>/export/model.onnx)")
-    p.add_argument("--tolerance", type=float, default=1e-4, help="largest accepted difference of probabilities")
-
-    p = sub.add_parser("report", help="write report.html with every figure into a run folder")
-    p.add_argument("run", type=Path, help="run folder")
-
-    p = sub.add_parser("calibrate", help="fit temperature scaling on the val split and store it with the model")
-    p.add_argument("run", type=Path, help="run folder")
-
-    p = sub.add_parser("thresholds", help="tune per-class decision thresholds on the val split and store them")
-    p.add_argument("run", type=Path, help="run folder")
-    p.add_argument("--objective", default="f1", help="f1 (default), precision=0.95 or recall=0.9")
-
-    p = sub.add_parser("probe", help="linear probes of each convolutional stage (per layer and cumulative)")
-    p.add_argument("run", type=Path, help="run folder")
-    p.add_argument("--max-train", type=int, default=5000, help="training images for the probes (default: 5000)")
-    p.add_argument("--max-eval", type=int, default=5000, help="held-out images for scoring (default: 5000)")
-
-    p = sub.add_parser("cv", help="stratified k-fold cross-validation (takes the training options)")
-    p.add_argument("--folds", type=int, default=5, help="number of folds (default: 5)")
-    p.add_argument("--config", type=Path, help="YAML config file")
-    add_config_flags(p)
-
-    p = sub.add_parser("tune", help="search hyperparameters with Optuna: trials as run folders, with pruning "
-                       "(takes the training options)")
-    p.add_argument("--trials", type=int, default=20, help="finished trials the study runs to; the same command run "
-                   "again continues the study up to this number (default: 20)")
-    p.add_argument("--timeout", help="start no trial after this long, e.g. 30m or 2h (default: none)")
-    p.add_argument("--space", type=Path, help="YAML search space: config fields mapped to ranges or choices "
-                   "(default: the one --show-space prints)")
-    p.add_argument("--metric", default="val_accuracy", choices=("val_accuracy", "val_loss", "val_macro_f1"),
-                   help="what the trials are ranked and pruned by, on the val split after every epoch "
-                        "(default: val_accuracy)")
-    p.add_argument("--study", help="study name; its folder is <out>/<study> (default: <data>-tune)")
-    p.add_argument("--storage", help="SQLAlchemy URL of the study's database, e.g. postgresql://USER:PASS@HOST/DB "
-                   "for workers on several machines (default: sqlite:///<study folder>/study.db)")
-    p.add_argument("--sampler", default="tpe", choices=("tpe", "random", "grid"),
-                   help="tpe (default, seeded by --seed), random, or grid (a space of choices only)")
-    p.add_argument("--pruner", default="median", choices=("median", "hyperband", "none"),
-                   help="stop bad trials after an epoch: median (default), hyperband or none")
-    p.add_argument("--show-space", action="store_true", help="print the search space (as a --space file) and exit")
-    p.add_argument("--retrain-best", action="store_true", help="then train the best trial's config on train + val "
-                   "and evaluate it on the test split once (<study folder>/best-retrained)")
-    p.add_argument("--config", type=Path, help="YAML config file the trials start from")
-    p.add_argument("--quiet", action="store_true", help="print nothing but errors")
-    add_config_flags(p)
-
-    p = sub.add_parser("compare", help="several runs side by side: leaderboard and validation curves")
-    p.add_argument("runs", type=Path, nargs="+", help="run folders")
-    p.add_argument("--out", type=Path, default=Path("compare"), help="folder for compare.html (default: compare)")
-
-    p = sub.add_parser("recipes", help="list the named training recipes and the data each suits")
-
-    p = sub.add_parser("models", help="list architectures, or summarise one")
-    p.add_argument("name", nargs="?", help="a registered model to summarise")
-    p.add_argument("--input", default="3x32x32", help="input shape CxHxW (default: 3x32x32)")
-    p.add_argument("--classes", type=int, default=10, help="number of classes (default: 10)")
-    p.add_argument("--model-option", dest="options", type=_parse_option, action="append", metavar="KEY=VALUE")
-    return parser
-
-
-def _config_overrides(args) -> dict:
-    """The config flags of ``train`` and ``cv`` as flat overrides (unset flags are None)."""
-    overrides = {k: getattr(args, k) for k in flat_fields()}
-    if overrides.get("model_option"):
-        overrides["model_option"] = dict(overrides["model_option"])
-    return overrides
 
 
 def cmd_train(args) -> int:
@@ -256,6 +179,16 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _evaluate_args(p: argparse.ArgumentParser) -> None:
+    _add_run(p)
+    p.add_argument("--data", help="evaluate on this dataset instead of the run's own (same classes)")
+    p.add_argument("--split", default="test", help="split to evaluate (default: test)")
+    p.add_argument("--top-k", type=int, default=5, help="k of top-k accuracy (default: 5)")
+    _add_checkpoint(p)
+    _add_device(p)
+
+
+
 def cmd_evaluate(args) -> int:
     import imgcls  # start-up time
     from imgcls.evaluation.metrics import (  # start-up time
@@ -271,6 +204,18 @@ def cmd_evaluate(args) -> int:
     print()
     print(format_confusion(metrics))
     return 0
+
+
+def _predict_args(p: argparse.ArgumentParser) -> None:
+    _add_run(p)
+    _add_inputs(p)
+    p.add_argument("--top-k", type=int, default=3, help="classes to show per image (default: 3)")
+    p.add_argument("--format", choices=("table", "json", "csv"), default="table")
+    _add_checkpoint(p)
+    _add_device(p)
+    p.add_argument("--thresholds", action="store_true",
+                   help="answer 'unknown' when no class clears its tuned threshold (see `imgcls thresholds`)")
+
 
 
 def cmd_predict(args) -> int:
@@ -348,6 +293,14 @@ def cmd_recipes(args) -> int:
     return 0
 
 
+def _models_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("name", nargs="?", help="a registered model to summarise")
+    p.add_argument("--input", default="3x32x32", help="input shape CxHxW (default: 3x32x32)")
+    p.add_argument("--classes", type=int, default=10, help="number of classes (default: 10)")
+    p.add_argument("--model-option", dest="options", type=_parse_option, action="append", metavar="KEY=VALUE")
+
+
+
 def cmd_models(args) -> int:
     from imgcls.config import parse_image_size  # start-up time
     from imgcls.models import (  # start-up time
@@ -372,6 +325,22 @@ def cmd_models(args) -> int:
                          **dict(args.options or []))
     print(format_summary(summarize(model, (c, h, w))))
     return 0
+
+
+def _explain_args(p: argparse.ArgumentParser) -> None:
+    _add_run(p)
+    _add_inputs(p)
+    p.add_argument("--method", default="gradcam", help="gradcam (default), gradcam++, integrated-gradients, "
+                   "occlusion or saliency")
+    p.add_argument("--target", default="predicted", help="predicted (default), true (the class folder an image "
+                   "is in) or a class name")
+    p.add_argument("--layer", default="auto", help="layer for Grad-CAM (default: the model's own choice)")
+    p.add_argument("--out", type=Path, help="output folder (default: <run>/explain)")
+    p.add_argument("--save-maps", action="store_true", help="also write each raw map as .npy")
+    p.add_argument("--score", action="store_true", help="score every method: deletion AUC and the "
+                   "model-randomisation check")
+    _add_device(p)
+
 
 
 def cmd_explain(args) -> int:
@@ -401,6 +370,23 @@ def _format_scores(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _serve_args(p: argparse.ArgumentParser) -> None:
+    _add_run_folder(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--runtime", choices=("torch", "onnx"), default="torch",
+                   help="onnx serves <run>/export/model.onnx (see `imgcls export`)")
+    _add_api_key_flags(p)
+    p.add_argument("--max-request-bytes", type=int, default=64_000_000,
+                   help="largest whole request body in bytes, however many files it carries (default: 64000000)")
+    p.add_argument("--client-timeout", type=float, default=20.0,
+                   help="seconds a client may take to send a request's headers, or pause while sending its body, "
+                        "before it is answered 408 and dropped (default: 20)")
+    p.add_argument("--max-batch", type=int, default=32, help="most images a batched model call takes (1: no batching)")
+    p.add_argument("--max-wait-ms", type=float, default=5.0, help="longest wait for a batch to fill, milliseconds")
+
+
+
 def cmd_serve(args) -> int:
     from imgcls.serving.app import serve  # start-up time
 
@@ -412,6 +398,14 @@ def cmd_serve(args) -> int:
           max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_request_bytes=args.max_request_bytes,
           client_timeout=args.client_timeout)
     return 0
+
+
+def _add_api_key_flags(p: argparse.ArgumentParser) -> None:
+    """The flags ``api_key_of`` reads (its third source, $IMGCLS_API_KEY, needs none)."""
+    p.add_argument("--api-key", help="require this key in the X-API-Key header of every API request (it shows in "
+                   "`ps`: prefer --api-key-file or the IMGCLS_API_KEY environment variable)")
+    p.add_argument("--api-key-file", type=Path, help="read the key from the first line of this file")
+
 
 
 def api_key_of(args) -> str | None:
@@ -435,6 +429,14 @@ def api_key_of(args) -> str | None:
             raise ImgclsError(f"--api-key-file {args.api_key_file}: its first line is empty; write the key there")
         return key
     return os.environ.get("IMGCLS_API_KEY") or None
+
+
+def _export_args(p: argparse.ArgumentParser) -> None:
+    _add_run(p)
+    p.add_argument("--format", choices=("onnx",), default="onnx")
+    p.add_argument("--out", type=Path, help="output file (default: <run>/export/model.onnx)")
+    p.add_argument("--tolerance", type=float, default=1e-4, help="largest accepted difference of probabilities")
+
 
 
 def cmd_export(args) -> int:
@@ -465,6 +467,12 @@ def cmd_calibrate(args) -> int:
     return 0
 
 
+def _thresholds_args(p: argparse.ArgumentParser) -> None:
+    _add_run_folder(p)
+    p.add_argument("--objective", default="f1", help="f1 (default), precision=0.95 or recall=0.9")
+
+
+
 def cmd_thresholds(args) -> int:
     from imgcls import analysis  # start-up time
 
@@ -478,6 +486,13 @@ def cmd_thresholds(args) -> int:
     return 0
 
 
+def _probe_args(p: argparse.ArgumentParser) -> None:
+    _add_run_folder(p)
+    p.add_argument("--max-train", type=int, default=5000, help="training images for the probes (default: 5000)")
+    p.add_argument("--max-eval", type=int, default=5000, help="held-out images for scoring (default: 5000)")
+
+
+
 def cmd_probe(args) -> int:
     from imgcls import analysis  # start-up time
     from imgcls.evaluation.probes import format_probes  # start-up time
@@ -486,12 +501,44 @@ def cmd_probe(args) -> int:
     return 0
 
 
+def _cv_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--folds", type=int, default=5, help="number of folds (default: 5)")
+    _add_config_file(p)
+    add_config_flags(p)
+
+
+
 def cmd_cv(args) -> int:
     api, cv = import_paused("imgcls.api"), import_paused("imgcls.evaluation.cv")
     overrides = _config_overrides(args)
     result = api.cross_validate(args.config, args.folds, console=terminal.console(), **overrides)
     print(cv.format_cv(result))
     return 0
+
+
+def _tune_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trials", type=int, default=20, help="finished trials the study runs to; the same command run "
+                   "again continues the study up to this number (default: 20)")
+    p.add_argument("--timeout", help="start no trial after this long, e.g. 30m or 2h (default: none)")
+    p.add_argument("--space", type=Path, help="YAML search space: config fields mapped to ranges or choices "
+                   "(default: the one --show-space prints)")
+    p.add_argument("--metric", default="val_accuracy", choices=("val_accuracy", "val_loss", "val_macro_f1"),
+                   help="what the trials are ranked and pruned by, on the val split after every epoch "
+                        "(default: val_accuracy)")
+    p.add_argument("--study", help="study name; its folder is <out>/<study> (default: <data>-tune)")
+    p.add_argument("--storage", help="SQLAlchemy URL of the study's database, e.g. postgresql://USER:PASS@HOST/DB "
+                   "for workers on several machines (default: sqlite:///<study folder>/study.db)")
+    p.add_argument("--sampler", default="tpe", choices=("tpe", "random", "grid"),
+                   help="tpe (default, seeded by --seed), random, or grid (a space of choices only)")
+    p.add_argument("--pruner", default="median", choices=("median", "hyperband", "none"),
+                   help="stop bad trials after an epoch: median (default), hyperband or none")
+    p.add_argument("--show-space", action="store_true", help="print the search space (as a --space file) and exit")
+    p.add_argument("--retrain-best", action="store_true", help="then train the best trial's config on train + val "
+                   "and evaluate it on the test split once (<study folder>/best-retrained)")
+    _add_config_file(p, "YAML config file the trials start from")
+    _add_quiet(p)
+    add_config_flags(p)
+
 
 
 def cmd_tune(args) -> int:
@@ -516,6 +563,12 @@ def cmd_tune(args) -> int:
     return 0
 
 
+def _compare_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("runs", type=Path, nargs="+", help="run folders")
+    p.add_argument("--out", type=Path, default=Path("compare"), help="folder for compare.html (default: compare)")
+
+
+
 def cmd_compare(args) -> int:
     from imgcls.reports.compare import (  # start-up time
         compare_runs,
@@ -529,11 +582,48 @@ def cmd_compare(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "models": cmd_models,
-            "recipes": cmd_recipes,
-            "explain": cmd_explain, "serve": cmd_serve, "export": cmd_export,
-            "report": cmd_report, "calibrate": cmd_calibrate, "thresholds": cmd_thresholds, "probe": cmd_probe,
-            "cv": cmd_cv, "tune": cmd_tune, "compare": cmd_compare}
+class Command(NamedTuple):
+    """A subcommand: its line in ``imgcls --help``, what adds its arguments (None: it takes none), what runs it."""
+
+    help: str
+    add_args: Callable[[argparse.ArgumentParser], None] | None
+    run: Callable[[argparse.Namespace], int]
+
+
+# In the order ``imgcls --help`` lists them.
+COMMANDS = {
+    "train": Command("train a model (default: a CNN on the built-in 8x8 digits)", _train_args, cmd_train),
+    "evaluate": Command("metrics of a trained model on a split", _evaluate_args, cmd_evaluate),
+    "predict": Command("top classes for images, folders or zips", _predict_args, cmd_predict),
+    "explain": Command("heatmaps of the evidence behind predictions (Grad-CAM and others)", _explain_args,
+                       cmd_explain),
+    "serve": Command("a web page and an HTTP API for a trained model", _serve_args, cmd_serve),
+    "export": Command("export a trained model (ONNX), checked against PyTorch on real images", _export_args,
+                      cmd_export),
+    "report": Command("write report.html with every figure into a run folder", _add_run_folder, cmd_report),
+    "calibrate": Command("fit temperature scaling on the val split and store it with the model", _add_run_folder,
+                         cmd_calibrate),
+    "thresholds": Command("tune per-class decision thresholds on the val split and store them", _thresholds_args,
+                          cmd_thresholds),
+    "probe": Command("linear probes of each convolutional stage (per layer and cumulative)", _probe_args, cmd_probe),
+    "cv": Command("stratified k-fold cross-validation (takes the training options)", _cv_args, cmd_cv),
+    "tune": Command("search hyperparameters with Optuna: trials as run folders, with pruning (takes the training "
+                    "options)", _tune_args, cmd_tune),
+    "compare": Command("several runs side by side: leaderboard and validation curves", _compare_args, cmd_compare),
+    "recipes": Command("list the named training recipes and the data each suits", None, cmd_recipes),
+    "models": Command("list architectures, or summarise one", _models_args, cmd_models),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="imgcls", description="Train, evaluate and use CNN image classifiers.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+    for name, command in COMMANDS.items():
+        p = sub.add_parser(name, help=command.help)
+        if command.add_args is not None:
+            command.add_args(p)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -553,7 +643,7 @@ def _main(argv: list[str] | None) -> int:
         if args.command != "train" and int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
             raise ImgclsError(f"imgcls {args.command} runs in one process; torchrun starts only `imgcls train` "
                               f"(each of its {os.environ['WORLD_SIZE']} processes would repeat the whole command)")
-        return COMMANDS[args.command](args)
+        return COMMANDS[args.command].run(args)
     except ImgclsError as exc:
         print(terminal.safe(f"error: {exc}"), file=sys.stderr)
         return getattr(exc, "exit_code", 2)
