@@ -41,13 +41,11 @@ from fastapi import (
     Depends,
     FastAPI,
     File,
-    HTTPException,
     Query,
     Request,
     Security,
     UploadFile,
 )
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.security import APIKeyHeader
 from fastapi.staticfiles import StaticFiles
@@ -60,7 +58,6 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from imgcls import __version__, rundir
 from imgcls.checkpoint import find_checkpoint
@@ -78,6 +75,7 @@ from imgcls.explain.attribution import METHODS as EXPLAIN_METHODS
 from imgcls.explain.explain import explain_arrays, overlay
 from imgcls.predictor import load
 from imgcls.serving.batching import MicroBatcher
+from imgcls.serving.errors import ServingError, add_error_handlers, error_response
 from imgcls.serving.schemas import (
     ErrorResponse,
     ExplainResponse,
@@ -113,18 +111,7 @@ ACCEPTED_FORMATS = "PNG, JPEG, GIF, BMP, WebP or TIFF"  # named in error message
 ROUTES = ("/", "/v1/predict", "/v1/explain", "/v1/model", "/healthz", "/readyz", "/metrics", "/docs",
           "/openapi.json")  # labels of the requests metric; anything else counts as "other"
 
-_HTTP_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
-               413: "too_large", 415: "unsupported_media_type", 422: "invalid_request", 501: "not_implemented",
-               503: "not_ready"}
 _ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 413, 415, 422, 503)}
-
-
-class ServingError(HTTPException):
-    """A request the server refuses: answered as ``{"error": {"code", "message"}}`` with ``status``."""
-
-    def __init__(self, status: int, code: str, message: str, headers: dict | None = None):
-        super().__init__(status_code=status, detail=message, headers=headers)
-        self.code = code
 
 
 # ----------------------------------------------------------------------------
@@ -420,44 +407,6 @@ def explain_image(state: ServingState, image: np.ndarray, name: str, method: str
 
 
 # ----------------------------------------------------------------------------
-# Errors
-
-
-def error_response(status: int, code: str, message: str, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
-
-
-async def _serving_error(request: Request, exc: ServingError) -> JSONResponse:
-    return error_response(exc.status_code, exc.code, str(exc.detail), exc.headers)
-
-
-async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    status, detail = exc.status_code, str(exc.detail)
-    if status == 400 and detail.startswith("Too many files"):  # Starlette's multipart limit (form_limits)
-        return error_response(413, "too_many_files", detail)
-    return error_response(status, _HTTP_CODES.get(status, "http_error"), detail, getattr(exc, "headers", None))
-
-
-async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-    """FastAPI's request validation: a missing field is 422, a bad query parameter 400."""
-    errors = exc.errors()
-    first = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": ""}
-    loc = [str(part) for part in first.get("loc", ())]
-    where, field = (loc[0], ".".join(loc[1:])) if loc else ("request", "")
-    if where == "body":
-        if first.get("type") == "missing":
-            return error_response(422, "missing_field", f"missing field {field!r}: send the image(s) as "
-                                  f"multipart/form-data in the field {field!r}")
-        return error_response(422, "invalid_field", f"field {field!r}: {first.get('msg')}")
-    return error_response(400, "bad_parameter", f"{where} parameter {field!r}: {first.get('msg')}")
-
-
-async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
-    log.exception("unexpected error answering %s %s", request.method, request.url.path)
-    return error_response(500, "internal_error", "internal server error; the server log has the details")
-
-
-# ----------------------------------------------------------------------------
 # ASGI middleware: body size limit and metrics
 
 
@@ -624,10 +573,7 @@ def create_app(run_path: str | Path, runtime: str = "torch", api_key: str | None
                   "Errors are `{\"error\": {\"code\", \"message\"}}`.",
                   form_limits={"max_files": max_files})
     app.state.serving = state
-    app.add_exception_handler(ServingError, _serving_error)
-    app.add_exception_handler(StarletteHTTPException, _http_error)
-    app.add_exception_handler(RequestValidationError, _validation_error)
-    app.add_exception_handler(Exception, _unexpected_error)
+    add_error_handlers(app)
     limit = min(max_request_bytes, max_files * (max_bytes + MULTIPART_SLACK) + MULTIPART_SLACK)
     app.state.client_timeout = float(client_timeout)  # the body's here; the headers' in uvicorn_config
     app.add_middleware(_Guard, api_key=api_key, limit=limit, timeout=float(client_timeout))
