@@ -29,7 +29,6 @@ import logging
 import math
 import socket
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from datetime import datetime
@@ -75,7 +74,16 @@ from imgcls.explain.attribution import METHODS as EXPLAIN_METHODS
 from imgcls.explain.explain import explain_arrays, overlay
 from imgcls.predictor import load
 from imgcls.serving.batching import MicroBatcher
-from imgcls.serving.errors import ServingError, add_error_handlers, error_response
+from imgcls.serving.errors import ServingError, add_error_handlers
+from imgcls.serving.guard import (
+    API_KEY_HEADER,
+    CLIENT_TIMEOUT,
+    FRAME_CSP,
+    MAX_REQUEST_BYTES,
+    MULTIPART_SLACK,
+    Guard,
+    RecordMetrics,
+)
 from imgcls.serving.schemas import (
     ErrorResponse,
     ExplainResponse,
@@ -91,25 +99,15 @@ log = logging.getLogger("imgcls.serving")
 RUNTIMES = ("torch", "onnx")
 EXPLAIN_FORMATS = ("png", "json")
 STATIC_DIR = Path(__file__).parent / "static"
-API_KEY_HEADER = "X-API-Key"
 READ_CHUNK = 1 << 20  # bytes read from an upload at a time
-MULTIPART_SLACK = 64 * 1024  # bytes of multipart headers allowed per file on top of max_bytes
-MAX_REQUEST_BYTES = 64_000_000  # default cap on a whole request body, whatever its number of files
-CLIENT_TIMEOUT = 20.0  # seconds a client may pause while sending a request body before it is dropped (408)
-# With a key, these need it, checked from the headers before a byte of the body is read.
-KEYED_PATHS = ("/v1/", "/metrics", "/openapi.json", "/docs", "/redoc")
-# Sent with every answer; the page's own policy (PAGE_CSP) replaces the bare frame-ancestors one.
-SECURITY_HEADERS = ((b"x-content-type-options", b"nosniff"), (b"referrer-policy", b"no-referrer"))
-FRAME_CSP = "frame-ancestors 'none'"
 PAGE_CSP = ("default-src 'self'; img-src 'self' blob: data:; connect-src 'self'; style-src 'self'; script-src 'self'; "
             "object-src 'none'; base-uri 'self'; form-action 'none'; " + FRAME_CSP)
 OVERLAY_MIN_SIDE = 224  # px: explanation overlays are upscaled (nearest) to at least this long side
 MAP_DECIMALS = 4  # digits of the explanation map values in JSON
+EXPLAIN_QUEUE = 8  # explanations admitted at once (one runs, the rest wait); more are answered 503 busy
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)  # seconds
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)  # images per model call
 ACCEPTED_FORMATS = "PNG, JPEG, GIF, BMP, WebP or TIFF"  # named in error messages; Pillow reads a few more
-ROUTES = ("/", "/v1/predict", "/v1/explain", "/v1/model", "/healthz", "/readyz", "/metrics", "/docs",
-          "/openapi.json")  # labels of the requests metric; anything else counts as "other"
 
 _ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 413, 415, 422, 503)}
 
@@ -407,113 +405,6 @@ def explain_image(state: ServingState, image: np.ndarray, name: str, method: str
 
 
 # ----------------------------------------------------------------------------
-# ASGI middleware: body size limit and metrics
-
-
-EXPLAIN_QUEUE = 8  # explanations admitted at once (one runs, the rest wait); more are answered 503 busy
-CLOSING_STATUSES = (400, 401, 408, 413)  # answers after which the server stops reading the request
-
-
-class _Guard:
-    """What every HTTP request meets before a route reads it.
-
-    * With an API key, the routes under ``KEYED_PATHS`` answer 401 from the
-      headers alone: no byte of the body of a request without the key is read
-      or spooled.
-    * The whole body is capped at ``limit`` bytes: 413 from its Content-Length,
-      or as soon as a streamed body passes it.
-    * A client that sends no part of its body for ``timeout`` seconds is
-      answered 408 and dropped.
-    * Every answer carries ``SECURITY_HEADERS`` and a Content-Security-Policy
-      that forbids framing.
-    """
-
-    def __init__(self, app, api_key: str | None, limit: int, timeout: float):
-        self.app, self.limit, self.timeout = app, limit, timeout
-        self.api_key = None if api_key is None else api_key.encode()
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-
-        async def secured_send(msg):
-            if msg["type"] == "http.response.start":
-                headers = list(msg.get("headers", []))
-                if not any(k.lower() == b"content-security-policy" for k, _ in headers):
-                    headers.append((b"content-security-policy", FRAME_CSP.encode()))
-                if msg["status"] in CLOSING_STATUSES and not any(k.lower() == b"connection" for k, _ in headers):
-                    # The body of a refused request is not read: the connection ends with the answer, or
-                    # keeping it alive would mean draining whatever the client goes on sending.
-                    headers.append((b"connection", b"close"))
-                msg = {**msg, "headers": headers + list(SECURITY_HEADERS)}
-            await send(msg)
-
-        headers = dict(scope["headers"])
-        if self.api_key is not None and scope["path"].startswith(KEYED_PATHS):
-            key = headers.get(API_KEY_HEADER.lower().encode())
-            if key is None or not hmac.compare_digest(key, self.api_key):  # constant time: no timing oracle
-                return await error_response(401, "unauthorized", f"missing or wrong API key: send the server's key "
-                                            f"in the {API_KEY_HEADER} header")(scope, receive, secured_send)
-        length = headers.get(b"content-length")
-        too_large = f"the request body is larger than the limit of {self.limit:,} bytes"
-        if length is not None and not length.isdigit():
-            return await error_response(400, "bad_request", "the Content-Length header is not a whole number")(
-                scope, receive, secured_send)
-        if length is not None and int(length) > self.limit:
-            return await error_response(413, "too_large", too_large)(scope, receive, secured_send)
-        received, done = 0, False
-
-        async def guarded_receive():
-            nonlocal received, done
-            if done:  # the body is in: waiting for a disconnect may take as long as the answer does
-                return await receive()
-            try:
-                msg = await asyncio.wait_for(receive(), self.timeout)
-            except asyncio.TimeoutError:
-                raise ServingError(408, "timeout", f"the client sent no part of the request body for "
-                                   f"{self.timeout:g} s; send the whole request at once") from None
-            if msg["type"] == "http.request":
-                received += len(msg.get("body", b""))
-                done = not msg.get("more_body", False)
-                if received > self.limit:
-                    raise ServingError(413, "too_large", too_large)
-            return msg
-
-        await self.app(scope, guarded_receive, secured_send)
-
-
-class _RecordMetrics:
-    """Count every HTTP request by route and status and time it."""
-
-    def __init__(self, app, metrics: _Metrics):
-        self.app, self.metrics = app, metrics
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        started, status = time.perf_counter(), 500  # 500 unless a response starts
-
-        async def recording_send(msg):
-            nonlocal status
-            if msg["type"] == "http.response.start":
-                status = msg["status"]
-            await send(msg)
-
-        try:
-            await self.app(scope, receive, recording_send)
-        finally:
-            self.metrics.observe(_route_label(scope), status, time.perf_counter() - started)
-
-
-def _route_label(scope) -> str:
-    route = scope.get("route")
-    path = getattr(route, "path", None) or scope.get("path", "")
-    if path in ROUTES or path == "/static":
-        return path
-    return "/static" if path.startswith("/static/") else "other"
-
-
-# ----------------------------------------------------------------------------
 # The app
 
 
@@ -576,8 +467,8 @@ def create_app(run_path: str | Path, runtime: str = "torch", api_key: str | None
     add_error_handlers(app)
     limit = min(max_request_bytes, max_files * (max_bytes + MULTIPART_SLACK) + MULTIPART_SLACK)
     app.state.client_timeout = float(client_timeout)  # the body's here; the headers' in uvicorn_config
-    app.add_middleware(_Guard, api_key=api_key, limit=limit, timeout=float(client_timeout))
-    app.add_middleware(_RecordMetrics, metrics=state.metrics)  # outermost: sees every answer, 413s included
+    app.add_middleware(Guard, api_key=api_key, limit=limit, timeout=float(client_timeout))
+    app.add_middleware(RecordMetrics, observe=state.metrics.observe)  # outermost: sees every answer, 413s included
     _add_routes(app, state, _key_check(api_key))
     return app
 

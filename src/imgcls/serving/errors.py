@@ -2,7 +2,8 @@
 
 Every error is ``{"error": {"code", "message"}}`` with its HTTP status: a 4xx for a bad request, a 500 only for
 a bug in this server (whose traceback goes to the server log, not to the client).  :func:`add_error_handlers`
-makes an app answer so; the ASGI guard answers with :func:`error_response` itself, before any route runs.
+makes an app answer so; the guard (:mod:`imgcls.serving.guard`) answers with :func:`error_response` itself,
+before any route runs.
 """
 
 from __future__ import annotations
