@@ -143,7 +143,8 @@ def create_app(run_path: str | Path, runtime: str = "torch", api_key: str | None
         client_timeout: seconds a client may pause while sending a body, or take to send the request
             headers when served through :func:`uvicorn_config` (408 beyond).
 
-    The model is loaded when the app starts (its lifespan), not here.
+    The model is loaded when the app starts (its lifespan), not here; the run's run.json and eval_test.json
+    (for the model card) are read here, and a damaged one raises CheckpointError naming it.
     """
     if runtime not in RUNTIMES:
         raise unknown_name("runtime", runtime, RUNTIMES)

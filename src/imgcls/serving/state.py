@@ -8,7 +8,6 @@ nothing here is global, so two apps in one process share nothing, not even their
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -61,6 +60,10 @@ class ServingState:
         self.run_path, self.runtime = run_path, runtime
         self.max_bytes, self.max_pixels, self.max_files = max_bytes, max_pixels, max_files
         self.name = run_path.stem if run_path.is_file() else run_path.name
+        # The run's own records are read now: a damaged one refuses the app before it starts (CheckpointError
+        # naming the file), as `imgcls report` refuses it; a missing one leaves its figures out of the model card.
+        self.run_info = rundir.read_doc(run_path / rundir.RUN, "restore it, or train the run again")
+        self.test_metrics = _test_metrics(run_path, self.run_info)
         self.metrics = Metrics()
         self.batcher = MicroBatcher(self._predict_locked, max_batch, max_wait_ms,
                                     on_batch=self.metrics.batch_size.observe)
@@ -144,8 +147,7 @@ class ServingState:
 
     def _model_card(self) -> dict:
         meta = self.clf.meta
-        run_info = _read_json(self.run_path / rundir.RUN)
-        parameters = run_info.get("parameters")
+        parameters = self.run_info.get("parameters")
         if parameters is None and self.runtime == "torch":
             parameters = sum(p.numel() for p in self.clf.model.parameters())
         return {
@@ -153,7 +155,7 @@ class ServingState:
             "arch": str(meta.get("arch", "unknown")),
             "classes": [str(c) for c in self.clf.classes],
             "input_shape": [int(v) for v in self.clf.input_shape],
-            "test_metrics": _test_metrics(self.run_path, run_info),
+            "test_metrics": self.test_metrics,
             "trained": meta.get("created") or self._checkpoint_time(),
             "temperature": float(meta.get("temperature", 1.0) or 1.0),
             "has_thresholds": class_thresholds(meta, len(self.clf.classes)) is not None,
@@ -169,17 +171,10 @@ class ServingState:
         return datetime.fromtimestamp(path.stat().st_mtime).isoformat(timespec="seconds")
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        value = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return value if isinstance(value, dict) else {}
-
-
 def _test_metrics(run_path: Path, run_info: dict) -> dict:
     """accuracy, macro_f1 and other scalars of the run's test evaluation (eval_test.json, else run.json)."""
-    ev = _read_json(run_path / f"{rundir.eval_stem('test')}.json")
+    ev = rundir.read_doc(run_path / f"{rundir.eval_stem('test')}.json",
+                         f"`imgcls evaluate {run_path} --split test` writes it again")
     metrics = {"accuracy": ev.get("accuracy", run_info.get("test_accuracy")),
                "macro_f1": (ev.get("macro_avg") or {}).get("f1", run_info.get("test_macro_f1"))}
     if (ev.get("weighted_avg") or {}).get("f1") is not None:
