@@ -7,7 +7,8 @@ The model is loaded once, in the app's lifespan, from the checkpoint alone
 (``runtime="torch"``) or from the exported ``<run>/export/model.onnx``
 (``runtime="onnx"``).  Uploads are decoded by their content in worker threads
 with the same functions that read training data, and prediction requests
-that arrive together share one forward pass (:class:`MicroBatcher`).
+that arrive together share one forward pass
+(:class:`~imgcls.serving.batching.MicroBatcher`).
 
 Explanations always come from the torch model, with the same
 :func:`imgcls.explain.explain.explain_arrays` as the report.  With the ONNX
@@ -17,6 +18,12 @@ when the run folder no longer holds it, that route answers 501.
 Every error is ``{"error": {"code", "message"}}`` with a 4xx status for a bad
 request (a 500 only for a bug in this server).  Per-app state only: two apps in
 one process share nothing, not even their Prometheus registry.
+
+This module makes the app: its routes, their answers, and the uvicorn server.
+What a request meets before a route is :mod:`imgcls.serving.guard`; the
+uploads, from bytes to pixels, :mod:`imgcls.serving.uploads`; what one app
+holds (model, batcher, explanations, metrics, model card)
+:mod:`imgcls.serving.state`; the error answers :mod:`imgcls.serving.errors`.
 """
 
 from __future__ import annotations
