@@ -441,6 +441,24 @@ def test_create_app_refuses_bad_options(digits, tmp_path):
         create_app(digits["run"], api_key="")
 
 
+@pytest.mark.parametrize("damaged", ["eval_test.json", "run.json"])
+def test_a_damaged_run_file_refuses_the_app_naming_it(digits, tmp_path, capsys, damaged):
+    """The model card reads the run's eval_test.json and run.json: a damaged one is refused when the app is made,
+    in one line that names the file (as `imgcls report` refuses it), not served as a card without figures."""
+    from imgcls.cli import main
+    from imgcls.errors import CheckpointError
+
+    run = tmp_path / "damaged"
+    shutil.copytree(digits["run"], run)
+    (run / damaged).write_text('{"accuracy": 0.9')  # cut short
+    with pytest.raises(CheckpointError) as refused:
+        create_app(run)
+    assert str(run / damaged) in str(refused.value) and "is damaged" in str(refused.value)
+    assert main(["serve", str(run), "--port", "0"]) == 2  # refused before any socket or server
+    err = capsys.readouterr().err
+    assert str(run / damaged) in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
 def test_a_server_bug_is_a_json_500_and_counted(digits):
     app = create_app(digits["run"])
     with TestClient(app, raise_server_exceptions=False) as c:

@@ -219,7 +219,7 @@ def test_predictions_go_on_while_every_explanation_slot_is_taken(run, monkeypatc
     the server is saturated until they end."""
     import threading
 
-    import imgcls.serving.app as serving
+    import imgcls.serving.state as state_module  # where ServingState.explain finds explain_image
 
     release = threading.Event()
     started = threading.Semaphore(0)
@@ -229,9 +229,10 @@ def test_predictions_go_on_while_every_explanation_slot_is_taken(run, monkeypatc
         with lock:  # as explain_image holds it
             started.release()
             release.wait(60)
-        return serving.explain_arrays(clf.model, clf.meta, image[None], method="gradcam", device=None, names=[name])
+        return state_module.explain_arrays(clf.model, clf.meta, image[None], method="gradcam", device=None,
+                                           names=[name])
 
-    monkeypatch.setattr(serving, "explain_image", held_explanation)
+    monkeypatch.setattr(state_module, "explain_image", held_explanation)
     app = create_app(run)
     with ServerThread(app) as server:
         answers = []
@@ -240,7 +241,7 @@ def test_predictions_go_on_while_every_explanation_slot_is_taken(run, monkeypatc
             answers.append(httpx.post(f"{server.url}/v1/explain", files=[("file", ("d.png", png(), "image/png"))],
                                       timeout=60).status_code)
 
-        threads = [threading.Thread(target=explain) for _ in range(serving.EXPLAIN_QUEUE)]
+        threads = [threading.Thread(target=explain) for _ in range(state_module.EXPLAIN_QUEUE)]
         for t in threads:
             t.start()
         assert started.acquire(timeout=30), "no explanation started"
@@ -258,5 +259,5 @@ def test_predictions_go_on_while_every_explanation_slot_is_taken(run, monkeypatc
         release.set()
         for t in threads:
             t.join(60)
-        assert answers == [200] * serving.EXPLAIN_QUEUE
+        assert answers == [200] * state_module.EXPLAIN_QUEUE
         assert httpx.get(f"{server.url}/readyz").json() == {"ready": True}

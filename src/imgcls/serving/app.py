@@ -7,7 +7,8 @@ The model is loaded once, in the app's lifespan, from the checkpoint alone
 (``runtime="torch"``) or from the exported ``<run>/export/model.onnx``
 (``runtime="onnx"``).  Uploads are decoded by their content in worker threads
 with the same functions that read training data, and prediction requests
-that arrive together share one forward pass (:class:`MicroBatcher`).
+that arrive together share one forward pass
+(:class:`~imgcls.serving.batching.MicroBatcher`).
 
 Explanations always come from the torch model, with the same
 :func:`imgcls.explain.explain.explain_arrays` as the report.  With the ONNX
@@ -17,22 +18,21 @@ when the run folder no longer holds it, that route answers 501.
 Every error is ``{"error": {"code", "message"}}`` with a 4xx status for a bad
 request (a 500 only for a bug in this server).  Per-app state only: two apps in
 one process share nothing, not even their Prometheus registry.
+
+This module makes the app: its routes, their answers, and the uvicorn server.
+What a request meets before a route is :mod:`imgcls.serving.guard`; the
+uploads, from bytes to pixels, :mod:`imgcls.serving.uploads`; what one app
+holds (model, batcher, explanations, metrics, model card)
+:mod:`imgcls.serving.state`; the error answers :mod:`imgcls.serving.errors`.
 """
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import io
-import json
-import logging
 import math
 import socket
-import threading
-import time
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from datetime import datetime
 from pathlib import Path
 from typing import Annotated
 
@@ -41,43 +41,33 @@ from fastapi import (
     Depends,
     FastAPI,
     File,
-    HTTPException,
     Query,
     Request,
     Security,
     UploadFile,
 )
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.security import APIKeyHeader
 from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
 from PIL import Image
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    CollectorRegistry,
-    Counter,
-    Histogram,
-    generate_latest,
-)
-from starlette.exceptions import HTTPException as StarletteHTTPException
+from prometheus_client import CONTENT_TYPE_LATEST
 
-from imgcls import __version__, rundir
-from imgcls.checkpoint import find_checkpoint
-from imgcls.data.images import (
-    BadImageError,
-    NotAnImageError,
-    TooManyPixelsError,
-    decode_image,
-    open_image,
-    to_array,
-)
-from imgcls.errors import ConfigError, ImgclsError, unknown_name
+from imgcls import __version__
+from imgcls.errors import ConfigError, unknown_name
 from imgcls.evaluation.thresholds import rank_classes
 from imgcls.explain.attribution import METHODS as EXPLAIN_METHODS
-from imgcls.explain.explain import explain_arrays, overlay
-from imgcls.predictor import load
-from imgcls.serving.batching import MicroBatcher
+from imgcls.explain.explain import overlay
+from imgcls.serving.errors import ServingError, add_error_handlers
+from imgcls.serving.guard import (
+    API_KEY_HEADER,
+    CLIENT_TIMEOUT,
+    FRAME_CSP,
+    MAX_REQUEST_BYTES,
+    MULTIPART_SLACK,
+    Guard,
+    RecordMetrics,
+)
 from imgcls.serving.schemas import (
     ErrorResponse,
     ExplainResponse,
@@ -86,298 +76,19 @@ from imgcls.serving.schemas import (
     PredictResponse,
     Ready,
 )
+from imgcls.serving.state import EXPLAIN_QUEUE, ServingState, class_thresholds
+from imgcls.serving.uploads import decode_uploads
 from imgcls.startup import keep_freed_memory
-
-log = logging.getLogger("imgcls.serving")
 
 RUNTIMES = ("torch", "onnx")
 EXPLAIN_FORMATS = ("png", "json")
 STATIC_DIR = Path(__file__).parent / "static"
-API_KEY_HEADER = "X-API-Key"
-READ_CHUNK = 1 << 20  # bytes read from an upload at a time
-MULTIPART_SLACK = 64 * 1024  # bytes of multipart headers allowed per file on top of max_bytes
-MAX_REQUEST_BYTES = 64_000_000  # default cap on a whole request body, whatever its number of files
-CLIENT_TIMEOUT = 20.0  # seconds a client may pause while sending a request body before it is dropped (408)
-# With a key, these need it, checked from the headers before a byte of the body is read.
-KEYED_PATHS = ("/v1/", "/metrics", "/openapi.json", "/docs", "/redoc")
-# Sent with every answer; the page's own policy (PAGE_CSP) replaces the bare frame-ancestors one.
-SECURITY_HEADERS = ((b"x-content-type-options", b"nosniff"), (b"referrer-policy", b"no-referrer"))
-FRAME_CSP = "frame-ancestors 'none'"
 PAGE_CSP = ("default-src 'self'; img-src 'self' blob: data:; connect-src 'self'; style-src 'self'; script-src 'self'; "
             "object-src 'none'; base-uri 'self'; form-action 'none'; " + FRAME_CSP)
 OVERLAY_MIN_SIDE = 224  # px: explanation overlays are upscaled (nearest) to at least this long side
 MAP_DECIMALS = 4  # digits of the explanation map values in JSON
-LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)  # seconds
-BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)  # images per model call
-ACCEPTED_FORMATS = "PNG, JPEG, GIF, BMP, WebP or TIFF"  # named in error messages; Pillow reads a few more
-ROUTES = ("/", "/v1/predict", "/v1/explain", "/v1/model", "/healthz", "/readyz", "/metrics", "/docs",
-          "/openapi.json")  # labels of the requests metric; anything else counts as "other"
 
-_HTTP_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
-               413: "too_large", 415: "unsupported_media_type", 422: "invalid_request", 501: "not_implemented",
-               503: "not_ready"}
 _ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 413, 415, 422, 503)}
-
-
-class ServingError(HTTPException):
-    """A request the server refuses: answered as ``{"error": {"code", "message"}}`` with ``status``."""
-
-    def __init__(self, status: int, code: str, message: str, headers: dict | None = None):
-        super().__init__(status_code=status, detail=message, headers=headers)
-        self.code = code
-
-
-# ----------------------------------------------------------------------------
-# Per-app state: the model, the batcher, the metrics
-
-
-class _Metrics:
-    """Prometheus metrics in a registry of their own (one per app, no global state)."""
-
-    def __init__(self) -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
-        self.requests = Counter("requests", "HTTP requests by route and status", ["route", "status"],
-                                registry=self.registry)
-        self.latency = Histogram("request_latency_seconds", "time to answer a request, by route", ["route"],
-                                 buckets=LATENCY_BUCKETS, registry=self.registry)
-        self.batch_size = Histogram("batch_size", "images per model call (micro-batching)",
-                                    buckets=BATCH_BUCKETS, registry=self.registry)
-
-    def observe(self, route: str, status: int, seconds: float) -> None:
-        self.requests.labels(route=route, status=str(status)).inc()
-        self.latency.labels(route=route).observe(seconds)
-
-    def text(self) -> bytes:
-        return generate_latest(self.registry)
-
-
-class ServingState:
-    """What one app holds: options, the loaded model, its batcher, metrics and the model card."""
-
-    def __init__(self, run_path: Path, runtime: str, max_batch: int, max_wait_ms: float, max_bytes: int,
-                 max_pixels: int, max_files: int):
-        self.run_path, self.runtime = run_path, runtime
-        self.max_bytes, self.max_pixels, self.max_files = max_bytes, max_pixels, max_files
-        self.name = run_path.stem if run_path.is_file() else run_path.name
-        self.metrics = _Metrics()
-        self.batcher = MicroBatcher(self._predict_locked, max_batch, max_wait_ms,
-                                    on_batch=self.metrics.batch_size.observe)
-        self.clf = None  # imgcls.predictor.Classifier or imgcls.export.OnnxClassifier, once loaded
-        self.card: dict | None = None
-        self.ready = False
-        # Hooks (Grad-CAM) and train/eval switches make one torch model unsafe to use from two
-        # threads at once: predictions and explanations of the same model take turns.
-        self.model_lock = threading.Lock()
-        # Explanations (an occlusion map is hundreds of forward passes) run on a model of their own, one at a time
-        # in a thread of their own, at most EXPLAIN_QUEUE admitted at once: predictions never wait for them.
-        self._explainer = None  # the torch Classifier used for explanations
-        self._explainer_lock = threading.Lock()
-        self.explain_pool = ThreadPoolExecutor(1, thread_name_prefix="imgcls-explain")
-        self.explaining = 0  # explanations admitted: running or waiting
-
-    def preload(self) -> None:
-        """Load the model now, so that a model that cannot be served fails with its own error before the server
-        starts (``serve`` calls it; the app's start-up then keeps what is loaded)."""
-        self.clf = self._load()
-
-    async def start(self) -> None:
-        if self.clf is None:
-            self.clf = await asyncio.to_thread(self._load)
-        self.card = await asyncio.to_thread(self._model_card)
-        await self.batcher.start()
-        self.ready = True
-        c, h, w = self.clf.input_shape
-        log.info("serving %s (%s runtime, %d classes, input %dx%dx%d)", self.name, self.runtime,
-                 len(self.clf.classes), c, h, w)
-
-    async def stop(self) -> None:
-        self.ready = False
-        await self.batcher.stop()
-        self.explain_pool.shutdown(wait=False, cancel_futures=True)
-
-    @property
-    def saturated(self) -> bool:
-        """Every explanation slot is taken: another would be refused (503) until one ends."""
-        return self.explaining >= EXPLAIN_QUEUE
-
-    async def explain(self, image: np.ndarray, name: str, method: str):
-        """Explain ``image`` in the explanation thread; 503 when EXPLAIN_QUEUE explanations are admitted already."""
-        if self.saturated:
-            raise ServingError(503, "busy", f"{self.explaining} explanations are running or waiting, the most this "
-                               f"server takes at once; retry in a few seconds", headers={"Retry-After": "5"})
-        self.explaining += 1
-        try:
-            return await asyncio.get_running_loop().run_in_executor(self.explain_pool, explain_image, self, image,
-                                                                    name, method)
-        finally:
-            self.explaining -= 1
-
-    def _load(self):
-        if self.runtime == "torch":
-            return load(self.run_path, device="cpu")
-        onnx_file = self.run_path / rundir.EXPORT
-        if not onnx_file.is_file():
-            raise ConfigError(f"{onnx_file} does not exist: the ONNX runtime serves an exported model; "
-                              f"run `imgcls export {self.run_path} --format onnx` first, or serve with runtime torch")
-        from imgcls.export import load_onnx  # onnxruntime: on use
-
-        return load_onnx(onnx_file)
-
-    def _predict_locked(self, images: np.ndarray) -> np.ndarray:
-        with self.model_lock:
-            return self.clf.proba_of_arrays(images)
-
-    def explainer(self):
-        """The torch Classifier that explains: the run's checkpoint, loaded once beside the served model (a model
-        of its own, so that an explanation's hooks and its minutes of forward passes never hold up predictions)."""
-        with self._explainer_lock:
-            if self._explainer is None:
-                try:
-                    self._explainer = load(self.run_path, device="cpu")
-                except ImgclsError as exc:
-                    raise ServingError(501, "explain_unavailable",
-                                       f"explanations need the torch checkpoint of the run, which cannot be loaded: "
-                                       f"{exc}") from None
-        return self._explainer, self._explainer_lock
-
-    def _model_card(self) -> dict:
-        meta = self.clf.meta
-        run_info = _read_json(self.run_path / rundir.RUN)
-        parameters = run_info.get("parameters")
-        if parameters is None and self.runtime == "torch":
-            parameters = sum(p.numel() for p in self.clf.model.parameters())
-        return {
-            "name": self.name,
-            "arch": str(meta.get("arch", "unknown")),
-            "classes": [str(c) for c in self.clf.classes],
-            "input_shape": [int(v) for v in self.clf.input_shape],
-            "test_metrics": _test_metrics(self.run_path, run_info),
-            "trained": meta.get("created") or self._checkpoint_time(),
-            "temperature": float(meta.get("temperature", 1.0) or 1.0),
-            "has_thresholds": _thresholds(meta, len(self.clf.classes)) is not None,
-            "runtime": self.runtime,
-            "parameters": None if parameters is None else int(parameters),
-        }
-
-    def _checkpoint_time(self) -> str | None:
-        try:
-            path = find_checkpoint(self.run_path)
-        except ImgclsError:
-            return None
-        return datetime.fromtimestamp(path.stat().st_mtime).isoformat(timespec="seconds")
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        value = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return value if isinstance(value, dict) else {}
-
-
-def _test_metrics(run_path: Path, run_info: dict) -> dict:
-    """accuracy, macro_f1 and other scalars of the run's test evaluation (eval_test.json, else run.json)."""
-    ev = _read_json(run_path / f"{rundir.eval_stem('test')}.json")
-    metrics = {"accuracy": ev.get("accuracy", run_info.get("test_accuracy")),
-               "macro_f1": (ev.get("macro_avg") or {}).get("f1", run_info.get("test_macro_f1"))}
-    if (ev.get("weighted_avg") or {}).get("f1") is not None:
-        metrics["weighted_f1"] = ev["weighted_avg"]["f1"]
-    for key in ("top_k_accuracy", "top_k", "loss", "n"):
-        if isinstance(ev.get(key), (int, float)):
-            metrics[key] = ev[key]
-    return metrics
-
-
-def _thresholds(meta: dict, num_classes: int) -> np.ndarray | None:
-    t = meta.get("thresholds")
-    if t is None or len(t) != num_classes:
-        return None
-    return np.asarray(t, dtype=np.float64)
-
-
-# ----------------------------------------------------------------------------
-# Uploads: bytes, pixels, decoding
-
-
-def describe_bytes(n: int) -> str:
-    """A byte count as a person reads it: "3,000 bytes", "10 MB (10,000,000 bytes)"."""
-    if n < 1_000_000:
-        return f"{n:,} bytes"
-    return f"{round(n / 1_000_000, 1):g} MB ({n:,} bytes)"
-
-
-async def read_upload(upload: UploadFile, max_bytes: int, name: str) -> bytes:
-    """The upload's content; 413 as soon as more than ``max_bytes`` have been read."""
-    chunks, total = [], 0
-    while True:
-        chunk = await upload.read(min(READ_CHUNK, max_bytes + 1 - total))
-        if not chunk:
-            break
-        total += len(chunk)
-        if total > max_bytes:
-            raise ServingError(413, "file_too_large", f"{name} is larger than the server's limit of "
-                               f"{describe_bytes(max_bytes)} per file; send a smaller file")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def damaged_image(name: str, reason: BaseException | str) -> ServingError:
-    """The 400 for a file that starts like an image but cannot be decoded; the decoder's own words go to the
-    server log, not to the person who sent it (they name Python classes and byte offsets)."""
-    log.info("%s cannot be decoded: %s", name, reason)
-    return ServingError(400, "bad_image", f"{name} could not be read as an image: it is damaged or cut short; "
-                        f"send a complete {ACCEPTED_FORMATS} file")
-
-
-def check_pixels(data: bytes, name: str, max_pixels: int) -> None:
-    """Refuse an image whose header announces more than ``max_pixels`` (413), before decoding it."""
-    limit = max_pixels if Image.MAX_IMAGE_PIXELS is None else min(max_pixels, Image.MAX_IMAGE_PIXELS)
-    try:
-        with open_image(data, name) as img:  # reads the header only
-            width, height = img.size
-    except TooManyPixelsError:
-        raise ServingError(413, "too_many_pixels", f"{name} has more pixels than the server's limit of "
-                           f"{limit:,} pixels; send a smaller image") from None
-    except NotAnImageError:
-        raise ServingError(400, "not_an_image", f"{name} is not an image in a format the server reads; "
-                           f"send a {ACCEPTED_FORMATS} file") from None
-    except Exception as exc:  # noqa: BLE001 - BadImageError, or the size of a damaged header failing
-        raise damaged_image(name, exc) from None
-    if width * height > limit:
-        raise ServingError(413, "too_many_pixels", f"{name} is {width}x{height}, that is {width * height:,} pixels, "
-                           f"more than the server's limit of {limit:,} pixels; send a smaller image")
-
-
-def decode_upload(data: bytes, name: str, input_shape, resize: str, max_pixels: int) -> np.ndarray:
-    """uint8 (H, W, C) at the model's input size from an upload's bytes; ServingError for bad input."""
-    c, h, w = input_shape
-    check_pixels(data, name, max_pixels)
-    try:
-        img = decode_image(data, name, target=(h, w), resize=resize)
-    except BadImageError as exc:  # check_pixels has answered unknown formats and too many pixels already
-        raise damaged_image(name, exc) from None
-    try:
-        return to_array(img, c, (h, w), resize)
-    except Exception as exc:  # noqa: BLE001 - a decoded but odd image (mode, depth) is still the client's input
-        log.info("%s (mode %s) cannot be converted to the model's input: %s", name, img.mode, exc)
-        raise ServingError(400, "bad_image", f"{name} is an image whose colour mode ({img.mode}) the model cannot "
-                           f"take; send it as an ordinary RGB or greyscale {ACCEPTED_FORMATS} file") from None
-
-
-async def decode_uploads(state: ServingState, uploads: list[UploadFile]) -> tuple[list[str], np.ndarray]:
-    """Names and uint8 (N, H, W, C) images of the uploads; the first bad one fails the request.
-
-    One file at a time, each decoded in a worker thread: a request holds at most one
-    full-size decoded image (up to ``max_pixels``) in memory, whatever its number of files.
-    """
-    names = [u.filename or f"file {i + 1}" for i, u in enumerate(uploads)]
-    resize = state.clf.meta.get("resize", "stretch")
-    images = []
-    for upload, name in zip(uploads, names):
-        data = await read_upload(upload, state.max_bytes, name)
-        images.append(await asyncio.to_thread(decode_upload, data, name, state.clf.input_shape, resize,
-                                              state.max_pixels))
-    return names, np.stack(images)
 
 
 # ----------------------------------------------------------------------------
@@ -412,158 +123,6 @@ def explanation_json(exp, name: str) -> dict:
             "map": np.round(exp.maps[0].astype(np.float64), MAP_DECIMALS).tolist()}
 
 
-def explain_image(state: ServingState, image: np.ndarray, name: str, method: str):
-    """An Explanation of one uint8 (H, W, C) image by the torch model (runs in a worker thread)."""
-    clf, lock = state.explainer()
-    with lock:
-        return explain_arrays(clf.model, clf.meta, image[None], method=method, device=None, names=[name])
-
-
-# ----------------------------------------------------------------------------
-# Errors
-
-
-def error_response(status: int, code: str, message: str, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
-
-
-async def _serving_error(request: Request, exc: ServingError) -> JSONResponse:
-    return error_response(exc.status_code, exc.code, str(exc.detail), exc.headers)
-
-
-async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    status, detail = exc.status_code, str(exc.detail)
-    if status == 400 and detail.startswith("Too many files"):  # Starlette's multipart limit (form_limits)
-        return error_response(413, "too_many_files", detail)
-    return error_response(status, _HTTP_CODES.get(status, "http_error"), detail, getattr(exc, "headers", None))
-
-
-async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-    """FastAPI's request validation: a missing field is 422, a bad query parameter 400."""
-    errors = exc.errors()
-    first = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": ""}
-    loc = [str(part) for part in first.get("loc", ())]
-    where, field = (loc[0], ".".join(loc[1:])) if loc else ("request", "")
-    if where == "body":
-        if first.get("type") == "missing":
-            return error_response(422, "missing_field", f"missing field {field!r}: send the image(s) as "
-                                  f"multipart/form-data in the field {field!r}")
-        return error_response(422, "invalid_field", f"field {field!r}: {first.get('msg')}")
-    return error_response(400, "bad_parameter", f"{where} parameter {field!r}: {first.get('msg')}")
-
-
-async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
-    log.exception("unexpected error answering %s %s", request.method, request.url.path)
-    return error_response(500, "internal_error", "internal server error; the server log has the details")
-
-
-# ----------------------------------------------------------------------------
-# ASGI middleware: body size limit and metrics
-
-
-EXPLAIN_QUEUE = 8  # explanations admitted at once (one runs, the rest wait); more are answered 503 busy
-CLOSING_STATUSES = (400, 401, 408, 413)  # answers after which the server stops reading the request
-
-
-class _Guard:
-    """What every HTTP request meets before a route reads it.
-
-    * With an API key, the routes under ``KEYED_PATHS`` answer 401 from the
-      headers alone: no byte of the body of a request without the key is read
-      or spooled.
-    * The whole body is capped at ``limit`` bytes: 413 from its Content-Length,
-      or as soon as a streamed body passes it.
-    * A client that sends no part of its body for ``timeout`` seconds is
-      answered 408 and dropped.
-    * Every answer carries ``SECURITY_HEADERS`` and a Content-Security-Policy
-      that forbids framing.
-    """
-
-    def __init__(self, app, api_key: str | None, limit: int, timeout: float):
-        self.app, self.limit, self.timeout = app, limit, timeout
-        self.api_key = None if api_key is None else api_key.encode()
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-
-        async def secured_send(msg):
-            if msg["type"] == "http.response.start":
-                headers = list(msg.get("headers", []))
-                if not any(k.lower() == b"content-security-policy" for k, _ in headers):
-                    headers.append((b"content-security-policy", FRAME_CSP.encode()))
-                if msg["status"] in CLOSING_STATUSES and not any(k.lower() == b"connection" for k, _ in headers):
-                    # The body of a refused request is not read: the connection ends with the answer, or
-                    # keeping it alive would mean draining whatever the client goes on sending.
-                    headers.append((b"connection", b"close"))
-                msg = {**msg, "headers": headers + list(SECURITY_HEADERS)}
-            await send(msg)
-
-        headers = dict(scope["headers"])
-        if self.api_key is not None and scope["path"].startswith(KEYED_PATHS):
-            key = headers.get(API_KEY_HEADER.lower().encode())
-            if key is None or not hmac.compare_digest(key, self.api_key):  # constant time: no timing oracle
-                return await error_response(401, "unauthorized", f"missing or wrong API key: send the server's key "
-                                            f"in the {API_KEY_HEADER} header")(scope, receive, secured_send)
-        length = headers.get(b"content-length")
-        too_large = f"the request body is larger than the limit of {self.limit:,} bytes"
-        if length is not None and not length.isdigit():
-            return await error_response(400, "bad_request", "the Content-Length header is not a whole number")(
-                scope, receive, secured_send)
-        if length is not None and int(length) > self.limit:
-            return await error_response(413, "too_large", too_large)(scope, receive, secured_send)
-        received, done = 0, False
-
-        async def guarded_receive():
-            nonlocal received, done
-            if done:  # the body is in: waiting for a disconnect may take as long as the answer does
-                return await receive()
-            try:
-                msg = await asyncio.wait_for(receive(), self.timeout)
-            except asyncio.TimeoutError:
-                raise ServingError(408, "timeout", f"the client sent no part of the request body for "
-                                   f"{self.timeout:g} s; send the whole request at once") from None
-            if msg["type"] == "http.request":
-                received += len(msg.get("body", b""))
-                done = not msg.get("more_body", False)
-                if received > self.limit:
-                    raise ServingError(413, "too_large", too_large)
-            return msg
-
-        await self.app(scope, guarded_receive, secured_send)
-
-
-class _RecordMetrics:
-    """Count every HTTP request by route and status and time it."""
-
-    def __init__(self, app, metrics: _Metrics):
-        self.app, self.metrics = app, metrics
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        started, status = time.perf_counter(), 500  # 500 unless a response starts
-
-        async def recording_send(msg):
-            nonlocal status
-            if msg["type"] == "http.response.start":
-                status = msg["status"]
-            await send(msg)
-
-        try:
-            await self.app(scope, receive, recording_send)
-        finally:
-            self.metrics.observe(_route_label(scope), status, time.perf_counter() - started)
-
-
-def _route_label(scope) -> str:
-    route = scope.get("route")
-    path = getattr(route, "path", None) or scope.get("path", "")
-    if path in ROUTES or path == "/static":
-        return path
-    return "/static" if path.startswith("/static/") else "other"
-
-
 # ----------------------------------------------------------------------------
 # The app
 
@@ -591,7 +150,8 @@ def create_app(run_path: str | Path, runtime: str = "torch", api_key: str | None
         client_timeout: seconds a client may pause while sending a body, or take to send the request
             headers when served through :func:`uvicorn_config` (408 beyond).
 
-    The model is loaded when the app starts (its lifespan), not here.
+    The model is loaded when the app starts (its lifespan), not here; the run's run.json and eval_test.json
+    (for the model card) are read here, and a damaged one raises CheckpointError naming it.
     """
     if runtime not in RUNTIMES:
         raise unknown_name("runtime", runtime, RUNTIMES)
@@ -624,14 +184,11 @@ def create_app(run_path: str | Path, runtime: str = "torch", api_key: str | None
                   "Errors are `{\"error\": {\"code\", \"message\"}}`.",
                   form_limits={"max_files": max_files})
     app.state.serving = state
-    app.add_exception_handler(ServingError, _serving_error)
-    app.add_exception_handler(StarletteHTTPException, _http_error)
-    app.add_exception_handler(RequestValidationError, _validation_error)
-    app.add_exception_handler(Exception, _unexpected_error)
+    add_error_handlers(app)
     limit = min(max_request_bytes, max_files * (max_bytes + MULTIPART_SLACK) + MULTIPART_SLACK)
     app.state.client_timeout = float(client_timeout)  # the body's here; the headers' in uvicorn_config
-    app.add_middleware(_Guard, api_key=api_key, limit=limit, timeout=float(client_timeout))
-    app.add_middleware(_RecordMetrics, metrics=state.metrics)  # outermost: sees every answer, 413s included
+    app.add_middleware(Guard, api_key=api_key, limit=limit, timeout=float(client_timeout))
+    app.add_middleware(RecordMetrics, observe=state.metrics.observe)  # outermost: sees every answer, 413s included
     _add_routes(app, state, _key_check(api_key))
     return app
 
@@ -683,7 +240,7 @@ def _add_routes(app: FastAPI, state: ServingState, key: list) -> None:
                                f"{len(files):,} files in one request; send at most {state.max_files:,} per request")
         names, images = await decode_uploads(state, files)
         proba = await state.batcher.predict(images)
-        thresholds = _thresholds(state.clf.meta, len(state.clf.classes))
+        thresholds = class_thresholds(state.clf.meta, len(state.clf.classes))
         return {"model": state.name, "predictions": predictions(names, proba, state.clf.classes, top_k, thresholds)}
 
     @app.post("/v1/explain", response_class=Response, dependencies=upload, summary="Explain a prediction",

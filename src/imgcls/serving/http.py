@@ -6,8 +6,8 @@ request line and headers a byte at a time: such a client holds a connection
 exhaust the server.  Here every request's headers must be complete within
 ``header_timeout`` seconds of the connection opening, or of the previous
 answer on a kept-alive connection; otherwise the client is answered 408 and
-dropped.  A body that stalls is the business of the app (``_Guard`` in
-:mod:`imgcls.serving.app`); headers come before any app code runs, so they
+dropped.  A body that stalls is the business of the app (``Guard`` in
+:mod:`imgcls.serving.guard`); headers come before any app code runs, so they
 are timed here.  h11 already caps the size of the headers (16 KiB).
 """
 
