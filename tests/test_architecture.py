@@ -207,3 +207,18 @@ def test_the_checks_catch_an_upward_import_a_cycle_and_a_silent_function_level_i
     (pkg / "evaluation" / "metrics.py").write_text(
         "def f():\n    # start-up time: api imports torch\n    from imgcls.api import load\n    x = 1\n")
     assert [i.reason for i in scan(tmp_path)[1] if i.importer.endswith("metrics")] == ["start-up time: api imports torch"]
+
+
+def test_the_trainer_reads_as_one_process_and_data_parallelism_has_one_seam():
+    # training/trainer.py is handed its strategy (training/strategy.py); it never imports torch.distributed or
+    # imgcls.training.distributed, and no name in it is a rank.
+    path = SRC / "imgcls" / "training" / "trainer.py"
+    tree = ast.parse(path.read_text())
+    imported = {alias.name if isinstance(node, ast.Import) else f"{node.module}.{alias.name}"
+                for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom)) for alias in node.names}
+    assert not [m for m in imported if "distributed" in m], imported
+    names = {node.id for node in ast.walk(tree) if isinstance(node, ast.Name)} | {
+        node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute)} | {
+        node.arg for node in ast.walk(tree) if isinstance(node, ast.arg)}
+    assert not [n for n in names if "rank" in n.lower()], names
+    assert "torch.distributed" not in (SRC / "imgcls" / "training" / "strategy.py").read_text().split('"""', 2)[2]

@@ -102,6 +102,7 @@ print(startup._ALLOCATOR_TUNED, min(per_step))  # the steady step: an odd step m
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc tuning is Linux-only")
 @pytest.mark.parametrize("mode", ["tuned", "system"])
 @pytest.mark.parametrize("path", ["train", "predict"])

@@ -1,6 +1,8 @@
 """The garbage collector is paused while torch is imported and while a dataset loads, and only then."""
 
 import gc
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -57,6 +59,20 @@ def test_the_package_entry_points_import_the_api_that_way(monkeypatch):
     asked = []
     api = SimpleNamespace(train=lambda *a, **k: ("trained", a, k), load=lambda *a, **k: ("loaded", a, k))
     monkeypatch.setattr(imgcls.startup, "import_paused", lambda name: asked.append(name) or api)
+    for verb in ("train", "load"):  # looked up before by another test: found in the module, not through the API
+        monkeypatch.delitem(imgcls.__dict__, verb, raising=False)
     assert imgcls.train("c.yaml", epochs=2) == ("trained", ("c.yaml",), {"epochs": 2})
     assert imgcls.load("runs/x") == ("loaded", ("runs/x",), {})
     assert asked == ["imgcls.api", "imgcls.api"]
+    assert imgcls.train is api.train  # the API's own function, kept for later lookups
+    with pytest.raises(AttributeError, match="no attribute 'trian'"):
+        imgcls.trian  # noqa: B018
+
+
+def test_the_package_verbs_show_their_signatures_and_importing_the_package_is_free():
+    code = ("import inspect, sys, imgcls; free = 'torch' not in sys.modules; "
+            "print(free, list(inspect.signature(imgcls.train).parameters)[:3], imgcls.train.__module__, "
+            "imgcls.tune.__doc__.split(chr(10))[0])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split("\n")[0] == ("True ['config', 'resume', 'quiet'] imgcls.api Search hyperparameters with Optuna: "
+                                   "``trials`` runs of ``config`` (as :func:`train` takes it), each with")

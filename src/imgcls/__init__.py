@@ -4,30 +4,31 @@ The data flow reads as one line::
 
     dataset -> batches -> model -> trainer -> checkpoint -> evaluation / predict
 
-Heavy modules are imported lazily so that ``import imgcls`` stays cheap.
+The verbs of the package are those of :mod:`imgcls.api`: ``imgcls.train``,
+``imgcls.load``, ``imgcls.tune``, ``imgcls.cross_validate`` and
+``imgcls.make_config`` are those very functions, with their signatures and
+docstrings (``help(imgcls.train)``).  ``import imgcls`` itself stays cheap:
+:mod:`imgcls.api` (and torch) is imported the first time one of them is
+looked up.
 """
 
 __version__ = "0.1.0"
 
-__all__ = ["train", "load", "tune", "__version__"]
+# The names imgcls.api lends the package (PEP 562: looked up on first use).
+_VERBS = ("train", "load", "tune", "cross_validate", "make_config")
+
+__all__ = [*_VERBS, "__version__"]
 
 
-def train(*args, **kwargs):
-    """Train a model; see :func:`imgcls.api.train`."""
+def __getattr__(name: str):
+    if name not in _VERBS:
+        raise AttributeError(f"module 'imgcls' has no attribute {name!r}")
     from imgcls.startup import import_paused  # on use: importing imgcls is free
 
-    return import_paused("imgcls.api").train(*args, **kwargs)
+    value = getattr(import_paused("imgcls.api"), name)
+    globals()[name] = value  # later lookups find it without this function
+    return value
 
 
-def load(*args, **kwargs):
-    """Load a trained classifier; see :func:`imgcls.api.load`."""
-    from imgcls.startup import import_paused  # on use: importing imgcls is free
-
-    return import_paused("imgcls.api").load(*args, **kwargs)
-
-
-def tune(*args, **kwargs):
-    """Search hyperparameters with Optuna (``pip install imgcls[tune]``); see :func:`imgcls.api.tune`."""
-    from imgcls.startup import import_paused  # on use: importing imgcls is free
-
-    return import_paused("imgcls.api").tune(*args, **kwargs)
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_VERBS})

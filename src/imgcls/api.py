@@ -65,8 +65,7 @@ def train(config=None, *, resume: str | Path | None = None, quiet: bool = False,
     console = console or _console(quiet)
     finished = driver.train_run(config, overrides, console, resume=resume,
                                 callbacks=[*callbacks, EpochEnd(on_epoch_end) if on_epoch_end else None],
-                                group=None if trial is None else Group("study", *trial),
-                                quiet_console=lambda: _console(True))
+                                group=None if trial is None else Group("study", *trial))
     return Run(finished.path, finished.config, finished.history, finished.test_metrics)
 
 

@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from imgcls import rundir
+from imgcls import rundir, terminal
 from imgcls.auto import choose
 from imgcls.checkpoint import load_model
 from imgcls.config import (
@@ -112,12 +112,10 @@ class Finished:
     test_metrics: dict
 
 
-def train_run(config, overrides: dict, console, *, resume=None, callbacks=(), group: Group | None = None,
-              quiet_console=None) -> Finished:
-    """Train one run from ``config`` and the flat ``overrides`` (or continue ``resume``); see :func:`api.train`.
-
-    ``quiet_console``: makes the console of a process that does not speak for the job (default: a silent one).
-    """
+def train_run(config, overrides: dict, console, *, resume=None, callbacks=(), group: Group | None = None
+              ) -> Finished:
+    """Train one run from ``config`` and the flat ``overrides`` (or continue ``resume``); see
+    :func:`imgcls.api.train`.  ``group``: the tune study or cv folder whose trackers group this run."""
     # start-up time: torch.distributed, and torch's optimisers
     from imgcls.training import distributed
     from imgcls.training.optim import import_dynamo_in_background
@@ -126,7 +124,7 @@ def train_run(config, overrides: dict, console, *, resume=None, callbacks=(), gr
         distributed.init_distributed()  # one process unless torchrun started this one
         many = distributed.strategy()
         if not many.is_main:
-            console = quiet_console() if quiet_console else _silent()  # the main process speaks for the job
+            console = terminal.console(quiet=True)  # the main process speaks for the job
         if resume is not None and not many.is_main:
             cfg = None  # the main process reads the run folder (another node may not see it) and sends its config
         elif resume is not None:
@@ -197,12 +195,6 @@ def one_run(cfg: RunConfig, ds: ImageDataset, console, many: OneProcess, *, held
         if cfg.report:
             _analyse(run.path, console, result.test_logits, result.val_logits)
     return Finished(run.path, cfg, result.history, result.test_metrics)
-
-
-def _silent():
-    from imgcls.terminal import console  # rich: on use
-
-    return console(True)
 
 
 def _resumed(resume, config, overrides: dict, held: contextlib.ExitStack) -> tuple[RunFolder, RunConfig]:

@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the peak RSS from /proc")
 def test_a_zip_bomb_member_is_a_bad_file_and_memory_stays_small(tmp_path):
     path = tmp_path / "photos.zip"

@@ -44,6 +44,9 @@ LOCALISATION_FLOOR = 0.9  # fraction of correctly classified held-out images
 ACCURACY_FLOOR = 0.95
 
 
+pytestmark = pytest.mark.slow  # trains its own model on planted patterns (about 25 s)
+
+
 @pytest.fixture(scope="module", autouse=True)
 def _threads():
     before = torch.get_num_threads()

@@ -54,6 +54,7 @@ def test_slices_cover_every_row_once(n):
         assert max(sizes) - min(sizes) <= 1
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process_with_synced_batchnorm(tmp_path):
     """torchrun with 2 gloo processes and --sync-bn takes the steps one process takes, to float rounding."""
     subprocess.run(_cli("train", "--name", "one", "--out", str(tmp_path), *COMMON), check=True,
@@ -89,6 +90,7 @@ def test_two_processes_match_one_process_with_synced_batchnorm(tmp_path):
     assert abs(saved["accuracy"] - json.loads((one_run / "eval_test.json").read_text())["accuracy"]) <= 0.05
 
 
+@pytest.mark.slow
 def test_synced_batchnorm_equals_one_process_without_augmentation(tmp_path):
     """With no random draws but the shuffle, 2 processes with --sync-bn are one process, to float rounding."""
     plain = ["--epochs", "3", "--batch-size", "256", "--model-option", "widths=[8,16,16]", "--no-report",
@@ -125,6 +127,7 @@ def _rank_pids(launcher_pid: int, rank: int) -> list[int]:
     return found
 
 
+@pytest.mark.slow
 def test_killed_process_ends_the_job_and_resume_matches_an_uninterrupted_run(tmp_path):
     common = ["--nproc", "2", "--epochs", "6", "--batch-size", "64", "--model-option", "widths=[32,32,32]",
               "--no-report", "--out", str(tmp_path), "--augment", "hflip"]
@@ -163,11 +166,15 @@ def test_killed_process_ends_the_job_and_resume_matches_an_uninterrupted_run(tmp
     assert ea["confusion_matrix"] == eb["confusion_matrix"]
 
 
-def _start_and_wait_for_epoch(tmp_path, name: str) -> tuple[subprocess.Popen, list[int]]:
-    """``imgcls train --nproc 2`` of many epochs, once its first epoch is written; (launcher, its 2 processes)."""
+def _start_and_wait_for_epoch(tmp_path, name: str, own_group: bool = False) -> tuple[subprocess.Popen, list[int]]:
+    """``imgcls train --nproc 2`` of many epochs, once its first epoch is written; (launcher, its 2 processes).
+
+    ``own_group``: the launcher leads a process group of its own, as a terminal's foreground job does.
+    """
     args = ["--nproc", "2", "--epochs", "200", "--batch-size", "64", "--model-option", "widths=[8,8,8]",
             "--no-report", "--out", str(tmp_path), "--name", name]
-    proc = subprocess.Popen(_cli("train", *args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(_cli("train", *args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=own_group)
     metrics = tmp_path / name / "metrics.jsonl"
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None and not (metrics.is_file() and metrics.read_text()):
@@ -194,6 +201,7 @@ def _gone(pids: list[int], seconds: float) -> bool:
     return False
 
 
+@pytest.mark.slow
 def test_processes_end_when_the_launcher_is_killed(tmp_path):
     proc, workers = _start_and_wait_for_epoch(tmp_path, "orphans")
     os.kill(proc.pid, signal.SIGKILL)  # no handler runs: only the kernel can tell the processes
@@ -209,14 +217,22 @@ def test_processes_end_when_the_launcher_is_killed(tmp_path):
         proc.stderr.close()
 
 
-def test_sigterm_to_the_launcher_is_one_line_with_the_resume_command(tmp_path):
-    proc, workers = _start_and_wait_for_epoch(tmp_path, "stopped")
-    os.kill(proc.pid, signal.SIGTERM)
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["SIGTERM to the launcher", "Ctrl-C"])
+def test_a_stopped_job_is_one_line_with_the_resume_command(tmp_path, how):
+    ctrl_c = how == "Ctrl-C"
+    proc, workers = _start_and_wait_for_epoch(tmp_path, "stopped", own_group=ctrl_c)
+    if ctrl_c:  # a terminal sends SIGINT to its whole foreground group: the launcher and both processes
+        os.killpg(proc.pid, signal.SIGINT)
+    else:
+        os.kill(proc.pid, signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 2 and "Traceback" not in err, err[-3000:]
-    line = err.strip().splitlines()[-1]
-    assert line.startswith("error: stopped by SIGTERM: the 2 processes were stopped. The last good checkpoint is "), line
-    assert line.endswith(f"go on with: imgcls train --resume {tmp_path / 'stopped'} --nproc 2"), line
+    lines = err.strip().splitlines()
+    signal_name = "SIGINT" if ctrl_c else "SIGTERM"
+    assert lines[-1].startswith(f"error: stopped by {signal_name}: the 2 processes were stopped. The last good "
+                                f"checkpoint is "), lines
+    assert lines[-1].endswith(f"go on with: imgcls train --resume {tmp_path / 'stopped'} --nproc 2"), lines
     assert _gone(workers, 30)
 
 
@@ -254,6 +270,7 @@ def test_the_failure_message_names_the_cause_not_the_processes_stopped_by_it(tmp
     assert _failure(failed(r0=3), 2, note, [], tmp_path) == "process 0 of 2 exited with code 3; the others were stopped"
 
 
+@pytest.mark.slow
 def test_a_global_batch_too_small_for_the_processes_is_one_error(tmp_path):
     out = subprocess.run(_cli("train", "--nproc", "2", "--batch-size", "3", "--out", str(tmp_path)),
                          capture_output=True, text=True, timeout=300, check=False)
@@ -267,6 +284,7 @@ def test_a_global_batch_too_small_for_the_processes_is_one_error(tmp_path):
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.slow
 def test_nodes_that_never_meet_end_with_a_bounded_wait(tmp_path):
     """A second node that never comes: the rendezvous gives up after --rdzv-timeout with one clear line."""
     started = time.monotonic()
@@ -280,6 +298,7 @@ def test_nodes_that_never_meet_end_with_a_bounded_wait(tmp_path):
     assert "raise --rdzv-timeout" in last and "Traceback" not in out.stderr
 
 
+@pytest.mark.slow
 def test_a_store_that_cannot_be_reached_is_one_line_without_cpp_logs(tmp_path):
     """192.0.2.1 (TEST-NET-1) is no one's address: torch's C++ log printed 40 lines before the error."""
     out = subprocess.run(_cli("train", "--nproc", "1", "--nnodes", "2", "--rdzv-endpoint", "192.0.2.1:29400",
@@ -408,6 +427,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_nodes_meet_through_the_c10d_rendezvous(tmp_path):
     """Two launchers on this machine stand in for two nodes: one process each, one job of 2, one run folder."""
     endpoint = f"127.0.0.1:{_free_port()}"

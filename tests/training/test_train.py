@@ -37,6 +37,7 @@ def _cli(*args):
     return [sys.executable, "-m", "imgcls.cli", *args]
 
 
+@pytest.mark.slow
 def test_killed_and_resumed_run_matches_an_uninterrupted_one(tmp_path):
     common = ["--epochs", "10", "--no-report", "--out", str(tmp_path), "--model-option", "widths=[8,16,16]",
               "--schedule", "cosine", "--augment", "hflip,translate:1", "--optimizer", "sgd", "--lr", "0.05"]
@@ -191,6 +192,7 @@ def test_progressive_resizing_refuses_a_model_that_cannot_take_the_smaller_image
     assert not (tmp_path / "refused").exists()
 
 
+@pytest.mark.slow
 def test_two_resumes_at_once_the_second_is_refused_naming_the_first(tmp_path):
     common = ["--no-report", "--out", str(tmp_path), "--model-option", "widths=[8,16,16]"]
     subprocess.run(_cli("train", "--name", "run", "--epochs", "1", *common), check=True, capture_output=True,

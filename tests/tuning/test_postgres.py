@@ -72,6 +72,7 @@ def postgres_url():
         shutil.rmtree(base, ignore_errors=True)
 
 
+@pytest.mark.slow
 def test_two_workers_on_postgresql_finish_exactly_the_trials_with_no_number_twice(postgres_url, tmp_path):
     space = tmp_path / "space.yaml"
     space.write_text("lr: {low: 0.001, high: 0.03, log: true}\n")

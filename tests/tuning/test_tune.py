@@ -308,6 +308,7 @@ def test_show_space_prints_a_file_that_space_reads(tmp_path, capsys):
     assert "model_option.width" not in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_a_killed_study_resumes_with_no_trial_lost_or_duplicated(tmp_path):
     space = _write(tmp_path / "space.yaml", "lr: [0.003, 0.01]\n")
     args = ["tune", "--epochs", "15", "--model", "fastnet_small", "--model-option", "widths=[8,8,8]", "--trials", "3",
@@ -352,6 +353,7 @@ def test_a_built_in_dataset_without_a_val_split_is_refused(tmp_path, capsys):
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.slow
 def test_two_workers_sharing_one_study_finish_exactly_its_trials(tmp_path):
     # Two processes on one SQLite file, as two machines on one PostgreSQL database would be: trial numbers come
     # from the storage, and a trial started once the study has its number runs nothing and is left out.
@@ -443,6 +445,7 @@ def test_tpe_finds_the_planted_learning_rate_and_draws_near_it_more_than_random(
     assert near["tpe"] > near["random"], near
 
 
+@pytest.mark.slow
 def test_retrain_best_trains_the_best_config_on_train_and_val_and_tests_it_once(tmp_path, capsys):
     out = tmp_path / "runs"
     assert main(["tune", *TINY_FLAGS, "--trials", "2", "--out", str(out), "--study", "rb", "--sampler", "random",
@@ -521,6 +524,7 @@ def _photos(root: Path, n: int = 12) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_on_photos_the_default_space_searches_the_transfer_settings_and_trials_reuse_the_features(
         tmp_path, capsys, monkeypatch):
     photos = _photos(tmp_path / "photos")

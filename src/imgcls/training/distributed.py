@@ -10,8 +10,10 @@
          so every image is scored exactly once, with no padding
       -> rank 0 alone writes the run folder, logs, checkpoints (from the unwrapped model) and the report
 
-Without torchrun's environment every function here is the single-process case:
-rank 0 of 1, no process group, nothing gathered.
+The trainer sees all of this through :class:`DataParallel`, its strategy for such a job
+(:mod:`imgcls.training.strategy`; :func:`strategy` picks it); the run driver (:mod:`imgcls.driver`) joins the
+group.  Without torchrun's environment every function here is the single-process case: rank 0 of 1, no process
+group, nothing gathered.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from imgcls.errors import ConfigError, PeerLost
+from imgcls.io import atomic_path
 from imgcls.training.strategy import OneProcess
 
 # How long a collective waits for a rank that stopped answering before the job fails (seconds).
@@ -195,19 +198,17 @@ def share_splits(ds, folder: Path) -> str | None:
     job = broadcast(uuid.uuid4().hex[:12])  # one name for the job's files; the node's number keeps nodes apart
     stem = f"split-{job}-{os.environ.get('GROUP_RANK', '0')}"
     paths = {name: folder / f"{stem}-{name}.npy" for name in ds.splits}
-    parts = {name: folder / f".{stem}-{name}.npy.part" for name in ds.splits}  # renamed into place once whole
     reason = ""
     if d.local_rank == 0:
         try:
             folder.mkdir(parents=True, exist_ok=True)
             _remove_stale_shared(folder)
-            for name, split in ds.splits.items():
-                with open(parts[name], "wb") as f:
+            for name, split in ds.splits.items():  # whole or not at all; gone when the job ends, so not fsynced
+                with atomic_path(paths[name], fsync=False) as part, open(part, "wb") as f:
                     np.save(f, np.ascontiguousarray(split.images), allow_pickle=False)
-                os.replace(parts[name], paths[name])
         except OSError as exc:
             reason = f"{folder} could not be written ({exc})"
-            _unlink([*paths.values(), *parts.values()])
+            _unlink(paths.values())
     reasons = [""] * d.world  # collective, so also the barrier before anyone maps
     dist.all_gather_object(reasons, reason)
     failed = [r for r in reasons if r]

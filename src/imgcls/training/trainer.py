@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from imgcls import __version__, rundir
+from imgcls import __version__, rundir, terminal
 from imgcls.auto import forward_rate
 from imgcls.checkpoint import load_state, read_checkpoint, save_checkpoint
 from imgcls.config import TTA_AUTO, RunConfig, parse_duration
@@ -685,7 +685,7 @@ def _epoch_line(r: dict, is_best: bool) -> str:
 
 def _sayer(console, run: RunFolder):
     def say(line: str) -> None:
-        console.print(line, highlight=False, markup=False, soft_wrap=True)
+        terminal.say(console, line)
         run.log(line)
 
     return say

@@ -32,6 +32,7 @@ from imgcls.errors import ConfigError, ImgclsError, TrainingError
 from imgcls.evaluation.metrics import confusion_matrix, per_class_scores
 from imgcls.inference import predict_proba
 from imgcls.rundir import CONFIG, RUN, RunFolder
+from imgcls.terminal import say
 from imgcls.tuning import results
 from imgcls.tuning.space import (
     as_options,
@@ -135,20 +136,20 @@ def tune(*, make, train, flags: dict, trials: int, timeout=None, space=None, met
     context = results.Context(name=name, path=study_dir, storage=shown_url(url), metric=metric, space=found,
                               flags=attrs["flags"], sampler=_described(sampler), pruner=_described(pruner),
                               trials=trials, out_dir=base.out_dir)
-    _say(console, f"study {name}: {trials} trials, {metric} ({METRICS[metric]}), sampler {context.sampler}, "
+    say(console, f"study {name}: {trials} trials, {metric} ({METRICS[metric]}), sampler {context.sampler}, "
                   f"pruner {context.pruner}; {title}")
-    _say(console, f"study folder {study_dir}; storage {context.storage}")
-    _say(console, f"searching: {', '.join(f'{k} {_range(p)}' for k, p in found.items())}")
+    say(console, f"study folder {study_dir}; storage {context.storage}")
+    say(console, f"searching: {', '.join(f'{k} {_range(p)}' for k, p in found.items())}")
     objective = make_objective(found, train, study_dir, metric, trials, flags,
                                fresh_seed=isinstance(sampler, str) and seen.get("existing") == 0)
     _run(opened, store, context, objective, seconds, console)
     if grid is not None and seconds is None and counted(opened) < trials:
         points = math.prod(len(v) for v in grid.values())
-        _say(console, f"note: the grid has {points} combinations and every one was tried: the study stops at "
+        say(console, f"note: the grid has {points} combinations and every one was tried: the study stops at "
                       f"{counted(opened)} of the {trials} trials asked")
     summary = results.write_all(opened, context, html=True)
-    console.print(results.format_leaderboard(summary), highlight=False, markup=False, soft_wrap=True)
-    _say(console, results.closing_line(summary))
+    say(console, results.format_leaderboard(summary))
+    say(console, results.closing_line(summary))
     return summary
 
 
@@ -184,15 +185,15 @@ def _run(study, store, context, objective, seconds: float | None, console) -> No
     """Run trials until the study has ``context.trials`` finished ones (or ``seconds`` have passed)."""
     gone = fail_dead_workers_trials(study, store)
     if gone:
-        _say(console, f"trials {', '.join(map(str, gone))} were running when their worker on this machine stopped: "
+        say(console, f"trials {', '.join(map(str, gone))} were running when their worker on this machine stopped: "
                       f"marked interrupted (their folders stay); they do not count towards --trials")
     done = counted(study)
     if done >= context.trials:
-        _say(console, f"the study has {done} finished trials already (--trials {context.trials}); raise --trials to "
+        say(console, f"the study has {done} finished trials already (--trials {context.trials}); raise --trials to "
                       f"run more")
         return
     if done:
-        _say(console, f"continuing: {done} of {context.trials} trials finished before")
+        say(console, f"continuing: {done} of {context.trials} trials finished before")
     try:
         _optimize(study, context, objective, context.trials - done, seconds, console)
     except KeyboardInterrupt:
@@ -210,7 +211,7 @@ def show_space(make, flags: dict, space=None) -> str:
 def _optimize(study, context, objective, n_trials: int, timeout: float | None, console) -> None:
     def after_trial(study, trial) -> None:
         if results.state_of(trial) != "surplus":
-            _say(console, results.trial_line(results.trial_row(trial, context.space), context))
+            say(console, results.trial_line(results.trial_row(trial, context.space), context))
             results.write_all(study, context, html=False)
         if counted(study) >= context.trials:
             study.stop()  # other workers may have finished trials meanwhile
@@ -371,8 +372,4 @@ def _optuna_quiet():
         yield
     finally:
         optuna.logging.set_verbosity(level)
-
-
-def _say(console, line: str) -> None:
-    console.print(line, highlight=False, markup=False, soft_wrap=True)
 
