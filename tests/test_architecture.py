@@ -186,6 +186,20 @@ def test_the_package_root_is_the_face_of_the_top_floor_and_a_version_to_the_rest
             assert uses | (named & {"__version__", "train", "load"}) <= {"__version__"}, (i, uses, named)
 
 
+def test_evaluation_draws_no_figure():
+    # evaluation/ computes numbers; their figures live in reports/ (docs/architecture.md, floor 5).
+    evaluation = {m: path for m, path in MODULES.items() if (m + ".").startswith("imgcls.evaluation.")}
+    plotting = [f"{i.importer} imports {i.imported}, line {i.line}" for i in IMPORTS
+                if i.importer in evaluation and i.imported == "imgcls.plots"]
+    for module, path in evaluation.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([alias.name for alias in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            plotting += [f"{module} imports {name}, line {node.lineno}" for name in names
+                         if name.split(".")[0] == "matplotlib"]
+    assert not plotting, "evaluation/ modules that draw (move the figure to reports/):\n" + "\n".join(plotting)
+
+
 def test_every_function_level_import_says_why():
     silent = sorted({f"{MODULES[i.importer].relative_to(SRC)}:{i.line} imports {i.imported}"
                      for i in IMPORTS if i.in_function and not i.reason})

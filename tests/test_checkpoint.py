@@ -90,6 +90,26 @@ def test_run_folder_without_checkpoints(tmp_path):
         load_model(tmp_path)
 
 
+@pytest.mark.parametrize("text, why", [
+    ('{"final_checkpoint": "be', "it is not JSON"),
+    ("[1, 2]", "it holds a JSON list, not an object"),
+    ('{"final_checkpoint": "worst"}', 'its final_checkpoint must be one of best, last, got "worst"'),
+    ('{"final_checkpoint": null}', "its final_checkpoint must be one of best, last, got null"),
+])
+def test_a_damaged_run_json_is_refused_in_one_line_naming_it(tmp_path, capsys, text, why):
+    (tmp_path / "run.json").write_text(text)
+    with pytest.raises(CheckpointError) as refused:
+        ckpt.find_checkpoint(tmp_path)
+    said = str(refused.value)
+    assert said == (f"{tmp_path / 'run.json'} is damaged: {why}; "
+                    f"restore it, or name the checkpoint (--checkpoint best or last)")
+    from imgcls.cli import main
+
+    assert main(["evaluate", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert str(tmp_path / "run.json") in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
 def _tensor_data_offset(path) -> int:
     """Where a safetensors file's tensor bytes start (8-byte header length, then the JSON header)."""
     with open(path, "rb") as fh:

@@ -139,6 +139,19 @@ def test_ctrl_c_ends_the_mlflow_run_killed(tmp_path):
     assert client.get_run(run_id).info.status == "KILLED"
 
 
+def test_a_damaged_mlflow_json_stops_the_resume_in_one_line_naming_it(tmp_path, capsys):
+    pytest.importorskip("mlflow")
+    with pytest.raises(KeyboardInterrupt):
+        imgcls.train(out=str(tmp_path), name="d", track="mlflow", callbacks=[CrashAt(7, KeyboardInterrupt)],
+                     **TINY)  # in epoch 2, after epoch 1's checkpoint
+    saved = tmp_path / "d" / "mlflow.json"
+    saved.write_text('{"run_id": "ab')  # cut short
+    assert main(["train", "--resume", str(tmp_path / "d")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{saved} is damaged: it is not JSON" in err
+    assert "delete it" in err and "Traceback" not in err
+
+
 def test_mlflow_logs_the_config_every_epoch_and_the_run_files(tmp_path):
     pytest.importorskip("mlflow")
     run = imgcls.train(out=str(tmp_path), name="m", track="mlflow", **{**TINY, "report": True})

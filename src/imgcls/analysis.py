@@ -14,21 +14,14 @@ import numpy as np
 from imgcls import rundir
 from imgcls.checkpoint import find_checkpoint, update_meta
 from imgcls.errors import DataError
-from imgcls.evaluation.calibration import (
-    expected_calibration_error,
-    fit_temperature,
-    plot_reliability,
-)
+from imgcls.evaluation.calibration import expected_calibration_error, fit_temperature
 from imgcls.evaluation.metrics import cross_entropy
 from imgcls.evaluation.predictions import load_run, predict_split
-from imgcls.evaluation.probes import plot_probes, probe_layers
-from imgcls.evaluation.thresholds import (
-    parse_objective,
-    plot_pr_curves,
-    tune_thresholds,
-)
+from imgcls.evaluation.probes import probe_layers
+from imgcls.evaluation.thresholds import parse_objective, tune_thresholds
 from imgcls.explain.explain import explain_arrays, plot_explanations
 from imgcls.io import write_json
+from imgcls.reports.figures import plot_pr_curves, plot_probes, plot_reliability
 from imgcls.reports.html import Section, table
 from imgcls.reports.report import Report
 

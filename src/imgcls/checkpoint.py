@@ -31,7 +31,7 @@ from safetensors.torch import save_file
 
 from imgcls import rundir
 from imgcls.errors import CheckpointError, ConfigError, is_disk_full
-from imgcls.io import atomic_path, read_json
+from imgcls.io import atomic_path
 from imgcls.models import create_model
 
 FORMAT_VERSION = 1
@@ -278,16 +278,11 @@ def find_checkpoint(run_or_file: str | Path, which: str | None = None) -> Path:
 
 def _final_checkpoint(info: Path) -> str:
     """The run's final checkpoint as its run.json names it (``best`` when there is none yet)."""
-    try:
-        doc = read_json(info, default={})
-    except (ValueError, RecursionError, UnicodeDecodeError):
-        raise CheckpointError(f"{info} is damaged: it is not JSON; restore it, or name the checkpoint "
-                              f"(--checkpoint best or last)") from None
-    which = doc.get("final_checkpoint", "best") if isinstance(doc, dict) else None
+    fix = "restore it, or name the checkpoint (--checkpoint best or last)"
+    which = rundir.read_doc(info, fix).get("final_checkpoint", "best")
     if which not in CHECKPOINT_NAMES:
         raise CheckpointError(f"{info} is damaged: its final_checkpoint must be one of {', '.join(CHECKPOINT_NAMES)}, "
-                              f"got {json.dumps(which)[:60] if which is not None else 'no mapping'}; restore it, "
-                              f"or name the checkpoint (--checkpoint best or last)")
+                              f"got {json.dumps(which)[:60]}; {fix}")
     return which
 
 

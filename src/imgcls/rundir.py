@@ -208,9 +208,6 @@ class RunFolder:
     def write_json(self, name: str, obj) -> Path:
         return self.write_text(name, json.dumps(obj, indent=2) + "\n")
 
-    def read_json(self, name: str) -> dict:
-        return json.loads((self.path / name).read_text())
-
     def log(self, line: str) -> None:
         with open(self.path / LOG, "a") as fh:
             fh.write(line.rstrip("\n") + "\n")

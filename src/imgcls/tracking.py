@@ -39,7 +39,6 @@ from pathlib import Path
 from imgcls import rundir
 from imgcls.config import RunConfig, dump_config
 from imgcls.errors import ConfigError, hide_secrets, shown_url
-from imgcls.io import read_json
 from imgcls.plots import figure_png
 
 INSTALL = "pip install 'imgcls[track]'"
@@ -310,7 +309,7 @@ class MLflowTracker:
         with _mlflow_quiet():
             self.client = MlflowClient(tracking_uri=uri)
         self.run = run
-        saved = read_json(run.path / rundir.MLFLOW, default={}) or {}
+        saved = rundir.read_doc(run.path / rundir.MLFLOW, "delete it: the run then goes on in a new MLflow run")
         params = flat_params(state.cfg)
         if saved.get("tracking_uri") == uri and self._reopen(saved.get("run_id"), params):
             return

@@ -8,11 +8,9 @@ import pytest
 from imgcls.evaluation.calibration import (
     expected_calibration_error,
     fit_temperature,
-    plot_reliability,
     reliability_bins,
     softmax,
 )
-from imgcls.plots import figure_png
 
 
 def calibrated_logits(n: int = 20000, k: int = 5, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -93,14 +91,6 @@ def test_ece_of_empty_input_is_zero():
 def test_bad_shapes_are_named():
     with pytest.raises(ValueError, match="labels"):
         expected_calibration_error(PROBA, LABELS[:3])
-
-
-def test_plot_reliability_png():
-    logits, labels = calibrated_logits(n=3000)
-    fig = plot_reliability(4 * logits, labels, temperature=4.0)
-    assert len(fig.axes) == 2
-    assert "ECE" in fig.axes[0].get_title() and "ECE" in fig.axes[1].get_title()
-    assert figure_png(fig).startswith(b"\x89PNG")
 
 
 @pytest.mark.parametrize("scale", [0.3, 1.0, 2.5, 40.0])

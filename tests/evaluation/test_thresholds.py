@@ -11,10 +11,8 @@ from imgcls.evaluation.calibration import softmax
 from imgcls.evaluation.thresholds import (
     apply_thresholds,
     parse_objective,
-    plot_pr_curves,
     tune_thresholds,
 )
-from imgcls.plots import figure_png
 
 CLASSES = ["cat", "dog", "bird"]
 
@@ -135,19 +133,6 @@ def test_tuned_thresholds_round_trip_through_apply():
     assert (pred == -1).any()
     decided = pred >= 0
     assert (pred[decided] == labels[decided]).mean() >= 0.9
-
-
-@pytest.mark.parametrize("k", [3, 5])
-def test_plot_pr_curves_png(k):
-    rng = np.random.default_rng(k)
-    labels = rng.integers(0, k, size=300)
-    proba = softmax(2.0 * np.eye(k)[labels] + rng.normal(size=(300, k)))
-    classes = [f"c{i}" for i in range(k)]
-    out = tune_thresholds(proba, labels, classes, "f1")
-    fig = plot_pr_curves(proba, labels, classes, out["thresholds"])
-    assert len(fig.axes) == k
-    assert all("AP" in ax.get_title() for ax in fig.axes)
-    assert figure_png(fig).startswith(b"\x89PNG")
 
 
 @pytest.mark.parametrize("seed, ties", [(0, False), (1, True), (2, True)])

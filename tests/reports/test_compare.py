@@ -1,6 +1,8 @@
 """Comparing run folders: leaderboard, figures read from the runs' files, the page."""
 
 import json
+import re
+import shutil
 
 import numpy as np
 import pytest
@@ -89,3 +91,33 @@ def test_a_folder_that_is_not_a_run_is_refused(runs, tmp_path):
         compare_runs([runs[0].path, tmp_path / "photos"])
     with pytest.raises(CheckpointError, match="missing is not a run folder: no such folder"):
         compare_runs([tmp_path / "missing"])
+
+
+@pytest.mark.parametrize("name", ["run.json", "eval_test.json", "environment.json"])
+@pytest.mark.parametrize("garbage, why", [('{"accuracy": 0.9', "it is not JSON"),
+                                          ("[1, 2]", "it holds a JSON list, not an object")])
+def test_a_damaged_run_file_is_refused_in_one_line_naming_it(runs, tmp_path, capsys, name, garbage, why):
+    from imgcls.cli import main
+
+    run = tmp_path / "damaged"
+    shutil.copytree(runs[1].path, run)
+    (run / name).write_text(garbage)
+    with pytest.raises(CheckpointError, match=re.escape(f"{run / name} is damaged: {why}")):
+        compare_runs([runs[0].path, run])
+    assert main(["compare", str(runs[0].path), str(run), "--out", str(tmp_path / "cmp")]) == 2
+    err = capsys.readouterr().err
+    assert str(run / name) in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_missing_run_file_is_an_unfinished_run_or_a_fallback(runs, tmp_path):
+    fast = runs[1]
+    run = tmp_path / "partial"
+    shutil.copytree(fast.path, run)
+    (run / "eval_test.json").unlink()
+    (run / "environment.json").unlink()
+    (entry,) = compare_runs([run])["leaderboard"]
+    assert entry["finished"] and entry["test_accuracy"] == fast.test_metrics["accuracy"]  # from run.json
+    assert entry["device"] is None
+    (run / "run.json").unlink()
+    (entry,) = compare_runs([run])["leaderboard"]
+    assert not entry["finished"] and entry["test_accuracy"] is None and entry["epochs"] == 2

@@ -559,3 +559,22 @@ def test_a_grid_over_the_limit_is_refused_before_a_value_is_built(tmp_path):
         api.tune(trials=1, **TINY, out=str(tmp_path), space={"lr": {"low": 0.001, "high": 0.1, "step": 1e-12}},
                  sampler="grid", quiet=True)
     assert not (tmp_path / "digits-tune").exists()
+
+
+def test_a_trial_reads_its_final_epoch_from_run_json_and_a_damaged_one_is_named(tmp_path):
+    from types import SimpleNamespace
+
+    from imgcls.errors import CheckpointError
+    from imgcls.tuning.search import _final_value
+
+    run = SimpleNamespace(path=tmp_path, history=[{"epoch": 1, "val_accuracy": 0.5}, {"epoch": 2, "val_accuracy": 0.7}])
+    info = tmp_path / "run.json"
+    info.write_text(json.dumps({"best_epoch": 1, "final_checkpoint": "best", "epochs_run": 2}))
+    assert _final_value("val_accuracy", run, {}) == 0.5
+    info.write_text(json.dumps({"best_epoch": 1, "final_checkpoint": "last", "epochs_run": 2}))
+    assert _final_value("val_accuracy", run, {}) == 0.7
+    info.write_text('{"best_epoch": 1')  # cut short
+    with pytest.raises(CheckpointError) as refused:
+        _final_value("val_accuracy", run, {})
+    said = str(refused.value)
+    assert said.startswith(f"{info} is damaged: it is not JSON;") and "\n" not in said

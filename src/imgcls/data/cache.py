@@ -38,6 +38,7 @@ from imgcls.data.sources import (
     zip_central_directory,
 )
 from imgcls.errors import DataError
+from imgcls.io import read_json
 
 CACHE_FORMAT = 3
 """Version of the entry layout and of the decoding; bump it when either changes.
@@ -187,8 +188,7 @@ def read_entry(entry: Path, key: str) -> ImageDataset:
         ValueError: the entry is damaged or was written for another key or format.
         OSError: a file of the entry cannot be read.
     """
-    with open(entry / _META, encoding="utf-8") as f:
-        meta = json.load(f)
+    meta = read_json(entry / _META)
     if not isinstance(meta, dict) or meta.get("format") != CACHE_FORMAT or meta.get("key") != key:
         raise ValueError("cache entry from another format or key")
     if meta.get("checksum") != meta_checksum(meta):

@@ -12,8 +12,6 @@ import math
 
 import numpy as np
 
-from imgcls.plots import new_figure
-
 _LOG_T_BOUNDS = (-3.0, 3.0)  # T in [e^-3, e^3] ~ [0.05, 20]
 
 
@@ -123,48 +121,6 @@ def expected_calibration_error(proba: np.ndarray, labels: np.ndarray, bins: int 
         return 0.0
     return float(sum(n / total * abs(a - c)
                      for n, a, c in zip(rel["count"], rel["accuracy"], rel["confidence"]) if n))
-
-
-def plot_reliability(logits: np.ndarray, labels: np.ndarray, temperature: float, bins: int = 15):
-    """Reliability diagrams before (T = 1) and after (T = ``temperature``) scaling, side by side.
-
-    Each panel: accuracy per confidence bin (bars), the gap to the bin's mean confidence
-    (hatched), the diagonal of perfect calibration, the image count above each bar and
-    the ECE in the title.
-
-    Returns:
-        A matplotlib Figure with two axes.
-    """
-    fig = new_figure(10.0, 4.4)
-    axes = fig.subplots(1, 2, sharey=True)
-    for ax, t, name in zip(axes, (1.0, float(temperature)), ("before scaling", "after scaling")):
-        proba = softmax(logits, t)
-        rel = reliability_bins(proba, labels, bins)
-        ece = expected_calibration_error(proba, labels, bins)
-        _draw_reliability(ax, rel)
-        ax.set_title(f"{name} (T = {t:.3g}): ECE {ece:.4f}")
-        ax.set_xlabel("confidence (top probability)")
-    axes[0].set_ylabel("accuracy")
-    axes[0].legend(loc="upper left", fontsize=8)
-    return fig
-
-
-def _draw_reliability(ax, rel: dict) -> None:
-    edges = np.asarray(rel["edges"])
-    width = edges[1] - edges[0]
-    centers = edges[:-1] + width / 2
-    full = [i for i, n in enumerate(rel["count"]) if n]
-    acc = np.array([rel["accuracy"][i] for i in full])
-    conf = np.array([rel["confidence"][i] for i in full])
-    x = centers[full]
-    ax.bar(x, acc, width=width * 0.95, color="tab:blue", edgecolor="black", linewidth=0.5, label="accuracy")
-    ax.bar(x, conf - acc, bottom=acc, width=width * 0.95, color="tab:red", alpha=0.3,
-           hatch="//", edgecolor="tab:red", linewidth=0.5, label="gap to confidence")
-    ax.plot([0, 1], [0, 1], "k--", linewidth=1, label="perfect calibration")
-    for xi, top, n in zip(x, np.maximum(acc, conf), (rel["count"][i] for i in full)):
-        ax.text(xi, min(top + 0.02, 1.02), str(n), ha="center", va="bottom", fontsize=6, rotation=90)
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1.12)
 
 
 def _check(scores: np.ndarray, labels: np.ndarray, name: str) -> None:

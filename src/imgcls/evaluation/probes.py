@@ -18,7 +18,6 @@ import torch
 from imgcls.data.base import Split
 from imgcls.errors import ConfigError, DataError
 from imgcls.inference import Runtime, memory_safe_batch, normalization_tensors, to_input
-from imgcls.plots import new_figure
 
 PROBE_C = 1.0  # inverse L2 strength of the logistic regression, on standardised features
 PROBE_MAX_ITER = 1000  # lbfgs iterations; the features are standardised, so this is rarely reached
@@ -182,30 +181,6 @@ def probe_layers(model: torch.nn.Module, meta: dict, train: Split, held_out: Spl
         rows.append({"stage": name, "channels": int(train_x.shape[1]), "accuracy": accuracy,
                      "cumulative_accuracy": cumulative, "chance": chance})
     return rows
-
-
-def plot_probes(rows: list[dict], chance: float | None = None):
-    """Per-stage and cumulative probe accuracy against stage, with the chance level.
-
-    ``chance`` defaults to the rows' own ``chance`` entry, when they have one.
-    """
-    if chance is None and rows and "chance" in rows[0]:
-        chance = rows[0]["chance"]
-    fig = new_figure(max(4.8, 1.2 * len(rows) + 2.4), 4.0)
-    ax = fig.add_subplot()
-    x = np.arange(len(rows))
-    ax.plot(x, [r["accuracy"] for r in rows], "o-", label="this stage alone")
-    ax.plot(x, [r["cumulative_accuracy"] for r in rows], "s--", label="this and earlier stages")
-    if chance is not None:
-        ax.axhline(chance, color="grey", linestyle=":", label=f"chance ({chance:.2f})")
-    ax.set_xticks(x, [f"{r['stage']}\n({r['channels']} ch)" for r in rows], fontsize=8)
-    ax.set_ylim(0, 1.02)
-    ax.set_xlabel("stage")
-    ax.set_ylabel("held-out accuracy of a linear probe")
-    ax.set_title("Linear probes on global-average-pooled stage outputs")
-    ax.grid(axis="y", alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
-    return fig
 
 
 def format_probes(rows: list[dict]) -> str:

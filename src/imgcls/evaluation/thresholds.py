@@ -15,7 +15,6 @@ import math
 import numpy as np
 
 from imgcls.errors import ConfigError
-from imgcls.plots import new_figure
 
 _ACCEPTED = "f1, precision=<target>, recall=<target> (target in (0, 1], e.g. precision=0.95)"
 
@@ -78,7 +77,7 @@ def tune_thresholds(proba: np.ndarray, labels: np.ndarray, classes: list[str], o
             threshold, met = _pick(positive, scores, kind, target)
         else:
             threshold, met = 1.0, False
-        p, r, f = _scores_at(positive, scores, threshold)
+        p, r, f = scores_at(positive, scores, threshold)
         per_class.append({"class": name, "threshold": threshold, "precision": p, "recall": r, "f1": f,
                           "support": int(positive.sum()), "met": met})
     text = kind if target is None else f"{kind}={target:g}"
@@ -123,7 +122,7 @@ def _pick(positive: np.ndarray, scores: np.ndarray, kind: str, target: float | N
     return float(candidates[int(np.argmax(precision))]), False
 
 
-def _scores_at(positive: np.ndarray, scores: np.ndarray, threshold: float) -> tuple[float, float, float]:
+def scores_at(positive: np.ndarray, scores: np.ndarray, threshold: float) -> tuple[float, float, float]:
     """One-vs-rest (precision, recall, F1) when "predicted positive" is ``scores >= threshold``."""
     predicted = scores >= threshold
     tp = int((predicted & positive).sum())
@@ -176,39 +175,3 @@ def rank_classes(proba: np.ndarray, classes: list[str], top_k: int, thresholds=N
             item["answer"] = "unknown" if answers[i] < 0 else classes[answers[i]]
         out.append(item)
     return out
-
-
-def plot_pr_curves(proba: np.ndarray, labels: np.ndarray, classes: list[str], thresholds):
-    """One precision-recall panel per class (one-vs-rest), the chosen threshold marked, AP in the title.
-
-    Returns:
-        A matplotlib Figure with one axes per class, in a grid of up to 4 columns.
-    """
-    proba = np.asarray(proba)
-    labels = np.asarray(labels, dtype=np.int64)
-    k = len(classes)
-    ncols = min(4, k)
-    nrows = math.ceil(k / ncols)
-    fig = new_figure(3.0 * ncols, 2.8 * nrows)
-    grid = fig.subplots(nrows, ncols, squeeze=False)
-    for i, ax in enumerate(grid.flat):
-        if i >= k:
-            ax.remove()
-            continue
-        positive = labels == i
-        ax.set_xlim(0, 1.02)
-        ax.set_ylim(0, 1.05)
-        ax.set_xlabel("recall", fontsize=8)
-        ax.set_ylabel("precision", fontsize=8)
-        ax.tick_params(labelsize=7)
-        if not positive.any():
-            ax.set_title(f"{classes[i]}: no images", fontsize=9)
-            continue
-        precision, recall, _ = precision_recall_curve(positive, proba[:, i])
-        ap = average_precision(positive, proba[:, i])
-        ax.plot(recall, precision, drawstyle="steps-post", linewidth=1.2)
-        p, r, _ = _scores_at(positive, proba[:, i], float(thresholds[i]))
-        ax.plot([r], [p], "o", color="tab:red", markersize=6, label=f"t = {float(thresholds[i]):.3f}")
-        ax.legend(loc="lower left", fontsize=7)
-        ax.set_title(f"{classes[i]}: AP {ap:.3f}", fontsize=9)
-    return fig

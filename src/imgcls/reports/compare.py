@@ -10,7 +10,6 @@ eval_test.json, environment.json, config.yaml); no model is loaded.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -42,9 +41,10 @@ def read_run_summary(run_dir: str | Path) -> dict:
                               f"give folders written by `imgcls train`")
     cfg = _read(path, rundir.CONFIG, yaml.safe_load) or {}
     history = rundir.read_history(path)
-    info = _read(path, rundir.RUN, json.loads) or {}
-    test = _read(path, f"{rundir.eval_stem('test')}.json", json.loads) or {}
-    env = _read(path, rundir.ENVIRONMENT, json.loads) or {}
+    info = rundir.read_doc(path / rundir.RUN, f"restore it, or leave {path} out of the comparison")
+    test = rundir.read_doc(path / f"{rundir.eval_stem('test')}.json",
+                           f"`imgcls evaluate {path} --split test` writes it again")
+    env = rundir.read_doc(path / rundir.ENVIRONMENT, "delete it: compare then shows no device for the run")
     model = cfg.get("model") or {}
     speeds = [r["images_per_sec"] for r in history if "images_per_sec" in r]
     return {

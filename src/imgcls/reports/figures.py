@@ -1,4 +1,5 @@
-"""Figures and rankings of a run's predictions, for the report and for notebooks.
+"""Figures and rankings of a run's predictions, for the report and for notebooks, and the figures of
+the analyses (reliability diagrams, precision-recall curves, layer probes) whose numbers evaluation/ computes.
 
 Every ``plot_*`` function returns a matplotlib ``Figure`` made with
 :func:`imgcls.plots.new_figure` (no pyplot, no display), so it renders
@@ -7,10 +8,22 @@ inline in Jupyter and can be saved with ``figure_png``.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
+from imgcls.evaluation.calibration import (
+    expected_calibration_error,
+    reliability_bins,
+    softmax,
+)
 from imgcls.evaluation.predictions import SplitPredictions
+from imgcls.evaluation.thresholds import (
+    average_precision,
+    precision_recall_curve,
+    scores_at,
+)
 from imgcls.plots import new_figure, plain
 
 _WRONG = "#c0392b"  # red for wrong predictions
@@ -256,3 +269,105 @@ def most_confused(cm, classes: list[str], k: int = 10) -> list[tuple[str, str, i
              if i != j and cm[i, j] > 0]
     pairs.sort(key=lambda p: (-p[0], p[1], p[2]))
     return [(classes[i], classes[j], count) for count, i, j in pairs[:k]]
+
+
+def plot_reliability(logits: np.ndarray, labels: np.ndarray, temperature: float, bins: int = 15):
+    """Reliability diagrams before (T = 1) and after (T = ``temperature``) scaling, side by side.
+
+    Each panel: accuracy per confidence bin (bars), the gap to the bin's mean confidence
+    (hatched), the diagonal of perfect calibration, the image count above each bar and
+    the ECE in the title.
+
+    Returns:
+        A matplotlib Figure with two axes.
+    """
+    fig = new_figure(10.0, 4.4)
+    axes = fig.subplots(1, 2, sharey=True)
+    for ax, t, name in zip(axes, (1.0, float(temperature)), ("before scaling", "after scaling")):
+        proba = softmax(logits, t)
+        rel = reliability_bins(proba, labels, bins)
+        ece = expected_calibration_error(proba, labels, bins)
+        _draw_reliability(ax, rel)
+        ax.set_title(f"{name} (T = {t:.3g}): ECE {ece:.4f}")
+        ax.set_xlabel("confidence (top probability)")
+    axes[0].set_ylabel("accuracy")
+    axes[0].legend(loc="upper left", fontsize=8)
+    return fig
+
+
+def _draw_reliability(ax, rel: dict) -> None:
+    edges = np.asarray(rel["edges"])
+    width = edges[1] - edges[0]
+    centers = edges[:-1] + width / 2
+    full = [i for i, n in enumerate(rel["count"]) if n]
+    acc = np.array([rel["accuracy"][i] for i in full])
+    conf = np.array([rel["confidence"][i] for i in full])
+    x = centers[full]
+    ax.bar(x, acc, width=width * 0.95, color="tab:blue", edgecolor="black", linewidth=0.5, label="accuracy")
+    ax.bar(x, conf - acc, bottom=acc, width=width * 0.95, color="tab:red", alpha=0.3,
+           hatch="//", edgecolor="tab:red", linewidth=0.5, label="gap to confidence")
+    ax.plot([0, 1], [0, 1], "k--", linewidth=1, label="perfect calibration")
+    for xi, top, n in zip(x, np.maximum(acc, conf), (rel["count"][i] for i in full)):
+        ax.text(xi, min(top + 0.02, 1.02), str(n), ha="center", va="bottom", fontsize=6, rotation=90)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.12)
+
+
+def plot_pr_curves(proba: np.ndarray, labels: np.ndarray, classes: list[str], thresholds):
+    """One precision-recall panel per class (one-vs-rest), the chosen threshold marked, AP in the title.
+
+    Returns:
+        A matplotlib Figure with one axes per class, in a grid of up to 4 columns.
+    """
+    proba = np.asarray(proba)
+    labels = np.asarray(labels, dtype=np.int64)
+    k = len(classes)
+    ncols = min(4, k)
+    nrows = math.ceil(k / ncols)
+    fig = new_figure(3.0 * ncols, 2.8 * nrows)
+    grid = fig.subplots(nrows, ncols, squeeze=False)
+    for i, ax in enumerate(grid.flat):
+        if i >= k:
+            ax.remove()
+            continue
+        positive = labels == i
+        ax.set_xlim(0, 1.02)
+        ax.set_ylim(0, 1.05)
+        ax.set_xlabel("recall", fontsize=8)
+        ax.set_ylabel("precision", fontsize=8)
+        ax.tick_params(labelsize=7)
+        if not positive.any():
+            ax.set_title(f"{classes[i]}: no images", fontsize=9)
+            continue
+        precision, recall, _ = precision_recall_curve(positive, proba[:, i])
+        ap = average_precision(positive, proba[:, i])
+        ax.plot(recall, precision, drawstyle="steps-post", linewidth=1.2)
+        p, r, _ = scores_at(positive, proba[:, i], float(thresholds[i]))
+        ax.plot([r], [p], "o", color="tab:red", markersize=6, label=f"t = {float(thresholds[i]):.3f}")
+        ax.legend(loc="lower left", fontsize=7)
+        ax.set_title(f"{classes[i]}: AP {ap:.3f}", fontsize=9)
+    return fig
+
+
+def plot_probes(rows: list[dict], chance: float | None = None):
+    """Per-stage and cumulative probe accuracy against stage, with the chance level.
+
+    ``chance`` defaults to the rows' own ``chance`` entry, when they have one.
+    """
+    if chance is None and rows and "chance" in rows[0]:
+        chance = rows[0]["chance"]
+    fig = new_figure(max(4.8, 1.2 * len(rows) + 2.4), 4.0)
+    ax = fig.add_subplot()
+    x = np.arange(len(rows))
+    ax.plot(x, [r["accuracy"] for r in rows], "o-", label="this stage alone")
+    ax.plot(x, [r["cumulative_accuracy"] for r in rows], "s--", label="this and earlier stages")
+    if chance is not None:
+        ax.axhline(chance, color="grey", linestyle=":", label=f"chance ({chance:.2f})")
+    ax.set_xticks(x, [f"{r['stage']}\n({r['channels']} ch)" for r in rows], fontsize=8)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("stage")
+    ax.set_ylabel("held-out accuracy of a linear probe")
+    ax.set_title("Linear probes on global-average-pooled stage outputs")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    return fig

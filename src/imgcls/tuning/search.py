@@ -31,7 +31,7 @@ from imgcls.config import parse_duration, shown
 from imgcls.errors import ConfigError, ImgclsError, TrainingError
 from imgcls.evaluation.metrics import confusion_matrix, per_class_scores
 from imgcls.inference import predict_proba
-from imgcls.rundir import CONFIG, RUN, RunFolder
+from imgcls.rundir import CONFIG, RUN, read_doc
 from imgcls.terminal import say
 from imgcls.tuning import results
 from imgcls.tuning.space import (
@@ -300,8 +300,8 @@ def _metric(metric: str, state, record: dict) -> float:
 
 def _final_value(metric: str, run, values: dict[int, float]) -> float:
     """The metric of the weights the run ended with: the best checkpoint's epoch (``restore_best``), else the last."""
-    summary = RunFolder(run.path).read_json(RUN)
-    epoch = summary["best_epoch"] if summary["final_checkpoint"] == "best" else summary["epochs_run"]
+    summary = read_doc(run.path / RUN, "the trial's training wrote it a moment ago: check the disk, then tune again")
+    epoch = summary.get("best_epoch") if summary.get("final_checkpoint") == "best" else summary.get("epochs_run")
     if epoch in values:
         return values[epoch]
     record = next((r for r in run.history if r.get("epoch") == epoch), run.history[-1] if run.history else {})
