@@ -51,6 +51,15 @@ def write_atomic(path: str | os.PathLike, data: str | bytes, *, fsync: bool = Tr
     return Path(path)
 
 
+def write_npy(path: str | os.PathLike, array, *, fsync: bool = True) -> Path:
+    """Write one numpy array as ``.npy`` (no pickles), whole or not at all; returns ``path``."""
+    import numpy as np  # start-up time: the JSON and text writers need no numpy
+
+    with atomic_path(path, fsync=fsync) as tmp, open(tmp, "wb") as fh:
+        np.save(fh, np.ascontiguousarray(array), allow_pickle=False)
+    return Path(path)
+
+
 def write_npz(path: str | os.PathLike, arrays: dict) -> Path:
     """Write ``arrays`` (name -> numpy array) as one compressed ``.npz``, whole or not at all; returns ``path``."""
     import numpy as np  # start-up time: the JSON and text writers need no numpy

@@ -25,7 +25,7 @@ from imgcls.explain.attribution import (
     resolve_layer,
 )
 from imgcls.inference import normalization_tensors, resolve_runtime, to_input
-from imgcls.io import write_atomic
+from imgcls.io import write_atomic, write_npy
 from imgcls.plots import figure_png, new_figure, plain
 
 CMAP = "turbo"  # perceptually ordered and brighter than jet, same blue-to-red reading
@@ -286,7 +286,7 @@ def write_explanations(exp: Explanation, out_dir: Path, save_maps: bool = False)
         written.append(png)
         if save_maps:
             npy = out_dir / f"{stem}_{exp.method}.npy"
-            np.save(npy, exp.raw_maps[i].astype(np.float32))
+            write_npy(npy, exp.raw_maps[i].astype(np.float32), fsync=False)
             written.append(npy)
     if len(exp) > 1:
         grid = out_dir / f"grid_{exp.method}.png"

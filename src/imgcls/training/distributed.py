@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from imgcls.errors import ConfigError, PeerLost
-from imgcls.io import atomic_path
+from imgcls.io import write_npy
 from imgcls.training.strategy import OneProcess
 
 # How long a collective waits for a rank that stopped answering before the job fails (seconds).
@@ -204,8 +204,7 @@ def share_splits(ds, folder: Path) -> str | None:
             folder.mkdir(parents=True, exist_ok=True)
             _remove_stale_shared(folder)
             for name, split in ds.splits.items():  # whole or not at all; gone when the job ends, so not fsynced
-                with atomic_path(paths[name], fsync=False) as part, open(part, "wb") as f:
-                    np.save(f, np.ascontiguousarray(split.images), allow_pickle=False)
+                write_npy(paths[name], split.images, fsync=False)
         except OSError as exc:
             reason = f"{folder} could not be written ({exc})"
             _unlink(paths.values())

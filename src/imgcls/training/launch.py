@@ -167,18 +167,26 @@ def _failure(exc, nproc: int, note: Path, argv: list[str], logs: Path) -> str:
     # and a process whose peer died exits with PeerLost's code.
     first = {r: f for r, f in exc.failures.items()
              if f.exitcode not in (-signal.SIGTERM, PeerLost.exit_code)} or exc.failures
+    ended: dict[str, list] = {}  # how -> (rank, failure) of those that ended so (a bad setting stops all alike)
     for rank, f in sorted(first.items()):
         if f.exitcode < 0:
             try:
-                how = f"was killed by {signal.Signals(-f.exitcode).name}"
+                how = f"killed by {signal.Signals(-f.exitcode).name}"
             except ValueError:
-                how = f"was killed by signal {-f.exitcode}"
+                how = f"killed by signal {-f.exitcode}"
         else:
             how = f"exited with code {f.exitcode}"
-            said = _last_error(logs, f.local_rank) if f.local_rank else ""
-            how += f" ({said})" if said else ""
-        parts.append(f"process {rank} of {nproc} {how}")
-    return "; ".join(parts) + "; the others were stopped" + _resume_hint(note, argv)
+        ended.setdefault(how, []).append((rank, f))
+    for how, failures in ended.items():
+        ranks = [str(rank) for rank, _ in failures]
+        who = f"process {ranks[0]}" if len(ranks) == 1 else f"processes {', '.join(ranks[:-1])} and {ranks[-1]}"
+        verb = ("was " if len(ranks) == 1 else "were ") if how.startswith("killed") else ""
+        # What a process said (its last error line): rank 0's is on the terminal already; the others' in their logs.
+        said = "" if how.startswith("killed") or any(f.local_rank == 0 for _, f in failures) else \
+            _last_error(logs, failures[0][1].local_rank)
+        parts.append(f"{who} of {nproc} {verb}{how}" + (f" ({said})" if said else ""))
+    stopped = "; the others were stopped" if len(first) < nproc else ""
+    return "; ".join(parts) + stopped + _resume_hint(note, argv)
 
 
 def _resume_hint(note: Path, argv: list[str]) -> str:
