@@ -25,7 +25,7 @@ FLOORS = [
     ("training",),
     ("explain",),
     ("reports",),
-    ("analysis", "export", "tracking", "tuning"),
+    ("analysis", "export", "inspection", "tracking", "tuning"),
     ("driver",),
     ("api",),
     ("serving",),

@@ -5,8 +5,8 @@ The data flow reads as one line::
     dataset -> batches -> model -> trainer -> checkpoint -> evaluation / predict
 
 The verbs of the package are those of :mod:`imgcls.api`: ``imgcls.train``,
-``imgcls.load``, ``imgcls.tune``, ``imgcls.cross_validate`` and
-``imgcls.make_config`` are those very functions, with their signatures and
+``imgcls.load``, ``imgcls.tune``, ``imgcls.cross_validate``, ``imgcls.inspect``
+and ``imgcls.make_config`` are those very functions, with their signatures and
 docstrings (``help(imgcls.train)``).  ``import imgcls`` itself stays cheap:
 :mod:`imgcls.api` (and torch) is imported the first time one of them is
 looked up.
@@ -15,7 +15,7 @@ looked up.
 __version__ = "0.1.0"
 
 # The names imgcls.api lends the package (PEP 562: looked up on first use).
-_VERBS = ("train", "load", "tune", "cross_validate", "make_config")
+_VERBS = ("train", "load", "tune", "cross_validate", "inspect", "make_config")
 
 __all__ = [*_VERBS, "__version__"]
 

@@ -26,6 +26,9 @@ from imgcls.tracking import Group
 from imgcls.training.callbacks import EpochEnd
 
 
+INSPECT_MIN_SIDE = 64  # px: small images (digits, CIFAR) are inspected at least this large
+
+
 class Run(driver.Finished):
     """A finished (or interrupted) training run: ``path``, ``config``, ``history``, ``test_metrics``."""
 
@@ -89,6 +92,38 @@ def cross_validate(config=None, folds: int = 5, *, out_dir: str | Path | None = 
     write_cv_page(result, Path(result["path"]))
     say(console, f"cross-validation folder: {result['path']}")
     return result
+
+
+def inspect(data: str | Path, *, name: str | None = None, folds: int = 5, quiet: bool = False, console=None,
+            **overrides) -> dict:
+    """The problems of the images in ``data`` (a folder or zip, in any layout ``train(data=...)`` takes), before
+    anyone trains on it: exact and near duplicates, copies across splits (leakage) and across classes, likely
+    label errors, outliers, dark, bright, flat, blurry and grey images, and the balance of the classes.
+
+    Writes ``<out>/<name>`` (default ``runs/<data>-inspect``): inspect.json, issues.csv (for ``train(exclude=)``),
+    inspect.html and oof.npz (the out-of-fold probabilities of the label check).
+
+    Args:
+        name: the inspection's folder (default ``<data>-inspect``, ``-2``, ... when taken).
+        folds: folds of the label check (k-fold probabilities of a linear classifier on frozen features).
+        **overrides: flat options as :func:`train` takes them that decide how the images are read and seen:
+            ``model``, ``image_size``, ``out``, ``cache``, ``val_fraction``, ``seed``, ...
+
+    Returns:
+        inspect.json's content: ``findings`` (records with ``problem``, ``file``, ``split``, ``label``, ``score``,
+        ``suggested_label``, ``paired_file``, ``detail``), ``summary``, ``counts``, ``skipped``, ``path``.
+    """
+    from imgcls import inspection  # start-up time: the features and the page
+
+    keep_freed_memory()  # an entry point: see imgcls.startup
+    console = console or _console(quiet)
+    cfg = make_config(data=str(data), **overrides)
+    if not cfg.model.weights:  # small images train from scratch; they are inspected on ImageNet features
+        size = overrides.get("image_size") or [max(INSPECT_MIN_SIDE, cfg.data.image_size[0] if cfg.data.image_size
+                                                   else 0)] * 2
+        cfg = make_config(data=str(data), **{**overrides, "model": "efficientnet_lite0", "pretrained": "imagenet",
+                                             "image_size": size})
+    return inspection.inspect(cfg, console, Path(cfg.out_dir), name, folds)
 
 
 def tune(config=None, *, trials: int = 20, timeout: str | float | None = None, space=None,

@@ -63,12 +63,15 @@ def _flag_type(f):
     return str
 
 
-def add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per config field, defaulting to None (= leave the config's value)."""
+def add_config_flags(parser: argparse.ArgumentParser, only: tuple[str, ...] | None = None) -> None:
+    """One flag per config field (those named in ``only``, when given), defaulting to None (= leave the config's
+    value)."""
     defaults = RunConfig()
     groups = {s: parser.add_argument_group(f"{s} options") for s in ("data", "model", "train")}
     groups[None] = parser.add_argument_group("run options")
     for key, (section, f) in flat_fields().items():
+        if only is not None and key not in only:
+            continue
         default = getattr(getattr(defaults, section) if section else defaults, f.name)
         help_text = f.metadata.get("help", "") + (f" (default: {default})" if default not in (None, [], {}) else "")
         flag = "--" + key.replace("_", "-")
@@ -121,7 +124,7 @@ def _add_quiet(p: argparse.ArgumentParser) -> None:
 
 def _config_overrides(args) -> dict:
     """The config flags of ``train`` and ``cv`` as flat overrides (unset flags are None)."""
-    overrides = {k: getattr(args, k) for k in flat_fields()}
+    overrides = {k: getattr(args, k, None) for k in flat_fields()}
     if overrides.get("model_option"):
         overrides["model_option"] = dict(overrides["model_option"])
     return overrides
@@ -516,6 +519,34 @@ def cmd_cv(args) -> int:
     return 0
 
 
+# The settings that decide which images inspect reads and how it sees them (the rest train).
+INSPECT_FLAGS = ("model", "pretrained", "image_size", "resize", "channels", "val_fraction", "test_fraction",
+                 "on_bad_image", "cache", "follow_links", "seed", "device", "out", "exclude")
+
+
+def _inspect_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("data", metavar="DATA", help="a folder or .zip of images, in any layout that train --data takes")
+    p.add_argument("--name", help="the inspection's folder in --out (default: <data>-inspect)")
+    p.add_argument("--folds", type=int, default=5, help="folds of the label check (default: 5)")
+    p.add_argument("--fail-on", type=split_list, default=[], metavar="PROBLEMS",
+                   help="exit 1 when any of these is found, for CI: problems (leakage, label_error, ...) or groups "
+                        "(duplicates, label_errors, outliers, quality), comma-separated")
+    _add_quiet(p)
+    add_config_flags(p, only=INSPECT_FLAGS)
+
+
+def cmd_inspect(args) -> int:
+    api, inspection = import_paused("imgcls.api"), import_paused("imgcls.inspection")
+    inspection.failed_checks({"findings": []}, args.fail_on)  # a bad name is refused before any work
+    overrides = {k: v for k, v in _config_overrides(args).items() if k in INSPECT_FLAGS and v is not None}
+    result = api.inspect(args.data, name=args.name, folds=args.folds, quiet=args.quiet, **overrides)
+    failed = inspection.failed_checks(result, args.fail_on)
+    if failed:
+        print(f"inspect: found {', '.join(failed)} (--fail-on {','.join(args.fail_on)})", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _tune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trials", type=int, default=20, help="finished trials the study runs to; the same command run "
                    "again continues the study up to this number (default: 20)")
@@ -606,6 +637,8 @@ COMMANDS = {
     "thresholds": Command("tune per-class decision thresholds on the val split and store them", _thresholds_args,
                           cmd_thresholds),
     "probe": Command("linear probes of each convolutional stage (per layer and cumulative)", _probe_args, cmd_probe),
+    "inspect": Command("the problems of a folder of images before training: duplicates, leakage, label errors, "
+                       "outliers, image quality", _inspect_args, cmd_inspect),
     "cv": Command("stratified k-fold cross-validation (takes the training options)", _cv_args, cmd_cv),
     "tune": Command("search hyperparameters with Optuna: trials as run folders, with pruning (takes the training "
                     "options)", _tune_args, cmd_tune),

@@ -58,6 +58,8 @@ class DataConfig:
     cache: bool = _opt(True, "cache decoded images as uint8 arrays keyed by the source's content")
     follow_links: bool = _opt(False, "read links that lead out of the --data folder (refused by default, so that "
                               "a link cannot pull in files from elsewhere)")
+    exclude: str | None = _opt(None, "leave out the images a file lists: the issues.csv of `imgcls inspect` (or any "
+                               "CSV with a file column), or one path per line, relative to --data")
 
 
 NO_WEIGHTS = "none"  # --pretrained none: random weights, said explicitly

@@ -99,6 +99,7 @@ class ImageDataset:
         self.classes = [printable(c) for c in self.classes]  # a folder name may hold any bytes
         self.notes = [printable(n) for n in self.notes]
     layout: str = ""
+    excluded: list[dict] = field(default_factory=list)  # --exclude: {file, split, reason} of each image left out
 
     @property
     def num_classes(self) -> int:
@@ -139,6 +140,7 @@ class ImageDataset:
             "splits": {k: {"images": len(v), "per_class": np.bincount(v.labels, minlength=self.num_classes).tolist()}
                        for k, v in self.splits.items()},
             "skipped": [vars(f) for f in self.skipped], "bad": [vars(f) for f in self.bad], "notes": self.notes,
+            **({"excluded": self.excluded} if self.excluded else {}),
         }
 
 

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from imgcls.data.base import ImageDataset, Split
 from imgcls.data.cache import cache_key, load_cached
 from imgcls.data.download import data_dir
+from imgcls.data.exclude import exclude_images
 from imgcls.data.folder import load_folder
 from imgcls.data.official import load_official
 from imgcls.errors import DataError
@@ -76,7 +77,10 @@ def build_dataset(cfg, seed: int = 0, progress: bool = False) -> ImageDataset:
             ds.layout = ds.layout or "built-in"
         else:
             ds = _load_path(Path(source).expanduser(), cfg, size, progress)
-        return complete_splits(ds, cfg.val_fraction, cfg.test_fraction, seed)
+        ds = complete_splits(ds, cfg.val_fraction, cfg.test_fraction, seed)
+    if getattr(cfg, "exclude", None):
+        ds = exclude_images(ds, cfg.exclude, source)
+    return ds
 
 
 def _cache_dir() -> Path:

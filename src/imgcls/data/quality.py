@@ -1,0 +1,91 @@
+"""What the pixels of a dataset say about its images, before any model: exact copies, perceptual hashes and
+simple quality measures (brightness, contrast, sharpness, colour).
+
+Every function takes the dataset's own uint8 arrays, (N, H, W, C) at one size, and works in batches, so a few
+thousand photos take well under a second.  ``imgcls inspect`` turns these into findings; training uses the
+hashes to warn when test images have copies in the training split.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+HASH_GRID = (8, 9)  # rows x columns of the luminance grid a difference hash compares: 8 x 8 = 64 bits
+_BATCH = 512  # images converted to float at a time
+_LUMA = np.array([0.299, 0.587, 0.114], np.float32)  # ITU-R BT.601 weights
+
+
+def pixel_digests(images: np.ndarray) -> list[bytes]:
+    """A digest of each image's decoded pixels: equal digests are identical images (16 bytes of BLAKE2b)."""
+    return [hashlib.blake2b(np.ascontiguousarray(image).tobytes(), digest_size=16).digest() for image in images]
+
+
+def _luma_batches(images: np.ndarray):
+    """(start, luminance in [0, 1], float32 (n, 1, H, W)) per batch of images."""
+    for lo in range(0, len(images), _BATCH):
+        x = torch.from_numpy(np.ascontiguousarray(images[lo:lo + _BATCH])).float().div_(255.0)
+        if x.shape[-1] == 3:
+            x = x @ torch.from_numpy(_LUMA)
+        else:
+            x = x[..., 0]
+        yield lo, x.unsqueeze(1)
+
+
+def difference_hashes(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """64-bit difference hashes (dHash) of each image and of its mirror image: uint64 arrays, shape (N,).
+
+    The luminance is averaged over an 8x9 grid and each bit says whether a cell is brighter than its right-hand
+    neighbour: resizing, re-encoding and small crops change few bits; a mirror image matches the mirrored hash.
+    """
+    plain, mirrored = np.zeros(len(images), np.uint64), np.zeros(len(images), np.uint64)
+    weights = torch.tensor([1 << i for i in range(63)] + [-(1 << 63)], dtype=torch.int64)
+    for lo, x in _luma_batches(images):
+        for out, view in ((plain, x), (mirrored, x.flip(-1))):
+            grid = F.adaptive_avg_pool2d(view, HASH_GRID)[:, 0]
+            bits = (grid[:, :, 1:] > grid[:, :, :-1]).reshape(len(grid), -1).to(torch.int64)
+            out[lo:lo + len(grid)] = (bits * weights).sum(1).numpy().view(np.uint64)
+    return plain, mirrored
+
+
+_POPCOUNT = np.array([i.bit_count() for i in range(256)], np.uint8)
+
+
+def hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Bits that differ between uint64 hashes ``a`` and ``b`` (same shape, or broadcast), as uint8."""
+    x = np.bitwise_xor(a, b)
+    flat = np.ascontiguousarray(x, dtype=np.uint64).reshape(-1)
+    return _POPCOUNT[flat.view(np.uint8).reshape(-1, 8)].sum(-1, dtype=np.uint8).reshape(np.shape(x))
+
+
+def image_measures(images: np.ndarray) -> dict[str, np.ndarray]:
+    """Per image, float32 arrays of shape (N,):
+
+    - ``brightness``: mean luminance, 0 (black) to 1 (white);
+    - ``dark_end``, ``bright_end``: the 5th and 95th percentiles of the luminance (a dark photo has no bright
+      part; a bright flower on a black background does);
+    - ``contrast``: standard deviation of the luminance;
+    - ``sharpness``: log10 of the variance of the Laplacian of the luminance (blur lowers it);
+    - ``colour``: the mean absolute difference between colour channels, in levels of 255 (0: grey stored as RGB).
+    """
+    n = len(images)
+    out = {k: np.zeros(n, np.float32) for k in ("brightness", "dark_end", "bright_end", "contrast", "sharpness",
+                                                 "colour")}
+    laplace = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]]).view(1, 1, 3, 3)
+    for lo, x in _luma_batches(images):
+        hi = lo + len(x)
+        out["brightness"][lo:hi] = x.mean((1, 2, 3)).numpy()
+        ends = torch.quantile(x.flatten(1)[:, ::4], torch.tensor([0.05, 0.95]), dim=1)  # every 4th pixel will do
+        out["dark_end"][lo:hi], out["bright_end"][lo:hi] = ends[0].numpy(), ends[1].numpy()
+        out["contrast"][lo:hi] = x.std((1, 2, 3)).numpy()
+        edges = F.conv2d(x * 255.0, laplace)
+        out["sharpness"][lo:hi] = torch.log10(edges.var((1, 2, 3)) + 1e-3).numpy()
+    if images.shape[-1] == 3:
+        for lo in range(0, n, _BATCH):
+            part = images[lo:lo + _BATCH].astype(np.int16)
+            spread = np.abs(part[..., 0] - part[..., 1]) + np.abs(part[..., 1] - part[..., 2])
+            out["colour"][lo:lo + len(part)] = spread.mean((1, 2)) / 2
+    return out

@@ -1,0 +1,384 @@
+"""``imgcls inspect DATA``: the problems in a folder of images before anyone trains on it.
+
+    inspect(cfg, console)
+      -> build_dataset                  the folder or zip, split as `imgcls train --data` splits it
+      -> frozen features                the pretrained backbone training would use, through the same feature
+                                        cache (a second inspect, or a training run after it, reads them back)
+      -> pixels                         exact copies (identical decoded pixels), difference hashes, brightness,
+                                        contrast, sharpness and colour (imgcls.data.quality)
+      -> near-duplicates                pairs with similar features, confirmed by their hashes; each one within a
+                                        class, across classes (a conflicting label) or across splits (leakage)
+      -> label errors                   k-fold out-of-sample probabilities of a linear classifier on the features,
+                                        then confident learning (imgcls.evaluation.labels)
+      -> outliers                       far from every image's nearest neighbours in feature space
+      -> inspect.json, issues.csv, oof.npz and inspect.html in the inspection's folder
+
+The findings are records (see :func:`finding`); ``imgcls train --exclude issues.csv`` leaves their images out.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from imgcls.config import RunConfig
+from imgcls.data.base import ImageDataset
+from imgcls.data.download import data_dir
+from imgcls.data.quality import (
+    difference_hashes,
+    hamming,
+    image_measures,
+    pixel_digests,
+)
+from imgcls.data.registry import build_dataset
+from imgcls.errors import ConfigError
+from imgcls.evaluation.cv import make_folds
+from imgcls.evaluation.labels import find_label_issues
+from imgcls.inference import scoring_runtime
+from imgcls.io import write_atomic, write_json, write_npz
+from imgcls.models import create_model
+from imgcls.models.pretrained import load_weights
+from imgcls.rundir import default_run_name
+from imgcls.terminal import say
+from imgcls.training.transfer import (
+    FeatureRunner,
+    backbone_digest,
+    cached_features,
+    fit_linear_head,
+)
+
+# The problems, in the order they are reported; groups name several for --fail-on.
+PROBLEMS = ("leakage", "exact_duplicate", "near_duplicate", "conflicting_label", "label_error", "outlier",
+            "dark", "bright", "low_contrast", "blurry", "grayscale")
+GROUPS = {"duplicates": ("exact_duplicate", "near_duplicate", "conflicting_label"),
+          "label_errors": ("label_error",), "outliers": ("outlier",),
+          "quality": ("dark", "bright", "low_contrast", "blurry", "grayscale")}
+SPLIT_ORDER = ("train", "val", "test")
+
+# Near-duplicates: pairs whose last-stage features have at least CANDIDATE_COSINE cosine similarity are
+# candidates; one is a copy when the similarity reaches COPY_COSINE, or SIMILAR_COSINE with a difference hash
+# (of the image or of its mirror image) within COPY_HASH_BITS of 64.
+CANDIDATE_COSINE = 0.80
+SIMILAR_COSINE = 0.88
+COPY_COSINE = 0.95
+COPY_HASH_BITS = 14
+# Outliers: the mean cosine distance to the OUTLIER_K nearest images, flagged above the folder's median by more
+# than OUTLIER_MADS median absolute deviations.
+OUTLIER_K = 10
+OUTLIER_MADS = 6.0
+# Quality, on the decoded images: brightness and contrast of the luminance in [0, 1]; sharpness in log10 of
+# the Laplacian's variance, flagged BLUR_DECADES below the folder's median; colour in levels of 255.
+# Dark: even the brightest 5% of the pixels are below DARK; bright: even the darkest 5% above BRIGHT.
+DARK, BRIGHT, FLAT = 0.25, 0.85, 0.04
+BLUR_DECADES = 1.0
+GREY_LEVELS = 1.0
+FOLDS = 5
+CSV_COLUMNS = ("file", "problem", "score", "suggested_label", "paired_file", "split", "label", "paired_split",
+               "detail")
+INSPECT_JSON, ISSUES_CSV, OOF = "inspect.json", "issues.csv", "oof.npz"
+
+
+@dataclasses.dataclass
+class Images:
+    """Every image of the dataset in one order (train, val, test), with where each one is."""
+
+    ds: ImageDataset
+    root: str  # the prefix of the dataset's paths: DATA/
+    splits: list[str]  # per image
+    index: list[int]  # per image, its row in its split
+    labels: np.ndarray  # int (N,)
+    files: list[str]  # per image, its path relative to DATA
+
+    @classmethod
+    def of(cls, ds: ImageDataset, data: str) -> Images:
+        splits, index, labels, files = [], [], [], []
+        root = str(Path(data).expanduser()).rstrip("/") + "/"
+        for name in (s for s in SPLIT_ORDER if s in ds.splits):
+            split = ds.splits[name]
+            splits += [name] * len(split)
+            index += list(range(len(split)))
+            labels.append(split.labels)
+            paths = split.paths or [f"{name}/{i}" for i in range(len(split))]
+            files += [p.removeprefix(root) for p in paths]
+        return cls(ds, root, splits, index, np.concatenate(labels), files)
+
+    def pixels(self, i: int) -> np.ndarray:
+        return self.ds.splits[self.splits[i]].images[self.index[i]]
+
+    def each_split(self):
+        """(first row, split's images) in order."""
+        start = 0
+        for name in (s for s in SPLIT_ORDER if s in self.ds.splits):
+            yield start, self.ds.splits[name].images
+            start += len(self.ds.splits[name])
+
+
+def finding(im: Images, problem: str, i: int, score: float, detail: str, suggested: int | None = None,
+            paired: int | None = None) -> dict:
+    """One finding: ``problem`` on image ``i`` (see the contract in docs/inspect.md)."""
+    classes = im.ds.classes
+    return {"problem": problem, "file": im.files[i], "split": im.splits[i], "label": classes[im.labels[i]],
+            "score": round(float(score), 4), "suggested_label": None if suggested is None else classes[suggested],
+            "paired_file": None if paired is None else im.files[paired],
+            "paired_split": None if paired is None else im.splits[paired], "detail": detail}
+
+
+def inspect(cfg: RunConfig, console, out_dir: Path, name: str | None = None, folds: int = FOLDS) -> dict:
+    """Inspect ``cfg.data`` and write the inspection's folder under ``out_dir``; its inspect.json's content."""
+    started = time.perf_counter()
+    ds = build_dataset(cfg.data, seed=cfg.train.seed, progress=console.is_terminal)
+    for line in ds.summary_lines():
+        say(console, line)
+    im = Images.of(ds, cfg.data.dataset)
+    features, unit = _features(cfg, im, console)
+    skipped: list[str] = []
+    pairs = _duplicates(im, unit)
+    mislabelled, proba = _label_errors(im, features, folds, cfg.train.seed, skipped)
+    findings = [*pairs, *mislabelled, *_outliers(im, unit), *_quality(im)]
+    order = {p: k for k, p in enumerate(PROBLEMS)}
+    findings.sort(key=lambda f: (order[f["problem"]], -f["score"], f["file"]))
+    counts = {s: {c: int((ds.splits[s].labels == k).sum()) for k, c in enumerate(ds.classes)}
+              for s in SPLIT_ORDER if s in ds.splits}
+    skipped.append("tiny images and extreme aspect ratios (the images' own sizes are not kept once decoded)")
+    folder = _folder(out_dir, name, cfg)
+    result = {"data": cfg.data.dataset, "path": str(folder), "classes": list(ds.classes), "counts": counts,
+              "summary": _summary(findings, counts), "skipped": skipped, "findings": findings}
+    result["seconds"] = round(time.perf_counter() - started, 2)
+    _write(folder, result, im, proba)
+    for line in result["summary"] + [f"not checked: {line}" for line in skipped]:
+        say(console, line)
+    say(console, f"inspection: {folder / INSPECT_JSON} (and {ISSUES_CSV}, inspect.html) in "
+                 f"{result['seconds']:.1f}s")
+    return result
+
+
+def _features(cfg: RunConfig, im: Images, console) -> tuple[np.ndarray, np.ndarray]:
+    """(every pooled feature the classifier reads, (N, F); the last stage's, scaled to unit length, (N, D)).
+
+    The backbone, its weights, the image size and the feature cache are those training uses for this config,
+    so either one reads what the other computed.
+    """
+    ds = im.ds
+    c, h, w = ds.image_shape
+    if not cfg.model.weights:
+        raise ConfigError(f"imgcls inspect needs a pretrained backbone, and model {cfg.model.name!r} has no "
+                          f"weights here; give --model efficientnet_lite0 (or another model with --pretrained "
+                          f"imagenet)")
+    model = create_model(cfg.model.name, in_chans=c, num_classes=ds.num_classes, img_size=(h, w),
+                         **cfg.model.options)
+    _, norm = load_weights(model, cfg.model.weights)
+    if norm is None:
+        raise ConfigError(f"the weights {cfg.model.weights} carry no input normalisation; imgcls inspect needs "
+                          f"pretrained weights such as --pretrained imagenet")
+    runner = FeatureRunner.create(model, scoring_runtime(cfg.train.device), (h, w), norm, len(im.files))
+    cache = data_dir() / "features" if cfg.data.cache else None
+    backbone = backbone_digest(model, norm)
+    parts, hits = [], 0
+    for _, images in im.each_split():
+        part, hit = cached_features(runner, images, "none", cache, backbone, lambda line: say(console, line))
+        parts.append(part)
+        hits += hit
+    x = np.concatenate(parts)
+    say(console, f"features: {x.shape[1]:,} per image from {cfg.model.name} at {h}x{w}"
+                 f"{f', {hits} of {len(parts)} splits from the cache' if hits else ''} ({runner.name})")
+    last = x[:, -getattr(model, "num_features", x.shape[1]):]
+    unit = last / np.maximum(np.linalg.norm(last, axis=1, keepdims=True), 1e-12)
+    return x, unit.astype(np.float32)
+
+
+def _hashes(im: Images) -> tuple[list[bytes], np.ndarray, np.ndarray]:
+    digests, plain, mirrored = [], [], []
+    for _, images in im.each_split():
+        digests += pixel_digests(images)
+        p, m = difference_hashes(images)
+        plain.append(p)
+        mirrored.append(m)
+    return digests, np.concatenate(plain), np.concatenate(mirrored)
+
+
+def _similar_pairs(unit: np.ndarray, floor: float, chunk: int = 1024) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(i, j, cosine) arrays of every pair i < j whose cosine similarity is at least ``floor``."""
+    found = []
+    for lo in range(0, len(unit), chunk):
+        sims = unit[lo:lo + chunk] @ unit.T
+        rows, cols = np.nonzero(sims >= floor)
+        keep = cols > rows + lo
+        found.append((rows[keep] + lo, cols[keep], sims[rows[keep], cols[keep]]))
+    return tuple(np.concatenate(parts) for parts in zip(*found)) if found else (np.zeros(0, int),) * 2 + (
+        np.zeros(0, np.float32),)
+
+
+def _duplicates(im: Images, unit: np.ndarray) -> list[dict]:
+    """Exact and near copies, each pair once (the finding on the later image: val after train, test last)."""
+    digests, plain, mirrored = _hashes(im)
+    pairs: dict[tuple[int, int], tuple[float, str, bool]] = {}
+    first: dict[bytes, int] = {}
+    for i, d in enumerate(digests):
+        if d in first:
+            pairs[(first[d], i)] = (1.0, "identical pixels", True)
+        else:
+            first[d] = i
+    first_of, second, cosine = _similar_pairs(unit, CANDIDATE_COSINE)
+    bits = np.minimum(hamming(plain[first_of], plain[second]), hamming(plain[first_of], mirrored[second]))
+    copies = (cosine >= COPY_COSINE) | ((cosine >= SIMILAR_COSINE) & (bits <= COPY_HASH_BITS))
+    for i, j, cos, b in zip(first_of[copies].tolist(), second[copies].tolist(), cosine[copies].tolist(),
+                            bits[copies].tolist()):
+        pairs.setdefault((i, j), (cos, f"cosine {cos:.3f}, hash distance {b} of 64", False))
+    found = []
+    for (i, j), (score, detail, exact) in sorted(pairs.items()):
+        if im.splits[i] != im.splits[j]:
+            problem = "leakage"
+            if im.labels[i] != im.labels[j]:
+                detail += "; the labels differ too"
+        elif im.labels[i] != im.labels[j]:
+            problem = "conflicting_label"
+        else:
+            problem = "exact_duplicate" if exact else "near_duplicate"
+        found.append(finding(im, problem, j, score, detail, paired=i))
+    return found
+
+
+def out_of_fold_proba(x: np.ndarray, y: np.ndarray, num_classes: int, folds: int, seed: int) -> np.ndarray:
+    """Probabilities (N, K) of each image from a linear classifier fitted on the other folds' features.
+
+    The L2 penalty is chosen once, on a held-out sixth of the first fold's training images, and kept for the
+    rest (one fit per fold).
+    """
+    proba = np.zeros((len(y), num_classes), np.float32)
+    l2 = None
+    for held in make_folds(y, folds, seed):
+        rest = np.setdiff1d(np.arange(len(y)), held)
+        if l2 is None:
+            inner = np.random.default_rng(seed).permutation(rest)
+            val, fit_on = inner[: max(1, len(inner) // 6)], inner[max(1, len(inner) // 6):]
+            l2 = fit_linear_head(x[fit_on], y[fit_on], num_classes, x[val], y[val]).l2
+        fit = fit_linear_head(x[rest], y[rest], num_classes, grid=(l2,))
+        proba[held] = torch.softmax(fit.logits(x[held]), 1).numpy()
+    return proba
+
+
+def _label_errors(im: Images, x: np.ndarray, folds: int, seed: int, skipped: list[str]
+                  ) -> tuple[list[dict], np.ndarray | None]:
+    counts = np.bincount(im.labels, minlength=im.ds.num_classes)
+    k = int(min(folds, counts.min()))
+    if k < 2:
+        small = int(counts.argmin())
+        skipped.append(f"label errors (class {im.ds.classes[small]!r} has {counts[small]} image"
+                       f"{'' if counts[small] == 1 else 's'}, and the k-fold check needs 2 or more in every class)")
+        return [], None
+    proba = out_of_fold_proba(x, im.labels, im.ds.num_classes, k, seed)
+    issues = find_label_issues(im.labels, proba)
+    found = [finding(im, "label_error", i, issues.score[i],
+                     f"p({im.ds.classes[im.labels[i]]}) {proba[i, im.labels[i]]:.3f}, "
+                     f"p({im.ds.classes[issues.suggested[i]]}) {proba[i, issues.suggested[i]]:.3f}",
+                     suggested=int(issues.suggested[i]))
+             for i in np.flatnonzero(issues.flagged)]
+    return found, proba
+
+
+def _outliers(im: Images, unit: np.ndarray, chunk: int = 1024) -> list[dict]:
+    """Images whose OUTLIER_K nearest neighbours are far, by the folder's own spread of that distance."""
+    n = len(unit)
+    k = min(OUTLIER_K, n - 1)
+    if k < 1:
+        return []
+    dist = np.zeros(n, np.float32)
+    for lo in range(0, n, chunk):
+        sims = unit[lo:lo + chunk] @ unit.T
+        sims[np.arange(len(sims)), np.arange(lo, lo + len(sims))] = -np.inf  # not its own neighbour
+        dist[lo:lo + len(sims)] = 1.0 - np.partition(sims, -k, axis=1)[:, -k:].mean(1)
+    med = float(np.median(dist))
+    mad = float(np.median(np.abs(dist - med))) * 1.4826 + 1e-6
+    limit = med + OUTLIER_MADS * mad
+    return [finding(im, "outlier", i, min(1.0, float(dist[i])), f"distance to its {k} nearest images "
+                    f"{dist[i]:.3f}; the folder's median {med:.3f}") for i in np.flatnonzero(dist > limit)]
+
+
+def _quality(im: Images) -> list[dict]:
+    parts = [image_measures(images) for _, images in im.each_split()]
+    m = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+    found = []
+    b, c, sharp = m["brightness"], m["contrast"], m["sharpness"]
+    top, bottom = m["bright_end"], m["dark_end"]
+    exposure = (top < DARK) | (bottom > BRIGHT) | (c < FLAT)
+    blur_line = float(np.median(sharp)) - BLUR_DECADES
+    colour_folder = float(np.median(m["colour"])) > 5 * GREY_LEVELS
+    for i in range(len(b)):
+        if top[i] < DARK:
+            found.append(finding(im, "dark", i, 1 - top[i] / DARK, f"mean brightness {b[i]:.3f}, 95% of the "
+                                                                  f"pixels below {top[i]:.3f}"))
+        elif bottom[i] > BRIGHT:
+            found.append(finding(im, "bright", i, (bottom[i] - BRIGHT) / (1 - BRIGHT),
+                                 f"mean brightness {b[i]:.3f}, 95% of the pixels above {bottom[i]:.3f}"))
+        elif c[i] < FLAT:
+            found.append(finding(im, "low_contrast", i, 1 - c[i] / FLAT, f"contrast {c[i]:.3f}"))
+        if not exposure[i] and sharp[i] < blur_line:
+            found.append(finding(im, "blurry", i, min(1.0, (blur_line + BLUR_DECADES - sharp[i]) / 3),
+                                 f"sharpness {sharp[i]:.2f}; the folder's median {blur_line + BLUR_DECADES:.2f}"))
+        if colour_folder and m["colour"][i] < GREY_LEVELS:
+            found.append(finding(im, "grayscale", i, 1.0, "grey pixels stored as colour"))
+    return found
+
+
+def _summary(findings: list[dict], counts: dict) -> list[str]:
+    """One line per problem type, then the balance of the classes."""
+    lines = []
+    for problem in PROBLEMS:
+        mine = [f for f in findings if f["problem"] == problem]
+        files = ", ".join(f["file"] for f in mine[:3]) + (", ..." if len(mine) > 3 else "")
+        lines.append(f"{problem.replace('_', ' ')}: {len(mine)}" + (f" ({files})" if mine else ""))
+    totals = {c: sum(split[c] for split in counts.values()) for c in next(iter(counts.values()))}
+    lines.append("balance: " + ", ".join(f"{c} {n}" for c, n in totals.items())
+                 + f" (largest/smallest {max(totals.values()) / max(1, min(totals.values())):.1f}x)")
+    for split, per_class in counts.items():
+        few = [c for c, n in per_class.items() if n < (5 if split == "train" else 1)]
+        if few:
+            lines.append(f"small classes in {split}: {', '.join(few)} "
+                         f"({'fewer than 5 images to train on' if split == 'train' else 'no image to score'})")
+    return lines
+
+
+def _folder(out_dir: Path, name: str | None, cfg: RunConfig) -> Path:
+    """A new folder for the inspection: ``<out>/<name>``, else ``<out>/<data>-inspect`` (-2, -3, ... if taken)."""
+    base = name or f"{default_run_name(cfg).rsplit('-', 3)[0]}-inspect"
+    path, n = Path(out_dir) / base, 1
+    while path.exists():
+        if name:
+            raise ConfigError(f"{path} exists already; choose another --name or --out")
+        n += 1
+        path = Path(out_dir) / f"{base}-{n}"
+    path.mkdir(parents=True)
+    return path
+
+
+def _write(folder: Path, result: dict, im: Images, proba: np.ndarray | None) -> None:
+    from imgcls.reports.inspection import write_inspect_page  # PIL and the page: on use
+
+    if proba is not None:
+        write_npz(folder / OOF, {"proba": proba, "labels": im.labels, "files": np.array(im.files)})
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, CSV_COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(result["findings"])
+    write_atomic(folder / ISSUES_CSV, buf.getvalue())
+    where = {f: i for i, f in enumerate(im.files)}
+    write_inspect_page(result, lambda file: im.pixels(where[file]) if file in where else None, folder)
+    write_json(folder / INSPECT_JSON, result)
+
+
+def failed_checks(result: dict, fail_on: list[str]) -> list[str]:
+    """The problems of ``fail_on`` (problem names or groups: duplicates, label_errors, outliers, quality) that
+    the inspection found, as "problem (count)"."""
+    wanted = []
+    for name in fail_on:
+        if name not in GROUPS and name not in PROBLEMS:
+            raise ConfigError(f"--fail-on {name!r} is not a problem; choose from {', '.join([*GROUPS, *PROBLEMS])}")
+        wanted += GROUPS.get(name, (name,))
+    found = {p: sum(f["problem"] == p for f in result["findings"]) for p in dict.fromkeys(wanted)}
+    return [f"{p} ({n})" for p, n in found.items() if n]
