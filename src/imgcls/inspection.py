@@ -6,7 +6,7 @@
                                         cache (a second inspect, or a training run after it, reads them back)
       -> pixels                         exact copies (identical decoded pixels), difference hashes, brightness,
                                         contrast, sharpness and colour (imgcls.data.quality)
-      -> near-duplicates                pairs with similar features, confirmed by their hashes; each one within a
+      -> near-duplicates                pairs with near hashes, confirmed by similar features; each one within a
                                         class, across classes (a conflicting label) or across splits (leakage)
       -> label errors                   k-fold out-of-sample probabilities of a linear classifier on the features,
                                         then confident learning (imgcls.evaluation.labels)
@@ -61,13 +61,11 @@ GROUPS = {"duplicates": ("exact_duplicate", "near_duplicate", "conflicting_label
           "quality": ("dark", "bright", "low_contrast", "blurry", "grayscale")}
 SPLIT_ORDER = ("train", "val", "test")
 
-# Near-duplicates: pairs whose last-stage features have at least CANDIDATE_COSINE cosine similarity are
-# candidates; one is a copy when the similarity reaches COPY_COSINE, or SIMILAR_COSINE with a difference hash
-# (of the image or of its mirror image) within COPY_HASH_BITS of 64.
-CANDIDATE_COSINE = 0.80
-SIMILAR_COSINE = 0.88
-COPY_COSINE = 0.95
-COPY_HASH_BITS = 14
+# Near-duplicates: a pair is a copy when the difference hash of one is within COPY_HASH_BITS of 64 of the
+# other's (or of its mirror image's), confirmed by a cosine similarity of their last-stage features of at least
+# COPY_COSINE (similar pictures of one subject can share a hash; a copy also shares what the network sees).
+COPY_COSINE = 0.90
+COPY_HASH_BITS = 10
 # Outliers: the mean cosine distance to the OUTLIER_K nearest images, flagged above the folder's median by more
 # than OUTLIER_MADS median absolute deviations.
 OUTLIER_K = 10
@@ -140,7 +138,10 @@ def inspect(cfg: RunConfig, console, out_dir: Path, name: str | None = None, fol
     skipped: list[str] = []
     pairs = _duplicates(im, unit)
     mislabelled, proba = _label_errors(im, features, folds, cfg.train.seed, skipped)
-    findings = [*pairs, *mislabelled, *_outliers(im, unit), *_quality(im)]
+    odd = [*_outliers(im, unit), *_quality(im)]
+    # An off-topic, dark, bright or flat image has no right label among the classes: it is not called mislabelled.
+    unlabelable = {f["file"] for f in odd if f["problem"] in ("outlier", "dark", "bright", "low_contrast")}
+    findings = [*pairs, *(f for f in mislabelled if f["file"] not in unlabelable), *odd]
     order = {p: k for k, p in enumerate(PROBLEMS)}
     findings.sort(key=lambda f: (order[f["problem"]], -f["score"], f["file"]))
     counts = {s: {c: int((ds.splits[s].labels == k).sum()) for k, c in enumerate(ds.classes)}
@@ -224,9 +225,9 @@ def _duplicates(im: Images, unit: np.ndarray) -> list[dict]:
             pairs[(first[d], i)] = (1.0, "identical pixels", True)
         else:
             first[d] = i
-    first_of, second, cosine = _similar_pairs(unit, CANDIDATE_COSINE)
+    first_of, second, cosine = _similar_pairs(unit, COPY_COSINE)
     bits = np.minimum(hamming(plain[first_of], plain[second]), hamming(plain[first_of], mirrored[second]))
-    copies = (cosine >= COPY_COSINE) | ((cosine >= SIMILAR_COSINE) & (bits <= COPY_HASH_BITS))
+    copies = bits <= COPY_HASH_BITS
     for i, j, cos, b in zip(first_of[copies].tolist(), second[copies].tolist(), cosine[copies].tolist(),
                             bits[copies].tolist()):
         pairs.setdefault((i, j), (cos, f"cosine {cos:.3f}, hash distance {b} of 64", False))

@@ -1,0 +1,184 @@
+"""imgcls inspect on a small photo folder with problems planted in it: each one is found, named with the file it
+pairs with, and nothing else is flagged; train --exclude leaves the listed images out; --fail-on gates CI."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import imgcls
+from imgcls.cli import main
+from imgcls.data.quality import difference_hashes, hamming, image_measures, pixel_digests
+from imgcls.errors import DataError
+from imgcls.evaluation.labels import find_label_issues
+
+CLASSES = ("stripes", "checks", "rings")
+SMALL = {"model": "efficientnet_lite0", "image_size": [64, 64], "quiet": True}  # Lite0's ImageNet weights
+
+
+def _photo(c: int, rng: np.random.Generator, side: int = 72) -> np.ndarray:
+    """A photo of class ``c``: soft random blobs (each photo its own) in red, green or blue, with some grain."""
+    blobs = np.asarray(Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)).resize(
+        (side, side), Image.Resampling.BICUBIC), np.float32)
+    tint = np.full(3, 0.35, np.float32)
+    tint[c] = 1.0
+    pixels = blobs * tint + rng.normal(0, 6, (side, side, 3))
+    return np.clip(pixels, 0, 255).astype(np.uint8)
+
+
+def _save(pixels: np.ndarray, path: Path, quality: int = 92) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path, quality=quality)
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    """train/ + test/ of 3 classes (24 + 6 each), with one problem of each kind planted; the planted files."""
+    root = tmp_path_factory.mktemp("inspect") / "photos"
+    rng = np.random.default_rng(0)
+    for c, name in enumerate(CLASSES):
+        for i in range(30):
+            _save(_photo(c, rng), root / ("train" if i < 24 else "test") / name / f"{i}.jpg")
+    shutil.copy(root / "train/stripes/3.jpg", root / "train/stripes/3-copy.jpg")  # an exact copy
+    leaked = Image.open(root / "train/rings/5.jpg").transpose(Image.Transpose.FLIP_LEFT_RIGHT).resize((90, 90))
+    leaked.save(root / "test/rings/5-again.jpg", quality=70)  # a mirrored, larger, re-encoded copy in test
+    _save(_photo(1, rng), root / "train/stripes/wrong.jpg")  # checks, filed under stripes
+    _save((_photo(2, rng) * 0.04).astype(np.uint8), root / "train/rings/dark.jpg")
+    grey = Image.fromarray(_photo(0, rng)).convert("L").convert("RGB")
+    grey.save(root / "train/stripes/grey.jpg", quality=92)
+    text = np.full((72, 72, 3), 255, np.uint8)  # a page of black text: nothing like the photos
+    for row in range(6, 66, 9):
+        text[row:row + 4, 6:int(rng.integers(30, 66))] = 0
+    _save(text, root / "train/checks/page.jpg")
+    return root
+
+
+@pytest.fixture(scope="module")
+def found(planted, tmp_path_factory):
+    out = tmp_path_factory.mktemp("out")
+    result = imgcls.inspect(planted, out=str(out), **SMALL)
+    return result, {(f["problem"], f["file"]) for f in result["findings"]}
+
+
+def test_every_planted_problem_is_found_with_what_it_pairs_with(found):
+    result, flags = found
+    by = {(f["problem"], f["file"]): f for f in result["findings"]}
+    copy = by[("exact_duplicate", "train/stripes/3.jpg")] if ("exact_duplicate", "train/stripes/3.jpg") in by \
+        else by[("exact_duplicate", "train/stripes/3-copy.jpg")]
+    assert {copy["file"], copy["paired_file"]} == {"train/stripes/3.jpg", "train/stripes/3-copy.jpg"}
+    leak = by[("leakage", "test/rings/5-again.jpg")]
+    assert (leak["paired_file"], leak["paired_split"], leak["split"]) == ("train/rings/5.jpg", "train", "test")
+    wrong = by[("label_error", "train/stripes/wrong.jpg")]
+    assert (wrong["label"], wrong["suggested_label"]) == ("stripes", "checks")
+    assert ("dark", "train/rings/dark.jpg") in flags
+    assert ("grayscale", "train/stripes/grey.jpg") in flags
+    assert ("outlier", "train/checks/page.jpg") in flags
+
+
+def test_nothing_else_is_flagged(found):
+    result, flags = found
+    planted = {"train/stripes/3.jpg", "train/stripes/3-copy.jpg", "test/rings/5-again.jpg", "train/rings/5.jpg",
+               "train/stripes/wrong.jpg", "train/rings/dark.jpg", "train/stripes/grey.jpg", "train/checks/page.jpg"}
+    assert not {file for _, file in flags} - planted, sorted(flags)
+    counts = result["counts"]
+    assert {c: counts["train"][c] + counts["val"][c] for c in CLASSES} == {"stripes": 27, "checks": 25, "rings": 25}
+    assert counts["test"] == {"stripes": 6, "checks": 6, "rings": 7}
+
+
+def test_the_folder_holds_the_records_the_csv_and_the_page(found):
+    result, _ = found
+    folder = Path(result["path"])
+    assert json.loads((folder / "inspect.json").read_text())["findings"] == result["findings"]
+    rows = list(csv.DictReader((folder / "issues.csv").open()))
+    assert [(r["problem"], r["file"]) for r in rows] == [(f["problem"], f["file"]) for f in result["findings"]]
+    assert "data:image/jpeg;base64," in (folder / "inspect.html").read_text()
+    with np.load(folder / "oof.npz") as oof:
+        assert oof["proba"].shape == (len(oof["files"]), 3)
+        np.testing.assert_allclose(oof["proba"].sum(1), 1.0, atol=1e-4)
+    assert sorted(p.name for p in folder.iterdir()) == ["inspect.html", "inspect.json", "issues.csv", "oof.npz"]
+
+
+def test_a_second_inspection_reads_the_features_back(planted, tmp_path, capsys):
+    for _ in range(2):
+        again = imgcls.inspect(planted, out=str(tmp_path), **{**SMALL, "quiet": False})
+    said = [line for line in capsys.readouterr().out.splitlines() if line.startswith("features:")]
+    assert len(said) == 2 and "from the cache" not in said[0] and "3 of 3 splits from the cache" in said[1], said
+    assert again["findings"] == json.loads((tmp_path / "photos-inspect" / "inspect.json").read_text())["findings"]
+
+
+def test_fail_on_exits_1_when_a_named_problem_is_found(planted, tmp_path, capsys):
+    args = ["inspect", str(planted), "--out", str(tmp_path), "--model", "efficientnet_lite0", "--image-size", "64",
+            "--quiet"]
+    assert main([*args, "--fail-on", "bright"]) == 0
+    assert main([*args, "--fail-on", "duplicates,leakage"]) == 1
+    err = capsys.readouterr().err
+    assert err.strip() == "inspect: found exact_duplicate (1), leakage (1) (--fail-on duplicates,leakage)"
+    assert main([*args, "--fail-on", "typos"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --fail-on 'typos' is not a problem; choose from duplicates, label_errors")
+    assert len(list(tmp_path.iterdir())) == 2  # the refused one wrote nothing
+
+
+def test_train_exclude_leaves_the_listed_images_out_and_records_why(planted, found, tmp_path):
+    result, _ = found
+    issues = Path(result["path"]) / "issues.csv"
+    run = imgcls.train(data=str(planted), exclude=str(issues), epochs=0, report=False, out=str(tmp_path),
+                       **SMALL)
+    record = json.loads((run.path / "dataset.json").read_text())
+    excluded = {e["file"]: e for e in record["excluded"]}
+    assert set(excluded) == {f["file"] for f in result["findings"]}
+    assert excluded["train/stripes/wrong.jpg"]["reason"] == "label_error"
+    assert excluded["test/rings/5-again.jpg"]["split"] == "test"
+    kept = sum(s["images"] for s in record["splits"].values())
+    assert kept == 30 * 3 + 6 - len(excluded)
+    other = tmp_path / "other.txt"
+    other.write_text("not/in/this/data.jpg\n")
+    with pytest.raises(DataError, match=r"--exclude .*other.txt lists 1 files and none is an image of"):
+        imgcls.train(data=str(planted), exclude=str(other), epochs=0, report=False, out=str(tmp_path), **SMALL)
+
+
+def test_a_class_too_small_for_folds_still_gets_the_other_checks(tmp_path):
+    rng = np.random.default_rng(1)
+    for c, name in enumerate(CLASSES):
+        for i in range(1 if c == 2 else 8):
+            _save(_photo(c, rng), tmp_path / "photos" / "train" / name / f"{i}.jpg")
+        if c < 2:
+            _save(_photo(c, rng), tmp_path / "photos" / "test" / name / "t.jpg")
+    shutil.copy(tmp_path / "photos/train/stripes/0.jpg", tmp_path / "photos/train/stripes/0-copy.jpg")
+    result = imgcls.inspect(tmp_path / "photos", out=str(tmp_path / "out"), val_fraction=0.0, **SMALL)
+    assert ["label errors (class 'rings' has 1 image, and the k-fold check needs 2 or more in every class)"] == \
+        [s for s in result["skipped"] if s.startswith("label errors")]
+    assert [f["problem"] for f in result["findings"]] == ["exact_duplicate"]
+
+
+def test_hashes_see_through_mirroring_and_resizing_and_measures_find_dark_and_grey():
+    rng = np.random.default_rng(2)
+    a = _photo(0, rng)
+    mirrored = np.asarray(Image.fromarray(a[:, ::-1]).resize((90, 90)).resize((72, 72)))
+    other = _photo(1, rng)
+    plain, flipped = difference_hashes(np.stack([a, mirrored, other]))
+    assert hamming(plain[0], flipped[1]) <= 6 < hamming(plain[0], plain[2])
+    assert len(set(pixel_digests(np.stack([a, a.copy(), mirrored])))) == 2
+    grey = np.repeat(a.mean(2, keepdims=True).astype(np.uint8), 3, 2)
+    m = image_measures(np.stack([a, (a * 0.04).astype(np.uint8), grey]))
+    assert m["bright_end"][1] < 0.1 < m["bright_end"][0]
+    assert m["colour"][2] == 0 and m["colour"][0] > 20
+
+
+def test_confident_learning_flags_the_flipped_labels_of_confident_probabilities():
+    rng = np.random.default_rng(3)
+    labels = np.repeat(np.arange(3), 100)
+    proba = np.full((300, 3), 0.05)
+    proba[np.arange(300), labels] = 0.9
+    flipped = rng.choice(300, 15, replace=False)
+    given = labels.copy()
+    given[flipped] = (labels[flipped] + 1) % 3
+    issues = find_label_issues(given, proba)
+    assert set(np.flatnonzero(issues.flagged)) == set(flipped)
+    np.testing.assert_array_equal(issues.suggested[flipped], labels[flipped])
