@@ -89,3 +89,41 @@ def image_measures(images: np.ndarray) -> dict[str, np.ndarray]:
             spread = np.abs(part[..., 0] - part[..., 1]) + np.abs(part[..., 1] - part[..., 2])
             out["colour"][lo:lo + len(part)] = spread.mean((1, 2)) / 2
     return out
+
+
+MATCH_SIDE = 24  # px: the side of the grey thumbnails that copies are matched on
+# Windows of each image a copy may have been cut to: (share of the side, offsets of the window as shares of what
+# is left), so that a copy cropped to 82-100% of the side anywhere in the image matches one of them.
+MATCH_CROPS = ((1.0, (0.5,)), (0.91, (0.0, 0.5, 1.0)), (0.82, (0.0, 0.5, 1.0)))
+
+
+def match_windows(images: np.ndarray) -> torch.Tensor:
+    """Per image, its crop windows (see MATCH_CROPS) and their mirror images as grey MATCH_SIDE thumbnails, each
+    scaled to zero mean and unit length: float16 (N, windows, MATCH_SIDE**2); window 0 is the whole image."""
+    out = []
+    for _, x in _luma_batches(images):
+        _, _, h, w = x.shape
+        views = []
+        for share, offsets in MATCH_CROPS:
+            ch, cw = round(h * share), round(w * share)
+            for oy in offsets:
+                for ox in offsets:
+                    top, left = round((h - ch) * oy), round((w - cw) * ox)
+                    views.append(F.adaptive_avg_pool2d(x[:, :, top:top + ch, left:left + cw], MATCH_SIDE))
+        views = torch.cat([*views, *(v.flip(-1) for v in views)], 1).flatten(2)
+        views = views - views.mean(2, keepdim=True)
+        out.append((views / views.norm(dim=2, keepdim=True).clamp_min(1e-6)).half())  # half: 190 MB for 4,400
+    return torch.cat(out)
+
+
+def window_match(windows: torch.Tensor, first: np.ndarray, second: np.ndarray, chunk: int = 2048) -> np.ndarray:
+    """For pairs (first[k], second[k]): the best correlation of one image whole with a window of the other (either
+    way round, mirrored or not), float32 (K,); about 0.9 or more for a resized, re-encoded or cropped copy."""
+    best = np.zeros(len(first), np.float32)
+    for lo in range(0, len(first), chunk):
+        a, b = torch.from_numpy(first[lo:lo + chunk]), torch.from_numpy(second[lo:lo + chunk])
+        wa, wb = windows[a].float(), windows[b].float()
+        one = (wa @ wb[:, 0, :, None]).amax((1, 2))
+        other = (wb @ wa[:, 0, :, None]).amax((1, 2))
+        best[lo:lo + chunk] = torch.maximum(one, other).numpy()
+    return best
