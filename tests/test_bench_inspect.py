@@ -1,4 +1,4 @@
-"""benchmarks/inspect.py's planting and scoring, on a tiny synthetic zip (no imgcls.inspect, no ../shared/data)."""
+"""benchmarks/inspect_folder.py's planting and scoring, on a tiny synthetic zip (no imgcls.inspect, no ../shared/data)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "inspect.py"
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "inspect_folder.py"
 CLASSES = ("c0", "c1", "c2")
 PER_CLASS = 20
 SMALL = {"flip_fraction": 0.1, "near_duplicates": 6, "off_topic": 4, "dark": 2, "blurred": 2,
@@ -22,7 +22,7 @@ SMALL = {"flip_fraction": 0.1, "near_duplicates": 6, "off_topic": 4, "dark": 2, 
 
 @pytest.fixture(scope="module")
 def bench():
-    """benchmarks/inspect.py as a module, loaded by path (its name would hide the standard library's inspect)."""
+    """benchmarks/inspect_folder.py as a module, loaded by path."""
     spec = importlib.util.spec_from_file_location("bench_inspect", BENCH)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -14,7 +14,12 @@ from PIL import Image
 
 import imgcls
 from imgcls.cli import main
-from imgcls.data.quality import difference_hashes, hamming, image_measures, pixel_digests
+from imgcls.data.quality import (
+    difference_hashes,
+    hamming,
+    image_measures,
+    pixel_digests,
+)
 from imgcls.errors import DataError
 from imgcls.evaluation.labels import find_label_issues
 

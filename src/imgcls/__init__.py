@@ -17,7 +17,7 @@ __version__ = "0.1.0"
 # The names imgcls.api lends the package (PEP 562: looked up on first use).
 _VERBS = ("train", "load", "tune", "cross_validate", "inspect", "make_config")
 
-__all__ = [*_VERBS, "__version__"]
+__all__ = ["__version__", "cross_validate", "inspect", "load", "make_config", "train", "tune"]  # _VERBS
 
 
 def __getattr__(name: str):

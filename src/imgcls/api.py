@@ -25,7 +25,6 @@ from imgcls.terminal import say
 from imgcls.tracking import Group
 from imgcls.training.callbacks import EpochEnd
 
-
 INSPECT_MIN_SIDE = 64  # px: small images (digits, CIFAR) are inspected at least this large
 
 

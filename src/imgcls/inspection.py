@@ -68,7 +68,7 @@ SPLIT_ORDER = ("train", "val", "test")
 # candidates; one is a copy when that similarity plus the best correlation of one image's grey thumbnail with a
 # crop window of the other (imgcls.data.quality.window_match) reaches COPY_SCORE.  Planted copies of flowers.zip
 # (rescaled 0.5-1.5x, JPEG 40-90, cropped to 85-95%, mirrored) scored 1.77 to 2; different photos of one scene
-# up to about 1.85 (benchmarks/inspect.py).
+# up to about 1.85 (benchmarks/inspect_folder.py).
 CANDIDATE_COSINE = 0.85
 COPY_SCORE = 1.83
 # Outliers: the cosine distance to the nearest class's median feature direction, flagged above the folder's median

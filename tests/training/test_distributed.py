@@ -286,8 +286,8 @@ def test_a_global_batch_too_small_for_the_processes_is_one_error(tmp_path):
     # Both processes refuse the batch; which of them the launcher sees fail first is a race.
     assert errors[-1] in ("error: process 0 of 2 exited with code 2; the others were stopped",
                           "error: processes 0 and 1 of 2 exited with code 2",
-                          f"error: process 1 of 2 exited with code 2 ({errors[0].removeprefix('error: ')}); "
-                          f"the others were stopped"), errors
+                          (f"error: process 1 of 2 exited with code 2 ({errors[0].removeprefix('error: ')}); "
+                           f"the others were stopped")), errors
     assert "Traceback" not in out.stderr
     assert not any(tmp_path.iterdir())
 

@@ -1,8 +1,8 @@
 """imgcls inspect against known, planted problems (issue 31), with cleanlab as a peer on the same probabilities.
 
-    python benchmarks/inspect.py                         # ../shared/data/flowers.zip, seed 0
-    python benchmarks/inspect.py --seed 1 --cpu-class avx2 --json benchmarks/results/inspect-flowers-avx2.json
-    python benchmarks/inspect.py --skip-train --skip-peer --work /tmp/inspect-bench
+    python benchmarks/inspect_folder.py                         # ../shared/data/flowers.zip, seed 0
+    python benchmarks/inspect_folder.py --seed 1 --cpu-class avx2 --json benchmarks/results/inspect-flowers-avx2.json
+    python benchmarks/inspect_folder.py --skip-train --skip-peer --work /tmp/inspect-bench
 
 What it does:
 
@@ -113,21 +113,14 @@ the zip, as ``files`` has it):
 
 from __future__ import annotations
 
-import os
-import sys
-
-_HERE = os.path.dirname(os.path.abspath(__file__))
-if __name__ == "__main__":
-    # Run as a script, benchmarks/ heads sys.path, and this file's name would hide the standard library's inspect
-    # module from everything imported after it: benchmarks/ goes to the end (for common.py), behind the library.
-    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE] + [_HERE]
-
 import argparse
 import csv
 import io
 import json
+import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 import zipfile
@@ -137,7 +130,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFilter
 
-ROOT = Path(_HERE).parent
+ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("IMGCLS_BENCH_DATA") or ROOT.parent / "shared" / "data")  # as common.SHARED
 CLEANLAB_VENV = Path(os.environ.get("IMGCLS_CLEANLAB_VENV")
                      or Path.home() / ".cache" / "imgcls-bench" / "cleanlab-venv")
@@ -679,7 +672,7 @@ def main(argv: list[str] | None = None) -> int:
     work = (args.work or Path(tempfile.mkdtemp(prefix="imgcls-inspect-bench-"))).resolve()
     work.mkdir(parents=True, exist_ok=True)
     data, json_out = args.data.resolve(), args.json.resolve() if args.json else None
-    os.chdir(work)  # children start here: no benchmarks/inspect.py on their path to hide the standard library's
+    os.chdir(work)  # the children (inspect, the peer, training) start in the work folder
     env = cpu_class_env(args.cpu_class)
     hw = hardware_class(env)
     print(hardware_line(hw), flush=True)
