@@ -14,12 +14,7 @@ from PIL import Image
 
 import imgcls
 from imgcls.cli import main
-from imgcls.data.quality import (
-    difference_hashes,
-    hamming,
-    image_measures,
-    pixel_digests,
-)
+from imgcls.data.quality import copy_pairs, image_measures, pixel_digests
 from imgcls.errors import DataError
 from imgcls.evaluation.labels import find_label_issues
 
@@ -162,16 +157,19 @@ def test_a_class_too_small_for_folds_still_gets_the_other_checks(tmp_path):
     assert [f["problem"] for f in result["findings"]] == ["exact_duplicate"]
 
 
-def test_hashes_see_through_mirroring_and_resizing_and_measures_find_dark_and_grey():
+def test_a_mirrored_resized_copy_is_matched_and_measures_find_dark_and_grey():
     rng = np.random.default_rng(2)
-    a = _photo(0, rng)
-    mirrored = np.asarray(Image.fromarray(a[:, ::-1]).resize((90, 90)).resize((72, 72)))
-    other = _photo(1, rng)
-    plain, flipped = difference_hashes(np.stack([a, mirrored, other]))
-    assert hamming(plain[0], flipped[1]) <= 6 < hamming(plain[0], plain[2])
-    assert len(set(pixel_digests(np.stack([a, a.copy(), mirrored])))) == 2
-    grey = np.repeat(a.mean(2, keepdims=True).astype(np.uint8), 3, 2)
-    m = image_measures(np.stack([a, (a * 0.04).astype(np.uint8), grey]))
+    photos = np.stack([_photo(c % 3, rng) for c in range(30)])
+    copy = np.asarray(Image.fromarray(photos[4][6:, 4:][:, ::-1]).resize((72, 72)))  # cropped 92%, mirrored
+    images = np.concatenate([photos, copy[None], photos[7:8]])
+    unit = images.reshape(len(images), -1).astype(np.float32)
+    unit = unit - unit.mean(1, keepdims=True)
+    unit[:] = 1.0  # every pair a candidate: the thumbnails alone decide
+    pairs = copy_pairs([images[:20], images[20:]], unit / np.linalg.norm(unit, axis=1, keepdims=True))
+    assert [(p.first, p.second, p.exact) for p in pairs] == [(4, 30, False), (7, 31, True)]
+    assert len(set(pixel_digests(images))) == 31
+    grey = np.repeat(photos[0].mean(2, keepdims=True).astype(np.uint8), 3, 2)
+    m = image_measures(np.stack([photos[0], (photos[0] * 0.04).astype(np.uint8), grey]))
     assert m["bright_end"][1] < 0.1 < m["bright_end"][0]
     assert m["colour"][2] == 0 and m["colour"][0] > 20
 
@@ -187,3 +185,15 @@ def test_confident_learning_flags_the_flipped_labels_of_confident_probabilities(
     issues = find_label_issues(given, proba)
     assert set(np.flatnonzero(issues.flagged)) == set(flipped)
     np.testing.assert_array_equal(issues.suggested[flipped], labels[flipped])
+
+
+def test_training_on_photos_says_when_test_images_are_copies_of_training_ones(planted, tmp_path):
+    run = imgcls.train(data=str(planted), epochs=0, report=False, out=str(tmp_path), **SMALL)
+    log = (run.path / "train.log").read_text()
+    assert "warning: 1 of the 19 test images are copies of images this run trains or validates on" in log, log
+    assert run.history[0]["test_copies"] == 1
+    clean = tmp_path / "clean"
+    shutil.copytree(planted, clean)
+    (clean / "test/rings/5-again.jpg").unlink()
+    run = imgcls.train(data=str(clean), epochs=0, report=False, out=str(tmp_path), **SMALL)
+    assert "copies" not in (run.path / "train.log").read_text() and "test_copies" not in run.history[0]

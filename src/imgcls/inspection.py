@@ -4,10 +4,8 @@
       -> build_dataset                  the folder or zip, split as `imgcls train --data` splits it
       -> frozen features                the pretrained backbone training would use, through the same feature
                                         cache (a second inspect, or a training run after it, reads them back)
-      -> pixels                         exact copies (identical decoded pixels), difference hashes, brightness,
-                                        contrast, sharpness and colour (imgcls.data.quality)
-      -> near-duplicates                pairs with similar features, confirmed on their thumbnails (crop, mirror and
-                                        scale tolerant); each one within a
+      -> copies                         identical pixels, or similar features confirmed on their thumbnails (crop,
+                                        mirror and scale tolerant: imgcls.data.quality.copy_pairs); each within a
                                         class, across classes (a conflicting label) or across splits (leakage)
       -> label errors                   k-fold out-of-sample probabilities of a linear classifier on the features,
                                         then confident learning (imgcls.evaluation.labels)
@@ -31,14 +29,7 @@ import torch
 from imgcls.config import RunConfig
 from imgcls.data.base import ImageDataset
 from imgcls.data.download import data_dir
-from imgcls.data.quality import (
-    difference_hashes,
-    hamming,
-    image_measures,
-    match_windows,
-    pixel_digests,
-    window_match,
-)
+from imgcls.data.quality import copy_pairs, image_measures
 from imgcls.data.registry import build_dataset
 from imgcls.errors import ConfigError
 from imgcls.evaluation.cv import make_folds
@@ -64,13 +55,6 @@ GROUPS = {"duplicates": ("exact_duplicate", "near_duplicate", "conflicting_label
           "quality": ("dark", "bright", "low_contrast", "blurry", "grayscale")}
 SPLIT_ORDER = ("train", "val", "test")
 
-# Near-duplicates: pairs whose last-stage features have a cosine similarity of CANDIDATE_COSINE or more are
-# candidates; one is a copy when that similarity plus the best correlation of one image's grey thumbnail with a
-# crop window of the other (imgcls.data.quality.window_match) reaches COPY_SCORE.  Planted copies of flowers.zip
-# (rescaled 0.5-1.5x, JPEG 40-90, cropped to 85-95%, mirrored) scored 1.77 to 2; different photos of one scene
-# up to about 1.85 (benchmarks/inspect_folder.py).
-CANDIDATE_COSINE = 0.85
-COPY_SCORE = 1.83
 # Outliers: the cosine distance to the nearest class's median feature direction, flagged above the folder's median
 # by more than OUTLIER_MADS median absolute deviations (off-topic images planted in flowers.zip cluster among
 # themselves, so a distance to the nearest images misses them; to every class it does not).
@@ -204,49 +188,11 @@ def _features(cfg: RunConfig, im: Images, console) -> tuple[np.ndarray, np.ndarr
     return x, unit.astype(np.float32)
 
 
-def _hashes(im: Images) -> tuple[list[bytes], np.ndarray, np.ndarray]:
-    digests, plain, mirrored = [], [], []
-    for _, images in im.each_split():
-        digests += pixel_digests(images)
-        p, m = difference_hashes(images)
-        plain.append(p)
-        mirrored.append(m)
-    return digests, np.concatenate(plain), np.concatenate(mirrored)
-
-
-def _similar_pairs(unit: np.ndarray, floor: float, chunk: int = 1024) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(i, j, cosine) arrays of every pair i < j whose cosine similarity is at least ``floor``."""
-    found = []
-    for lo in range(0, len(unit), chunk):
-        sims = unit[lo:lo + chunk] @ unit.T
-        rows, cols = np.nonzero(sims >= floor)
-        keep = cols > rows + lo
-        found.append((rows[keep] + lo, cols[keep], sims[rows[keep], cols[keep]]))
-    return tuple(np.concatenate(parts) for parts in zip(*found)) if found else (np.zeros(0, int),) * 2 + (
-        np.zeros(0, np.float32),)
-
-
 def _duplicates(im: Images, unit: np.ndarray) -> list[dict]:
     """Exact and near copies, each pair once (the finding on the later image: val after train, test last)."""
-    digests, plain, mirrored = _hashes(im)
-    pairs: dict[tuple[int, int], tuple[float, str, bool]] = {}
-    first: dict[bytes, int] = {}
-    for i, d in enumerate(digests):
-        if d in first:
-            pairs[(first[d], i)] = (1.0, "identical pixels", True)
-        else:
-            first[d] = i
-    first_of, second, cosine = _similar_pairs(unit, CANDIDATE_COSINE)
-    windows = torch.cat([match_windows(images) for _, images in im.each_split()])
-    match = window_match(windows, first_of, second)
-    bits = np.minimum(hamming(plain[first_of], plain[second]), hamming(plain[first_of], mirrored[second]))
-    copies = cosine + match >= COPY_SCORE
-    for i, j, cos, m, b in zip(first_of[copies].tolist(), second[copies].tolist(), cosine[copies].tolist(),
-                               match[copies].tolist(), bits[copies].tolist()):
-        detail = f"feature cosine {cos:.3f}, thumbnail correlation {m:.3f}, hash distance {b} of 64"
-        pairs.setdefault((i, j), (min(1.0, (cos + m) / 2), detail, False))
     found = []
-    for (i, j), (score, detail, exact) in sorted(pairs.items()):
+    for c in copy_pairs([images for _, images in im.each_split()], unit):
+        i, j, detail = c.first, c.second, c.detail
         if im.splits[i] != im.splits[j]:
             problem = "leakage"
             if im.labels[i] != im.labels[j]:
@@ -254,8 +200,8 @@ def _duplicates(im: Images, unit: np.ndarray) -> list[dict]:
         elif im.labels[i] != im.labels[j]:
             problem = "conflicting_label"
         else:
-            problem = "exact_duplicate" if exact else "near_duplicate"
-        found.append(finding(im, problem, j, score, detail, paired=i))
+            problem = "exact_duplicate" if c.exact else "near_duplicate"
+        found.append(finding(im, problem, j, c.score, detail, paired=i))
     return found
 
 

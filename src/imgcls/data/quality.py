@@ -1,20 +1,20 @@
-"""What the pixels of a dataset say about its images, before any model: exact copies, perceptual hashes and
-simple quality measures (brightness, contrast, sharpness, colour).
+"""What the pixels of a dataset say about its images: exact and near copies (with the features a network sees),
+and simple quality measures (brightness, contrast, sharpness, colour).
 
 Every function takes the dataset's own uint8 arrays, (N, H, W, C) at one size, and works in batches, so a few
-thousand photos take well under a second.  ``imgcls inspect`` turns these into findings; training uses the
-hashes to warn when test images have copies in the training split.
+thousand photos take a second or two.  ``imgcls inspect`` turns these into findings; training's stage 1 uses
+:func:`copy_pairs` to warn when test images have copies among the images it trains on.
 """
 
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-HASH_GRID = (8, 9)  # rows x columns of the luminance grid a difference hash compares: 8 x 8 = 64 bits
 _BATCH = 512  # images converted to float at a time
 _LUMA = np.array([0.299, 0.587, 0.114], np.float32)  # ITU-R BT.601 weights
 
@@ -33,32 +33,6 @@ def _luma_batches(images: np.ndarray):
         else:
             x = x[..., 0]
         yield lo, x.unsqueeze(1)
-
-
-def difference_hashes(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """64-bit difference hashes (dHash) of each image and of its mirror image: uint64 arrays, shape (N,).
-
-    The luminance is averaged over an 8x9 grid and each bit says whether a cell is brighter than its right-hand
-    neighbour: resizing, re-encoding and small crops change few bits; a mirror image matches the mirrored hash.
-    """
-    plain, mirrored = np.zeros(len(images), np.uint64), np.zeros(len(images), np.uint64)
-    weights = torch.tensor([1 << i for i in range(63)] + [-(1 << 63)], dtype=torch.int64)
-    for lo, x in _luma_batches(images):
-        for out, view in ((plain, x), (mirrored, x.flip(-1))):
-            grid = F.adaptive_avg_pool2d(view, HASH_GRID)[:, 0]
-            bits = (grid[:, :, 1:] > grid[:, :, :-1]).reshape(len(grid), -1).to(torch.int64)
-            out[lo:lo + len(grid)] = (bits * weights).sum(1).numpy().view(np.uint64)
-    return plain, mirrored
-
-
-_POPCOUNT = np.array([i.bit_count() for i in range(256)], np.uint8)
-
-
-def hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Bits that differ between uint64 hashes ``a`` and ``b`` (same shape, or broadcast), as uint8."""
-    x = np.bitwise_xor(a, b)
-    flat = np.ascontiguousarray(x, dtype=np.uint64).reshape(-1)
-    return _POPCOUNT[flat.view(np.uint8).reshape(-1, 8)].sum(-1, dtype=np.uint8).reshape(np.shape(x))
 
 
 def image_measures(images: np.ndarray) -> dict[str, np.ndarray]:
@@ -127,3 +101,65 @@ def window_match(windows: torch.Tensor, first: np.ndarray, second: np.ndarray, c
         other = (wb @ wa[:, 0, :, None]).amax((1, 2))
         best[lo:lo + chunk] = torch.maximum(one, other).numpy()
     return best
+
+
+# Copies: pairs whose unit feature vectors have a cosine of CANDIDATE_COSINE or more are candidates; one is a copy
+# when that cosine plus the best thumbnail correlation (window_match) reaches COPY_SCORE.  Planted copies of
+# flowers.zip (rescaled 0.5-1.5x, JPEG 40-90, cropped to 85-95%, mirrored) scored 1.77 to 2; different photos of
+# one scene up to about 1.85 (benchmarks/inspect_folder.py).
+CANDIDATE_COSINE = 0.85
+COPY_SCORE = 1.83
+
+
+@dataclass
+class Copy:
+    """Images ``first`` < ``second`` (rows of the arrays given to :func:`copy_pairs`) that are one picture."""
+
+    first: int
+    second: int
+    score: float  # 1 for identical pixels, else (cosine + correlation) / 2, at most 1
+    detail: str
+    exact: bool
+
+
+def _similar_pairs(unit: np.ndarray, floor: float, chunk: int = 1024) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(i, j, cosine) arrays of every pair i < j whose cosine similarity is at least ``floor``."""
+    found = []
+    for lo in range(0, len(unit), chunk):
+        sims = unit[lo:lo + chunk] @ unit.T
+        rows, cols = np.nonzero(sims >= floor)
+        keep = cols > rows + lo
+        found.append((rows[keep] + lo, cols[keep], sims[rows[keep], cols[keep]]))
+    if not found:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
+    return tuple(np.concatenate(parts) for parts in zip(*found))
+
+
+def copy_pairs(parts: list[np.ndarray], unit: np.ndarray, across: int | None = None) -> list[Copy]:
+    """Exact and near copies among the images of ``parts`` (uint8 (n, H, W, C) arrays, taken as one sequence),
+    given their features ``unit`` (N, D), each scaled to unit length; each pair once, sorted.
+
+    ``across``: only pairs of an image before this row with one at or after it (a test split after the images a
+    run learns from), which spares the rest of the work.
+    """
+    starts = np.cumsum([0] + [len(p) for p in parts])
+    digests = [d for images in parts for d in pixel_digests(images)]
+    pairs: dict[tuple[int, int], Copy] = {}
+    first: dict[bytes, int] = {}
+    for i, d in enumerate(digests):
+        if d in first and (across is None or first[d] < across <= i):
+            pairs[(first[d], i)] = Copy(first[d], i, 1.0, "identical pixels", True)
+        first.setdefault(d, i)
+    a, b, cosine = _similar_pairs(unit, CANDIDATE_COSINE)
+    if across is not None:
+        keep = (a < across) & (b >= across)
+        a, b, cosine = a[keep], b[keep], cosine[keep]
+    if len(a):
+        involved = np.unique(np.concatenate([a, b]))
+        part = np.searchsorted(starts, involved, side="right") - 1
+        windows = match_windows(np.stack([parts[k][i - starts[k]] for k, i in zip(part, involved)]))
+        match = window_match(windows, np.searchsorted(involved, a), np.searchsorted(involved, b))
+        for i, j, cos, m in zip(*(v[cosine + match >= COPY_SCORE].tolist() for v in (a, b, cosine, match))):
+            pairs.setdefault((i, j), Copy(i, j, min(1.0, (cos + m) / 2),
+                                          f"feature cosine {cos:.3f}, thumbnail correlation {m:.3f}", False))
+    return [pairs[k] for k in sorted(pairs)]

@@ -32,6 +32,7 @@ from imgcls.config import TTA_AUTO, RunConfig, parse_duration
 from imgcls.data.augment import build_augment, resize_batch
 from imgcls.data.base import ImageDataset
 from imgcls.data.download import data_dir
+from imgcls.data.quality import copy_pairs
 from imgcls.errors import ConfigError, TrainingError
 from imgcls.evaluation.evaluate import evaluate_model
 from imgcls.evaluation.metrics import cross_entropy, format_report, save_metrics
@@ -601,6 +602,7 @@ def fit_head(s: TrainState, ds: ImageDataset, say) -> dict:
         if t.tta == TTA_AUTO:
             x_val_flip, hit = cached_features(runner, ds.splits["val"].images, "hflip", cache, backbone, say)
             hits += hit
+    copies = _test_copies(runner, ds, [parts[0], x_val], cache, backbone, say)
     features_seconds = time.perf_counter() - started
     options = {"class_weights": None if s.class_weights is None else s.class_weights.cpu(),
                "label_smoothing": t.label_smoothing}
@@ -637,11 +639,34 @@ def fit_head(s: TrainState, ds: ImageDataset, say) -> dict:
               "head_l2": fit.l2}
     if len(widths) > 1:
         record["head_stages_read"] = choice.stages
+    if copies:
+        record["test_copies"] = copies  # test images that are copies of training or val images
     if t.tta == TTA_AUTO:
         record["tta"] = s.meta["tta"]
     if fit.val_loss is not None:
         record.update(val_loss=fit.val_loss, val_accuracy=fit.val_accuracy)
     return record
+
+
+def _test_copies(runner, ds: ImageDataset, features: list, cache, backbone: str, say) -> int:
+    """The test images that are copies of a training or val image (imgcls.data.quality.copy_pairs, on the
+    features stage 1 computes anyway, and the test split's), said in one line: they make the test accuracy
+    optimistic.  Returns their count."""
+    if "test" not in ds.splits or not len(ds.splits["test"]):
+        return 0
+    x_test, _ = cached_features(runner, ds.splits["test"].images, "none", cache, backbone, say)
+    names = [k for k in ("train", "val") if k in ds.splits]
+    x = np.concatenate([f for f in features if f is not None] + [x_test])
+    last = x[:, -getattr(runner.module.model, "num_features", x.shape[1]):]
+    unit = last / np.maximum(np.linalg.norm(last, axis=1, keepdims=True), 1e-12)
+    seen = sum(len(ds.splits[k]) for k in names)
+    pairs = copy_pairs([ds.splits[k].images for k in (*names, "test")], unit, across=seen)
+    leaked = {p.second for p in pairs}
+    if leaked:
+        say(f"warning: {len(leaked)} of the {len(ds.splits['test'])} test images are copies of images this run "
+            f"trains or validates on, so its test accuracy is optimistic; imgcls inspect {ds.name} names them "
+            f"(and --exclude leaves them out)")
+    return len(leaked)
 
 
 def _views(t) -> list[str]:
