@@ -197,3 +197,18 @@ def test_training_on_photos_says_when_test_images_are_copies_of_training_ones(pl
     (clean / "test/rings/5-again.jpg").unlink()
     run = imgcls.train(data=str(clean), epochs=0, report=False, out=str(tmp_path), **SMALL)
     assert "copies" not in (run.path / "train.log").read_text() and "test_copies" not in run.history[0]
+
+
+def test_the_report_names_the_test_copies_and_the_images_left_out(planted, found, tmp_path):
+    result, _ = found
+    issues = Path(result["path"]) / "issues.csv"
+    rows = [r for r in csv.DictReader(issues.open()) if r["problem"] == "dark"]
+    listed = tmp_path / "dark.csv"
+    with listed.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, ["file", "problem"])
+        writer.writeheader()
+        writer.writerows({"file": r["file"], "problem": r["problem"]} for r in rows)
+    run = imgcls.train(data=str(planted), exclude=str(listed), epochs=0, out=str(tmp_path), **SMALL)
+    page = (run.path / "report.html").read_text()
+    assert "1 test image is a copy of images the run trained or validated on" in page
+    assert "Images left out by --exclude: 1" in page and "train/rings/dark.jpg" in page

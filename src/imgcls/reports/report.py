@@ -310,20 +310,27 @@ class Report:
                   f"every image is {w}×{h} pixels with {c} channel{'s' if c != 1 else ''}, as the model sees it.")
         paragraphs = [source]
         paragraphs += [f"Note: {html.escape(str(n))}" for n in ds.get("notes", [])]
+        copies = next((r["test_copies"] for r in self.history if r.get("test_copies")), 0)
+        if copies:
+            paragraphs.append(f"<strong>{copies} test image{'s are' if copies != 1 else ' is a'} "
+                              f"cop{'ies' if copies != 1 else 'y'} of images the run trained or validated on</strong>: "
+                              f"the test figures here are optimistic. <code>imgcls inspect</code> names them, with "
+                              f"the other problems of the data, and <code>--exclude</code> leaves them out.")
         names = list(splits)
         rows = [[cls, *(splits[s]["per_class"][i] for s in names), sum(splits[s]["per_class"][i] for s in names)]
                 for i, cls in enumerate(ds.get("classes", self.classes))]
         rows.append(["total", *(splits[s]["images"] for s in names), sum(splits[s]["images"] for s in names)])
         tables = [table(["class", *names, "all"], rows, caption="Images per class and split")]
-        for key, what in (("skipped", "Skipped files (not images, or hidden)"),
-                          ("bad", "Images that could not be decoded")):
+        for key, what, name in (("skipped", "Skipped files (not images, or hidden)", "path"),
+                                ("bad", "Images that could not be decoded", "path"),
+                                ("excluded", "Images left out by --exclude", "file")):
             files = ds.get(key, [])
             if files:
                 more = len(files) - _MAX_FILE_ROWS
                 caption = f"{what}: {len(files)}" + (f", the first {_MAX_FILE_ROWS} shown" if more > 0 else "")
-                tables.append(table(["path", "reason"], [[f["path"], f["reason"]] for f in files[:_MAX_FILE_ROWS]],
+                tables.append(table([name, "reason"], [[f[name], f["reason"]] for f in files[:_MAX_FILE_ROWS]],
                                     caption=caption))
-            else:
+            elif key != "excluded":
                 paragraphs.append(f"{what}: none.")
         return Section("The dataset", paragraphs, tables)
 
