@@ -300,8 +300,9 @@ def test_a_folder_of_photos_trains_end_to_end_with_no_flags(photos, tmp_path, mo
     # 153 frozen passes: under ORT_MIN_IMAGES, so PyTorch computes them (no graph export for so few).
     assert 72 * 2 + 9 < transfer.ORT_MIN_IMAGES
     assert re.search(r"\(features \d+\.\ds with torch fp32\)", log)
-    # Train (plain and mirrored) and val (plain and mirrored, for tta auto) features, cached.
-    assert len(list((data_dir() / "features").glob("*.safetensors"))) == 4
+    # Train (plain and mirrored), val (plain and mirrored, for tta auto) and test (for the copy check) features,
+    # cached.
+    assert len(list((data_dir() / "features").glob("*.safetensors"))) == 5
 
     _, meta = read_checkpoint(run.path / "checkpoints" / "best.safetensors")
     assert meta["normalize"] == HALF_NORMALIZE and meta["input_shape"] == [3, 64, 64]

@@ -79,6 +79,7 @@ def run_in_process(case: Case, capsys, monkeypatch) -> Outcome:
     return outcome
 
 
+@pytest.mark.slow  # about 390 cases, 40 s: CI runs them with the other long tests
 @pytest.mark.parametrize("case_id", _params())
 def test_a_hostile_input_is_handled_cleanly(case_id, corpus, capsys, monkeypatch):
     case = corpus[case_id]
