@@ -63,7 +63,7 @@ OUTLIER_MIN_IMAGES = 50  # fewer, and the folder's spread is not known well enou
 # Quality, on the decoded images: brightness and contrast of the luminance in [0, 1]; sharpness in log10 of
 # the Laplacian's variance, flagged BLUR_DECADES below the folder's median; colour in levels of 255.
 # Dark: even the brightest 5% of the pixels are below DARK; bright: even the darkest 5% above BRIGHT.
-DARK, BRIGHT, FLAT = 0.15, 0.85, 0.04
+DARK, BRIGHT, FLAT = 0.12, 0.85, 0.04
 BLUR_DECADES = 0.8
 GREY_LEVELS = 1.0
 FOLDS = 5
