@@ -230,18 +230,22 @@ def run_child(cmd: list[str], env: dict | None = None, timeout: float = 3600) ->
     return {"wall_seconds": wall, "peak_rss_mib": usage.ru_maxrss / 1024}
 
 
+def peer_python(venv: Path, packages, peer: str) -> str:
+    """The Python of a peer's own venv at ``venv``, created with ``packages`` installed on first use (again when
+    the packages change): a peer is never a dependency of imgcls."""
+    python = venv / "bin" / "python"
+    marker = venv / ".installed"
+    if not marker.is_file() or marker.read_text() != " ".join(packages):
+        print(f"installing the {peer} peer into {venv} ({', '.join(packages)}) ...", flush=True)
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", *packages], check=True)
+        marker.write_text(" ".join(packages))
+    return str(python)
+
+
 def keras_python(given: str | None = None) -> str:
     """The Python of the Keras peer's venv, creating it (pip install tensorflow-cpu) on first use."""
-    if given:
-        return given
-    python = KERAS_VENV / "bin" / "python"
-    marker = KERAS_VENV / ".installed"
-    if not marker.is_file() or marker.read_text() != " ".join(KERAS_PACKAGES):
-        print(f"installing the Keras peer into {KERAS_VENV} ({', '.join(KERAS_PACKAGES)}) ...", flush=True)
-        subprocess.run([sys.executable, "-m", "venv", str(KERAS_VENV)], check=True)
-        subprocess.run([str(python), "-m", "pip", "install", "-q", *KERAS_PACKAGES], check=True)
-        marker.write_text(" ".join(KERAS_PACKAGES))
-    return str(python)
+    return given or peer_python(KERAS_VENV, KERAS_PACKAGES, "Keras")
 
 
 def save_results(name: str, doc: dict) -> Path:

@@ -517,15 +517,10 @@ print(json.dumps({"flagged": np.flatnonzero(issues).tolist(), "seconds": time.pe
 
 
 def cleanlab_python() -> str:
-    """The Python of the cleanlab venv, creating it (pip install cleanlab) on first use, as common.keras_python."""
-    python = CLEANLAB_VENV / "bin" / "python"
-    marker = CLEANLAB_VENV / ".installed"
-    if not marker.is_file() or marker.read_text() != " ".join(CLEANLAB_PACKAGES):
-        print(f"installing the cleanlab peer into {CLEANLAB_VENV} ({', '.join(CLEANLAB_PACKAGES)}) ...", flush=True)
-        subprocess.run([sys.executable, "-m", "venv", str(CLEANLAB_VENV)], check=True)
-        subprocess.run([str(python), "-m", "pip", "install", "-q", *CLEANLAB_PACKAGES], check=True)
-        marker.write_text(" ".join(CLEANLAB_PACKAGES))
-    return str(python)
+    """The Python of the cleanlab venv, creating it (pip install cleanlab) on first use."""
+    from common import peer_python
+
+    return peer_python(CLEANLAB_VENV, CLEANLAB_PACKAGES, "cleanlab")
 
 
 def run_inspect(data: Path, out: Path, env: dict, work: Path) -> dict:
