@@ -56,6 +56,8 @@ def planted(tmp_path_factory):
     for row in range(6, 66, 9):
         text[row:row + 4, 6:int(rng.integers(30, 66))] = 0
     _save(text, root / "train/checks/page.jpg")
+    _save(_photo(1, rng, side=20), root / "train/checks/tiny.jpg")  # 20x20: tiny
+    Image.fromarray(np.concatenate([_photo(1, rng)] * 4, axis=1)).save(root / "train/checks/wide.jpg")  # 288x72
     return root
 
 
@@ -79,15 +81,18 @@ def test_every_planted_problem_is_found_with_what_it_pairs_with(found):
     assert ("dark", "train/rings/dark.jpg") in flags
     assert ("grayscale", "train/stripes/grey.jpg") in flags
     assert ("outlier", "train/checks/page.jpg") in flags
+    assert by[("tiny", "train/checks/tiny.jpg")]["detail"] == "20x20 px; under 32 px on the shorter side"
+    assert by[("extreme_aspect", "train/checks/wide.jpg")]["detail"] == "288x72 px: 4.0 to 1"
 
 
 def test_nothing_else_is_flagged(found):
     result, flags = found
     planted = {"train/stripes/3.jpg", "train/stripes/3-copy.jpg", "test/rings/5-again.jpg", "train/rings/5.jpg",
-               "train/stripes/wrong.jpg", "train/rings/dark.jpg", "train/stripes/grey.jpg", "train/checks/page.jpg"}
+               "train/stripes/wrong.jpg", "train/rings/dark.jpg", "train/stripes/grey.jpg", "train/checks/page.jpg",
+               "train/checks/tiny.jpg", "train/checks/wide.jpg"}
     assert not {file for _, file in flags} - planted, sorted(flags)
     counts = result["counts"]
-    assert {c: counts["train"][c] + counts["val"][c] for c in CLASSES} == {"stripes": 27, "checks": 25, "rings": 25}
+    assert {c: counts["train"][c] + counts["val"][c] for c in CLASSES} == {"stripes": 27, "checks": 27, "rings": 25}
     assert counts["test"] == {"stripes": 6, "checks": 6, "rings": 7}
 
 
@@ -136,7 +141,7 @@ def test_train_exclude_leaves_the_listed_images_out_and_records_why(planted, fou
     assert excluded["train/stripes/wrong.jpg"]["reason"] == "label_error"
     assert excluded["test/rings/5-again.jpg"]["split"] == "test"
     kept = sum(s["images"] for s in record["splits"].values())
-    assert kept == 30 * 3 + 6 - len(excluded)
+    assert kept == 30 * 3 + 8 - len(excluded)
     other = tmp_path / "other.txt"
     other.write_text("not/in/this/data.jpg\n")
     with pytest.raises(DataError, match=r"--exclude .*other.txt lists 1 files and none is an image of"):

@@ -49,10 +49,10 @@ from imgcls.training.transfer import (
 
 # The problems, in the order they are reported; groups name several for --fail-on.
 PROBLEMS = ("leakage", "exact_duplicate", "near_duplicate", "conflicting_label", "label_error", "outlier",
-            "dark", "bright", "low_contrast", "blurry", "grayscale")
+            "dark", "bright", "low_contrast", "blurry", "grayscale", "tiny", "extreme_aspect")
 GROUPS = {"duplicates": ("exact_duplicate", "near_duplicate", "conflicting_label"),
           "label_errors": ("label_error",), "outliers": ("outlier",),
-          "quality": ("dark", "bright", "low_contrast", "blurry", "grayscale")}
+          "quality": ("dark", "bright", "low_contrast", "blurry", "grayscale", "tiny", "extreme_aspect")}
 SPLIT_ORDER = ("train", "val", "test")
 
 # Outliers: the cosine distance to the nearest class's median feature direction, flagged above the folder's median
@@ -66,6 +66,10 @@ OUTLIER_MIN_IMAGES = 50  # fewer, and the folder's spread is not known well enou
 DARK, BRIGHT, FLAT = 0.12, 0.85, 0.04
 BLUR_DECADES = 0.8
 GREY_LEVELS = 1.0
+# Sizes, of the images as they were before resizing: tiny under TINY_SIDE px or a quarter of the folder's median
+# shorter side, whichever is larger; extreme when the longer side is over EXTREME_ASPECT times the shorter.
+TINY_SIDE = 32
+EXTREME_ASPECT = 3.0
 FOLDS = 5
 CSV_COLUMNS = ("file", "problem", "score", "suggested_label", "paired_file", "split", "label", "paired_split",
                "detail")
@@ -82,10 +86,11 @@ class Images:
     index: list[int]  # per image, its row in its split
     labels: np.ndarray  # int (N,)
     files: list[str]  # per image, its path relative to DATA
+    sizes: np.ndarray | None  # int (N, 2): each image's own (height, width), when the dataset knows them
 
     @classmethod
     def of(cls, ds: ImageDataset, data: str) -> Images:
-        splits, index, labels, files = [], [], [], []
+        splits, index, labels, files, sizes = [], [], [], [], []
         root = str(Path(data).expanduser()).rstrip("/") + "/"
         for name in (s for s in SPLIT_ORDER if s in ds.splits):
             split = ds.splits[name]
@@ -94,7 +99,9 @@ class Images:
             labels.append(split.labels)
             paths = split.paths or [f"{name}/{i}" for i in range(len(split))]
             files += [p.removeprefix(root) for p in paths]
-        return cls(ds, root, splits, index, np.concatenate(labels), files)
+            sizes.append(split.sizes)
+        known = all(s is not None for s in sizes)
+        return cls(ds, root, splits, index, np.concatenate(labels), files, np.concatenate(sizes) if known else None)
 
     def pixels(self, i: int) -> np.ndarray:
         return self.ds.splits[self.splits[i]].images[self.index[i]]
@@ -129,9 +136,9 @@ def inspect(cfg: RunConfig, console, out_dir: Path, name: str | None = None, fol
     pairs = _duplicates(im, unit)
     mislabelled, proba = _label_errors(im, features, folds, cfg.train.seed, skipped)
     if len(im.files) >= OUTLIER_MIN_IMAGES:
-        odd = [*_outliers(im, unit), *_quality(im)]
+        odd = [*_outliers(im, unit), *_quality(im), *_sizes(im)]
     else:
-        odd = _quality(im)
+        odd = [*_quality(im), *_sizes(im)]
         skipped.append(f"outliers ({len(im.files)} images; the check needs {OUTLIER_MIN_IMAGES} or more to know the "
                        f"folder's spread)")
     # An off-topic, dark, bright or flat image has no right label among the classes: it is not called mislabelled.
@@ -141,7 +148,9 @@ def inspect(cfg: RunConfig, console, out_dir: Path, name: str | None = None, fol
     findings.sort(key=lambda f: (order[f["problem"]], -f["score"], f["file"]))
     counts = {s: {c: int((ds.splits[s].labels == k).sum()) for k, c in enumerate(ds.classes)}
               for s in SPLIT_ORDER if s in ds.splits}
-    skipped.append("tiny images and extreme aspect ratios (the images' own sizes are not kept once decoded)")
+    if im.sizes is None:
+        skipped.append("tiny images and extreme aspect ratios (the images' own sizes are not known: a built-in "
+                       "dataset)")
     folder = _folder(out_dir, name, cfg)
     result = {"data": cfg.data.dataset, "path": str(folder), "classes": list(ds.classes), "counts": counts,
               "summary": _summary(findings, counts), "skipped": skipped, "findings": findings}
@@ -284,6 +293,24 @@ def _quality(im: Images) -> list[dict]:
                                  f"sharpness {sharp[i]:.2f}; the folder's median {blur_line + BLUR_DECADES:.2f}"))
         if colour_folder and m["colour"][i] < GREY_LEVELS:
             found.append(finding(im, "grayscale", i, 1.0, "grey pixels stored as colour"))
+    return found
+
+
+def _sizes(im: Images) -> list[dict]:
+    """Tiny images and extreme aspect ratios, by the images' own sizes (see TINY_SIDE, EXTREME_ASPECT)."""
+    if im.sizes is None or not len(im.sizes):
+        return []
+    short, long = im.sizes.min(1), im.sizes.max(1)
+    floor = max(TINY_SIDE, float(np.median(short)) / 4)
+    found = []
+    for i in range(len(short)):
+        h, w = im.sizes[i]
+        if short[i] < floor:
+            found.append(finding(im, "tiny", i, 1 - short[i] / floor, f"{w}x{h} px; under {floor:.0f} px on the "
+                                                                        f"shorter side"))
+        if short[i] > 0 and long[i] / short[i] > EXTREME_ASPECT:
+            found.append(finding(im, "extreme_aspect", i, min(1.0, long[i] / short[i] / (4 * EXTREME_ASPECT)),
+                                 f"{w}x{h} px: {long[i] / short[i]:.1f} to 1"))
     return found
 
 

@@ -34,11 +34,13 @@ class Split:
         images: uint8 array, shape (N, H, W, C).
         labels: int64 array, shape (N,), values in [0, num_classes).
         paths: optional source path of each image (for reports), length N.
+        sizes: optional int32 (N, 2): each image's own (height, width) before it was resized (own images).
     """
 
     images: np.ndarray
     labels: np.ndarray
     paths: list[str] | None = None
+    sizes: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if self.images.dtype != np.uint8 or self.images.ndim != 4:
@@ -50,6 +52,10 @@ class Split:
             raise ValueError(f"{len(self.paths)} paths for {len(self.images)} images")
         if self.paths is not None:
             self.paths = [printable(p) for p in self.paths]  # for reports and CSVs: never reopened
+        if self.sizes is not None:
+            self.sizes = np.asarray(self.sizes, dtype=np.int32).reshape(-1, 2)
+            if len(self.sizes) != len(self.images):
+                raise ValueError(f"{len(self.sizes)} sizes for {len(self.images)} images")
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -57,7 +63,7 @@ class Split:
     def subset(self, index: np.ndarray) -> "Split":
         """Return the split restricted to ``index`` (an integer array)."""
         paths = [self.paths[i] for i in index] if self.paths is not None else None
-        return Split(self.images[index], self.labels[index], paths)
+        return Split(self.images[index], self.labels[index], paths, None if self.sizes is None else self.sizes[index])
 
 
 @dataclass
@@ -150,4 +156,5 @@ def pool_splits(ds: ImageDataset) -> Split:
     paths = None
     if all(p.paths is not None for p in parts):
         paths = [path for p in parts for path in p.paths]
-    return Split(np.concatenate([p.images for p in parts]), np.concatenate([p.labels for p in parts]), paths)
+    sizes = np.concatenate([p.sizes for p in parts]) if all(p.sizes is not None for p in parts) else None
+    return Split(np.concatenate([p.images for p in parts]), np.concatenate([p.labels for p in parts]), paths, sizes)

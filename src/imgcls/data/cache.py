@@ -40,7 +40,7 @@ from imgcls.data.sources import (
 from imgcls.errors import DataError
 from imgcls.io import read_json
 
-CACHE_FORMAT = 3
+CACHE_FORMAT = 4
 """Version of the entry layout and of the decoding; bump it when either changes.
 
 It is part of :func:`cache_key` and of ``meta.json``: an entry of another
@@ -156,6 +156,7 @@ def write_entry(entry: Path, key: str, dataset: ImageDataset) -> None:
                 "images_crc32": zlib.crc32(np.ascontiguousarray(split.images)),
                 "labels_crc32": zlib.crc32(np.ascontiguousarray(split.labels)),
                 "paths": split.paths,
+                "sizes": None if split.sizes is None else split.sizes.tolist(),
             })  # fmt: skip
         meta = {
             "format": CACHE_FORMAT,
@@ -208,7 +209,7 @@ def read_entry(entry: Path, key: str) -> ImageDataset:
             or zlib.crc32(labels) != info["labels_crc32"]
         ):
             raise ValueError(f"cache entry {entry} is damaged ({info['images']})")
-        splits[info["name"]] = Split(images, labels, info["paths"])
+        splits[info["name"]] = Split(images, labels, info["paths"], info.get("sizes"))
     return ImageDataset(
         name=meta["name"],
         classes=list(meta["classes"]),

@@ -55,7 +55,8 @@ def exclude_images(ds: ImageDataset, exclude: str | Path, root: str) -> ImageDat
         keep = [i for i, p in enumerate(split.paths) if p not in wanted]
         dropped += [{"file": p.removeprefix(prefix), "split": name, "reason": wanted[p]}
                     for p in split.paths if p in wanted]
-        splits[name] = Split(split.images[keep], split.labels[keep], [split.paths[i] for i in keep])
+        splits[name] = Split(split.images[keep], split.labels[keep], [split.paths[i] for i in keep],
+                             None if split.sizes is None else split.sizes[keep])
     if listed and not dropped:
         raise DataError(f"--exclude {exclude} lists {len(listed):,} files and none is an image of {ds.name} "
                         f"(the first: {next(iter(listed))!r}); give the list made for this data (imgcls inspect "

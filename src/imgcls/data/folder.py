@@ -81,11 +81,13 @@ def load_folder(
         opts = DecodeOptions(channels, image_size, resize, None if image_size is not None else ref_size, ref_channels)
         chunks = decode_all(source, groups, opts, workers=workers, progress=progress)
         skipped = [SkippedFile(source.display(s.path), s.reason) for s in layout.skipped + source.skipped()]
-        bad, kept = [], {}
+        bad, kept, sizes = [], {}, {}
         for (name, items), group in zip(layout.items.items(), chunks):
             errors = [e for chunk in group for e in chunk.errors]
+            natives = [n for chunk in group for n in chunk.native]
             bad += [SkippedFile(source.display(rel), e) for (rel, _), e in zip(items, errors) if e is not None]
             kept[name] = [(source.display(rel), label) for (rel, label), e in zip(items, errors) if e is None]
+            sizes[name] = [n for n, e in zip(natives, errors) if e is None]  # each image's own (H, W)
     if bad and on_bad_image == "error":
         listed = "\n".join(f"  {b.path}: {b.reason}" for b in bad)
         raise DataError(f"{where}: {len(bad)} image(s) could not be decoded (on_bad_image='error'):\n{listed}")
@@ -94,6 +96,6 @@ def load_folder(
     splits = {}
     for (name, items), group in zip(kept.items(), chunks):
         labels = np.array([label for _, label in items], dtype=np.int64)
-        splits[name] = Split(assemble(group, channels, size, resize), labels, [p for p, _ in items])
+        splits[name] = Split(assemble(group, channels, size, resize), labels, [p for p, _ in items], sizes[name])
     line = describe_layout(layout, {name: len(items) for name, items in kept.items()})
     return ImageDataset(where, layout.classes, splits, skipped, bad, layout.notes + notes, layout=line)

@@ -131,7 +131,7 @@ def adapt_images(ds: ImageDataset, size: tuple[int, int] | None, channels: int |
             images = _convert_channels(images, channels)
         if size is not None and images.shape[1:3] != size:
             images = _resize(images, size)
-        ds.splits[name] = Split(images, split.labels, split.paths)
+        ds.splits[name] = Split(images, split.labels, split.paths, split.sizes)
     return ds
 
 
