@@ -206,3 +206,20 @@ def test_a_hit_maps_the_entry_and_writing_to_it_never_reaches_the_entry(tmp_path
     assert hit3
     np.testing.assert_array_equal(third.splits["train"].images, first.splits["train"].images)
     assert third.splits["train"].images[0].any()
+
+
+def test_each_images_own_size_is_kept_through_the_cache_and_the_splits(tmp_path):
+    files = {"train/cats/wide.png": png((255, 0, 0), (40, 10)), "train/cats/b.png": png((250, 0, 0), (6, 5)),
+             "train/dogs/a.png": png((0, 0, 255), (7, 9)), "test/dogs/t.png": png((0, 0, 250), (6, 5))}
+    source = write_zip(tmp_path / "d.zip", files)
+    build = CountingBuild(source)
+    key = cache_key(source, image_size=None, channels=None)
+    first, _ = load_cached(key, build, tmp_path / "decoded")
+    second, hit = load_cached(key, build, tmp_path / "decoded")
+    assert hit
+    for ds in (first, second):
+        own = {p.rsplit("/", 1)[1]: tuple(s) for split in ds.splits.values() for p, s in zip(split.paths, split.sizes)}
+        assert own == {"wide.png": (10, 40), "b.png": (5, 6), "a.png": (9, 7), "t.png": (5, 6)}  # (height, width)
+    train = second.splits["train"]
+    picked = train.subset(np.array([1, 0]))
+    assert picked.sizes.tolist() == train.sizes[[1, 0]].tolist() and picked.paths == [train.paths[1], train.paths[0]]
