@@ -9,7 +9,7 @@
                                         class, across classes (a conflicting label) or across splits (leakage)
       -> label errors                   k-fold out-of-sample probabilities of a linear classifier on the features,
                                         then confident learning (imgcls.evaluation.labels)
-      -> outliers                       far from every image's nearest neighbours in feature space
+      -> outliers                       far from every class's median direction in feature space
       -> inspect.json, issues.csv, oof.npz and inspect.html in the inspection's folder
 
 The findings are records (see :func:`finding`); ``imgcls train --exclude issues.csv`` leaves their images out.
@@ -38,13 +38,14 @@ from imgcls.inference import scoring_runtime
 from imgcls.io import write_atomic, write_json, write_npz
 from imgcls.models import create_model
 from imgcls.models.pretrained import load_weights
-from imgcls.rundir import default_run_name
+from imgcls.rundir import claim_folder, default_run_name
 from imgcls.terminal import say
 from imgcls.training.transfer import (
     FeatureRunner,
     backbone_digest,
     cached_features,
     fit_linear_head,
+    last_stage_directions,
 )
 
 # The problems, in the order they are reported; groups name several for --fail-on.
@@ -107,11 +108,9 @@ class Images:
         return self.ds.splits[self.splits[i]].images[self.index[i]]
 
     def each_split(self):
-        """(first row, split's images) in order."""
-        start = 0
+        """Each split's images, in the order of the rows."""
         for name in (s for s in SPLIT_ORDER if s in self.ds.splits):
-            yield start, self.ds.splits[name].images
-            start += len(self.ds.splits[name])
+            yield self.ds.splits[name].images
 
 
 def finding(im: Images, problem: str, i: int, score: float, detail: str, suggested: int | None = None,
@@ -185,22 +184,20 @@ def _features(cfg: RunConfig, im: Images, console) -> tuple[np.ndarray, np.ndarr
     cache = data_dir() / "features" if cfg.data.cache else None
     backbone = backbone_digest(model, norm)
     parts, hits = [], 0
-    for _, images in im.each_split():
+    for images in im.each_split():
         part, hit = cached_features(runner, images, "none", cache, backbone, lambda line: say(console, line))
         parts.append(part)
         hits += hit
     x = np.concatenate(parts)
     say(console, f"features: {x.shape[1]:,} per image from {cfg.model.name} at {h}x{w}"
                  f"{f', {hits} of {len(parts)} splits from the cache' if hits else ''} ({runner.name})")
-    last = x[:, -getattr(model, "num_features", x.shape[1]):]
-    unit = last / np.maximum(np.linalg.norm(last, axis=1, keepdims=True), 1e-12)
-    return x, unit.astype(np.float32)
+    return x, last_stage_directions(x, model)
 
 
 def _duplicates(im: Images, unit: np.ndarray) -> list[dict]:
     """Exact and near copies, each pair once (the finding on the later image: val after train, test last)."""
     found = []
-    for c in copy_pairs([images for _, images in im.each_split()], unit):
+    for c in copy_pairs(list(im.each_split()), unit):
         i, j, detail = c.first, c.second, c.detail
         if im.splits[i] != im.splits[j]:
             problem = "leakage"
@@ -271,7 +268,7 @@ def _outliers(im: Images, unit: np.ndarray) -> list[dict]:
 
 
 def _quality(im: Images) -> list[dict]:
-    parts = [image_measures(images) for _, images in im.each_split()]
+    parts = [image_measures(images) for images in im.each_split()]
     m = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
     found = []
     b, c, sharp = m["brightness"], m["contrast"], m["sharpness"]
@@ -334,15 +331,10 @@ def _summary(findings: list[dict], counts: dict) -> list[str]:
 
 def _folder(out_dir: Path, name: str | None, cfg: RunConfig) -> Path:
     """A new folder for the inspection: ``<out>/<name>``, else ``<out>/<data>-inspect`` (-2, -3, ... if taken)."""
-    base = name or f"{default_run_name(cfg).rsplit('-', 3)[0]}-inspect"
-    path, n = Path(out_dir) / base, 1
-    while path.exists():
-        if name:
-            raise ConfigError(f"{path} exists already; choose another --name or --out")
-        n += 1
-        path = Path(out_dir) / f"{base}-{n}"
-    path.mkdir(parents=True)
-    return path
+    if name and (Path(out_dir) / name).exists():
+        raise ConfigError(f"{Path(out_dir) / name} exists already; choose another --name or --out")
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    return claim_folder(Path(out_dir), name or f"{default_run_name(cfg).rsplit('-', 3)[0]}-inspect")
 
 
 def _write(folder: Path, result: dict, im: Images, proba: np.ndarray | None) -> None:

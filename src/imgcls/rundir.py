@@ -147,22 +147,14 @@ class RunFolder:
         except OSError as exc:
             raise TrainingError(f"--out {out} cannot be created ({exc.strerror}); give a folder imgcls may "
                                 f"write in") from None
-        # A taken name gets a suffix (-2, -3, ...): a run, and any other file or folder of that name, so that
-        # repeating a run from its config.yaml never overwrites the original and a run never writes into a
-        # folder it did not make.  mkdir without exist_ok claims the name against a concurrent run too.
-        n = 1
-        while True:
-            name = base if n == 1 else f"{base}-{n}"
-            path = out / name
-            try:
-                path.mkdir()
-                break
-            except FileExistsError:
-                n += 1
-            except OSError as exc:
-                raise TrainingError(f"run folder {path} cannot be created ({exc.strerror}); give --out a folder "
-                                    f"imgcls may write in") from None
-        cfg = dataclasses.replace(cfg, name=name)
+        # A taken name gets a suffix, so that repeating a run from its config.yaml never overwrites the original
+        # and a run never writes into a folder it did not make.
+        try:
+            path = claim_folder(out, base)
+        except OSError as exc:
+            raise TrainingError(f"run folder {exc.filename or out} cannot be created ({exc.strerror}); give --out "
+                                f"a folder imgcls may write in") from None
+        cfg = dataclasses.replace(cfg, name=path.name)
         run = cls(path)
         run.write_text(CONFIG, dump_config(cfg))
         return run, cfg
@@ -223,6 +215,23 @@ class RunFolder:
         """Drop metric lines of epochs after the last checkpoint (a run killed mid-epoch)."""
         kept = [r for r in self.read_metrics() if r["epoch"] <= epochs_done]
         self.write_text(METRICS, "".join(json.dumps(r) + "\n" for r in kept))
+
+
+def claim_folder(out: Path, base: str) -> Path:
+    """A new, empty folder ``out/base``, or ``base-2``, ``base-3``, ... where the name is taken (by a folder, a
+    file, anything); ``out`` must exist.  mkdir without exist_ok claims the name against a concurrent process too.
+
+    Raises:
+        OSError: a folder cannot be made there (no permission, no space); its ``filename`` is the path tried.
+    """
+    n = 1
+    while True:
+        path = out / (base if n == 1 else f"{base}-{n}")
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            n += 1
 
 
 def default_run_name(cfg: RunConfig) -> str:

@@ -25,8 +25,9 @@ def pixel_digests(images: np.ndarray) -> list[bytes]:
 
 
 def _luma_batches(images: np.ndarray, with_colour: bool = False):
-    """(start, luminance in [0, 1], float32 (n, 1, H, W)) per batch of images; with ``with_colour``, also the mean
-    absolute difference between the colour channels of each image, in levels of 255 (0 for grey images)."""
+    """(start, luminance in [0, 1], float32 (n, 1, H, W), colour) per batch of images; ``colour`` is None unless
+    ``with_colour``: then the mean absolute difference between the colour channels of each image, in levels of
+    255 (0 for grey images; None for one-channel images too)."""
     for lo in range(0, len(images), _BATCH):
         x = torch.from_numpy(np.ascontiguousarray(images[lo:lo + _BATCH])).float()
         spread = None
@@ -36,7 +37,7 @@ def _luma_batches(images: np.ndarray, with_colour: bool = False):
             x = x @ torch.from_numpy(_LUMA / 255.0)
         else:
             x = x[..., 0] / 255.0
-        yield (lo, x.unsqueeze(1), spread) if with_colour else (lo, x.unsqueeze(1))
+        yield lo, x.unsqueeze(1), spread
 
 
 def image_measures(images: np.ndarray) -> dict[str, np.ndarray]:
@@ -78,7 +79,7 @@ def match_windows(images: np.ndarray) -> torch.Tensor:
     """Per image, its crop windows (see MATCH_CROPS) and their mirror images as grey MATCH_SIDE thumbnails, each
     scaled to zero mean and unit length: float16 (N, windows, MATCH_SIDE**2); window 0 is the whole image."""
     out = []
-    for _, x in _luma_batches(images):
+    for _, x, _ in _luma_batches(images):
         _, _, h, w = x.shape
         views = []
         for share, offsets in MATCH_CROPS:

@@ -28,7 +28,7 @@ from imgcls.data.base import ImageDataset, Split, pool_splits  # noqa: F401 (poo
 from imgcls.data.registry import stratified_split
 from imgcls.errors import ConfigError
 from imgcls.io import write_atomic, write_json, write_npz
-from imgcls.rundir import default_run_name
+from imgcls.rundir import claim_folder, default_run_name
 
 CV_JSON = "cv.json"
 CV_CSV = "cv.csv"
@@ -55,14 +55,8 @@ def new_cv_folder(cfg: RunConfig, folds: int, out_dir: Path | None) -> Path:
             raise ConfigError(f"{out_dir} already holds a cross-validation; choose another folder")
         out_dir.mkdir(parents=True, exist_ok=True)
         return out_dir
-    base = cfg.name or f"{default_run_name(cfg)}-cv{folds}"
-    name, n = base, 1
-    while (Path(cfg.out_dir) / name).exists():
-        n += 1
-        name = f"{base}-{n}"
-    path = Path(cfg.out_dir) / name
-    path.mkdir(parents=True)
-    return path
+    Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
+    return claim_folder(Path(cfg.out_dir), cfg.name or f"{default_run_name(cfg)}-cv{folds}")
 
 
 def fold_record(fold: int, run_dir: Path, m: dict, epochs: int, index: dict, seconds: float) -> dict:

@@ -68,6 +68,7 @@ from imgcls.training.transfer import (
     cached_features,
     fit_linear_head,
     fit_stage_head,
+    last_stage_directions,
 )
 
 
@@ -657,10 +658,9 @@ def _test_copies(runner, ds: ImageDataset, features: list, cache, backbone: str,
     x_test, _ = cached_features(runner, ds.splits["test"].images, "none", cache, backbone, say)
     names = [k for k in ("train", "val") if k in ds.splits]
     x = np.concatenate([f for f in features if f is not None] + [x_test])
-    last = x[:, -getattr(runner.module.model, "num_features", x.shape[1]):]
-    unit = last / np.maximum(np.linalg.norm(last, axis=1, keepdims=True), 1e-12)
     seen = sum(len(ds.splits[k]) for k in names)
-    pairs = copy_pairs([ds.splits[k].images for k in (*names, "test")], unit, across=seen)
+    pairs = copy_pairs([ds.splits[k].images for k in (*names, "test")], last_stage_directions(x, runner.module.model),
+                       across=seen)
     leaked = {p.second for p in pairs}
     if leaked:
         say(f"warning: {len(leaked)} of the {len(ds.splits['test'])} test images are copies of images this run "

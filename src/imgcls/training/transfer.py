@@ -138,6 +138,13 @@ def backbone_digest(model: torch.nn.Module, norm: dict) -> str:
     return tensor_digest(state) + repr(sorted(norm.items())) + f"|head_stages={getattr(model, 'head_stages', 1)}"
 
 
+def last_stage_directions(features: np.ndarray, model: torch.nn.Module) -> np.ndarray:
+    """The last stage's part of pooled ``features`` (N, F) (the model's ``num_features`` columns, at the end),
+    each row scaled to unit length: float32 (N, D), what copies and outliers are compared on."""
+    last = features[:, -getattr(model, "num_features", features.shape[1]):]
+    return (last / np.maximum(np.linalg.norm(last, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+
+
 def compute_features(runner: FeatureRunner, images: np.ndarray, view: str = "none") -> np.ndarray:
     """(N, F) float32 pooled features of uint8 (N, H, W, C) images, mirrored first when ``view`` is hflip."""
     out = []
