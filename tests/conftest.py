@@ -42,3 +42,14 @@ def chromium_launch():
     return {"executable_path": "/usr/bin/chromium", "headless": True,
             "args": ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
                      "--disable-component-update", "--disable-sync", "--no-first-run"]}
+
+
+@pytest.fixture(scope="module")
+def browser(chromium_launch):
+    """A headless Chromium (Debian's, through Playwright) shared by a module's tests; skips without either."""
+    from playwright import sync_api  # chromium_launch has skipped without Playwright
+
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(**chromium_launch)
+        yield browser
+        browser.close()

@@ -213,28 +213,24 @@ def test_no_findings_and_a_failed_write_leaves_the_old_page(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["inspect.html"]
 
 
-def test_renders_at_390_px_and_sorts_by_score(written, chromium_launch, tmp_path):
-    from playwright import sync_api  # the fixture skips without playwright
-
+def test_renders_at_390_px_and_sorts_by_score(written, browser, tmp_path):
     scores_js = "p => Array.from(document.querySelectorAll(`section[data-problem=${p}] tbody tr`))" \
                 ".map(r => parseFloat(r.cells[2].textContent))"
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(**chromium_launch)
-        try:
-            page = browser.new_page(viewport={"width": 390, "height": 844})
-            page.goto(written["path"].resolve().as_uri(), wait_until="load")
-            width = page.evaluate("document.documentElement.scrollWidth")
-            images = page.evaluate("Array.from(document.images).map(i => [i.alt, i.complete, i.naturalWidth])")
-            page.screenshot(path=str(tmp_path / "inspect-390.png"), full_page=False)
-            orders = {}
-            for problem in ("blurry", "exact_duplicate"):
-                before = page.evaluate(scores_js, problem)
-                page.click(f"section[data-problem={problem}] th.score button")
-                after = page.evaluate(scores_js, problem)
-                page.click(f"section[data-problem={problem}] th.score button")
-                orders[problem] = (before, after, page.evaluate(scores_js, problem))
-        finally:
-            browser.close()
+    page = browser.new_page(viewport={"width": 390, "height": 844})
+    try:
+        page.goto(written["path"].resolve().as_uri(), wait_until="load")
+        width = page.evaluate("document.documentElement.scrollWidth")
+        images = page.evaluate("Array.from(document.images).map(i => [i.alt, i.complete, i.naturalWidth])")
+        page.screenshot(path=str(tmp_path / "inspect-390.png"), full_page=False)
+        orders = {}
+        for problem in ("blurry", "exact_duplicate"):
+            before = page.evaluate(scores_js, problem)
+            page.click(f"section[data-problem={problem}] th.score button")
+            after = page.evaluate(scores_js, problem)
+            page.click(f"section[data-problem={problem}] th.score button")
+            orders[problem] = (before, after, page.evaluate(scores_js, problem))
+    finally:
+        page.close()
     assert width <= 390, width
     assert len(images) == len(written["page"].images)
     assert all(complete and natural > 0 for _, complete, natural in images), images

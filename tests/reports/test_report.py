@@ -233,19 +233,15 @@ def test_extra_sections_follow_and_out_dir_is_honoured(odd_names):
     assert not (odd_names["run"] / "report.html").exists()
 
 
-def test_report_renders_in_chromium_with_every_image_loaded(digits, tmp_path, chromium_launch):
-    from playwright import sync_api
-
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(**chromium_launch)
-        try:
-            page = browser.new_page(viewport={"width": 1200, "height": 900})
-            page.goto(digits["page"].resolve().as_uri(), wait_until="load")
-            images = page.evaluate("Array.from(document.images).map(i => [i.alt, i.complete, i.naturalWidth])")
-            page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
-            headings = page.evaluate("Array.from(document.querySelectorAll('h2')).map(h => h.textContent)")
-        finally:
-            browser.close()
+def test_report_renders_in_chromium_with_every_image_loaded(digits, tmp_path, browser):
+    page = browser.new_page(viewport={"width": 1200, "height": 900})
+    try:
+        page.goto(digits["page"].resolve().as_uri(), wait_until="load")
+        images = page.evaluate("Array.from(document.images).map(i => [i.alt, i.complete, i.naturalWidth])")
+        page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
+        headings = page.evaluate("Array.from(document.querySelectorAll('h2')).map(h => h.textContent)")
+    finally:
+        page.close()
     assert [alt for alt, _, _ in images] == FIGURE_STEMS
     assert all(complete and width > 0 for _, complete, width in images), images
     assert headings == list(SECTION_TITLES)

@@ -84,14 +84,6 @@ def digit_pngs(digits_run, tmp_path_factory):
 # ---------------------------------------------------------------- browser
 
 
-@pytest.fixture(scope="module")
-def browser(chromium_launch):
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(**chromium_launch)
-        yield browser
-        browser.close()
-
-
 class PageLog:
     """Every request the page made and every script error it raised."""
 
