@@ -213,6 +213,17 @@ def check_meta(meta: dict, path: Path) -> None:
     for key in ("tta", "resize"):
         if meta.get(key) is not None and not isinstance(meta[key], str):
             raise bad(f"'{key}' must be a string", meta[key])
+    if meta.get("task", "single") not in TASKS:
+        raise bad(f"'task' must be one of {', '.join(TASKS)}", meta.get("task"))
+
+
+def is_multilabel(meta: dict) -> bool:
+    """Whether the model's metadata says it gives several labels per image (a sigmoid per label)."""
+    return meta.get("task") == "multilabel"
+
+
+TASKS = ("single", "multilabel")
+"""What a model's ``meta["task"]`` may say: one class per image (softmax; the default), or several labels."""
 
 
 def _whole(value) -> bool:

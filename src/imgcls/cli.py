@@ -217,7 +217,8 @@ def _predict_args(p: argparse.ArgumentParser) -> None:
     _add_checkpoint(p)
     _add_device(p)
     p.add_argument("--thresholds", action="store_true",
-                   help="answer 'unknown' when no class clears its tuned threshold (see `imgcls thresholds`)")
+                   help="answer 'unknown' when no class clears its tuned threshold (see `imgcls thresholds`); a "
+                        "multi-label model always answers the labels over their thresholds")
 
 
 
@@ -234,8 +235,15 @@ def cmd_predict(args) -> int:
     from imgcls.evaluation.thresholds import rank_classes  # start-up time
 
     proba = clf.proba_of_arrays(images) if len(images) else []
-    ranked = rank_classes(proba, clf.classes, args.top_k, thresholds) if len(images) else []
-    rows = [{"input": name, **r} for name, r in zip(names, ranked)]
+    if clf.multilabel:  # the set of labels over their thresholds, beside the top ones by probability
+        from imgcls.predictor import label_sets  # start-up time
+
+        ranked = rank_classes(proba, clf.classes, args.top_k) if len(images) else []
+        sets = label_sets(proba, clf.classes, clf.meta.get("thresholds")) if len(images) else []
+        rows = [{"input": name, "labels": s["labels"], **r} for name, r, s in zip(names, ranked, sets)]
+    else:
+        ranked = rank_classes(proba, clf.classes, args.top_k, thresholds) if len(images) else []
+        rows = [{"input": name, **r} for name, r in zip(names, ranked)]
     print(_format_predictions(rows, bad, args.format), end="")
     for b in bad:
         print(terminal.safe(f"error: cannot read {b.path}: {b.reason}"), file=sys.stderr)
@@ -250,10 +258,12 @@ def _format_predictions(rows: list[dict], bad: list, fmt: str) -> str:
         buf = io.StringIO()
         writer = csv.writer(buf)
         answers = any("answer" in r for r in rows)
-        writer.writerow(["input", "rank", "class", "probability"] + (["answer"] if answers else []))
+        sets = any("labels" in r for r in rows)
+        writer.writerow(["input", "rank", "class", "probability"] + (["answer"] if answers else [])
+                        + (["labels"] if sets else []))
         for row in rows:
             for rank, t in enumerate(row["top"], 1):
-                extra = [row["answer"]] if answers else []
+                extra = ([row["answer"]] if answers else []) + ([";".join(row["labels"])] if sets else [])
                 writer.writerow([row["input"], rank, t["class"], f"{t['probability']:.6f}"] + extra)
         return buf.getvalue()
     width = max([len(r["input"]) for r in rows] + [5])
@@ -261,6 +271,8 @@ def _format_predictions(rows: list[dict], bad: list, fmt: str) -> str:
     for row in rows:
         tops = "   ".join(f"{t['class']} {t['probability']:.1%}" for t in row["top"])
         answer = f"{row['answer']:<10}  " if "answer" in row else ""
+        if "labels" in row:
+            answer = f"[{', '.join(row['labels']) or 'no label'}]  "
         lines.append(f"{row['input']:<{width}}  {answer}{tops}")
     return terminal.safe("\n".join(lines) + ("\n" if lines else ""))
 

@@ -60,6 +60,9 @@ class DataConfig:
                               "a link cannot pull in files from elsewhere)")
     exclude: str | None = _opt(None, "leave out the images a file lists: the issues.csv of `imgcls inspect` (or any "
                                "CSV with a file column), or one path per line, relative to --data")
+    labels: str | None = _opt(None, "a CSV of several labels per image: filename,labels (labels separated by spaces "
+                              "or ;) or filename and one 0/1 column per label; a labels.csv beside the images is "
+                              "found without it")
 
 
 NO_WEIGHTS = "none"  # --pretrained none: random weights, said explicitly

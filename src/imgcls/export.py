@@ -4,7 +4,8 @@ The exported graph is self-contained: its input ``images`` is raw uint8 pixels
 (N, H, W, C), as images are decoded; the graph normalises them exactly as
 :func:`imgcls.inference.to_input` does, ``x = (pixels / 255 - mean) / std`` per
 channel, and returns ``logits`` (N, K) and ``probabilities`` (N, K) =
-softmax(logits / temperature).  The batch dimension is dynamic.  What a caller
+softmax(logits / temperature), or for a multi-label model an independent
+sigmoid(logits / temperature) per label.  The batch dimension is dynamic.  What a caller
 needs to prepare images (classes, size, resize mode, normalisation,
 temperature, thresholds) is stored in the model's ``metadata_props``: JSON under
 ``imgcls_meta`` and a JSON list under ``class_names``.
@@ -33,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from imgcls import rundir
-from imgcls.checkpoint import find_checkpoint
+from imgcls.checkpoint import find_checkpoint, is_multilabel
 from imgcls.errors import CheckpointError, ConfigError, DataError, ImgclsError
 from imgcls.inference import normalization_tensors, predict_logits, to_input, tta_logits
 from imgcls.io import write_atomic, write_json
@@ -51,16 +52,18 @@ OUTPUT_NAMES = ("logits", "probabilities")
 MAX_CHECK_IMAGES = 64
 # Checkpoint metadata stored at the top level of imgcls_meta (in its own layout); the rest is kept under "checkpoint".
 _MAPPED_KEYS = ("arch", "arch_kwargs", "classes", "input_shape", "normalize", "temperature", "thresholds", "resize",
-                "tta", "format_version", "train_state")
+                "tta", "task", "format_version", "train_state")
 
 
 class PixelClassifier(nn.Module):
     """A model with its preprocessing: uint8 (N, H, W, C) -> (logits, probabilities), each (N, K) float32."""
 
-    def __init__(self, model: nn.Module, normalize: dict, temperature: float = 1.0, tta: str = "none"):
+    def __init__(self, model: nn.Module, normalize: dict, temperature: float = 1.0, tta: str = "none",
+                 multilabel: bool = False):
         super().__init__()
         self.model = model
         self.tta = tta
+        self.multilabel = multilabel
         mean, std = normalization_tensors(normalize, torch.device("cpu"))
         self.register_buffer("mean", mean)
         self.register_buffer("std", std)
@@ -68,6 +71,8 @@ class PixelClassifier(nn.Module):
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = tta_logits(self.model, to_input(images, self.mean, self.std, channels_last=False), self.tta)
+        if self.multilabel:
+            return logits, torch.sigmoid(logits / self.temperature)
         return logits, F.softmax(logits / self.temperature, dim=1)
 
 
@@ -127,7 +132,7 @@ def export_onnx(
     images, images_source = _images_to_check(clf, check_images)
 
     wrapper = PixelClassifier(clf.model, clf.meta["normalize"], clf.meta.get("temperature", 1.0),
-                              clf.meta.get("tta", "none")).eval()
+                              clf.meta.get("tta", "none"), clf.multilabel).eval()
     proto, used, fallback = _to_onnx(wrapper, clf.input_shape, opset, exporter)
     parameters = sum(p.numel() for p in clf.model.parameters())
     _set_metadata(proto, onnx_metadata(clf.meta, parameters, checkpoint.name))
@@ -270,24 +275,32 @@ def onnx_metadata(meta: dict, parameters: int, checkpoint_name: str) -> dict:
         "outputs": {"logits": "float32 (N, K), before temperature"
                               + ("" if meta.get("tta", "none") == "none" else
                                  f"; averaged over test-time augmented views ({meta['tta']}), inside the graph"),
-                    "probabilities": "float32 (N, K) = softmax(logits / temperature)"},
-        "preprocessing": _preprocessing_text(c, h, w, resize, norm, temperature),
+                    "probabilities": f"float32 (N, K) = {_squash(meta)}(logits / temperature)"},
+        "preprocessing": _preprocessing_text(c, h, w, resize, norm, temperature, _squash(meta)),
         "parameters": int(parameters),
         "checkpoint": dict({k: v for k, v in meta.items() if k not in _MAPPED_KEYS}, checkpoint_file=checkpoint_name),
     }
     if meta.get("thresholds") is not None:
         doc["thresholds"] = list(meta["thresholds"])
+    if is_multilabel(meta):
+        doc["task"] = "multilabel"
     return doc
 
 
-def _preprocessing_text(c: int, h: int, w: int, resize: str, norm: dict, temperature: float) -> str:
+def _squash(meta: dict) -> str:
+    """What turns logits into probabilities: a softmax over classes, or a sigmoid per label (multi-label)."""
+    return "sigmoid" if is_multilabel(meta) else "softmax"
+
+
+def _preprocessing_text(c: int, h: int, w: int, resize: str, norm: dict, temperature: float,
+                        squash: str = "softmax") -> str:
     how = {"stretch": "stretched to", "crop": "centre-cropped to the aspect ratio of, then resized to",
            "pad": "letterboxed (padded) to the aspect ratio of, then resized to"}.get(resize, f"resized ({resize}) to")
     colour = "RGB" if c == 3 else "greyscale (L)"
     return (f"Decode each image as {colour} (transparency composited on white), {how} {h}x{w} (height x width); "
             f"feed the uint8 pixels as '{INPUT_NAME}' of shape (N, {h}, {w}, {c}), NHWC, no scaling. "
             f"The graph computes x = (pixels / 255 - mean) / std per channel with mean {norm['mean']} and "
-            f"std {norm['std']}, and returns 'logits' and 'probabilities' = softmax(logits / {temperature:g}).")
+            f"std {norm['std']}, and returns 'logits' and 'probabilities' = {squash}(logits / {temperature:g}).")
 
 
 def _set_metadata(proto, doc: dict) -> None:
@@ -340,6 +353,8 @@ def meta_from_onnx(doc: dict, path: Path) -> dict:
                 tta=doc.get("tta", "none"), parameters=doc.get("parameters"))  # the graph applies the TTA itself
     if doc.get("thresholds") is not None:
         meta["thresholds"] = list(doc["thresholds"])
+    if doc.get("task") is not None:
+        meta["task"] = doc["task"]
     return meta
 
 

@@ -258,11 +258,14 @@ def predict_logits(model: torch.nn.Module, images, norm: dict, runtime: Runtime,
 
 
 def predict_proba(model, images, norm: dict, runtime: Runtime, batch_size: int = 512,
-                  temperature: float = 1.0, tta: str = "none") -> np.ndarray:
-    """Class probabilities (N, num_classes) as float64 numpy."""
-    return proba_from_logits(predict_logits(model, images, norm, runtime, batch_size, tta), temperature)
+                  temperature: float = 1.0, tta: str = "none", multilabel: bool = False) -> np.ndarray:
+    """Class probabilities (N, num_classes) as float64 numpy (see :func:`proba_from_logits`)."""
+    return proba_from_logits(predict_logits(model, images, norm, runtime, batch_size, tta), temperature, multilabel)
 
 
-def proba_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> np.ndarray:
-    """Softmax of ``logits / temperature`` as float64 numpy."""
+def proba_from_logits(logits: torch.Tensor, temperature: float = 1.0, multilabel: bool = False) -> np.ndarray:
+    """Softmax of ``logits / temperature`` as float64 numpy; with ``multilabel`` an independent sigmoid per
+    label (each row's probabilities need not sum to 1)."""
+    if multilabel:
+        return torch.sigmoid(logits.double() / temperature).numpy()
     return F.softmax(logits.double() / temperature, dim=1).numpy()

@@ -15,13 +15,32 @@ from pathlib import Path
 
 import numpy as np
 
-from imgcls.checkpoint import load_model
+from imgcls.checkpoint import is_multilabel, load_model
 from imgcls.config import apply_overrides, config_from_dict, read_config_values
 from imgcls.data.inputs import load_image_inputs
 from imgcls.data.registry import build_dataset
 from imgcls.errors import DataError
 from imgcls.inference import predict_proba, scoring_runtime
 from imgcls.rundir import CONFIG, fold_dataset_of_run
+
+
+def label_sets(proba: np.ndarray, labels: list[str], thresholds=None) -> list[dict]:
+    """What a multi-label model answers, per image: ``labels``, the names whose probability clears their
+    threshold (0.5 each without ``thresholds``), most probable first, and ``probabilities``, every label's.
+
+    Args:
+        proba: per-label probabilities, float (N, L).
+        labels: the L label names.
+        thresholds: L thresholds, or None.
+    """
+    proba = np.asarray(proba, dtype=np.float64).reshape(-1, len(labels))
+    t = np.full(len(labels), 0.5) if thresholds is None else np.asarray(thresholds, dtype=np.float64)
+    out = []
+    for p in proba:
+        order = [j for j in np.argsort(-p, kind="stable") if p[j] >= t[j]]
+        out.append({"labels": [labels[j] for j in order],
+                    "probabilities": {name: float(v) for name, v in zip(labels, p)}})
+    return out
 
 
 class Predictor:
@@ -39,6 +58,11 @@ class Predictor:
     @property
     def input_shape(self) -> tuple[int, int, int]:
         return tuple(self.meta["input_shape"])
+
+    @property
+    def multilabel(self) -> bool:
+        """Whether the model gives several labels per image (a sigmoid per label) rather than one class."""
+        return is_multilabel(self.meta)
 
     def load_inputs(self, inputs) -> tuple[list[str], np.ndarray, list]:
         """Decode and resize inputs: (names, uint8 (N, H, W, C), files that could not be read)."""
@@ -59,8 +83,15 @@ class Predictor:
         raise NotImplementedError
 
     def predict(self, inputs) -> np.ndarray:
-        """Predicted class names, shape (N,)."""
-        return np.array(self.classes, dtype=object)[self.predict_proba(inputs).argmax(1)]
+        """Predicted class names, shape (N,); for a multi-label model, each image's list of the labels whose
+        probability clears their stored threshold (0.5 without one)."""
+        proba = self.predict_proba(inputs)
+        if self.multilabel:
+            sets = label_sets(proba, self.classes, self.meta.get("thresholds"))
+            out = np.empty(len(sets), dtype=object)
+            out[:] = [s["labels"] for s in sets]
+            return out
+        return np.array(self.classes, dtype=object)[proba.argmax(1)]
 
 
 class TorchPredictor(Predictor):
@@ -80,7 +111,8 @@ class TorchPredictor(Predictor):
     def proba_of_arrays(self, images: np.ndarray) -> np.ndarray:
         """Probabilities for uint8 (N, H, W, C) images already at the model's size."""
         return predict_proba(self.model, images, self.meta["normalize"], self.runtime, self.batch_size,
-                             temperature=self.meta.get("temperature", 1.0), tta=self.meta.get("tta", "none"))
+                             temperature=self.meta.get("temperature", 1.0), tta=self.meta.get("tta", "none"),
+                             multilabel=self.multilabel)
 
     def dataset(self, data=None):
         """The run's own data with its seeded splits, or ``data`` read at the model's image size."""

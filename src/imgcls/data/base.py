@@ -1,8 +1,10 @@
 """The in-memory dataset every source is turned into.
 
-A dataset is a set of named splits, each a pair of uint8 arrays: images of
-shape (N, H, W, C) and integer labels of shape (N,).  NHWC is the layout the
-images are decoded in, and it becomes a channels_last tensor without a copy.
+A dataset is a set of named splits, each a pair of arrays: uint8 images of
+shape (N, H, W, C), and labels: int64 class indices of shape (N,), or, for a
+multi-label dataset, a uint8 0/1 matrix of shape (N, L) (image i carries label
+j where ``labels[i, j] == 1``).  NHWC is the layout the images are decoded in,
+and it becomes a channels_last tensor without a copy.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ class Split:
 
     Attributes:
         images: uint8 array, shape (N, H, W, C).
-        labels: int64 array, shape (N,), values in [0, num_classes).
+        labels: int64 array, shape (N,), values in [0, num_classes); or, multi-label, uint8 0/1 (N, L).
         paths: optional source path of each image (for reports), length N.
         sizes: optional int32 (N, 2): each image's own (height, width) before it was resized (own images).
     """
@@ -45,8 +47,9 @@ class Split:
     def __post_init__(self) -> None:
         if self.images.dtype != np.uint8 or self.images.ndim != 4:
             raise ValueError(f"images must be uint8 (N, H, W, C), got {self.images.dtype} {self.images.shape}")
-        self.labels = np.asarray(self.labels, dtype=np.int64)
-        if self.labels.shape != (len(self.images),):
+        labels = np.asarray(self.labels)
+        self.labels = labels.astype(np.uint8, copy=False) if labels.ndim == 2 else labels.astype(np.int64, copy=False)
+        if self.labels.shape[:1] != (len(self.images),) or self.labels.ndim > 2:
             raise ValueError(f"labels shape {self.labels.shape} does not match {len(self.images)} images")
         if self.paths is not None and len(self.paths) != len(self.images):
             raise ValueError(f"{len(self.paths)} paths for {len(self.images)} images")
@@ -59,6 +62,11 @@ class Split:
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    @property
+    def multilabel(self) -> bool:
+        """Whether the labels are a 0/1 matrix (N, L): several labels per image."""
+        return self.labels.ndim == 2
 
     def subset(self, index: np.ndarray) -> "Split":
         """Return the split restricted to ``index`` (an integer array)."""
@@ -112,6 +120,15 @@ class ImageDataset:
         return len(self.classes)
 
     @property
+    def multilabel(self) -> bool:
+        """Whether an image may carry several labels (``classes`` are then the labels)."""
+        return next(iter(self.splits.values())).multilabel
+
+    def counts(self, split: str) -> np.ndarray:
+        """Images per class of ``split`` (multi-label: images carrying each label), int64 (K,)."""
+        return label_counts(self.splits[split].labels, self.num_classes)
+
+    @property
     def image_shape(self) -> tuple[int, int, int]:
         """(C, H, W) of every image, the shape a model is built for."""
         # Every split shares one shape; "all" stands alone before the train/test split is made.
@@ -121,7 +138,8 @@ class ImageDataset:
     def summary_lines(self) -> list[str]:
         """Human-readable lines: the layout, split sizes, skipped and bad files."""
         c, h, w = self.image_shape
-        lines = [f"dataset {self.name}: {self.num_classes} classes, images {c}x{h}x{w}"]
+        kinds = f"{self.num_classes} labels (multi-label)" if self.multilabel else f"{self.num_classes} classes"
+        lines = [f"dataset {self.name}: {kinds}, images {c}x{h}x{w}"]
         if self.layout:
             lines.append(f"  layout: {self.layout}")
         for name, split in self.splits.items():
@@ -143,11 +161,18 @@ class ImageDataset:
         """A JSON-serialisable description: classes, layout, split sizes per class, skipped and bad files, notes."""
         return {
             "name": self.name, "classes": self.classes, "image_shape": list(self.image_shape), "layout": self.layout,
-            "splits": {k: {"images": len(v), "per_class": np.bincount(v.labels, minlength=self.num_classes).tolist()}
-                       for k, v in self.splits.items()},
+            **({"task": "multilabel"} if self.multilabel else {}),
+            "splits": {k: {"images": len(v), "per_class": self.counts(k).tolist()} for k, v in self.splits.items()},
             "skipped": [vars(f) for f in self.skipped], "bad": [vars(f) for f in self.bad], "notes": self.notes,
             **({"excluded": self.excluded} if self.excluded else {}),
         }
+
+
+def label_counts(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """Images per class of ``labels`` (N,) class indices, or images carrying each label of a 0/1 (N, L) matrix."""
+    if labels.ndim == 2:
+        return labels.sum(0, dtype=np.int64)
+    return np.bincount(labels, minlength=num_classes).astype(np.int64)
 
 
 def pool_splits(ds: ImageDataset) -> Split:

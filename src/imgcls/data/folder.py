@@ -26,7 +26,8 @@ from imgcls.data.decode import (
     first_native_shape,
 )
 from imgcls.data.images import check_channels, check_resize
-from imgcls.data.layout import Layout, check_not_empty, describe_layout, detect_layout
+from imgcls.data.layout import Layout, check_not_empty, describe_layout, read_layout
+from imgcls.data.multilabel import label_counts_line
 from imgcls.data.sources import open_source
 from imgcls.errors import ConfigError, DataError
 
@@ -44,6 +45,7 @@ def load_folder(
     *,
     workers: int | None = None,
     follow_links: bool = False,
+    labels: str | None = None,
 ) -> ImageDataset:
     """Decode a folder (or zip) of class folders into an :class:`ImageDataset`.
 
@@ -60,6 +62,9 @@ def load_folder(
         workers: decoding processes; None uses every CPU available.
         follow_links: read links that lead out of the folder (refused
             otherwise; see :class:`FolderSource`).
+        labels: a CSV of several labels per image (see
+            :mod:`imgcls.data.multilabel`); None uses one found beside the
+            images, else the class folders.
 
     Returns:
         The splits ``all`` (class-folder layout) or ``train`` and any of
@@ -75,7 +80,7 @@ def load_folder(
     image_size = check_size(image_size)
     with open_source(path, follow_links) as source:
         where = str(source.path)
-        layout = detect_layout(source.files(), source.dirs(), where)
+        layout = read_layout(source, labels)
         groups = [[rel for rel, _ in items] for items in layout.items.values()]
         ref_size, ref_channels = first_native_shape(source, [r for g in groups for r in g])
         opts = DecodeOptions(channels, image_size, resize, None if image_size is not None else ref_size, ref_channels)
@@ -92,10 +97,13 @@ def load_folder(
         listed = "\n".join(f"  {b.path}: {b.reason}" for b in bad)
         raise DataError(f"{where}: {len(bad)} image(s) could not be decoded (on_bad_image='error'):\n{listed}")
     check_not_empty(Layout(layout.classes, kept, layout.folders), where, bad)
+    if layout.targets is not None:
+        notes.insert(0, label_counts_line(np.concatenate([layout.labels_of(items) for items in kept.values()]),
+                                          layout.classes))
     channels, size, notes = choose_shape([c for group in chunks for c in group], channels, image_size, resize)
     splits = {}
     for (name, items), group in zip(kept.items(), chunks):
-        labels = np.array([label for _, label in items], dtype=np.int64)
-        splits[name] = Split(assemble(group, channels, size, resize), labels, [p for p, _ in items], sizes[name])
+        splits[name] = Split(assemble(group, channels, size, resize), layout.labels_of(items), [p for p, _ in items],
+                             sizes[name])
     line = describe_layout(layout, {name: len(items) for name, items in kept.items()})
     return ImageDataset(where, layout.classes, splits, skipped, bad, layout.notes + notes, layout=line)

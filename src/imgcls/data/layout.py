@@ -4,7 +4,12 @@ Two layouts are understood:
 
 * ``<class>/<image>``: one split, named ``all``;
 * ``<split>/<class>/<image>``: a train folder with optional val and test
-  folders beside it.  Split folders are known by name in any case and with
+  folders beside it.
+
+A CSV of labels beside the images (``labels.csv``, or the file ``--labels``
+names) makes a multi-label dataset instead: the images may sit in any folders
+(split folders still make the splits), and each image's labels come from its
+row (:mod:`imgcls.data.multilabel`).  Split folders are known by name in any case and with
   ``_``, ``-``, a space or nothing between the words: ``Training``,
   ``training_set``, ``train-data``, ``TEST SET``, ``holdout``, ``dev``
   (:data:`SPLIT_ALIASES` lists them all).
@@ -21,11 +26,13 @@ from __future__ import annotations
 import os
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
 from imgcls.data.base import SkippedFile
 from imgcls.data.images import has_image_extension
+from imgcls.data.multilabel import find_label_file, match_rows, read_label_csv
 from imgcls.errors import DataError
 
 _SPLIT_STEMS = {
@@ -63,6 +70,10 @@ class Layout:
         roots: split name to the folder holding its class folders, relative
             with a trailing ``/`` (``training_set/training_set/``), or ``""``
             for the top of the source.
+        targets: multi-label only: uint8 0/1 (R, L), one row per row of the
+            labels CSV; an item's label is then its row in ``targets``, and
+            ``classes`` are the L labels.
+        label_file: multi-label only: the CSV the labels came from.
     """
 
     classes: list[str]
@@ -71,6 +82,14 @@ class Layout:
     skipped: list[SkippedFile] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     roots: dict[str, str] = field(default_factory=dict)
+    targets: np.ndarray | None = None
+    label_file: str = ""
+
+    def labels_of(self, items: list[tuple[str, int]]) -> np.ndarray:
+        """The labels of ``items`` (a list of (path, label) like ``items[split]``): int64 (N,) class indices,
+        or uint8 (N, L) rows of ``targets``."""
+        index = np.array([label for _, label in items], dtype=np.int64)
+        return index if self.targets is None else self.targets[index]
 
 
 def split_of(name: str) -> str | None:
@@ -120,13 +139,7 @@ def detect_layout(files: list[str], dirs: set[str], where: str) -> Layout:
             class-like or split folders of its own, split folders lack a train
             folder, or val/test name a class that train lacks.
     """
-    skipped, images = [], []
-    for rel in files:
-        reason = skip_reason(rel)
-        if reason is None:
-            images.append(rel)
-        else:
-            skipped.append(SkippedFile(rel, reason))
+    images, skipped = candidate_images(files)
     dirs = {d for d in dirs if visible_dir(d)}
     root = _unwrap(images, dirs, "", stop_at_splits=True)
     _refuse_loose_images(images, root, where)
@@ -141,6 +154,98 @@ def detect_layout(files: list[str], dirs: set[str], where: str) -> Layout:
     return layout
 
 
+def candidate_images(files: list[str]) -> tuple[list[str], list[SkippedFile]]:
+    """(the files that are candidate images, the others with why they are passed over)."""
+    images, skipped = [], []
+    for rel in files:
+        reason = skip_reason(rel)
+        if reason is None:
+            images.append(rel)
+        else:
+            skipped.append(SkippedFile(rel, reason))
+    return images, skipped
+
+
+def read_layout(source, labels: str | None = None) -> Layout:
+    """The layout of an opened source (:mod:`imgcls.data.sources`): multi-label when ``labels`` names a CSV
+    or one is found beside the images (:func:`imgcls.data.multilabel.find_label_file`), else from the
+    folder names (:func:`detect_layout`).
+
+    Raises:
+        DataError: as :func:`detect_layout`, or :func:`imgcls.data.multilabel.multilabel_layout` for a CSV.
+    """
+    files, where = source.files(), str(source.path)
+    if labels is None:
+        found = find_label_file(files)
+        if found is None:
+            return detect_layout(files, source.dirs(), where)
+        table = read_label_csv(source.read(found), source.display(found))
+    else:
+        path = Path(labels).expanduser()
+        if not path.is_file():
+            raise DataError(f"--labels {labels}: no such file; give the CSV of labels (filename,labels or one 0/1 "
+                            f"column per label), or leave --labels out to use a labels.csv beside the images")
+        table = read_label_csv(path.read_bytes(), str(path))
+        found = None
+    return multilabel_layout(files, {d for d in source.dirs() if visible_dir(d)}, where, table, found)
+
+
+def multilabel_layout(files: list[str], dirs: set[str], where: str, table, table_rel: str | None) -> Layout:
+    """The layout of a multi-label dataset: every candidate image matched to its row of ``table``
+    (a :class:`imgcls.data.multilabel.LabelTable`), the splits from split folders where there are any.
+
+    Raises:
+        DataError: a row names a missing file or an image has no row; images outside the split folders; a
+            label that val or test has and train lacks; fewer than 2 labels.
+    """
+    images, skipped = candidate_images(files)
+    rows = match_rows(table, images, where)
+    if len(table.labels) < 2:
+        raise DataError(f"{table.source}: names only {table.labels} as labels; at least 2 labels are needed")
+    root = _unwrap(images, dirs, "", stop_at_splits=True)
+    split_tops = [t for t in _children(dirs, root) if split_of(t)]
+    layout = Layout(list(table.labels), {}, {}, skipped, targets=table.targets, label_file=table.source)
+    if not split_tops:
+        layout.items["all"] = list(zip(images, rows.tolist()))
+        layout.roots["all"] = root
+    else:
+        by_split = _split_folders(root, split_tops, split_tops, where)
+        placed = set()
+        for split in ("train", "val", "test"):
+            if split in by_split:
+                prefix = f"{root}{by_split[split]}/"
+                layout.items[split] = [(r, int(i)) for r, i in zip(images, rows) if r.startswith(prefix)]
+                layout.roots[split] = prefix
+                placed.update(r for r, _ in layout.items[split])
+        outside = [r for r in images if r not in placed]
+        if outside:
+            raise DataError(f"{where}: {len(outside):,} images lie outside the split folders "
+                            f"({', '.join(t + '/' for t in split_tops)}), for example {outside[0]!r}; put every "
+                            f"image in a split folder, or none")
+        _refuse_labels_only_held_out(layout, table)
+    empty = [r for r, i in (it for items in layout.items.values() for it in items) if not table.targets[i].any()]
+    if empty:
+        layout.notes.append(f"{len(empty):,} images have an empty label set in {table.source} (for example "
+                            f"{empty[0]}); they teach the model that none of the labels applies")
+    return layout
+
+
+def _refuse_labels_only_held_out(layout: Layout, table) -> None:
+    """Refuse a label that the val or test folder has and the train folder lacks: no model can learn it."""
+    train = layout.labels_of(layout.items["train"]).sum(0)
+    for split in ("val", "test"):
+        if split not in layout.items:
+            continue
+        there = layout.labels_of(layout.items[split]).sum(0)
+        missing = np.flatnonzero((there > 0) & (train == 0))
+        if len(missing):
+            rel, row = next((r, i) for r, i in layout.items[split] if table.targets[i, missing[0]])
+            names = ", ".join(table.labels[k] for k in missing[:5])
+            raise DataError(f"{table.source}: label(s) {names} appear only in {split} (for example line "
+                            f"{table.rows[row]}, {rel}), never in train: no model can learn them; move some of those "
+                            f"images to train, or remove the label")
+
+
 def describe_layout(layout: Layout, counts: dict[str, int]) -> str:
     """One line saying how the folders were read.
 
@@ -153,6 +258,8 @@ def describe_layout(layout: Layout, counts: dict[str, int]) -> str:
         layout: from :func:`detect_layout`.
         counts: images kept per split of ``layout.items`` (decodable ones).
     """
+    if layout.targets is not None and "all" in layout.items:
+        return f"labels from {layout.label_file} ({len(layout.classes)} labels, {_count(counts['all'], 'image')})"
     if "all" in layout.items:
         under = f" under {layout.roots['all']}" if layout.roots.get("all") else ""
         return f"one folder per class ({len(layout.classes)} classes, {_count(counts['all'], 'image')}){under}"

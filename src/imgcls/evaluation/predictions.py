@@ -12,9 +12,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from imgcls.checkpoint import is_multilabel
 from imgcls.errors import DataError
 from imgcls.evaluation.evaluate import remap_labels
-from imgcls.inference import predict_logits
+from imgcls.inference import predict_logits, proba_from_logits
 from imgcls.predictor import load
 
 
@@ -30,6 +31,8 @@ class SplitPredictions:
         paths: source path of each image, or None for built-in datasets.
         classes: the K class names.
         temperature: the calibration temperature stored with the model (1.0 if none).
+        multilabel: the model gives several labels per image: ``labels`` is a 0/1 (N, K) matrix and the
+            probabilities are a sigmoid per label.
     """
 
     split: str
@@ -39,11 +42,12 @@ class SplitPredictions:
     paths: list[str] | None
     classes: list[str]
     temperature: float = 1.0
+    multilabel: bool = False
 
     def proba(self, temperature: float | None = None) -> np.ndarray:
-        """Softmax probabilities (N, K) at ``temperature`` (default: the stored one)."""
+        """Probabilities (N, K) at ``temperature`` (default: the stored one): softmax, or multi-label sigmoid."""
         t = self.temperature if temperature is None else temperature
-        return torch.softmax(torch.from_numpy(self.logits).double() / t, dim=1).numpy()
+        return proba_from_logits(torch.from_numpy(self.logits), t, self.multilabel)
 
 
 def load_run(run_dir: str | Path, which: str | None = None, device: str = "auto"):
@@ -69,4 +73,4 @@ def predict_split(clf, ds, split: str = "test", logits: np.ndarray | None = None
         raise DataError(f"logits of shape {logits.shape} given for the {split} split; it needs "
                         f"({len(labels)}, {len(clf.classes)})")
     return SplitPredictions(split, logits, labels, part.images, part.paths, clf.classes,
-                            float(clf.meta.get("temperature", 1.0)))
+                            float(clf.meta.get("temperature", 1.0)), is_multilabel(clf.meta))

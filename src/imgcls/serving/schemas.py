@@ -30,6 +30,10 @@ class Prediction(BaseModel):
         default=None,
         description="the thresholded decision, present only when the model has stored thresholds: "
         "the most probable class that clears its threshold, or 'unknown'")
+    labels: list[str] | None = Field(
+        default=None,
+        description="multi-label models only: every label whose probability clears its threshold, most probable "
+        "first (empty when none does)")
 
 
 class PredictResponse(BaseModel):
@@ -58,7 +62,8 @@ class ModelCard(BaseModel):
         description="accuracy, macro_f1 and what else the run's test evaluation recorded (null when unknown)")
     trained: str | None = Field(description="when the checkpoint was written, ISO 8601")
     temperature: float = Field(description="softmax temperature applied to the probabilities (1 = none)")
-    has_thresholds: bool = Field(description="whether predictions carry a thresholded 'answer'")
+    has_thresholds: bool = Field(description="whether predictions carry a thresholded 'answer' (or 'labels')")
+    task: str = Field(default="single", description="single (one class per image) or multilabel (a set of labels)")
     runtime: str = Field(description="torch or onnx")
     parameters: int | None = Field(description="number of model parameters")
 

@@ -159,6 +159,7 @@ class ServingState:
             "trained": meta.get("created") or self._checkpoint_time(),
             "temperature": float(meta.get("temperature", 1.0) or 1.0),
             "has_thresholds": class_thresholds(meta, len(self.clf.classes)) is not None,
+            "task": "multilabel" if self.clf.multilabel else "single",
             "runtime": self.runtime,
             "parameters": None if parameters is None else int(parameters),
         }
@@ -179,7 +180,7 @@ def _test_metrics(run_path: Path, run_info: dict) -> dict:
                "macro_f1": (ev.get("macro_avg") or {}).get("f1", run_info.get("test_macro_f1"))}
     if (ev.get("weighted_avg") or {}).get("f1") is not None:
         metrics["weighted_f1"] = ev["weighted_avg"]["f1"]
-    for key in ("top_k_accuracy", "top_k", "loss", "n"):
+    for key in ("top_k_accuracy", "top_k", "loss", "n", "map", "micro_f1", "subset_accuracy", "hamming_loss"):
         if isinstance(ev.get(key), (int, float)):
             metrics[key] = ev[key]
     return metrics

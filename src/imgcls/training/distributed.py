@@ -30,11 +30,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from imgcls.errors import ConfigError, PeerLost
 from imgcls.io import write_npy
+from imgcls.training.losses import classification_loss, loss_denominator
 from imgcls.training.strategy import OneProcess
 
 # How long a collective waits for a rank that stopped answering before the job fails (seconds).
@@ -405,11 +405,10 @@ class DataParallel(OneProcess):
 
     def batch_loss(self, logits: torch.Tensor, y: torch.Tensor, y_global: torch.Tensor,
                    weight: torch.Tensor | None, label_smoothing: float) -> torch.Tensor:
-        """This process's share of the global batch's mean cross-entropy, scaled so that DDP's gradient average
+        """This process's share of the global batch's mean loss, scaled so that DDP's gradient average
         equals the gradient of the whole batch's mean (slices may differ in size by one)."""
-        total = F.cross_entropy(logits.float(), y, weight=weight, label_smoothing=label_smoothing, reduction="sum")
-        denom = len(y_global) if weight is None else weight[y_global].sum()
-        return total * self.world / denom
+        total = classification_loss(logits, y, weight, label_smoothing, reduction="sum")
+        return total * self.world / loss_denominator(y_global, weight)
 
     def all_sum(self, values: torch.Tensor) -> torch.Tensor:
         return all_sum(values)

@@ -25,10 +25,10 @@ import contextlib
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from imgcls.errors import ConfigError
+from imgcls.training.losses import classification_loss
 
 
 def check_batch(batch_size: int, world: int) -> None:
@@ -88,8 +88,8 @@ class OneProcess:
 
     def batch_loss(self, logits: torch.Tensor, y: torch.Tensor, y_global: torch.Tensor,
                    weight: torch.Tensor | None, label_smoothing: float) -> torch.Tensor:
-        """The mean cross-entropy of the batch (``y`` is the whole of ``y_global``)."""
-        return F.cross_entropy(logits.float(), y, weight=weight, label_smoothing=label_smoothing)
+        """The batch's mean loss (``y`` is the whole of ``y_global``; see :mod:`imgcls.training.losses`)."""
+        return classification_loss(logits, y, weight, label_smoothing)
 
     def all_sum(self, values: torch.Tensor) -> torch.Tensor:
         """The element-wise sum of ``values`` over all processes (a new float64 tensor on the same device)."""

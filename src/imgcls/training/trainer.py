@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from imgcls import __version__, rundir, terminal
 from imgcls.auto import forward_rate
-from imgcls.checkpoint import load_state, read_checkpoint, save_checkpoint
+from imgcls.checkpoint import load_state, read_checkpoint, save_checkpoint, update_meta
 from imgcls.config import TTA_AUTO, RunConfig, parse_duration
 from imgcls.data.augment import build_augment, resize_batch
 from imgcls.data.base import ImageDataset
@@ -36,12 +36,15 @@ from imgcls.data.quality import copy_pairs
 from imgcls.errors import ConfigError, TrainingError
 from imgcls.evaluation.evaluate import evaluate_model
 from imgcls.evaluation.metrics import cross_entropy, format_report, save_metrics
+from imgcls.evaluation.multilabel import binary_cross_entropy, format_multilabel_report, mean_average_precision
+from imgcls.evaluation.thresholds import tune_thresholds
 from imgcls.inference import (
     Runtime,
     channel_stats,
     normalization_tensors,
     predict_logits,
     predict_proba,
+    proba_from_logits,
     resolve_runtime,
     scoring_runtime,
     to_input,
@@ -62,12 +65,14 @@ from imgcls.training.optim import (
 )
 from imgcls.training.progress import EpochProgress
 from imgcls.training.strategy import OneProcess
+from imgcls.training.losses import classification_loss, count_correct
 from imgcls.training.transfer import (
     FeatureRunner,
     backbone_digest,
     cached_features,
     fit_linear_head,
     fit_stage_head,
+    label_tensor,
     last_stage_directions,
 )
 
@@ -254,6 +259,8 @@ def prepare(cfg: RunConfig, ds: ImageDataset, runtime: Runtime, strategy: OnePro
         "dataset": ds.name,
         "imgcls_version": __version__,
     }
+    if ds.multilabel:
+        meta["task"] = "multilabel"  # a sigmoid per label (imgcls.checkpoint.is_multilabel)
     if weights_report is not None:
         meta["pretrained"] = weights_report.to_dict()
     if t.sync_bn:
@@ -295,7 +302,7 @@ def train_one_epoch(s: TrainState, progress: EpochProgress) -> dict:
     aug_gen = many.augment_draws(gen, seed)
     mean, std = normalization_tensors(s.meta["normalize"], rt.device)
     loss_sum = torch.zeros((), device=rt.device, dtype=torch.float64)
-    correct = torch.zeros((), device=rt.device, dtype=torch.int64)
+    right = torch.zeros((), device=rt.device, dtype=torch.int64)
     seen, start, lr = 0, time.perf_counter(), t.lr
     # Only a model that overrides the contract's apply_constraints pays a call per step.
     own = getattr(type(model), "apply_constraints", ImageClassifier.apply_constraints)
@@ -331,13 +338,13 @@ def train_one_epoch(s: TrainState, progress: EpochProgress) -> dict:
             s.lookahead.after_step(model, s.step)
         # A process's loss is its share of the global batch's mean (see batch_loss).
         loss_sum += loss.detach() * (len(batch) / many.world)
-        correct += (logits.argmax(1) == y).sum()
+        right += count_correct(logits, y)
         seen += len(y)
         if i % 20 == 0 or i == steps - 1:
             # One host sync every 20 steps (and under DDP one all-reduce): it feeds the progress bar,
             # and every process catches a NaN at the same step.
             loss_total, correct_total, seen_total = many.all_sum(
-                torch.stack([loss_sum, correct.double(), torch.tensor(float(seen), device=rt.device,
+                torch.stack([loss_sum, right.double(), torch.tensor(float(seen), device=rt.device,
                                                                         dtype=torch.float64)])).tolist()
             mean_loss = loss_total / seen_total
             if not math.isfinite(mean_loss):
@@ -351,7 +358,7 @@ def train_one_epoch(s: TrainState, progress: EpochProgress) -> dict:
                                             "images_per_sec": rate})
     if steps < s.steps_per_epoch:  # stopped early: the totals of the steps after the last sync
         loss_total, correct_total, seen_total = many.all_sum(
-            torch.stack([loss_sum, correct.double(), torch.tensor(float(seen), device=rt.device,
+            torch.stack([loss_sum, right.double(), torch.tensor(float(seen), device=rt.device,
                                                                     dtype=torch.float64)])).tolist()
     seconds = time.perf_counter() - start
     record = {"train_loss": loss_total / seen_total, "train_accuracy": correct_total / seen_total, "lr": lr,
@@ -370,7 +377,11 @@ def validate(s: TrainState, ds: ImageDataset) -> dict:
     # Under DDP each process scores its own slice of val; every process gets the whole.
     proba = s.strategy.gather_rows(lambda lo, hi: predict_proba(
         s.model, val.images[lo:hi], s.meta["normalize"], s.runtime, s.cfg.train.eval_batch_size,
-        tta=s.meta["tta"]), len(val))
+        tta=s.meta["tta"], multilabel=val.multilabel), len(val))
+    if val.multilabel:  # exact-set accuracy at one half, and mAP (the figure multi-label runs are judged by)
+        return {"val_loss": binary_cross_entropy(proba, val.labels),
+                "val_accuracy": float(((proba >= 0.5) == (val.labels > 0)).all(1).mean()),
+                "val_map": mean_average_precision(val.labels, proba), "val_seconds": round(time.perf_counter() - started, 3)}
     return {"val_loss": cross_entropy(proba, val.labels), "val_accuracy": float((proba.argmax(1) == val.labels).mean()),
             "val_seconds": round(time.perf_counter() - started, 3)}
 
@@ -547,6 +558,8 @@ def fit(cfg: RunConfig, ds: ImageDataset, run: RunFolder | None, console, resume
             break
     final = "best" if t.restore_best else "last"
     s.model.load_state_dict(many.broadcast(read_checkpoint(run.checkpoint(final))[0] if many.is_main else None))
+    if ds.multilabel and many.is_main:
+        _fit_label_thresholds(s, ds, run, final, say)
     # Test metrics as `imgcls evaluate` computes them, so both report the same figures; under DDP each
     # process scores its own slice of the test split, every image once.
     test, scoring = ds.splits["test"], scoring_runtime(runtime.device)
@@ -560,11 +573,13 @@ def fit(cfg: RunConfig, ds: ImageDataset, run: RunFolder | None, console, resume
                                           logits=torch.from_numpy(logits))
     save_metrics(metrics, run.path, rundir.eval_stem("test"))
     final_epoch = _checkpoint_epoch(run, final)
-    say(format_report(metrics, title=f"test split, {final} checkpoint (epoch {final_epoch}):"))
+    formatted = format_multilabel_report if ds.multilabel else format_report
+    say(formatted(metrics, title=f"test split, {final} checkpoint (epoch {final_epoch}):"))
     run.write_json(rundir.RUN, {
         "final_checkpoint": final, "epochs_run": s.epoch, "stopped_early": stopped_early,
         "best_epoch": s.tracker.best_epoch, "monitor": t.monitor, "best_value": s.tracker.best,
         "test_accuracy": metrics["accuracy"], "test_macro_f1": metrics["macro_avg"]["f1"],
+        **({"test_map": metrics["map"]} if ds.multilabel else {}),
         "data_seconds": None if data_seconds is None else round(data_seconds, 2),
         "train_seconds_this_session": round(seconds, 2),
         "parameters": sum(p.numel() for p in s.model.parameters()),
@@ -575,6 +590,25 @@ def fit(cfg: RunConfig, ds: ImageDataset, run: RunFolder | None, console, resume
     result = TrainResult(run, s.history, metrics, final, seconds, test_logits, val_logits)
     s.hooks.call("on_train_end", s, result)
     return result
+
+
+def _fit_label_thresholds(s: TrainState, ds: ImageDataset, run: RunFolder, final: str, say) -> None:
+    """Multi-label: one threshold per label, fitted on val by F1, stored with the final checkpoint (and in
+    thresholds.json), so that the test figures, predict and serving decide with them.  Without val, 0.5 each."""
+    if "val" not in ds.splits or not len(ds.splits["val"]):
+        say("no val split: every label's threshold is 0.5")
+        return
+    val = ds.splits["val"]
+    logits = s.val_logits if _checkpoint_epoch(run, final) == 0 and s.val_logits is not None else predict_logits(
+        s.model, val.images, s.meta["normalize"], scoring_runtime(s.runtime.device), s.cfg.train.eval_batch_size,
+        s.meta.get("tta", "none"))
+    tuned = tune_thresholds(proba_from_logits(logits, multilabel=True), val.labels, ds.classes, "f1")
+    tuned["fitted_on"] = "val"
+    s.meta.update(thresholds=tuned["thresholds"], threshold_objective="f1")
+    update_meta(run.checkpoint(final), {"thresholds": tuned["thresholds"], "threshold_objective": "f1"})
+    run.write_json(rundir.THRESHOLDS, tuned)
+    say(f"thresholds: one per label, fitted on val by F1 ({min(tuned['thresholds']):.2f} to "
+        f"{max(tuned['thresholds']):.2f}); `imgcls thresholds RUN --objective precision=0.9` fits others")
 
 
 def fit_head(s: TrainState, ds: ImageDataset, say) -> dict:
@@ -607,7 +641,7 @@ def fit_head(s: TrainState, ds: ImageDataset, say) -> dict:
     features_seconds = time.perf_counter() - started
     options = {"class_weights": None if s.class_weights is None else s.class_weights.cpu(),
                "label_smoothing": t.label_smoothing}
-    x_train, y_train = np.concatenate(parts), np.tile(train.labels, len(views))
+    x_train, y_train = np.concatenate(parts), np.concatenate([train.labels] * len(views))
     widths = _pooled_widths(s.model)
     if len(widths) > 1:  # several stages pooled: the classifier reads all of them, or the last alone
         choice = fit_stage_head(x_train, y_train, ds.num_classes, widths, x_val, y_val, **options)
@@ -623,13 +657,13 @@ def fit_head(s: TrainState, ds: ImageDataset, say) -> dict:
         s.val_logits = fit.logits(x_val)
         if x_val_flip is not None:  # tta auto: the mirror image too where it lowers the val loss
             flip_logits = 0.5 * (s.val_logits + fit.logits(x_val_flip))
-            flip_loss = F.cross_entropy(flip_logits, torch.from_numpy(y_val)).item()
+            flip_loss = classification_loss(flip_logits, label_tensor(y_val)).item()
             tested = f"; test-time flip {'kept' if flip_loss < fit.val_loss else 'left out'} (val loss " \
                      f"{flip_loss:.4f} with it)"
             if flip_loss < fit.val_loss:
                 s.meta["tta"], s.val_logits = "flip", flip_logits
                 fit = dataclasses.replace(fit, val_loss=flip_loss, val_accuracy=float(
-                    (flip_logits.argmax(1).numpy() == y_val).mean()))
+                    count_correct(flip_logits, label_tensor(y_val)).item() / len(y_val)))
     seconds = time.perf_counter() - started
     cached = f", {hits} of {len(views) + (x_val is not None) + (x_val_flip is not None)} from the cache" if hits else ""
     say(f"stage 1: classifier fitted on frozen {s.cfg.model.name} features of {len(train):,} training images "

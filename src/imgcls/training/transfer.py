@@ -32,10 +32,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from imgcls.inference import Runtime, normalization_tensors, to_input
 from imgcls.tensorfile import DamagedFile, load_checked, save_checked, tensor_digest
+from imgcls.training.losses import classification_loss, count_correct
 
 VIEWS = ("none", "hflip")
 FEATURE_BATCH = 64  # images per frozen forward pass: ORT's throughput is flat from 32 to 128 at 128 px
@@ -209,18 +209,22 @@ def fit_linear_head(x_train: np.ndarray, y_train: np.ndarray, num_classes: int, 
                     label_smoothing: float = 0.0, grid: tuple[float, ...] = L2_GRID) -> HeadFit:
     """Multinomial logistic regression with an L2 penalty chosen by the val split's cross-entropy.
 
+    ``y_train``/``y_val``: int (N,) classes, or 0/1 (N, K) label matrices: then one-vs-rest logistic
+    regression (a sigmoid per label, binary cross-entropy; ``class_weights`` weigh each label's positives),
+    and the accuracies are exact-set accuracies.
+
     Full-batch L-BFGS on features centred and scaled to unit variance (which
     makes one L2 grid fit every backbone); the scaling is folded back into the
     returned weight and bias, so they apply to the raw features.  Without a
     val split the middle of the grid is used.
     """
     xt = torch.from_numpy(np.asarray(x_train, np.float32))
-    yt = torch.from_numpy(np.asarray(y_train, np.int64))
+    yt = label_tensor(y_train)
     mu, sigma = xt.mean(0), xt.std().clamp_min(1e-6)
     zt = (xt - mu) / sigma
     has_val = x_val is not None and len(x_val) > 0
     zv = (torch.from_numpy(np.asarray(x_val, np.float32)) - mu) / sigma if has_val else None
-    yv = torch.from_numpy(np.asarray(y_val, np.int64)) if has_val else None
+    yv = label_tensor(y_val) if has_val else None
     grid = tuple(sorted(grid, reverse=True)) if has_val else (grid[len(grid) // 2],)
     w = torch.zeros(num_classes, zt.shape[1], requires_grad=True)
     b = torch.zeros(num_classes, requires_grad=True)
@@ -228,8 +232,8 @@ def fit_linear_head(x_train: np.ndarray, y_train: np.ndarray, num_classes: int, 
     for l2 in grid:  # strongest first, each fit warm-started from the last
         _lbfgs(w, b, zt, yt, l2, class_weights, label_smoothing)
         with torch.no_grad():
-            score = F.cross_entropy(zv @ w.T + b, yv).item() if has_val else \
-                F.cross_entropy(zt @ w.T + b, yt).item()
+            score = classification_loss(zv @ w.T + b, yv).item() if has_val else \
+                classification_loss(zt @ w.T + b, yt).item()
         tried[l2] = round(score, 5)
         if best is None or score < best[0]:
             best, worse = (score, l2, w.detach().clone(), b.detach().clone()), 0
@@ -242,13 +246,19 @@ def fit_linear_head(x_train: np.ndarray, y_train: np.ndarray, num_classes: int, 
     bias = bz - weight @ mu
     with torch.no_grad():
         train_logits = xt @ weight.T + bias
-        fit = HeadFit(weight, bias, l2, F.cross_entropy(train_logits, yt).item(),
-                      (train_logits.argmax(1) == yt).float().mean().item(), None, None, tried)
+        fit = HeadFit(weight, bias, l2, classification_loss(train_logits, yt).item(),
+                      count_correct(train_logits, yt).item() / max(len(yt), 1), None, None, tried)
         if has_val:
             val_logits = (zv * sigma + mu) @ weight.T + bias
-            fit.val_loss = F.cross_entropy(val_logits, yv).item()
-            fit.val_accuracy = (val_logits.argmax(1) == yv).float().mean().item()
+            fit.val_loss = classification_loss(val_logits, yv).item()
+            fit.val_accuracy = count_correct(val_logits, yv).item() / max(len(yv), 1)
     return fit
+
+
+def label_tensor(y: np.ndarray) -> torch.Tensor:
+    """Labels as the loss takes them: int64 (N,) classes, or a float 0/1 (N, K) label matrix."""
+    y = np.asarray(y)
+    return torch.from_numpy(y.astype(np.float32) if y.ndim == 2 else y.astype(np.int64))
 
 
 @dataclass
@@ -288,8 +298,7 @@ def fit_stage_head(x_train: np.ndarray, y_train: np.ndarray, num_classes: int, w
         fits[k] = (first, fit)
         tried[k] = round(fit.val_loss if has_val else fit.train_loss, 5)
         if has_val:
-            losses[k] = F.cross_entropy(fit.logits(x_val[:, first:]), torch.from_numpy(np.asarray(y_val, np.int64)),
-                                        reduction="none")
+            losses[k] = classification_loss(fit.logits(x_val[:, first:]), label_tensor(y_val), reduction="none")
     k = len(widths)
     if 1 in losses and k != 1:
         gain = (losses[k] - losses[1]).double()  # > 0 where the last stage alone does better
@@ -316,7 +325,7 @@ def _lbfgs(w: torch.Tensor, b: torch.Tensor, z: torch.Tensor, y: torch.Tensor, l
     def loss_and_grad(theta: torch.Tensor) -> tuple[float, torch.Tensor]:
         theta = theta.detach().requires_grad_()
         ww, bb = theta[:sizes[0]].view_as(w), theta[sizes[0]:].view_as(b)
-        loss = F.cross_entropy(z @ ww.T + bb, y, weight=class_weights, label_smoothing=label_smoothing)
+        loss = classification_loss(z @ ww.T + bb, y, class_weights, label_smoothing)
         loss = loss + l2 * ww.square().sum()
         (grad,) = torch.autograd.grad(loss, theta)
         return loss.item(), grad

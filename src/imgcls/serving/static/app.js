@@ -419,7 +419,19 @@
     card.top = top.length ? top[0] : null;
 
     const answer = $(".answer", el);
-    if (typeof prediction.answer === "string") {
+    if (Array.isArray(prediction.labels)) {
+      // A multi-label model: every label that clears its threshold, most probable first.
+      answer.replaceChildren("Labels: ");
+      prediction.labels.forEach((name, i) => {
+        if (i) answer.append(", ");
+        const tag = document.createElement("strong");
+        tag.textContent = name;
+        answer.append(tag);
+      });
+      if (!prediction.labels.length) answer.append(document.createTextNode("none — no label cleared its threshold"));
+      answer.classList.toggle("unknown", !prediction.labels.length);
+      answer.hidden = false;
+    } else if (typeof prediction.answer === "string") {
       const unknown = prediction.answer === "unknown";
       answer.replaceChildren();
       const tag = document.createElement("strong");
