@@ -1,8 +1,9 @@
-"""Multi-label metrics agree with scikit-learn, count co-occurrences and errors exactly;
+"""Multi-label metrics agree with scikit-learn, count co-occurrences and errors exactly, and reach the eval files;
 per-label thresholds tune on indicator matrices and decide label sets."""
 
 from __future__ import annotations
 
+import csv
 import json
 
 import numpy as np
@@ -17,10 +18,12 @@ from sklearn.metrics import (
     recall_score,
 )
 
+from imgcls.evaluation.metrics import compute_metrics, save_metrics
 from imgcls.evaluation.multilabel import (
     binary_cross_entropy,
     format_multilabel_report,
     multilabel_metrics,
+    multilabel_rows,
 )
 from imgcls.evaluation.thresholds import label_sets, tune_thresholds
 
@@ -227,3 +230,28 @@ def test_report_shows_the_figures_in_an_aligned_table():
     assert table[1].split()[1:] == [f"{row['precision']:.4f}", f"{row['recall']:.4f}", f"{row['f1']:.4f}",
                                     f"{row['ap']:.4f}", str(row["support"]), "0.5000"]
     assert table[4].split()[4] == "-"  # no positive, no AP
+
+
+def test_save_metrics_round_trip(tmp_path):
+    targets, proba = random_case(8, n_labels=3, empty_labels=1)
+    m = multilabel_metrics(targets, proba, ["a", "b", "c"], [0.4, 0.5, 0.6])
+    json_path, csv_path = save_metrics(m, tmp_path, "eval-val")
+    assert json.loads(json_path.read_text()) == m
+    with csv_path.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["label", "precision", "recall", "f1", "ap", "support", "predicted", "threshold"]
+    assert [r["label"] for r in rows] == ["a", "b", "c", "micro_avg", "macro_avg"]
+    assert float(rows[0]["f1"]) == pytest.approx(m["per_label"][0]["f1"])
+    assert float(rows[1]["threshold"]) == 0.5 and rows[2]["ap"] == ""
+    assert float(rows[3]["f1"]) == pytest.approx(m["micro_f1"])
+    assert float(rows[4]["ap"]) == pytest.approx(m["map"]) and int(rows[4]["support"]) == int(targets.sum())
+    assert len(multilabel_rows(m)) == 5
+
+
+def test_save_metrics_keeps_the_single_label_table(tmp_path):
+    proba = np.array([[0.7, 0.3], [0.2, 0.8], [0.6, 0.4]])
+    _, csv_path = save_metrics(compute_metrics(np.array([0, 1, 1]), proba, ["x", "y"]), tmp_path, "eval-test")
+    lines = csv_path.read_text().splitlines()
+    assert lines[0] == "class,precision,recall,f1,support"
+    assert [line.split(",")[0] for line in lines[1:]] == ["x", "y", "macro_avg", "weighted_avg", "accuracy",
+                                                          "top_2_accuracy"]
