@@ -41,7 +41,7 @@ def compute_metrics(labels: np.ndarray, proba: np.ndarray, classes: list[str], t
     cm = confusion_matrix(labels, pred, k)
     p, r, f, s = per_class_scores(cm)
     out = {
-        "n": int(len(labels)),
+        "n": len(labels),
         "accuracy": float((pred == labels).mean()) if len(labels) else 0.0,
         "top_k": top_k,
         "top_k_accuracy": float((top == labels[:, None]).any(1).mean()) if len(labels) else 0.0,
@@ -56,7 +56,7 @@ def compute_metrics(labels: np.ndarray, proba: np.ndarray, classes: list[str], t
     weights = {"macro": np.full(k, 1.0 / max(k, 1)), "weighted": s / max(s.sum(), 1)}  # no images: all zeros
     for avg, w in weights.items():
         out[f"{avg}_avg"] = {"precision": float(w @ p), "recall": float(w @ r), "f1": float(w @ f),
-                             "support": int(len(labels))}
+                             "support": len(labels)}
     return out
 
 
