@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from imgcls.evaluation.multilabel import multilabel_rows
 from imgcls.io import write_atomic, write_json
 
 
@@ -40,7 +41,7 @@ def compute_metrics(labels: np.ndarray, proba: np.ndarray, classes: list[str], t
     cm = confusion_matrix(labels, pred, k)
     p, r, f, s = per_class_scores(cm)
     out = {
-        "n": int(len(labels)),
+        "n": len(labels),
         "accuracy": float((pred == labels).mean()) if len(labels) else 0.0,
         "top_k": top_k,
         "top_k_accuracy": float((top == labels[:, None]).any(1).mean()) if len(labels) else 0.0,
@@ -55,7 +56,7 @@ def compute_metrics(labels: np.ndarray, proba: np.ndarray, classes: list[str], t
     weights = {"macro": np.full(k, 1.0 / max(k, 1)), "weighted": s / max(s.sum(), 1)}  # no images: all zeros
     for avg, w in weights.items():
         out[f"{avg}_avg"] = {"precision": float(w @ p), "recall": float(w @ r), "f1": float(w @ f),
-                             "support": int(len(labels))}
+                             "support": len(labels)}
     return out
 
 
@@ -113,10 +114,15 @@ def format_confusion(metrics: dict) -> str:
 
 
 def save_metrics(metrics: dict, folder: Path, stem: str) -> tuple[Path, Path]:
-    """Write ``<stem>.json`` (everything) and ``<stem>.csv`` (per-class table and averages)."""
+    """Write ``<stem>.json`` (everything) and ``<stem>.csv`` (per-class table and averages; for multi-label
+    metrics, ``"task": "multilabel"``, the per-label table of :func:`~imgcls.evaluation.multilabel.multilabel_rows`)."""
     folder.mkdir(parents=True, exist_ok=True)
     json_path = folder / f"{stem}.json"
     write_json(json_path, metrics)
+    csv_path = folder / f"{stem}.csv"
+    if metrics.get("task") == "multilabel":
+        write_atomic(csv_path, _csv_text(multilabel_rows(metrics)))
+        return json_path, csv_path
     buf = io.StringIO()
     writer = csv.writer(buf)
     writer.writerow(["class", "precision", "recall", "f1", "support"])
@@ -127,6 +133,14 @@ def save_metrics(metrics: dict, folder: Path, stem: str) -> tuple[Path, Path]:
         writer.writerow([avg, a["precision"], a["recall"], a["f1"], a["support"]])
     writer.writerow(["accuracy", metrics["accuracy"], "", "", metrics["n"]])
     writer.writerow([f"top_{metrics['top_k']}_accuracy", metrics["top_k_accuracy"], "", "", metrics["n"]])
-    csv_path = folder / f"{stem}.csv"
     write_atomic(csv_path, buf.getvalue())
     return json_path, csv_path
+
+
+def _csv_text(rows: list[dict]) -> str:
+    """CSV of ``rows`` (dicts with the same keys), a header of those keys first; None is written empty."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else [])
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()

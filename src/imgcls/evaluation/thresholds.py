@@ -1,7 +1,8 @@
 """Per-class decision thresholds, one-vs-rest.
 
-For each class c, the images are split into "c" (label == c) and "not c", scored by
-``proba[:, c]``, and an image is predicted positive for c when ``proba[:, c] >= t_c``.
+For each class c, the images are split into "c" (label == c, or for multi-label data
+``labels[:, c] == 1``) and "not c", scored by ``proba[:, c]``, and an image is predicted
+positive for c when ``proba[:, c] >= t_c``.
 The threshold t_c is chosen among the distinct scores of class c to meet an
 objective: the best F1, a precision floor (most recall that keeps it), or a recall
 floor (most conservative threshold that keeps it).  Tune on the validation split;
@@ -53,8 +54,10 @@ def tune_thresholds(proba: np.ndarray, labels: np.ndarray, classes: list[str], o
     no images in ``labels`` gets threshold 1.0 and ``"met": False``.
 
     Args:
-        proba: class probabilities, float (N, K).
-        labels: true labels, int (N,).
+        proba: class probabilities, float (N, K); for multi-label data independent per-label
+            probabilities (sigmoid), one column per label.
+        labels: true labels, int (N,) class indices, or a 0/1 indicator matrix (N, K) for
+            multi-label data (the positives of class c are ``labels[:, c] == 1``).
         classes: the K class names.
         objective: see :func:`parse_objective`.
 
@@ -65,13 +68,13 @@ def tune_thresholds(proba: np.ndarray, labels: np.ndarray, classes: list[str], o
     """
     kind, target = parse_objective(objective)
     proba = np.asarray(proba)
-    labels = np.asarray(labels, dtype=np.int64)
-    if proba.ndim != 2 or proba.shape != (len(labels), len(classes)):
+    positives = _positives(labels, len(classes))
+    if proba.ndim != 2 or proba.shape != positives.shape:
         raise ValueError(f"proba must be (N, K) = ({len(labels)}, {len(classes)}) for {len(labels)} labels "
                          f"and {len(classes)} classes; got {proba.shape}")
     per_class = []
     for c, name in enumerate(classes):
-        positive = labels == c
+        positive = positives[:, c]
         scores = proba[:, c]
         if positive.any():
             threshold, met = _pick(positive, scores, kind, target)
@@ -82,6 +85,21 @@ def tune_thresholds(proba: np.ndarray, labels: np.ndarray, classes: list[str], o
                           "support": int(positive.sum()), "met": met})
     text = kind if target is None else f"{kind}={target:g}"
     return {"objective": text, "thresholds": [e["threshold"] for e in per_class], "per_class": per_class}
+
+
+def _positives(labels, k: int) -> np.ndarray:
+    """bool (N, k): image i is a positive of class c; from class indices (N,) or a 0/1 indicator matrix (N, k)."""
+    labels = np.asarray(labels)
+    if labels.ndim == 2:
+        if labels.shape[1] != k:
+            raise ValueError(f"an indicator matrix of labels needs one column per class: {k} classes, "
+                             f"labels of shape {labels.shape}")
+        if not np.isin(labels, (0, 1)).all():
+            raise ValueError(f"an indicator matrix of labels holds only 0 and 1; got values {np.unique(labels)[:10]}")
+        return labels == 1
+    if labels.ndim != 1:
+        raise ValueError(f"labels must be class indices (N,) or a 0/1 indicator matrix (N, K); got shape {labels.shape}")
+    return labels.astype(np.int64)[:, None] == np.arange(k)
 
 
 def precision_recall_curve(positive: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -174,4 +192,43 @@ def rank_classes(proba: np.ndarray, classes: list[str], top_k: int, thresholds=N
         if answers is not None:
             item["answer"] = "unknown" if answers[i] < 0 else classes[answers[i]]
         out.append(item)
+    return out
+
+
+DEFAULT_LABEL_THRESHOLD = 0.5  # probability: a sigmoid output's even odds
+
+
+def label_thresholds(thresholds, n_labels: int) -> list[float]:
+    """The per-label thresholds of a multi-label decision: ``thresholds`` as L floats, or 0.5 each for None.
+
+    Raises:
+        ValueError: when ``thresholds`` is not one number per label.
+    """
+    if thresholds is None:
+        return [DEFAULT_LABEL_THRESHOLD] * n_labels
+    t = np.asarray(thresholds, dtype=np.float64)
+    if t.shape != (n_labels,):
+        raise ValueError(f"need one threshold per label: {n_labels} labels, thresholds of shape {t.shape}")
+    return [float(v) for v in t]
+
+
+def label_sets(proba: np.ndarray, labels: list[str], thresholds=None) -> list[dict]:
+    """What a multi-label prediction answers, per image: the labels whose probability clears their threshold.
+
+    Args:
+        proba: independent per-label probabilities (sigmoid), float (N, L).
+        labels: the L label names.
+        thresholds: L thresholds (``proba[:, l] >= t_l`` predicts label l), or None for 0.5 each.
+
+    Returns:
+        Per image ``{"labels": [names, highest probability first; equal probabilities keep the labels' order],
+        "probabilities": {name: probability for every label, in the labels' order}}``.
+    """
+    proba = np.asarray(proba, dtype=np.float64).reshape(-1, len(labels))
+    t = np.asarray(label_thresholds(thresholds, len(labels)))
+    out = []
+    for p in proba:
+        order = np.argsort(-p, kind="stable")
+        out.append({"labels": [labels[j] for j in order if p[j] >= t[j]],
+                    "probabilities": {name: float(v) for name, v in zip(labels, p)}})
     return out
