@@ -13,7 +13,7 @@ import numpy as np
 
 from imgcls import rundir
 from imgcls.checkpoint import find_checkpoint, update_meta
-from imgcls.errors import DataError
+from imgcls.errors import ConfigError, DataError
 from imgcls.evaluation.calibration import expected_calibration_error, fit_temperature
 from imgcls.evaluation.metrics import cross_entropy
 from imgcls.evaluation.predictions import load_run, predict_split
@@ -24,6 +24,11 @@ from imgcls.io import write_json
 from imgcls.reports.figures import plot_pr_curves, plot_probes, plot_reliability
 from imgcls.reports.html import Section, table
 from imgcls.reports.report import Report
+
+
+MULTILABEL_CALIBRATION = (
+    "calibration is not done for a multi-label model: its decisions are the per-label thresholds fitted on val "
+    "(imgcls thresholds RUN), which a temperature would move, and mAP does not depend on it")
 
 
 def _held_out(ds) -> str:
@@ -42,6 +47,8 @@ def calibrate(run_dir: str | Path, clf_ds=None, test_logits=None, val_logits=Non
 
     run_dir = Path(run_dir)
     clf, ds = clf_ds or load_run(run_dir)
+    if clf.multilabel:
+        raise ConfigError(MULTILABEL_CALIBRATION)
     held_out = _held_out(ds)
     val = predict_split(clf, ds, held_out, val_logits if held_out == "val" else None)
     temperature = fit_temperature(val.logits, val.labels)

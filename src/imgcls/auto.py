@@ -33,8 +33,8 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
+from imgcls.data.folder import read_layout
 from imgcls.data.images import open_image
-from imgcls.data.layout import detect_layout
 from imgcls.data.sources import open_source
 from imgcls.errors import ImgclsError
 from imgcls.models.pretrained import models_with_weights
@@ -73,9 +73,10 @@ class DataProbe:
     median_side: int  # the median shorter side of the sampled images, pixels
     median_size: tuple[int, int]  # median (height, width) of the sampled images
     sampled: int
+    multilabel: bool = False  # a CSV gives several labels per image (``classes`` counts the labels)
 
 
-def probe_data(dataset: str, follow_links: bool = False) -> DataProbe | None:
+def probe_data(dataset: str, follow_links: bool = False, labels: str | None = None) -> DataProbe | None:
     """Size up ``dataset`` (a built-in name, a folder or a zip) from its listing and a few image headers.
 
     None when the data cannot be read: the normal loading path then reports why.
@@ -86,7 +87,7 @@ def probe_data(dataset: str, follow_links: bool = False) -> DataProbe | None:
 
     try:
         with open_source(Path(dataset).expanduser(), follow_links) as source:
-            layout = detect_layout(source.files(), source.dirs(), str(source.path))
+            layout = read_layout(source, labels)
             rels = [rel for items in layout.items.values() for rel, _ in items]
             sizes = [s for s in (_header_size(source, rel) for rel in _spread(rels, PROBE_IMAGES)) if s]
     except (ImgclsError, OSError):
@@ -95,7 +96,8 @@ def probe_data(dataset: str, follow_links: bool = False) -> DataProbe | None:
         return None
     heights, widths = zip(*sizes)
     return DataProbe(len(rels), len(layout.classes), int(statistics.median(min(s) for s in sizes)),
-                     (int(statistics.median(heights)), int(statistics.median(widths))), len(sizes))
+                     (int(statistics.median(heights)), int(statistics.median(widths))), len(sizes),
+                     layout.targets is not None)
 
 
 def _spread(items: list, n: int) -> list:
@@ -124,7 +126,8 @@ def machine_kind(device: str = "auto") -> str:
     return "cpu"
 
 
-def choose(dataset: str, user: dict, follow_links: bool = False, model: str | None = None) -> tuple[dict, str]:
+def choose(dataset: str, user: dict, follow_links: bool = False, model: str | None = None,
+           labels: str | None = None) -> tuple[dict, str]:
     """The settings ``--model auto`` stands for on ``dataset``, and the line that says why.
 
     Args:
@@ -141,7 +144,7 @@ def choose(dataset: str, user: dict, follow_links: bool = False, model: str | No
     """
     if model is not None and model not in models_with_weights():
         return {}, None
-    probe = probe_data(dataset, follow_links)
+    probe = probe_data(dataset, follow_links, labels)
     if model is not None and (probe is None or probe.median_side < PHOTO_MIN_SIDE):
         return {}, None  # small images: the named model trains as it is, from scratch
     if probe is None or probe.median_side < PHOTO_MIN_SIDE:
@@ -173,8 +176,10 @@ def choose(dataset: str, user: dict, follow_links: bool = False, model: str | No
                              or user.get("epochs") is not None or user.get("head_first") is False)
     if finetune:
         settings["epochs"] = 30 if user.get("time_budget") is not None else 5
-        # Photo augmentation: mirror, zoom and shift (a random-resized-crop in small), mild colour jitter.
-        settings["augment"] = ["hflip", "zoom:0.15", "translate:" + str(max(1, side // 16)), "jitter:0.1"]
+        # Photo augmentation: mirror, zoom and shift (a random-resized-crop in small), mild colour jitter.  Not
+        # zoom and shift with several labels per image: they can push a labelled object out of the picture.
+        settings["augment"] = ["hflip", "jitter:0.1"] if probe.multilabel else \
+            ["hflip", "zoom:0.15", "translate:" + str(max(1, side // 16)), "jitter:0.1"]
         if kind == "cpu":  # Lite0's depthwise convolutions train slower in bf16 on a CPU: 61 against 73 images/s
             settings["precision"] = "fp32"
         epochs = user.get("epochs") if isinstance(user.get("epochs"), int) else settings["epochs"]
@@ -192,8 +197,10 @@ def choose(dataset: str, user: dict, follow_links: bool = False, model: str | No
                    f"less: --fast ({FAST_MODEL}); more: --time-budget 10m fine-tunes after it"))
     what = (f"{backbone} (named) starts from its ImageNet weights (--pretrained none: from random weights)"
             if model else f"{backbone} pretrained on ImageNet")
-    line = (f"{dataset}: {probe.images:,} photos of about {probe.median_size[0]}x{probe.median_size[1]} in "
-            f"{probe.classes} classes -> {what} at {side}x{side} on the {kind}; "
+    line = (f"{dataset}: {probe.images:,} photos of about {probe.median_size[0]}x{probe.median_size[1]} "
+            f"{'with' if probe.multilabel else 'in'} "
+            f"{f'{probe.classes} labels (several per image)' if probe.multilabel else f'{probe.classes} classes'} -> "
+            f"{what} at {side}x{side} on the {kind}; "
             f"{plan}; override with --model, --image-size, --epochs")
     return settings, line
 

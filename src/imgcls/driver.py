@@ -98,7 +98,7 @@ def _base_settings(recipe: str | None, values: dict) -> tuple[dict, str | None]:
         return {}, None  # a named model with the weights the user chose (or none)
     data, train = values.get("data") or {}, values.get("train") or {}
     return choose(str(data.get("dataset", "digits")), train, follow_links=bool(data.get("follow_links")),
-                  model=None if name == "auto" else name)
+                  model=None if name == "auto" else name, labels=data.get("labels"))
 
 
 @dataclass
@@ -228,7 +228,9 @@ def _analyse(run_dir: Path, console, test_logits, val_logits=None) -> None:
     from imgcls import analysis  # matplotlib: on use
 
     clf_ds = analysis.load_run(run_dir)
-    if "val" in clf_ds[1].splits:
+    if clf_ds[0].multilabel:
+        say(console, f"calibration: none ({analysis.MULTILABEL_CALIBRATION.split(': ', 1)[1]})")
+    elif "val" in clf_ds[1].splits:
         if val_logits is None:
             val_logits = analysis.predict_split(*clf_ds, "val").logits
         cal = analysis.calibrate(run_dir, clf_ds, test_logits, val_logits)

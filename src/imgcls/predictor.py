@@ -35,6 +35,8 @@ def label_sets(proba: np.ndarray, labels: list[str], thresholds=None) -> list[di
     """
     proba = np.asarray(proba, dtype=np.float64).reshape(-1, len(labels))
     t = np.full(len(labels), 0.5) if thresholds is None else np.asarray(thresholds, dtype=np.float64)
+    if t.shape != (len(labels),):
+        raise ValueError(f"need one threshold per label: {len(labels)} labels, thresholds of shape {t.shape}")
     out = []
     for p in proba:
         order = [j for j in np.argsort(-p, kind="stable") if p[j] >= t[j]]

@@ -25,7 +25,8 @@ from imgcls.evaluation.multilabel import (
     multilabel_metrics,
     multilabel_rows,
 )
-from imgcls.evaluation.thresholds import label_sets, tune_thresholds
+from imgcls.evaluation.thresholds import tune_thresholds
+from imgcls.predictor import label_sets
 
 KEYS = {"task", "n", "labels", "thresholds", "map", "micro_f1", "macro_f1", "micro_precision", "micro_recall",
         "macro_precision", "macro_recall", "subset_accuracy", "hamming_loss", "loss", "per_label", "cooccurrence",

@@ -88,6 +88,15 @@ def source_key(path: str | os.PathLike, follow_links: bool = False) -> str:
     return digest.hexdigest()
 
 
+def file_digest(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's bytes (a labels CSV given beside the data: small); ``missing`` when it cannot be read,
+    so that loading reports why."""
+    try:
+        return hashlib.sha256(Path(path).expanduser().read_bytes()).hexdigest()
+    except OSError:
+        return "missing"
+
+
 def cache_key(path: str | os.PathLike, **options) -> str:
     """The cache entry name for ``path`` decoded with ``options``.
 

@@ -13,6 +13,7 @@ in ``ImageDataset.skipped``.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 
@@ -26,8 +27,16 @@ from imgcls.data.decode import (
     first_native_shape,
 )
 from imgcls.data.images import check_channels, check_resize
-from imgcls.data.layout import Layout, check_not_empty, describe_layout, read_layout
-from imgcls.data.multilabel import label_counts_line
+from imgcls.data.layout import (
+    Layout,
+    candidate_images,
+    check_not_empty,
+    describe_layout,
+    detect_layout,
+    multilabel_layout,
+    visible_dir,
+)
+from imgcls.data.multilabel import find_label_file, label_counts_line, match_rows, read_label_csv
 from imgcls.data.sources import open_source
 from imgcls.errors import ConfigError, DataError
 
@@ -97,13 +106,39 @@ def load_folder(
         listed = "\n".join(f"  {b.path}: {b.reason}" for b in bad)
         raise DataError(f"{where}: {len(bad)} image(s) could not be decoded (on_bad_image='error'):\n{listed}")
     check_not_empty(Layout(layout.classes, kept, layout.folders), where, bad)
+    channels, size, notes = choose_shape([c for group in chunks for c in group], channels, image_size, resize)
     if layout.targets is not None:
         notes.insert(0, label_counts_line(np.concatenate([layout.labels_of(items) for items in kept.values()]),
                                           layout.classes))
-    channels, size, notes = choose_shape([c for group in chunks for c in group], channels, image_size, resize)
     splits = {}
     for (name, items), group in zip(kept.items(), chunks):
         splits[name] = Split(assemble(group, channels, size, resize), layout.labels_of(items), [p for p, _ in items],
                              sizes[name])
     line = describe_layout(layout, {name: len(items) for name, items in kept.items()})
     return ImageDataset(where, layout.classes, splits, skipped, bad, layout.notes + notes, layout=line)
+
+
+def read_layout(source, labels: str | None = None) -> Layout:
+    """The layout of an opened source (:mod:`imgcls.data.sources`): multi-label when ``labels`` names a CSV
+    or one is found beside the images (:func:`imgcls.data.multilabel.find_label_file`), else from the
+    folder names (:func:`imgcls.data.layout.detect_layout`).
+
+    Raises:
+        DataError: as ``detect_layout``; for a CSV, as :func:`imgcls.data.multilabel.read_label_csv`,
+            :func:`~imgcls.data.multilabel.match_rows` and :func:`imgcls.data.layout.multilabel_layout`.
+    """
+    files, where = source.files(), str(source.path)
+    if labels is None:
+        found = find_label_file(files)
+        if found is None:
+            return detect_layout(files, source.dirs(), where)
+        table = read_label_csv(source.read(found), source.display(found))
+    else:
+        path = Path(labels).expanduser()
+        if not path.is_file():
+            raise DataError(f"--labels {labels}: no such file; give the CSV of labels (filename,labels or one 0/1 "
+                            f"column per label), or leave --labels out to use a labels.csv beside the images")
+        table = read_label_csv(path.read_bytes(), str(path))
+    images, skipped = candidate_images(files)
+    rows = match_rows(table, images, where)
+    return multilabel_layout(images, skipped, {d for d in source.dirs() if visible_dir(d)}, where, table, rows)

@@ -26,13 +26,11 @@ from __future__ import annotations
 import os
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
 from imgcls.data.base import SkippedFile
 from imgcls.data.images import has_image_extension
-from imgcls.data.multilabel import find_label_file, match_rows, read_label_csv
 from imgcls.errors import DataError
 
 _SPLIT_STEMS = {
@@ -166,40 +164,15 @@ def candidate_images(files: list[str]) -> tuple[list[str], list[SkippedFile]]:
     return images, skipped
 
 
-def read_layout(source, labels: str | None = None) -> Layout:
-    """The layout of an opened source (:mod:`imgcls.data.sources`): multi-label when ``labels`` names a CSV
-    or one is found beside the images (:func:`imgcls.data.multilabel.find_label_file`), else from the
-    folder names (:func:`detect_layout`).
+def multilabel_layout(images: list[str], skipped: list[SkippedFile], dirs: set[str], where: str, table,
+                      rows: np.ndarray) -> Layout:
+    """The layout of a multi-label dataset: the candidate ``images``, each matched to its row (``rows``) of
+    ``table`` (a :class:`imgcls.data.multilabel.LabelTable`), the splits from split folders where there are any.
 
     Raises:
-        DataError: as :func:`detect_layout`, or :func:`imgcls.data.multilabel.multilabel_layout` for a CSV.
+        DataError: images outside the split folders; a label that val or test has and train lacks; fewer
+            than 2 labels.
     """
-    files, where = source.files(), str(source.path)
-    if labels is None:
-        found = find_label_file(files)
-        if found is None:
-            return detect_layout(files, source.dirs(), where)
-        table = read_label_csv(source.read(found), source.display(found))
-    else:
-        path = Path(labels).expanduser()
-        if not path.is_file():
-            raise DataError(f"--labels {labels}: no such file; give the CSV of labels (filename,labels or one 0/1 "
-                            f"column per label), or leave --labels out to use a labels.csv beside the images")
-        table = read_label_csv(path.read_bytes(), str(path))
-        found = None
-    return multilabel_layout(files, {d for d in source.dirs() if visible_dir(d)}, where, table, found)
-
-
-def multilabel_layout(files: list[str], dirs: set[str], where: str, table, table_rel: str | None) -> Layout:
-    """The layout of a multi-label dataset: every candidate image matched to its row of ``table``
-    (a :class:`imgcls.data.multilabel.LabelTable`), the splits from split folders where there are any.
-
-    Raises:
-        DataError: a row names a missing file or an image has no row; images outside the split folders; a
-            label that val or test has and train lacks; fewer than 2 labels.
-    """
-    images, skipped = candidate_images(files)
-    rows = match_rows(table, images, where)
     if len(table.labels) < 2:
         raise DataError(f"{table.source}: names only {table.labels} as labels; at least 2 labels are needed")
     root = _unwrap(images, dirs, "", stop_at_splits=True)

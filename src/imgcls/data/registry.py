@@ -16,11 +16,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from imgcls.data.base import ImageDataset, Split
-from imgcls.data.cache import cache_key, load_cached
+from imgcls.data.base import ImageDataset, Split, label_counts
+from imgcls.data.cache import cache_key, file_digest, load_cached
 from imgcls.data.download import data_dir
 from imgcls.data.exclude import exclude_images
 from imgcls.data.folder import load_folder
+from imgcls.data.multilabel import iterative_split
 from imgcls.data.official import load_official
 from imgcls.errors import DataError
 from imgcls.startup import collector_paused
@@ -106,13 +107,16 @@ def _load_path(path: Path, cfg, size, progress: bool) -> ImageDataset:
 
     def build() -> ImageDataset:
         return load_folder(path, image_size=size, channels=cfg.channels, on_bad_image=cfg.on_bad_image,
-                           resize=cfg.resize, progress=progress, follow_links=cfg.follow_links)
+                           resize=cfg.resize, progress=progress, follow_links=cfg.follow_links,
+                           labels=getattr(cfg, "labels", None))
 
     if not cfg.cache:
         return build()
 
+    labels = getattr(cfg, "labels", None)
+    extra = {"labels": file_digest(labels)} if labels else {}  # a CSV outside the folder: its content counts
     key = cache_key(path, image_size=size, channels=cfg.channels, resize=cfg.resize, format=CACHE_FORMAT,
-                    follow_links=cfg.follow_links)
+                    follow_links=cfg.follow_links, **extra)
     ds, from_cache = load_cached(key, build, _cache_dir())
     if from_cache:
         ds.notes.append("decoded images came from the cache (--no-cache decodes again)")
@@ -170,13 +174,13 @@ def complete_splits(ds: ImageDataset, val_fraction: float, test_fraction: float,
     carved: dict[str, float] = {}  # split carved -> the share of each class's remaining images it took
     if flat:
         whole = splits.pop("all")
-        parts = stratified_split(whole.labels, [test_fraction], rng)
+        parts = split_by_label(whole.labels, [test_fraction], rng)
         splits["train"], splits["test"] = whole.subset(parts[0]), whole.subset(parts[1])
         ds.notes.append(f"no train/test folders: held out {test_fraction:.0%} of each class for testing (seed {seed})")
         carved["test"] = test_fraction
     elif "test" not in splits:
         train = splits["train"]
-        parts = stratified_split(train.labels, [test_fraction], rng)
+        parts = split_by_label(train.labels, [test_fraction], rng)
         splits["train"], splits["test"] = train.subset(parts[0]), train.subset(parts[1])
         ds.notes.append(f"no test split: held out {test_fraction:.0%} of each training class for testing (seed {seed})")
         carved["test"] = test_fraction
@@ -184,7 +188,7 @@ def complete_splits(ds: ImageDataset, val_fraction: float, test_fraction: float,
         train = splits["train"]
         # val_fraction is a share of all images, so it is rescaled to the remaining training images.
         share = min(val_fraction / (1.0 - test_fraction) if flat else val_fraction, 0.9)
-        parts = stratified_split(train.labels, [share], rng)
+        parts = split_by_label(train.labels, [share], rng)
         splits["train"], splits["val"] = train.subset(parts[0]), train.subset(parts[1])
         ds.notes.append(f"no val split: held out {share:.0%} of each training class for validation (seed {seed})")
         carved["val"] = share
@@ -214,7 +218,8 @@ def _check_carved(ds: ImageDataset, splits: dict, carved: dict[str, float], aske
         raise DataError(f"the train split of {ds.name} is empty; add images to its train folder")
     shares = list(carved.values())
     for i, name in enumerate(carved):
-        missing = [ds.classes[c] for c in np.unique(splits["train"].labels) if not np.any(splits[name].labels == c)]
+        have = {k: label_counts(splits[k].labels, ds.num_classes) > 0 for k in ("train", name)}
+        missing = [ds.classes[c] for c in np.flatnonzero(have["train"] & ~have[name])]
         if missing:
             listed = ", ".join(missing[:5]) + (f" and {len(missing) - 5:,} more" if len(missing) > 5 else "")
             them = "it" if len(missing) == 1 else "them"
@@ -240,6 +245,14 @@ def _held_out(count: int, share: float) -> int:
     """How many of a class's ``count`` images a split taking ``share`` of them gets: rounded, and at least
     one left behind."""
     return max(min(round(share * count), count - 1), 0)
+
+
+def split_by_label(labels: np.ndarray, fractions: list[float], rng: np.random.Generator) -> list[np.ndarray]:
+    """:func:`stratified_split` for class labels (N,), iterative stratification for a 0/1 label matrix (N, L)
+    (:func:`imgcls.data.multilabel.iterative_split`): the same contract."""
+    if labels.ndim == 2:
+        return iterative_split(labels, fractions, rng)
+    return stratified_split(labels, fractions, rng)
 
 
 def stratified_split(labels: np.ndarray, fractions: list[float], rng: np.random.Generator) -> list[np.ndarray]:

@@ -29,6 +29,13 @@ def binary_cross_entropy(proba: np.ndarray, targets: np.ndarray) -> float:
     return float(-(y * np.log(p) + (1.0 - y) * np.log1p(-p)).mean())
 
 
+def mean_average_precision(targets: np.ndarray, proba: np.ndarray) -> float | None:
+    """mAP: the mean over labels with at least one positive of their average precision; None when none has."""
+    targets = np.asarray(targets) > 0
+    aps = [average_precision(targets[:, j], proba[:, j]) for j in range(targets.shape[1]) if targets[:, j].any()]
+    return float(np.mean(aps)) if aps else None
+
+
 def multilabel_metrics(targets: np.ndarray, proba: np.ndarray, labels: list[str], thresholds=None) -> dict:
     """Every multi-label figure of a split.
 

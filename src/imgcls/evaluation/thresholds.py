@@ -210,25 +210,3 @@ def label_thresholds(thresholds, n_labels: int) -> list[float]:
     if t.shape != (n_labels,):
         raise ValueError(f"need one threshold per label: {n_labels} labels, thresholds of shape {t.shape}")
     return [float(v) for v in t]
-
-
-def label_sets(proba: np.ndarray, labels: list[str], thresholds=None) -> list[dict]:
-    """What a multi-label prediction answers, per image: the labels whose probability clears their threshold.
-
-    Args:
-        proba: independent per-label probabilities (sigmoid), float (N, L).
-        labels: the L label names.
-        thresholds: L thresholds (``proba[:, l] >= t_l`` predicts label l), or None for 0.5 each.
-
-    Returns:
-        Per image ``{"labels": [names, highest probability first; equal probabilities keep the labels' order],
-        "probabilities": {name: probability for every label, in the labels' order}}``.
-    """
-    proba = np.asarray(proba, dtype=np.float64).reshape(-1, len(labels))
-    t = np.asarray(label_thresholds(thresholds, len(labels)))
-    out = []
-    for p in proba:
-        order = np.argsort(-p, kind="stable")
-        out.append({"labels": [labels[j] for j in order if p[j] >= t[j]],
-                    "probabilities": {name: float(v) for name, v in zip(labels, p)}})
-    return out

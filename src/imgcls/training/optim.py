@@ -388,9 +388,18 @@ class EarlyStopping:
 
 
 def class_weight_tensor(spec, labels, num_classes: int) -> torch.Tensor | None:
-    """Loss weights per class: None, 'balanced' (n / (k * count)) or an explicit list."""
+    """Loss weights per class: None, 'balanced' (n / (k * count)) or an explicit list.
+
+    Multi-label (``labels`` a 0/1 (N, K) matrix): weights of each label's positives (BCE's ``pos_weight``);
+    'balanced' gives each label negatives / positives, capped at 100, so that its positives weigh as much as
+    its negatives.
+    """
     if spec is None:
         return None
+    labels = torch.as_tensor(labels)
+    if spec == "balanced" and labels.ndim == 2:
+        positives = labels.double().sum(0)
+        return ((len(labels) - positives) / positives.clamp_min(1)).clamp(1e-3, 100.0).float()
     if spec == "balanced":
         counts = torch.bincount(torch.as_tensor(labels), minlength=num_classes).double()
         weights = len(labels) / (num_classes * counts.clamp_min(1))

@@ -122,6 +122,9 @@ class TrainResult:
     val_logits: np.ndarray | None = None  # of the final checkpoint on the val split, when training has them
 
 
+# Augmentations that move or hide part of the picture: with several labels per image, one can take a labelled
+# object out of the picture while its label stays (imgcls.auto leaves them out of multi-label runs).
+LABEL_CUTTING_AUGMENTS = ("zoom", "translate", "crop", "cutout")
 # Training images the data-dependent initialisation (ImageClassifier.init_from_data) sees.
 INIT_SAMPLE = 5000
 # A --time-budget below this share of stage 1's estimate is refused: the estimate times PyTorch, and ONNX Runtime
@@ -185,6 +188,10 @@ def check_compatible(cfg: RunConfig, ds: ImageDataset, strategy: OneProcess | No
     if cfg.model.weights:
         load_weights(model, cfg.model.weights)  # refuses unknown weights or a file that does not fit, before a run folder exists
     build_augment(t.augment, (h, w))
+    cutting = [a for a in (t.augment if isinstance(t.augment, list) else []) if a.split(":")[0] in LABEL_CUTTING_AUGMENTS]
+    if ds.multilabel and cutting:
+        notes.append(f"--augment {','.join(cutting)} can cut a labelled object out of the picture, and its label "
+                     f"would still say it is there; kept as asked")
     low = low_res_size(t, ds.image_shape)
     if low is not None:
         try:
