@@ -429,8 +429,11 @@ def iterative_split(targets: np.ndarray, fractions: list[float], rng: np.random.
     stratification of multi-label data"): the label with the fewest remaining
     rows is dealt out first, each of its rows to the part that still wants
     the most of that label (then the most rows; then chance).  Rows without a
-    label fill the parts' remaining sizes.  Every label with a row keeps one
-    in part 0, as :func:`imgcls.data.registry.stratified_split` keeps a class.
+    label fill the parts' remaining sizes; a few rows are then moved so that
+    part i+1 holds ``round(fractions[i] * R)`` rows.  Every label with a row
+    keeps one in part 0, as :func:`imgcls.data.registry.stratified_split`
+    keeps a class.  Labels dealt late (the commonest) drift most from their
+    share where most rows hold several labels.
 
     Args:
         targets: 0/1 array, shape (R, L).
