@@ -126,7 +126,7 @@ def inspect(data: str | Path, *, name: str | None = None, folds: int = 5, quiet:
 
 
 def tune(config=None, *, trials: int = 20, timeout: str | float | None = None, space=None,
-         metric: str = "val_accuracy", study: str | None = None, storage: str | None = None, sampler="tpe",
+         metric: str = "auto", study: str | None = None, storage: str | None = None, sampler="tpe",
          pruner="median", quiet: bool = False, console=None, **overrides) -> dict:
     """Search hyperparameters with Optuna: ``trials`` runs of ``config`` (as :func:`train` takes it), each with
     values drawn from ``space``, in the study folder ``<out>/<study>``.
@@ -137,8 +137,9 @@ def tune(config=None, *, trials: int = 20, timeout: str | float | None = None, s
         timeout: stop starting trials after this long (``"30m"``, seconds).
         space: a YAML file or a dict mapping config fields to ranges or choices (see
             :mod:`imgcls.tuning.space`); default: the default space for the config.
-        metric: ``val_accuracy`` (maximised), ``val_loss`` (minimised) or ``val_macro_f1`` (maximised),
-            reported after every epoch for the pruner.
+        metric: ``val_accuracy`` (maximised), ``val_loss`` (minimised), ``val_macro_f1`` (maximised) or
+            ``val_map`` (maximised; several labels per image), reported after every epoch for the pruner;
+            ``auto``: ``val_map`` for data with a CSV of labels, else ``val_accuracy``.
         study: the study's name (default ``<data>-tune``).
         storage: a SQLAlchemy URL (default: ``sqlite:///<study folder>/study.db``).
         sampler: ``tpe`` (seeded by the config's seed), ``random``, ``grid``, or an Optuna sampler.
@@ -244,6 +245,10 @@ class Classifier(predictor.TorchPredictor):
         names, images, bad = self.load_inputs(inputs)
         if not len(images):
             raise DataError("no image could be read: " + "; ".join(f"{b.path}: {b.reason}" for b in bad))
+        if target == "true" and self.multilabel:
+            raise ConfigError("target 'true' reads each image's class from its folder, and a multi-label model's "
+                              "images carry their labels in a CSV; name the labels to explain instead "
+                              f"(for example --target {','.join(self.classes[:2])}: one map per label)")
         labels = self._folder_labels(names) if target == "true" else None
         exp = explain_arrays(self.model, self.meta, images, method=method, target=target,
                              layer=None if layer in (None, "auto") else layer, device=None, labels=labels, names=names)

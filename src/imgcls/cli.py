@@ -204,8 +204,9 @@ def cmd_evaluate(args) -> int:
     clf = imgcls.load(args.run, which=args.checkpoint, device=args.device)
     metrics = clf.evaluate(args.data, split=args.split, top_k=args.top_k, save=True)
     print(format_report(metrics, title=f"{args.run}: {args.split} split"))
-    print()
-    print(format_confusion(metrics))
+    if "confusion_matrix" in metrics:  # one class per image (a multi-label report has its table of labels)
+        print()
+        print(format_confusion(metrics))
     return 0
 
 
@@ -348,7 +349,8 @@ def _explain_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", default="gradcam", help="gradcam (default), gradcam++, integrated-gradients, "
                    "occlusion or saliency")
     p.add_argument("--target", default="predicted", help="predicted (default), true (the class folder an image "
-                   "is in) or a class name")
+                   "is in), a class name, or several separated by commas: one map per image and name (a "
+                   "multi-label model's labels)")
     p.add_argument("--layer", default="auto", help="layer for Grad-CAM (default: the model's own choice)")
     p.add_argument("--out", type=Path, help="output folder (default: <run>/explain)")
     p.add_argument("--save-maps", action="store_true", help="also write each raw map as .npy")
@@ -565,9 +567,9 @@ def _tune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", help="start no trial after this long, e.g. 30m or 2h (default: none)")
     p.add_argument("--space", type=Path, help="YAML search space: config fields mapped to ranges or choices "
                    "(default: the one --show-space prints)")
-    p.add_argument("--metric", default="val_accuracy", choices=("val_accuracy", "val_loss", "val_macro_f1"),
+    p.add_argument("--metric", default="auto", choices=("auto", "val_accuracy", "val_loss", "val_macro_f1", "val_map"),
                    help="what the trials are ranked and pruned by, on the val split after every epoch "
-                        "(default: val_accuracy)")
+                        "(default auto: val_map for data with several labels per image, else val_accuracy)")
     p.add_argument("--study", help="study name; its folder is <out>/<study> (default: <data>-tune)")
     p.add_argument("--storage", help="SQLAlchemy URL of the study's database, e.g. postgresql://USER:PASS@HOST/DB "
                    "for workers on several machines (default: sqlite:///<study folder>/study.db)")

@@ -283,7 +283,8 @@ def cross_validate(cfg: RunConfig, folds: int, console, out_dir: Path | None = N
         "path": str(cv_dir), "dataset": ds.name, "model": cfg.model.name, "folds": folds, "seed": seed,
         "pooled_images": len(pooled), "pooled_from": [s for s in ("train", "val") if s in ds.splits],
         "test_split_images": len(ds.splits["test"]), "val_fraction": cfg.data.val_fraction,
-        "metrics": list(folds_format.METRICS), "per_fold": per_fold, **folds_format.summarize(per_fold),
+        "metrics": list(folds_format.metric_names({"per_fold": per_fold})), "per_fold": per_fold,
+        **folds_format.summarize(per_fold),
         "config": cfg.to_dict(),
     }
     folds_format.write_cv(summary, cv_dir, indices)

@@ -138,7 +138,8 @@ def read_layout(source, labels: str | None = None) -> Layout:
         if not path.is_file():
             raise DataError(f"--labels {labels}: no such file; give the CSV of labels (filename,labels or one 0/1 "
                             f"column per label), or leave --labels out to use a labels.csv beside the images")
-        table = read_label_csv(path.read_bytes(), str(path))
+        table, found = read_label_csv(path.read_bytes(), str(path)), None
     images, skipped = candidate_images(files)
+    skipped = [f for f in skipped if f.path != found]  # the labels CSV itself
     rows = match_rows(table, images, where)
     return multilabel_layout(images, skipped, {d for d in source.dirs() if visible_dir(d)}, where, table, rows)

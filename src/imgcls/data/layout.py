@@ -196,10 +196,6 @@ def multilabel_layout(images: list[str], skipped: list[SkippedFile], dirs: set[s
                             f"({', '.join(t + '/' for t in split_tops)}), for example {outside[0]!r}; put every "
                             f"image in a split folder, or none")
         _refuse_labels_only_held_out(layout, table)
-    empty = [r for r, i in (it for items in layout.items.values() for it in items) if not table.targets[i].any()]
-    if empty:
-        layout.notes.append(f"{len(empty):,} images have an empty label set in {table.source} (for example "
-                            f"{empty[0]}); they teach the model that none of the labels applies")
     return layout
 
 

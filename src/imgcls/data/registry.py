@@ -176,13 +176,14 @@ def complete_splits(ds: ImageDataset, val_fraction: float, test_fraction: float,
         whole = splits.pop("all")
         parts = split_by_label(whole.labels, [test_fraction], rng)
         splits["train"], splits["test"] = whole.subset(parts[0]), whole.subset(parts[1])
-        ds.notes.append(f"no train/test folders: held out {test_fraction:.0%} of each class for testing (seed {seed})")
+        ds.notes.append(f"no train/test folders: held out {test_fraction:.0%} of {_each(whole)} for testing (seed {seed})")
         carved["test"] = test_fraction
     elif "test" not in splits:
         train = splits["train"]
         parts = split_by_label(train.labels, [test_fraction], rng)
         splits["train"], splits["test"] = train.subset(parts[0]), train.subset(parts[1])
-        ds.notes.append(f"no test split: held out {test_fraction:.0%} of each training class for testing (seed {seed})")
+        ds.notes.append(f"no test split: held out {test_fraction:.0%} of {_each(train, 'training ')} for testing "
+                        f"(seed {seed})")
         carved["test"] = test_fraction
     if "val" not in splits and val_fraction > 0:
         train = splits["train"]
@@ -190,7 +191,7 @@ def complete_splits(ds: ImageDataset, val_fraction: float, test_fraction: float,
         share = min(val_fraction / (1.0 - test_fraction) if flat else val_fraction, 0.9)
         parts = split_by_label(train.labels, [share], rng)
         splits["train"], splits["val"] = train.subset(parts[0]), train.subset(parts[1])
-        ds.notes.append(f"no val split: held out {share:.0%} of each training class for validation (seed {seed})")
+        ds.notes.append(f"no val split: held out {share:.0%} of {_each(train, 'training ')} for validation (seed {seed})")
         carved["val"] = share
     _check_carved(ds, splits, carved, {"val": val_fraction, "test": test_fraction})
     ds.splits = {k: splits[k] for k in ("train", "val", "test") if k in splits}
@@ -198,6 +199,14 @@ def complete_splits(ds: ImageDataset, val_fraction: float, test_fraction: float,
         what = " and ".join(carved) + (" carved out" if flat else " carved from train")
         ds.layout = f"{ds.layout}; {what}" if ds.layout else what
     return ds
+
+
+def _each(split: Split, which: str = "") -> str:
+    """What a carved split takes a share of: each class, or with several labels per image, the images spread by
+    iterative stratification so that every label gets its share."""
+    if split.multilabel:
+        return f"the {which}images, each label's share kept by iterative stratification,"
+    return f"each {which}class"
 
 
 def _check_carved(ds: ImageDataset, splits: dict, carved: dict[str, float], asked: dict[str, float]) -> None:

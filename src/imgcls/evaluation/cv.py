@@ -25,7 +25,8 @@ import numpy as np
 
 from imgcls.config import RunConfig
 from imgcls.data.base import ImageDataset, Split, pool_splits  # noqa: F401 (pool_splits: part of cv's vocabulary)
-from imgcls.data.registry import stratified_split
+from imgcls.data.multilabel import iterative_split
+from imgcls.data.registry import split_by_label
 from imgcls.errors import ConfigError
 from imgcls.io import write_atomic, write_json, write_npz
 from imgcls.rundir import claim_folder, default_run_name
@@ -35,10 +36,19 @@ CV_CSV = "cv.csv"
 FOLDS = "folds.npz"
 FOLD_PREFIX = "fold-"  # fold-1, fold-2, ...: the folds' run folders
 
-# Per-fold figures that get a mean and a spread; names as in cv.json and cv.csv.
+# Per-fold figures that get a mean and a spread; names as in cv.json and cv.csv.  Several labels per image:
+# mAP first, the figure multi-label runs are judged by.
 METRICS = ("accuracy", "macro_f1", "weighted_f1", "loss", "top_k_accuracy")
+MULTILABEL_METRICS = ("map", "micro_f1", "macro_f1", "subset_accuracy", "hamming_loss", "loss")
 LABELS = {"accuracy": "accuracy", "macro_f1": "macro F1", "weighted_f1": "weighted F1", "loss": "loss",
-           "top_k_accuracy": "top-k acc"}
+          "top_k_accuracy": "top-k acc", "map": "mAP", "micro_f1": "micro F1", "subset_accuracy": "exact-set acc",
+          "hamming_loss": "Hamming loss"}
+
+
+def metric_names(result: dict) -> tuple[str, ...]:
+    """The per-fold figures of a cv.json (or of its ``per_fold`` records): multi-label ones or not."""
+    folds = result.get("per_fold", [result])
+    return MULTILABEL_METRICS if folds and "map" in folds[0] else METRICS
 
 
 def fold_name(fold: int) -> str:
@@ -61,11 +71,15 @@ def new_cv_folder(cfg: RunConfig, folds: int, out_dir: Path | None) -> Path:
 
 def fold_record(fold: int, run_dir: Path, m: dict, epochs: int, index: dict, seconds: float) -> dict:
     """One fold's line of cv.json: its held-out figures ``m`` (test metrics), sizes, epochs and seconds."""
+    if m.get("task") == "multilabel":
+        figures = {k: m[k] for k in MULTILABEL_METRICS}
+    else:
+        figures = {"accuracy": m["accuracy"], "macro_f1": m["macro_avg"]["f1"], "weighted_f1": m["weighted_avg"]["f1"],
+                   "loss": m["loss"], "top_k_accuracy": m["top_k_accuracy"], "top_k": m["top_k"]}
     return {
-        "fold": fold, "run": Path(run_dir).name, "accuracy": m["accuracy"], "macro_f1": m["macro_avg"]["f1"],
-        "weighted_f1": m["weighted_avg"]["f1"], "loss": m["loss"], "top_k_accuracy": m["top_k_accuracy"],
-        "top_k": m["top_k"], "train_images": len(index["train"]), "val_images": len(index.get("val", ())),
-        "held_out_images": len(index["test"]), "epochs": epochs, "train_seconds": round(seconds, 2),
+        "fold": fold, "run": Path(run_dir).name, **figures, "train_images": len(index["train"]),
+        "val_images": len(index.get("val", ())), "held_out_images": len(index["test"]), "epochs": epochs,
+        "train_seconds": round(seconds, 2),
     }
 
 
@@ -75,24 +89,26 @@ def write_cv(result: dict, cv_dir: Path, indices: dict[str, np.ndarray] | None =
     if indices is not None:
         write_npz(cv_dir / FOLDS, indices)
     write_json(cv_dir / CV_JSON, result)
-    columns = ["fold", *METRICS, "train_images", "val_images", "held_out_images", "epochs", "train_seconds"]
+    names = metric_names(result)
+    columns = ["fold", *names, "train_images", "val_images", "held_out_images", "epochs", "train_seconds"]
     buf = io.StringIO()
     writer = csv.writer(buf)
     writer.writerow(columns)
     for f in result["per_fold"]:
         writer.writerow([f[c] for c in columns])
     for stat in ("mean", "std"):
-        writer.writerow([stat, *(result[stat][m] for m in METRICS)] + [""] * (len(columns) - len(METRICS) - 1))
+        writer.writerow([stat, *(result[stat][m] for m in names)] + [""] * (len(columns) - len(names) - 1))
     write_atomic(cv_dir / CV_CSV, buf.getvalue())
 
 
 def check_folds(folds, labels: np.ndarray) -> None:
-    """Refuse a fold count below 2 or above the image count of the smallest class."""
-    _, counts = np.unique(labels, return_counts=True)
+    """Refuse a fold count below 2 or above the image count of the smallest class (or rarest label)."""
+    counts = labels.sum(0) if labels.ndim == 2 else np.unique(labels, return_counts=True)[1]
+    counts = counts[counts > 0]
     limit = int(counts.min()) if len(counts) else 0
     if not isinstance(folds, int) or isinstance(folds, bool) or folds < 2 or folds > limit:
-        raise ConfigError(f"folds must be a whole number from 2 to {limit} (the number of training images "
-                          f"of the smallest class), got {folds!r}")
+        what = "images of the rarest label" if labels.ndim == 2 else "training images of the smallest class"
+        raise ConfigError(f"folds must be a whole number from 2 to {limit} (the number of {what}), got {folds!r}")
 
 
 def make_folds(labels: np.ndarray, folds: int, seed: int) -> list[np.ndarray]:
@@ -105,6 +121,9 @@ def make_folds(labels: np.ndarray, folds: int, seed: int) -> list[np.ndarray]:
     from sklearn.model_selection import StratifiedKFold
 
     check_folds(folds, labels)
+    if labels.ndim == 2:  # several labels per image: iterative stratification into K near-equal parts
+        parts = iterative_split(labels, [1.0 / folds] * (folds - 1), np.random.default_rng(seed))
+        return [parts[(i + 1) % folds] for i in range(folds)]
     splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
     return [np.sort(held) for _, held in splitter.split(np.zeros(len(labels)), labels)]
 
@@ -119,7 +138,7 @@ def fold_dataset(ds: ImageDataset, pooled: Split, held_out: np.ndarray, fold: in
     rest = np.setdiff1d(np.arange(len(pooled)), held_out)
     index = {"train": rest}
     if val_fraction > 0:
-        train_part, val_part = stratified_split(pooled.labels[rest], [val_fraction], np.random.default_rng([seed, fold]))
+        train_part, val_part = split_by_label(pooled.labels[rest], [val_fraction], np.random.default_rng([seed, fold]))
         index = {"train": rest[train_part], "val": rest[val_part]}
     index["test"] = held_out
     splits = {name: pooled.subset(idx) for name, idx in index.items()}
@@ -130,7 +149,7 @@ def fold_dataset(ds: ImageDataset, pooled: Split, held_out: np.ndarray, fold: in
 
 def summarize(per_fold: list[dict]) -> dict:
     """{"mean": {...}, "std": {...}} of each metric over the folds (std with ddof=0, as np.std)."""
-    values = {m: np.array([f[m] for f in per_fold], dtype=np.float64) for m in METRICS}
+    values = {m: np.array([f[m] for f in per_fold], dtype=np.float64) for m in metric_names({"per_fold": per_fold})}
     return {"mean": {m: float(v.mean()) for m, v in values.items()},
             "std": {m: float(v.std()) for m, v in values.items()}}
 
@@ -145,11 +164,12 @@ def load_folds(cv_dir: str | Path) -> list[dict[str, np.ndarray]]:
 
 def format_cv(result: dict) -> str:
     """A plain-text table: one line per fold, then mean ± std."""
-    head = f"{'fold':>6}  " + "  ".join(f"{LABELS[m]:>17}" for m in METRICS) + f"  {'held out':>8}"
+    names = metric_names(result)
+    head = f"{'fold':>6}  " + "  ".join(f"{LABELS[m]:>17}" for m in names) + f"  {'held out':>8}"
     title = (f"{result['folds']}-fold cross-validation of {result['model']} on {result['dataset']} "
              f"({result['pooled_images']} images; the test split is not used)")
     lines = [title, head]
     for f in result["per_fold"]:
-        lines.append(f"{f['fold']:>6}  " + "  ".join(f"{f[m]:>17.4f}" for m in METRICS) + f"  {f['held_out_images']:>8}")
-    lines.append(f"{'mean':>6}  " + "  ".join(f"{result['mean'][m]:>8.4f} ± {result['std'][m]:<6.4f}" for m in METRICS))
+        lines.append(f"{f['fold']:>6}  " + "  ".join(f"{f[m]:>17.4f}" for m in names) + f"  {f['held_out_images']:>8}")
+    lines.append(f"{'mean':>6}  " + "  ".join(f"{result['mean'][m]:>8.4f} ± {result['std'][m]:<6.4f}" for m in names))
     return "\n".join(lines)

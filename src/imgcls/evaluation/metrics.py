@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from imgcls.evaluation.multilabel import multilabel_rows
+from imgcls.evaluation.multilabel import format_multilabel_report, multilabel_rows
 from imgcls.io import write_atomic, write_json
 
 
@@ -89,7 +89,10 @@ def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
 
 
 def format_report(metrics: dict, title: str = "") -> str:
-    """A plain-text per-class table like scikit-learn's classification_report."""
+    """A plain-text per-class table like scikit-learn's classification_report (a multi-label run's metrics:
+    :func:`imgcls.evaluation.multilabel.format_multilabel_report`)."""
+    if metrics.get("task") == "multilabel":
+        return format_multilabel_report(metrics, title)
     width = max([len(c["class"]) for c in metrics["per_class"]] + [12])
     lines = [title] if title else []
     lines.append(f"{'class':>{width}}  precision  recall  f1-score  support")

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from imgcls.checkpoint import is_multilabel
 from imgcls.errors import ConfigError, unknown_name
 from imgcls.explain.attribution import (
     LAYER_METHODS,
@@ -24,7 +24,12 @@ from imgcls.explain.attribution import (
     normalize_maps,
     resolve_layer,
 )
-from imgcls.inference import normalization_tensors, resolve_runtime, to_input
+from imgcls.inference import (
+    normalization_tensors,
+    proba_from_logits,
+    resolve_runtime,
+    to_input,
+)
 from imgcls.io import write_atomic, write_npy
 from imgcls.plots import figure_png, new_figure, plain
 
@@ -62,6 +67,7 @@ class Explanation:
     names: list[str] | None = None
     classes: list[str] | None = None
     bad: list = field(default_factory=list)  # inputs that could not be read, as SkippedFile
+    multilabel: bool = False  # the model gives several labels per image: a title names the label explained
 
     def __len__(self) -> int:
         return len(self.maps)
@@ -73,6 +79,9 @@ class Explanation:
     def title(self, i: int) -> str:
         """Panel title of image ``i``: "pred CLASS (p)", plus the target when it differs."""
         pred = int(self.predicted[i])
+        if self.multilabel:  # each label has its own probability: the one explained, with its own
+            target = int(self.targets[i])
+            return f"{self._class_name(target)} ({self.proba[i, target]:.2f})"
         text = f"pred {self._class_name(pred)} ({self.proba[i, pred]:.2f})"
         if int(self.targets[i]) != pred:
             text += f"\ntarget {self.target_names[i]}"
@@ -93,9 +102,12 @@ def explain_arrays(model, meta: dict, images: np.ndarray, method: str = "gradcam
             ``input_shape`` and optionally ``temperature``.
         images: uint8 (N, H, W, C) at the model's input size.
         method: one of :data:`imgcls.explain.METHODS`.
-        target: ``"predicted"`` (each image's predicted class), ``"true"``
+        target: ``"predicted"`` (each image's predicted class; for a
+            multi-label model its most probable label), ``"true"``
             (``labels``), a class name, or a class index (an int, or a string
-            of digits that is not itself a class name).
+            of digits that is not itself a class name); several class names
+            (a list, or comma-separated): one map per image and name, image
+            by image (``names`` then say which label each map explains).
         layer: module for ``gradcam``/``gradcam++`` (None or ``"auto"``: the
             model's own); the other methods refuse a layer.
         device: ``"cpu"``, ``"cuda"`` or ``"auto"``; the model is moved there.
@@ -119,6 +131,13 @@ def explain_arrays(model, meta: dict, images: np.ndarray, method: str = "gradcam
     n = len(images)
     if names is not None and len(names) != n:
         raise ConfigError(f"names must hold one name per image ({n}), got {len(names)}")
+    several = _target_list(target)
+    if several is not None:  # one map per (image, name): the images repeated, each name in turn
+        k = len(several)
+        images = np.repeat(images, k, axis=0)
+        names = [_with_target(name, t) for name in (names or [f"image{i}" for i in range(n)]) for t in several]
+        repeated = np.tile([_class_index(t, classes) for t in several], n).astype(np.int64)
+        n = len(images)
     if batch_size < 1:
         raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
     if device is None:
@@ -133,12 +152,12 @@ def explain_arrays(model, meta: dict, images: np.ndarray, method: str = "gradcam
     mean, std = normalization_tensors(meta["normalize"], dev)
     temperature = float(meta.get("temperature", 1.0) or 1.0)
 
-    fixed = _fixed_target(target, classes, labels, n)
+    fixed = repeated if several is not None else _fixed_target(target, classes, labels, n)
     raw, proba = [], []
     for start in range(0, n, batch_size):
         x = to_input(torch.from_numpy(images[start:start + batch_size]).to(dev), mean, std, False)
         logits = _logits(model, x)
-        proba.append(F.softmax(logits.double() / temperature, dim=1).cpu())
+        proba.append(torch.from_numpy(proba_from_logits(logits.cpu(), temperature, is_multilabel(meta))))
         if fixed is None:  # "predicted"
             batch_target = logits.argmax(1)
         else:
@@ -153,7 +172,22 @@ def explain_arrays(model, meta: dict, images: np.ndarray, method: str = "gradcam
         maps=maps.numpy().astype(np.float32), raw_maps=raw_t.numpy().astype(np.float32),
         targets=targets, target_names=[classes[t] for t in targets], predicted=predicted, proba=proba_np,
         method=method, layer=layer_name, images=images, names=list(names) if names is not None else None,
-        classes=classes)
+        classes=classes, multilabel=is_multilabel(meta))
+
+
+def _target_list(target) -> list[str] | None:
+    """Several class names asked for (a list, or names separated by commas), or None for one target."""
+    if isinstance(target, (list, tuple)):
+        return [str(t).strip() for t in target]
+    if isinstance(target, str) and "," in target:
+        return [t.strip() for t in target.split(",") if t.strip()]
+    return None
+
+
+def _with_target(name: str, target: str) -> str:
+    """``photo.jpg`` explained for ``rose``: ``photo-rose.jpg``, so that each map gets a file of its own."""
+    stem, dot, ext = name.rpartition(".")
+    return f"{stem}-{target}.{ext}" if dot and stem else f"{name}-{target}"
 
 
 @torch.no_grad()
@@ -322,4 +356,4 @@ def _select(exp: Explanation, i: int) -> Explanation:
         maps=exp.maps[one], raw_maps=exp.raw_maps[one], targets=exp.targets[one],
         target_names=exp.target_names[one], predicted=exp.predicted[one], proba=exp.proba[one],
         method=exp.method, layer=exp.layer, images=exp.images[one],
-        names=exp.names[one] if exp.names is not None else None, classes=exp.classes)
+        names=exp.names[one] if exp.names is not None else None, classes=exp.classes, multilabel=exp.multilabel)

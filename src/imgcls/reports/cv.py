@@ -7,17 +7,18 @@ from pathlib import Path
 
 import numpy as np
 
-from imgcls.evaluation.cv import LABELS, METRICS
+from imgcls.evaluation.cv import LABELS, metric_names
 from imgcls.plots import new_figure
 from imgcls.reports.html import Section, render_page, table
 
 
 def write_cv_page(result: dict, cv_dir: Path) -> Path:
     """Write report.html (table and chart) of ``result`` (cv.json's content) into ``cv_dir``; returns the page."""
-    header = ["fold", *(LABELS[m] for m in METRICS), "train", "val", "held out", "epochs", "seconds"]
-    rows = [[f"fold {f['fold']}", *(f[m] for m in METRICS), f["train_images"], f["val_images"],
+    names = metric_names(result)
+    header = ["fold", *(LABELS[m] for m in names), "train", "val", "held out", "epochs", "seconds"]
+    rows = [[f"fold {f['fold']}", *(f[m] for m in names), f["train_images"], f["val_images"],
              f["held_out_images"], f["epochs"], f["train_seconds"]] for f in result["per_fold"]]
-    rows.append(["mean ± std", *(f"{result['mean'][m]:.4f} ± {result['std'][m]:.4f}" for m in METRICS),
+    rows.append(["mean ± std", *(f"{result['mean'][m]:.4f} ± {result['std'][m]:.4f}" for m in names),
                  "", "", "", "", ""])
     links = ", ".join(f"<a href='{f['run']}/'>{f['run']}</a>" for f in result["per_fold"])
     method = (
@@ -29,17 +30,21 @@ def write_cv_page(result: dict, cv_dir: Path) -> Path:
         f"standard deviation over the folds.")
     about = Section("Folds", paragraphs=[method, f"Run folders: {links}."],
                     tables=[table(header, rows, caption="held-out fold metrics")])
-    chart = Section("Accuracy and macro F1 per fold", figures=[("cv_folds", plot_cv(result))])
+    first, second = _charted(result)
+    chart = Section(f"{LABELS[first][0].upper() + LABELS[first][1:]} and {LABELS[second]} per fold",
+                    figures=[("cv_folds", plot_cv(result))])
     return render_page(f"Cross-validation: {result['model']} on {result['dataset']}", [about, chart], cv_dir)
 
 
 
 def plot_cv(result: dict):
-    """Each fold's accuracy and macro F1 (points), with their mean (dashed) and ± std (band)."""
+    """Each fold's accuracy and macro F1 (multi-label: mAP and macro F1) as points, with their mean (dashed) and
+    ± std (band)."""
     fig = new_figure(7.0, 4.2)
     ax = fig.add_subplot(1, 1, 1)
     folds = np.array([f["fold"] for f in result["per_fold"]])
-    for offset, metric, color, marker in ((-0.06, "accuracy", "tab:blue", "o"), (0.06, "macro_f1", "tab:orange", "s")):
+    first, second = _charted(result)
+    for offset, metric, color, marker in ((-0.06, first, "tab:blue", "o"), (0.06, second, "tab:orange", "s")):
         values = np.array([f[metric] for f in result["per_fold"]])
         mean, std = result["mean"][metric], result["std"][metric]
         ax.plot(folds + offset, values, marker, color=color, markersize=7,
@@ -53,3 +58,8 @@ def plot_cv(result: dict):
     fig.legend(loc="outside lower center", ncols=2)
     ax.set_title(f"{result['folds']}-fold cross-validation (dashed: mean, band: mean ± std)")
     return fig
+
+
+def _charted(result: dict) -> tuple[str, str]:
+    """The two figures the chart shows: accuracy and macro F1, or for several labels per image mAP and macro F1."""
+    return (metric_names(result)[0], "macro_f1")

@@ -19,7 +19,7 @@ from imgcls.errors import CheckpointError, ConfigError, unknown_name
 from imgcls.models.pretrained import classifier_layer
 
 # Metrics where larger is better; every other monitored metric is minimised.
-_MAXIMISED = ("val_accuracy", "train_accuracy")
+_MAXIMISED = ("val_accuracy", "train_accuracy", "val_map")
 
 
 _NORM_LAYERS = (torch.nn.modules.batchnorm._NormBase, torch.nn.GroupNorm, torch.nn.LayerNorm)

@@ -36,7 +36,7 @@ from imgcls.data.quality import copy_pairs
 from imgcls.errors import ConfigError, TrainingError
 from imgcls.evaluation.evaluate import evaluate_model
 from imgcls.evaluation.metrics import cross_entropy, format_report, save_metrics
-from imgcls.evaluation.multilabel import binary_cross_entropy, format_multilabel_report, mean_average_precision
+from imgcls.evaluation.multilabel import binary_cross_entropy, mean_average_precision
 from imgcls.evaluation.thresholds import tune_thresholds
 from imgcls.inference import (
     Runtime,
@@ -165,6 +165,11 @@ def check_compatible(cfg: RunConfig, ds: ImageDataset, strategy: OneProcess | No
     notes = []
     if cfg.recipe:
         get_recipe(cfg.recipe).check(ds)
+    if t.monitor == "val_map" and not ds.multilabel:
+        raise ConfigError(f"monitor val_map is the mean average precision of data with several labels per image, "
+                          f"and {ds.name} has one class per image; monitor val_loss or val_accuracy")
+    if t.monitor == "val_map" and "val" not in ds.splits:
+        raise ConfigError("monitor val_map needs a validation split; set --val-fraction above 0 or monitor train_loss")
     if t.monitor.startswith("val_") and "val" not in ds.splits:
         if t.early_stopping or t.schedule == "plateau":
             raise ConfigError(f"monitor {t.monitor!r} needs a validation split; set --val-fraction above 0 "
@@ -580,8 +585,7 @@ def fit(cfg: RunConfig, ds: ImageDataset, run: RunFolder | None, console, resume
                                           logits=torch.from_numpy(logits))
     save_metrics(metrics, run.path, rundir.eval_stem("test"))
     final_epoch = _checkpoint_epoch(run, final)
-    formatted = format_multilabel_report if ds.multilabel else format_report
-    say(formatted(metrics, title=f"test split, {final} checkpoint (epoch {final_epoch}):"))
+    say(format_report(metrics, title=f"test split, {final} checkpoint (epoch {final_epoch}):"))
     run.write_json(rundir.RUN, {
         "final_checkpoint": final, "epochs_run": s.epoch, "stopped_early": stopped_early,
         "best_epoch": s.tracker.best_epoch, "monitor": t.monitor, "best_value": s.tracker.best,
@@ -687,6 +691,8 @@ def fit_head(s: TrainState, ds: ImageDataset, say) -> dict:
         record["tta"] = s.meta["tta"]
     if fit.val_loss is not None:
         record.update(val_loss=fit.val_loss, val_accuracy=fit.val_accuracy)
+        if ds.multilabel:
+            record["val_map"] = mean_average_precision(y_val, proba_from_logits(s.val_logits, multilabel=True))
     return record
 
 

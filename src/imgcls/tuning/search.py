@@ -47,6 +47,7 @@ from imgcls.tuning.space import (
     suggest,
 )
 from imgcls.tuning.study import (
+    AUTO_METRIC,
     METRICS,
     PRUNERS,
     SAMPLERS,
@@ -102,7 +103,7 @@ def resolve_space(make, flags: dict, space=None) -> tuple[dict, str]:
     return found, title
 
 
-def tune(*, make, train, flags: dict, trials: int, timeout=None, space=None, metric: str = "val_accuracy",
+def tune(*, make, train, flags: dict, trials: int, timeout=None, space=None, metric: str = AUTO_METRIC,
          study: str | None = None, storage: str | None = None, sampler="tpe", pruner="median", console) -> dict:
     """Run (or continue) a study; returns its summary (:func:`imgcls.tuning.results.summarize`).
 
@@ -112,7 +113,10 @@ def tune(*, make, train, flags: dict, trials: int, timeout=None, space=None, met
     _check_arguments(trials, metric, sampler, pruner, flags)
     seconds = _timeout(timeout)
     base = make({})
-    _check_base(base, metric)
+    multilabel = _multilabel(base)
+    if metric == AUTO_METRIC:
+        metric = "val_map" if multilabel else "val_accuracy"
+    _check_base(base, metric, multilabel)
     name = default_study_name(base.data.dataset) if study is None else study  # "" is refused, not the default
     _check_study_name(name)
     found, title = resolve_space(make, flags, space)
@@ -156,8 +160,8 @@ def tune(*, make, train, flags: dict, trials: int, timeout=None, space=None, met
 def _check_arguments(trials, metric: str, sampler, pruner, flags: dict) -> None:
     if not isinstance(trials, int) or isinstance(trials, bool) or trials < 1:
         raise ConfigError(f"--trials must be a whole number of at least 1, got {shown(trials)}")
-    if metric not in METRICS:
-        raise ConfigError(f"--metric {shown(metric)} is not accepted; choose one of: {', '.join(METRICS)}")
+    if metric not in METRICS and metric != AUTO_METRIC:
+        raise ConfigError(f"--metric {shown(metric)} is not accepted; choose one of: {AUTO_METRIC}, {', '.join(METRICS)}")
     if isinstance(sampler, str) and sampler not in SAMPLERS:
         raise ConfigError(f"--sampler {shown(sampler)} is not accepted; choose one of: {', '.join(SAMPLERS)}")
     if isinstance(pruner, str) and pruner not in PRUNERS:
@@ -166,8 +170,22 @@ def _check_arguments(trials, metric: str, sampler, pruner, flags: dict) -> None:
         raise ConfigError("--name is not taken by tune: trials are named trial-<number>; name the study with --study")
 
 
-def _check_base(base, metric: str) -> None:
+def _multilabel(base) -> bool:
+    """Whether the study's data gives several labels per image (a CSV of labels), from a look at its listing."""
+    from imgcls.auto import probe_data  # start-up time: only tune needs it
+
+    probe = probe_data(base.data.dataset, base.data.follow_links, base.data.labels)
+    return probe is not None and probe.multilabel
+
+
+def _check_base(base, metric: str, multilabel: bool = False) -> None:
     """Refuse a config no trial could be ranked by ``metric`` with."""
+    if multilabel and metric == "val_macro_f1":
+        raise ConfigError("val_macro_f1 ranks one class per image, and this data has several labels per image; use "
+                          "--metric val_map (the default for it), val_accuracy (exact sets) or val_loss")
+    if not multilabel and metric == "val_map":
+        raise ConfigError("val_map ranks data with several labels per image (a CSV of labels), and this data has one "
+                          "class per image; use --metric val_accuracy, val_macro_f1 or val_loss")
     if metric == "val_macro_f1" and base.train.epochs == 0:
         raise ConfigError("val_macro_f1 is measured after every epoch and --epochs 0 trains none; use --metric "
                           "val_accuracy or val_loss, or give --epochs N")

@@ -26,7 +26,8 @@ from imgcls.errors import ConfigError, hide_secrets
 from imgcls.errors import shown_url as errors_shown_url
 
 DB = "study.db"
-METRICS = {"val_accuracy": "maximize", "val_loss": "minimize", "val_macro_f1": "maximize"}
+METRICS = {"val_accuracy": "maximize", "val_loss": "minimize", "val_macro_f1": "maximize", "val_map": "maximize"}
+AUTO_METRIC = "auto"  # val_map for data with several labels per image, else val_accuracy
 SAMPLERS = ("tpe", "random", "grid")
 PRUNERS = ("median", "hyperband", "none")
 # A worker writes a heartbeat every HEARTBEAT s while a trial runs; a trial whose heartbeat is older than GRACE s
