@@ -5,6 +5,7 @@
     official.py   MNIST and CIFAR-10 from their official archives; download.py fetches and checks them
     sources.py    folders and zips read alike, with their limits (members, bytes, links)
     layout.py     class folders, or train/ + test/ splits, found in a source; clear refusals otherwise
+    multilabel.py a CSV of several labels per image (found beside the images, or --labels), iterative splits
     decode.py     decoding many images at once (workers), images.py one guarded image at a time
     folder.py     an own folder or zip to an ImageDataset; cache.py its decoded images, checksummed
     inputs.py     what predict and explain take: paths, folders, zips, PIL images, arrays

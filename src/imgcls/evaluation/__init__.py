@@ -5,4 +5,5 @@
     calibration.py   temperature scaling; thresholds.py one threshold per class
     probes.py        linear probes of every convolutional stage
     cv.py            stratified folds, each fold's dataset, the summary, and the cv folder's files
+    multilabel.py    several labels per image: mAP, micro/macro F1, exact-set accuracy, Hamming loss, co-occurrence
 """

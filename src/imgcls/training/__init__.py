@@ -4,6 +4,7 @@
     strategy.py      the one seam for data parallelism: OneProcess, the interface the trainer calls
     distributed.py   DataParallel over torch.distributed (gloo, NCCL); launch.py starts N processes
     optim.py         optimisers, LR schedules, early stopping, class weights
+    losses.py        the loss: softmax cross-entropy, or a sigmoid and binary cross-entropy per label
     transfer.py      frozen-backbone features and the classifier fitted on them
     callbacks.py     the hooks trackers and callers attach; progress.py the progress bar
 """
