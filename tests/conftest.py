@@ -53,3 +53,45 @@ def browser(chromium_launch):
         browser = p.chromium.launch(**chromium_launch)
         yield browser
         browser.close()
+
+
+class _Squares:
+    """Multi-label test data: 32x32 images holding 0 to 3 coloured squares, labelled with the colours they show."""
+
+    COLOURS = ("red", "green", "blue")
+
+    def images(self, n: int, seed: int = 0):
+        """``n`` uint8 (32, 32, 3) images on a dark ground and, for each, the sorted list of colours it shows."""
+        import numpy as np
+
+        rng = np.random.default_rng(seed)
+        images, labels = [], []
+        for _ in range(n):
+            img = rng.integers(20, 50, (32, 32, 3), dtype=np.uint8)
+            have = sorted(rng.choice(3, size=rng.integers(0, 4), replace=False).tolist())
+            for c in have:
+                y, x = rng.integers(0, 22, 2)
+                img[y:y + 10, x:x + 10] = 40
+                img[y:y + 10, x:x + 10, c] = 230
+            images.append(img)
+            labels.append([self.COLOURS[c] for c in have])
+        return images, labels
+
+    def write_folder(self, root, n: int = 240, seed: int = 0, csv_name: str = "labels.csv", prefix: str = "images/"):
+        """PNGs under ``root/<prefix>`` and a ``filename,labels`` CSV beside them; returns the label lists."""
+        from PIL import Image
+
+        images, labels = self.images(n, seed)
+        (root / prefix).mkdir(parents=True, exist_ok=True)
+        rows = []
+        for i, (img, have) in enumerate(zip(images, labels)):
+            Image.fromarray(img).save(root / prefix / f"{i:04d}.png")
+            rows.append(f"{prefix}{i:04d}.png,{' '.join(have)}")
+        (root / csv_name).write_text("filename,labels\n" + "\n".join(rows) + "\n")
+        return labels
+
+
+@pytest.fixture(scope="session")
+def multilabel_squares():
+    """Multi-label test data (see :class:`_Squares`): ``.images(n, seed)`` and ``.write_folder(root, n, ...)``."""
+    return _Squares()
