@@ -111,6 +111,26 @@ def test_synced_batchnorm_equals_one_process_without_augmentation(tmp_path):
         assert torch.allclose(wa[k].float(), wb[k].float(), rtol=1e-3, atol=1e-4), k
 
 
+@pytest.mark.slow
+def test_several_labels_per_image_train_alike_in_two_processes(tmp_path, multilabel_squares):
+    """The multi-label loss (a sigmoid and binary cross-entropy per label) under DDP: two processes with --sync-bn
+    and no augmentation take one process's steps, to float rounding, and the test split is scored once."""
+    multilabel_squares.write_folder(tmp_path / "squares", 200)
+    plain = ["--data", str(tmp_path / "squares"), "--model", "fastnet_small", "--epochs", "2", "--batch-size", "32",
+             "--model-option", "widths=[8,16,16]", "--no-report", "--precision", "fp32"]
+    subprocess.run(_cli("train", "--name", "one", "--out", str(tmp_path), *plain), check=True,
+                   capture_output=True, timeout=600, env=ONE_THREAD)
+    two = subprocess.run(_cli("train", "--nproc", "2", "--name", "two", "--out", str(tmp_path), "--sync-bn", *plain),
+                         capture_output=True, text=True, timeout=600, check=False)
+    assert two.returncode == 0, two.stderr[-3000:]
+    for ra, rb in zip(_records(tmp_path / "one"), _records(tmp_path / "two"), strict=True):
+        for key in ("train_loss", "val_loss", "val_map"):  # 20 val images: rounding moves val_loss by 2e-4
+            assert rb[key] == pytest.approx(ra[key], rel=1e-3, abs=1e-5), (ra["epoch"], key)
+    saved = [json.loads((tmp_path / run / "eval_test.json").read_text()) for run in ("one", "two")]
+    assert saved[1]["n"] == saved[0]["n"] == 20 and saved[1]["map"] == pytest.approx(saved[0]["map"], abs=1e-4)
+    assert saved[1]["thresholds"] == pytest.approx(saved[0]["thresholds"], abs=2e-3)  # val probabilities, as rounded
+
+
 def _rank_pids(launcher_pid: int, rank: int) -> list[int]:
     found = []
     for pid in os.listdir("/proc"):

@@ -75,6 +75,34 @@ def test_the_reported_metrics_are_those_of_the_returned_weight_and_bias_on_raw_f
     assert fit.tried[fit.l2] == pytest.approx(fit.val_loss, abs=1e-4)
 
 
+def _label_matrix(rng, n: int, f: int = 12):
+    """Features of images carrying any of 3 labels at once: label j adds its own direction, rare label 2
+    (a fifth of the images) included; returns (features, 0/1 labels (n, 3))."""
+    y = (rng.random((n, 3)) < [0.5, 0.4, 0.2]).astype(np.uint8)
+    directions = np.eye(3, f) * 4.0
+    x = y @ directions + rng.normal(0, 1.0, (n, f))
+    return (5.0 + 3.0 * x).astype(np.float32), y
+
+
+def test_with_several_labels_per_image_the_head_is_one_vs_rest_logistic_regression():
+    rng = np.random.default_rng(3)
+    (x, y), (xv, yv) = _label_matrix(rng, 300), _label_matrix(rng, 150)
+    fit = fit_linear_head(x, y, 3, xv, yv)
+    logits = _logits(fit, xv)
+    exact = ((logits > 0).numpy() == (yv > 0)).all(1).mean()
+    assert fit.val_accuracy == pytest.approx(exact, abs=1e-6) and exact >= 0.85  # exact sets at one half
+    bce = F.binary_cross_entropy_with_logits(logits, torch.from_numpy(yv).float())
+    assert fit.val_loss == pytest.approx(bce.item(), abs=1e-5)
+    # every label learned on its own: the rare one too
+    for j in range(3):
+        assert ((logits[:, j] > 0).numpy() == (yv[:, j] > 0)).mean() >= 0.9
+    # the positives' weight per label moves the decisions towards the positives
+    weighted = fit_linear_head(x, y, 3, xv, yv, class_weights=torch.tensor([1.0, 1.0, 8.0]))
+    assert (_logits(weighted, xv)[:, 2] > 0).sum() > (logits[:, 2] > 0).sum()
+    choice = fit_stage_head(x, y, 3, (4, 8), xv, yv)  # and over several stages' features
+    assert choice.fit.weight.shape == (3, 12) and choice.fit.val_accuracy >= 0.8
+
+
 def test_the_l2_search_stops_after_two_worse_strengths_and_keeps_the_best():
     # Random labels on many noise features: the weaker the L2, the more the head overfits, so the val
     # loss rises from the strongest strength on.
