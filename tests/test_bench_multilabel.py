@@ -301,5 +301,5 @@ def test_the_table_shows_both_sides_and_a_missing_one(bench):
     both = bench.table({"baseline": base, "imgcls": {"metrics": m, "wall_seconds": 20.0, "peak_rss_mib": 900,
                                                      "run": "/r"}})
     assert "| imgcls, default run | 0.8100 |" in both and "run the baseline step again" in both
-    assert bench.results_name(0, 3000, "avx2") == "multilabel-mosaic-avx2"
+    assert bench.results_name(0, bench.DEFAULT_IMAGES, "avx2") == "multilabel-mosaic-avx2"
     assert bench.results_name(1, 300, "bf16") == "multilabel-mosaic-n300-seed1-bf16"

@@ -117,10 +117,17 @@ def finding(im: Images, problem: str, i: int, score: float, detail: str, suggest
             paired: int | None = None) -> dict:
     """One finding: ``problem`` on image ``i`` (see the contract in docs/inspect.md)."""
     classes = im.ds.classes
-    return {"problem": problem, "file": im.files[i], "split": im.splits[i], "label": classes[im.labels[i]],
+    return {"problem": problem, "file": im.files[i], "split": im.splits[i], "label": label_text(im, i),
             "score": round(float(score), 4), "suggested_label": None if suggested is None else classes[suggested],
             "paired_file": None if paired is None else im.files[paired],
             "paired_split": None if paired is None else im.splits[paired], "detail": detail}
+
+
+def label_text(im: Images, i: int) -> str:
+    """Image ``i``'s class, or with several labels per image its labels separated by spaces (as a labels CSV)."""
+    if im.labels.ndim == 2:
+        return " ".join(c for c, on in zip(im.ds.classes, im.labels[i]) if on)
+    return im.ds.classes[im.labels[i]]
 
 
 def inspect(cfg: RunConfig, console, out_dir: Path, name: str | None = None, folds: int = FOLDS) -> dict:
@@ -134,7 +141,11 @@ def inspect(cfg: RunConfig, console, out_dir: Path, name: str | None = None, fol
     skipped: list[str] = []
     pairs = _duplicates(im, unit)
     mislabelled, proba = _label_errors(im, features, folds, cfg.train.seed, skipped)
-    if len(im.files) >= OUTLIER_MIN_IMAGES:
+    if ds.multilabel:
+        skipped.append("outliers (they are measured from each class's centre, and these images carry several "
+                       "labels)")
+        odd = [*_quality(im), *_sizes(im)]
+    elif len(im.files) >= OUTLIER_MIN_IMAGES:
         odd = [*_outliers(im, unit), *_quality(im), *_sizes(im)]
     else:
         odd = [*_quality(im), *_sizes(im)]
@@ -145,8 +156,7 @@ def inspect(cfg: RunConfig, console, out_dir: Path, name: str | None = None, fol
     findings = [*pairs, *(f for f in mislabelled if f["file"] not in unlabelable), *odd]
     order = {p: k for k, p in enumerate(PROBLEMS)}
     findings.sort(key=lambda f: (order[f["problem"]], -f["score"], f["file"]))
-    counts = {s: {c: int((ds.splits[s].labels == k).sum()) for k, c in enumerate(ds.classes)}
-              for s in SPLIT_ORDER if s in ds.splits}
+    counts = {s: dict(zip(ds.classes, ds.counts(s).tolist())) for s in SPLIT_ORDER if s in ds.splits}
     if im.sizes is None:
         skipped.append("tiny images and extreme aspect ratios (the images' own sizes are not known: a built-in "
                        "dataset)")
@@ -199,11 +209,12 @@ def _duplicates(im: Images, unit: np.ndarray) -> list[dict]:
     found = []
     for c in copy_pairs(list(im.each_split()), unit):
         i, j, detail = c.first, c.second, c.detail
+        differ = not np.array_equal(im.labels[i], im.labels[j])
         if im.splits[i] != im.splits[j]:
             problem = "leakage"
-            if im.labels[i] != im.labels[j]:
+            if differ:
                 detail += "; the labels differ too"
-        elif im.labels[i] != im.labels[j]:
+        elif differ:
             problem = "conflicting_label"
         else:
             problem = "exact_duplicate" if c.exact else "near_duplicate"
@@ -232,6 +243,10 @@ def out_of_fold_proba(x: np.ndarray, y: np.ndarray, num_classes: int, folds: int
 
 def _label_errors(im: Images, x: np.ndarray, folds: int, seed: int, skipped: list[str]
                   ) -> tuple[list[dict], np.ndarray | None]:
+    if im.labels.ndim == 2:
+        skipped.append("label errors (confident learning judges one class per image, and these images carry "
+                       "several labels)")
+        return [], None
     counts = np.bincount(im.labels, minlength=im.ds.num_classes)
     k = int(min(folds, counts.min()))
     if k < 2:
