@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from imgcls.checkpoint import is_multilabel
 from imgcls.errors import ConfigError, unknown_name
 from imgcls.explain.attribution import (
     LAYER_METHODS,
@@ -24,7 +24,12 @@ from imgcls.explain.attribution import (
     normalize_maps,
     resolve_layer,
 )
-from imgcls.inference import normalization_tensors, resolve_runtime, to_input
+from imgcls.inference import (
+    normalization_tensors,
+    proba_from_logits,
+    resolve_runtime,
+    to_input,
+)
 from imgcls.io import write_atomic, write_npy
 from imgcls.plots import figure_png, new_figure, plain
 
@@ -42,7 +47,8 @@ class Explanation:
         targets: int64 (N,), the class each map explains.
         target_names: the N target class names.
         predicted: int64 (N,), the predicted classes.
-        proba: float64 (N, K), class probabilities at the model's stored temperature.
+        proba: float64 (N, K), class probabilities at the model's stored temperature (for a multi-label
+            model each label's own sigmoid probability, so ``predicted`` is the most probable label).
         method: the attribution method.
         layer: the layer a layer method used (None for pixel methods).
         images: the uint8 (N, H, W, C) inputs.
@@ -132,19 +138,20 @@ def explain_arrays(model, meta: dict, images: np.ndarray, method: str = "gradcam
     layer_name = resolve_layer(model, layer)[0] if method in LAYER_METHODS else None
     mean, std = normalization_tensors(meta["normalize"], dev)
     temperature = float(meta.get("temperature", 1.0) or 1.0)
+    multilabel = is_multilabel(meta)
 
     fixed = _fixed_target(target, classes, labels, n)
     raw, proba = [], []
     for start in range(0, n, batch_size):
         x = to_input(torch.from_numpy(images[start:start + batch_size]).to(dev), mean, std, False)
         logits = _logits(model, x)
-        proba.append(F.softmax(logits.double() / temperature, dim=1).cpu())
+        proba.append(proba_from_logits(logits.cpu(), temperature, multilabel))
         if fixed is None:  # "predicted"
             batch_target = logits.argmax(1)
         else:
             batch_target = torch.as_tensor(fixed[start:start + len(x)], device=dev)
         raw.append(attribute(model, x, batch_target, method, layer_name).cpu())
-    proba_np = torch.cat(proba).numpy() if proba else np.zeros((0, len(classes)))
+    proba_np = np.concatenate(proba) if proba else np.zeros((0, len(classes)))
     raw_t = torch.cat(raw) if raw else torch.zeros((0,) + images.shape[1:3])
     predicted = proba_np.argmax(1).astype(np.int64)
     targets = predicted.copy() if fixed is None else fixed
