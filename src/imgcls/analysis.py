@@ -25,10 +25,12 @@ from imgcls.reports.figures import plot_pr_curves, plot_probes, plot_reliability
 from imgcls.reports.html import Section, table
 from imgcls.reports.report import Report
 
-
 MULTILABEL_CALIBRATION = (
     "calibration is not done for a multi-label model: its decisions are the per-label thresholds fitted on val "
     "(imgcls thresholds RUN), which a temperature would move, and mAP does not depend on it")
+MULTILABEL_PROBES = (
+    "layer probes fit a single-label classifier (one class per image) to each stage's features; probes for a "
+    "multi-label model (one per label) are not written yet")
 
 
 def _held_out(ds) -> str:
@@ -84,6 +86,8 @@ def probe(run_dir: str | Path, max_train: int = 5000, max_eval: int = 5000, clf_
     """Linear probes of every convolutional stage (per layer and cumulative)."""
     run_dir = Path(run_dir)
     clf, ds = clf_ds or load_run(run_dir)
+    if clf.multilabel:
+        raise ConfigError(MULTILABEL_PROBES)
     held_out = "val" if "val" in ds.splits else "test"
     rows = probe_layers(clf.model, clf.meta, ds.splits["train"], ds.splits[held_out], clf.runtime,
                         max_train=max_train, max_eval=max_eval)
@@ -109,9 +113,9 @@ def calibration_section(run_dir: Path, val) -> Section:
             for split, r in result.items() if isinstance(r, dict)]
     return Section(
         "Calibration",
-        [f"Temperature scaling, fitted on the validation split: T = {result['temperature']:.3f}. "
-         "Probabilities shown by predict and the web app are divided by T before the softmax; "
-         "the expected calibration error (ECE) is the gap between confidence and accuracy."],
+        [(f"Temperature scaling, fitted on the validation split: T = {result['temperature']:.3f}. "
+          "Probabilities shown by predict and the web app are divided by T before the softmax; "
+          "the expected calibration error (ECE) is the gap between confidence and accuracy.")],
         [table(["split", "ECE before", "ECE after", "NLL before", "NLL after"], rows)],
         [("calibration_reliability", plot_reliability(val.logits, val.labels, result["temperature"]))],
     )
@@ -123,6 +127,16 @@ def thresholds_section(run_dir: Path, val) -> Section:
     result = (rundir.read_doc(path, f"`imgcls thresholds {run_dir}` writes it again") if stored
               else tune_thresholds(val.proba(), val.labels, val.classes, "f1"))
     rows = [[r["class"], r["threshold"], r["precision"], r["recall"], r["f1"]] for r in result["per_class"]]
+    if val.multilabel:
+        note = ("stored with the model: predict, serving and the test figures above decide with them" if stored
+                else "not stored: run `imgcls thresholds RUN` to store them with the model")
+        return Section(
+            "Per-label thresholds",
+            [(f"One threshold per label, tuned on the validation split for objective {result['objective']} "
+              f"({note}): a label is predicted when its probability reaches its threshold. The report draws the "
+              "precision-recall curves with these thresholds marked once, on the test split, under "
+              "'Precision-recall curves per label'.")],
+            [table(["label", "threshold", "precision", "recall", "F1"], rows, "on the validation split")])
     note = ("stored with the model; `imgcls predict --thresholds` answers 'unknown' when no class clears its threshold"
             if stored else "not stored: run `imgcls thresholds RUN` to store them with the model")
     return Section(
@@ -134,6 +148,8 @@ def thresholds_section(run_dir: Path, val) -> Section:
 
 
 def probes_section(run_dir: Path, clf, ds, run_probes: bool = True) -> Section:
+    if clf.multilabel:
+        return Section("What each layer has learned", [f"Not shown: {MULTILABEL_PROBES}."])
     path = run_dir / rundir.PROBES
     held_out = len(ds.splits["val" if "val" in ds.splits else "test"])
     if not path.is_file() and not run_probes:
@@ -152,9 +168,9 @@ def probes_section(run_dir: Path, clf, ds, run_probes: bool = True) -> Section:
     rows = doc["rows"]
     return Section(
         "What each layer has learned",
-        ["A linear classifier (logistic regression) on the global-average-pooled output of each convolutional "
-         "stage, fitted on training images and scored on held-out images: per stage, and cumulative "
-         "(all stages up to that one together)."],
+        [("A linear classifier (logistic regression) on the global-average-pooled output of each convolutional "
+          "stage, fitted on training images and scored on held-out images: per stage, and cumulative "
+          "(all stages up to that one together).")],
         [table(["stage", "channels", "accuracy", "cumulative accuracy"],
                [[r["stage"], r["channels"], r["accuracy"], r["cumulative_accuracy"]] for r in rows])],
         [("probes", plot_probes(rows))],
@@ -172,13 +188,17 @@ def gradcam_section(clf, rep) -> Section:
         if len(index):
             exp = explain_arrays(clf.model, clf.meta, preds.images[index], method="gradcam", device=None)
             figures.append((stem, plot_explanations(exp)))
-    return Section(
-        "Where the model looks (Grad-CAM)",
-        [f"Grad-CAM at layer <code>{clf.model.gradcam_layer}</code> for the predicted class: first for eight of the "
-         "sample images above, then for the top losses. Red marks the regions that raised the predicted class's "
-         "score the most; `imgcls explain RUN IMAGES` draws the same maps for any image."],
-        [], figures,
-    )
+    at = f"Grad-CAM at layer <code>{clf.model.gradcam_layer}</code>"
+    if clf.multilabel:  # explain_arrays' "predicted" is the largest logit: the most probable label
+        text = (f"{at} for each image's most probable label (named in its title, with its probability), not for "
+                "every label of its set: first for eight of the sample images above, then for the top losses. Red "
+                "marks the regions that raised that label's score the most; `imgcls explain RUN IMAGES --target "
+                "LABEL` draws the map of any one label.")
+    else:
+        text = (f"{at} for the predicted class: first for eight of the sample images above, then for the top "
+                "losses. Red marks the regions that raised the predicted class's score the most; `imgcls explain "
+                "RUN IMAGES` draws the same maps for any image.")
+    return Section("Where the model looks (Grad-CAM)", [text], [], figures)
 
 
 def report(run_dir: str | Path, clf_ds=None, test_logits=None, val_logits=None, probes: bool = True) -> Path:
@@ -195,7 +215,7 @@ def report(run_dir: str | Path, clf_ds=None, test_logits=None, val_logits=None, 
     extra = [gradcam_section(clf, rep)]
     if "val" in ds.splits:
         val = predict_split(clf, ds, "val", val_logits)  # one pass over val serves both sections
-        if (run_dir / rundir.CALIBRATION).is_file():
+        if (run_dir / rundir.CALIBRATION).is_file() and not clf.multilabel:  # calibrate refuses multi-label
             extra.append(calibration_section(run_dir, val))
         extra.append(thresholds_section(run_dir, val))
     extra.append(probes_section(run_dir, clf, ds, probes))

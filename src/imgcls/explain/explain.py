@@ -47,7 +47,8 @@ class Explanation:
         targets: int64 (N,), the class each map explains.
         target_names: the N target class names.
         predicted: int64 (N,), the predicted classes.
-        proba: float64 (N, K), class probabilities at the model's stored temperature.
+        proba: float64 (N, K), class probabilities at the model's stored temperature (for a multi-label
+            model each label's own sigmoid probability, so ``predicted`` is the most probable label).
         method: the attribution method.
         layer: the layer a layer method used (None for pixel methods).
         images: the uint8 (N, H, W, C) inputs.
@@ -151,19 +152,20 @@ def explain_arrays(model, meta: dict, images: np.ndarray, method: str = "gradcam
     layer_name = resolve_layer(model, layer)[0] if method in LAYER_METHODS else None
     mean, std = normalization_tensors(meta["normalize"], dev)
     temperature = float(meta.get("temperature", 1.0) or 1.0)
+    multilabel = is_multilabel(meta)
 
     fixed = repeated if several is not None else _fixed_target(target, classes, labels, n)
     raw, proba = [], []
     for start in range(0, n, batch_size):
         x = to_input(torch.from_numpy(images[start:start + batch_size]).to(dev), mean, std, False)
         logits = _logits(model, x)
-        proba.append(torch.from_numpy(proba_from_logits(logits.cpu(), temperature, is_multilabel(meta))))
+        proba.append(proba_from_logits(logits.cpu(), temperature, multilabel))
         if fixed is None:  # "predicted"
             batch_target = logits.argmax(1)
         else:
             batch_target = torch.as_tensor(fixed[start:start + len(x)], device=dev)
         raw.append(attribute(model, x, batch_target, method, layer_name).cpu())
-    proba_np = torch.cat(proba).numpy() if proba else np.zeros((0, len(classes)))
+    proba_np = np.concatenate(proba) if proba else np.zeros((0, len(classes)))
     raw_t = torch.cat(raw) if raw else torch.zeros((0,) + images.shape[1:3])
     predicted = proba_np.argmax(1).astype(np.int64)
     targets = predicted.copy() if fixed is None else fixed
@@ -172,7 +174,7 @@ def explain_arrays(model, meta: dict, images: np.ndarray, method: str = "gradcam
         maps=maps.numpy().astype(np.float32), raw_maps=raw_t.numpy().astype(np.float32),
         targets=targets, target_names=[classes[t] for t in targets], predicted=predicted, proba=proba_np,
         method=method, layer=layer_name, images=images, names=list(names) if names is not None else None,
-        classes=classes, multilabel=is_multilabel(meta))
+        classes=classes, multilabel=multilabel)
 
 
 def _target_list(target) -> list[str] | None:

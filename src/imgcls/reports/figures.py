@@ -12,6 +12,7 @@ import math
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from imgcls.evaluation.calibration import (
     expected_calibration_error,
@@ -102,39 +103,60 @@ def plot_confusion(cm, classes: list[str], normalize: bool = False):
             images stay 0) instead of counts.
     """
     cm = np.asarray(cm)
-    k = len(classes)
     if normalize:
         support = cm.sum(1, keepdims=True)
         values = np.divide(cm, support, out=np.zeros(cm.shape, dtype=float), where=support > 0)
     else:
         values = cm
+    return _plot_matrix(values, classes, normalize, "predicted class", "true class",
+                        "Confusion matrix, row-normalised" if normalize else "Confusion matrix, counts",
+                        "fraction of true class" if normalize else "images")
+
+
+def plot_cooccurrence(counts, labels: list[str], title: str, xlabel: str = "label", ylabel: str = "label"):
+    """A label-by-label matrix of image counts as a heatmap, the counts in the cells up to 20 labels.
+
+    Args:
+        counts: int (L, L), e.g. ``multilabel_metrics(...)["cooccurrence"]`` (images carrying both labels) or
+            ``["error_cooccurrence"]`` (images where the row label was missed and the column label predicted).
+        labels: the L label names.
+        title, xlabel, ylabel: what the matrix and its axes count.
+    """
+    return _plot_matrix(np.asarray(counts), labels, False, xlabel, ylabel, title, "images")
+
+
+def _plot_matrix(values: np.ndarray, classes: list[str], fractions: bool, xlabel: str, ylabel: str, title: str,
+                 bar_label: str):
+    """A (K, K) heatmap of counts (or of fractions in [0, 1]) with the K names on both axes."""
+    k = len(classes)
     side = float(np.clip(0.45 * k + 2.5, 4.0, 14))
     fig = new_figure(side + 1.2, side)
     ax = fig.subplots()
-    image = ax.imshow(values, cmap="Blues", vmin=0, vmax=1 if normalize else max(int(values.max()), 1))
-    fig.colorbar(image, ax=ax, shrink=0.8, label="fraction of true class" if normalize else "images")
+    image = ax.imshow(values, cmap="Blues", vmin=0, vmax=1 if fractions else max(int(values.max()), 1))
+    fig.colorbar(image, ax=ax, shrink=0.8, label=bar_label)
     ticks = np.arange(k)
     names = [plain(c) for c in classes]
     size = _tick_fontsize(k)
     ax.set_xticks(ticks, names, rotation=45 if max(map(len, names), default=0) > 2 else 0,
                   ha="right" if max(map(len, names), default=0) > 2 else "center", fontsize=size)
     ax.set_yticks(ticks, names, fontsize=size)
-    ax.set_xlabel("predicted class")
-    ax.set_ylabel("true class")
-    ax.set_title("Confusion matrix, row-normalised" if normalize else "Confusion matrix, counts")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     if k <= _CELL_TEXT_MAX_CLASSES:
-        threshold = (1 if normalize else max(values.max(), 1)) / 2
+        threshold = (1 if fractions else max(values.max(), 1)) / 2
         text_size = 9 if k <= 12 else 7
         for i in range(k):
             for j in range(k):
                 v = values[i, j]
-                label = (f"{v:.2f}" if v else "0") if normalize else f"{int(v)}"
+                label = (f"{v:.2f}" if v else "0") if fractions else f"{int(v)}"
                 ax.text(j, i, label, ha="center", va="center", fontsize=text_size,
                         color="white" if v > threshold else "black")
     return fig
 
 
 _BARS = (("precision", "precision", "#4c72b0"), ("recall", "recall", "#dd8452"), ("f1", "F1", "#55a868"))
+_AP_BAR = ("ap", "AP", "#8172b3")
 _HORIZONTAL_ABOVE = 30  # classes; more get one row each, so every name stays readable
 
 
@@ -147,9 +169,25 @@ def plot_per_class(metrics: dict):
     Args:
         metrics: a :func:`imgcls.evaluation.metrics.compute_metrics` dict.
     """
-    rows = metrics["per_class"]
+    return _plot_scores([r["class"] for r in metrics["per_class"]], metrics["per_class"], _BARS, 0.27,
+                        "Per-class precision, recall and F1", "class")
+
+
+def plot_per_label(metrics: dict):
+    """Precision, recall, F1 and average precision of every label as grouped bars, laid out as
+    :func:`plot_per_class`; a label with no positive image has no AP bar.
+
+    Args:
+        metrics: a :func:`imgcls.evaluation.multilabel.multilabel_metrics` dict.
+    """
+    return _plot_scores([r["label"] for r in metrics["per_label"]], metrics["per_label"], (*_BARS, _AP_BAR), 0.2,
+                        "Per-label precision, recall, F1 and AP", "label")
+
+
+def _plot_scores(names: list[str], rows: list[dict], bars: tuple, width: float, title: str, what: str):
+    """Grouped bars, one group per row of scores in [0, 1] (None drawn as no bar), ``width`` per bar."""
     k = len(rows)
-    names = [plain(r["class"]) for r in rows]
+    names = [plain(n) for n in names]
     horizontal = k > _HORIZONTAL_ABOVE
     if horizontal:
         fig = new_figure(9, 1.2 + 0.3 * k)
@@ -157,9 +195,9 @@ def plot_per_class(metrics: dict):
         fig = new_figure(float(np.clip(0.55 * k + 3, 7, 18)), 4.0)
     ax = fig.subplots()
     pos = np.arange(k)
-    width = 0.27
-    for offset, (key, label, colour) in zip((-1, 0, 1), _BARS):
-        values = [r[key] for r in rows]
+    offsets = np.arange(len(bars)) - (len(bars) - 1) / 2
+    for offset, (key, label, colour) in zip(offsets, bars):
+        values = [np.nan if r[key] is None else r[key] for r in rows]
         if horizontal:
             ax.barh(pos + offset * width, values, width, label=label, color=colour)
         else:
@@ -178,14 +216,14 @@ def plot_per_class(metrics: dict):
         ax.set_xlim(-0.6, k - 0.4)
         ax.set_ylim(0, 1.0)
         ax.set_ylabel("score")
-        ax.set_xlabel("class")
+        ax.set_xlabel(what)
         ax.grid(axis="y", alpha=0.3)
-    ax.set_title("Per-class precision, recall and F1")
+    ax.set_title(title)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8, frameon=False)
     return fig
 
 
-def plot_image_grid(images: np.ndarray, titles: list[str], wrong: list[bool], ncols: int = 8):
+def plot_image_grid(images: np.ndarray, titles: list[str], wrong: list[bool], ncols: int = 8, cell: float = 1.35):
     """Images in a grid with a title each; wrong predictions get a red title and frame.
 
     Args:
@@ -193,12 +231,13 @@ def plot_image_grid(images: np.ndarray, titles: list[str], wrong: list[bool], nc
         titles: N titles (may hold line breaks).
         wrong: N flags, True where the prediction is wrong.
         ncols: images per row.
+        cell: inches per image: 8 columns of 1.35 in fit the report page's 1100 px at 100 dpi; longer titles
+            need wider cells (and fewer columns).
     """
     n = len(images)
     ncols = max(1, min(ncols, n))
     nrows = max(1, -(-n // ncols))
     lines = max((t.count("\n") + 1 for t in titles), default=1)
-    cell = 1.35  # inches per image: 8 columns fit the page's 1100 px at 100 dpi
     fig = new_figure(ncols * cell, nrows * (cell + 0.19 * lines))
     axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
     # Shrink the titles so the longest line fits its cell (about 0.55 em per character), within reason (7 to 9 pt).
@@ -256,6 +295,50 @@ def top_losses(preds: SplitPredictions, k: int = 16) -> list[dict]:
         "loss": float(loss[i]),
         "path": preds.paths[i] if preds.paths is not None else None,
     } for i in order]
+
+
+def multilabel_top_losses(preds: SplitPredictions, thresholds, k: int = 16) -> list[dict]:
+    """The ``k`` images with the highest loss, highest first, for a multi-label model.
+
+    The loss of an image is the mean over labels of the binary cross-entropy of each label's sigmoid
+    probability (at the stored temperature), the training loss.  Unlike :func:`top_losses`, images whose
+    predicted set is right stay in: a right set can still be a narrow escape (a label at 0.45 with its
+    threshold at 0.4), and the ``wrong`` flag tells them apart.
+
+    Args:
+        preds: a split's predictions with ``multilabel`` set: ``labels`` is 0/1 (N, L).
+        thresholds: L thresholds; a label is predicted when its probability reaches its threshold.
+        k: how many images.
+
+    Returns:
+        Dicts with index (into the split), true and predicted (label names in label order), wrong (the
+        sets differ), loss, worst (the label with the largest loss) and p_worst (its probability), path
+        (None for built-in datasets).
+    """
+    logits = torch.from_numpy(np.asarray(preds.logits)).double() / preds.temperature
+    targets = np.asarray(preds.labels) == 1
+    per_label = F.binary_cross_entropy_with_logits(logits, torch.from_numpy(targets).double(),
+                                                   reduction="none").numpy()
+    loss = per_label.mean(1)
+    proba = torch.sigmoid(logits).numpy()
+    predicted = proba >= np.asarray(thresholds, dtype=np.float64)
+    index = np.arange(len(loss))
+    order = np.lexsort((index, -loss))[:k]  # equal losses in index order, so the ranking is reproducible
+    names = preds.classes
+    rows = []
+    for i in order:
+        worst = int(per_label[i].argmax())
+        rows.append({
+            "index": int(i),
+            "true": [names[j] for j in np.flatnonzero(targets[i])],
+            "predicted": [names[j] for j in np.flatnonzero(predicted[i])],
+            "wrong": bool((targets[i] != predicted[i]).any()),
+            "loss": float(loss[i]),
+            "worst": names[worst],
+            "p_worst": float(proba[i, worst]),
+            "path": preds.paths[i] if preds.paths is not None else None,
+        })
+    return rows
 
 
 def most_confused(cm, classes: list[str], k: int = 10) -> list[tuple[str, str, int]]:
@@ -316,12 +399,19 @@ def _draw_reliability(ax, rel: dict) -> None:
 def plot_pr_curves(proba: np.ndarray, labels: np.ndarray, classes: list[str], thresholds):
     """One precision-recall panel per class (one-vs-rest), the chosen threshold marked, AP in the title.
 
+    Args:
+        proba: float (N, K), softmax or (multi-label) a sigmoid per label.
+        labels: int (N,) class indices, or for multi-label data a 0/1 matrix (N, K) of label sets.
+        classes: the K class (or label) names.
+        thresholds: K thresholds to mark.
+
     Returns:
         A matplotlib Figure with one axes per class, in a grid of up to 4 columns.
     """
     proba = np.asarray(proba)
-    labels = np.asarray(labels, dtype=np.int64)
+    labels = np.asarray(labels)
     k = len(classes)
+    positives = labels == 1 if labels.ndim == 2 else labels.astype(np.int64)[:, None] == np.arange(k)
     ncols = min(4, k)
     nrows = math.ceil(k / ncols)
     fig = new_figure(3.0 * ncols, 2.8 * nrows)
@@ -330,7 +420,7 @@ def plot_pr_curves(proba: np.ndarray, labels: np.ndarray, classes: list[str], th
         if i >= k:
             ax.remove()
             continue
-        positive = labels == i
+        positive = positives[:, i]
         ax.set_xlim(0, 1.02)
         ax.set_ylim(0, 1.05)
         ax.set_xlabel("recall", fontsize=8)
