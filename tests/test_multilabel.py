@@ -6,9 +6,11 @@ The data: 32x32 images holding 0 to 3 coloured squares (red, green, blue), label
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -172,6 +174,16 @@ def test_labels_flag_names_a_csv_outside_the_folder(tmp_path, one_thread, multil
 def test_cross_validation_of_a_multilabel_folder_reports_map(tmp_path, one_thread, multilabel_squares):
     root = tmp_path / "data"
     multilabel_squares.write_folder(root, 90)
-    summary = imgcls.cross_validate(data=str(root), folds=2, epochs=1, batch_size=16, out=str(tmp_path / "runs"), **SMALL)
+    track = {"track": "tensorboard"} if importlib.util.find_spec("tensorboard") else {}
+    summary = imgcls.cross_validate(data=str(root), folds=2, epochs=1, batch_size=16, out=str(tmp_path / "runs"),
+                                    **SMALL, **track)
     assert summary["metrics"][0] == "map" and len(summary["per_fold"]) == 2
     assert 0.0 < summary["mean"]["map"] <= 1.0
+    if track:  # every fold tracked, its test mAP among the scalars
+        assert len(list((tmp_path / "runs").rglob("events.out.tfevents.*"))) == 2
+    from imgcls.reports.compare import compare_runs
+
+    board = compare_runs([Path(summary["path"]) / f"fold-{i}" for i in (1, 2)])
+    assert board["ranked_by"] == "test_map"
+    maps = [e["test_map"] for e in board["leaderboard"]]
+    assert maps == sorted(maps, reverse=True) and set(maps) == {f["map"] for f in summary["per_fold"]}

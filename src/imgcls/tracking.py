@@ -138,8 +138,9 @@ def epoch_scalars(record: dict) -> dict[str, float]:
 
 def scalars_of_test(metrics: dict) -> dict[str, float]:
     """The headline figures of the test split's metrics (eval_test.json): accuracy, top-k, loss, macro and weighted
-    precision, recall and F1."""
-    out = {k: float(metrics[k]) for k in ("accuracy", "top_k_accuracy", "loss") if k in metrics}
+    precision, recall and F1; with several labels per image mAP, micro F1, exact-set accuracy and Hamming loss."""
+    out = {k: float(metrics[k]) for k in ("accuracy", "top_k_accuracy", "loss", "map", "micro_f1", "subset_accuracy",
+                                          "hamming_loss") if isinstance(metrics.get(k), (int, float))}
     for avg in ("macro", "weighted"):
         for k in ("precision", "recall", "f1"):
             if k in metrics.get(f"{avg}_avg", {}):
@@ -201,8 +202,9 @@ class TensorBoardTracker:
         metrics = result.test_metrics
         for key, value in scalars_of_test(metrics).items():
             self.writer.add_scalar(f"test/{key}", value, state.step)
-        figures = {"test/confusion_matrix": plot_confusion(metrics["confusion_matrix"], metrics["classes"]),
-                   "curves/learning_curves": plot_learning_curves(state.history, state.tracker.best_epoch)}
+        figures = {"curves/learning_curves": plot_learning_curves(state.history, state.tracker.best_epoch)}
+        if "confusion_matrix" in metrics:  # one class per image
+            figures["test/confusion_matrix"] = plot_confusion(metrics["confusion_matrix"], metrics["classes"])
         for tag, fig in figures.items():
             self.writer.add_image(tag, _figure_array(fig), state.step, dataformats="HWC")
         self.writer.flush()

@@ -57,6 +57,7 @@ def read_run_summary(run_dir: str | Path) -> dict:
         "test_accuracy": test.get("accuracy", info.get("test_accuracy")),
         "test_macro_f1": (test.get("macro_avg") or {}).get("f1", info.get("test_macro_f1")),
         "test_loss": test.get("loss"),
+        "test_map": test.get("map", info.get("test_map")),  # several labels per image
         "parameters": info.get("parameters"),
         "epochs": len(history),
         "best_epoch": info.get("best_epoch"),
@@ -70,29 +71,32 @@ def read_run_summary(run_dir: str | Path) -> dict:
 
 
 def compare_runs(run_dirs: list[Path]) -> dict:
-    """Read every run and rank them by test accuracy (best first; unfinished runs last).
+    """Read every run and rank them by test accuracy, or test mAP when every finished run has several labels per
+    image (best first; unfinished runs last).
 
     Returns:
-        {"leaderboard": [entry, ...]} where each entry is :func:`read_run_summary`'s
-        dict plus its ``rank`` (1 = best).
+        {"leaderboard": [entry, ...], "ranked_by": "test_accuracy" or "test_map"} where each entry is
+        :func:`read_run_summary`'s dict plus its ``rank`` (1 = best).
     """
     if not run_dirs:
         raise CheckpointError("compare needs at least one run folder")
     entries = [read_run_summary(d) for d in run_dirs]
-    entries.sort(key=lambda e: (e["test_accuracy"] is None, -(e["test_accuracy"] or 0.0)))
+    finished = [e for e in entries if e["test_accuracy"] is not None]
+    key = "test_map" if finished and all(e["test_map"] is not None for e in finished) else "test_accuracy"
+    entries.sort(key=lambda e: (e[key] is None, -(e[key] or 0.0)))
     for rank, entry in enumerate(entries, start=1):
         entry["rank"] = rank
     _unique_labels(entries)
-    return {"leaderboard": entries}
+    return {"leaderboard": entries, "ranked_by": key}
 
 
 def format_leaderboard(result: dict) -> str:
     """The leaderboard as a plain-text table."""
-    rows = [_row(e) for e in result["leaderboard"]]
-    widths = [max(len(str(x)) for x in col) for col in zip(_HEADER, *rows)]
+    header, rows = _table(result)
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
     # Names (run, model, dataset) align left, numbers right.
     return "\n".join("  ".join(f"{v!s:<{w}}" if i in (1, 2, 3) else f"{v!s:>{w}}" for i, (v, w) in enumerate(zip(r, widths)))
-                     for r in [_HEADER, *rows])
+                     for r in [header, *rows])
 
 
 def plot_compare(result: dict):
@@ -135,10 +139,11 @@ def write_compare(result: dict, out: Path) -> Path:
     folder, page = (out.parent, out.name) if out.suffix == ".html" else (out, "compare.html")
     folder.mkdir(parents=True, exist_ok=True)
     write_json(folder / "compare.json", result)
-    rows = [_row(e) for e in result["leaderboard"]]
-    note = ("Ranked by test accuracy. Training time is the sum of the epochs' training time in metrics.jsonl; "
+    header, rows = _table(result)
+    ranked = "test mAP" if result.get("ranked_by") == "test_map" else "test accuracy"
+    note = (f"Ranked by {ranked}. Training time is the sum of the epochs' training time in metrics.jsonl; "
             "speed is the median of the epochs' training images per second.")
-    board = Section("Leaderboard", paragraphs=[note], tables=[table(_HEADER, rows)])
+    board = Section("Leaderboard", paragraphs=[note], tables=[table(header, rows)])
     curves = Section("Validation curves", figures=[("compare_curves", plot_compare(result))])
     return render_page(f"Comparison of {len(rows)} runs", [board, curves], folder, page_name=page)
 
@@ -146,12 +151,20 @@ def write_compare(result: dict, out: Path) -> Path:
 _HEADER = ["rank", "run", "model", "dataset", "test acc", "macro F1", "parameters", "epochs", "train s", "img/s"]
 
 
-def _row(e: dict) -> list:
+def _table(result: dict) -> tuple[list[str], list[list]]:
+    """The leaderboard's header and rows; a test mAP column after test acc when a run has several labels per
+    image (its test acc is then the exact-set accuracy)."""
+    with_map = any(e.get("test_map") is not None for e in result["leaderboard"])
+    header = _HEADER[:4] + (["test mAP"] if with_map else []) + _HEADER[4:]
+    return header, [_row(e, with_map) for e in result["leaderboard"]]
+
+
+def _row(e: dict, with_map: bool = False) -> list:
     def num(v, fmt):
         return "-" if v is None else format(v, fmt)
 
-    return [e["rank"], e["label"], e["model"], e["dataset"], num(e["test_accuracy"], ".4f"),
-            num(e["test_macro_f1"], ".4f"), num(e["parameters"], ","), e["epochs"],
+    return [e["rank"], e["label"], e["model"], e["dataset"], *([num(e.get("test_map"), ".4f")] if with_map else []),
+            num(e["test_accuracy"], ".4f"), num(e["test_macro_f1"], ".4f"), num(e["parameters"], ","), e["epochs"],
             num(e["train_seconds"], ".1f"), num(e["images_per_sec"], ",.0f")]
 
 
