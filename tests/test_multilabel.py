@@ -187,3 +187,45 @@ def test_cross_validation_of_a_multilabel_folder_reports_map(tmp_path, one_threa
     assert board["ranked_by"] == "test_map"
     maps = [e["test_map"] for e in board["leaderboard"]]
     assert maps == sorted(maps, reverse=True) and set(maps) == {f["map"] for f in summary["per_fold"]}
+
+
+def test_class_folders_win_over_a_stray_csv_and_say_so(tmp_path):
+    root = tmp_path / "data"
+    for name, channel in (("red", 0), ("blue", 2)):
+        (root / name).mkdir(parents=True)
+        for i in range(6):
+            img = np.zeros((16, 16, 3), np.uint8)
+            img[..., channel] = 200
+            Image.fromarray(img).save(root / name / f"{i}.png")
+    (root / "train.csv").write_text("id,comment\n1,a Kaggle download's own file\n")
+    ds = build_dataset(imgcls.make_config(data=str(root), cache=False).data)
+    assert not ds.multilabel and ds.classes == ["blue", "red"]
+    assert any("train.csv was not read" in n and "--labels" in n for n in ds.notes)
+
+
+def test_a_zip_and_one_csv_per_split_folder_as_roboflow_exports_them(tmp_path, multilabel_squares):
+    import zipfile
+
+    root = tmp_path / "export"
+    for split, seed, n in (("train", 1, 60), ("valid", 2, 15), ("test", 3, 15)):
+        images, labels = multilabel_squares.images(n, seed)
+        (root / split).mkdir(parents=True)
+        rows = ["filename, blue, green, red"]  # one-hot columns, a space after each comma
+        for i, (img, have) in enumerate(zip(images, labels)):
+            Image.fromarray(img).save(root / split / f"{split}{i}.jpg", quality=95)
+            rows.append(f"{split}{i}.jpg, {int('blue' in have)}, {int('green' in have)}, {int('red' in have)}")
+        (root / split / "_classes.csv").write_text("\n".join(rows) + "\n")
+    archive = tmp_path / "export.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        for path in sorted(root.rglob("*")):
+            if path.is_file():
+                z.write(path, f"export/{path.relative_to(root)}")
+    for data in (root, archive):
+        ds = build_dataset(imgcls.make_config(data=str(data), cache=False).data)
+        assert ds.multilabel and ds.classes == ["blue", "green", "red"]
+        assert {k: len(v) for k, v in ds.splits.items()} == {"train": 60, "val": 15, "test": 15}
+        assert not ds.skipped  # the CSVs are the labels, not skipped files
+        _, labels = multilabel_squares.images(15, 3)
+        expected = np.array([[c in have for c in ds.classes] for have in labels], np.uint8)
+        order = np.argsort([int(p.rsplit("test", 1)[1].split(".")[0]) for p in ds.splits["test"].paths])
+        np.testing.assert_array_equal(ds.splits["test"].labels[order], expected)

@@ -36,7 +36,14 @@ from imgcls.data.layout import (
     multilabel_layout,
     visible_dir,
 )
-from imgcls.data.multilabel import find_label_file, label_counts_line, match_rows, read_label_csv
+from imgcls.data.multilabel import (
+    find_label_file,
+    find_split_label_files,
+    label_counts_line,
+    match_rows,
+    merge_tables,
+    read_label_csv,
+)
 from imgcls.data.sources import open_source
 from imgcls.errors import ConfigError, DataError
 
@@ -119,27 +126,62 @@ def load_folder(
 
 
 def read_layout(source, labels: str | None = None) -> Layout:
-    """The layout of an opened source (:mod:`imgcls.data.sources`): multi-label when ``labels`` names a CSV
-    or one is found beside the images (:func:`imgcls.data.multilabel.find_label_file`), else from the
-    folder names (:func:`imgcls.data.layout.detect_layout`).
+    """The layout of an opened source (:mod:`imgcls.data.sources`): multi-label when ``labels`` names a CSV,
+    else from the folder names (:func:`imgcls.data.layout.detect_layout`), else from a CSV found beside the
+    images (:func:`imgcls.data.multilabel.find_label_file`).
+
+    Class folders win over a CSV found on its own, so that a folder of class folders with a stray CSV (a
+    Kaggle download's ``train.csv``) trains as it always did; a note names the CSV and ``--labels``.
 
     Raises:
-        DataError: as ``detect_layout``; for a CSV, as :func:`imgcls.data.multilabel.read_label_csv`,
-            :func:`~imgcls.data.multilabel.match_rows` and :func:`imgcls.data.layout.multilabel_layout`.
+        DataError: as ``detect_layout`` when there is no CSV; for a CSV, as
+            :func:`imgcls.data.multilabel.read_label_csv`, :func:`~imgcls.data.multilabel.match_rows` and
+            :func:`imgcls.data.layout.multilabel_layout`.
     """
     files, where = source.files(), str(source.path)
-    if labels is None:
-        found = find_label_file(files)
-        if found is None:
-            return detect_layout(files, source.dirs(), where)
-        table = read_label_csv(source.read(found), source.display(found))
+    if labels is not None:
+        table, csvs = _given_table(labels), set()
     else:
-        path = Path(labels).expanduser()
-        if not path.is_file():
-            raise DataError(f"--labels {labels}: no such file; give the CSV of labels (filename,labels or one 0/1 "
-                            f"column per label), or leave --labels out to use a labels.csv beside the images")
-        table, found = read_label_csv(path.read_bytes(), str(path)), None
+        try:
+            return _class_folders(source, files, where)
+        except DataError as refused:
+            table, csvs = _found_table(source, files, refused)
     images, skipped = candidate_images(files)
-    skipped = [f for f in skipped if f.path != found]  # the labels CSV itself
+    skipped = [f for f in skipped if f.path not in csvs]  # the labels CSVs themselves
     rows = match_rows(table, images, where)
     return multilabel_layout(images, skipped, {d for d in source.dirs() if visible_dir(d)}, where, table, rows)
+
+
+def _given_table(labels: str):
+    """The label table of the CSV ``--labels`` names."""
+    path = Path(labels).expanduser()
+    if not path.is_file():
+        raise DataError(f"--labels {labels}: no such file; give the CSV of labels (filename,labels or one 0/1 "
+                        f"column per label), or leave --labels out to use a labels.csv beside the images")
+    return read_label_csv(path.read_bytes(), str(path))
+
+
+def _found_table(source, files: list[str], refused: DataError):
+    """(the label table of the CSV beside the images, or of one CSV per split folder merged; the CSVs' paths);
+    ``refused`` (why the folder names give no layout) raised again when there is no CSV."""
+    found = find_label_file(files)
+    if found is not None:
+        return read_label_csv(source.read(found), source.display(found)), {found}
+    per_split = find_split_label_files(files)
+    if not per_split:
+        raise refused
+    return merge_tables({prefix: read_label_csv(source.read(rel), source.display(rel))
+                         for prefix, rel in per_split.items()}), set(per_split.values())
+
+
+def _class_folders(source, files: list[str], where: str) -> Layout:
+    """:func:`detect_layout`, with a note naming a labels CSV beside the class folders, which is not read."""
+    layout = detect_layout(files, source.dirs(), where)
+    try:
+        found = find_label_file(files)
+    except DataError:  # several CSVs: none is taken for labels on its own
+        found = None
+    if found is not None:
+        layout.notes.append(f"{source.display(found)} was not read: the class folders give each image its class "
+                            f"(--labels {source.display(found)} trains on its labels instead)")
+    return layout

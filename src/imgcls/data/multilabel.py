@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from imgcls.data.images import has_image_extension
-from imgcls.data.layout import visible_dir
+from imgcls.data.layout import split_of, visible_dir
 from imgcls.errors import DataError
 
 MAX_LABELS = 1000  # distinct labels accepted; 10,000 distinct labels is almost surely a wrong column (ids)
@@ -283,6 +283,45 @@ def find_label_file(files: list[str]) -> str | None:
         raise DataError(f"found {len(candidates)} CSV files that could hold the labels ({', '.join(candidates)}) "
                         "and cannot tell which; pick one with --labels FILE")
     return candidates[0] if candidates else None
+
+
+def find_split_label_files(files: list[str]) -> dict[str, str]:
+    """The label CSV of each split folder, when the labels come one CSV per split (``train/_classes.csv``,
+    ``valid/_classes.csv``, ``test/_classes.csv``, as Roboflow exports them): split folder (``train/``, with
+    any wrapping folders before it) to the CSV in it, as :func:`find_label_file` picks one there.  Empty when
+    the split folders hold no CSV.
+
+    Raises:
+        DataError: a split folder holds several CSVs that could be its labels.
+    """
+    visible = [f for f in files if visible_dir(f)]
+    prefix = _wrapping_prefix(visible)
+    tops = sorted({f[len(prefix):].split("/", 1)[0] for f in visible if "/" in f[len(prefix):]})
+    found = {}
+    for top in (t for t in tops if split_of(t)):
+        inner = f"{prefix}{top}/"
+        rel = find_label_file([f[len(inner):] for f in visible if f.startswith(inner)])
+        if rel is not None:
+            found[inner] = inner + rel
+    return found
+
+
+def merge_tables(tables: dict[str, LabelTable]) -> LabelTable:
+    """One table of the per-split tables of :func:`find_split_label_files` (folder prefix to its table): each
+    row's file named from the top (``train/`` + its cell), the labels the union of theirs."""
+    labels = sorted({name for t in tables.values() for name in t.labels})
+    _check_label_count(labels, ", ".join(t.source for t in tables.values()), "the label CSVs together")
+    column = {name: j for j, name in enumerate(labels)}
+    files, rows, parts = [], [], []
+    for prefix, t in tables.items():
+        files += [prefix + f.replace("\\", "/").removeprefix("./").lstrip("/") for f in t.files]
+        rows += t.rows
+        part = np.zeros((len(t.files), len(labels)), np.uint8)
+        part[:, [column[name] for name in t.labels]] = t.targets
+        parts.append(part)
+    forms = {t.form for t in tables.values()}
+    return LabelTable(labels, files, np.concatenate(parts), rows, forms.pop() if len(forms) == 1 else "mixed",
+                      " + ".join(t.source for t in tables.values()))
 
 
 def _wrapping_prefix(files: list[str]) -> str:
