@@ -472,3 +472,37 @@ def test_a_phone_sized_touch_screen_shows_every_card_whole(browser, server):
     assert page.evaluate("document.documentElement.scrollWidth") <= 390
     close_page(page)
 
+
+
+def test_a_multilabel_model_shows_its_labels_and_map(browser, tmp_path_factory, multilabel_squares):
+    """A model with several labels per image: the card shows its test mAP, a prediction the set of labels over
+    their thresholds, as the library answers them."""
+    from PIL import Image
+
+    import imgcls
+
+    root = tmp_path_factory.mktemp("squares") / "squares"
+    multilabel_squares.write_folder(root, 120)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("IMGCLS_DATA_DIR", str(tmp_path_factory.getbasetemp() / "imgcls-data"))
+        run = imgcls.train(data=str(root), out=str(root.parent / "runs"), name="squares", epochs=3, batch_size=16,
+                           model="fastnet_small", quiet=True, report=False, model_option={"widths": [8, 16, 16]})
+    images, labels = multilabel_squares.images(20, seed=11)
+    path = root.parent / "upload.png"
+    Image.fromarray(images[next(i for i, have in enumerate(labels) if len(have) == 2)]).resize(
+        (64, 64), Image.NEAREST).save(path)
+    expected = list(imgcls.load(run.path).predict([str(path)])[0])
+    assert expected  # two squares: the model sees at least one
+    with ServerThread(serving.create_app(run.path)) as srv:
+        page = new_page(browser, viewport={"width": 390, "height": 844})
+        try:
+            open_page(page, srv)
+            assert "Test mAP" in page.locator("#model-card").inner_text()
+            page.set_input_files("#file-input", str(path))
+            answer = page.locator(".card .answer")
+            answer.wait_for(state="visible")
+            shown = answer.locator("strong").all_inner_texts()
+            assert shown == expected
+            assert answer.inner_text().startswith("Labels:")
+        finally:
+            close_page(page)

@@ -199,7 +199,10 @@
     addFact(facts, "Name", card.name);
     addFact(facts, "Architecture", card.arch);
     addFact(facts, "Input", describeShape(card.input_shape));
-    if (typeof metrics.accuracy === "number") addFact(facts, "Test accuracy", formatPercent(metrics.accuracy));
+    if (typeof metrics.map === "number") addFact(facts, "Test mAP", metrics.map.toFixed(3));  // several labels per image
+    if (typeof metrics.accuracy === "number") {
+      addFact(facts, card.task === "multilabel" ? "Exact-set accuracy" : "Test accuracy", formatPercent(metrics.accuracy));
+    }
     if (typeof metrics.macro_f1 === "number") addFact(facts, "Macro F1", metrics.macro_f1.toFixed(3));
     if (card.trained) addFact(facts, "Trained", formatDate(card.trained));
     addFact(facts, "Runtime", card.runtime);
