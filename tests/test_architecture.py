@@ -20,7 +20,7 @@ FLOORS = [
     ("config", "recipes"),
     ("data", "models"),
     ("auto", "checkpoint", "rundir"),
-    ("inference", "predictor"),
+    ("inference", "ood", "predictor"),
     ("evaluation",),
     ("training",),
     ("explain",),

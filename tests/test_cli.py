@@ -54,7 +54,8 @@ def test_predict_json_and_csv(digits_run, digit_files, capsys):
         assert p["top"][0]["probability"] >= p["top"][1]["probability"]
     assert main(["predict", str(digits_run), str(digit_files[0]), "--format", "csv"]) == 0
     rows = capsys.readouterr().out.strip().splitlines()
-    assert rows[0] == "input,rank,class,probability" and len(rows) == 4
+    # the run stores an out-of-distribution score: each row adds the answer (the class, or unknown) and the score
+    assert rows[0] == "input,rank,class,probability,answer,ood_score" and len(rows) == 4
 
 
 def test_predict_a_zip_and_report_a_bad_file(digits_run, digit_files, tmp_path, capsys):

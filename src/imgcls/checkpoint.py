@@ -103,6 +103,8 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, meta: dict, train_
     doc = dict(meta, format_version=FORMAT_VERSION)
     if train_state is not None:
         doc["train_state"] = flatten_state(train_state, "train", tensors)
+    if doc.get("ood") is not None:  # the out-of-distribution score, with its bank of training features
+        doc["ood"] = flatten_state(doc["ood"], "ood", tensors)
     doc[CHECKSUM_KEY] = tensors_digest(tensors)
     try:
         with atomic_path(path) as tmp:
@@ -145,7 +147,25 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
     if "train_state" in meta:
         meta["train_state"] = unflatten_state(meta["train_state"], tensors)
+    if meta.get("ood") is not None:
+        meta["ood"] = unflatten_state(meta["ood"], tensors)
+        _check_ood(meta, path)
     return state, meta
+
+
+def _check_ood(meta: dict, path: Path) -> None:
+    """Refuse an out-of-distribution entry that would crash or mislead predictions: a known score with a finite
+    threshold, and for kNN a (B, F) bank."""
+    ood = meta["ood"]
+    ok = isinstance(ood, dict) and ood.get("score") in ("msp", "energy", "knn") and _finite(ood.get("threshold"))
+    if ok and ood["score"] == "knn":
+        bank = ood.get("bank")
+        ok = isinstance(bank, torch.Tensor) and bank.ndim == 2 and len(bank) > 0 and _whole(ood.get("k")) \
+            and ood["k"] >= 1 and bool(torch.isfinite(bank).all())
+    if not ok:
+        raise CheckpointError(f"checkpoint {path} is damaged or was not written by imgcls: its 'ood' entry must "
+                              f"name a score (msp, energy or knn) with a finite threshold, and for knn a bank of "
+                              f"features and k")
 
 
 def verify_tensors(path: Path, tensors: dict[str, torch.Tensor], expected: str | None) -> None:

@@ -219,7 +219,8 @@ def _predict_args(p: argparse.ArgumentParser) -> None:
     _add_device(p)
     p.add_argument("--thresholds", action="store_true",
                    help="answer 'unknown' when no class clears its tuned threshold (see `imgcls thresholds`); a "
-                        "multi-label model always answers the labels over their thresholds")
+                        "multi-label model always answers the labels over their thresholds, and a model with an "
+                        "out-of-distribution score answers 'unknown' for an image below it, with the score")
 
 
 
@@ -233,18 +234,11 @@ def cmd_predict(args) -> int:
     if args.thresholds and thresholds is None:
         raise ImgclsError(f"{args.run} has no thresholds stored; run `imgcls thresholds {args.run}` first")
     names, images, bad = clf.load_inputs(args.inputs)
-    from imgcls.evaluation.thresholds import rank_classes  # start-up time
+    from imgcls.evaluation.thresholds import prediction_rows  # start-up time
 
-    proba = clf.proba_of_arrays(images) if len(images) else []
-    if clf.multilabel:  # the set of labels over their thresholds, beside the top ones by probability
-        from imgcls.predictor import label_sets  # start-up time
-
-        ranked = rank_classes(proba, clf.classes, args.top_k) if len(images) else []
-        sets = label_sets(proba, clf.classes, clf.meta.get("thresholds")) if len(images) else []
-        rows = [{"input": name, "labels": s["labels"], **r} for name, r, s in zip(names, ranked, sets)]
-    else:
-        ranked = rank_classes(proba, clf.classes, args.top_k, thresholds) if len(images) else []
-        rows = [{"input": name, **r} for name, r in zip(names, ranked)]
+    proba, scores = clf.scored_arrays(images) if len(images) else ([], None)
+    rows = [{"input": name, **r} for name, r in
+            zip(names, prediction_rows(clf.meta, proba, scores, args.top_k, thresholds) if len(images) else [])]
     print(_format_predictions(rows, bad, args.format), end="")
     for b in bad:
         print(terminal.safe(f"error: cannot read {b.path}: {b.reason}"), file=sys.stderr)
@@ -260,11 +254,13 @@ def _format_predictions(rows: list[dict], bad: list, fmt: str) -> str:
         writer = csv.writer(buf)
         answers = any("answer" in r for r in rows)
         sets = any("labels" in r for r in rows)
+        scored = any("ood_score" in r for r in rows)
         writer.writerow(["input", "rank", "class", "probability"] + (["answer"] if answers else [])
-                        + (["labels"] if sets else []))
+                        + (["labels"] if sets else []) + (["ood_score"] if scored else []))
         for row in rows:
             for rank, t in enumerate(row["top"], 1):
-                extra = ([row["answer"]] if answers else []) + ([";".join(row["labels"])] if sets else [])
+                extra = ([row.get("answer", "")] if answers else []) + ([";".join(row["labels"])] if sets else []) \
+                    + ([row["ood_score"]] if scored else [])
                 writer.writerow([row["input"], rank, t["class"], f"{t['probability']:.6f}"] + extra)
         return buf.getvalue()
     width = max([len(r["input"]) for r in rows] + [5])
@@ -273,7 +269,9 @@ def _format_predictions(rows: list[dict], bad: list, fmt: str) -> str:
         tops = "   ".join(f"{t['class']} {t['probability']:.1%}" for t in row["top"])
         answer = f"{row['answer']:<10}  " if "answer" in row else ""
         if "labels" in row:
-            answer = f"[{', '.join(row['labels']) or 'no label'}]  "
+            answer = f"[{', '.join(row['labels']) or ('unknown' if row.get('answer') == 'unknown' else 'no label')}]  "
+        if "ood_score" in row:
+            answer += f"(score {row['ood_score']:.3f})  "
         lines.append(f"{row['input']:<{width}}  {answer}{tops}")
     return terminal.safe("\n".join(lines) + ("\n" if lines else ""))
 

@@ -60,6 +60,8 @@ class DataConfig:
                               "a link cannot pull in files from elsewhere)")
     exclude: str | None = _opt(None, "leave out the images a file lists: the issues.csv of `imgcls inspect` (or any "
                                "CSV with a file column), or one path per line, relative to --data")
+    ood: str | None = _opt(None, "a folder or zip of images that are none of the classes: the run measures how well "
+                           "it tells them apart (default: images at hand, such as scikit-learn's digits)")
     labels: str | None = _opt(None, "a CSV of several labels per image: filename,labels (labels separated by spaces "
                               "or ;) or filename and one 0/1 column per label; a labels.csv beside the images is "
                               "found without it")

@@ -52,7 +52,7 @@ OUTPUT_NAMES = ("logits", "probabilities")
 MAX_CHECK_IMAGES = 64
 # Checkpoint metadata stored at the top level of imgcls_meta (in its own layout); the rest is kept under "checkpoint".
 _MAPPED_KEYS = ("arch", "arch_kwargs", "classes", "input_shape", "normalize", "temperature", "thresholds", "resize",
-                "tta", "task", "format_version", "train_state")
+                "tta", "task", "format_version", "train_state", "ood")
 
 
 class PixelClassifier(nn.Module):

@@ -187,7 +187,7 @@ def tta_views(tta: str) -> int:
     return (3 if "translate" in tta else 1) * (2 if "flip" in tta else 1)
 
 
-def tta_logits(model: torch.nn.Module, x: torch.Tensor, tta: str = "none") -> torch.Tensor:
+def tta_logits(model: torch.nn.Module, x: torch.Tensor, tta: str = "none", features: bool = False):
     """The model's logits for ``x``, averaged over test-time augmented copies.
 
     ``tta`` is one of ``none``, ``flip`` (the image and its mirror, equal
@@ -195,9 +195,12 @@ def tta_logits(model: torch.nn.Module, x: torch.Tensor, tta: str = "none") -> to
     pixel up-left and down-right, reflecting at the border, 1/4 each) or
     ``flip-translate`` (both: six views).  The views go through the model as
     one batch.  Pure tensor code, so it exports to ONNX inside the graph.
+
+    ``features``: also return the images' own pooled features, (N, F) float32 (the feature map of the plain
+    view averaged over its positions, from the same pass), as out-of-distribution scores compare them.
     """
     if tta == "none":
-        return model(x)
+        return _forward(model, x, features)
     if tta not in TTA_MODES:
         raise ConfigError(f"tta {tta!r} is not accepted; choose one of: {', '.join(TTA_MODES)}")
     views, weights = [x], [1.0]
@@ -210,11 +213,22 @@ def tta_logits(model: torch.nn.Module, x: torch.Tensor, tta: str = "none") -> to
         views += [v.flip(-1) for v in views]
         weights = [0.5 * w for w in weights] * 2
     n = x.shape[0]
-    logits = model(torch.cat(views)).float()
+    logits = _forward(model, torch.cat(views), features, n)
+    logits, pooled = logits if features else (logits, None)
+    logits = logits.float()
     out = logits[:n] * weights[0]
     for i, weight in enumerate(weights[1:], start=1):
         out = out + logits[i * n:(i + 1) * n] * weight
-    return out
+    return (out, pooled) if features else out
+
+
+def _forward(model: torch.nn.Module, x: torch.Tensor, features: bool, n: int | None = None):
+    """``model(x)``; with ``features`` (logits, the first ``n`` rows' pooled features, all without ``n``) from
+    one pass.  (No ``len(x)`` where no features are asked for: the ONNX export would fix the batch size.)"""
+    if not features:
+        return model(x)
+    fmap = model.forward_features(x)
+    return model.forward_head(fmap), (fmap if n is None else fmap[:n]).float().mean((2, 3))
 
 
 BATCH_PIXELS = 64 * 128 * 128
@@ -235,26 +249,32 @@ def memory_safe_batch(batch_size: int, image_hw) -> int:
 
 @torch.no_grad()
 def predict_logits(model: torch.nn.Module, images, norm: dict, runtime: Runtime, batch_size: int = 512,
-                   tta: str = "none") -> torch.Tensor:
+                   tta: str = "none", features: bool = False):
     """Logits (N, num_classes) float32 on CPU for uint8 images (N, H, W, C) (array or tensor).
 
     ``tta``: test-time augmentation (see :func:`tta_logits`); a trained model
     keeps its own in ``meta["tta"]``.  ``batch_size`` counts what the model
     sees at once, views included: with 6-view TTA, 1024 means 170 images (at
     6 x 1024 the fp32 test pass of fastnet on the 2-core CPU took 60 s instead of 34 s).
+    ``features``: (logits, pooled features (N, F) float32 numpy) from the same passes (see :func:`tta_logits`).
     """
     model.eval()
     mean, std = normalization_tensors(norm, runtime.device)
     images = torch.as_tensor(images)
-    out = []
+    out, pooled = [], []
     step = memory_safe_batch(max(1, batch_size // tta_views(tta)), images.shape[1:3])
     for start in range(0, len(images), step):
         x = to_input(images[start:start + step].to(runtime.device), mean, std, runtime.channels_last)
         with runtime.autocast():
-            out.append(tta_logits(model, x, tta).float().cpu())
-    if not out:
-        return torch.zeros(0, getattr(model, "num_classes", 0))
-    return torch.cat(out)
+            result = tta_logits(model, x, tta, features)
+        logits, feats = result if features else (result, None)
+        out.append(logits.float().cpu())
+        if features:
+            pooled.append(feats.float().cpu().numpy())
+    logits = torch.cat(out) if out else torch.zeros(0, getattr(model, "num_classes", 0))
+    if features:
+        return logits, np.concatenate(pooled) if pooled else np.zeros((0, 0), np.float32)
+    return logits
 
 
 def predict_proba(model, images, norm: dict, runtime: Runtime, batch_size: int = 512,

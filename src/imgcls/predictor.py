@@ -20,7 +20,13 @@ from imgcls.config import apply_overrides, config_from_dict, read_config_values
 from imgcls.data.inputs import load_image_inputs
 from imgcls.data.registry import build_dataset
 from imgcls.errors import DataError
-from imgcls.inference import predict_proba, scoring_runtime
+from imgcls.inference import (
+    predict_logits,
+    predict_proba,
+    proba_from_logits,
+    scoring_runtime,
+)
+from imgcls.ood import score_of
 from imgcls.rundir import CONFIG, fold_dataset_of_run
 
 
@@ -84,16 +90,42 @@ class Predictor:
         """Probabilities (N, num_classes) for uint8 (N, H, W, C) images already at the model's size."""
         raise NotImplementedError
 
-    def predict(self, inputs) -> np.ndarray:
+    def scored_arrays(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """(probabilities (N, num_classes), out-of-distribution scores (N,) or None when the model stores no
+        score) for uint8 images already at the model's size; see :attr:`ood`.  None here: a predictor that
+        computes a stored score overrides this."""
+        return self.proba_of_arrays(images), None
+
+    @property
+    def ood(self) -> dict | None:
+        """The stored out-of-distribution score (``score``, ``threshold``, ...), or None: an image scoring below
+        the threshold is none of the classes ("unknown")."""
+        return self.meta.get("ood")
+
+    def predict(self, inputs, unknown: bool = False) -> np.ndarray:
         """Predicted class names, shape (N,); for a multi-label model, each image's list of the labels whose
-        probability clears their stored threshold (0.5 without one)."""
-        proba = self.predict_proba(inputs)
+        probability clears their stored threshold (0.5 without one).
+
+        ``unknown``: an image the stored out-of-distribution score rejects (see :attr:`ood`) is ``"unknown"``
+        (multi-label: no label); without a stored score nothing is rejected.
+        """
+        if unknown and self.ood is not None:
+            _, images, bad = self.load_inputs(inputs)
+            if bad:
+                raise DataError("cannot read: " + "; ".join(f"{b.path}: {b.reason}" for b in bad))
+            proba, scores = self.scored_arrays(images)
+            known = scores >= self.ood["threshold"]
+        else:
+            proba = self.predict_proba(inputs)
+            known = np.ones(len(proba), bool)
         if self.multilabel:
             sets = label_sets(proba, self.classes, self.meta.get("thresholds"))
             out = np.empty(len(sets), dtype=object)
-            out[:] = [s["labels"] for s in sets]
+            out[:] = [s["labels"] if ok else [] for s, ok in zip(sets, known)]
             return out
-        return np.array(self.classes, dtype=object)[proba.argmax(1)]
+        names = np.array(self.classes, dtype=object)[proba.argmax(1)]
+        names[~known] = "unknown"
+        return names
 
 
 class TorchPredictor(Predictor):
@@ -115,6 +147,14 @@ class TorchPredictor(Predictor):
         return predict_proba(self.model, images, self.meta["normalize"], self.runtime, self.batch_size,
                              temperature=self.meta.get("temperature", 1.0), tta=self.meta.get("tta", "none"),
                              multilabel=self.multilabel)
+
+    def scored_arrays(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        if self.ood is None:
+            return self.proba_of_arrays(images), None
+        logits, pooled = predict_logits(self.model, images, self.meta["normalize"], self.runtime, self.batch_size,
+                                        self.meta.get("tta", "none"), features=True)
+        proba = proba_from_logits(logits, self.meta.get("temperature", 1.0), self.multilabel)
+        return proba, score_of(self.ood, logits.numpy(), pooled, self.multilabel)
 
     def dataset(self, data=None):
         """The run's own data with its seeded splits, or ``data`` read at the model's image size."""

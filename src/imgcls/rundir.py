@@ -10,7 +10,7 @@
       run.json             summary: final checkpoint, test metrics, time
       .lock                the PID of the process training in it, locked while it does
       fold.npz             a cross-validation fold's pooled indices of its train, val and test images
-      calibration.json, thresholds.json, probes.json, eval_<split>.json/.csv   written after training
+      calibration.json, thresholds.json, ood.json, probes.json, eval_<split>.json/.csv   written after training
       report.html          the report, beside its figures
       export/model.onnx, export/export.json                                       ``imgcls export``
       tensorboard/         TensorBoard event files (``--track tensorboard``)
@@ -55,6 +55,7 @@ LOCK = ".lock"
 FOLD = "fold.npz"
 CALIBRATION = "calibration.json"
 THRESHOLDS = "thresholds.json"
+OOD = "ood.json"  # how well the stored out-of-distribution score tells the classes from other images
 PROBES = "probes.json"
 REPORT = "report.html"
 EXPORT = "export/model.onnx"

@@ -123,7 +123,9 @@ def test_predict_one_file_matches_the_python_api(client, digits):
     assert body["model"] == "digits"
     (pred,) = body["predictions"]
     assert pred["filename"] == path.name
-    assert "answer" not in pred  # no thresholds stored
+    # No thresholds stored: the answer is the out-of-distribution check's alone (the top class, or unknown).
+    known = pred["ood_score"] >= digits["clf"].ood["threshold"]
+    assert pred["answer"] == (pred["top"][0]["class"] if known else "unknown")
     expected = digits["clf"].predict_proba([str(path)])[0]
     got = {t["class"]: t["probability"] for t in pred["top"]}
     assert len(got) == 10
@@ -466,6 +468,7 @@ def test_a_server_bug_is_a_json_500_and_counted(digits):
             raise RuntimeError("a bug")
 
         app.state.serving.clf.proba_of_arrays = broken
+        app.state.serving.clf.scored_arrays = broken  # what predictions call with an out-of-distribution score
         assert_error(c.post("/v1/predict", files=[upload("files", digits["paths"][0])]), 500, "internal_error")
         assert metric_value(c.get("/metrics").text, "requests_total", route="/v1/predict", status="500") == 1
 

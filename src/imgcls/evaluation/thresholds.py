@@ -15,7 +15,9 @@ import math
 
 import numpy as np
 
+from imgcls.checkpoint import is_multilabel
 from imgcls.errors import ConfigError
+from imgcls.predictor import label_sets
 
 _ACCEPTED = "f1, precision=<target>, recall=<target> (target in (0, 1], e.g. precision=0.95)"
 
@@ -210,3 +212,33 @@ def label_thresholds(thresholds, n_labels: int) -> list[float]:
     if t.shape != (n_labels,):
         raise ValueError(f"need one threshold per label: {n_labels} labels, thresholds of shape {t.shape}")
     return [float(v) for v in t]
+
+
+def prediction_rows(meta: dict, proba: np.ndarray, scores: np.ndarray | None, top_k: int,
+                    thresholds=None) -> list[dict]:
+    """What ``imgcls predict`` and serving answer per image, from probabilities (N, K) and out-of-distribution
+    scores (N,) (None when the model stores no score).
+
+    Each row has ``top`` (:func:`rank_classes`); a multi-label model adds ``labels``, those over their stored
+    thresholds; per-class ``thresholds`` (one label per image) add ``answer``.  With a stored score a row adds
+    ``ood_score`` and an ``answer``: ``"unknown"`` for an image below the score's threshold (a multi-label one
+    then has no labels), else the class (or the thresholded answer; multi-label: its labels, joined by spaces).
+    """
+    classes, multilabel, ood = list(meta["classes"]), is_multilabel(meta), meta.get("ood")
+    rows = rank_classes(proba, classes, top_k, None if multilabel else thresholds)
+    if multilabel:
+        for row, found in zip(rows, label_sets(proba, classes, meta.get("thresholds"))):
+            row["labels"] = found["labels"]
+    if scores is None or ood is None:
+        return rows
+    for row, score in zip(rows, scores):
+        row["ood_score"] = round(float(score), 6)
+        if score < ood["threshold"]:
+            row["answer"] = "unknown"
+            if multilabel:
+                row["labels"] = []
+        elif multilabel:
+            row["answer"] = " ".join(row["labels"])
+        else:
+            row.setdefault("answer", row["top"][0]["class"])
+    return rows

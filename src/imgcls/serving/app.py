@@ -55,10 +55,9 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from imgcls import __version__
 from imgcls.errors import ConfigError, unknown_name
-from imgcls.evaluation.thresholds import rank_classes
+from imgcls.evaluation.thresholds import prediction_rows
 from imgcls.explain.attribution import METHODS as EXPLAIN_METHODS
 from imgcls.explain.explain import overlay
-from imgcls.predictor import label_sets
 from imgcls.serving.errors import ServingError, add_error_handlers
 from imgcls.serving.guard import (
     API_KEY_HEADER,
@@ -96,19 +95,11 @@ _ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 413, 415, 4
 # Answers
 
 
-def predictions(names: list[str], proba: np.ndarray, classes: list[str], top_k: int, thresholds,
-                multilabel: bool = False) -> list[dict]:
-    """The ``predictions`` list of /v1/predict from probabilities (N, K).
-
-    A multi-label model's answer is ``labels``, every label whose probability clears its threshold, beside
-    the ``top`` labels by probability; a single-label model's is ``answer`` when it has thresholds.
-    """
-    if multilabel:
-        ranked = rank_classes(proba, classes, top_k)
-        sets = label_sets(proba, classes, thresholds)
-        return [{"filename": name, **r, "labels": s["labels"]} for name, r, s in zip(names, ranked, sets)]
-    ranked = rank_classes(proba, classes, top_k, thresholds)
-    return [{"filename": name, **r} for name, r in zip(names, ranked)]
+def predictions(names: list[str], proba: np.ndarray, meta: dict, top_k: int, thresholds,
+                scores: np.ndarray | None = None) -> list[dict]:
+    """The ``predictions`` list of /v1/predict from probabilities (N, K) and out-of-distribution scores
+    (:func:`imgcls.evaluation.thresholds.prediction_rows`)."""
+    return [{"filename": name, **r} for name, r in zip(names, prediction_rows(meta, proba, scores, top_k, thresholds))]
 
 
 def upscale(rgb: np.ndarray, min_side: int = OVERLAY_MIN_SIDE) -> np.ndarray:
@@ -249,10 +240,10 @@ def _add_routes(app: FastAPI, state: ServingState, key: list) -> None:
             raise ServingError(413, "too_many_files",
                                f"{len(files):,} files in one request; send at most {state.max_files:,} per request")
         names, images = await decode_uploads(state, files)
-        proba = await state.batcher.predict(images)
+        proba, scores = state.split_scores(await state.batcher.predict(images))
         thresholds = class_thresholds(state.clf.meta, len(state.clf.classes))
-        return {"model": state.name, "predictions": predictions(names, proba, state.clf.classes, top_k, thresholds,
-                                                                state.clf.multilabel)}
+        return {"model": state.name, "predictions": predictions(names, proba, state.clf.meta, top_k, thresholds,
+                                                                scores)}
 
     @app.post("/v1/explain", response_class=Response, dependencies=upload, summary="Explain a prediction",
               responses={200: {"description": "format=png: the heatmap over the image; format=json: the map",

@@ -28,8 +28,13 @@ class Prediction(BaseModel):
     top: list[ClassProbability] = Field(description="the top_k classes, most probable first")
     answer: str | None = Field(
         default=None,
-        description="the thresholded decision, present only when the model has stored thresholds: "
-        "the most probable class that clears its threshold, or 'unknown'")
+        description="the decision, present when the model has stored thresholds or an out-of-distribution score: "
+        "the most probable class (that clears its threshold), or 'unknown' (none clears its threshold, or the "
+        "image is none of the classes)")
+    ood_score: float | None = Field(
+        default=None,
+        description="present when the model stores an out-of-distribution score: how much the image looks like the "
+        "training images (higher: more); below the model's threshold the answer is 'unknown'")
     labels: list[str] | None = Field(
         default=None,
         description="multi-label models only: every label whose probability clears its threshold, most probable "

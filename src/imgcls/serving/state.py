@@ -129,8 +129,16 @@ class ServingState:
         return load_onnx(onnx_file)
 
     def _predict_locked(self, images: np.ndarray) -> np.ndarray:
+        """Probabilities (n, K), and with a stored out-of-distribution score that score as one more column (the
+        batcher slices rows: see :func:`split_scores`)."""
         with self.model_lock:
-            return self.clf.proba_of_arrays(images)
+            proba, scores = self.clf.scored_arrays(images)
+        return proba if scores is None else np.column_stack([proba, scores])
+
+    def split_scores(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """(probabilities, out-of-distribution scores or None) of rows of :meth:`_predict_locked`."""
+        k = len(self.clf.classes)
+        return (rows[:, :k], rows[:, k]) if rows.shape[1] > k else (rows, None)
 
     def explainer(self):
         """The torch Classifier that explains: the run's checkpoint, loaded once beside the served model (a model

@@ -66,6 +66,7 @@ from imgcls.training.optim import (
 from imgcls.training.progress import EpochProgress
 from imgcls.training.strategy import OneProcess
 from imgcls.training.losses import classification_loss, count_correct
+from imgcls.training.rejection import fit_rejection, refuse_setting, write_record
 from imgcls.training.transfer import (
     FeatureRunner,
     backbone_digest,
@@ -193,6 +194,7 @@ def check_compatible(cfg: RunConfig, ds: ImageDataset, strategy: OneProcess | No
     if cfg.model.weights:
         load_weights(model, cfg.model.weights)  # refuses unknown weights or a file that does not fit, before a run folder exists
     build_augment(t.augment, (h, w))
+    refuse_setting(cfg.data)
     cutting = [a for a in (t.augment if isinstance(t.augment, list) else []) if a.split(":")[0] in LABEL_CUTTING_AUGMENTS]
     if ds.multilabel and cutting:
         notes.append(f"--augment {','.join(cutting)} can cut a labelled object out of the picture, and its label "
@@ -572,6 +574,8 @@ def fit(cfg: RunConfig, ds: ImageDataset, run: RunFolder | None, console, resume
     s.model.load_state_dict(many.broadcast(read_checkpoint(run.checkpoint(final))[0] if many.is_main else None))
     if ds.multilabel and many.is_main:
         _fit_label_thresholds(s, ds, run, final, say)
+    if many.is_main:
+        _fit_rejection(s, ds, run, final, say)
     # Test metrics as `imgcls evaluate` computes them, so both report the same figures; under DDP each
     # process scores its own slice of the test split, every image once.
     test, scoring = ds.splits["test"], scoring_runtime(runtime.device)
@@ -620,6 +624,20 @@ def _fit_label_thresholds(s: TrainState, ds: ImageDataset, run: RunFolder, final
     run.write_json(rundir.THRESHOLDS, tuned)
     say(f"thresholds: one per label, fitted on val by F1 ({min(tuned['thresholds']):.2f} to "
         f"{max(tuned['thresholds']):.2f}); `imgcls thresholds RUN --objective precision=0.9` fits others")
+
+
+def _fit_rejection(s: TrainState, ds: ImageDataset, run: RunFolder, final: str, say) -> None:
+    """The out-of-distribution score and its threshold, stored with the final checkpoint (and ood.json): an image
+    below it is "unknown" to predict and serving (:mod:`imgcls.training.rejection`)."""
+    stage1 = _checkpoint_epoch(run, final) == 0
+    entry = fit_rejection(
+        s.model, s.meta, ds, s.cfg.data, stage1=stage1, val_logits=s.val_logits if stage1 else None,
+        cache=data_dir() / "features" if s.cfg.data.cache else None, device=s.runtime.device,
+        batch_size=s.cfg.train.eval_batch_size, seed=s.cfg.train.seed, say=say)
+    if entry is not None:
+        s.meta["ood"] = entry
+        update_meta(run.checkpoint(final), {"ood": entry})
+        write_record(run, entry)
 
 
 def fit_head(s: TrainState, ds: ImageDataset, say) -> dict:

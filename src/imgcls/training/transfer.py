@@ -77,14 +77,23 @@ class FeatureRunner:
     runtime: Runtime
     session: object | None = None
     name: str = "torch"
+    pending: tuple[int, int] | None = None  # lazy: the (H, W) of an ONNX Runtime session built on first use
 
     @classmethod
     def create(cls, model: torch.nn.Module, runtime: Runtime, image_size: tuple[int, int],
-               norm: dict, images: int = ORT_MIN_IMAGES) -> FeatureRunner:
-        """A runner for ``images`` forward passes at ``image_size`` (H, W), normalising with ``norm``."""
+               norm: dict, images: int = ORT_MIN_IMAGES, lazy: bool = False) -> FeatureRunner:
+        """A runner for ``images`` forward passes at ``image_size`` (H, W), normalising with ``norm``.
+
+        ``lazy``: build the ONNX Runtime session (an export, about 2 s) only when a pass is asked for, for a
+        caller that expects the feature cache to hold what it needs; its ``name`` (part of the cache key) is
+        then the session's before it exists.
+        """
         module = PooledFeatures(model.eval(), norm).to(runtime.device)
         runner = cls(module, runtime)
         if runtime.device.type == "cpu" and images >= ORT_MIN_IMAGES:
+            if lazy:
+                runner.pending, runner.name = tuple(image_size), "onnxruntime fp32"
+                return runner
             runner.session = _ort_session(module, image_size)
             if runner.session is not None:
                 runner.name = "onnxruntime fp32"
@@ -95,6 +104,8 @@ class FeatureRunner:
     @torch.no_grad()
     def __call__(self, pixels: np.ndarray) -> np.ndarray:
         """uint8 (N, H, W, C) -> (N, F) float32 numpy."""
+        if self.pending is not None:  # a lazy runner's first pass (PyTorch where the export fails)
+            self.session, self.pending = _ort_session(self.module, self.pending), None
         if self.session is not None:
             return self.session.run(None, {"pixels": np.ascontiguousarray(pixels)})[0]
         x = torch.as_tensor(np.ascontiguousarray(pixels)).to(self.runtime.device)

@@ -431,7 +431,11 @@
         tag.textContent = name;
         answer.append(tag);
       });
-      if (!prediction.labels.length) answer.append(document.createTextNode("none — no label cleared its threshold"));
+      if (!prediction.labels.length) {
+        answer.append(document.createTextNode(prediction.answer === "unknown"
+          ? `unknown — not like the images the model learned (score ${Number(prediction.ood_score).toFixed(3)})`
+          : "none — no label cleared its threshold"));
+      }
       answer.classList.toggle("unknown", !prediction.labels.length);
       answer.hidden = false;
     } else if (typeof prediction.answer === "string") {
@@ -440,7 +444,11 @@
       const tag = document.createElement("strong");
       tag.textContent = prediction.answer;
       answer.append("Answer: ", tag);
-      if (unknown) answer.append(document.createTextNode(" — no class cleared its threshold"));
+      if (unknown) {
+        answer.append(document.createTextNode(typeof prediction.ood_score === "number"
+          ? ` — not like the images the model learned (score ${prediction.ood_score.toFixed(3)})`
+          : " — no class cleared its threshold"));
+      }
       answer.classList.toggle("unknown", unknown);
       answer.hidden = false;
     } else {

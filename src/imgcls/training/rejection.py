@@ -1,0 +1,143 @@
+"""After training: the out-of-distribution score a run keeps, fitted and measured (see :mod:`imgcls.ood`).
+
+The score's threshold rejects 5% of the val images (``imgcls.ood.FRR``); how well it separates the classes from
+images that are none of them is measured against ``--ood FOLDER`` when given, else against images imgcls has at
+hand: scikit-learn's digits (upscaled) for a model of anything else, uniform noise for a model of digits.  The
+features of a stage-1 run come from the feature cache its stage 1 filled; a fine-tuned run computes those of
+its val images and of a sample of its training images once.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from imgcls import rundir
+from imgcls.data.base import ImageDataset
+from imgcls.data.inputs import load_image_inputs
+from imgcls.data.quality import pixel_digests
+from imgcls.data.registry import adapt_images, load_digits
+from imgcls.errors import ConfigError, DataError
+from imgcls.inference import predict_logits, scoring_runtime
+from imgcls.ood import (
+    BANK_IMAGES,
+    FRR,
+    K,
+    choose,
+    feature_directions,
+    knn_score,
+    logit_scores,
+)
+from imgcls.training.transfer import FeatureRunner, backbone_digest, cached_features
+
+OUTSIDE_IMAGES = 300  # images from outside the classes that the measurement takes (the first, or a seeded sample)
+MIN_VAL = 20  # val images below which no threshold is fitted: 5% of fewer is not one image
+DIGIT_DATASETS = ("digits", "mnist", "fashion-mnist")  # built-in data whose models are measured against noise
+
+
+def outside_images(data_cfg, ds: ImageDataset, seed: int = 0) -> tuple[np.ndarray, str]:
+    """uint8 (N, H, W, C) images from outside the classes at ``ds``'s size, and what they are.
+
+    Raises:
+        DataError: ``--ood`` names no readable images, or images of the training data itself (named).
+    """
+    c, h, w = ds.image_shape
+    rng = np.random.default_rng(seed)
+    folder = getattr(data_cfg, "ood", None)
+    if folder:
+        names, images, bad = load_image_inputs([folder], channels=c, size=(h, w), resize=data_cfg.resize)
+        if not len(images):
+            why = f" ({bad[0].path}: {bad[0].reason})" if bad else ""
+            raise DataError(f"--ood {folder}: no image could be read{why}; give a folder or zip of images that are "
+                            f"none of the classes")
+        check_overlap(names, images, ds, folder)
+        pick = np.sort(rng.permutation(len(images))[:OUTSIDE_IMAGES])
+        return images[pick], f"{len(pick):,} images of {folder}"
+    if ds.name in DIGIT_DATASETS:
+        return rng.integers(0, 256, (OUTSIDE_IMAGES, h, w, c), dtype=np.uint8), \
+            f"{OUTSIDE_IMAGES} images of uniform noise (the model is one of digits)"
+    digits = load_digits().splits["all"]
+    pick = np.sort(rng.permutation(len(digits))[:OUTSIDE_IMAGES])
+    small = ImageDataset("digits", [], {"all": digits.subset(pick)})
+    return adapt_images(small, (h, w), c).splits["all"].images, \
+        f"{OUTSIDE_IMAGES} of scikit-learn's digits, upscaled (give --ood FOLDER for photos of your own)"
+
+
+def check_overlap(names: list[str], images: np.ndarray, ds: ImageDataset, folder: str) -> None:
+    """Refuse ``--ood`` images that are pixel for pixel images of the dataset: they are in its classes."""
+    own = set()
+    for split in ds.splits.values():
+        own.update(pixel_digests(split.images))
+    same = [name for name, digest in zip(names, pixel_digests(images)) if digest in own]
+    if same:
+        listed = ", ".join(same[:5]) + (f" and {len(same) - 5:,} more" if len(same) > 5 else "")
+        raise DataError(f"--ood {folder}: {len(same):,} of its {len(names):,} images are images of the training "
+                        f"data ({listed}); an out-of-distribution folder holds images of none of the classes: "
+                        f"remove them, or give another folder")
+
+
+def fit_rejection(model, meta: dict, ds: ImageDataset, data_cfg, *, stage1: bool, val_logits, cache, device,
+                  batch_size: int, seed: int, say) -> dict | None:
+    """Measure MSP, energy and kNN on val against images from outside the classes, and return the ``ood`` entry
+    to store with the model (``score``, ``threshold``, ``k``, kNN's ``bank``, what was measured), or None
+    without a val split to fit on.
+
+    ``stage1``: the final weights are stage 1's, so the training and val features are in the feature cache;
+    ``val_logits``: the final weights' on val when at hand (stage 1's), else computed.
+    """
+    if "val" not in ds.splits or len(ds.splits["val"]) < MIN_VAL:
+        say(f"out-of-distribution: no threshold (a val split of {MIN_VAL}+ images is needed to fit one)")
+        return None
+    started = time.perf_counter()
+    outside, against = outside_images(data_cfg, ds, seed)
+    norm, tta = meta["normalize"], meta.get("tta", "none")
+    _, h, w = ds.image_shape
+    train, val = ds.splits["train"], ds.splits["val"]
+    pick = np.sort(np.random.default_rng(seed).permutation(len(train))[:BANK_IMAGES])
+    runner = FeatureRunner.create(model, scoring_runtime(device), (h, w), norm,
+                                  len(val) + (len(train) if stage1 else len(pick)), lazy=stage1)
+    backbone = backbone_digest(model, norm)
+    if stage1:  # the cache holds every training image's features: no pass
+        bank = cached_features(runner, train.images, "none", cache, backbone, say)[0][pick]
+    else:
+        bank = runner(train.images[pick])
+    val_pooled = cached_features(runner, val.images, "none", cache, backbone, say)[0]
+    if val_logits is None:
+        val_logits = predict_logits(model, val.images, norm, scoring_runtime(device), batch_size, tta)
+    out_logits, out_pooled = predict_logits(model, outside, norm, scoring_runtime(device), batch_size, tta,
+                                            features=True)
+    bank = feature_directions(bank).astype(np.float16).astype(np.float32)  # as it is stored
+    inside = {**logit_scores(np.asarray(val_logits), ds.multilabel),
+              "knn": knn_score(feature_directions(val_pooled), bank)}
+    out = {**logit_scores(out_logits.numpy(), ds.multilabel), "knn": knn_score(feature_directions(out_pooled), bank)}
+    choice = choose(inside, out, FRR)
+    best = choice["measured"][choice["score"]]
+    say(f"out-of-distribution: {choice['score']} kept (AUROC {best['auroc']:.3f} against {against}: "
+        f"{best['far']:.1%} of them accepted, {best['frr']:.1%} of val rejected; "
+        + ", ".join(f"{k} {v['auroc']:.3f}" for k, v in choice["measured"].items() if k != choice["score"])
+        + f") in {time.perf_counter() - started:.1f}s")
+    entry = {"score": choice["score"], "threshold": choice["threshold"], "frr_target": FRR, "against": against,
+             "measured": choice["measured"], "val_images": len(val)}
+    if choice["score"] == "knn":
+        entry.update(k=K, bank=torch.from_numpy(bank).to(torch.float16))  # 1,000 x 2,120: 4 MB
+    return entry
+
+
+def record_of(entry: dict) -> dict:
+    """``ood.json``: the stored entry without its bank of features."""
+    return {k: v for k, v in entry.items() if k != "bank"} | ({"bank_images": len(entry["bank"])}
+                                                               if "bank" in entry else {})
+
+
+def write_record(run, entry: dict) -> None:
+    run.write_json(rundir.OOD, record_of(entry))
+
+
+def refuse_setting(data_cfg) -> None:
+    """Refuse an ``--ood`` that is not a folder or zip before training starts."""
+    folder = getattr(data_cfg, "ood", None)
+    if folder and not Path(folder).expanduser().exists():
+        raise ConfigError(f"--ood {folder}: no such folder or zip; give images that are none of the classes")
