@@ -7,6 +7,7 @@ checkpoint, so ``predict`` and serving use them, and as JSON in the run folder.
 
 from __future__ import annotations
 
+import html
 from pathlib import Path
 
 import numpy as np
@@ -147,6 +148,26 @@ def thresholds_section(run_dir: Path, val) -> Section:
     )
 
 
+def ood_section(run_dir: Path) -> Section | None:
+    """How well the stored out-of-distribution score tells the classes from other images (ood.json), or None."""
+    path = run_dir / rundir.OOD
+    if not path.is_file():
+        return None
+    doc = rundir.read_doc(path, "train the run again to measure it")
+    rows = [[name, m["auroc"], m["far"], m["frr"], m["threshold"]] for name, m in doc["measured"].items()]
+    kept = doc["measured"][doc["score"]]
+    text = (
+        f"Every prediction also gets a score of how much the image looks like the training images; below the "
+        f"threshold, predict and the web page answer <strong>unknown</strong>. Kept: <code>{doc['score']}</code>, "
+        f"threshold {doc['threshold']:.4f}, which rejects {kept['frr']:.1%} of the {doc['val_images']:,} val images "
+        f"and accepts {kept['far']:.1%} of {html.escape(doc['against'])} (AUROC {kept['auroc']:.3f}). "
+        f"AUROC: the chance that a val image scores above an outside one. Give <code>--ood FOLDER</code> at "
+        f"training to measure against images like those the model will meet.")
+    return Section("Images that are none of the classes", [text],
+                   [table(["score", "AUROC", "accepted outside (FAR)", "rejected val (FRR)", "threshold"], rows,
+                          "on the val split and the outside images")])
+
+
 def probes_section(run_dir: Path, clf, ds, run_probes: bool = True) -> Section:
     if clf.multilabel:
         return Section("What each layer has learned", [f"Not shown: {MULTILABEL_PROBES}."])
@@ -218,5 +239,8 @@ def report(run_dir: str | Path, clf_ds=None, test_logits=None, val_logits=None, 
         if (run_dir / rundir.CALIBRATION).is_file() and not clf.multilabel:  # calibrate refuses multi-label
             extra.append(calibration_section(run_dir, val))
         extra.append(thresholds_section(run_dir, val))
+    ood = ood_section(run_dir)
+    if ood is not None:
+        extra.append(ood)
     extra.append(probes_section(run_dir, clf, ds, probes))
     return rep.write(sections_extra=extra)

@@ -36,10 +36,12 @@ from imgcls.training.transfer import FeatureRunner, backbone_digest, cached_feat
 OUTSIDE_IMAGES = 300  # images from outside the classes that the measurement takes (the first, or a seeded sample)
 MIN_VAL = 20  # val images below which no threshold is fitted: 5% of fewer is not one image
 DIGIT_DATASETS = ("digits", "mnist", "fashion-mnist")  # built-in data whose models are measured against noise
+ACCEPTED_SHOWN = 20  # --ood images taken for the classes' own, named in ood.json
 
 
-def outside_images(data_cfg, ds: ImageDataset, seed: int = 0) -> tuple[np.ndarray, str]:
-    """uint8 (N, H, W, C) images from outside the classes at ``ds``'s size, and what they are.
+def outside_images(data_cfg, ds: ImageDataset, seed: int = 0) -> tuple[np.ndarray, str, list[str] | None]:
+    """uint8 (N, H, W, C) images from outside the classes at ``ds``'s size, what they are, and their names
+    (``--ood``'s files; None for images at hand).
 
     Raises:
         DataError: ``--ood`` names no readable images, or images of the training data itself (named).
@@ -55,15 +57,15 @@ def outside_images(data_cfg, ds: ImageDataset, seed: int = 0) -> tuple[np.ndarra
                             f"none of the classes")
         check_overlap(names, images, ds, folder)
         pick = np.sort(rng.permutation(len(images))[:OUTSIDE_IMAGES])
-        return images[pick], f"{len(pick):,} images of {folder}"
+        return images[pick], f"{len(pick):,} images of {folder}", [names[i] for i in pick]
     if ds.name in DIGIT_DATASETS:
         return rng.integers(0, 256, (OUTSIDE_IMAGES, h, w, c), dtype=np.uint8), \
-            f"{OUTSIDE_IMAGES} images of uniform noise (the model is one of digits)"
+            f"{OUTSIDE_IMAGES} images of uniform noise (the model is one of digits)", None
     digits = load_digits().splits["all"]
     pick = np.sort(rng.permutation(len(digits))[:OUTSIDE_IMAGES])
     small = ImageDataset("digits", [], {"all": digits.subset(pick)})
     return adapt_images(small, (h, w), c).splits["all"].images, \
-        f"{OUTSIDE_IMAGES} of scikit-learn's digits, upscaled (give --ood FOLDER for photos of your own)"
+        f"{OUTSIDE_IMAGES} of scikit-learn's digits, upscaled (give --ood FOLDER for photos of your own)", None
 
 
 def check_overlap(names: list[str], images: np.ndarray, ds: ImageDataset, folder: str) -> None:
@@ -92,7 +94,7 @@ def fit_rejection(model, meta: dict, ds: ImageDataset, data_cfg, *, stage1: bool
         say(f"out-of-distribution: no threshold (a val split of {MIN_VAL}+ images is needed to fit one)")
         return None
     started = time.perf_counter()
-    outside, against = outside_images(data_cfg, ds, seed)
+    outside, against, names = outside_images(data_cfg, ds, seed)
     norm, tta = meta["normalize"], meta.get("tta", "none")
     _, h, w = ds.image_shape
     train, val = ds.splits["train"], ds.splits["val"]
@@ -121,6 +123,13 @@ def fit_rejection(model, meta: dict, ds: ImageDataset, data_cfg, *, stage1: bool
         + f") in {time.perf_counter() - started:.1f}s")
     entry = {"score": choice["score"], "threshold": choice["threshold"], "frr_target": FRR, "against": against,
              "measured": choice["measured"], "val_images": len(val)}
+    if names is not None:  # --ood's images the kept score takes for the classes' own: maybe in-class images
+        accepted = np.flatnonzero(out[choice["score"]] >= choice["threshold"])
+        entry["accepted"] = [names[i] for i in accepted[:ACCEPTED_SHOWN]]
+        if len(accepted):
+            say(f"out-of-distribution: {len(accepted):,} of the --ood images score like the classes' own (for "
+                f"example {names[accepted[0]]}); if some are of the classes, leave them out of --ood (ood.json "
+                f"lists the first {ACCEPTED_SHOWN})")
     if choice["score"] == "knn":
         entry.update(k=K, bank=torch.from_numpy(bank).to(torch.float16))  # 1,000 x 2,120: 4 MB
     return entry
@@ -136,8 +145,12 @@ def write_record(run, entry: dict) -> None:
     run.write_json(rundir.OOD, record_of(entry))
 
 
-def refuse_setting(data_cfg) -> None:
-    """Refuse an ``--ood`` that is not a folder or zip before training starts."""
+def check_outside(data_cfg, ds: ImageDataset) -> None:
+    """Refuse, before training starts, an ``--ood`` that is not a folder or zip, holds no readable image, or holds
+    images of the training data (see :func:`outside_images`)."""
     folder = getattr(data_cfg, "ood", None)
-    if folder and not Path(folder).expanduser().exists():
+    if not folder:
+        return
+    if not Path(folder).expanduser().exists():
         raise ConfigError(f"--ood {folder}: no such folder or zip; give images that are none of the classes")
+    outside_images(data_cfg, ds)

@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from imgcls import __version__, rundir, terminal
 from imgcls.auto import forward_rate
@@ -54,6 +53,7 @@ from imgcls.models.pretrained import LoadReport, classifier_layer, load_weights
 from imgcls.recipes import get_recipe
 from imgcls.rundir import RunFolder, environment
 from imgcls.training.callbacks import Callbacks, EpochEnd
+from imgcls.training.losses import classification_loss, count_correct
 from imgcls.training.optim import (
     EarlyStopping,
     Lookahead,
@@ -64,9 +64,8 @@ from imgcls.training.optim import (
     param_groups,
 )
 from imgcls.training.progress import EpochProgress
+from imgcls.training.rejection import check_outside, fit_rejection, write_record
 from imgcls.training.strategy import OneProcess
-from imgcls.training.losses import classification_loss, count_correct
-from imgcls.training.rejection import fit_rejection, refuse_setting, write_record
 from imgcls.training.transfer import (
     FeatureRunner,
     backbone_digest,
@@ -194,7 +193,7 @@ def check_compatible(cfg: RunConfig, ds: ImageDataset, strategy: OneProcess | No
     if cfg.model.weights:
         load_weights(model, cfg.model.weights)  # refuses unknown weights or a file that does not fit, before a run folder exists
     build_augment(t.augment, (h, w))
-    refuse_setting(cfg.data)
+    check_outside(cfg.data, ds)
     cutting = [a for a in (t.augment if isinstance(t.augment, list) else []) if a.split(":")[0] in LABEL_CUTTING_AUGMENTS]
     if ds.multilabel and cutting:
         notes.append(f"--augment {','.join(cutting)} can cut a labelled object out of the picture, and its label "
