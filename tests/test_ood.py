@@ -37,7 +37,9 @@ def test_the_threshold_rejects_the_asked_share_and_the_best_score_is_kept():
     rng = np.random.default_rng(1)
     inside = {"msp": rng.normal(1, 1, 400), "knn": rng.normal(3, 1, 400)}
     outside = {"msp": rng.normal(0, 1, 300), "knn": rng.normal(0, 1, 300)}
-    assert np.mean(inside["msp"] < threshold_at(inside["msp"], 0.05)) == pytest.approx(0.05, abs=0.005)
+    assert np.mean(inside["msp"] < threshold_at(inside["msp"], 0.05, margin=0)) == pytest.approx(0.05, abs=0.005)
+    share = np.mean(inside["msp"] < threshold_at(inside["msp"], 0.05))  # less a margin of 0.84 standard errors
+    assert share == pytest.approx(0.05 - 0.84 * np.sqrt(0.05 * 0.95 / 400), abs=0.003)
     choice = choose(inside, outside, 0.05)
     assert choice["score"] == "knn" and choice["measured"]["knn"]["auroc"] > 0.95 > choice["measured"]["msp"]["auroc"]
     assert choice["measured"]["knn"]["far"] < choice["measured"]["msp"]["far"]
