@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.nn.functional as F  # noqa: F401 (the loss is imgcls.training.losses'; tests reach F through here)
 
 from imgcls import __version__, rundir, terminal
 from imgcls.auto import forward_rate
