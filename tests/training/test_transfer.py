@@ -315,6 +315,27 @@ def test_pytorch_eager_is_the_fallback_when_the_export_fails(backbone, images, m
                                rtol=0, atol=1e-5)
 
 
+def test_a_lazy_runner_exports_at_its_first_call_and_files_features_under_the_runtime_that_computed_them(
+        backbone, images, tmp_path, monkeypatch):
+    exports = []
+    session = transfer._ort_session
+    monkeypatch.setattr(transfer, "_ort_session", lambda module, size: (exports.append(size), session(module, size))[1])
+    lazy = FeatureRunner.create(backbone, resolve_runtime("cpu", "fp32", "off"), (SIDE, SIDE), NORM, lazy=True)
+    assert exports == [] and lazy.name == "onnxruntime fp32" and lazy.session is None
+    cache = tmp_path / "features"
+    first, _ = cached_features(lazy, images[:4], "none", cache, "backbone-a")
+    assert exports == [(SIDE, SIDE)] and lazy.session is not None
+    again = FeatureRunner.create(backbone, resolve_runtime("cpu", "fp32", "off"), (SIDE, SIDE), NORM, lazy=True)
+    assert cached_features(again, images[:4], "none", cache, "backbone-a")[1] and exports == [(SIDE, SIDE)]
+    # An export that fails at the first call: PyTorch computes, and the features are filed under its name.
+    monkeypatch.setattr(transfer, "_ort_session", lambda module, size: None)
+    failing = FeatureRunner.create(backbone, resolve_runtime("cpu", "fp32", "off"), (SIDE, SIDE), NORM, lazy=True)
+    cached_features(failing, images[4:8], "none", cache, "backbone-a")
+    assert failing.name == "torch fp32"
+    eager = FeatureRunner.create(backbone, resolve_runtime("cpu", "fp32", "off"), (SIDE, SIDE), NORM)
+    assert eager.name == "torch fp32" and cached_features(eager, images[4:8], "none", cache, "backbone-a")[1]
+
+
 def test_few_images_go_through_pytorch_without_an_export(backbone, images, monkeypatch):
     def no_export(module, size):
         raise AssertionError("exported a graph for fewer than ORT_MIN_IMAGES images")

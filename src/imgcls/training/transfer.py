@@ -41,6 +41,7 @@ from imgcls.tensorfile import DamagedFile, load_checked, save_checked, tensor_di
 from imgcls.training.losses import classification_loss, count_correct
 
 VIEWS = ("none", "hflip")
+ORT_NAME = "onnxruntime fp32"  # a runner's name (part of the features' cache key) when ONNX Runtime computes
 FEATURE_BATCH = 64  # images per frozen forward pass: ORT's throughput is flat from 32 to 128 at 128 px
 # Fewer images than this go through PyTorch: exporting the graph and starting a session (and importing onnx)
 # cost about 1.3 s, which ONNX Runtime wins back after some 1,000 images of EfficientNet-Lite0 at 128 px (640
@@ -85,24 +86,41 @@ class FeatureRunner:
     runtime: Runtime
     session: object | None = None
     name: str = "torch"
+    pending: tuple[int, int] | None = None  # lazy: the image size of the session to export at the first call
 
     @classmethod
     def create(cls, model: torch.nn.Module, runtime: Runtime, image_size: tuple[int, int],
-               norm: dict, images: int = ORT_MIN_IMAGES) -> FeatureRunner:
-        """A runner for ``images`` forward passes at ``image_size`` (H, W), normalising with ``norm``."""
+               norm: dict, images: int = ORT_MIN_IMAGES, lazy: bool = False) -> FeatureRunner:
+        """A runner for ``images`` forward passes at ``image_size`` (H, W), normalising with ``norm``.
+
+        ``lazy``: export the ONNX Runtime session at the first call rather than now, so that features all found
+        in the cache cost no export (1 to 4 s); its name says ONNX Runtime until an export fails, and then
+        PyTorch (:func:`cached_features` files what it computes under the name it was computed with).
+        """
         module = PooledFeatures(model.eval(), norm).to(runtime.device)
         runner = cls(module, runtime)
         if runtime.device.type == "cpu" and images >= ORT_MIN_IMAGES:
+            if lazy:
+                runner.pending, runner.name = tuple(image_size), ORT_NAME
+                return runner
             runner.session = _ort_session(module, image_size)
             if runner.session is not None:
-                runner.name = "onnxruntime fp32"
+                runner.name = ORT_NAME
         if runner.session is None:
-            runner.name = f"torch {'bf16' if runtime.bf16 else 'fp32'}"
+            runner.name = runner.torch_name
         return runner
+
+    @property
+    def torch_name(self) -> str:
+        return f"torch {'bf16' if self.runtime.bf16 else 'fp32'}"
 
     @torch.no_grad()
     def __call__(self, pixels: np.ndarray) -> np.ndarray:
         """uint8 (N, H, W, C) -> (N, F) float32 numpy."""
+        if self.pending is not None:
+            size, self.pending = self.pending, None
+            self.session = _ort_session(self.module, size)
+            self.name = ORT_NAME if self.session is not None else self.torch_name
         if self.session is not None:
             return self.session.run(None, {"pixels": np.ascontiguousarray(pixels)})[0]
         x = torch.as_tensor(np.ascontiguousarray(pixels)).to(self.runtime.device)
@@ -172,7 +190,8 @@ def cached_features(runner: FeatureRunner, images: np.ndarray, view: str, cache_
     """
     if cache_dir is None:
         return compute_features(runner, images, view), False
-    key = hashlib.sha256("|".join([images_digest(images), backbone, view, runner.name]).encode()).hexdigest()
+    digest = images_digest(images)
+    key = _feature_key(digest, backbone, view, runner.name)
     path = cache_dir / f"{key[:32]}.safetensors"
     if path.is_file():
         try:
@@ -186,12 +205,20 @@ def cached_features(runner: FeatureRunner, images: np.ndarray, view: str, cache_
             say(f"note: cached features {path} were computed again: {exc}")
             path.unlink(missing_ok=True)
     features = compute_features(runner, images, view)
+    if _feature_key(digest, backbone, view, runner.name) != key:  # a lazy runner's export failed: PyTorch computed
+        key = _feature_key(digest, backbone, view, runner.name)
+        path = cache_dir / f"{key[:32]}.safetensors"
     try:
         save_checked(path, {"features": torch.from_numpy(features)}, {"view": view, "runtime": runner.name,
                                                                       "key": key})
     except OSError as exc:
         say(f"note: the features could not be cached in {cache_dir} ({exc})")
     return features, False
+
+
+def _feature_key(images: str, backbone: str, view: str, runtime: str) -> str:
+    """The cache key of features: the images' digest, the backbone's, the view and the runner's name."""
+    return hashlib.sha256(f"{images}|{backbone}|{view}|{runtime}".encode()).hexdigest()
 
 
 @dataclass
