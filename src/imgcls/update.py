@@ -131,7 +131,7 @@ def update_run(parent: str | Path, overrides: dict, console) -> Finished:
     _check_backbone(old, s.model)
     blocks = {name: [*blocks.get(name, []), len(split)] for name, split in base.splits.items()}  # the new, last
     store = feature_store(s, ds, log, passes=stage1_passes(old.cfg.train, base), blocks=blocks)  # parent's runner
-    record = fit_head(s, ds, log, store, _head_start(old, s.model))
+    record = fit_head(s, ds, log, store, _head_start(old))
     logits = _test_logits(store, ds, s.model, s.meta["tta"])
     parent_logits = _test_logits(store, ds, old.model, old.meta.get("tta", "none"))
     log(f"update: {store.computed:,} images through the frozen backbone (each view of those with no features in "
@@ -222,11 +222,12 @@ def _check_backbone(old: Parent, fresh: torch.nn.Module) -> None:
             f"train a new run on the old and new photos together")
 
 
-def _head_start(old: Parent, model: torch.nn.Module) -> HeadStart:
-    """The parent's classifier, as a start for the new one's fit (its classes keep their rows)."""
+def _head_start(old: Parent) -> HeadStart:
+    """The parent's classifier, as a start for the new one's fit (its classes keep their rows), its L2 strength and
+    the stages it read (recorded where the model pools several)."""
     _, layer = classifier_layer(old.model)
-    stages = old.head.get("head_stages_read") if len(getattr(model, "stage_widths", ())) > 1 else None
-    return HeadStart(layer.weight.detach().clone(), layer.bias.detach().clone(), float(old.head["head_l2"]), stages)
+    return HeadStart(layer.weight.detach().clone(), layer.bias.detach().clone(), float(old.head["head_l2"]),
+                     old.head.get("head_stages_read"))
 
 
 # ----------------------------------------------------------------------------
