@@ -216,9 +216,20 @@ def test_a_class_renamed_is_refused_naming_its_images(world, tmp_path):
     for path in sorted((world["root"] / "parent-data" / "red").iterdir())[:5]:
         shutil.copy(path, tmp_path / "new" / "crimson" / f"copy-{path.name}")
     _write_class(tmp_path / "new", "yellow", 6, 31)
-    _refused(world, DataError, r"5 images of .*new are already in .*parent-data under another class \(a class "
-                               r"renamed.*crimson/copy-red-0-000\.png \(crimson\) is .*red-0-000\.png \(red\)",
-             data=tmp_path / "new")
+    _refused(world, DataError, r"new: class crimson holds images that .*parent-data has under another class \(5 "
+                               r"images in all\), as a class renamed would: .*crimson/copy-red-0-00\d\.png \(crimson\) "
+                               r"is .*red-0-00\d\.png \(red\)", data=tmp_path / "new")
+
+
+def test_a_photo_the_run_has_under_another_class_is_left_out_with_a_warning(world, tmp_path):
+    _write_class(tmp_path / "new", "yellow", 12, 33)
+    stray = min((world["root"] / "parent-data" / "red").iterdir())
+    shutil.copy(stray, tmp_path / "new" / "yellow" / "filed-twice.png")  # as flowers.zip has a rose among its tulips
+    run = imgcls.train(update=world["parent"], data=str(tmp_path / "new"), out=str(tmp_path / "runs"), quiet=True)
+    log = (run.path / rundir.LOG).read_text()
+    assert "warning: 1 image of" in log and "filed-twice.png (yellow) is" in log and "(red)" in log
+    info = json.loads((run.path / rundir.RUN).read_text())
+    assert info["added"]["left_out_already_in_parent"] == 1 and sum(info["added"]["images"].values()) == 13
 
 
 def test_photos_already_in_the_run_as_the_same_class_are_left_out_and_a_folder_of_only_them_adds_nothing(world,
@@ -226,8 +237,8 @@ def test_photos_already_in_the_run_as_the_same_class_are_left_out_and_a_folder_o
     (tmp_path / "new" / "red").mkdir(parents=True)
     for path in sorted((world["root"] / "parent-data" / "red").iterdir())[:3]:
         shutil.copy(path, tmp_path / "new" / "red" / path.name)
-    _refused(world, DataError, r"adds no image: all 3 of its images are already in .*parent-data, in the same "
-                               r"classes", data=tmp_path / "new")
+    _refused(world, DataError, r"adds no image: all 3 images in it are already in .*parent-data",
+             data=tmp_path / "new")
 
 
 def test_a_backbone_that_is_not_the_weights_the_config_names_is_refused(world, tmp_path):

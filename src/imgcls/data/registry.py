@@ -9,8 +9,8 @@ folders.  Every source comes out as an :class:`ImageDataset` with ``train``,
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -128,20 +128,25 @@ def merge_added(base: ImageDataset, added: ImageDataset) -> ImageDataset:
 
     The classes are ``base``'s, in their order, then those of ``added`` that ``base`` lacks, in its order: a
     class keeps its index, so the rows of a classifier trained on ``base`` are the first rows of one trained on
-    both.  An image of ``added`` that ``base`` holds already (the same pixels) in the same class is left out,
-    with a note; a split of ``added`` that ``base`` has not (val, where ``base`` holds none out) joins train.
+    both.  An image of ``added`` that ``base`` holds already (the same pixels) is left out: with a note in the
+    same class, with a warning naming both under another (``base``'s label stands).  A split of ``added`` that
+    ``base`` has not (val, where ``base`` holds none out) joins train.
 
     Raises:
-        DataError: images of ``added`` are ``base``'s under another class (a class renamed, or photos filed
-            under the wrong one), named; or ``added`` has no image that ``base`` lacks.
+        DataError: a class of ``added`` is mostly (``RENAMED_SHARE``) images ``base`` has under another class, as
+            a class renamed would be, naming them; or ``added`` has no image that ``base`` lacks.
     """
     classes = list(base.classes) + [c for c in added.classes if c not in base.classes]
     table = np.array([classes.index(c) for c in added.classes], dtype=np.int64)
-    extra, left_out = _new_images(base, added, table)
+    extra, same, other = _new_images(base, added, table)
     notes = [*base.notes, *(f"{added.name}: {n}" for n in added.notes)]
-    if left_out:
-        notes.append(f"{added.name}: {len(left_out):,} of its images are already in {base.name}, in the same class, "
-                     f"and were left out ({', '.join(left_out[:SHOWN_COPIES])})")
+    if same:
+        notes.append(f"{added.name}: {_images(len(same))} of it {'is' if len(same) == 1 else 'are'} already in "
+                     f"{base.name}, in the same class, and left out ({', '.join(same[:SHOWN_COPIES])})")
+    if other:
+        notes.append(f"warning: {_images(len(other))} of {added.name} {'is' if len(other) == 1 else 'are'} already "
+                     f"in {base.name} under another class, and left out ({base.name}'s label stands): {'; '.join(other[:SHOWN_COPIES])}"
+                     f"{'; ...' if len(other) > SHOWN_COPIES else ''}")
     for name in [k for k in extra if k not in base.splits]:
         extra["train"] = _joined(extra["train"], extra.pop(name))
         notes.append(f"{added.name}: its {name} images join train, as {base.name} holds out no {name} split")
@@ -152,37 +157,50 @@ def merge_added(base: ImageDataset, added: ImageDataset) -> ImageDataset:
 
 
 SHOWN_COPIES = 5  # images named in a refusal or a note of merge_added
+# A class of an added folder is taken for a class renamed when at least this share of its images are images of the
+# data under another class; fewer (a photo filed twice, as flowers.zip has a rose among its tulips) are left out
+# with a warning, as the data's own label stands.
+RENAMED_SHARE = 0.5
 
 
-def _new_images(base: ImageDataset, added: ImageDataset, table: np.ndarray) -> tuple[dict[str, Split], list[str]]:
-    """The splits of ``added`` without the images ``base`` holds in the same class (labels mapped through
-    ``table``), and the paths of those left out; DataError as :func:`merge_added` says."""
+def _new_images(base: ImageDataset, added: ImageDataset, table: np.ndarray
+                ) -> tuple[dict[str, Split], list[str], list[str]]:
+    """The splits of ``added`` (labels mapped through ``table``) without the images ``base`` holds already; the
+    paths of those left out in the same class, and of those left out under another; DataError as
+    :func:`merge_added` says."""
     seen: dict[bytes, tuple[int, str]] = {}
     for split in base.splits.values():
         for d, label, path in zip(pixel_digests(split.images), split.labels.tolist(), _names(split)):
             seen.setdefault(d, (label, path))
-    splits, left_out, clashes = {}, [], []
+    splits, same, other = {}, [], []
+    clashing = np.zeros(len(added.classes), np.int64)  # per class of added: its images base has under another
     for name, split in added.splits.items():
         labels, keep = table[split.labels], []
         for i, (d, label, path) in enumerate(zip(pixel_digests(split.images), labels.tolist(), _names(split))):
             if d not in seen:
                 keep.append(i)
             elif seen[d][0] == label:
-                left_out.append(path)
+                same.append(path)
             else:
-                clashes.append(f"{path} ({added.classes[split.labels[i]]}) is {seen[d][1]} "
-                               f"({base.classes[seen[d][0]]})")
+                other.append(f"{path} ({added.classes[split.labels[i]]}) is {seen[d][1]} ({base.classes[seen[d][0]]})")
+                clashing[split.labels[i]] += 1
         kept = split.subset(np.array(keep, dtype=np.int64))
         splits[name] = Split(kept.images, labels[keep], kept.paths, kept.sizes)
-    if clashes:
-        raise DataError(f"{len(clashes):,} images of {added.name} are already in {base.name} under another class (a "
-                        f"class renamed, or photos filed under the wrong class): "
-                        f"{'; '.join(clashes[:SHOWN_COPIES])}{'; ...' if len(clashes) > SHOWN_COPIES else ''}; keep "
-                        f"each photo in its own class folder, or leave it out")
+    sizes = sum(label_counts(s.labels, len(added.classes)) for s in added.splits.values())
+    renamed = [c for c, n, k in zip(added.classes, sizes, clashing) if k and k >= RENAMED_SHARE * n]
+    if renamed:
+        raise DataError(f"{added.name}: class {', '.join(renamed)} holds images that {base.name} has under another "
+                        f"class ({_images(len(other))} in all), as a class renamed would: "
+                        f"{'; '.join(other[:SHOWN_COPIES])}{'; ...' if len(other) > SHOWN_COPIES else ''}; keep "
+                        f"each photo in the class folder it has, under the class's own name, or leave it out")
     if not any(len(split) for split in splits.values()):
-        raise DataError(f"{added.name} adds no image: all {len(left_out):,} of its images are already in "
-                        f"{base.name}, in the same classes")
-    return splits, left_out
+        raise DataError(f"{added.name} adds no image: all {_images(len(same) + len(other))} in it are already in "
+                        f"{base.name}")
+    return splits, same, other
+
+
+def _images(n: int) -> str:
+    return f"{n:,} image" if n == 1 else f"{n:,} images"
 
 
 def _names(split: Split) -> list[str]:
@@ -396,7 +414,7 @@ def stratified_split(labels: np.ndarray, fractions: list[float], rng: np.random.
         idx = rng.permutation(np.flatnonzero(labels == cls))
         start = 0
         for i, frac in enumerate(fractions):
-            n = min(int(round(frac * len(idx))), len(idx) - start - 1)
+            n = min(round(frac * len(idx)), len(idx) - start - 1)
             n = max(n, 0)
             parts[i + 1].append(idx[start:start + n])
             start += n
