@@ -147,7 +147,7 @@ def test_a_search_started_at_a_strength_walks_to_the_same_minimum_as_the_full_se
     walked = fit_linear_head(x, y, 3, xv, yv, start=full.l2 if start == "best" else start)
     assert walked.l2 == full.l2 and walked.val_loss == pytest.approx(full.val_loss, abs=1e-3)
     if start == "best":  # the start, then one strength each way, both worse
-        assert list(walked.tried)[0] == full.l2 and len(walked.tried) == 3 < len(full.tried)
+        assert next(iter(walked.tried)) == full.l2 and len(walked.tried) == 3 < len(full.tried)
         assert all(loss > walked.tried[full.l2] for loss in list(walked.tried.values())[1:])
 
 
@@ -323,7 +323,7 @@ def test_a_lazy_runner_exports_at_its_first_call_and_files_features_under_the_ru
     lazy = FeatureRunner.create(backbone, resolve_runtime("cpu", "fp32", "off"), (SIDE, SIDE), NORM, lazy=True)
     assert exports == [] and lazy.name == "onnxruntime fp32" and lazy.session is None
     cache = tmp_path / "features"
-    first, _ = cached_features(lazy, images[:4], "none", cache, "backbone-a")
+    cached_features(lazy, images[:4], "none", cache, "backbone-a")
     assert exports == [(SIDE, SIDE)] and lazy.session is not None
     again = FeatureRunner.create(backbone, resolve_runtime("cpu", "fp32", "off"), (SIDE, SIDE), NORM, lazy=True)
     assert cached_features(again, images[:4], "none", cache, "backbone-a")[1] and exports == [(SIDE, SIDE)]
