@@ -26,7 +26,7 @@ FLOORS = [
     ("explain",),
     ("reports",),
     ("analysis", "export", "inspection", "tracking", "tuning"),
-    ("driver",),
+    ("driver", "update"),
     ("api",),
     ("serving",),
     ("cli", "__main__"),

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from imgcls import driver, predictor, rundir
+from imgcls import update as updating
 from imgcls.config import RunConfig
 from imgcls.driver import make_config  # re-exported: the face of the package
 from imgcls.errors import ConfigError, DataError
@@ -31,7 +32,7 @@ INSPECT_MIN_SIDE = 64  # px: small images (digits, CIFAR) are inspected at least
 class Run(driver.Finished):
     """A finished (or interrupted) training run: ``path``, ``config``, ``history``, ``test_metrics``."""
 
-    def load(self, which: str | None = None, device: str = "auto") -> "Classifier":
+    def load(self, which: str | None = None, device: str = "auto") -> Classifier:
         return load(self.path, which=which, device=device)
 
     def __repr__(self) -> str:
@@ -45,14 +46,18 @@ def _console(quiet: bool):
     return console(quiet)
 
 
-def train(config=None, *, resume: str | Path | None = None, quiet: bool = False, console=None,
-          on_epoch_end=None, callbacks=(), trial: tuple[str, int] | None = None, **overrides) -> Run:
+def train(config=None, *, resume: str | Path | None = None, update: str | Path | None = None, quiet: bool = False,
+          console=None, on_epoch_end=None, callbacks=(), trial: tuple[str, int] | None = None, **overrides) -> Run:
     """Train a model and return its :class:`Run`.
 
     Args:
         config: a YAML path, dict or RunConfig (default: the built-in digits).
         resume: a run folder to continue from its last checkpoint; only
             ``epochs`` may be raised when resuming.
+        update: a run folder trained head-first (stage 1 only) to update with the photos in ``data`` (one
+            folder per class: new classes, more photos of its own, or both): a new run, its classifier refitted
+            in seconds on the frozen features of the old and new images (see :mod:`imgcls.update`); ``out``,
+            ``name`` and ``report`` may be given beside it, every other setting is the run's.
         quiet: print nothing.
         on_epoch_end: called as ``on_epoch_end(state, record)`` after each
             epoch (see :func:`imgcls.training.trainer.fit`).
@@ -65,6 +70,12 @@ def train(config=None, *, resume: str | Path | None = None, quiet: bool = False,
     """
     keep_freed_memory()  # an entry point: see imgcls.startup
     console = console or _console(quiet)
+    if update is not None:
+        if config is not None or resume is not None:
+            raise ConfigError(f"an update keeps the settings of the run it updates ({update}); give it without "
+                              f"{'a config' if config is not None else 'resume'}")
+        finished = updating.update_run(update, overrides, console)
+        return Run(finished.path, finished.config, finished.history, finished.test_metrics)
     finished = driver.train_run(config, overrides, console, resume=resume,
                                 callbacks=[*callbacks, EpochEnd(on_epoch_end) if on_epoch_end else None],
                                 group=None if trial is None else Group("study", *trial))

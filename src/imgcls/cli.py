@@ -133,6 +133,10 @@ def _config_overrides(args) -> dict:
 def _train_args(p: argparse.ArgumentParser) -> None:
     _add_config_file(p, "YAML config file (e.g. a run's config.yaml to repeat it)")
     p.add_argument("--resume", type=Path, metavar="RUN", help="continue a run folder from its last checkpoint")
+    p.add_argument("--update", type=Path, metavar="RUN",
+                   help="a new run from a head-first RUN (stage 1 only) and the photos in --data FOLDER (one folder "
+                        "per class: new classes, more photos of its own, or both): its classifier refitted in seconds "
+                        "on the cached frozen features; --out, --name and --report may change, nothing else")
     _add_quiet(p)
     _add_launch_flags(p)
     add_config_flags(p)
@@ -178,7 +182,9 @@ def cmd_train(args) -> int:
         if args.rdzv_endpoint is not None:
             raise ImgclsError(f"--rdzv-endpoint {args.rdzv_endpoint} is where several processes meet; give --nproc "
                               f"(and --nnodes for several machines), or leave it out to train in one process")
-    imgcls.train(args.config, resume=args.resume, quiet=args.quiet, **overrides)
+    if args.update is not None and args.nproc is not None:
+        raise ImgclsError(f"--update {args.update} refits a classifier in one process; leave --nproc out")
+    imgcls.train(args.config, resume=args.resume, update=args.update, quiet=args.quiet, **overrides)
     return 0
 
 

@@ -65,6 +65,10 @@ class DataConfig:
     labels: str | None = _opt(None, "a CSV of several labels per image: filename,labels (labels separated by spaces "
                               "or ;) or filename and one 0/1 column per label; a labels.csv beside the images is "
                               "found without it")
+    # Folders of photos added to --data by `imgcls train --update` (written by imgcls, not a flag): each is split
+    # as --data is (seeded, stratified), its classes join --data's (new ones after them), so the run's own data,
+    # and `imgcls train --config` of its config.yaml, is --data and these together.
+    added: list[str] = field(default_factory=list)
 
 
 NO_WEIGHTS = "none"  # --pretrained none: random weights, said explicitly
@@ -192,6 +196,9 @@ class RunConfig:
         _check_range("test_fraction", d.test_fraction, 0.0, 0.9)
         if d.val_fraction + d.test_fraction >= 1.0:
             raise ConfigError("val_fraction + test_fraction must be below 1 so that images remain for training")
+        if not isinstance(d.added, list) or not all(isinstance(a, str) and a.strip() for a in d.added):
+            raise ConfigError(f"data.added must be a list of folders (written by imgcls train --update), got "
+                              f"{shown(d.added)}")
         if d.channels not in (None, 1, 3):
             raise ConfigError(f"channels must be 1 or 3, got {d.channels!r}")
         if d.image_size is not None:
@@ -237,7 +244,8 @@ class RunConfig:
         """
         self.validate()
         d, t = self.data, self.train
-        data = replace(d, image_size=None if d.image_size is None else parse_image_size(d.image_size))
+        data = replace(d, image_size=None if d.image_size is None else parse_image_size(d.image_size),
+                       added=list(d.added))
         augment = list(t.augment) if isinstance(t.augment, list) else split_list(t.augment)
         train = replace(t, class_weights=parse_class_weights(t.class_weights), augment=augment)
         return replace(self, data=data, model=replace(self.model, options=dict(self.model.options)), train=train,
@@ -245,7 +253,7 @@ class RunConfig:
 
 
 # Fields whose own parser takes more than their annotation says (a "32x32" size, a "90s" budget, "a,b" lists).
-_OWN_PARSER = {"image_size", "time_budget", "class_weights", "augment", "track"}
+_OWN_PARSER = {"image_size", "time_budget", "class_weights", "augment", "track", "added"}
 _KINDS = {str: "a string", bool: "true or false", int: "a whole number", float: "a number", dict: "a mapping"}
 
 
@@ -487,7 +495,8 @@ def flat_fields() -> dict[str, tuple[str | None, dataclasses.Field]]:
     out: dict[str, tuple[str | None, dataclasses.Field]] = {}
     for section, cls in (("data", DataConfig), ("model", ModelConfig), ("train", TrainConfig)):
         for f in fields(cls):
-            out[(f.metadata.get("flag") or f.name).replace("-", "_")] = (section, f)
+            if f.metadata:  # a field without help (data.added) is written by imgcls, not given as a flag
+                out[(f.metadata.get("flag") or f.name).replace("-", "_")] = (section, f)
     for f in fields(RunConfig):
         if f.metadata:
             out[(f.metadata.get("flag") or f.name).replace("-", "_")] = (None, f)

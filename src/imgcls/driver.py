@@ -193,7 +193,7 @@ def one_run(cfg: RunConfig, ds: ImageDataset, console, many: OneProcess, *, held
         if not many.is_main:
             return Finished(None, cfg, result.history, {})
         if cfg.report:
-            _analyse(run.path, console, result.test_logits, result.val_logits)
+            analyse(run.path, console, result.test_logits, result.val_logits)
     return Finished(run.path, cfg, result.history, result.test_metrics)
 
 
@@ -219,7 +219,7 @@ def _resumed(resume, config, overrides: dict, held: contextlib.ExitStack) -> tup
     return run, cfg
 
 
-def _analyse(run_dir: Path, console, test_logits, val_logits=None) -> None:
+def analyse(run_dir: Path, console, test_logits, val_logits=None) -> None:
     """After training: fit temperature scaling on val (when there is one) and write the report.
 
     ``test_logits``, ``val_logits``: training's own of its final checkpoint, which calibration and the report

@@ -19,6 +19,7 @@ from imgcls.training.transfer import (
     FEATURE_BATCH,
     L2_GRID,
     FeatureRunner,
+    FeatureStore,
     cached_features,
     compute_features,
     fit_linear_head,
@@ -131,6 +132,65 @@ def test_the_l2_search_picks_an_inner_minimum_given_its_own_grid():
     assert list(fit.tried)[:2] == [10.0, 1.0]
     assert fit.l2 == min(fit.tried, key=fit.tried.get)
     assert fit.val_loss == pytest.approx(fit.tried[fit.l2], abs=1e-4)
+
+
+def _inner_minimum_problem():
+    rng = np.random.default_rng(3)
+    centres = rng.normal(0, 1, (3, 8))
+    return _blobs(rng, 40, centres, 1.0), _blobs(rng, 30, centres, 1.0)
+
+
+@pytest.mark.parametrize("start", ["best", 0.3, 1e-4])
+def test_a_search_started_at_a_strength_walks_to_the_same_minimum_as_the_full_search(start):
+    (x, y), (xv, yv) = _inner_minimum_problem()
+    full = fit_linear_head(x, y, 3, xv, yv)
+    walked = fit_linear_head(x, y, 3, xv, yv, start=full.l2 if start == "best" else start)
+    assert walked.l2 == full.l2 and walked.val_loss == pytest.approx(full.val_loss, abs=1e-3)
+    if start == "best":  # the start, then one strength each way, both worse
+        assert next(iter(walked.tried)) == full.l2 and len(walked.tried) == 3 < len(full.tried)
+        assert all(loss > walked.tried[full.l2] for loss in list(walked.tried.values())[1:])
+
+
+def test_a_fit_started_from_a_head_of_fewer_classes_ends_where_one_from_zero_does():
+    (x, y), (xv, yv) = _inner_minimum_problem()
+    y, yv = np.where(y == 2, 3, y), np.where(yv == 2, 3, yv)  # a fourth class, after a third with no image
+    old = fit_linear_head(x[y < 2], y[y < 2], 2, grid=(0.01,))  # a head of the first two classes
+    cold = fit_linear_head(x, y, 4, xv, yv, grid=(0.01,))
+    warm = fit_linear_head(x, y, 4, xv, yv, grid=(0.01,), init=(old.weight, old.bias))
+    assert warm.val_loss == pytest.approx(cold.val_loss, abs=1e-3)
+    # The biases are free to shift together (the L2 penalty is on the weight alone): compare probabilities.
+    np.testing.assert_allclose(torch.softmax(_logits(warm, xv), 1).numpy(), torch.softmax(_logits(cold, xv), 1).numpy(),
+                               atol=0.01)
+    with pytest.raises(ValueError, match="a head of shape \\(2, 8\\) cannot start a fit of 1 classes"):
+        fit_linear_head(x, y, 1, init=(old.weight, old.bias))
+
+
+def test_a_small_head_fit_runs_in_one_thread_and_gives_the_threads_back(monkeypatch):
+    (x, y), (xv, yv) = _inner_minimum_problem()
+    seen = []
+    lbfgs = transfer._lbfgs
+    monkeypatch.setattr(transfer, "_lbfgs", lambda *a: (seen.append(torch.get_num_threads()), lbfgs(*a)))
+    threads = torch.get_num_threads()
+    fit_linear_head(x, y, 3, xv, yv, grid=(0.01,))
+    assert seen == [1] and torch.get_num_threads() == threads
+    monkeypatch.setattr(transfer, "ONE_THREAD_MACS", 0)  # every fit counts as large
+    fit_linear_head(x, y, 3, xv, yv, grid=(0.01,))
+    assert seen == [1, threads]
+
+
+def test_stage_head_keeps_the_reading_it_is_given_and_starts_from_its_columns_of_the_init():
+    rng = np.random.default_rng(6)
+    centres = rng.normal(0, 1, (3, 12))
+    x, y = _blobs(rng, 40, centres, 1.0)
+    xv, yv = _blobs(rng, 30, centres, 1.0)
+    every = fit_stage_head(x, y, 3, (4, 8), xv, yv)
+    last = fit_stage_head(x, y, 3, (4, 8), xv, yv, stages=1, init=(every.fit.weight, every.fit.bias))
+    assert last.stages == 1 and list(last.tried) == [1]
+    assert torch.all(last.fit.weight[:, :4] == 0)
+    alone = fit_stage_head(x, y, 3, (4, 8), xv, yv, stages=1)  # from zero: the same fit (the loss is convex)
+    assert last.fit.l2 == alone.fit.l2 and last.fit.val_loss == pytest.approx(alone.fit.val_loss, abs=1e-3)
+    with pytest.raises(ValueError, match="stages 3 is not a reading of 2 stages"):
+        fit_stage_head(x, y, 3, (4, 8), xv, yv, stages=3)
 
 
 @pytest.mark.parametrize("val", [None, "empty"])
@@ -255,6 +315,27 @@ def test_pytorch_eager_is_the_fallback_when_the_export_fails(backbone, images, m
                                rtol=0, atol=1e-5)
 
 
+def test_a_lazy_runner_exports_at_its_first_call_and_files_features_under_the_runtime_that_computed_them(
+        backbone, images, tmp_path, monkeypatch):
+    exports = []
+    session = transfer._ort_session
+    monkeypatch.setattr(transfer, "_ort_session", lambda module, size: (exports.append(size), session(module, size))[1])
+    lazy = FeatureRunner.create(backbone, resolve_runtime("cpu", "fp32", "off"), (SIDE, SIDE), NORM, lazy=True)
+    assert exports == [] and lazy.name == "onnxruntime fp32" and lazy.session is None
+    cache = tmp_path / "features"
+    cached_features(lazy, images[:4], "none", cache, "backbone-a")
+    assert exports == [(SIDE, SIDE)] and lazy.session is not None
+    again = FeatureRunner.create(backbone, resolve_runtime("cpu", "fp32", "off"), (SIDE, SIDE), NORM, lazy=True)
+    assert cached_features(again, images[:4], "none", cache, "backbone-a")[1] and exports == [(SIDE, SIDE)]
+    # An export that fails at the first call: PyTorch computes, and the features are filed under its name.
+    monkeypatch.setattr(transfer, "_ort_session", lambda module, size: None)
+    failing = FeatureRunner.create(backbone, resolve_runtime("cpu", "fp32", "off"), (SIDE, SIDE), NORM, lazy=True)
+    cached_features(failing, images[4:8], "none", cache, "backbone-a")
+    assert failing.name == "torch fp32"
+    eager = FeatureRunner.create(backbone, resolve_runtime("cpu", "fp32", "off"), (SIDE, SIDE), NORM)
+    assert eager.name == "torch fp32" and cached_features(eager, images[4:8], "none", cache, "backbone-a")[1]
+
+
 def test_few_images_go_through_pytorch_without_an_export(backbone, images, monkeypatch):
     def no_export(module, size):
         raise AssertionError("exported a graph for fewer than ORT_MIN_IMAGES images")
@@ -339,6 +420,25 @@ def test_a_cache_that_cannot_be_written_is_said_and_the_features_still_returned(
     features, hit = cached_features(runner, images[:4], "none", blocked, "backbone-a", notes.append)
     assert not hit and features.shape == (4, 1280)
     assert len(notes) == 1 and notes[0].startswith(f"note: the features could not be cached in {blocked}")
+
+
+def test_a_store_with_blocks_finds_the_old_blocks_cached_and_passes_only_the_new_one(runner, images, tmp_path,
+                                                                                      monkeypatch):
+    cache = tmp_path / "features"
+    old = FeatureStore(runner, cache, "backbone-a", blocks={})
+    first, hit = old.features("train", images[:40])
+    assert not hit and old.computed == 40
+    seen = []
+    compute = transfer.compute_features
+    monkeypatch.setattr(transfer, "compute_features", lambda r, x, view="none": (seen.append(len(x)),
+                                                                                 compute(r, x, view))[1])
+    new = FeatureStore(runner, cache, "backbone-a", blocks={"train": [40]})
+    both, hit = new.features("train", images)
+    assert not hit and seen == [len(images) - 40] and new.computed == len(images) - 40
+    assert np.array_equal(both[:40], first)
+    np.testing.assert_allclose(both, compute_features(runner, images), rtol=0, atol=1e-5)
+    assert new.features("train", images)[1] and new.features("val", images[:40])[1]  # a block as another split's
+    assert seen == [len(images) - 40]
 
 
 # ----------------------------------------------------------------------------

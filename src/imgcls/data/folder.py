@@ -62,6 +62,7 @@ def load_folder(
     workers: int | None = None,
     follow_links: bool = False,
     labels: str | None = None,
+    min_classes: int = 2,
 ) -> ImageDataset:
     """Decode a folder (or zip) of class folders into an :class:`ImageDataset`.
 
@@ -81,6 +82,7 @@ def load_folder(
         labels: a CSV of several labels per image (see
             :mod:`imgcls.data.multilabel`); None uses one found beside the
             images, else the class folders.
+        min_classes: the fewest class folders accepted (1 for a folder that adds photos to a run).
 
     Returns:
         The splits ``all`` (class-folder layout) or ``train`` and any of
@@ -96,7 +98,7 @@ def load_folder(
     image_size = check_size(image_size)
     with open_source(path, follow_links) as source:
         where = str(source.path)
-        layout = read_layout(source, labels)
+        layout = read_layout(source, labels, min_classes)
         groups = [[rel for rel, _ in items] for items in layout.items.values()]
         ref_size, ref_channels = first_native_shape(source, [r for g in groups for r in g])
         opts = DecodeOptions(channels, image_size, resize, None if image_size is not None else ref_size, ref_channels)
@@ -125,7 +127,7 @@ def load_folder(
     return ImageDataset(where, layout.classes, splits, skipped, bad, layout.notes + notes, layout=line)
 
 
-def read_layout(source, labels: str | None = None) -> Layout:
+def read_layout(source, labels: str | None = None, min_classes: int = 2) -> Layout:
     """The layout of an opened source (:mod:`imgcls.data.sources`): multi-label when ``labels`` names a CSV,
     else from the folder names (:func:`imgcls.data.layout.detect_layout`), else from a CSV found beside the
     images (:func:`imgcls.data.multilabel.find_label_file`).
@@ -143,7 +145,7 @@ def read_layout(source, labels: str | None = None) -> Layout:
         table, csvs = _given_table(labels), set()
     else:
         try:
-            return _class_folders(source, files, where)
+            return _class_folders(source, files, where, min_classes)
         except DataError as refused:
             table, csvs = _found_table(source, files, refused)
     images, skipped = candidate_images(files)
@@ -174,9 +176,9 @@ def _found_table(source, files: list[str], refused: DataError):
                          for prefix, rel in per_split.items()}), set(per_split.values())
 
 
-def _class_folders(source, files: list[str], where: str) -> Layout:
+def _class_folders(source, files: list[str], where: str, min_classes: int = 2) -> Layout:
     """:func:`detect_layout`, with a note naming a labels CSV beside the class folders, which is not read."""
-    layout = detect_layout(files, source.dirs(), where)
+    layout = detect_layout(files, source.dirs(), where, min_classes)
     try:
         found = find_label_file(files)
     except DataError:  # several CSVs: none is taken for labels on its own

@@ -123,17 +123,19 @@ def visible_dir(rel: str) -> bool:
     return not any(p.startswith(".") or p == "__MACOSX" for p in rel.split("/"))
 
 
-def detect_layout(files: list[str], dirs: set[str], where: str) -> Layout:
+def detect_layout(files: list[str], dirs: set[str], where: str, min_classes: int = 2) -> Layout:
     """Work out classes and splits from relative file and folder paths.
 
     Args:
         files: relative POSIX paths of every file.
         dirs: relative POSIX paths of every folder.
         where: the folder or zip, for error messages.
+        min_classes: the fewest classes accepted: 2 for a dataset, 1 for a folder that adds photos to a run
+            (``imgcls train --update``), whose classes join the run's.
 
     Raises:
         DataError: the layout is not one of the two understood, there are
-            fewer than two classes, a class folder holds no image or holds
+            fewer than ``min_classes`` classes, a class folder holds no image or holds
             class-like or split folders of its own, split folders lack a train
             folder, or val/test name a class that train lacks.
     """
@@ -144,9 +146,9 @@ def detect_layout(files: list[str], dirs: set[str], where: str) -> Layout:
     tops = _children(dirs, root)
     split_tops = [t for t in tops if split_of(t)]
     if split_tops:
-        layout = _split_layout(images, dirs, root, tops, split_tops, where)
+        layout = _split_layout(images, dirs, root, tops, split_tops, where, min_classes)
     else:
-        layout = _class_layout(images, dirs, root, where)
+        layout = _class_layout(images, dirs, root, where, min_classes)
     layout.skipped = skipped
     check_not_empty(layout, where)
     return layout
@@ -231,7 +233,8 @@ def describe_layout(layout: Layout, counts: dict[str, int]) -> str:
         return f"labels from {layout.label_file} ({len(layout.classes)} labels, {_count(counts['all'], 'image')})"
     if "all" in layout.items:
         under = f" under {layout.roots['all']}" if layout.roots.get("all") else ""
-        return f"one folder per class ({len(layout.classes)} classes, {_count(counts['all'], 'image')}){under}"
+        kinds = "1 class" if len(layout.classes) == 1 else f"{len(layout.classes)} classes"
+        return f"one folder per class ({kinds}, {_count(counts['all'], 'image')}){under}"
     parts = [
         f"{layout.roots[split]} -> {split} ({_count(counts[split], 'image') if i == 0 else f'{counts[split]:,}'})"
         for i, split in enumerate(layout.items)
@@ -255,9 +258,9 @@ def check_not_empty(layout: Layout, where: str, bad: list[SkippedFile] | None = 
 # The two layouts
 
 
-def _class_layout(images: list[str], dirs: set[str], root: str, where: str) -> Layout:
+def _class_layout(images: list[str], dirs: set[str], root: str, where: str, min_classes: int = 2) -> Layout:
     classes = _children(dirs, root)
-    _check_class_count(classes, root, where)
+    _check_class_count(classes, root, where, min_classes)
     _refuse_nested_classes(images, root, classes, where, in_split=False)
     label = {c: i for i, c in enumerate(classes)}
     items = [(r, label[r[len(root) :].split("/", 1)[0]]) for r in images]
@@ -265,7 +268,8 @@ def _class_layout(images: list[str], dirs: set[str], root: str, where: str) -> L
 
 
 def _split_layout(
-    images: list[str], dirs: set[str], root: str, tops: list[str], split_tops: list[str], where: str
+    images: list[str], dirs: set[str], root: str, tops: list[str], split_tops: list[str], where: str,
+    min_classes: int = 2,
 ) -> Layout:
     by_split = _split_folders(root, tops, split_tops, where)
     class_roots = {split: _unwrap(images, dirs, f"{root}{top}/") for split, top in by_split.items()}
@@ -274,7 +278,7 @@ def _split_layout(
         _refuse_loose_images(images, prefix, where)
         _refuse_nested_classes(images, prefix, class_dirs[split], where, in_split=True)
     classes = class_dirs["train"]
-    _check_class_count(classes, class_roots["train"], where)
+    _check_class_count(classes, class_roots["train"], where, min_classes)
     for split, prefix in class_roots.items():
         unknown = sorted(set(class_dirs[split]) - set(classes))
         if unknown:
@@ -391,12 +395,11 @@ def _census(images: list[str], prefix: str) -> dict[str, _Contents]:
 # Class folders that are not classes
 
 
-def _check_class_count(classes: list[str], prefix: str, where: str) -> None:
-    if len(classes) < 2:
+def _check_class_count(classes: list[str], prefix: str, where: str, min_classes: int = 2) -> None:
+    if len(classes) < min_classes:
         found = f"only {classes}" if classes else "no class folders"
-        raise DataError(
-            f"{where}: found {found} in {prefix or 'the top folder'}; at least 2 classes are needed; " + _LAYOUT_HELP
-        )
+        needed = "at least 2 classes are needed" if min_classes == 2 else f"at least {min_classes} needed"
+        raise DataError(f"{where}: found {found} in {prefix or 'the top folder'}; {needed}; " + _LAYOUT_HELP)
 
 
 def _refuse_nested_classes(images: list[str], prefix: str, classes: list[str], where: str, in_split: bool) -> None:

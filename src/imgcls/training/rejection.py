@@ -31,7 +31,7 @@ from imgcls.ood import (
     knn_score,
     logit_scores,
 )
-from imgcls.training.transfer import FeatureRunner, backbone_digest, cached_features
+from imgcls.training.transfer import FeatureStore
 
 OUTSIDE_IMAGES = 300  # images from outside the classes that the measurement takes (the first, or a seeded sample)
 MIN_VAL = 20  # val images below which no threshold is fitted: 5% of fewer is not one image
@@ -81,14 +81,15 @@ def check_overlap(names: list[str], images: np.ndarray, ds: ImageDataset, folder
                         f"remove them, or give another folder")
 
 
-def fit_rejection(model, meta: dict, ds: ImageDataset, data_cfg, *, stage1: bool, val_logits, cache, device,
-                  batch_size: int, seed: int, say) -> dict | None:
+def fit_rejection(model, meta: dict, ds: ImageDataset, data_cfg, *, store: FeatureStore, stage1: bool, val_logits,
+                  device, batch_size: int, seed: int, say) -> dict | None:
     """Measure MSP, energy and kNN on val against images from outside the classes, and return the ``ood`` entry
     to store with the model (``score``, ``threshold``, ``k``, kNN's ``bank``, what was measured), or None
     without a val split to fit on.
 
-    ``stage1``: the final weights are stage 1's, so the training and val features are in the feature cache;
-    ``val_logits``: the final weights' on val when at hand (stage 1's), else computed.
+    ``store``: the frozen features of ``model`` (:class:`imgcls.training.transfer.FeatureStore`); ``stage1``: the
+    final weights are stage 1's, so the training and val features are in its cache; ``val_logits``: the final
+    weights' on val when at hand (stage 1's), else computed.
     """
     if "val" not in ds.splits or len(ds.splits["val"]) < MIN_VAL:
         say(f"out-of-distribution: no threshold (a val split of {MIN_VAL}+ images is needed to fit one)")
@@ -96,17 +97,11 @@ def fit_rejection(model, meta: dict, ds: ImageDataset, data_cfg, *, stage1: bool
     started = time.perf_counter()
     outside, against, names = outside_images(data_cfg, ds, seed)
     norm, tta = meta["normalize"], meta.get("tta", "none")
-    _, h, w = ds.image_shape
     train, val = ds.splits["train"], ds.splits["val"]
     pick = np.sort(np.random.default_rng(seed).permutation(len(train))[:BANK_IMAGES])
-    runner = FeatureRunner.create(model, scoring_runtime(device), (h, w), norm,
-                                  len(val) + (len(train) if stage1 else len(pick)), lazy=stage1)
-    backbone = backbone_digest(model, norm)
-    if stage1:  # the cache holds every training image's features: no pass
-        bank = cached_features(runner, train.images, "none", cache, backbone, say)[0][pick]
-    else:
-        bank = runner(train.images[pick])
-    val_pooled = cached_features(runner, val.images, "none", cache, backbone, say)[0]
+    # Stage 1's cache holds every training image's features: no pass; a fine-tuned model passes the sample alone.
+    bank = store.features("train", train.images)[0][pick] if stage1 else store.runner(train.images[pick])
+    val_pooled = store.features("val", val.images)[0]
     if val_logits is None:
         val_logits = predict_logits(model, val.images, norm, scoring_runtime(device), batch_size, tta)
     out_logits, out_pooled = predict_logits(model, outside, norm, scoring_runtime(device), batch_size, tta,

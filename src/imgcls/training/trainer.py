@@ -69,8 +69,8 @@ from imgcls.training.rejection import check_outside, fit_rejection, write_record
 from imgcls.training.strategy import OneProcess
 from imgcls.training.transfer import (
     FeatureRunner,
+    FeatureStore,
     backbone_digest,
-    cached_features,
     fit_linear_head,
     fit_stage_head,
     label_tensor,
@@ -492,6 +492,13 @@ def _keep_epoch(s: TrainState, run: RunFolder, record: dict, is_best: bool, say)
     s.hooks.call("on_epoch_end", s, record)
 
 
+def keep_head(s: TrainState, run: RunFolder | None, record: dict, say) -> None:
+    """Keep stage 1's record (:func:`fit_head`) as epoch 0: the test-time augmentation it chose (tta auto, for
+    every process), the history, and in the main process metrics.jsonl, the checkpoints and its line."""
+    s.meta["tta"] = record.get("tta", s.meta["tta"])
+    _keep_epoch(s, run, record, s.tracker.update(0, record), say)
+
+
 def _save_epoch(s: TrainState, run: RunFolder, record: dict, is_best: bool) -> None:
     meta = dict(s.meta, epoch=s.epoch, metrics=record, created=_dt.datetime.now().isoformat(timespec="seconds"))
     if is_best:
@@ -544,8 +551,7 @@ def fit(cfg: RunConfig, ds: ImageDataset, run: RunFolder | None, console, resume
         # The main process fits the head; the others get it when DDP is built for epoch 1, or with the final
         # weights.
         record = many.broadcast(fit_head(s, ds, say) if many.is_main else None)
-        s.meta["tta"] = record.get("tta", s.meta["tta"])  # tta auto: the main process's choice, for every one
-        _keep_epoch(s, run, record, s.tracker.update(0, record), say)
+        keep_head(s, run, record, say)
     budget = TimeBudget(parse_duration(t.time_budget), started - (data_seconds or 0.0)) if t.time_budget else None
     while s.epoch < t.epochs:
         if budget is not None and not budget.allows_epoch(s, say):
@@ -630,51 +636,91 @@ def _fit_rejection(s: TrainState, ds: ImageDataset, run: RunFolder, final: str, 
     """The out-of-distribution score and its threshold, stored with the final checkpoint (and ood.json): an image
     below it is "unknown" to predict and serving (:mod:`imgcls.training.rejection`)."""
     stage1 = _checkpoint_epoch(run, final) == 0
-    entry = fit_rejection(
-        s.model, s.meta, ds, s.cfg.data, stage1=stage1, val_logits=s.val_logits if stage1 else None,
-        cache=data_dir() / "features" if s.cfg.data.cache else None, device=s.runtime.device,
-        batch_size=s.cfg.train.eval_batch_size, seed=s.cfg.train.seed, say=say)
+    keep_rejection(s, ds, run, final, feature_store(s, ds, say), stage1, say)
+
+
+def keep_rejection(s: TrainState, ds: ImageDataset, run: RunFolder, final: str, store: FeatureStore, stage1: bool,
+                   say) -> None:
+    """Fit the out-of-distribution score on ``store``'s features and keep it with the checkpoint ``final`` of
+    ``run`` (an update of a run calls this too)."""
+    entry = fit_rejection(s.model, s.meta, ds, s.cfg.data, store=store, stage1=stage1,
+                          val_logits=s.val_logits if stage1 else None, device=s.runtime.device,
+                          batch_size=s.cfg.train.eval_batch_size, seed=s.cfg.train.seed, say=say)
     if entry is not None:
         s.meta["ood"] = entry
         update_meta(run.checkpoint(final), {"ood": entry})
         write_record(run, entry)
 
 
-def fit_head(s: TrainState, ds: ImageDataset, say) -> dict:
-    """Transfer stage 1: fit the classifier on the frozen backbone's cached features; the epoch-0 record."""
+@dataclass
+class HeadStart:
+    """Where an update's stage 1 starts from: the classifier of the run it updates (:mod:`imgcls.update`)."""
+
+    weight: torch.Tensor  # (K0, F): the old run's rows, its classes first in the new order
+    bias: torch.Tensor  # (K0,)
+    l2: float  # the strength the old run chose: the search starts there
+    stages: int | None = None  # the pooled stages its classifier read (None: the model pools one)
+
+
+def stage1_passes(t, ds: ImageDataset) -> int:
+    """The frozen passes stage 1 makes over ``ds`` (the test split aside): each view of every training image,
+    val and, with tta auto, val's mirror images.  They decide the runner (:meth:`FeatureRunner.create`)."""
+    return len(ds.splits["train"]) * len(_views(t)) + (len(ds.splits["val"]) * (2 if t.tta == TTA_AUTO else 1)
+                                                       if "val" in ds.splits else 0)
+
+
+def feature_store(s: TrainState, ds: ImageDataset, say, passes: int | None = None,
+                  blocks: dict[str, list[int]] | None = None) -> FeatureStore:
+    """The frozen features of stage 1 for ``s.model``: a runner for ``passes`` images (default: stage 1's over
+    ``ds``), cached unless the config says not to.  ``blocks``: see :class:`FeatureStore`."""
+    _, h, w = ds.image_shape
+    passes = stage1_passes(s.cfg.train, ds) if passes is None else passes
+    # fp32, as the test split is scored: a head fitted to bf16 features would be scored on others.
+    runner = FeatureRunner.create(s.model, scoring_runtime(s.runtime.device), (h, w), s.meta["normalize"], passes,
+                                  lazy=True)  # features all cached (a tune trial, an update run again): no export
+    cache = data_dir() / "features" if s.cfg.data.cache else None
+    return FeatureStore(runner, cache, backbone_digest(s.model, s.meta["normalize"]), say, dict(blocks or {}))
+
+
+def fit_head(s: TrainState, ds: ImageDataset, say, store: FeatureStore | None = None,
+             start: HeadStart | None = None) -> dict:
+    """Transfer stage 1: fit the classifier on the frozen backbone's cached features; the epoch-0 record.
+
+    ``store``: where the features come from (default: :func:`feature_store`); ``start``: the classifier an
+    update starts from, whose stage reading it keeps and whose L2 strength the search starts at.
+    """
     t = s.cfg.train
     started = time.perf_counter()
-    _, h, w = ds.image_shape
     views = _views(t)
     train = ds.splits["train"]
-    images = len(train) * len(views) + (len(ds.splits["val"]) * (2 if t.tta == TTA_AUTO else 1)
-                                        if "val" in ds.splits else 0)
-    # fp32, as the test split is scored: a head fitted to bf16 features would be scored on others.
-    runner = FeatureRunner.create(s.model, scoring_runtime(s.runtime.device), (h, w), s.meta["normalize"], images)
-    cache = data_dir() / "features" if s.cfg.data.cache else None
-    backbone = backbone_digest(s.model, s.meta["normalize"])
+    images = stage1_passes(t, ds)
+    store = store or feature_store(s, ds, say)
+    runner = store.runner
     parts, hits = [], 0
     for view in views:
-        f, hit = cached_features(runner, train.images, view, cache, backbone, say)
+        f, hit = store.features("train", train.images, view)
         parts.append(f)
         hits += hit
     x_val = y_val = x_val_flip = None
     if "val" in ds.splits:
-        x_val, hit = cached_features(runner, ds.splits["val"].images, "none", cache, backbone, say)
+        x_val, hit = store.features("val", ds.splits["val"].images)
         y_val = ds.splits["val"].labels
         hits += hit
         if t.tta == TTA_AUTO:
-            x_val_flip, hit = cached_features(runner, ds.splits["val"].images, "hflip", cache, backbone, say)
+            x_val_flip, hit = store.features("val", ds.splits["val"].images, "hflip")
             hits += hit
-    copies = _test_copies(runner, ds, [parts[0], x_val], cache, backbone, say)
+    copies = _test_copies(store, ds, [parts[0], x_val], say)
     features_seconds = time.perf_counter() - started
     options = {"class_weights": None if s.class_weights is None else s.class_weights.cpu(),
                "label_smoothing": t.label_smoothing}
+    if start is not None:
+        options.update(start=start.l2, init=(start.weight, start.bias))
     x_train, y_train = np.concatenate(parts), np.concatenate([train.labels] * len(views))
     widths = _pooled_widths(s.model)
     if len(widths) > 1:  # several stages pooled: the classifier reads all of them, or the last alone
-        choice = fit_stage_head(x_train, y_train, ds.num_classes, widths, x_val, y_val, **options)
-        fit, reads = choice.fit, _stages_line(choice, widths)
+        choice = fit_stage_head(x_train, y_train, ds.num_classes, widths, x_val, y_val,
+                                stages=None if start is None else start.stages, **options)
+        fit, reads = choice.fit, _stages_line(choice, widths, kept=start is not None)
     else:
         fit, reads = fit_linear_head(x_train, y_train, ds.num_classes, x_val, y_val, **options), ""
     _, layer = classifier_layer(s.model)
@@ -714,13 +760,14 @@ def fit_head(s: TrainState, ds: ImageDataset, say) -> dict:
     return record
 
 
-def _test_copies(runner, ds: ImageDataset, features: list, cache, backbone: str, say) -> int:
+def _test_copies(store: FeatureStore, ds: ImageDataset, features: list, say) -> int:
     """The test images that are copies of a training or val image (imgcls.data.quality.copy_pairs, on the
     features stage 1 computes anyway, and the test split's), said in one line: they make the test accuracy
     optimistic.  Returns their count."""
     if "test" not in ds.splits or not len(ds.splits["test"]):
         return 0
-    x_test, _ = cached_features(runner, ds.splits["test"].images, "none", cache, backbone, say)
+    runner = store.runner
+    x_test, _ = store.features("test", ds.splits["test"].images)
     names = [k for k in ("train", "val") if k in ds.splits]
     x = np.concatenate([f for f in features if f is not None] + [x_test])
     seen = sum(len(ds.splits[k]) for k in names)
@@ -747,8 +794,11 @@ def _pooled_widths(model: torch.nn.Module) -> tuple[int, ...]:
     return tuple(widths[-k:]) if k > 1 and widths else (getattr(model, "num_features", 0),)
 
 
-def _stages_line(choice, widths: tuple[int, ...]) -> str:
-    """What stage 1's classifier reads, and the val losses that chose it."""
+def _stages_line(choice, widths: tuple[int, ...], kept: bool = False) -> str:
+    """What stage 1's classifier reads, and the val losses that chose it (``kept``: an update kept the reading
+    of the run it updates)."""
+    if kept:
+        return f"; it reads the last {choice.stages} stages pooled, as the run it updates did"
     losses = ", ".join(f"{choice.tried[k]:.4f} reading {'the last stage' if k == 1 else f'{k} stages'}"
                        for k in sorted(choice.tried, reverse=True))
     read = "the last stage alone" if choice.stages == 1 else f"the last {choice.stages} stages pooled"

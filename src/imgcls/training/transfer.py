@@ -23,12 +23,15 @@ head, with the backbone at ``backbone_lr_scale`` of the learning rate.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import io
 import math
 import warnings
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -38,6 +41,7 @@ from imgcls.tensorfile import DamagedFile, load_checked, save_checked, tensor_di
 from imgcls.training.losses import classification_loss, count_correct
 
 VIEWS = ("none", "hflip")
+ORT_NAME = "onnxruntime fp32"  # a runner's name (part of the features' cache key) when ONNX Runtime computes
 FEATURE_BATCH = 64  # images per frozen forward pass: ORT's throughput is flat from 32 to 128 at 128 px
 # Fewer images than this go through PyTorch: exporting the graph and starting a session (and importing onnx)
 # cost about 1.3 s, which ONNX Runtime wins back after some 1,000 images of EfficientNet-Lite0 at 128 px (640
@@ -47,6 +51,11 @@ ORT_MIN_IMAGES = 1000
 # from the strongest down, until the val loss has risen twice in a row (it is U-shaped in the strength).
 L2_GRID = (0.3, 0.1, 0.03, 0.01, 3e-3, 1e-3, 3e-4, 1e-4)
 LBFGS_ITERATIONS = 40  # warm-started from the previous strength: 30 to 100 give the same choice and val loss to 3e-4 on flowers.zip, at 0.7 against 2.0 s
+# A head fit smaller than this (multiply-adds of one product of the features and the weight) runs in one thread:
+# its L-BFGS is thousands of small operations, and where other work shares the cores each thread waits on the
+# other (an update of 3,433 flowers, 5,500 x 2,120 features x 5 classes, one strength: 0.7-1.1 s in one thread,
+# 4.6-5.1 s in two, on the 2-core AVX512 machine at a load of 4).  A larger fit keeps every thread.
+ONE_THREAD_MACS = 1 << 28
 
 
 class PooledFeatures(torch.nn.Module):
@@ -77,35 +86,41 @@ class FeatureRunner:
     runtime: Runtime
     session: object | None = None
     name: str = "torch"
-    pending: tuple[int, int] | None = None  # lazy: the (H, W) of an ONNX Runtime session built on first use
+    pending: tuple[int, int] | None = None  # lazy: the image size of the session to export at the first call
 
     @classmethod
     def create(cls, model: torch.nn.Module, runtime: Runtime, image_size: tuple[int, int],
                norm: dict, images: int = ORT_MIN_IMAGES, lazy: bool = False) -> FeatureRunner:
         """A runner for ``images`` forward passes at ``image_size`` (H, W), normalising with ``norm``.
 
-        ``lazy``: build the ONNX Runtime session (an export, about 2 s) only when a pass is asked for, for a
-        caller that expects the feature cache to hold what it needs; its ``name`` (part of the cache key) is
-        then the session's before it exists.
+        ``lazy``: export the ONNX Runtime session at the first call rather than now, so that features all found
+        in the cache cost no export (1 to 4 s); its name says ONNX Runtime until an export fails, and then
+        PyTorch (:func:`cached_features` files what it computes under the name it was computed with).
         """
         module = PooledFeatures(model.eval(), norm).to(runtime.device)
         runner = cls(module, runtime)
         if runtime.device.type == "cpu" and images >= ORT_MIN_IMAGES:
             if lazy:
-                runner.pending, runner.name = tuple(image_size), "onnxruntime fp32"
+                runner.pending, runner.name = tuple(image_size), ORT_NAME
                 return runner
             runner.session = _ort_session(module, image_size)
             if runner.session is not None:
-                runner.name = "onnxruntime fp32"
+                runner.name = ORT_NAME
         if runner.session is None:
-            runner.name = f"torch {'bf16' if runtime.bf16 else 'fp32'}"
+            runner.name = runner.torch_name
         return runner
+
+    @property
+    def torch_name(self) -> str:
+        return f"torch {'bf16' if self.runtime.bf16 else 'fp32'}"
 
     @torch.no_grad()
     def __call__(self, pixels: np.ndarray) -> np.ndarray:
         """uint8 (N, H, W, C) -> (N, F) float32 numpy."""
-        if self.pending is not None:  # a lazy runner's first pass (PyTorch where the export fails)
-            self.session, self.pending = _ort_session(self.module, self.pending), None
+        if self.pending is not None:
+            size, self.pending = self.pending, None
+            self.session = _ort_session(self.module, size)
+            self.name = ORT_NAME if self.session is not None else self.torch_name
         if self.session is not None:
             return self.session.run(None, {"pixels": np.ascontiguousarray(pixels)})[0]
         x = torch.as_tensor(np.ascontiguousarray(pixels)).to(self.runtime.device)
@@ -175,7 +190,8 @@ def cached_features(runner: FeatureRunner, images: np.ndarray, view: str, cache_
     """
     if cache_dir is None:
         return compute_features(runner, images, view), False
-    key = hashlib.sha256("|".join([images_digest(images), backbone, view, runner.name]).encode()).hexdigest()
+    digest = images_digest(images)
+    key = _feature_key(digest, backbone, view, runner.name)
     path = cache_dir / f"{key[:32]}.safetensors"
     if path.is_file():
         try:
@@ -189,12 +205,51 @@ def cached_features(runner: FeatureRunner, images: np.ndarray, view: str, cache_
             say(f"note: cached features {path} were computed again: {exc}")
             path.unlink(missing_ok=True)
     features = compute_features(runner, images, view)
+    if _feature_key(digest, backbone, view, runner.name) != key:  # a lazy runner's export failed: PyTorch computed
+        key = _feature_key(digest, backbone, view, runner.name)
+        path = cache_dir / f"{key[:32]}.safetensors"
     try:
         save_checked(path, {"features": torch.from_numpy(features)}, {"view": view, "runtime": runner.name,
                                                                       "key": key})
     except OSError as exc:
         say(f"note: the features could not be cached in {cache_dir} ({exc})")
     return features, False
+
+
+def _feature_key(images: str, backbone: str, view: str, runtime: str) -> str:
+    """The cache key of features: the images' digest, the backbone's, the view and the runner's name."""
+    return hashlib.sha256(f"{images}|{backbone}|{view}|{runtime}".encode()).hexdigest()
+
+
+@dataclass
+class FeatureStore:
+    """Where stage 1 gets frozen features: :func:`cached_features`, block by block.
+
+    ``blocks``: per split, the rows where a block of images starts (after the first, at row 0), each cached on
+    its own: the images of the run an update starts from, then each folder added to them, so that an update
+    finds the features of the images it had before as they were cached, and passes only the new block through
+    the backbone.  Without blocks a split is one.
+    """
+
+    runner: FeatureRunner
+    cache_dir: Path | None  # None: no cache
+    backbone: str  # backbone_digest of the runner's model
+    say: Callable[[str], None] = print
+    blocks: dict[str, list[int]] = field(default_factory=dict)
+    computed: int = 0  # images that went through the backbone (each view counted)
+
+    def features(self, split: str, images: np.ndarray, view: str = "none") -> tuple[np.ndarray, bool]:
+        """(N, F) features of ``split``'s uint8 (N, H, W, C) ``images`` in ``view``; whether all came from the
+        cache."""
+        cuts = [c for c in self.blocks.get(split, ()) if 0 < c < len(images)]
+        blocks = [b for b in np.split(images, cuts) if len(b)] if cuts else [images]
+        parts, hits = [], []
+        for block in blocks:
+            f, hit = cached_features(self.runner, block, view, self.cache_dir, self.backbone, self.say)
+            parts.append(f)
+            hits.append(hit)
+            self.computed += 0 if hit else len(block)
+        return (parts[0] if len(parts) == 1 else np.concatenate(parts)), all(hits)
 
 
 @dataclass
@@ -217,7 +272,8 @@ class HeadFit:
 
 def fit_linear_head(x_train: np.ndarray, y_train: np.ndarray, num_classes: int, x_val: np.ndarray | None = None,
                     y_val: np.ndarray | None = None, class_weights: torch.Tensor | None = None,
-                    label_smoothing: float = 0.0, grid: tuple[float, ...] = L2_GRID) -> HeadFit:
+                    label_smoothing: float = 0.0, grid: tuple[float, ...] = L2_GRID, start: float | None = None,
+                    init: tuple[torch.Tensor, torch.Tensor] | None = None) -> HeadFit:
     """Multinomial logistic regression with an L2 penalty chosen by the val split's cross-entropy.
 
     ``y_train``/``y_val``: int (N,) classes, or 0/1 (N, K) label matrices: then one-vs-rest logistic
@@ -228,6 +284,13 @@ def fit_linear_head(x_train: np.ndarray, y_train: np.ndarray, num_classes: int, 
     makes one L2 grid fit every backbone); the scaling is folded back into the
     returned weight and bias, so they apply to the raw features.  Without a
     val split the middle of the grid is used.
+
+    The strengths are tried from the strongest down until the val loss has risen twice in a row.  With
+    ``start`` (a strength that was best on similar data: the L2 of the run an update starts from), the search
+    begins at the grid's strength nearest it and walks one way then the other, each way until the val loss
+    rises once: three fits where ``start`` is still the best, as the loss is U-shaped in the strength.
+    ``init``: a weight (K0, F) and bias (K0,) on the raw features, K0 <= ``num_classes``, to start the first
+    fit from (the classes after K0 start from zero).
     """
     xt = torch.from_numpy(np.asarray(x_train, np.float32))
     yt = label_tensor(y_train)
@@ -237,21 +300,9 @@ def fit_linear_head(x_train: np.ndarray, y_train: np.ndarray, num_classes: int, 
     zv = (torch.from_numpy(np.asarray(x_val, np.float32)) - mu) / sigma if has_val else None
     yv = label_tensor(y_val) if has_val else None
     grid = tuple(sorted(grid, reverse=True)) if has_val else (grid[len(grid) // 2],)
-    w = torch.zeros(num_classes, zt.shape[1], requires_grad=True)
-    b = torch.zeros(num_classes, requires_grad=True)
-    best, tried, worse = None, {}, 0
-    for l2 in grid:  # strongest first, each fit warm-started from the last
-        _lbfgs(w, b, zt, yt, l2, class_weights, label_smoothing)
-        with torch.no_grad():
-            score = classification_loss(zv @ w.T + b, yv).item() if has_val else \
-                classification_loss(zt @ w.T + b, yt).item()
-        tried[l2] = round(score, 5)
-        if best is None or score < best[0]:
-            best, worse = (score, l2, w.detach().clone(), b.detach().clone()), 0
-        else:
-            worse += 1
-            if worse == 2:
-                break
+    w, b = _standardized_start(init, mu, sigma, num_classes)
+    with _threads(1 if zt.numel() * num_classes < ONE_THREAD_MACS else None):
+        best, tried = _search_l2(zt, yt, zv, yv, w, b, grid, start, class_weights, label_smoothing)
     _, l2, wz, bz = best
     weight = wz / sigma
     bias = bz - weight @ mu
@@ -264,6 +315,74 @@ def fit_linear_head(x_train: np.ndarray, y_train: np.ndarray, num_classes: int, 
             fit.val_loss = classification_loss(val_logits, yv).item()
             fit.val_accuracy = count_correct(val_logits, yv).item() / max(len(yv), 1)
     return fit
+
+
+def _search_l2(zt, yt, zv, yv, w: torch.Tensor, b: torch.Tensor, grid: tuple[float, ...], start: float | None,
+               class_weights, label_smoothing: float) -> tuple[tuple, dict]:
+    """The L2 search of :func:`fit_linear_head` on standardised features: ((val loss, l2, weight, bias) of the
+    best fit, {l2: val loss} of every fit), from ``w``, ``b``."""
+    has_val = zv is not None
+    best, tried = None, {}
+
+    def fit_at(l2: float, w: torch.Tensor, b: torch.Tensor) -> bool:
+        """Fit at strength ``l2`` from ``w``, ``b`` (in place); whether it is the best so far."""
+        nonlocal best
+        _lbfgs(w, b, zt, yt, l2, class_weights, label_smoothing)
+        with torch.no_grad():
+            score = classification_loss(zv @ w.T + b, yv).item() if has_val else \
+                classification_loss(zt @ w.T + b, yt).item()
+        tried[l2] = round(score, 5)
+        if best is None or score < best[0]:
+            best = (score, l2, w.detach().clone(), b.detach().clone())
+            return True
+        return False
+
+    if start is None or len(grid) == 1:
+        worse = 0
+        for l2 in grid:  # strongest first, each fit warm-started from the last
+            worse = 0 if fit_at(l2, w, b) else worse + 1
+            if worse == 2:
+                break
+    else:
+        i = min(range(len(grid)), key=lambda k: abs(math.log(grid[k]) - math.log(max(start, 1e-12))))
+        fit_at(grid[i], w, b)
+        centre = (best[2], best[3])
+        for side in (grid[i - 1::-1] if i else (), grid[i + 1:]):  # stronger, then weaker, from the start's fit
+            w, b = centre[0].clone(), centre[1].clone()
+            for l2 in side:
+                if not fit_at(l2, w, b):
+                    break
+    return best, tried
+
+
+@contextlib.contextmanager
+def _threads(n: int | None):
+    """torch's intra-op threads set to ``n`` for the block (None: as they are)."""
+    before = torch.get_num_threads()
+    if n is None or n == before:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _standardized_start(init: tuple[torch.Tensor, torch.Tensor] | None, mu: torch.Tensor, sigma: torch.Tensor,
+                        num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (K, F) weight and (K,) bias on standardised features ((x - mu) / sigma) that give the logits ``init``
+    gives on raw ones (zero without it, and for the classes after init's)."""
+    w = torch.zeros(num_classes, len(mu))
+    b = torch.zeros(num_classes)
+    if init is not None:
+        weight, bias = (torch.as_tensor(t, dtype=torch.float32) for t in init)
+        if weight.shape[1] != len(mu) or len(weight) > num_classes or bias.shape != (len(weight),):
+            raise ValueError(f"a head of shape {tuple(weight.shape)} cannot start a fit of {num_classes} classes "
+                             f"on {len(mu)} features")
+        w[:len(weight)] = weight * sigma
+        b[:len(weight)] = bias + weight @ mu
+    return w.requires_grad_(), b.requires_grad_()
 
 
 def label_tensor(y: np.ndarray) -> torch.Tensor:
@@ -283,6 +402,7 @@ class StageChoice:
 
 def fit_stage_head(x_train: np.ndarray, y_train: np.ndarray, num_classes: int, widths: tuple[int, ...],
                    x_val: np.ndarray | None = None, y_val: np.ndarray | None = None, margin: float = 2.0,
+                   stages: int | None = None, init: tuple[torch.Tensor, torch.Tensor] | None = None,
                    **options) -> StageChoice:
     """:func:`fit_linear_head` on the pooled outputs of the last k stages: every stage, or the last alone.
 
@@ -295,22 +415,30 @@ def fit_stage_head(x_train: np.ndarray, y_train: np.ndarray, num_classes: int, w
     stage by chance (20 draws of 250 flowers: +0.6 to +1.6 points for this rule), and every stage won on
     every folder measured.  The stages not read get zero weights, so the returned weight applies to
     ``x_train``'s columns as they are.
+
+    ``stages``: read that many of the last stages, without trying the other reading (an update keeps the
+    reading of the run it starts from).  ``init``: a weight over every pooled feature and a bias to start from
+    (see :func:`fit_linear_head`); the other ``options`` go to :func:`fit_linear_head` as they are.
     """
     has_val = x_val is not None and len(x_val) > 0
     total = sum(widths)
     if x_train.shape[1] != total:
         raise ValueError(f"{x_train.shape[1]} features given for stages of {total} channels")
-    candidates = sorted({len(widths), 1}, reverse=True) if has_val else [len(widths)]
+    if stages is not None and not 1 <= stages <= len(widths):
+        raise ValueError(f"stages {stages} is not a reading of {len(widths)} stages")
+    candidates = [stages] if stages is not None else sorted({len(widths), 1}, reverse=True) if has_val \
+        else [len(widths)]
     fits, tried, losses = {}, {}, {}
     for k in candidates:
         first = total - sum(widths[len(widths) - k:])
+        start = None if init is None else (torch.as_tensor(init[0])[:, first:], torch.as_tensor(init[1]))
         fit = fit_linear_head(x_train[:, first:], y_train, num_classes, x_val[:, first:] if has_val else None,
-                              y_val, **options)
+                              y_val, init=start, **options)
         fits[k] = (first, fit)
         tried[k] = round(fit.val_loss if has_val else fit.train_loss, 5)
         if has_val:
             losses[k] = classification_loss(fit.logits(x_val[:, first:]), label_tensor(y_val), reduction="none")
-    k = len(widths)
+    k = candidates[0] if stages is not None else len(widths)
     if 1 in losses and k != 1:
         gain = (losses[k] - losses[1]).double()  # > 0 where the last stage alone does better
         spread = gain.std().item() / len(gain) ** 0.5 if len(gain) > 1 else float("inf")
