@@ -90,16 +90,21 @@ def test_two_processes_match_one_process_with_synced_batchnorm(tmp_path):
     assert abs(saved["accuracy"] - json.loads((one_run / "eval_test.json").read_text())["accuracy"]) <= 0.05
 
 
+def _one_and_two_synced(tmp_path, options: list[str]) -> None:
+    """Train runs ``one`` (one process, one thread) and ``two`` (2 processes, --sync-bn) with ``options``."""
+    subprocess.run(_cli("train", "--name", "one", "--out", str(tmp_path), *options), check=True,
+                   capture_output=True, timeout=600, env=ONE_THREAD)
+    two = subprocess.run(_cli("train", "--nproc", "2", "--name", "two", "--out", str(tmp_path), "--sync-bn",
+                              *options), capture_output=True, text=True, timeout=600, check=False)
+    assert two.returncode == 0, two.stderr[-3000:]
+
+
 @pytest.mark.slow
 def test_synced_batchnorm_equals_one_process_without_augmentation(tmp_path):
     """With no random draws but the shuffle, 2 processes with --sync-bn are one process, to float rounding."""
     plain = ["--epochs", "3", "--batch-size", "256", "--model-option", "widths=[8,16,16]", "--no-report",
              "--precision", "fp32"]
-    subprocess.run(_cli("train", "--name", "one", "--out", str(tmp_path), *plain), check=True,
-                   capture_output=True, timeout=600, env=ONE_THREAD)
-    two = subprocess.run(_cli("train", "--nproc", "2", "--name", "two", "--out", str(tmp_path), "--sync-bn", *plain),
-                         capture_output=True, text=True, timeout=600, check=False)
-    assert two.returncode == 0, two.stderr[-3000:]
+    _one_and_two_synced(tmp_path, plain)
     for ra, rb in zip(_records(tmp_path / "one"), _records(tmp_path / "two"), strict=True):
         for key in ("train_loss", "val_loss"):
             assert rb[key] == pytest.approx(ra[key], rel=1e-4, abs=1e-5), (ra["epoch"], key)
@@ -118,11 +123,7 @@ def test_several_labels_per_image_train_alike_in_two_processes(tmp_path, multila
     multilabel_squares.write_folder(tmp_path / "squares", 200)
     plain = ["--data", str(tmp_path / "squares"), "--model", "fastnet_small", "--epochs", "2", "--batch-size", "32",
              "--model-option", "widths=[8,16,16]", "--no-report", "--precision", "fp32"]
-    subprocess.run(_cli("train", "--name", "one", "--out", str(tmp_path), *plain), check=True,
-                   capture_output=True, timeout=600, env=ONE_THREAD)
-    two = subprocess.run(_cli("train", "--nproc", "2", "--name", "two", "--out", str(tmp_path), "--sync-bn", *plain),
-                         capture_output=True, text=True, timeout=600, check=False)
-    assert two.returncode == 0, two.stderr[-3000:]
+    _one_and_two_synced(tmp_path, plain)
     for ra, rb in zip(_records(tmp_path / "one"), _records(tmp_path / "two"), strict=True):
         for key in ("train_loss", "val_loss", "val_map"):  # 20 val images: rounding moves val_loss by 2e-4
             assert rb[key] == pytest.approx(ra[key], rel=1e-3, abs=1e-5), (ra["epoch"], key)
