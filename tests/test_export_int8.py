@@ -218,3 +218,22 @@ def test_int8_figures_single_label_and_multilabel():
     assert worse["map_int8"] < worse["map_fp32"] and worse["exact_set_agreement"] == 0 and not worse["passed"]
     no_positive = int8_figures(p32, p32, np.zeros_like(sets), multilabel=True)
     assert no_positive["metric"] == "exact_set_accuracy" and no_positive["passed"]
+
+
+def test_a_multilabel_run_is_checked_on_map_and_exact_sets(tmp_path, data_dir_env, multilabel_squares):
+    root = tmp_path / "squares"
+    multilabel_squares.write_folder(root, 160)
+    run = imgcls.train(data=str(root), model="seed_tf_tutorial", image_size="32", epochs=4, batch_size=16,
+                       out=str(tmp_path / "runs"), name="squares", quiet=True, report=False).path
+    info = export_onnx(run, int8=True, max_drop=0.05)
+    check = info["check"]
+    assert check["metric"] == "map" and "top1_agreement" not in check
+    assert check["map_fp32"] > 0.8 and abs(check["drop"]) <= 0.05 and check["exact_set_agreement"] >= 0.8
+    torch_clf, int8 = imgcls.load(run), load_onnx(run, int8=True)
+    assert int8.multilabel and int8.meta["thresholds"] == torch_clf.meta["thresholds"]
+    images, _ = multilabel_squares.images(40, seed=7)
+    got, expected = int8.proba_of_arrays(np.stack(images)), torch_clf.proba_of_arrays(np.stack(images))
+    assert not np.allclose(got.sum(1), 1.0, atol=0.05)  # a sigmoid per label inside the graph, not a softmax
+    assert np.abs(got - expected).mean() < 0.05
+    same = [a == b for a, b in zip(int8.predict(np.stack(images)), torch_clf.predict(np.stack(images)))]
+    assert np.mean(same) >= 0.8
