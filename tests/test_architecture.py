@@ -25,7 +25,7 @@ FLOORS = [
     ("training",),
     ("explain",),
     ("reports",),
-    ("analysis", "export", "inspection", "tracking", "tuning"),
+    ("analysis", "export", "inspection", "quantize", "tracking", "tuning"),
     ("driver", "update"),
     ("api",),
     ("serving",),

@@ -395,8 +395,9 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     _add_run_folder(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--runtime", choices=("torch", "onnx"), default="torch",
-                   help="onnx serves <run>/export/model.onnx (see `imgcls export`)")
+    p.add_argument("--runtime", choices=("torch", "onnx", "onnx-int8"), default="torch",
+                   help="onnx serves <run>/export/model.onnx (see `imgcls export`), onnx-int8 "
+                        "<run>/export/model-int8.onnx (`imgcls export RUN --int8`)")
     _add_api_key_flags(p)
     p.add_argument("--max-request-bytes", type=int, default=64_000_000,
                    help="largest whole request body in bytes, however many files it carries (default: 64000000)")
@@ -453,20 +454,47 @@ def api_key_of(args) -> str | None:
 
 
 def _export_args(p: argparse.ArgumentParser) -> None:
+    from imgcls.quantize import (  # start-up time: a module without imports
+        CALIBRATIONS,
+        DEFAULT_CALIBRATION,
+    )
+
     _add_run(p)
     p.add_argument("--format", choices=("onnx",), default="onnx")
-    p.add_argument("--out", type=Path, help="output file (default: <run>/export/model.onnx)")
+    p.add_argument("--out", type=Path, help="output file (default: <run>/export/model.onnx, or model-int8.onnx)")
     p.add_argument("--tolerance", type=float, default=1e-4, help="largest accepted difference of probabilities")
+    p.add_argument("--int8", action="store_true",
+                   help="write a static int8 model instead (export/model-int8.onnx, about 4x smaller), calibrated "
+                        "on the run's train images and refused when its test accuracy drops more than --max-drop")
+    p.add_argument("--max-drop", type=float, default=None,
+                   help="with --int8: largest accepted drop of test accuracy (mAP for several labels per image) "
+                        "from fp32, a fraction (default: 0.01, 1 point)")
+    p.add_argument("--calibration", choices=CALIBRATIONS, default=None,
+                   help=f"with --int8: how activation ranges are calibrated (default: {DEFAULT_CALIBRATION})")
+    p.add_argument("--data", help="with --int8: the run's data from where it is now, if it moved since training")
 
 
 
 def cmd_export(args) -> int:
-    from imgcls.export import export_onnx  # start-up time
+    from imgcls.export import MAX_DROP, check_summary, export_onnx  # start-up time
 
-    result = export_onnx(args.run, out=args.out, tolerance=args.tolerance)
-    print(f"{result['path']}: {result['exporter']} exporter, opset {result['opset']}; ONNX Runtime matches PyTorch "
-          f"on {result['images_checked']} images to {result['max_abs_diff_probabilities']:.2e} "
-          f"(tolerance {result['tolerance']:g})")
+    if not args.int8:
+        given = [flag for flag, value in (("--max-drop", args.max_drop), ("--calibration", args.calibration),
+                                          ("--data", args.data)) if value is not None]
+        if given:
+            raise ImgclsError(f"{', '.join(given)} apply to an int8 export: add --int8")
+        result = export_onnx(args.run, out=args.out, tolerance=args.tolerance)
+        print(f"{result['path']}: {result['exporter']} exporter, opset {result['opset']}; ONNX Runtime matches "
+              f"PyTorch on {result['images_checked']} images to {result['max_abs_diff_probabilities']:.2e} "
+              f"(tolerance {result['tolerance']:g})")
+        return 0
+    max_drop = MAX_DROP if args.max_drop is None else args.max_drop
+    result = export_onnx(args.run, out=args.out, tolerance=args.tolerance, int8=True, max_drop=max_drop,
+                         calibration=args.calibration, data=args.data)
+    q = result["quantization"]
+    print(f"{result['path']}: int8, {result['bytes'] / 1e6:.1f} MB ({result['times_smaller']:g}x smaller than fp32), "
+          f"{q['calibration']} calibration on {q['calibration_images']} images of the {q['calibration_split']} split; "
+          f"{check_summary(result['check'])}")
     return 0
 
 

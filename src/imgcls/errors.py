@@ -26,6 +26,15 @@ class CheckpointError(ImgclsError):
     """A checkpoint or run folder that cannot be read."""
 
 
+class AccuracyDropError(ImgclsError):
+    """A derived model (an int8 export) that lost more accuracy than allowed, so it was not written.
+
+    The command line exits with :attr:`exit_code` 1, as a failed check does, rather than 2 (a bad input).
+    """
+
+    exit_code = 1
+
+
 class TrainingError(ImgclsError):
     """Training stopped because it could not go on (for example a NaN loss)."""
 

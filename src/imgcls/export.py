@@ -14,9 +14,18 @@ Every export is verified before it is written: ONNX Runtime and PyTorch are run
 on real images (the run's own test split) at batch size 1 and N, and the file is
 written only when their probabilities agree within the tolerance.
 
+``int8=True`` writes the static int8 quantization of that same graph instead
+(:mod:`imgcls.quantize`), calibrated on a seeded sample of the run's train
+images and checked on its whole test split against the fp32 graph: top-1
+agreement and the accuracy of each (mAP and exact-set agreement for a
+multi-label model).  It is written only when its accuracy is at most
+``max_drop`` below fp32's.
+
     info = export_onnx("runs/digits")      # runs/digits/export/model.onnx and export.json
     clf = load_onnx("runs/digits")         # same surface as imgcls.load(...) for prediction
     clf.predict(["seven.png"])
+    export_onnx("runs/digits", int8=True)  # runs/digits/export/model-int8.onnx and export-int8.json
+    load_onnx("runs/digits", int8=True)
 """
 
 from __future__ import annotations
@@ -35,10 +44,25 @@ from torch import nn
 
 from imgcls import rundir
 from imgcls.checkpoint import find_checkpoint, is_multilabel
-from imgcls.errors import CheckpointError, ConfigError, DataError, ImgclsError
+from imgcls.config import read_config_values
+from imgcls.errors import (
+    AccuracyDropError,
+    CheckpointError,
+    ConfigError,
+    DataError,
+    ImgclsError,
+)
+from imgcls.evaluation.multilabel import mean_average_precision
 from imgcls.inference import normalization_tensors, predict_logits, to_input, tta_logits
 from imgcls.io import write_atomic, write_json
 from imgcls.predictor import Predictor, TorchPredictor, load
+from imgcls.quantize import (
+    CALIBRATIONS,
+    DEFAULT_CALIBRATION,
+    check_calibration,
+    quantize_graph,
+    require_quantization,
+)
 from imgcls.startup import usable_cores
 
 FORMATS = ("onnx",)
@@ -50,6 +74,10 @@ META_FORMAT_VERSION = 1
 INPUT_NAME = "images"
 OUTPUT_NAMES = ("logits", "probabilities")
 MAX_CHECK_IMAGES = 64
+MAX_DROP = 0.01  # the largest accepted fall of test accuracy (mAP: multi-label) from fp32 to int8: 1 point
+CALIBRATION_IMAGES = 256  # int8: a seeded sample of the train split (a few hundred: stable ranges, seconds to run)
+CALIBRATION_SEED = 0
+INT8_BATCH = 64  # images per ONNX Runtime call when the int8 export checks itself
 # Checkpoint metadata stored at the top level of imgcls_meta (in its own layout); the rest is kept under "checkpoint".
 _MAPPED_KEYS = ("arch", "arch_kwargs", "classes", "input_shape", "normalize", "temperature", "thresholds", "resize",
                 "tta", "task", "format_version", "train_state", "ood")
@@ -91,6 +119,10 @@ def export_onnx(
     check_images: np.ndarray | None = None,
     tolerance: float = 1e-4,
     exporter: str = "auto",
+    int8: bool = False,
+    max_drop: float = MAX_DROP,
+    calibration: str | None = None,
+    data: str | Path | None = None,
 ) -> dict:
     """Export a trained model as a self-contained ONNX file, verified against PyTorch.
 
@@ -98,7 +130,7 @@ def export_onnx(
         run_or_checkpoint: a run folder (its final checkpoint, as :func:`imgcls.load`
             picks it) or a checkpoint file.
         out: the ``.onnx`` file to write; default ``export/model.onnx`` in the run
-            folder (or in the checkpoint file's folder).
+            folder (or in the checkpoint file's folder), ``export/model-int8.onnx`` with ``int8``.
         which: ``best`` or ``last`` to override the run's final checkpoint.
         opset: ONNX opset; default: the exporter's own.
         check_images: uint8 (N, H, W, C) images to verify on; default: up to 64
@@ -107,35 +139,88 @@ def export_onnx(
         tolerance: the largest accepted absolute difference of probabilities
             between ONNX Runtime and PyTorch.
         exporter: one of :data:`EXPORTERS`.
+        int8: write the static int8 quantization of the checked graph instead (see
+            :mod:`imgcls.quantize`): calibrated on :data:`CALIBRATION_IMAGES` images of the
+            run's train split (a seeded sample), checked on its whole test split against
+            the fp32 graph.  Needs the run's data.
+        max_drop: with ``int8``, the largest accepted fall of test accuracy (mAP for a
+            multi-label model) from fp32 to int8, a fraction: 0.01 is 1 point.  A negative
+            value asks int8 to be better by that much.
+        calibration: with ``int8``, one of :data:`imgcls.quantize.CALIBRATIONS`; default
+            :data:`imgcls.quantize.DEFAULT_CALIBRATION`.
+        data: with ``int8``, the run's data from where it is now, when it has moved since
+            training (its seeded splits are made again from it).
 
     Returns:
         {"path", "max_abs_diff_probabilities", "max_abs_diff_logits", "tolerance",
         "exporter", "opset", "images_checked", "images_source", "seconds", ...},
-        also written as ``export.json`` beside the model.
+        also written as ``export.json`` beside the model; with ``int8``, {"path", "bytes",
+        "fp32_bytes", "times_smaller", "quantization", "check", "fp32_check", ...} written as
+        ``export-int8.json``.
 
     Raises:
         ImgclsError: when ONNX Runtime and PyTorch disagree by more than
             ``tolerance``; nothing is written then (an earlier file at ``out`` is
             left as it was).
+        AccuracyDropError: with ``int8``, when its accuracy falls by more than ``max_drop``;
+            nothing is written, the figures are in the message.
+        DataError: with ``int8``, when the run's images cannot be read.
     """
     started = time.perf_counter()
-    if not tolerance >= 0:  # also refuses NaN
-        raise ConfigError(f"tolerance must be a number >= 0, got {tolerance!r}")
-    if exporter not in EXPORTERS:
-        raise ConfigError(f"unknown exporter {exporter!r}; choose one of: {', '.join(EXPORTERS)}")
+    _check_options(tolerance, exporter, int8, max_drop, calibration, data)
+    if int8:
+        require_quantization()  # a missing package is said before minutes of work
     source = Path(run_or_checkpoint)
     checkpoint = find_checkpoint(source, which)
     which = checkpoint.stem if source.is_dir() else which
     # fp32 on CPU: the reference the exported graph is checked against, and what the graph is traced from.
     clf = load(source, which=which, device="cpu")
-    out = Path(out) if out is not None else _default_out(source)
-    images, images_source = _images_to_check(clf, check_images)
+    out = Path(out) if out is not None else _default_out(source, int8)
+    images8 = _int8_images(clf, data) if int8 else None  # read first: missing data fails in seconds
+    given = "given"
+    if images8 is not None and check_images is None:
+        check_images, given = images8["check"][:MAX_CHECK_IMAGES], f"{images8['check_split']} split"
+    proto, report = _checked_graph(clf, checkpoint, out, opset, (check_images, given), tolerance, exporter)
+    if images8 is not None:
+        report_name = rundir.EXPORT_INT8_REPORT
+        data_out, report = _quantized(proto, clf, images8, calibration or DEFAULT_CALIBRATION, max_drop, report)
+    else:
+        report_name = rundir.EXPORT_REPORT
+        data_out = proto.SerializeToString()
+    write_atomic(out, data_out)
+    report["seconds"] = round(time.perf_counter() - started, 3)
+    write_json(out.parent / Path(report_name).name, report)  # beside the model, wherever it goes
+    return report
 
+
+def _check_options(tolerance, exporter: str, int8: bool, max_drop, calibration, data) -> None:
+    if not tolerance >= 0:  # also refuses NaN
+        raise ConfigError(f"tolerance must be a number >= 0, got {tolerance!r}")
+    if exporter not in EXPORTERS:
+        raise ConfigError(f"unknown exporter {exporter!r}; choose one of: {', '.join(EXPORTERS)}")
+    if not isinstance(int8, bool):
+        raise ConfigError(f"int8 must be True or False, got {int8!r}")
+    if not int8:
+        given = [name for name, value in (("calibration", calibration), ("data", data)) if value is not None]
+        if given:
+            raise ConfigError(f"{' and '.join(given)} apply to an int8 export: add int8=True (--int8)")
+        return
+    if isinstance(max_drop, bool) or not isinstance(max_drop, (int, float)) or not -1 <= max_drop <= 1:
+        raise ConfigError(f"max_drop must be a fraction between -1 and 1 (0.01 = 1 point of accuracy), "
+                          f"got {max_drop!r}")
+    if calibration is not None:
+        check_calibration(calibration)
+
+
+def _checked_graph(clf: TorchPredictor, checkpoint: Path, out: Path, opset, check_images: tuple, tolerance: float,
+                   exporter: str):
+    """The fp32 graph with its metadata, checked against PyTorch on ``check_images`` (images or None, where
+    they came from): (onnx ModelProto, report)."""
+    images, images_source = _images_to_check(clf, *check_images)
     wrapper = PixelClassifier(clf.model, clf.meta["normalize"], clf.meta.get("temperature", 1.0),
                               clf.meta.get("tta", "none"), clf.multilabel).eval()
     proto, used, fallback = _to_onnx(wrapper, clf.input_shape, opset, exporter)
-    parameters = sum(p.numel() for p in clf.model.parameters())
-    _set_metadata(proto, onnx_metadata(clf.meta, parameters, checkpoint.name))
+    _set_metadata(proto, onnx_metadata(clf.meta, _parameters(clf), checkpoint.name))
     data = proto.SerializeToString()
 
     diffs = _compare(data, clf, images)
@@ -161,25 +246,26 @@ def export_onnx(
             f"{used} exporter, opset {report['opset']}); {out} was not written. Try another opset or exporter, "
             f"or a larger tolerance if the difference is acceptable"
         )
-    write_atomic(out, data)
-    report["seconds"] = round(time.perf_counter() - started, 3)
-    write_json(out.parent / Path(rundir.EXPORT_REPORT).name, report)  # beside the model, wherever it goes
-    return report
+    return proto, report
 
 
-def _default_out(source: Path) -> Path:
+def _parameters(clf: TorchPredictor) -> int:
+    return sum(p.numel() for p in clf.model.parameters())
+
+
+def _default_out(source: Path, int8: bool = False) -> Path:
     folder = source if source.is_dir() else source.parent
-    return folder / rundir.EXPORT
+    return folder / (rundir.EXPORT_INT8 if int8 else rundir.EXPORT)
 
 
-def _images_to_check(clf: TorchPredictor, images: np.ndarray | None) -> tuple[np.ndarray, str]:
+def _images_to_check(clf: TorchPredictor, images: np.ndarray | None, source: str = "given") -> tuple[np.ndarray, str]:
     """uint8 (N, H, W, C) images to compare ONNX Runtime with PyTorch on, and where they came from."""
     c, h, w = clf.input_shape
     if images is not None:
         _check_pixels(images, (h, w, c), "check_images")
         if not len(images):
             raise DataError("check_images is empty; pass at least one image")
-        return np.ascontiguousarray(images), "given"
+        return np.ascontiguousarray(images), source
     if clf.run_dir is not None:
         try:
             ds = clf.dataset()  # what evaluation.predictions.load_run gives: the run's own seeded splits
@@ -339,6 +425,147 @@ def _compare(data: bytes, clf: TorchPredictor, images: np.ndarray) -> dict:
     return diffs
 
 
+def _int8_images(clf: TorchPredictor, data) -> dict:
+    """The images an int8 export needs: {"calibration": uint8 (n, H, W, C), "calibration_split": name,
+    "calibration_source": text, "check": uint8 (N, H, W, C), "check_labels": (N,) or 0/1 (N, L), "check_split": name}."""
+    if clf.run_dir is None and data is None:
+        raise DataError("an int8 export calibrates on the run's train images and checks itself on its test split: "
+                        "give the run folder rather than a lone checkpoint file, or the run's data with data= (--data)")
+    try:
+        ds = clf.dataset(data)
+    except (ImgclsError, OSError) as exc:
+        where = data if data is not None else _data_of_run(clf.run_dir)
+        raise DataError(f"an int8 export calibrates on the run's own images and checks itself on its test split, but "
+                        f"the run's data {where} cannot be read ({exc}). Put it back there, or give the same data "
+                        f"from where it is now with --data (Python: data=)") from None
+    have = [s for s in ("train", "val", "test") if s in ds.splits and len(ds.splits[s].images)]
+    check = next((s for s in ("test", "val") if s in have), None)
+    calibrate = next((s for s in ("train", "val") if s in have and s != check), None)
+    if check is None or calibrate is None:
+        raise DataError(f"an int8 export needs a split to calibrate on (train) and another to check on (test or "
+                        f"val); the run's data {data or _data_of_run(clf.run_dir)} has {', '.join(have) or 'none'}")
+    pool = ds.splits[calibrate].images
+    n = min(CALIBRATION_IMAGES, len(pool))
+    pick = np.sort(np.random.default_rng(CALIBRATION_SEED).choice(len(pool), n, replace=False))
+    return {"calibration": np.ascontiguousarray(pool[pick]),
+            "calibration_source": f"{calibrate} split: {n:,} of its {len(pool):,} images, a seeded sample (seed "
+                                  f"{CALIBRATION_SEED}); the {check} split is kept for the check",
+            "calibration_split": calibrate,
+            "check": np.ascontiguousarray(ds.splits[check].images), "check_labels": ds.splits[check].labels,
+            "check_split": check}
+
+
+def _data_of_run(run_dir: Path) -> str:
+    """What the run's config.yaml names as its data (for messages)."""
+    try:
+        return str(read_config_values(run_dir / rundir.CONFIG).get("data", {}).get("dataset"))
+    except (ImgclsError, OSError, AttributeError):
+        return f"(named in {run_dir / rundir.CONFIG})"
+
+
+def _quantized(proto, clf: TorchPredictor, images: dict, method: str, max_drop: float, fp32: dict) -> tuple[bytes, dict]:
+    """The int8 graph with its metadata and its report; AccuracyDropError when it falls more than ``max_drop``."""
+    import onnx
+
+    fp32_bytes = proto.SerializeToString()
+    int8_bytes, info = quantize_graph(fp32_bytes, images["calibration"], method, INPUT_NAME)
+    info["calibration_split"], info["calibration_source"] = images["calibration_split"], images["calibration_source"]
+    check = _check_int8(fp32_bytes, int8_bytes, clf, images, max_drop)
+    int8_proto = onnx.load_from_string(int8_bytes)
+    doc = onnx_metadata(clf.meta, _parameters(clf), Path(fp32["checkpoint"]).name)
+    doc["quantization"] = {k: v for k, v in info.items() if k != "seconds"}
+    _set_metadata(int8_proto, doc)
+    data = int8_proto.SerializeToString()
+    report = {
+        "path": fp32["path"],
+        "format": "onnx-int8",
+        "bytes": len(data),
+        "fp32_bytes": fp32["bytes"],
+        "times_smaller": round(fp32["bytes"] / len(data), 2),
+        "quantization": info,
+        "check": check,
+        "fp32_check": {k: fp32[k] for k in ("max_abs_diff_probabilities", "max_abs_diff_logits", "tolerance",
+                                              "images_checked", "images_source", "batch_sizes_checked")},
+        "exporter": fp32["exporter"],
+        "opset": fp32["opset"],
+        "checkpoint": fp32["checkpoint"],
+    }
+    if not check["passed"]:
+        others = ", ".join(m for m in CALIBRATIONS if m != method)
+        raise AccuracyDropError(
+            f"the int8 model of {fp32['checkpoint']} loses too much: {check_summary(check)}; the largest accepted "
+            f"drop is {max_drop * 100:g} points (max_drop {max_drop:g}). {fp32['path']} was not written. Try "
+            f"another calibration ({others}), or accept a larger drop (--max-drop)")
+    return data, report
+
+
+def _check_int8(fp32: bytes, int8: bytes, clf: TorchPredictor, images: dict, max_drop: float) -> dict:
+    """fp32 and int8 graphs on the whole check split: agreement, the accuracy (or mAP) of each, and the verdict."""
+    p32, p8 = (_probabilities(_session(graph), images["check"]) for graph in (fp32, int8))
+    thresholds = clf.meta.get("thresholds") if clf.multilabel else None
+    return {"split": images["check_split"],
+            **int8_figures(p32, p8, images["check_labels"], clf.multilabel, thresholds, max_drop)}
+
+
+def int8_figures(p32: np.ndarray, p8: np.ndarray, labels: np.ndarray, multilabel: bool = False, thresholds=None,
+                 max_drop: float = MAX_DROP) -> dict:
+    """How an int8 model compares with its fp32 model on labelled images, and whether it passes.
+
+    Args:
+        p32, p8: probabilities (N, K) of the fp32 and the int8 model.
+        labels: (N,) class indices, or 0/1 (N, K) label sets for a multi-label model.
+        multilabel: compare mAP and predicted label sets (each label's probability >= its threshold)
+            rather than accuracy and top-1 classes.
+        thresholds: a multi-label model's K thresholds (None: 0.5 each).
+        max_drop: the largest accepted fall of the metric from fp32 to int8.
+
+    Returns:
+        {"images", "metric", "<metric>_fp32", "<metric>_int8", "drop", "max_drop", "passed", agreement
+        ("top1_agreement", or "exact_set_agreement" with both exact-set accuracies), mean and max abs
+        differences of probabilities}.  The metric is "accuracy", "map", or "exact_set_accuracy" for a
+        multi-label split where no label has a positive (mAP is undefined there).
+    """
+    p32, p8 = np.asarray(p32, dtype=np.float64), np.asarray(p8, dtype=np.float64)
+    figures = {"images": len(p32), "mean_abs_diff_probabilities": float(np.abs(p8 - p32).mean()),
+               "max_abs_diff_probabilities": float(np.abs(p8 - p32).max())}
+    if multilabel:
+        y = np.asarray(labels) > 0
+        t = np.full(p32.shape[1], 0.5) if thresholds is None else np.asarray(thresholds, dtype=np.float64)
+        s32, s8 = p32 >= t, p8 >= t
+        figures.update(metric="map", map_fp32=mean_average_precision(y, p32), map_int8=mean_average_precision(y, p8),
+                       exact_set_agreement=float((s32 == s8).all(1).mean()),
+                       exact_set_accuracy_fp32=float((s32 == y).all(1).mean()),
+                       exact_set_accuracy_int8=float((s8 == y).all(1).mean()))
+        if figures["map_fp32"] is None:
+            figures["metric"] = "exact_set_accuracy"
+    else:
+        top32, top8 = p32.argmax(1), p8.argmax(1)
+        figures.update(metric="accuracy", top1_agreement=float((top32 == top8).mean()),
+                       accuracy_fp32=float((top32 == labels).mean()), accuracy_int8=float((top8 == labels).mean()))
+    metric = figures["metric"]
+    figures["drop"] = figures[f"{metric}_fp32"] - figures[f"{metric}_int8"]
+    figures["max_drop"] = max_drop
+    figures["passed"] = bool(figures["drop"] <= max_drop + 1e-12)  # 1e-12: a drop of exactly max_drop passes
+    return figures
+
+
+def check_summary(check: dict) -> str:
+    """One line of an int8 check's figures, for the CLI and for messages."""
+    metric = {"accuracy": "accuracy", "map": "mAP", "exact_set_accuracy": "exact-set accuracy"}[check["metric"]]
+    agreement = (f"top-1 agreement with fp32 {check['top1_agreement']:.1%}" if "top1_agreement" in check
+                 else f"exact-set agreement with fp32 {check['exact_set_agreement']:.1%}")
+    key = check["metric"]
+    return (f"on the {check['split']} split ({check['images']:,} images) {metric} {check[key + '_int8']:.2%} "
+            f"against {check[key + '_fp32']:.2%} in fp32 (a drop of {check['drop'] * 100:.2f} points), {agreement}")
+
+
+def _probabilities(session, images: np.ndarray) -> np.ndarray:
+    """``probabilities`` (N, K) of an ONNX Runtime session for uint8 (N, H, W, C) images, INT8_BATCH at a time."""
+    out = [session.run([OUTPUT_NAMES[1]], {INPUT_NAME: images[s:s + INT8_BATCH]})[0]
+           for s in range(0, len(images), INT8_BATCH)]
+    return np.concatenate(out).astype(np.float64)
+
+
 def meta_from_onnx(doc: dict, path: Path) -> dict:
     """Checkpoint-style metadata (as :class:`imgcls.predictor.TorchPredictor` has it) from an ``imgcls_meta`` document."""
     version = doc.get("format_version")
@@ -355,6 +582,8 @@ def meta_from_onnx(doc: dict, path: Path) -> dict:
         meta["thresholds"] = list(doc["thresholds"])
     if doc.get("task") is not None:
         meta["task"] = doc["task"]
+    if doc.get("quantization") is not None:
+        meta["quantization"] = doc["quantization"]
     return meta
 
 
@@ -367,7 +596,9 @@ class OnnxClassifier(Predictor):
     def __init__(self, path: str | Path, threads: int | None = None, batch_size: int = 256):
         self.path = Path(path)
         if not self.path.is_file():
-            raise CheckpointError(f"ONNX model {self.path} does not exist; write it with: imgcls export RUN --format onnx")
+            int8 = " --int8" if self.path.name == Path(rundir.EXPORT_INT8).name else ""
+            raise CheckpointError(f"ONNX model {self.path} does not exist; write it with: imgcls export RUN "
+                                  f"--format onnx{int8}")
         try:
             self.session = _session(str(self.path), threads)
         except Exception as exc:  # onnxruntime raises its own error types for unreadable files
@@ -394,9 +625,10 @@ class OnnxClassifier(Predictor):
         return f"OnnxClassifier({self.meta['arch']}, {len(self.classes)} classes, input {c}x{h}x{w}, {self.path})"
 
 
-def load_onnx(path: str | Path, threads: int | None = None, batch_size: int = 256) -> OnnxClassifier:
-    """Load an exported model: a ``.onnx`` file, or a run folder (its ``export/model.onnx``)."""
+def load_onnx(path: str | Path, threads: int | None = None, batch_size: int = 256, int8: bool = False) -> OnnxClassifier:
+    """Load an exported model: a ``.onnx`` file, or a run folder (its ``export/model.onnx``; with ``int8``, its
+    ``export/model-int8.onnx``)."""
     path = Path(path)
     if path.is_dir():
-        path = _default_out(path)
+        path = _default_out(path, int8)
     return OnnxClassifier(path, threads=threads, batch_size=batch_size)

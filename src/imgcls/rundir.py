@@ -13,6 +13,7 @@
       calibration.json, thresholds.json, ood.json, probes.json, eval_<split>.json/.csv   written after training
       report.html          the report, beside its figures
       export/model.onnx, export/export.json                                       ``imgcls export``
+      export/model-int8.onnx, export/export-int8.json                             ``imgcls export --int8``
       tensorboard/         TensorBoard event files (``--track tensorboard``)
       mlflow.json          the MLflow run this run logs to, so that a resumed run continues it (``--track mlflow``)
 
@@ -60,6 +61,8 @@ PROBES = "probes.json"
 REPORT = "report.html"
 EXPORT = "export/model.onnx"
 EXPORT_REPORT = "export/export.json"
+EXPORT_INT8 = "export/model-int8.onnx"
+EXPORT_INT8_REPORT = "export/export-int8.json"  # beside the fp32 export's report, which it does not replace
 TENSORBOARD = "tensorboard"
 MLFLOW = "mlflow.json"
 

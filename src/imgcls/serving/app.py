@@ -4,8 +4,9 @@
     serve("runs/digits-...", port=8000)          # the same, run by uvicorn
 
 The model is loaded once, in the app's lifespan, from the checkpoint alone
-(``runtime="torch"``) or from the exported ``<run>/export/model.onnx``
-(``runtime="onnx"``).  Uploads are decoded by their content in worker threads
+(``runtime="torch"``), from the exported ``<run>/export/model.onnx``
+(``runtime="onnx"``) or from its int8 form ``<run>/export/model-int8.onnx``
+(``runtime="onnx-int8"``, through the same :class:`imgcls.export.OnnxClassifier`).  Uploads are decoded by their content in worker threads
 with the same functions that read training data, and prediction requests
 that arrive together share one forward pass
 (:class:`~imgcls.serving.batching.MicroBatcher`).
@@ -76,11 +77,16 @@ from imgcls.serving.schemas import (
     PredictResponse,
     Ready,
 )
-from imgcls.serving.state import EXPLAIN_QUEUE, ServingState, class_thresholds
+from imgcls.serving.state import (
+    EXPLAIN_QUEUE,
+    ONNX_FILES,
+    ServingState,
+    class_thresholds,
+)
 from imgcls.serving.uploads import decode_uploads
 from imgcls.startup import keep_freed_memory
 
-RUNTIMES = ("torch", "onnx")
+RUNTIMES = ("torch", "onnx", "onnx-int8")
 EXPLAIN_FORMATS = ("png", "json")
 STATIC_DIR = Path(__file__).parent / "static"
 PAGE_CSP = ("default-src 'self'; img-src 'self' blob: data:; connect-src 'self'; style-src 'self'; script-src 'self'; "
@@ -136,8 +142,9 @@ def create_app(run_path: str | Path, runtime: str = "torch", api_key: str | None
 
     Args:
         run_path: a run folder (or a checkpoint file, torch runtime only).
-        runtime: ``"torch"`` (the checkpoint) or ``"onnx"`` (``<run>/export/model.onnx``,
-            made by ``imgcls export RUN --format onnx``).
+        runtime: ``"torch"`` (the checkpoint), ``"onnx"`` (``<run>/export/model.onnx``,
+            made by ``imgcls export RUN --format onnx``) or ``"onnx-int8"``
+            (``<run>/export/model-int8.onnx``, made by ``imgcls export RUN --int8``).
         api_key: when set, every /v1 route, /metrics and the API docs (/docs, /redoc,
             /openapi.json) need it in the ``X-API-Key`` header; it is checked before
             the body is read.
@@ -167,8 +174,9 @@ def create_app(run_path: str | Path, runtime: str = "torch", api_key: str | None
     run_path = Path(run_path).expanduser()
     if not run_path.exists():
         raise ConfigError(f"{run_path} does not exist; give a run folder (runs/<name>)")
-    if runtime == "onnx" and not run_path.is_dir():
-        raise ConfigError(f"the onnx runtime needs a run folder (with export/model.onnx), got the file {run_path}")
+    if runtime != "torch" and not run_path.is_dir():
+        raise ConfigError(f"the {runtime} runtime needs a run folder (with {ONNX_FILES[runtime]}), got the file "
+                          f"{run_path}")
     state = ServingState(run_path, runtime, max_batch, max_wait_ms, max_bytes, max_pixels, max_files)
 
     @asynccontextmanager

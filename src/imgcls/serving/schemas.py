@@ -69,7 +69,7 @@ class ModelCard(BaseModel):
     temperature: float = Field(description="softmax temperature applied to the probabilities (1 = none)")
     has_thresholds: bool = Field(description="whether predictions carry a thresholded 'answer' (or 'labels')")
     task: str = Field(default="single", description="single (one class per image) or multilabel (a set of labels)")
-    runtime: str = Field(description="torch or onnx")
+    runtime: str = Field(description="torch, onnx or onnx-int8")
     parameters: int | None = Field(description="number of model parameters")
 
 

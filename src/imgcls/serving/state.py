@@ -30,6 +30,7 @@ log = logging.getLogger("imgcls.serving")
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)  # seconds
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)  # images per model call
 EXPLAIN_QUEUE = 8  # explanations admitted at once (one runs, the rest wait); more are answered 503 busy
+ONNX_FILES = {"onnx": rundir.EXPORT, "onnx-int8": rundir.EXPORT_INT8}  # runtime -> the run folder's file it serves
 
 
 class Metrics:
@@ -120,10 +121,12 @@ class ServingState:
     def _load(self):
         if self.runtime == "torch":
             return load(self.run_path, device="cpu")
-        onnx_file = self.run_path / rundir.EXPORT
+        onnx_file = self.run_path / ONNX_FILES[self.runtime]
         if not onnx_file.is_file():
-            raise ConfigError(f"{onnx_file} does not exist: the ONNX runtime serves an exported model; "
-                              f"run `imgcls export {self.run_path} --format onnx` first, or serve with runtime torch")
+            how, instead = ((f"imgcls export {self.run_path} --int8", "onnx or torch") if self.runtime == "onnx-int8"
+                            else (f"imgcls export {self.run_path} --format onnx", "torch"))
+            raise ConfigError(f"{onnx_file} does not exist: the {self.runtime} runtime serves an exported model; "
+                              f"run `{how}` first, or serve with runtime {instead}")
         from imgcls.export import load_onnx  # onnxruntime: on use
 
         return load_onnx(onnx_file)
