@@ -46,7 +46,7 @@ def _console(quiet: bool):
     return console(quiet)
 
 
-def train(config=None, *, resume: str | Path | None = None, update: str | Path | None = None, quiet: bool = False,
+def train(config=None, *, resume: str | Path | None = None, quiet: bool = False, update: str | Path | None = None,
           console=None, on_epoch_end=None, callbacks=(), trial: tuple[str, int] | None = None, **overrides) -> Run:
     """Train a model and return its :class:`Run`.
 

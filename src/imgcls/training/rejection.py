@@ -99,13 +99,16 @@ def fit_rejection(model, meta: dict, ds: ImageDataset, data_cfg, *, store: Featu
     norm, tta = meta["normalize"], meta.get("tta", "none")
     train, val = ds.splits["train"], ds.splits["val"]
     pick = np.sort(np.random.default_rng(seed).permutation(len(train))[:BANK_IMAGES])
-    # Stage 1's cache holds every training image's features: no pass; a fine-tuned model passes the sample alone.
-    bank = store.features("train", train.images)[0][pick] if stage1 else store.runner(train.images[pick])
-    val_pooled = store.features("val", val.images)[0]
+    scoring = scoring_runtime(device)
+    if stage1:  # the cache holds the training and val images' features: no pass
+        bank = store.features("train", train.images)[0][pick]
+        val_pooled = store.features("val", val.images)[0]
+    else:  # a fine-tuned model: the sample of training images and val, through the model as predict sees them
+        bank = predict_logits(model, train.images[pick], norm, scoring, batch_size, features=True)[1]
+        val_logits, val_pooled = predict_logits(model, val.images, norm, scoring, batch_size, tta, features=True)
     if val_logits is None:
-        val_logits = predict_logits(model, val.images, norm, scoring_runtime(device), batch_size, tta)
-    out_logits, out_pooled = predict_logits(model, outside, norm, scoring_runtime(device), batch_size, tta,
-                                            features=True)
+        val_logits = predict_logits(model, val.images, norm, scoring, batch_size, tta)
+    out_logits, out_pooled = predict_logits(model, outside, norm, scoring, batch_size, tta, features=True)
     bank = feature_directions(bank).astype(np.float16).astype(np.float32)  # as it is stored
     inside = {**logit_scores(np.asarray(val_logits), ds.multilabel),
               "knn": knn_score(feature_directions(val_pooled), bank)}
