@@ -197,7 +197,7 @@ def test_bad_options_get_clear_errors(colours, tmp_path):
     for bad in (2.0, float("nan"), "1", True):
         with pytest.raises(ConfigError, match="max_drop must be a fraction between -1 and 1"):
             export_onnx(colours["run"], int8=True, max_drop=bad)
-    with pytest.raises(ConfigError, match=r"calibration apply to an int8 export: add int8=True"):
+    with pytest.raises(ConfigError, match=r"calibration applies to an int8 export: add int8=True"):
         export_onnx(colours["run"], calibration="minmax")
     assert not list(tmp_path.iterdir())
 

@@ -482,7 +482,8 @@ def cmd_export(args) -> int:
         given = [flag for flag, value in (("--max-drop", args.max_drop), ("--calibration", args.calibration),
                                           ("--data", args.data)) if value is not None]
         if given:
-            raise ImgclsError(f"{', '.join(given)} apply to an int8 export: add --int8")
+            raise ImgclsError(f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} to an int8 export: "
+                              f"add --int8")
         result = export_onnx(args.run, out=args.out, tolerance=args.tolerance)
         print(f"{result['path']}: {result['exporter']} exporter, opset {result['opset']}; ONNX Runtime matches "
               f"PyTorch on {result['images_checked']} images to {result['max_abs_diff_probabilities']:.2e} "

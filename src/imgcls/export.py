@@ -203,7 +203,8 @@ def _check_options(tolerance, exporter: str, int8: bool, max_drop, calibration, 
     if not int8:
         given = [name for name, value in (("calibration", calibration), ("data", data)) if value is not None]
         if given:
-            raise ConfigError(f"{' and '.join(given)} apply to an int8 export: add int8=True (--int8)")
+            verb = "applies" if len(given) == 1 else "apply"
+            raise ConfigError(f"{' and '.join(given)} {verb} to an int8 export: add int8=True (--int8)")
         return
     if isinstance(max_drop, bool) or not isinstance(max_drop, (int, float)) or not -1 <= max_drop <= 1:
         raise ConfigError(f"max_drop must be a fraction between -1 and 1 (0.01 = 1 point of accuracy), "
