@@ -156,11 +156,12 @@ def main() -> None:
         sys.path.insert(0, str(ROOT / "src"))
         os.environ["IMGCLS_DATA_DIR"] = env["IMGCLS_DATA_DIR"]
         shared = shared_test_accuracy({"update": runs["update"], "union": runs["union"]}, work)
+        test_images = {k: sum(json.loads((runs[k] / "dataset.json").read_text())["splits"]["test"]["per_class"])
+                       for k in runs}  # read while the working folder is there
     doc = {"zip": str(args.zip), "new_class": args.new_class, "photos": args.photos, "seed": args.seed,
            "counts": counts, "times": times,
            "test_accuracy": {k: v["test_accuracy"] for k, v in info.items()},
-           "test_images": {k: sum(json.loads((runs[k] / "dataset.json").read_text())["splits"]["test"]["per_class"])
-                           for k in runs},
+           "test_images": test_images,
            "update_seconds_to_run_json": info["update"]["train_seconds_this_session"],
            "update_frozen_passes": info["update"]["update"]["frozen_passes"],
            "update_comparison": info["update"]["update"]["comparison"],
