@@ -79,12 +79,16 @@ class Predictor:
         c, h, w = self.input_shape
         return load_image_inputs(list(inputs), channels=c, size=(h, w), resize=self.meta.get("resize", "stretch"))
 
-    def predict_proba(self, inputs) -> np.ndarray:
-        """Probabilities (N, num_classes); raises DataError if any input cannot be read."""
+    def readable_arrays(self, inputs) -> np.ndarray:
+        """The inputs decoded and resized (uint8 (N, H, W, C)); raises DataError if any cannot be read."""
         _, images, bad = self.load_inputs(inputs)
         if bad:
             raise DataError("cannot read: " + "; ".join(f"{b.path}: {b.reason}" for b in bad))
-        return self.proba_of_arrays(images)
+        return images
+
+    def predict_proba(self, inputs) -> np.ndarray:
+        """Probabilities (N, num_classes); raises DataError if any input cannot be read."""
+        return self.proba_of_arrays(self.readable_arrays(inputs))
 
     def proba_of_arrays(self, images: np.ndarray) -> np.ndarray:
         """Probabilities (N, num_classes) for uint8 (N, H, W, C) images already at the model's size."""
@@ -110,10 +114,7 @@ class Predictor:
         (multi-label: no label); without a stored score nothing is rejected.
         """
         if unknown and self.ood is not None:
-            _, images, bad = self.load_inputs(inputs)
-            if bad:
-                raise DataError("cannot read: " + "; ".join(f"{b.path}: {b.reason}" for b in bad))
-            proba, scores = self.scored_arrays(images)
+            proba, scores = self.scored_arrays(self.readable_arrays(inputs))
             known = scores >= self.ood["threshold"]
         else:
             proba = self.predict_proba(inputs)

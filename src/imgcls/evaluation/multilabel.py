@@ -29,11 +29,22 @@ def binary_cross_entropy(proba: np.ndarray, targets: np.ndarray) -> float:
     return float(-(y * np.log(p) + (1.0 - y) * np.log1p(-p)).mean())
 
 
+def label_aps(targets: np.ndarray, proba: np.ndarray) -> list[float | None]:
+    """Each label's average precision over images (N,): None for a label with no positive."""
+    targets = np.asarray(targets) > 0
+    return [average_precision(targets[:, j], proba[:, j]) if targets[:, j].any() else None
+            for j in range(targets.shape[1])]
+
+
+def mean_of_aps(aps: list[float | None]) -> float | None:
+    """mAP: the mean of the labels' average precisions that exist; None when no label has a positive."""
+    scored = [a for a in aps if a is not None]
+    return float(np.mean(scored)) if scored else None
+
+
 def mean_average_precision(targets: np.ndarray, proba: np.ndarray) -> float | None:
     """mAP: the mean over labels with at least one positive of their average precision; None when none has."""
-    targets = np.asarray(targets) > 0
-    aps = [average_precision(targets[:, j], proba[:, j]) for j in range(targets.shape[1]) if targets[:, j].any()]
-    return float(np.mean(aps)) if aps else None
+    return mean_of_aps(label_aps(targets, proba))
 
 
 def multilabel_metrics(targets: np.ndarray, proba: np.ndarray, labels: list[str], thresholds=None) -> dict:
@@ -68,8 +79,7 @@ def multilabel_metrics(targets: np.ndarray, proba: np.ndarray, labels: list[str]
     tp, fp, fn = (m.sum(0).astype(np.int64) for m in (y & pred, false_alarm, missed))
     support, predicted = tp + fn, tp + fp
     precision, recall, f1 = _ratio(tp, predicted), _ratio(tp, support), _ratio(2 * tp, support + predicted)
-    ap = [average_precision(y[:, j], proba[:, j]) if support[j] else None for j in range(len(labels))]
-    scored = [a for a in ap if a is not None]
+    ap = label_aps(y, proba)
     micro_p, micro_r, micro_f = (float(_ratio(num, den)) for num, den in (
         (tp.sum(), predicted.sum()), (tp.sum(), support.sum()), (2 * tp.sum(), support.sum() + predicted.sum())))
     macro = {name: float(v.mean()) if len(labels) else 0.0
@@ -78,7 +88,7 @@ def multilabel_metrics(targets: np.ndarray, proba: np.ndarray, labels: list[str]
     subset_accuracy = float((pred == y).all(1).mean()) if n else 0.0
     return {
         "task": "multilabel", "n": int(n), "labels": list(labels), "thresholds": t,
-        "map": float(np.mean(scored)) if scored else None,
+        "map": mean_of_aps(ap),
         "micro_precision": micro_p, "micro_recall": micro_r, "micro_f1": micro_f,
         "macro_precision": macro["precision"], "macro_recall": macro["recall"], "macro_f1": macro["f1"],
         "subset_accuracy": subset_accuracy,
