@@ -77,3 +77,12 @@ def test_the_package_verbs_show_their_signatures_and_importing_the_package_is_fr
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split("\n")[0] == ("True ['config', 'resume', 'quiet'] imgcls.api Search hyperparameters with Optuna: "
                                    "``trials`` runs of ``config`` (as :func:`train` takes it), each with")
+
+
+def test_building_a_model_with_options_leaves_torch_dynamo_unimported():
+    # create_model counts the parameters of a model with options on the meta device first; a normal_ there would
+    # import torch._dynamo, 1.1 s of every command that loads a checkpoint (its arch_kwargs are options).
+    code = ("import sys; from imgcls.models import create_model; "
+            "create_model('efficientnet_lite0', 3, 5, (64, 64), dropout=0.3); print('torch._dynamo' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

@@ -283,3 +283,21 @@ def test_the_command_line_prints_the_comparison_and_refuses_with_one_line(world,
     assert cli.main(["train", "--update", str(world["parent"]), "--data", str(world["root"] / "new"),
                      "--epochs", "3"]) == 2
     assert "error: an update keeps the settings of the run it updates" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("tta", ["none", "flip"])
+def test_a_head_first_run_scores_outside_images_on_cached_features_as_its_model_does(world, tta):
+    # Stage 1 measures the out-of-distribution scores of images from outside the classes on their frozen features
+    # (cached) and the classifier alone; the whole model, as a fine-tuned run does, must give the same.
+    from imgcls.training.rejection import logits_and_features
+
+    clf = imgcls.load(world["parent"], device="cpu")
+    images = np.random.default_rng(0).integers(0, 256, (20, SIDE, SIDE, 3), dtype=np.uint8)
+    runner = transfer.FeatureRunner.create(clf.model, clf.runtime, (SIDE, SIDE), clf.meta["normalize"])
+    store = transfer.FeatureStore(runner, None, "backbone", say=lambda _: None)
+    logits, pooled = logits_and_features(clf.model, images, tta, clf.meta["normalize"], store, clf.runtime, 64)
+    assert store.computed == 20 * (2 if tta == "flip" else 1)
+    whole_logits, whole_pooled = logits_and_features(clf.model, images, tta, clf.meta["normalize"], None, clf.runtime, 64)
+    assert torch.allclose(logits, whole_logits, atol=1e-4) and np.allclose(pooled, whole_pooled, atol=1e-4)
+    assert not torch.allclose(logits, logits_and_features(clf.model, images[:, :, ::-1].copy(), "none",
+                                                          clf.meta["normalize"], None, clf.runtime, 64)[0], atol=1e-2)

@@ -84,6 +84,8 @@ def pooled_linear_head(channels: int, num_classes: int, dropout: float = 0.0) ->
 def init_conv_bn(model: nn.Module) -> None:
     """He-normal convolutions (fan-out), unit/zero batch norm (He et al. 2015; the ResNet and EfficientNet papers)."""
     for module in model.modules():
+        if isinstance(module, nn.Conv2d) and module.weight.is_meta:
+            continue  # counted, not computed (see registry._refuse_too_large): normal_ on meta imports torch._dynamo
         if isinstance(module, nn.Conv2d):
             nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
         elif isinstance(module, nn.BatchNorm2d):

@@ -22,6 +22,7 @@ from imgcls.data.quality import pixel_digests
 from imgcls.data.registry import adapt_images, load_digits
 from imgcls.errors import ConfigError, DataError
 from imgcls.inference import predict_logits, scoring_runtime
+from imgcls.models.pretrained import classifier_layer
 from imgcls.ood import (
     BANK_IMAGES,
     FRR,
@@ -68,6 +69,26 @@ def outside_images(data_cfg, ds: ImageDataset, seed: int = 0) -> tuple[np.ndarra
         f"{OUTSIDE_IMAGES} of scikit-learn's digits, upscaled (give --ood FOLDER for photos of your own)", None
 
 
+STAGE1_TTA = {"none": (), "flip": ("hflip",)}  # a stage-1 run's test-time views beyond the image: their cached features
+
+
+def logits_and_features(model, images: np.ndarray, tta: str, norm: dict, store: FeatureStore | None, scoring,
+                        batch_size: int) -> tuple[torch.Tensor, np.ndarray]:
+    """The model's logits (N, K), test-time views averaged, and pooled features (N, F) of uint8 images.
+
+    ``store``: the frozen features of a model whose backbone stage 1 left as it was: the features come from its
+    cache (or are computed into it: the digits measured against are the same for every run of a backbone) and
+    the logits from the classifier alone, as stage 1 fitted it; None: through the whole model."""
+    if store is None or tta not in STAGE1_TTA:
+        return predict_logits(model, images, norm, scoring, batch_size, tta, features=True)
+    pooled = store.features("outside", images)[0]
+    _, layer = classifier_layer(model)
+    views = [pooled] + [store.features("outside", images, view)[0] for view in STAGE1_TTA[tta]]
+    with torch.no_grad():
+        logits = torch.stack([layer(torch.from_numpy(np.asarray(v, np.float32))) for v in views]).mean(0)
+    return logits, pooled
+
+
 def check_overlap(names: list[str], images: np.ndarray, ds: ImageDataset, folder: str) -> None:
     """Refuse ``--ood`` images that are pixel for pixel images of the dataset: they are in its classes."""
     own = set()
@@ -108,7 +129,8 @@ def fit_rejection(model, meta: dict, ds: ImageDataset, data_cfg, *, store: Featu
         val_logits, val_pooled = predict_logits(model, val.images, norm, scoring, batch_size, tta, features=True)
     if val_logits is None:
         val_logits = predict_logits(model, val.images, norm, scoring, batch_size, tta)
-    out_logits, out_pooled = predict_logits(model, outside, norm, scoring, batch_size, tta, features=True)
+    out_logits, out_pooled = logits_and_features(model, outside, tta, norm, store if stage1 else None, scoring,
+                                               batch_size)
     bank = feature_directions(bank).astype(np.float16).astype(np.float32)  # as it is stored
     inside = {**logit_scores(np.asarray(val_logits), ds.multilabel),
               "knn": knn_score(feature_directions(val_pooled), bank)}
