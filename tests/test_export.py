@@ -333,3 +333,12 @@ def test_a_damaged_score_entry_in_the_metadata_is_refused(scored, tmp_path):
     onnx.save(model, tmp_path / "no-output.onnx")
     with pytest.raises(CheckpointError, match=r"no 'ood_score' output .*logits, probabilities"):
         load_onnx(tmp_path / "no-output.onnx")
+
+
+def test_the_export_command_says_how_close_the_score_is(scored, tmp_path, capsys):
+    from imgcls.cli import main
+
+    assert main(["export", str(scored["energy"]["run"]), "--out", str(tmp_path / "model.onnx")]) == 0
+    out = capsys.readouterr().out
+    diff = json.loads((tmp_path / "export.json").read_text())["max_abs_diff_ood_score"]
+    assert f"its out-of-distribution score (energy) to {diff:.2e}" in out
