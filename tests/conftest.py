@@ -95,3 +95,32 @@ class _Squares:
 def multilabel_squares():
     """Multi-label test data (see :class:`_Squares`): ``.images(n, seed)`` and ``.write_folder(root, n, ...)``."""
     return _Squares()
+
+
+@pytest.fixture(scope="session")
+def ood_entry():
+    """Makes a stored out-of-distribution entry for a trained model: ``ood_entry(clf, score, images, bank_images)``
+    gives ``meta["ood"]`` for ``score`` (msp, energy or knn; kNN's bank the float16 directions of ``bank_images``'
+    pooled features, as training keeps it) with a threshold in the widest gap between the middle half of the scores
+    of ``images``: about half of them fall below it, and none within float rounding of it."""
+
+    def make(clf, score: str, images, bank_images=None, k: int = 5) -> dict:
+        import numpy as np
+        import torch
+
+        from imgcls.inference import predict_logits
+        from imgcls.ood import feature_directions
+        from imgcls.predictor import TorchPredictor
+
+        entry = {"score": score, "threshold": 0.0, "frr_target": 0.05,
+                 "measured": {score: {"auroc": 0.5, "far": 0.5, "frr": 0.05, "threshold": 0.0}}}
+        if score == "knn":
+            _, pooled = predict_logits(clf.model, bank_images, clf.meta["normalize"], clf.runtime, features=True)
+            entry.update(k=k, bank=torch.from_numpy(feature_directions(pooled)).to(torch.float16))
+        scores = np.sort(TorchPredictor(clf.model, {**clf.meta, "ood": entry}, clf.runtime).scored_arrays(images)[1])
+        middle = scores[len(scores) // 4: 3 * len(scores) // 4 + 1]
+        i = int(np.argmax(np.diff(middle)))
+        entry["threshold"] = entry["measured"][score]["threshold"] = float((middle[i] + middle[i + 1]) / 2)
+        return entry
+
+    return make

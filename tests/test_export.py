@@ -16,6 +16,7 @@ import imgcls
 from imgcls.checkpoint import find_checkpoint, read_checkpoint, update_meta
 from imgcls.errors import CheckpointError, ConfigError, DataError, ImgclsError
 from imgcls.export import export, export_onnx, load_onnx
+from imgcls.ood import SCORES, entry_record
 
 TEMPERATURE = 2.5
 DIGIT_THRESHOLDS = [0.3] * 10
@@ -109,11 +110,15 @@ def test_metadata_round_trips_and_the_graph_applies_the_stored_temperature(digit
     assert "pixels / 255 - mean) / std" in doc["preprocessing"]
     (graph_input,) = model.graph.input
     assert graph_input.type.tensor_type.elem_type == onnx.TensorProto.UINT8
-    assert [o.name for o in model.graph.output] == ["logits", "probabilities"]
+    # Training stored an out-of-distribution score: the graph computes it, the metadata holds it without a bank.
+    assert [o.name for o in model.graph.output] == ["logits", "probabilities", "ood_score"]
+    assert doc["ood"] == json.loads(json.dumps(entry_record(meta["ood"]))) and "bank" not in doc["ood"]
+    assert "ood_score" in doc["outputs"] and f"{meta['ood']['threshold']:.6g}" in doc["outputs"]["ood_score"]
 
     clf = load_onnx(digits["info"]["path"])
     for key in ("arch", "arch_kwargs", "classes", "input_shape", "normalize", "temperature", "thresholds", "resize"):
         assert clf.meta[key] == meta[key], key
+    assert clf.ood == doc["ood"] and clf.ood["threshold"] == meta["ood"]["threshold"]
     assert clf.input_shape == (1, 8, 8) and clf.classes == meta["classes"]
 
     # probabilities = softmax(logits / stored temperature), computed in the graph.
@@ -200,3 +205,140 @@ def test_bad_inputs_get_clear_errors(digits, tmp_path):
     onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)], ir_version=9), foreign)
     with pytest.raises(CheckpointError, match="not exported by imgcls"):
         load_onnx(foreign)
+
+
+# ----------------------------------------------------------------------------
+# The out-of-distribution score in the graph
+
+
+SCORED_RUNS = {"msp": "digits", "energy": "digits", "knn": "rgb", "none": "rgb"}  # kNN with the rgb run's 6 views
+
+
+@pytest.fixture(scope="module")
+def scored(digits, rgb, tmp_path_factory, ood_entry):
+    """A copy of a run per score, storing that score (or none, as a run of before), exported and checked on 48
+    images, some of its own and some random pixels: {score or "none": {"run", "info", "entry", "images"}}.  The
+    rgb run is too sure of its 2 classes for MSP to vary (0.9997 to 0.9999), hence digits for the logit scores."""
+    out = {}
+    for score, source in SCORED_RUNS.items():
+        run_of = {"digits": digits, "rgb": rgb}[source]["run"]
+        clf = imgcls.load(run_of)
+        splits = clf.dataset().splits
+        own = np.concatenate([s.images for s in splits.values()])[::7][:40]
+        noise = np.random.default_rng(3).integers(0, 256, (8, *own.shape[1:]), np.uint8)
+        images = np.concatenate([own, noise])
+        run = tmp_path_factory.mktemp("scored") / score
+        shutil.copytree(run_of, run, ignore=shutil.ignore_patterns("export"))
+        entry = None if score == "none" else ood_entry(clf, score, images, splits["train"].images)
+        update_meta(find_checkpoint(run), {"ood": entry})
+        out[score] = {"run": run, "entry": entry, "images": images, "info": export_onnx(run, check_images=images)}
+    return out
+
+
+@pytest.mark.parametrize("score", SCORES)
+def test_the_graph_computes_the_stored_score_as_pytorch_does(score, scored):
+    run, info, images = scored[score]["run"], scored[score]["info"], scored[score]["images"]
+    assert [o.name for o in onnx.load(info["path"]).graph.output] == ["logits", "probabilities", "ood_score"]
+    assert info["ood_score"] == score and info["max_abs_diff_ood_score"] <= info["ood_score_tolerance"]
+    assert info["ood_score_tolerance"] >= info["tolerance"] == 1e-4  # energy's is relative to its scale
+    torch_clf, onnx_clf = imgcls.load(run), load_onnx(run)
+    for n in (1, 5, len(images)):
+        proba, scores = onnx_clf.scored_arrays(images[:n])
+        expected_proba, expected = torch_clf.scored_arrays(images[:n])
+        assert scores.shape == (n,)
+        np.testing.assert_allclose(scores, expected, rtol=0, atol=info["ood_score_tolerance"])
+        np.testing.assert_allclose(proba, expected_proba, rtol=0, atol=1e-4)
+    assert np.ptp(expected) > 100 * info["ood_score_tolerance"]  # the scores differ from image to image
+    answers = onnx_clf.predict(images, unknown=True)
+    assert list(answers) == list(torch_clf.predict(images, unknown=True))
+    assert 0.2 < np.mean(answers == "unknown") < 0.8  # the threshold splits them: both answers are tested
+    assert "unknown" not in onnx_clf.predict(images)  # asked for classes: classes
+
+
+def test_knn_keeps_its_bank_float16_in_the_graph_and_out_of_the_metadata(scored):
+    info, bank = scored["knn"]["info"], scored["knn"]["entry"]["bank"]
+    model = onnx.load(info["path"])
+    halves = [t for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT16]
+    assert [sorted(t.dims) for t in halves] == [sorted(bank.shape)]
+    np.testing.assert_array_equal(onnx.numpy_helper.to_array(halves[0]).T, bank.numpy())
+    assert not any(t.data_type == onnx.TensorProto.FLOAT and sorted(t.dims) == sorted(bank.shape)
+                   for t in model.graph.initializer)  # no float32 copy beside it
+    assert info["ood_bank"] == {"images": bank.shape[0], "features": bank.shape[1], "dtype": "float16",
+                                "bytes": bank.numel() * 2}
+    doc = json.loads({p.key: p.value for p in model.metadata_props}["imgcls_meta"])
+    assert "bank" not in doc["ood"] and doc["ood"]["bank_images"] == bank.shape[0] and doc["ood"]["k"] == 5
+    assert load_onnx(info["path"]).ood == doc["ood"]
+
+
+def test_a_run_without_a_score_exports_two_outputs_and_answers_as_before(scored):
+    info, images = scored["none"]["info"], scored["none"]["images"]
+    assert [o.name for o in onnx.load(info["path"]).graph.output] == ["logits", "probabilities"]
+    assert "max_abs_diff_ood_score" not in info and "ood_score" not in info
+    clf = load_onnx(info["path"])
+    assert clf.ood is None and "ood" not in clf.meta
+    proba, scores = clf.scored_arrays(images)
+    assert scores is None and proba.shape == (len(images), 2)
+    assert list(clf.predict(images, unknown=True)) == list(clf.predict(images))
+
+
+def test_serving_the_onnx_export_answers_unknown_with_the_score(scored, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from imgcls.serving.app import create_app
+
+    run, images = scored["knn"]["run"], scored["knn"]["images"]
+    torch_clf = imgcls.load(run)
+    pick = images[::3]
+    paths = []
+    for i, img in enumerate(pick):
+        paths.append(tmp_path / f"{i:02d}.png")
+        Image.fromarray(img).save(paths[-1])
+    with TestClient(create_app(run, runtime="onnx")) as client:
+        r = client.post("/v1/predict", files=[("files", (p.name, p.read_bytes(), "image/png")) for p in paths])
+    assert r.status_code == 200, r.text
+    rows = r.json()["predictions"]
+    expected = torch_clf.predict(pick, unknown=True)
+    assert [row["answer"] for row in rows] == list(expected) and "unknown" in expected
+    assert len(set(expected)) > 1  # some answered with a class too
+    np.testing.assert_allclose([row["ood_score"] for row in rows], torch_clf.scored_arrays(pick)[1], atol=1e-4)
+
+
+def test_an_export_whose_score_differs_from_pytorch_is_refused(scored, tmp_path, monkeypatch):
+    import imgcls.export as export_module
+    from imgcls.ood import score_tensor
+
+    monkeypatch.setattr(export_module, "score_tensor", lambda *args: score_tensor(*args) + 1e-3)  # in the graph only
+    out = tmp_path / "model.onnx"
+    with pytest.raises(ImgclsError, match=r"max abs difference of ood_score 0\.001.* > tolerance 0\.0001.* was not "
+                                          r"written"):
+        export_onnx(scored["msp"]["run"], out=out, check_images=scored["msp"]["images"][:4])
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_damaged_score_entry_in_the_metadata_is_refused(scored, tmp_path):
+    model = onnx.load(scored["msp"]["info"]["path"])
+    props = {p.key: p.value for p in model.metadata_props}
+    doc = json.loads(props["imgcls_meta"])
+    doc["ood"]["threshold"] = "high"
+    onnx.helper.set_model_props(model, {**props, "imgcls_meta": json.dumps(doc)})
+    onnx.save(model, tmp_path / "bad.onnx")
+    with pytest.raises(CheckpointError, match=r"bad.onnx .*'ood' entry .* a finite threshold"):
+        load_onnx(tmp_path / "bad.onnx")
+    # A score in the metadata without the graph's output (an export of before with a hand-edited document).
+    model = onnx.load(scored["none"]["info"]["path"])
+    props = {p.key: p.value for p in model.metadata_props}
+    doc = json.loads(props["imgcls_meta"])
+    doc["ood"] = {"score": "msp", "threshold": 0.5}
+    onnx.helper.set_model_props(model, {**props, "imgcls_meta": json.dumps(doc)})
+    onnx.save(model, tmp_path / "no-output.onnx")
+    with pytest.raises(CheckpointError, match=r"no 'ood_score' output .*logits, probabilities"):
+        load_onnx(tmp_path / "no-output.onnx")
+
+
+def test_the_export_command_says_how_close_the_score_is(scored, tmp_path, capsys):
+    from imgcls.cli import main
+
+    assert main(["export", str(scored["energy"]["run"]), "--out", str(tmp_path / "model.onnx")]) == 0
+    out = capsys.readouterr().out
+    diff = json.loads((tmp_path / "export.json").read_text())["max_abs_diff_ood_score"]
+    assert f"its out-of-distribution score (energy) to {diff:.2e}" in out

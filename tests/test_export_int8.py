@@ -19,8 +19,15 @@ import imgcls
 from imgcls.checkpoint import find_checkpoint, update_meta
 from imgcls.cli import main
 from imgcls.errors import ConfigError, DataError, ImgclsError
-from imgcls.export import _session, export_onnx, int8_figures, load_onnx
-from imgcls.quantize import CALIBRATIONS, quantize_graph, require_quantization
+from imgcls.export import _session, check_summary, export_onnx, int8_figures, load_onnx
+from imgcls.quantize import (
+    CALIBRATIONS,
+    SCORE_WHY,
+    _name_nodes,
+    plan,
+    quantize_graph,
+    require_quantization,
+)
 from imgcls.serving.app import create_app
 
 TEMPERATURE = 8.0
@@ -28,9 +35,10 @@ COLOURS = {"red": (200, 40, 40), "green": (40, 190, 60), "blue": (40, 50, 200)}
 
 
 @pytest.fixture(scope="module")
-def colours(tmp_path_factory, data_dir_env):
+def colours(tmp_path_factory, data_dir_env, ood_entry):
     """seed_tf_tutorial (about 120,000 weights, most in two convolutions and a hidden dense layer) on a generated
-    3x32x32 folder of three colours, with flip TTA and a stored temperature, exported as int8."""
+    3x32x32 folder of three colours, with flip TTA, a stored temperature and a stored kNN score (its bank
+    MatMul comes after the classifier in the graph), exported as int8."""
     root = tmp_path_factory.mktemp("colours") / "photos"
     rng = np.random.default_rng(0)
     for name, colour in COLOURS.items():
@@ -41,6 +49,10 @@ def colours(tmp_path_factory, data_dir_env):
     run = imgcls.train(data=str(root), model="seed_tf_tutorial", image_size="32", epochs=3, batch_size=16,
                        out=str(root.parent / "runs"), name="colours", quiet=True, report=False, tta="flip")
     update_meta(find_checkpoint(run.path, "best"), {"temperature": TEMPERATURE})
+    clf = imgcls.load(run.path)
+    splits = clf.dataset().splits
+    knn = ood_entry(clf, "knn", splits["test"].images, splits["train"].images)  # half the test split below it
+    update_meta(find_checkpoint(run.path), {"ood": knn})
     return {"run": run.path, "root": root, "info": export_onnx(run.path, int8=True)}
 
 
@@ -59,8 +71,8 @@ def test_the_int8_model_is_written_beside_its_report_and_is_several_times_smalle
     q = info["quantization"]
     assert q["calibration"] == "percentile" and q["calibration_images"] > 0 and "train split" in q["calibration_source"]
     assert sum(q["layers_int8"].values()) >= 2  # the second and third convolutions, the hidden dense layer
-    assert {k["why"].split(":")[0] for k in q["kept_fp32"] if k["node"] != "*"} == {"the first convolution",
-                                                                                    "the classifier"}
+    assert {k["why"].split(":")[0] for k in q["kept_fp32"] if k["node"] != "*"} == {
+        "the first convolution", "the classifier", "the out-of-distribution score"}
     assert info["fp32_check"]["max_abs_diff_probabilities"] <= 1e-4  # the graph quantized was checked first
 
 
@@ -120,13 +132,28 @@ def test_serve_runtime_onnx_int8_answers_predict(colours, tmp_path):
     for i, colour in enumerate(COLOURS.values()):
         paths.append(tmp_path / f"img{i}.png")
         Image.fromarray(np.clip(rng.normal(colour, 20, (40, 48, 3)), 0, 255).astype(np.uint8)).save(paths[-1])
+    x, _ = _images(colours["run"], ("test",))
+    paths.append(tmp_path / "test-image.png")  # the test image most like the training images: known
+    Image.fromarray(x[np.argmax(imgcls.load(colours["run"]).scored_arrays(x)[1])]).save(paths[-1])
+    paths.append(tmp_path / "stripes.png")  # none of the colours: unknown
+    stripes = np.zeros((32, 32, 3), np.uint8)
+    stripes[::4], stripes[:, ::3] = 255, (0, 255, 0)
+    Image.fromarray(stripes).save(paths[-1])
     with TestClient(create_app(colours["run"], runtime="onnx-int8")) as c:
         r = c.post("/v1/predict", files=[("files", (p.name, p.read_bytes(), "image/png")) for p in paths])
         card = c.get("/v1/model").json()
     assert r.status_code == 200, r.text
     assert card["runtime"] == "onnx-int8"
-    got = [p["top"][0]["class"] for p in r.json()["predictions"]]
+    rows = r.json()["predictions"]
+    got = [p["top"][0]["class"] for p in rows]
     assert got == list(imgcls.load(colours["run"]).predict([str(p) for p in paths]))
+    # The int8 graph's out-of-distribution score answers "unknown" below the stored threshold.
+    int8 = load_onnx(colours["run"], int8=True)
+    assert [p["answer"] for p in rows] == list(int8.predict(paths, unknown=True))
+    assert rows[-1]["answer"] == "unknown" and rows[-2]["answer"] == rows[-2]["top"][0]["class"]
+    np.testing.assert_allclose([p["ood_score"] for p in rows], int8.scored_arrays(int8.readable_arrays(paths))[1],
+                               atol=1e-6)
+    assert rows[-1]["ood_score"] < int8.ood["threshold"] <= rows[-2]["ood_score"]
 
 
 def test_serving_without_the_int8_file_says_how_to_write_it(colours, tmp_path):
@@ -137,6 +164,66 @@ def test_serving_without_the_int8_file_says_how_to_write_it(colours, tmp_path):
         pass
     with pytest.raises(ImgclsError, match=r"export RUN --format onnx --int8"):
         load_onnx(run, int8=True)
+
+
+def test_the_score_path_stays_fp32_and_the_check_reports_what_the_threshold_rejects(colours):
+    info = colours["info"]
+    kept = {k["why"].split(":")[0]: k for k in info["quantization"]["kept_fp32"]}
+    model = onnx.load(info["path"])
+    nodes = {n.name: n for n in model.graph.node}
+    producer = {o: n for n in model.graph.node for o in n.output}
+
+    def upstream(name: str) -> set[str]:
+        seen, stack = set(), [name]
+        while stack:
+            n = producer.get(stack.pop())
+            if n is not None and n.name not in seen:
+                seen.add(n.name)
+                stack.extend(n.input)
+        return seen
+
+    score, classifier = kept["the out-of-distribution score"]["node"], kept["the classifier"]["node"]
+    assert nodes[score].op_type == "MatMul" and score not in upstream("logits") and score in upstream("ood_score")
+    assert classifier in upstream("logits")  # the real classifier, not the bank's MatMul after it
+    # Both stay fp32: no int8 weight (DequantizeLinear) feeds them.
+    for name in (score, classifier):
+        assert not any(producer[i].op_type == "DequantizeLinear" for i in nodes[name].input[1:] if i in producer)
+    bank = imgcls.load(colours["run"]).ood["bank"]
+    assert [sorted(t.dims) for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT16] == \
+        [sorted(bank.shape)]  # the int8 file keeps the bank float16 too
+
+    x, _ = _images(colours["run"], ("test",))
+    torch_clf, int8 = imgcls.load(colours["run"]), load_onnx(colours["run"], int8=True)
+    threshold = torch_clf.ood["threshold"]
+    r32, r8 = torch_clf.scored_arrays(x)[1] < threshold, int8.scored_arrays(x)[1] < threshold
+    ood = info["check"]["ood"]
+    assert ood["score"] == "knn" and ood["threshold"] == threshold and "fp32" in ood["threshold_fitted_on"]
+    assert ood["rejected_fp32"] == pytest.approx(r32.mean()) and 0.2 < ood["rejected_fp32"] < 0.8
+    assert ood["rejected_int8"] == pytest.approx(r8.mean())
+    assert ood["rejected_by_one_only"] == pytest.approx((r32 != r8).mean())
+    assert "out-of-distribution threshold rejects" in check_summary(info["check"])
+    assert int8.ood["threshold"] == threshold and "bank" not in int8.ood
+    assert info["fp32_check"]["max_abs_diff_ood_score"] <= info["fp32_check"]["ood_score_tolerance"] == 1e-4
+
+
+def test_plan_keeps_a_bank_matmul_after_the_classifier_fp32_and_finds_the_real_classifier():
+    rng = np.random.default_rng(0)
+    model = onnx.load_from_string(_tiny_graph(3))
+    bank = onnx.numpy_helper.from_array(rng.normal(size=(4 * 6 * 6, 20)).astype(np.float32), "bank")
+    k = onnx.numpy_helper.from_array(np.array([5], np.int64), "k")
+    model.graph.initializer.extend([bank, k])
+    model.graph.node.extend([onnx.helper.make_node("MatMul", ["f", "bank"], ["sim"], name="bank_matmul"),
+                             onnx.helper.make_node("TopK", ["sim", "k"], ["top", "top_i"], name="topk")])
+    model.graph.output.append(onnx.helper.make_tensor_value_info("top", onnx.TensorProto.FLOAT, ["N", 5]))
+    _name_nodes(model)
+    gemm = next(n.name for n in model.graph.node if n.op_type == "Gemm")
+    blind = plan(model)  # without knowing the score's output, the last dense layer is the bank's MatMul
+    assert {k["node"]: k["why"] for k in blind["keep"]}["bank_matmul"].startswith("the classifier")
+    assert gemm in blind["quantize"]
+    told = plan(model, ("top",))
+    why = {k["node"]: k["why"] for k in told["keep"]}
+    assert why["bank_matmul"] == SCORE_WHY and why[gemm].startswith("the classifier")
+    assert told["counts"] == {"Conv": 2} and "bank_matmul" in told["exclude"] and gemm not in told["quantize"]
 
 
 def test_unreadable_calibration_images_name_the_data_and_the_fix(colours, tmp_path):
@@ -219,16 +306,26 @@ def test_int8_figures_single_label_and_multilabel():
     no_positive = int8_figures(p32, p32, np.zeros_like(sets), multilabel=True)
     assert no_positive["metric"] == "exact_set_accuracy" and no_positive["passed"]
 
+    # The out-of-distribution threshold's rejections are reported, and do not decide the verdict.
+    scored = int8_figures(p32, p32, y, ood=(np.array([0.9, 0.2, 0.1, 0.8]), np.array([0.1, 0.2, 0.9, 0.8]), 0.5))
+    assert scored["passed"] and "ood" not in same
+    assert scored["ood"]["rejected_fp32"] == 0.5 and scored["ood"]["rejected_int8"] == 0.5
+    assert scored["ood"]["rejected_by_one_only"] == 0.5 and scored["ood"]["max_abs_diff_ood_score"] == pytest.approx(0.8)
 
-def test_a_multilabel_run_is_checked_on_map_and_exact_sets(tmp_path, data_dir_env, multilabel_squares):
+
+def test_a_multilabel_run_is_checked_on_map_and_exact_sets(tmp_path, data_dir_env, multilabel_squares, ood_entry):
     root = tmp_path / "squares"
     multilabel_squares.write_folder(root, 160)
     run = imgcls.train(data=str(root), model="seed_tf_tutorial", image_size="32", epochs=4, batch_size=16,
                        out=str(tmp_path / "runs"), name="squares", quiet=True, report=False).path
+    clf = imgcls.load(run)  # too few val images for training to fit a score: one is stored here, MSP of sigmoids
+    update_meta(find_checkpoint(run), {"ood": ood_entry(clf, "msp", clf.dataset().splits["test"].images)})
     info = export_onnx(run, int8=True, max_drop=0.05)
     check = info["check"]
     assert check["metric"] == "map" and "top1_agreement" not in check
     assert check["map_fp32"] > 0.8 and abs(check["drop"]) <= 0.05 and check["exact_set_agreement"] >= 0.8
+    assert info["fp32_check"]["max_abs_diff_ood_score"] <= info["fp32_check"]["ood_score_tolerance"] == 1e-4
+    assert check["ood"]["score"] == "msp" and 0 < check["ood"]["rejected_fp32"] < 1
     torch_clf, int8 = imgcls.load(run), load_onnx(run, int8=True)
     assert int8.multilabel and int8.meta["thresholds"] == torch_clf.meta["thresholds"]
     images, _ = multilabel_squares.images(40, seed=7)

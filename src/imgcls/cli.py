@@ -485,9 +485,11 @@ def cmd_export(args) -> int:
             raise ImgclsError(f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} to an int8 export: "
                               f"add --int8")
         result = export_onnx(args.run, out=args.out, tolerance=args.tolerance)
+        score = (f", its out-of-distribution score ({result['ood_score']}) to {result['max_abs_diff_ood_score']:.2e}"
+                 if "ood_score" in result else "")
         print(f"{result['path']}: {result['exporter']} exporter, opset {result['opset']}; ONNX Runtime matches "
               f"PyTorch on {result['images_checked']} images to {result['max_abs_diff_probabilities']:.2e} "
-              f"(tolerance {result['tolerance']:g})")
+              f"(tolerance {result['tolerance']:g}){score}")
         return 0
     max_drop = MAX_DROP if args.max_drop is None else args.max_drop
     result = export_onnx(args.run, out=args.out, tolerance=args.tolerance, int8=True, max_drop=max_drop,

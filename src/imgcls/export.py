@@ -5,21 +5,29 @@ The exported graph is self-contained: its input ``images`` is raw uint8 pixels
 :func:`imgcls.inference.to_input` does, ``x = (pixels / 255 - mean) / std`` per
 channel, and returns ``logits`` (N, K) and ``probabilities`` (N, K) =
 softmax(logits / temperature), or for a multi-label model an independent
-sigmoid(logits / temperature) per label.  The batch dimension is dynamic.  What a caller
-needs to prepare images (classes, size, resize mode, normalisation,
-temperature, thresholds) is stored in the model's ``metadata_props``: JSON under
-``imgcls_meta`` and a JSON list under ``class_names``.
+sigmoid(logits / temperature) per label.  A run that stores an out-of-distribution
+score (``meta["ood"]``, :mod:`imgcls.ood`) has a third output, ``ood_score`` (N,), computed
+in the graph as :func:`imgcls.ood.score_of` computes it (for kNN, from the plain view's
+pooled features against the bank of training features, kept float16 in the graph);
+an image below the stored threshold is "unknown".  The batch dimension is dynamic.
+What a caller needs to prepare images (classes, size, resize mode, normalisation,
+temperature, thresholds, the score's threshold) is stored in the model's
+``metadata_props``: JSON under ``imgcls_meta`` (the ``ood`` entry without its bank) and a
+JSON list under ``class_names``.
 
 Every export is verified before it is written: ONNX Runtime and PyTorch are run
 on real images (the run's own test split) at batch size 1 and N, and the file is
-written only when their probabilities agree within the tolerance.
+written only when their probabilities (and out-of-distribution scores) agree within the tolerance.
 
 ``int8=True`` writes the static int8 quantization of that same graph instead
 (:mod:`imgcls.quantize`), calibrated on a seeded sample of the run's train
 images and checked on its whole test split against the fp32 graph: top-1
 agreement and the accuracy of each (mAP and exact-set agreement for a
 multi-label model).  It is written only when its accuracy is at most
-``max_drop`` below fp32's.
+``max_drop`` below fp32's.  With an out-of-distribution score the check also
+reports the share of its images the stored threshold (fitted on fp32 features)
+rejects under fp32 and under int8, and the share rejected by one only: reported,
+not part of the verdict.
 
     info = export_onnx("runs/digits")      # runs/digits/export/model.onnx and export.json
     clf = load_onnx("runs/digits")         # same surface as imgcls.load(...) for prediction
@@ -55,6 +63,7 @@ from imgcls.errors import (
 from imgcls.evaluation.multilabel import mean_average_precision
 from imgcls.inference import normalization_tensors, predict_logits, to_input, tta_logits
 from imgcls.io import write_atomic, write_json
+from imgcls.ood import SCORES, K, entry_record, score_tensor
 from imgcls.predictor import Predictor, TorchPredictor, load
 from imgcls.quantize import (
     CALIBRATIONS,
@@ -73,6 +82,7 @@ CLASSES_KEY = "class_names"
 META_FORMAT_VERSION = 1
 INPUT_NAME = "images"
 OUTPUT_NAMES = ("logits", "probabilities")
+OOD_OUTPUT = "ood_score"  # the third output, when the checkpoint stores an out-of-distribution score
 MAX_CHECK_IMAGES = 64
 MAX_DROP = 0.01  # the largest accepted fall of test accuracy (mAP: multi-label) from fp32 to int8: 1 point
 CALIBRATION_IMAGES = 256  # int8: a seeded sample of the train split (a few hundred: stable ranges, seconds to run)
@@ -84,10 +94,12 @@ _MAPPED_KEYS = ("arch", "arch_kwargs", "classes", "input_shape", "normalize", "t
 
 
 class PixelClassifier(nn.Module):
-    """A model with its preprocessing: uint8 (N, H, W, C) -> (logits, probabilities), each (N, K) float32."""
+    """A model with its preprocessing: uint8 (N, H, W, C) -> (logits, probabilities), each (N, K) float32, and
+    with ``ood`` (a checkpoint's ``meta["ood"]``) the out-of-distribution score (N,) float32 as a third output,
+    as :func:`imgcls.ood.score_of` computes it (kNN's bank is kept as the checkpoint stores it, float16)."""
 
     def __init__(self, model: nn.Module, normalize: dict, temperature: float = 1.0, tta: str = "none",
-                 multilabel: bool = False):
+                 multilabel: bool = False, ood: dict | None = None):
         super().__init__()
         self.model = model
         self.tta = tta
@@ -96,12 +108,34 @@ class PixelClassifier(nn.Module):
         self.register_buffer("mean", mean)
         self.register_buffer("std", std)
         self.register_buffer("temperature", torch.tensor(float(temperature), dtype=torch.float32))
+        self.score = None if ood is None else ood["score"]
+        self.k = int(ood.get("k", K)) if ood is not None else K
+        bank = _knn_bank(ood)
+        self.register_buffer("bank", None if bank is None else bank.detach().cpu().contiguous())
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = tta_logits(self.model, to_input(images, self.mean, self.std, channels_last=False), self.tta)
-        if self.multilabel:
-            return logits, torch.sigmoid(logits / self.temperature)
-        return logits, F.softmax(logits / self.temperature, dim=1)
+    def forward(self, images: torch.Tensor):
+        x = to_input(images, self.mean, self.std, channels_last=False)
+        knn = self.score == "knn"
+        out = tta_logits(self.model, x, self.tta, features=knn)  # kNN: the plain view's pooled features too
+        logits, pooled = out if knn else (out, None)
+        scaled = logits / self.temperature
+        proba = torch.sigmoid(scaled) if self.multilabel else F.softmax(scaled, dim=1)
+        if self.score is None:
+            return logits, proba
+        return logits, proba, score_tensor(self.score, logits, pooled, self.multilabel, self.bank, self.k)
+
+
+def _knn_bank(ood: dict | None) -> torch.Tensor | None:
+    """The bank of training features (B, F) of a stored kNN score, as the checkpoint keeps it (float16); else None."""
+    if ood is None or ood["score"] != "knn":
+        return None
+    return torch.as_tensor(ood["bank"])
+
+
+def output_names(meta: dict) -> tuple[str, ...]:
+    """The outputs of the graph exported from a checkpoint with metadata ``meta``: :data:`OUTPUT_NAMES`, and
+    :data:`OOD_OUTPUT` when it stores an out-of-distribution score."""
+    return OUTPUT_NAMES + ((OOD_OUTPUT,) if meta.get("ood") is not None else ())
 
 
 def export(run_or_checkpoint: str | Path, format: str = "onnx", **options) -> dict:
@@ -137,7 +171,8 @@ def export_onnx(
             images of the run's test split (random images when that data cannot
             be read, or for a checkpoint file).
         tolerance: the largest accepted absolute difference of probabilities
-            between ONNX Runtime and PyTorch.
+            between ONNX Runtime and PyTorch (and of the out-of-distribution score, relative
+            to its scale: :func:`score_tolerance`).
         exporter: one of :data:`EXPORTERS`.
         int8: write the static int8 quantization of the checked graph instead (see
             :mod:`imgcls.quantize`): calibrated on :data:`CALIBRATION_IMAGES` images of the
@@ -153,7 +188,9 @@ def export_onnx(
 
     Returns:
         {"path", "max_abs_diff_probabilities", "max_abs_diff_logits", "tolerance",
-        "exporter", "opset", "images_checked", "images_source", "seconds", ...},
+        "exporter", "opset", "images_checked", "images_source", "seconds", ...; with an
+        out-of-distribution score "ood_score", "max_abs_diff_ood_score", "ood_score_tolerance"
+        (see :func:`score_tolerance`) and for kNN "ood_bank"},
         also written as ``export.json`` beside the model; with ``int8``, {"path", "bytes",
         "fp32_bytes", "times_smaller", "quantization", "check", "fp32_check", ...} written as
         ``export-int8.json``.
@@ -219,12 +256,13 @@ def _checked_graph(clf: TorchPredictor, checkpoint: Path, out: Path, opset, chec
     they came from): (onnx ModelProto, report)."""
     images, images_source = _images_to_check(clf, *check_images)
     wrapper = PixelClassifier(clf.model, clf.meta["normalize"], clf.meta.get("temperature", 1.0),
-                              clf.meta.get("tta", "none"), clf.multilabel).eval()
-    proto, used, fallback = _to_onnx(wrapper, clf.input_shape, opset, exporter)
+                              clf.meta.get("tta", "none"), clf.multilabel, clf.ood).eval()
+    proto, used, fallback = _to_onnx(wrapper, clf.input_shape, opset, exporter, output_names(clf.meta))
+    bank = store_bank(proto, wrapper.bank)
     _set_metadata(proto, onnx_metadata(clf.meta, _parameters(clf), checkpoint.name))
     data = proto.SerializeToString()
 
-    diffs = _compare(data, clf, images)
+    diffs = _compare(data, clf, images, tolerance)
     report = {
         "path": str(out),
         "max_abs_diff_probabilities": diffs["probabilities"],
@@ -238,16 +276,71 @@ def _checked_graph(clf: TorchPredictor, checkpoint: Path, out: Path, opset, chec
         "checkpoint": str(checkpoint),
         "bytes": len(data),
     }
+    if OOD_OUTPUT in diffs:
+        report.update(ood_score=clf.ood["score"], max_abs_diff_ood_score=diffs[OOD_OUTPUT],
+                      ood_score_tolerance=diffs["ood_score_tolerance"])
+        if bank is not None:
+            report["ood_bank"] = bank
     if fallback:
         report["dynamo_error"] = fallback
-    if not diffs["probabilities"] <= tolerance:  # NaN fails too
+    failed = [(name, diffs[name], limit) for name, limit in
+              (("probabilities", tolerance), (OOD_OUTPUT, diffs.get("ood_score_tolerance")))
+              if limit is not None and not diffs[name] <= limit]  # NaN fails too
+    if failed:
+        what = "; ".join(f"max abs difference of {name} {diff:.3g} > tolerance {limit:g}" for name, diff, limit in failed)
         raise ImgclsError(
-            f"the ONNX export of {checkpoint} does not match PyTorch: max abs difference of probabilities "
-            f"{diffs['probabilities']:.3g} > tolerance {tolerance:g} over {len(images)} images ({images_source}; "
-            f"{used} exporter, opset {report['opset']}); {out} was not written. Try another opset or exporter, "
-            f"or a larger tolerance if the difference is acceptable"
+            f"the ONNX export of {checkpoint} does not match PyTorch: {what} over {len(images)} images "
+            f"({images_source}; {used} exporter, opset {report['opset']}); {out} was not written. Try another opset "
+            f"or exporter, or a larger tolerance if the difference is acceptable"
         )
     return proto, report
+
+
+def score_tolerance(tolerance: float, scores: np.ndarray) -> float:
+    """The largest accepted abs difference of the out-of-distribution score between ONNX Runtime and PyTorch:
+    ``tolerance`` times the scores' scale, max(1, largest |score|).  MSP and kNN lie in [-1, 1], so theirs is
+    ``tolerance`` itself; energy is in the logits' units, and float32 rounding is relative to their size."""
+    scale = float(np.abs(scores).max()) if len(scores) else 0.0
+    return tolerance * max(1.0, scale)
+
+
+def store_bank(proto, bank: torch.Tensor | None) -> dict | None:
+    """Keep a float16 kNN bank float16 in ``proto``: both exporters (and ONNX Runtime's optimiser before int8
+    quantization) fold ``bank.float().T`` into a float32 constant, twice the bytes; that constant becomes a float16
+    one and a Cast to float32 at the start of the graph, the same values exactly.  Returns what the graph holds
+    ({"images", "features", "dtype", "bytes"}), or None without a bank."""
+    if bank is None:
+        return None
+    import onnx
+    from onnx import numpy_helper
+
+    values = bank.float().numpy()
+    for i, t in enumerate(proto.graph.initializer):
+        if t.data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16) or \
+                sorted(t.dims) != sorted(values.shape):
+            continue
+        array = numpy_helper.to_array(t)
+        if not any(array.shape == v.shape and np.array_equal(array, v) for v in (values, values.T)):
+            continue
+        if t.data_type == onnx.TensorProto.FLOAT and bank.dtype == torch.float16:
+            half = numpy_helper.from_array(array.astype(np.float16), _unused_name(proto, t.name + "_float16"))
+            cast = onnx.helper.make_node("Cast", [half.name], [t.name], to=onnx.TensorProto.FLOAT,
+                                         name=_unused_name(proto, "ood_bank_to_float32"))
+            proto.graph.initializer[i].CopyFrom(half)
+            proto.graph.node.insert(0, cast)
+            array = array.astype(np.float16)
+        return {"images": int(bank.shape[0]), "features": int(bank.shape[1]), "dtype": str(array.dtype),
+                "bytes": int(array.nbytes)}
+    # Not an initializer (a Constant node, say): the graph still computes the score, as the exporter stored it.
+    return {"images": int(bank.shape[0]), "features": int(bank.shape[1]), "dtype": "as the exporter stored it"}
+
+
+def _unused_name(proto, name: str) -> str:
+    taken = {t.name for t in proto.graph.initializer} | {n.name for n in proto.graph.node} | \
+        {o for n in proto.graph.node for o in n.output}
+    while name in taken:
+        name += "_"
+    return name
 
 
 def _parameters(clf: TorchPredictor) -> int:
@@ -301,8 +394,9 @@ def _quiet_exporter():
         logger.setLevel(level)
 
 
-def _to_onnx(wrapper: PixelClassifier, input_shape, opset: int | None, exporter: str):
-    """(onnx ModelProto, exporter used, why dynamo failed or None)."""
+def _to_onnx(wrapper: PixelClassifier, input_shape, opset: int | None, exporter: str,
+             outputs: tuple[str, ...] = OUTPUT_NAMES):
+    """(onnx ModelProto with ``outputs``, exporter used, why dynamo failed or None)."""
     c, h, w = input_shape
     example = torch.randint(0, 256, (2, h, w, c), dtype=torch.uint8)  # batch 2: batch 1 could be specialised
     dynamo_error = None
@@ -310,7 +404,7 @@ def _to_onnx(wrapper: PixelClassifier, input_shape, opset: int | None, exporter:
         try:
             with _quiet_exporter():
                 program = torch.onnx.export(
-                    wrapper, (example,), dynamo=True, input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
+                    wrapper, (example,), dynamo=True, input_names=[INPUT_NAME], output_names=list(outputs),
                     opset_version=opset, dynamic_shapes={"images": {0: torch.export.Dim("batch")}}, verbose=False,
                 )
             return program.model_proto, "dynamo", None
@@ -326,8 +420,8 @@ def _to_onnx(wrapper: PixelClassifier, input_shape, opset: int | None, exporter:
     try:
         with _quiet_exporter():
             torch.onnx.export(
-                wrapper, (example,), buffer, dynamo=False, input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
-                opset_version=opset, dynamic_axes={INPUT_NAME: {0: "batch"}, **{n: {0: "batch"} for n in OUTPUT_NAMES}},
+                wrapper, (example,), buffer, dynamo=False, input_names=[INPUT_NAME], output_names=list(outputs),
+                opset_version=opset, dynamic_axes={INPUT_NAME: {0: "batch"}, **{n: {0: "batch"} for n in outputs}},
             )
     except Exception as exc:
         before = f"dynamo: {dynamo_error}; " if dynamo_error else ""
@@ -363,7 +457,7 @@ def onnx_metadata(meta: dict, parameters: int, checkpoint_name: str) -> dict:
                               + ("" if meta.get("tta", "none") == "none" else
                                  f"; averaged over test-time augmented views ({meta['tta']}), inside the graph"),
                     "probabilities": f"float32 (N, K) = {_squash(meta)}(logits / temperature)"},
-        "preprocessing": _preprocessing_text(c, h, w, resize, norm, temperature, _squash(meta)),
+        "preprocessing": _preprocessing_text(c, h, w, resize, norm, temperature, _squash(meta), meta.get("ood")),
         "parameters": int(parameters),
         "checkpoint": dict({k: v for k, v in meta.items() if k not in _MAPPED_KEYS}, checkpoint_file=checkpoint_name),
     }
@@ -371,7 +465,23 @@ def onnx_metadata(meta: dict, parameters: int, checkpoint_name: str) -> dict:
         doc["thresholds"] = list(meta["thresholds"])
     if is_multilabel(meta):
         doc["task"] = "multilabel"
+    if meta.get("ood") is not None:
+        doc["outputs"][OOD_OUTPUT] = _score_text(meta)
+        doc["ood"] = entry_record(meta["ood"])  # the bank of features is in the graph, not here
     return doc
+
+
+def _score_text(meta: dict) -> str:
+    """What the ``ood_score`` output is, for the metadata."""
+    ood = meta["ood"]
+    if ood["score"] == "knn":
+        how = (f"the cosine similarity of the image's pooled features (of the plain view; signed square roots, unit "
+               f"length) to its {ood['k']}th most similar of {len(ood['bank'])} training images' kept in the graph")
+    else:
+        how = {"msp": f"the largest {_squash(meta)} of the logits (before temperature)",
+               "energy": "log-sum-exp of the logits (before temperature)"}[ood["score"]]
+    return (f"float32 (N,): the out-of-distribution score {ood['score']}, {how}; an image scoring below "
+            f"{ood['threshold']:.6g} (ood.threshold) is none of the classes: unknown")
 
 
 def _squash(meta: dict) -> str:
@@ -380,14 +490,16 @@ def _squash(meta: dict) -> str:
 
 
 def _preprocessing_text(c: int, h: int, w: int, resize: str, norm: dict, temperature: float,
-                        squash: str = "softmax") -> str:
+                        squash: str = "softmax", ood: dict | None = None) -> str:
     how = {"stretch": "stretched to", "crop": "centre-cropped to the aspect ratio of, then resized to",
            "pad": "letterboxed (padded) to the aspect ratio of, then resized to"}.get(resize, f"resized ({resize}) to")
     colour = "RGB" if c == 3 else "greyscale (L)"
     return (f"Decode each image as {colour} (transparency composited on white), {how} {h}x{w} (height x width); "
             f"feed the uint8 pixels as '{INPUT_NAME}' of shape (N, {h}, {w}, {c}), NHWC, no scaling. "
             f"The graph computes x = (pixels / 255 - mean) / std per channel with mean {norm['mean']} and "
-            f"std {norm['std']}, and returns 'logits' and 'probabilities' = {squash}(logits / {temperature:g}).")
+            f"std {norm['std']}, and returns 'logits' and 'probabilities' = {squash}(logits / {temperature:g})"
+            + ("." if ood is None else f", and '{OOD_OUTPUT}', the out-of-distribution score ({ood['score']}): "
+                                       f"below {ood['threshold']:.6g} an image is none of the classes."))
 
 
 def _set_metadata(proto, doc: dict) -> None:
@@ -410,19 +522,23 @@ def _session(model: bytes | str, threads: int | None = None):
     return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
 
-def _compare(data: bytes, clf: TorchPredictor, images: np.ndarray) -> dict:
-    """Max abs differences of logits and probabilities, ONNX Runtime vs PyTorch, at batch sizes 1 and N."""
+def _compare(data: bytes, clf: TorchPredictor, images: np.ndarray, tolerance: float) -> dict:
+    """Max abs differences of every output (logits, probabilities, and the out-of-distribution score where the
+    model stores one), ONNX Runtime vs PyTorch (:meth:`TorchPredictor.scored_arrays`), at batch sizes 1 and N."""
     session = _session(data)
+    names = output_names(clf.meta)
     torch_logits = predict_logits(clf.model, images, clf.meta["normalize"], clf.runtime, clf.batch_size,
                                   clf.meta.get("tta", "none")).numpy()
-    torch_proba = clf.proba_of_arrays(images)
-    whole = session.run(list(OUTPUT_NAMES), {INPUT_NAME: images})
-    singles = [session.run(list(OUTPUT_NAMES), {INPUT_NAME: images[i:i + 1]}) for i in range(len(images))]
+    torch_proba, torch_scores = clf.scored_arrays(images)
+    expected = {"logits": torch_logits, "probabilities": torch_proba, OOD_OUTPUT: torch_scores}
+    whole = session.run(list(names), {INPUT_NAME: images})
+    singles = [session.run(list(names), {INPUT_NAME: images[i:i + 1]}) for i in range(len(images))]
     diffs = {}
-    for k, name in enumerate(OUTPUT_NAMES):
-        reference = torch_logits if name == "logits" else torch_proba
+    for k, name in enumerate(names):
         one_by_one = np.concatenate([s[k] for s in singles])
-        diffs[name] = float(max(np.abs(whole[k] - reference).max(), np.abs(one_by_one - reference).max()))
+        diffs[name] = float(max(np.abs(whole[k] - expected[name]).max(), np.abs(one_by_one - expected[name]).max()))
+    if torch_scores is not None:
+        diffs["ood_score_tolerance"] = score_tolerance(tolerance, torch_scores)
     return diffs
 
 
@@ -469,10 +585,11 @@ def _quantized(proto, clf: TorchPredictor, images: dict, method: str, max_drop: 
     import onnx
 
     fp32_bytes = proto.SerializeToString()
-    int8_bytes, info = quantize_graph(fp32_bytes, images["calibration"], method, INPUT_NAME)
+    int8_bytes, info = quantize_graph(fp32_bytes, images["calibration"], method, INPUT_NAME, (OOD_OUTPUT,))
     info["calibration_split"], info["calibration_source"] = images["calibration_split"], images["calibration_source"]
     check = _check_int8(fp32_bytes, int8_bytes, clf, images, max_drop)
     int8_proto = onnx.load_from_string(int8_bytes)
+    store_bank(int8_proto, _knn_bank(clf.ood))  # ONNX Runtime's optimiser folded its Cast before quantizing
     doc = onnx_metadata(clf.meta, _parameters(clf), Path(fp32["checkpoint"]).name)
     doc["quantization"] = {k: v for k, v in info.items() if k != "seconds"}
     _set_metadata(int8_proto, doc)
@@ -486,7 +603,8 @@ def _quantized(proto, clf: TorchPredictor, images: dict, method: str, max_drop: 
         "quantization": info,
         "check": check,
         "fp32_check": {k: fp32[k] for k in ("max_abs_diff_probabilities", "max_abs_diff_logits", "tolerance",
-                                              "images_checked", "images_source", "batch_sizes_checked")},
+                                              "max_abs_diff_ood_score", "ood_score_tolerance", "images_checked",
+                                              "images_source", "batch_sizes_checked") if k in fp32},
         "exporter": fp32["exporter"],
         "opset": fp32["opset"],
         "checkpoint": fp32["checkpoint"],
@@ -501,15 +619,22 @@ def _quantized(proto, clf: TorchPredictor, images: dict, method: str, max_drop: 
 
 
 def _check_int8(fp32: bytes, int8: bytes, clf: TorchPredictor, images: dict, max_drop: float) -> dict:
-    """fp32 and int8 graphs on the whole check split: agreement, the accuracy (or mAP) of each, and the verdict."""
-    p32, p8 = (_probabilities(_session(graph), images["check"]) for graph in (fp32, int8))
+    """fp32 and int8 graphs on the whole check split: agreement, the accuracy (or mAP) of each, and the verdict;
+    with a stored out-of-distribution score, the share of images its threshold rejects under each."""
+    names = output_names(clf.meta)[1:]  # probabilities, and the score where the model stores one
+    (p32, *s32), (p8, *s8) = (run_batches(_session(graph), images["check"], names, INT8_BATCH)
+                              for graph in (fp32, int8))
     thresholds = clf.meta.get("thresholds") if clf.multilabel else None
-    return {"split": images["check_split"],
-            **int8_figures(p32, p8, images["check_labels"], clf.multilabel, thresholds, max_drop)}
+    ood = (s32[0], s8[0], clf.ood["threshold"]) if clf.ood is not None else None
+    check = {"split": images["check_split"],
+             **int8_figures(p32, p8, images["check_labels"], clf.multilabel, thresholds, max_drop, ood)}
+    if ood is not None:
+        check["ood"] = {"score": clf.ood["score"], **check["ood"]}
+    return check
 
 
 def int8_figures(p32: np.ndarray, p8: np.ndarray, labels: np.ndarray, multilabel: bool = False, thresholds=None,
-                 max_drop: float = MAX_DROP) -> dict:
+                 max_drop: float = MAX_DROP, ood: tuple | None = None) -> dict:
     """How an int8 model compares with its fp32 model on labelled images, and whether it passes.
 
     Args:
@@ -519,12 +644,16 @@ def int8_figures(p32: np.ndarray, p8: np.ndarray, labels: np.ndarray, multilabel
             rather than accuracy and top-1 classes.
         thresholds: a multi-label model's K thresholds (None: 0.5 each).
         max_drop: the largest accepted fall of the metric from fp32 to int8.
+        ood: (fp32 scores (N,), int8 scores (N,), threshold) of a stored out-of-distribution score, or None.
 
     Returns:
         {"images", "metric", "<metric>_fp32", "<metric>_int8", "drop", "max_drop", "passed", agreement
         ("top1_agreement", or "exact_set_agreement" with both exact-set accuracies), mean and max abs
         differences of probabilities}.  The metric is "accuracy", "map", or "exact_set_accuracy" for a
-        multi-label split where no label has a positive (mAP is undefined there).
+        multi-label split where no label has a positive (mAP is undefined there).  With ``ood``, also
+        "ood": {"threshold", "rejected_fp32", "rejected_int8" (the shares of images below the threshold),
+        "rejected_by_one_only" (the share rejected under one and not the other), mean and max abs differences
+        of the scores}: reported only, not part of "passed" (the threshold was fitted on fp32 features).
     """
     p32, p8 = np.asarray(p32, dtype=np.float64), np.asarray(p8, dtype=np.float64)
     figures = {"images": len(p32), "mean_abs_diff_probabilities": float(np.abs(p8 - p32).mean()),
@@ -547,7 +676,19 @@ def int8_figures(p32: np.ndarray, p8: np.ndarray, labels: np.ndarray, multilabel
     figures["drop"] = figures[f"{metric}_fp32"] - figures[f"{metric}_int8"]
     figures["max_drop"] = max_drop
     figures["passed"] = bool(figures["drop"] <= max_drop + 1e-12)  # 1e-12: a drop of exactly max_drop passes
+    if ood is not None:
+        figures["ood"] = _rejection_figures(*ood)
     return figures
+
+
+def _rejection_figures(s32: np.ndarray, s8: np.ndarray, threshold: float) -> dict:
+    s32, s8 = np.asarray(s32, dtype=np.float64), np.asarray(s8, dtype=np.float64)
+    r32, r8 = s32 < threshold, s8 < threshold
+    return {"threshold": float(threshold), "threshold_fitted_on": "fp32 features (the val split)",
+            "rejected_fp32": float(r32.mean()), "rejected_int8": float(r8.mean()),
+            "rejected_by_one_only": float((r32 != r8).mean()),
+            "mean_abs_diff_ood_score": float(np.abs(s8 - s32).mean()),
+            "max_abs_diff_ood_score": float(np.abs(s8 - s32).max())}
 
 
 def check_summary(check: dict) -> str:
@@ -556,15 +697,21 @@ def check_summary(check: dict) -> str:
     agreement = (f"top-1 agreement with fp32 {check['top1_agreement']:.1%}" if "top1_agreement" in check
                  else f"exact-set agreement with fp32 {check['exact_set_agreement']:.1%}")
     key = check["metric"]
-    return (f"on the {check['split']} split ({check['images']:,} images) {metric} {check[key + '_int8']:.2%} "
+    line = (f"on the {check['split']} split ({check['images']:,} images) {metric} {check[key + '_int8']:.2%} "
             f"against {check[key + '_fp32']:.2%} in fp32 (a drop of {check['drop'] * 100:.2f} points), {agreement}")
+    if "ood" in check:
+        ood = check["ood"]
+        line += (f"; the out-of-distribution threshold rejects {ood['rejected_int8']:.1%} of its images in int8 "
+                 f"against {ood['rejected_fp32']:.1%} in fp32 ({ood['rejected_by_one_only']:.1%} by one only)")
+    return line
 
 
-def _probabilities(session, images: np.ndarray) -> np.ndarray:
-    """``probabilities`` (N, K) of an ONNX Runtime session for uint8 (N, H, W, C) images, INT8_BATCH at a time."""
-    out = [session.run([OUTPUT_NAMES[1]], {INPUT_NAME: images[s:s + INT8_BATCH]})[0]
-           for s in range(0, len(images), INT8_BATCH)]
-    return np.concatenate(out).astype(np.float64)
+def run_batches(session, images: np.ndarray, names, batch: int) -> list[np.ndarray]:
+    """The outputs ``names`` of an ONNX Runtime session for uint8 (N, H, W, C) images (N >= 1), ``batch`` images
+    per call, each float64 with the N images first."""
+    runs = [session.run(list(names), {INPUT_NAME: np.ascontiguousarray(images[s:s + batch])})
+            for s in range(0, len(images), batch)]
+    return [np.concatenate([r[k] for r in runs]).astype(np.float64) for k in range(len(names))]
 
 
 def meta_from_onnx(doc: dict, path: Path) -> dict:
@@ -585,13 +732,26 @@ def meta_from_onnx(doc: dict, path: Path) -> dict:
         meta["task"] = doc["task"]
     if doc.get("quantization") is not None:
         meta["quantization"] = doc["quantization"]
+    if doc.get("ood") is not None:
+        meta["ood"] = _ood_of(doc["ood"], path)
     return meta
+
+
+def _ood_of(entry, path: Path) -> dict:
+    """The ``ood`` entry of an ``imgcls_meta`` document (without the bank: the graph holds it), checked."""
+    threshold = entry.get("threshold") if isinstance(entry, dict) else None
+    if not (isinstance(entry, dict) and entry.get("score") in SCORES and isinstance(threshold, (int, float))
+            and not isinstance(threshold, bool) and np.isfinite(threshold)):
+        raise CheckpointError(f"{path} is damaged or was not exported by imgcls: the 'ood' entry of its {META_KEY} "
+                              f"must name a score ({', '.join(SCORES)}) with a finite threshold; got {entry!r:.200}")
+    return dict(entry)
 
 
 class OnnxClassifier(Predictor):
     """An exported model run by ONNX Runtime on the CPU, with the prediction surface of
-    :class:`imgcls.predictor.TorchPredictor`: ``classes``, ``input_shape`` (C, H, W), ``meta``,
-    ``load_inputs``, ``proba_of_arrays``, ``predict_proba`` and ``predict``.
+    :class:`imgcls.predictor.TorchPredictor`: ``classes``, ``input_shape`` (C, H, W), ``meta``, ``ood``,
+    ``load_inputs``, ``proba_of_arrays``, ``scored_arrays``, ``predict_proba`` and ``predict`` (with
+    ``unknown=True`` too: the graph computes the stored out-of-distribution score).
     """
 
     def __init__(self, path: str | Path, threads: int | None = None, batch_size: int = 256):
@@ -609,17 +769,31 @@ class OnnxClassifier(Predictor):
             raise CheckpointError(f"{self.path} has no {META_KEY} metadata; it was not exported by imgcls "
                                   "(imgcls export RUN --format onnx)")
         self.meta = meta_from_onnx(json.loads(props[META_KEY]), self.path)
+        outputs = [o.name for o in self.session.get_outputs()]
+        if self.ood is not None and OOD_OUTPUT not in outputs:
+            raise CheckpointError(f"{self.path} is damaged or was not exported by imgcls: its {META_KEY} stores an "
+                                  f"out-of-distribution score but the graph has no '{OOD_OUTPUT}' output (it has "
+                                  f"{', '.join(outputs)}); export the run again")
         self.batch_size = batch_size
 
     def proba_of_arrays(self, images: np.ndarray) -> np.ndarray:
         """Probabilities (N, num_classes) float64 for uint8 (N, H, W, C) images already at the model's size."""
+        return self._outputs(images, OUTPUT_NAMES[1])[0]
+
+    def scored_arrays(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """(probabilities (N, num_classes), the graph's out-of-distribution scores (N,) or None when the model
+        stores no score), float64, for uint8 (N, H, W, C) images already at the model's size."""
+        if self.ood is None:
+            return self.proba_of_arrays(images), None
+        proba, scores = self._outputs(images, OUTPUT_NAMES[1], OOD_OUTPUT)  # one pass of the graph for both
+        return proba, scores
+
+    def _outputs(self, images: np.ndarray, *names: str) -> list[np.ndarray]:
         c, h, w = self.input_shape
         _check_pixels(images, (h, w, c), "images")
-        out = [self.session.run([OUTPUT_NAMES[1]], {INPUT_NAME: np.ascontiguousarray(images[s:s + self.batch_size])})[0]
-               for s in range(0, len(images), self.batch_size)]
-        if not out:
-            return np.zeros((0, len(self.classes)))
-        return np.concatenate(out).astype(np.float64)
+        if not len(images):
+            return [np.zeros((0, len(self.classes)) if name == OUTPUT_NAMES[1] else (0,)) for name in names]
+        return run_batches(self.session, images, names, self.batch_size)
 
     def __repr__(self) -> str:
         c, h, w = self.input_shape

@@ -27,32 +27,58 @@ FRR = 0.05  # share of in-class images the default threshold may reject
 MARGIN_Z = 0.84  # standard errors the threshold keeps below FRR on val: new images rejected under FRR 4 times in 5
 
 
-def feature_directions(pooled: np.ndarray) -> np.ndarray:
+def directions(pooled: torch.Tensor) -> torch.Tensor:
     """Pooled features (N, F) as kNN compares them: signed square roots, each row scaled to unit length, float32.
 
     The square root evens out a few large activations (it raised the AUROC on flowers from 0.94 to 0.96 over
-    the plain last stage's directions)."""
-    x = np.asarray(pooled, np.float32)
-    x = np.sign(x) * np.sqrt(np.abs(x))
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    the plain last stage's directions).  Pure tensor code: the ONNX export computes it inside the graph."""
+    x = pooled.float()
+    x = torch.sign(x) * torch.sqrt(torch.abs(x))
+    return x / x.square().sum(1, keepdim=True).sqrt().clamp_min(1e-12)  # not linalg.norm: both exporters take this
 
 
-def knn_score(directions: np.ndarray, bank: np.ndarray, k: int = K) -> np.ndarray:
-    """Similarity (N,) of each row of ``directions`` to its k-th most similar row of ``bank`` (both unit rows)."""
-    bank = np.asarray(bank, np.float32)
-    k = min(k, len(bank))
-    out = np.empty(len(directions), np.float32)
-    for start in range(0, len(directions), 1024):  # (1024, B) similarities at a time
-        sim = directions[start:start + 1024] @ bank.T
-        out[start:start + 1024] = np.partition(sim, -k, axis=1)[:, -k]
-    return out
+def kth_similarity(query: torch.Tensor, bank: torch.Tensor, k: int = K) -> torch.Tensor:
+    """Similarity (N,) float32 of each row of ``query`` (N, F) to its k-th most similar row of ``bank`` (B, F;
+    unit rows, any float type: a float16 bank is computed in float32); k is capped at B."""
+    similarity = query.float() @ bank.float().T  # (N, B)
+    return torch.topk(similarity, min(int(k), bank.shape[0]), dim=1).values[:, -1]
+
+
+def score_tensor(score: str, logits: torch.Tensor, pooled: torch.Tensor | None = None, multilabel: bool = False,
+                 bank: torch.Tensor | None = None, k: int = K) -> torch.Tensor:
+    """The score named ``score`` (one of :data:`SCORES`), (N,), of images with ``logits`` (N, K), before any
+    temperature, in their own precision, and (kNN) pooled features (N, F) against ``bank`` (B, F).
+
+    The one definition of the scores: :func:`score_of` and :func:`logit_scores` compute them with it, and the
+    ONNX export traces it into the graph (pure tensor code)."""
+    if score == "knn":
+        return kth_similarity(directions(pooled), bank, k)
+    if score == "msp":
+        return (torch.sigmoid(logits) if multilabel else torch.softmax(logits, 1)).max(1).values
+    if score == "energy":
+        return torch.logsumexp(logits, 1)
+    raise ValueError(f"unknown out-of-distribution score {score!r}; choose one of: {', '.join(SCORES)}")
+
+
+def feature_directions(pooled: np.ndarray) -> np.ndarray:
+    """:func:`directions` of numpy features (N, F): float32 (N, F)."""
+    return directions(torch.as_tensor(np.asarray(pooled, np.float32))).numpy()
+
+
+def knn_score(query: np.ndarray, bank, k: int = K) -> np.ndarray:
+    """Similarity (N,) float32 of each row of ``query`` (N, F) to its k-th most similar row of ``bank`` (B, F,
+    array or tensor; both unit rows, as :func:`feature_directions` gives them): :func:`kth_similarity`, 1024
+    images at a time."""
+    bank = bank.float() if isinstance(bank, torch.Tensor) else torch.as_tensor(np.asarray(bank, np.float32))
+    rows = torch.as_tensor(np.asarray(query, np.float32))
+    out = [kth_similarity(rows[start:start + 1024], bank, k) for start in range(0, len(rows), 1024)]  # (1024, B)
+    return torch.cat(out).numpy() if out else np.zeros(0, np.float32)
 
 
 def logit_scores(logits: np.ndarray, multilabel: bool = False) -> dict[str, np.ndarray]:
-    """``msp`` and ``energy`` (N,) of logits (N, K)."""
+    """``msp`` and ``energy`` (N,) float64 of logits (N, K)."""
     t = torch.as_tensor(np.asarray(logits), dtype=torch.float64)
-    msp = torch.sigmoid(t).max(1).values if multilabel else torch.softmax(t, 1).max(1).values
-    return {"msp": msp.numpy(), "energy": torch.logsumexp(t, 1).numpy()}
+    return {name: score_tensor(name, t, multilabel=multilabel).numpy() for name in ("msp", "energy")}
 
 
 def auroc(inside: np.ndarray, outside: np.ndarray) -> float:
@@ -78,10 +104,17 @@ def score_of(ood: dict, logits: np.ndarray, pooled: np.ndarray | None, multilabe
     """The stored score (``meta["ood"]``: score, threshold, and for kNN its bank and k) of images with ``logits``
     (N, K) and pooled features (N, F); an image is "unknown" when it falls below ``ood["threshold"]``."""
     if ood["score"] == "knn":
-        bank = ood["bank"]
-        bank = bank.float().numpy() if isinstance(bank, torch.Tensor) else np.asarray(bank, np.float32)
-        return knn_score(feature_directions(pooled), bank, int(ood["k"]))
+        return knn_score(feature_directions(pooled), ood["bank"], int(ood["k"]))
     return logit_scores(logits, multilabel)[ood["score"]]
+
+
+def entry_record(entry: dict) -> dict:
+    """A stored ``ood`` entry as JSON (``ood.json``, the ONNX export's metadata): everything but the bank of
+    features, whose size is given as ``bank_images``."""
+    record = {k: v for k, v in entry.items() if k != "bank"}
+    if entry.get("bank") is not None:
+        record["bank_images"] = len(entry["bank"])
+    return record
 
 
 def choose(inside: dict[str, np.ndarray], outside: dict[str, np.ndarray], frr: float = FRR) -> dict:

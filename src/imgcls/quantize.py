@@ -9,8 +9,9 @@ into int8 kernels (QLinearConv, QGemm).  What is quantized:
   scale per output channel; their inputs and outputs uint8, one scale per tensor, from ranges calibrated
   on real images; a ReLU or ReLU6 right after one folds into its output's range;
 - kept in fp32: the stem (the first tenth of the convolutions, at least the first one), the classifier
-  (the last fully connected layer: its outputs are the logits), and every other operation:
-  normalisation, TTA views, residual additions, pooling, temperature, softmax or sigmoid.
+  (the last fully connected layer before the logits), the out-of-distribution score where the graph has
+  one (kNN's MatMul against its bank of training features, whose threshold was fitted in fp32), and every
+  other operation: normalisation, TTA views, residual additions, pooling, temperature, softmax or sigmoid.
 
 Why so, measured on a flowers run of EfficientNet-Lite2 at 128 px (benchmarks/README.md, "int8 ONNX
 export"), top-1 agreement with fp32 on its 860 val and test images:
@@ -57,9 +58,12 @@ CALIBRATION_CHUNK = 4  # forward passes whose activations are held in memory bef
 WEIGHT_OPS = ("Conv", "Gemm", "MatMul")
 ACTIVATIONS = ("Clip", "Relu")  # fold into the int8 range of the layer before them
 INSTALL = "pip install onnxruntime"
-OTHERS_WHY = "normalisation, TTA views, residual additions, pooling, temperature, softmax or sigmoid stay fp32"
+OTHERS_WHY = ("normalisation, TTA views, residual additions, pooling, temperature, softmax or sigmoid, and the "
+              "out-of-distribution score where there is one stay fp32")
 FP32_STEM = 0.1  # the first tenth of the convolutions (at least one) stay fp32: 6 of EfficientNet-Lite2's 64
 FIRST_CONV_WHY = "the first convolution: it reads the normalised pixels, and its few input channels gain little from int8"
+SCORE_WHY = ("the out-of-distribution score: its comparison of the pooled features with the bank of training "
+             "features, whose threshold was fitted in fp32")
 STEM_WHY = ("the stem, the first tenth of the convolutions: their quantization noise reaches every later layer (and "
             "ONNX Runtime would quantize an fp32 layer between int8 ones itself: only a first run of layers stays fp32)")
 
@@ -80,8 +84,12 @@ def check_calibration(method: str) -> str:
     return method
 
 
-def plan(model) -> dict:
+def plan(model, score_outputs=()) -> dict:
     """Which nodes of an ONNX ``model`` (after :func:`_pre_process`) are quantized, and which stay fp32 and why.
+
+    ``score_outputs``: graph outputs that are scores beside the classifier's (the out-of-distribution score):
+    the layers that feed only them stay fp32 (:data:`SCORE_WHY`), and the classifier is the last fully
+    connected layer that feeds the other outputs (a kNN MatMul against its bank comes after it in node order).
 
     Returns:
         {"quantize": names of the layers and folded activations to quantize, "keep": [{"node", "op", "why"}]
@@ -92,8 +100,13 @@ def plan(model) -> dict:
     constants = {t.name for t in model.graph.initializer}
     layers = [n for n in nodes if n.op_type in WEIGHT_OPS]
     keep = {}
+    outputs = [o.name for o in model.graph.output]
+    score_only = _feeding_only(nodes, [o for o in outputs if o in score_outputs], [o for o in outputs
+                                                                                   if o not in score_outputs])
     for n in layers:
-        if len(n.input) < 2 or n.input[1] not in constants:
+        if n.name in score_only:
+            keep[n.name] = (n, SCORE_WHY)
+        elif len(n.input) < 2 or n.input[1] not in constants:
             keep[n.name] = (n, "its weights are computed in the graph, not constant")
     weighted = [n for n in layers if n.name not in keep]
     convs = [n for n in weighted if n.op_type == "Conv"]
@@ -120,6 +133,24 @@ def plan(model) -> dict:
             "keep": [{"node": name, "op": n.op_type, "why": why} for name, (n, why) in keep.items()],
             "exclude": sorted(n.name for n in nodes if n.op_type in WEIGHT_OPS + ACTIVATIONS and n.name not in chosen),
             "counts": counts}
+
+
+def _feeding_only(nodes: list, outputs: list[str], others: list[str]) -> set[str]:
+    """Names of the ``nodes`` that feed the graph outputs ``outputs`` and none of the ``others``."""
+    if not outputs:
+        return set()
+    producer = {name: n for n in nodes for name in n.output}
+
+    def upstream(names) -> set[str]:
+        seen, stack = set(), list(names)
+        while stack:
+            n = producer.get(stack.pop())
+            if n is not None and n.name not in seen:
+                seen.add(n.name)
+                stack.extend(n.input)
+        return seen
+
+    return upstream(outputs) - upstream(others)
 
 
 class CalibrationBatches:
@@ -156,7 +187,7 @@ class CalibrationBatches:
 
 
 def quantize_graph(fp32: bytes, images: np.ndarray, method: str = DEFAULT_CALIBRATION,
-                   input_name: str = "images") -> tuple[bytes, dict]:
+                   input_name: str = "images", score_outputs=()) -> tuple[bytes, dict]:
     """The int8 (QDQ) form of an fp32 ONNX graph, its activations calibrated on ``images``.
 
     Args:
@@ -164,6 +195,7 @@ def quantize_graph(fp32: bytes, images: np.ndarray, method: str = DEFAULT_CALIBR
         images: uint8 (N, H, W, C) calibration images at the model's size.
         method: one of :data:`CALIBRATIONS`.
         input_name: the graph's input.
+        score_outputs: the graph's outputs that are scores beside the classifier's, kept fp32 (see :func:`plan`).
 
     Returns:
         (the serialised int8 graph, without imgcls metadata; a JSON-ready description: calibration
@@ -191,7 +223,7 @@ def quantize_graph(fp32: bytes, images: np.ndarray, method: str = DEFAULT_CALIBR
         model = onnx.load(str(optimised))
         if _name_nodes(model):  # the quantizer picks nodes by name
             onnx.save(model, str(optimised))
-        chosen = plan(model)
+        chosen = plan(model, tuple(score_outputs))
         if not chosen["counts"]:
             kept = "; ".join(f"{k['op']} {k['node']}: {k['why']}" for k in chosen["keep"]) or "none"
             raise ImgclsError(f"this model has no layer to quantize: int8 quantizes convolutions and fully connected "

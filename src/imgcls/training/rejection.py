@@ -28,6 +28,7 @@ from imgcls.ood import (
     FRR,
     K,
     choose,
+    entry_record,
     feature_directions,
     knn_score,
     logit_scores,
@@ -155,14 +156,9 @@ def fit_rejection(model, meta: dict, ds: ImageDataset, data_cfg, *, store: Featu
     return entry
 
 
-def record_of(entry: dict) -> dict:
-    """``ood.json``: the stored entry without its bank of features."""
-    return {k: v for k, v in entry.items() if k != "bank"} | ({"bank_images": len(entry["bank"])}
-                                                               if "bank" in entry else {})
-
-
 def write_record(run, entry: dict) -> None:
-    run.write_json(rundir.OOD, record_of(entry))
+    """``ood.json``: the stored entry without its bank of features."""
+    run.write_json(rundir.OOD, entry_record(entry))
 
 
 def check_outside(data_cfg, ds: ImageDataset) -> None:
