@@ -120,10 +120,33 @@ def test_a_drop_over_max_drop_exits_1_with_the_figures_and_writes_nothing(colour
     err = capsys.readouterr().err
     assert code == 1
     assert "loses too much" in err and "accuracy" in err and "top-1 agreement" in err and "was not written" in err
+    assert "with 8-bit weights a drop of" in err and "with 7-bit weights" in err  # both tried before refusing
     assert out.read_bytes() == b"earlier export"
     assert sorted(p.name for p in out.parent.iterdir()) == ["model-int8.onnx"]  # no temp file, no report
     assert main(["export", str(colours["run"]), "--max-drop", "0.5"]) == 2  # --max-drop without --int8
     assert "add --int8" in capsys.readouterr().err
+
+
+def test_8_bit_weights_that_lose_too_much_are_tried_again_in_7_bits(colours, tmp_path, monkeypatch):
+    # On a CPU without VNNI, 8-bit weights can saturate ONNX Runtime's int16 pair sums; 7 bits cannot.
+    import imgcls.export as export
+
+    original, verdicts = export._check_int8, iter([False, True])
+
+    def first_fails(*args, **kwargs):
+        return {**original(*args, **kwargs), "passed": next(verdicts)}
+
+    monkeypatch.setattr(export, "_check_int8", first_fails)
+    info = export_onnx(colours["run"], int8=True, out=tmp_path / "model-int8.onnx")
+    q = info["quantization"]
+    assert [t["reduce_range"] for t in q["tried"]] == [False, True] and q["reduce_range"] is True
+    assert "7-bit" in q["weights"] and "7-bit" not in colours["info"]["quantization"]["weights"]
+    model = onnx.load(str(tmp_path / "model-int8.onnx"))
+    weights = [onnx.numpy_helper.to_array(t) for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT8]
+    assert weights and all(w.min() >= -64 and w.max() <= 64 for w in weights)  # 2 x 255 x 64 < 32,767
+    eight = onnx.load(colours["info"]["path"])
+    assert max(np.abs(onnx.numpy_helper.to_array(t)).max() for t in eight.graph.initializer
+               if t.data_type == onnx.TensorProto.INT8) > 64
 
 
 def test_serve_runtime_onnx_int8_answers_predict(colours, tmp_path):

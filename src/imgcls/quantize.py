@@ -187,7 +187,7 @@ class CalibrationBatches:
 
 
 def quantize_graph(fp32: bytes, images: np.ndarray, method: str = DEFAULT_CALIBRATION,
-                   input_name: str = "images", score_outputs=()) -> tuple[bytes, dict]:
+                   input_name: str = "images", score_outputs=(), reduce_range: bool = False) -> tuple[bytes, dict]:
     """The int8 (QDQ) form of an fp32 ONNX graph, its activations calibrated on ``images``.
 
     Args:
@@ -196,6 +196,9 @@ def quantize_graph(fp32: bytes, images: np.ndarray, method: str = DEFAULT_CALIBR
         method: one of :data:`CALIBRATIONS`.
         input_name: the graph's input.
         score_outputs: the graph's outputs that are scores beside the classifier's, kept fp32 (see :func:`plan`).
+        reduce_range: weights in 7 bits (-64 to 64, symmetric) rather than 8: on a CPU without VNNI (AVX2 alone) ONNX
+            Runtime multiplies uint8 activations by int8 weights in pairs summed in int16 (VPMADDUBSW), which
+            saturates past 32,767 (2 x 255 x 127 reaches 64,770); with 7-bit weights it cannot (2 x 255 x 64).
 
     Returns:
         (the serialised int8 graph, without imgcls metadata; a JSON-ready description: calibration
@@ -232,7 +235,7 @@ def quantize_graph(fp32: bytes, images: np.ndarray, method: str = DEFAULT_CALIBR
         reader = CalibrationBatches(images, input_name)
         q.quantize_static(
             str(optimised), str(out), reader, quant_format=q.QuantFormat.QDQ, per_channel=True,
-            reduce_range=False, activation_type=q.QuantType.QUInt8, weight_type=q.QuantType.QInt8,
+            reduce_range=reduce_range, activation_type=q.QuantType.QUInt8, weight_type=q.QuantType.QInt8,
             op_types_to_quantize=list(WEIGHT_OPS + ACTIVATIONS), nodes_to_exclude=chosen["exclude"],
             calibrate_method=getattr(q.CalibrationMethod, _ORT_METHODS[method]),
             extra_options={"CalibStridedMinMax": _chunk(len(reader)), "CalibPercentile": PERCENTILE},
@@ -240,7 +243,8 @@ def quantize_graph(fp32: bytes, images: np.ndarray, method: str = DEFAULT_CALIBR
         data = out.read_bytes()
     info = {
         "format": "QDQ (QuantizeLinear/DequantizeLinear around each int8 layer)",
-        "weights": "int8, symmetric, one scale per output channel",
+        "weights": "int8, symmetric, one scale per output channel" + (REDUCED if reduce_range else ""),
+        "reduce_range": bool(reduce_range),
         "activations": "uint8, asymmetric, one scale per tensor",
         "calibration": method,
         "calibration_images": len(images),
@@ -253,6 +257,7 @@ def quantize_graph(fp32: bytes, images: np.ndarray, method: str = DEFAULT_CALIBR
     return data, info
 
 
+REDUCED = ", 7-bit range (-64 to 64): no int16 saturation on CPUs without VNNI"
 _ORT_METHODS = {"percentile": "Percentile", "entropy": "Entropy", "minmax": "MinMax"}
 
 
