@@ -127,7 +127,7 @@ def test_a_drop_over_max_drop_exits_1_with_the_figures_and_writes_nothing(colour
     assert "add --int8" in capsys.readouterr().err
 
 
-def test_8_bit_weights_that_lose_too_much_are_tried_again_in_7_bits(colours, tmp_path, monkeypatch):
+def test_8_bit_weights_that_lose_too_much_are_tried_again_in_7_bits(colours, tmp_path, monkeypatch, capsys):
     # On a CPU without VNNI, 8-bit weights can saturate ONNX Runtime's int16 pair sums; 7 bits cannot.
     import imgcls.export as export
 
@@ -137,8 +137,9 @@ def test_8_bit_weights_that_lose_too_much_are_tried_again_in_7_bits(colours, tmp
         return {**original(*args, **kwargs), "passed": next(verdicts)}
 
     monkeypatch.setattr(export, "_check_int8", first_fails)
-    info = export_onnx(colours["run"], int8=True, out=tmp_path / "model-int8.onnx")
-    q = info["quantization"]
+    assert main(["export", str(colours["run"]), "--int8", "--out", str(tmp_path / "model-int8.onnx")]) == 0
+    assert "int8 with 7-bit weights (8-bit ones lost" in capsys.readouterr().out
+    q = json.loads((tmp_path / "export-int8.json").read_text())["quantization"]
     assert [t["reduce_range"] for t in q["tried"]] == [False, True] and q["reduce_range"] is True
     assert "7-bit" in q["weights"] and "7-bit" not in colours["info"]["quantization"]["weights"]
     model = onnx.load(str(tmp_path / "model-int8.onnx"))

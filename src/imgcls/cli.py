@@ -495,7 +495,9 @@ def cmd_export(args) -> int:
     result = export_onnx(args.run, out=args.out, tolerance=args.tolerance, int8=True, max_drop=max_drop,
                          calibration=args.calibration, data=args.data)
     q = result["quantization"]
-    print(f"{result['path']}: int8, {result['bytes'] / 1e6:.1f} MB ({result['times_smaller']:g}x smaller than fp32), "
+    bits = (f" with 7-bit weights (8-bit ones lost {q['tried'][0]['drop'] * 100:.2f} points)"
+            if q.get("reduce_range") else "")
+    print(f"{result['path']}: int8{bits}, {result['bytes'] / 1e6:.1f} MB ({result['times_smaller']:g}x smaller than fp32), "
           f"{q['calibration']} calibration on {q['calibration_images']} images of the {q['calibration_split']} split; "
           f"{check_summary(result['check'])}")
     return 0
