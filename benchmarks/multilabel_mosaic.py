@@ -1,13 +1,13 @@
 """Multi-label classification on flower mosaics: imgcls's default run against a plain one-vs-rest baseline.
 
-    python benchmarks/multilabel_mosaic.py all                         # build 1,700 mosaics (seed 0), imgcls, baseline
+    python benchmarks/multilabel_mosaic.py all                         # build 1,700 mosaics (seed 0), imgcls, baseline, plain baseline
     python benchmarks/multilabel_mosaic.py all --cpu-class avx2        # the same, capped at AVX2 (common.py)
     python benchmarks/multilabel_mosaic.py build --images 300          # each step runs alone too
     python benchmarks/multilabel_mosaic.py baseline --images 300 --json /tmp/mosaic.json
     python benchmarks/multilabel_mosaic.py imgcls --images 300
 
-Steps (``all`` runs build, imgcls, baseline, in that order, so that the
-baseline can read imgcls's split back):
+Steps (``all`` runs build, imgcls, baseline, plain, in that order, so that
+the baselines can read imgcls's split back):
 
 1. **build** (:func:`build_mosaics`, seeded, one numpy Generator): ``--images``
    mosaics of 128x128 RGB, JPEG quality 90, from the photos of
@@ -80,6 +80,18 @@ baseline can read imgcls's split back):
    ``from_raw_images`` is their sum.
    This process's interpreter start and imports are not in it (imgcls's
    wall time holds its own, and its calibration and report.html).
+
+4. **plain** (:func:`run_plain_baseline`): the same baseline as a person
+   writes it, in a fresh process timed from launch to exit like imgcls's
+   run (interpreter start and imports included): the split and feature
+   settings as step 3 has them, handed over in a file; the mosaics decoded
+   with PIL (``Image.open(...).convert("RGB").resize((W, H), BICUBIC)``);
+   the same backbone and ImageNet weights (imgcls's model class, the weights
+   from their pip package into an empty cache) run in PyTorch eager fp32 in
+   batches of 64 (``eval()``, ``no_grad``, the default memory layout), its
+   pooled features averaged over positions; the same scikit-learn fit as
+   step 3.  Under ``--cpu-class avx2`` its PyTorch is capped, where step
+   3's ONNX Runtime is not.  ``all`` runs it after step 3.
 
 Metrics, on the test split (:func:`multilabel_metrics`): mAP (the mean over
 labels with a positive in the test split of scikit-learn's
@@ -682,6 +694,71 @@ def run_baseline(folder: Path, run_dir: Path | None, seed: int) -> dict:
             "seconds": {k: round(v, 2) for k, v in seconds.items()}, "classes": classes}
 
 
+def run_plain_baseline(folder: Path, run_dir: Path | None, seed: int) -> dict:
+    """The baseline as a person writes it (module docstring, step 4): a fresh process, timed from launch to exit."""
+    from common import run_child
+
+    files, y, classes = read_labels(folder)
+    split, split_record = choose_split(run_dir, folder, y, files, seed)
+    settings = feature_settings(run_dir, folder)
+    with tempfile.TemporaryDirectory(prefix="imgcls-plain-baseline-") as tmp:
+        spec, out = Path(tmp) / "spec.json", Path(tmp) / "out.json"
+        spec.write_text(json.dumps({"folder": str(folder), "settings": settings,
+                                    "split": {k: np.asarray(v).tolist() for k, v in split.items()}}))
+        # The weights come from their pip package into an empty cache, as a first run's would.
+        proc = run_child([sys.executable, str(Path(__file__).resolve()), "plain-child", str(spec), str(out)],
+                         env={"IMGCLS_DATA_DIR": str(Path(tmp) / "cache")})
+        result = json.loads(out.read_text())
+    print(f"plain baseline: {proc['wall_seconds']:.1f} s launch to exit", flush=True)
+    return {**result, "wall_seconds": round(proc["wall_seconds"], 2), "peak_rss_mib": round(proc["peak_rss_mib"]),
+            "split": {**split_record, **{k: len(v) for k, v in split.items()}}, "classes": classes}
+
+
+def plain_child(spec_path: Path, out_path: Path) -> None:
+    """The plain baseline's process: PIL decoding, the backbone in PyTorch eager fp32 (as a person runs a model:
+    ``eval()``, ``no_grad``, batches of 64, the default memory layout), scikit-learn's one-vs-rest fit."""
+    seconds, started = {}, time.perf_counter()
+    import torch
+
+    from imgcls.models import create_model
+    from imgcls.models.pretrained import load_weights
+
+    seconds["imports"] = time.perf_counter() - started
+    spec = json.loads(Path(spec_path).read_text())
+    folder, settings = Path(spec["folder"]), spec["settings"]
+    files, y, classes = read_labels(folder)
+    h, w = settings["image_size"]
+    started = time.perf_counter()
+    images = np.stack([np.asarray(Image.open(folder / f).convert("RGB").resize((w, h), Image.BICUBIC)) for f in files])
+    seconds["decode"] = time.perf_counter() - started
+    started = time.perf_counter()
+    model = create_model(settings["model"], in_chans=3, num_classes=len(classes), img_size=(h, w),
+                         **settings["options"])
+    _, norm = load_weights(model, settings["pretrained"])
+    norm = norm or {"mean": [0.5] * 3, "std": [0.5] * 3}  # a weights file names no normalisation (the tests')
+    model.eval()
+    mean = torch.tensor(norm["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(norm["std"]).view(1, 3, 1, 1)
+    parts = []
+    with torch.no_grad():
+        for start in range(0, len(images), 64):
+            x = torch.from_numpy(images[start:start + 64]).permute(0, 3, 1, 2).float() / 255
+            parts.append(model.forward_features((x - mean) / std).mean((2, 3)).numpy())
+    x = np.concatenate(parts)
+    seconds["features"] = time.perf_counter() - started
+    from threadpoolctl import threadpool_limits
+
+    started = time.perf_counter()
+    split = {k: np.asarray(v, dtype=np.int64) for k, v in spec["split"].items()}
+    with threadpool_limits(limits=BLAS_THREADS, user_api="blas"):
+        result = evaluate_baseline(x, y, split, classes)
+    seconds["fit"] = time.perf_counter() - started
+    features = {**settings, "width": int(x.shape[1]), "runtime": f"torch eager fp32 ({torch.get_num_threads()} "
+                                                                   f"threads)", "decoder": "PIL", "views": ["none"]}
+    write_json(Path(out_path), {**result, "features": features, "blas_threads": BLAS_THREADS,
+                                "seconds_inside": {k: round(v, 2) for k, v in seconds.items()}})
+
+
 # ------------------------------------------------------------------------------------------------------- imgcls
 
 
@@ -763,6 +840,10 @@ def table(doc: dict) -> str:
     wall = (base.get("seconds") or {}).get("from_raw_images")
     rows.append(("baseline, per-label thresholds from val", base.get("at_val_thresholds") or {}, wall))
     rows.append(("baseline, threshold 0.5", base.get("at_0.5") or {}, wall))
+    plain = doc.get("baseline_plain") or {}
+    if plain:
+        rows.append(("plain baseline (fresh process: PIL, PyTorch eager), val thresholds",
+                     plain.get("at_val_thresholds") or {}, plain.get("wall_seconds")))
     lines = head + [f"| {name} | {_num(m.get('map'))} | {_num(m.get('micro_f1'))} | {_num(m.get('macro_f1'))} | "
                     f"{_num(m.get('subset_accuracy'))} | {_num(m.get('hamming_loss'))} | {_num(w, '.1f')} |"
                     for name, m, w in rows]
@@ -808,8 +889,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     steps = parser.add_subparsers(dest="step", required=True)
     for name, what in (("build", "build the mosaics (or reuse them)"), ("imgcls", "build, then imgcls train"),
-                       ("baseline", "build, then the baseline"), ("all", "build, imgcls, baseline")):
+                       ("baseline", "build, then the baseline"),
+                       ("plain", "build, then the plain baseline (a fresh process: PIL, PyTorch eager)"),
+                       ("all", "build, imgcls, baseline, plain baseline")):
         steps.add_parser(name, parents=[shared], help=what, description=what)
+    child = steps.add_parser("plain-child", help=argparse.SUPPRESS)  # the plain baseline's own process
+    child.add_argument("spec", type=Path)
+    child.add_argument("out", type=Path)
     return parser.parse_args(argv)
 
 
@@ -826,6 +912,9 @@ def run_steps(args, folder: Path, hw_line: str) -> dict:
     if args.step in ("baseline", "all"):
         run_dir = args.run.resolve() if args.run else runs / RUN_NAME
         steps["baseline"] = {**run_baseline(folder, run_dir, args.seed), **stamp}
+    if args.step in ("plain", "all"):
+        run_dir = args.run.resolve() if args.run else runs / RUN_NAME
+        steps["baseline_plain"] = {**run_plain_baseline(folder, run_dir, args.seed), **stamp}
     write_json(store, steps)
     return steps
 
@@ -838,6 +927,9 @@ def main(argv: list[str] | None = None) -> int:
     from common import enter_cpu_class
 
     args = parse_args(argv)
+    if args.step == "plain-child":
+        plain_child(args.spec, args.out)
+        return 0
     if args.step != "build":
         enter_cpu_class(args.cpu_class)  # before torch is imported: the baseline's frozen pass runs here
     folder = args.work.resolve() / folder_name(args.seed, args.images)

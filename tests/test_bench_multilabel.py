@@ -303,3 +303,32 @@ def test_the_table_shows_both_sides_and_a_missing_one(bench):
     assert "| imgcls, default run | 0.8100 |" in both and "run the baseline step again" in both
     assert bench.results_name(0, bench.DEFAULT_IMAGES, "avx2") == "multilabel-mosaic-avx2"
     assert bench.results_name(1, 300, "bf16") == "multilabel-mosaic-n300-seed1-bf16"
+
+
+def test_the_plain_baseline_decodes_with_pil_and_runs_its_backbone_in_pytorch(bench, built, tmp_path):
+    # The plain step's own process, in this one: a seeded random resnet8 as its "pretrained" weights.
+    import torch
+    from safetensors.torch import save_file
+
+    from imgcls.models import create_model
+
+    folder, _ = built
+    torch.manual_seed(0)
+    weights = tmp_path / "weights.safetensors"
+    save_file({k: v.contiguous() for k, v in create_model("resnet8", 3, 5, (32, 32)).state_dict().items()},
+              str(weights))
+    files, y, classes = bench.read_labels(folder)
+    split = bench.iterative_split(y, {"train": 0.6, "val": 0.2, "test": 0.2}, np.random.default_rng(0))
+    settings = {"model": "resnet8", "pretrained": str(weights), "image_size": [32, 32], "resize": "stretch",
+                "options": {}}
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"folder": str(folder), "settings": settings,
+                                "split": {k: v.tolist() for k, v in split.items()}}))
+    bench.plain_child(spec, tmp_path / "out.json")
+    out = json.loads((tmp_path / "out.json").read_text())
+    assert out["features"]["decoder"] == "PIL" and out["features"]["runtime"].startswith("torch eager fp32")
+    assert out["features"]["width"] == create_model("resnet8", 3, 5, (32, 32)).head.fc.in_features
+    assert set(out["seconds_inside"]) == {"imports", "decode", "features", "fit"}
+    m = out["at_val_thresholds"]
+    assert m["n"] == len(split["test"]) and [r["label"] for r in m["per_label"]] == classes
+    assert m["map"] > 0.6  # flat colours: even random convolutions' pooled features tell them apart
