@@ -301,3 +301,17 @@ def test_a_head_first_run_scores_outside_images_on_cached_features_as_its_model_
     assert torch.allclose(logits, whole_logits, atol=1e-4) and np.allclose(pooled, whole_pooled, atol=1e-4)
     assert not torch.allclose(logits, logits_and_features(clf.model, images[:, :, ::-1].copy(), "none",
                                                           clf.meta["normalize"], None, clf.runtime, 64)[0], atol=1e-2)
+
+
+def test_a_head_first_run_exports_its_backbone_to_onnx_runtime_once(world, tmp_path, monkeypatch):
+    # Stage 1's frozen pass and the out-of-distribution measurement after it share one runner: its ONNX Runtime
+    # export (1-2 s of a photo run) is made once.
+    from imgcls.training import rejection
+
+    monkeypatch.setattr(transfer, "ORT_MIN_IMAGES", 1)  # ONNX Runtime for the few images here
+    monkeypatch.setattr(rejection, "MIN_VAL", 5)  # a score fitted on this run's 12 val images
+    exports = []
+    original = transfer._ort_session
+    monkeypatch.setattr(transfer, "_ort_session", lambda *a, **k: exports.append(1) or original(*a, **k))
+    run = _train(world["root"] / "parent-data", tmp_path / "runs", "once", world["weights"], cache=False)
+    assert load_model(run)[1]["ood"]["score"] in ("msp", "energy", "knn") and len(exports) == 1

@@ -103,6 +103,7 @@ class TrainState:
     strategy: OneProcess = field(default_factory=OneProcess)  # one process, or several (imgcls.training.strategy)
     deadline: float | None = None  # time.perf_counter() by which an epoch stops taking steps (--time-budget)
     val_logits: torch.Tensor | None = None  # stage 1's on the val split, from the frozen features
+    features: FeatureStore | None = None  # stage 1's frozen features: its runner (and ONNX Runtime export) reused
     epoch: int = 0  # epochs completed
     step: int = 0  # optimiser steps taken
     history: list[dict] = field(default_factory=list)
@@ -636,7 +637,7 @@ def _fit_rejection(s: TrainState, ds: ImageDataset, run: RunFolder, final: str, 
     """The out-of-distribution score and its threshold, stored with the final checkpoint (and ood.json): an image
     below it is "unknown" to predict and serving (:mod:`imgcls.training.rejection`)."""
     stage1 = _checkpoint_epoch(run, final) == 0
-    keep_rejection(s, ds, run, final, feature_store(s, ds, say), stage1, say)
+    keep_rejection(s, ds, run, final, s.features or feature_store(s, ds, say), stage1, say)
 
 
 def keep_rejection(s: TrainState, ds: ImageDataset, run: RunFolder, final: str, store: FeatureStore, stage1: bool,
@@ -694,7 +695,7 @@ def fit_head(s: TrainState, ds: ImageDataset, say, store: FeatureStore | None = 
     views = _views(t)
     train = ds.splits["train"]
     images = stage1_passes(t, ds)
-    store = store or feature_store(s, ds, say)
+    store = s.features = store or feature_store(s, ds, say)
     runner = store.runner
     parts, hits = [], 0
     for view in views:
