@@ -129,7 +129,9 @@ def test_split_folders_with_one_csv_and_a_label_seen_only_in_test_is_refused(tmp
         build_dataset(imgcls.make_config(data=str(root), cache=False).data)
 
 
-def test_bad_label_csvs_are_refused_naming_the_row_and_file(tmp_path, multilabel_squares):
+def test_bad_label_csvs_are_refused_naming_the_row_and_file(tmp_path, multilabel_squares, capsys):
+    from imgcls.cli import main
+
     root = tmp_path / "data"
     multilabel_squares.write_folder(root, 12)
     csv = root / "labels.csv"
@@ -137,11 +139,10 @@ def test_bad_label_csvs_are_refused_naming_the_row_and_file(tmp_path, multilabel
 
     def refused(text: str, pattern: str) -> None:
         csv.write_text(text)
-        out = subprocess.run([sys.executable, "-m", "imgcls", "train", "--data", str(root), "--no-cache",
-                              "--epochs", "1", "--out", str(tmp_path / "runs")], check=False, capture_output=True,
-                             text=True)
-        assert out.returncode != 0 and "Traceback" not in out.stderr
-        assert pattern in out.stderr, out.stderr
+        code = main(["train", "--data", str(root), "--no-cache", "--epochs", "1", "--out", str(tmp_path / "runs")])
+        err = capsys.readouterr().err
+        assert code != 0 and "Traceback" not in err
+        assert pattern in err, err
         assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())  # nothing half-written
 
     refused("file_name_missing,labels\n" + "\n".join(lines[1:]), "no filename column")
@@ -150,9 +151,9 @@ def test_bad_label_csvs_are_refused_naming_the_row_and_file(tmp_path, multilabel
     refused("\n".join(lines[:-1]), lines[-1].split(",")[0])  # an image with no row
     refused("\n".join(lines[:2] + ['images/0001.png,"red,green"'] + lines[3:]), "holds a ','")
     csv.write_bytes("\n".join(lines[:2] + ["images/0001.png,rouge été"] + lines[3:]).encode("latin-1"))
-    out = subprocess.run([sys.executable, "-m", "imgcls", "train", "--data", str(root), "--no-cache"],
-                         check=False, capture_output=True, text=True)
-    assert out.returncode != 0 and "UTF-8" in out.stderr and "line 3" in out.stderr
+    code = main(["train", "--data", str(root), "--no-cache", "--out", str(tmp_path / "runs")])
+    err = capsys.readouterr().err
+    assert code != 0 and "UTF-8" in err and "line 3" in err
     many = "filename,labels\n" + "\n".join(f"images/{i:04d}.png,{' '.join(f'l{i}_{k}' for k in range(900))}"
                                            for i in range(12))
     refused(many, "10,800")
