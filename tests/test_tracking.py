@@ -102,6 +102,7 @@ class CrashAt:
             raise self.error(f"crash at step {self.step}")
 
 
+@pytest.mark.slow  # several seconds: the default run stays under 5 minutes
 def test_a_resumed_run_continues_both_trackers_without_duplicates(tmp_path):
     pytest.importorskip("tensorboard")
     pytest.importorskip("mlflow")
@@ -152,6 +153,7 @@ def test_a_damaged_mlflow_json_stops_the_resume_in_one_line_naming_it(tmp_path, 
     assert "delete it" in err and "Traceback" not in err
 
 
+@pytest.mark.slow  # several seconds: the default run stays under 5 minutes
 def test_mlflow_logs_the_config_every_epoch_and_the_run_files(tmp_path):
     pytest.importorskip("mlflow")
     run = imgcls.train(out=str(tmp_path), name="m", track="mlflow", **{**TINY, "report": True})
@@ -266,6 +268,7 @@ def test_bad_tracking_flags_are_refused(tmp_path, capsys, args, message):
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.slow  # several seconds: the default run stays under 5 minutes
 def test_cross_validation_tracks_every_fold_as_one_group(tmp_path):
     """imgcls cv --track tensorboard,mlflow: each fold's run folder holds its event files, whose test figures are
     the fold's in cv.json, and MLflow groups the folds in an experiment named after the cv folder."""
@@ -296,6 +299,7 @@ def test_track_flags_are_config_fields():
         api.make_config(track=5)
 
 
+@pytest.mark.slow  # several seconds: the default run stays under 5 minutes
 def test_a_tune_study_groups_its_trials(tmp_path):
     pytest.importorskip("optuna")
     pytest.importorskip("mlflow")

@@ -55,6 +55,7 @@ def _section(page: str, title: str) -> str:
     return match.group(1)
 
 
+@pytest.mark.slow  # several seconds: the default run stays under 5 minutes
 def test_a_study_runs_its_trials_and_its_best_config_trains_again(tmp_path, capsys):
     out = tmp_path / "runs"
     assert main(["tune", *TINY_FLAGS, "--trials", "3", "--out", str(out), "--study", "s", "--sampler", "random",
@@ -213,6 +214,7 @@ def test_an_unreachable_database_is_one_line_without_its_password(tmp_path, caps
     assert not out.exists()
 
 
+@pytest.mark.slow  # several seconds: the default run stays under 5 minutes
 def test_running_again_continues_the_study_and_another_space_is_refused(tmp_path):
     space = {"lr": {"low": 1e-3, "high": 3e-2, "log": True}}
     common = dict(TINY, out=str(tmp_path), study="c", space=space, sampler="random", quiet=True)
@@ -265,6 +267,7 @@ def test_a_loss_that_becomes_nan_fails_its_trial_only(tmp_path, monkeypatch):
     assert by_lr[0.01]["state"] == "complete"
 
 
+@pytest.mark.slow  # several seconds: the default run stays under 5 minutes
 def test_pruning_stops_the_trials_that_are_clearly_worse(tmp_path):
     good, bad = 0.01, 1e-7
     pruner = optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0)
@@ -444,6 +447,7 @@ def _planted_study(tmp_path, sampler: str) -> list[float]:
     return [t["params"]["lr"] for t in sorted(summary["trials"], key=lambda t: t["trial"])]
 
 
+@pytest.mark.slow  # several seconds: the default run stays under 5 minutes
 def test_tpe_finds_the_planted_learning_rate_and_draws_near_it_more_than_random(tmp_path):
     import math
 
