@@ -317,7 +317,7 @@ def test_the_plain_baseline_decodes_with_pil_and_runs_its_backbone_in_pytorch(be
     weights = tmp_path / "weights.safetensors"
     save_file({k: v.contiguous() for k, v in create_model("resnet8", 3, 5, (32, 32)).state_dict().items()},
               str(weights))
-    files, y, classes = bench.read_labels(folder)
+    _, y, classes = bench.read_labels(folder)
     split = bench.iterative_split(y, {"train": 0.6, "val": 0.2, "test": 0.2}, np.random.default_rng(0))
     settings = {"model": "resnet8", "pretrained": str(weights), "image_size": [32, 32], "resize": "stretch",
                 "options": {}}

@@ -27,6 +27,7 @@ from imgcls.quantize import (
     plan,
     quantize_graph,
     require_quantization,
+    upstream_nodes,
 )
 from imgcls.serving.app import create_app
 
@@ -129,7 +130,7 @@ def test_a_drop_over_max_drop_exits_1_with_the_figures_and_writes_nothing(colour
 
 def test_8_bit_weights_that_lose_too_much_are_tried_again_in_7_bits(colours, tmp_path, monkeypatch, capsys):
     # On a CPU without VNNI, 8-bit weights can saturate ONNX Runtime's int16 pair sums; 7 bits cannot.
-    import imgcls.export as export
+    from imgcls import export
 
     original, verdicts = export._check_int8, iter([False, True])
 
@@ -198,13 +199,7 @@ def test_the_score_path_stays_fp32_and_the_check_reports_what_the_threshold_reje
     producer = {o: n for n in model.graph.node for o in n.output}
 
     def upstream(name: str) -> set[str]:
-        seen, stack = set(), [name]
-        while stack:
-            n = producer.get(stack.pop())
-            if n is not None and n.name not in seen:
-                seen.add(n.name)
-                stack.extend(n.input)
-        return seen
+        return upstream_nodes(list(model.graph.node), [name])
 
     score, classifier = kept["the out-of-distribution score"]["node"], kept["the classifier"]["node"]
     assert nodes[score].op_type == "MatMul" and score not in upstream("logits") and score in upstream("ood_score")

@@ -139,18 +139,19 @@ def _feeding_only(nodes: list, outputs: list[str], others: list[str]) -> set[str
     """Names of the ``nodes`` that feed the graph outputs ``outputs`` and none of the ``others``."""
     if not outputs:
         return set()
+    return upstream_nodes(nodes, outputs) - upstream_nodes(nodes, others)
+
+
+def upstream_nodes(nodes: list, names: list[str]) -> set[str]:
+    """Names of the ``nodes`` (an ONNX graph's) that the tensors ``names`` are computed from, directly or not."""
     producer = {name: n for n in nodes for name in n.output}
-
-    def upstream(names) -> set[str]:
-        seen, stack = set(), list(names)
-        while stack:
-            n = producer.get(stack.pop())
-            if n is not None and n.name not in seen:
-                seen.add(n.name)
-                stack.extend(n.input)
-        return seen
-
-    return upstream(outputs) - upstream(others)
+    seen, stack = set(), list(names)
+    while stack:
+        n = producer.get(stack.pop())
+        if n is not None and n.name not in seen:
+            seen.add(n.name)
+            stack.extend(n.input)
+    return seen
 
 
 class CalibrationBatches:
