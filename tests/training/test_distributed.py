@@ -196,9 +196,11 @@ def _start_and_wait_for_epoch(tmp_path, name: str, own_group: bool = False) -> t
             "--no-report", "--out", str(tmp_path), "--name", name]
     proc = subprocess.Popen(_cli("train", *args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=own_group)
-    metrics = tmp_path / name / "metrics.jsonl"
+    # The first epoch's checkpoint (written atomically after its line in metrics.jsonl: a stop between the two
+    # finds no checkpoint to resume from).
+    last = tmp_path / name / "checkpoints" / "last.safetensors"
     deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None and not (metrics.is_file() and metrics.read_text()):
+    while time.time() < deadline and proc.poll() is None and not last.is_file():
         time.sleep(0.05)
     workers = _rank_pids(proc.pid, 0) + _rank_pids(proc.pid, 1)
     assert proc.poll() is None and len(workers) == 2, "the job did not start its two processes"
