@@ -145,7 +145,7 @@ def test_bad_label_csvs_are_refused_naming_the_row_and_file(tmp_path, multilabel
         assert pattern in err, err
         assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())  # nothing half-written
 
-    refused("file_name_missing,labels\n" + "\n".join(lines[1:]), "no filename column")
+    refused("photo,labels\n" + "\n".join(lines[1:]), "no filename column")
     refused("\n".join(lines + [lines[3]]), f"{lines[3].split(',')[0]}")  # the same file twice
     refused("\n".join(lines + ["images/9999.png,red"]), "images/9999.png")  # a row for a file not in the folder
     refused("\n".join(lines[:-1]), lines[-1].split(",")[0])  # an image with no row

@@ -114,11 +114,22 @@ def test_mixed_separators():
     assert "line 3 (b.jpg) mixes separators" in message and "line 2" in message
 
 
-@pytest.mark.parametrize(("cell", "bad"), [('"red,shoe"', ","), ("red|shoe", "|"), ('"a;red,shoe"', ",")])
+@pytest.mark.parametrize(("cell", "bad"), [('"red,shoe"', ","), ('"a;red,shoe"', ","), ('"a|red,shoe"', ",")])
 def test_label_holding_a_separator(cell, bad):
     message = refusal(f"filename,labels\na.jpg,x\nb.jpg,{cell}\n")
     assert f"labels.csv line 3 (b.jpg): label 'red{bad}shoe' holds a '{bad}'" in message
-    assert "separated by spaces or ';'" in message
+    assert "separated by spaces, ';' or '|'" in message
+
+
+def test_bars_separate_labels_and_words_name_the_columns():
+    # ChestX-ray14's Data_Entry_2017.csv: "Image Index", "Finding Labels" split by '|', and columns of other facts.
+    table = read("Image Index,Finding Labels,Follow-up #,Patient ID\n00000001_000.png,Cardiomegaly,0,1\n"
+                 "00000001_001.png,Cardiomegaly|Emphysema,1,1\n00000002_000.png,No Finding,0,2\n")
+    assert table.form == "list" and table.files == ["00000001_000.png", "00000001_001.png", "00000002_000.png"]
+    assert table.labels == ["Cardiomegaly", "Emphysema", "No Finding"]  # a label may hold a space after '|'
+    np.testing.assert_array_equal(table.targets, [[1, 0, 0], [1, 1, 0], [0, 0, 1]])
+    both = refusal("filename,labels\na.jpg,x;y\nb.jpg,x|y\n")
+    assert "line 2 separates labels with ';' and line 3 with '|'" in both
 
 
 def test_value_not_0_1_names_line_file_column_and_value():

@@ -4,7 +4,9 @@ Two forms of CSV are read, both with a filename column (``filename``,
 ``image_id``, ``path``, ... in any case):
 
 * ``list``: ``filename,labels`` where the labels of each image are separated
-  by spaces, or by ``;`` (then a label may hold inner spaces: ``red shoe;hat``);
+  by spaces, or by ``;`` or ``|`` (then a label may hold inner spaces: ``red shoe;hat``;
+  with ``|``, as ChestX-ray14's ``Atelectasis|Effusion`` and ``No Finding``, a cell
+  without one is one label); other columns are left alone;
 * ``columns``: ``filename,<label1>,<label2>,...`` with a 0/1 value per label.
 
 :func:`read_label_csv` parses the bytes into a :class:`LabelTable`,
@@ -36,7 +38,8 @@ _TRUE = frozenset({"1", "1.0", "true", "yes"})
 _FALSE = frozenset({"0", "0.0", "false", "no"})
 _FORBIDDEN = ",;|"  # characters no label may hold: they read as separators
 _SHOWN = 10  # problems listed one by one in an error; the rest are counted
-_FORMS = ("accepted forms: filename,labels (the labels of each image separated by spaces or ';') "
+_SEPARATORS = (";", "|")  # a file whose labels cells hold one of these separates labels by it, not by spaces
+_FORMS = ("accepted forms: filename,labels (the labels of each image separated by spaces, ';' or '|') "
           "or filename,<label1>,<label2>,... (a 0/1 value per label)")
 
 
@@ -88,15 +91,14 @@ def read_label_csv(data: bytes, source: str) -> LabelTable:
     text = _decode(data, source)
     delimiter = _delimiter(text)
     header, body = _parse_rows(text, delimiter, source)
-    keys = [cell.lower() for cell in header]
-    name_col = next((i for i, key in enumerate(keys) if key in FILENAME_COLUMNS), None)
+    name_col = _column(header, FILENAME_COLUMNS)
     if name_col is None:
         raise DataError(f"{source}: no filename column; the header is {header}; expected one of "
                         f"{', '.join(FILENAME_COLUMNS)} (any case)")
     _check_body(body, header, name_col, source)
     if not body:
         raise DataError(f"{source}: no data rows below the header {header}")
-    labels_col = next((i for i, key in enumerate(keys) if key in LABELS_COLUMNS and i != name_col), None)
+    labels_col = _column(header, LABELS_COLUMNS, skip=name_col)
     if labels_col is not None:
         labels, targets = _list_form(body, name_col, labels_col, source)
         form = "list"
@@ -108,6 +110,17 @@ def read_label_csv(data: bytes, source: str) -> LabelTable:
     if not targets.any():
         raise DataError(f"{source}: none of the rows ({len(body):,}) has a label; {_FORMS}")
     return LabelTable(labels, [row[name_col] for _, row in body], targets, [line for line, _ in body], form, source)
+
+
+def _column(header: list[str], names: tuple[str, ...], skip: int | None = None) -> int | None:
+    """The column whose header is one of ``names`` (any case); else the one with such a word in it (``Image
+    Index``, ``Finding Labels``), the earlier of ``names`` first; None without either."""
+    keys = [cell.lower() for cell in header]
+    exact = next((i for i, key in enumerate(keys) if key in names and i != skip), None)
+    if exact is not None:
+        return exact
+    words = [set("".join(c if c.isalnum() else " " for c in key).split()) for key in keys]
+    return next((i for name in names for i, have in enumerate(words) if name in have and i != skip), None)
 
 
 def _decode(data: bytes, source: str) -> str:
@@ -184,23 +197,29 @@ def _check_body(body: list[tuple[int, list[str]]], header: list[str], name_col: 
 
 def _list_form(body, name_col: int, labels_col: int, source: str) -> tuple[list[str], np.ndarray]:
     """Sorted labels and (R, L) uint8 targets of the ``filename,labels`` form."""
-    semicolon_line = next((line for line, cells in body if ";" in cells[labels_col]), None)
+    first = {sep: next((line for line, cells in body if sep in cells[labels_col]), None) for sep in _SEPARATORS}
+    used = [sep for sep in _SEPARATORS if first[sep] is not None]
+    if len(used) > 1:
+        raise DataError(f"{source}: line {first[';']} separates labels with ';' and line {first['|']} with '|'; "
+                        f"separate them one way in the whole file")
+    sep = used[0] if used else None
     sets = []
     for line, cells in body:
         cell, where = cells[labels_col], f"{source} line {line} ({cells[name_col]})"
-        if semicolon_line is None:
+        if sep is None:
             names = cell.split()
-        elif ";" not in cell and len(cell.split()) > 1:
+        elif sep == ";" and sep not in cell and len(cell.split()) > 1:  # "red shoe": one label or two?
             raise DataError(
-                f"{where} mixes separators: {cell!r} has spaces but no ';', while line {semicolon_line} separates "
-                f"labels with ';'; write {';'.join(cell.split())!r} for {len(cell.split())} labels, or "
-                f"{cell + ';'!r} for one label holding spaces")
+                f"{where} mixes separators: {cell!r} has spaces but no {sep!r}, while line {first[sep]} separates "
+                f"labels with {sep!r}; write {sep.join(cell.split())!r} for {len(cell.split())} labels, or "
+                f"{cell + sep!r} for one label holding spaces")
         else:
-            names = [name.strip() for name in cell.split(";") if name.strip()]
+            names = [name.strip() for name in cell.split(sep) if name.strip()]
         for name in names:
             bad = next((c for c in _FORBIDDEN if c in name), None)
             if bad:
-                raise DataError(f"{where}: label {name!r} holds a {bad!r}; labels are separated by spaces or ';'")
+                raise DataError(f"{where}: label {name!r} holds a {bad!r}; labels are separated by spaces, ';' "
+                                f"or '|'")
         sets.append(names)
     labels = sorted({name for names in sets for name in names})
     _check_label_count(labels, source, "the labels column")
