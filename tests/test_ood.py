@@ -9,6 +9,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
@@ -146,3 +147,24 @@ def test_an_ood_folder_holding_training_images_is_refused_before_training(tmp_pa
     with pytest.raises(Exception, match="no such folder or zip"):
         imgcls.train(data=str(root), out=str(tmp_path / "runs"), epochs=1, batch_size=8, ood=str(tmp_path / "x"),
                      **SMALL)
+
+
+@pytest.mark.parametrize(("bad", "said"), [
+    ({"score": "mahalanobis", "threshold": 0.5}, "must name a score (msp, energy, knn) with a finite threshold"),
+    ({"score": "msp", "threshold": float("nan")}, "with a finite threshold"),
+    ({"score": "knn", "threshold": 0.5, "k": 10}, "must hold a bank of features"),
+    ({"score": "knn", "threshold": 0.5, "k": 0, "bank": torch.ones(4, 3)}, "and k (1 or more)"),
+])
+def test_a_damaged_ood_entry_is_refused_when_the_checkpoint_is_read(run, tmp_path, bad, said):
+    import shutil
+
+    from imgcls.checkpoint import find_checkpoint, update_meta
+    from imgcls.errors import CheckpointError
+
+    finished, _, _ = run
+    copy = tmp_path / "run"
+    shutil.copytree(finished.path, copy)
+    update_meta(find_checkpoint(copy), {"ood": bad})
+    with pytest.raises(CheckpointError, match="damaged or was not written by imgcls: its 'ood' entry") as info:
+        imgcls.load(copy)
+    assert said in str(info.value)

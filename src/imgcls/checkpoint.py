@@ -33,6 +33,7 @@ from imgcls import rundir
 from imgcls.errors import CheckpointError, ConfigError, is_disk_full
 from imgcls.io import atomic_path
 from imgcls.models import create_model
+from imgcls.ood import entry_problem
 
 FORMAT_VERSION = 1
 META_KEY = "imgcls"
@@ -154,18 +155,10 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
 
 
 def _check_ood(meta: dict, path: Path) -> None:
-    """Refuse an out-of-distribution entry that would crash or mislead predictions: a known score with a finite
-    threshold, and for kNN a (B, F) bank."""
-    ood = meta["ood"]
-    ok = isinstance(ood, dict) and ood.get("score") in ("msp", "energy", "knn") and _finite(ood.get("threshold"))
-    if ok and ood["score"] == "knn":
-        bank = ood.get("bank")
-        ok = isinstance(bank, torch.Tensor) and bank.ndim == 2 and len(bank) > 0 and _whole(ood.get("k")) \
-            and ood["k"] >= 1 and bool(torch.isfinite(bank).all())
-    if not ok:
-        raise CheckpointError(f"checkpoint {path} is damaged or was not written by imgcls: its 'ood' entry must "
-                              f"name a score (msp, energy or knn) with a finite threshold, and for knn a bank of "
-                              f"features and k")
+    """Refuse an out-of-distribution entry that would crash or mislead predictions (:func:`imgcls.ood.entry_problem`)."""
+    problem = entry_problem(meta["ood"])
+    if problem:
+        raise CheckpointError(f"checkpoint {path} is damaged or was not written by imgcls: its 'ood' entry {problem}")
 
 
 def verify_tensors(path: Path, tensors: dict[str, torch.Tensor], expected: str | None) -> None:

@@ -63,7 +63,7 @@ from imgcls.errors import (
 from imgcls.evaluation.multilabel import mean_average_precision
 from imgcls.inference import normalization_tensors, predict_logits, to_input, tta_logits
 from imgcls.io import write_atomic, write_json
-from imgcls.ood import SCORES, K, entry_record, score_tensor
+from imgcls.ood import K, entry_problem, entry_record, score_tensor
 from imgcls.predictor import Predictor, TorchPredictor, load
 from imgcls.quantize import (
     CALIBRATIONS,
@@ -748,11 +748,10 @@ def meta_from_onnx(doc: dict, path: Path) -> dict:
 
 def _ood_of(entry, path: Path) -> dict:
     """The ``ood`` entry of an ``imgcls_meta`` document (without the bank: the graph holds it), checked."""
-    threshold = entry.get("threshold") if isinstance(entry, dict) else None
-    if not (isinstance(entry, dict) and entry.get("score") in SCORES and isinstance(threshold, (int, float))
-            and not isinstance(threshold, bool) and np.isfinite(threshold)):
+    problem = entry_problem(entry, with_bank=False)
+    if problem:
         raise CheckpointError(f"{path} is damaged or was not exported by imgcls: the 'ood' entry of its {META_KEY} "
-                              f"must name a score ({', '.join(SCORES)}) with a finite threshold; got {entry!r:.200}")
+                              f"{problem}; got {entry!r:.200}")
     return dict(entry)
 
 

@@ -108,6 +108,24 @@ def score_of(ood: dict, logits: np.ndarray, pooled: np.ndarray | None, multilabe
     return logit_scores(logits, multilabel)[ood["score"]]
 
 
+def entry_problem(entry, with_bank: bool = True) -> str | None:
+    """What makes a stored ``ood`` entry unusable, in words, or None when predictions can use it: one of
+    :data:`SCORES` with a finite threshold; with ``with_bank`` (a checkpoint's entry: the ONNX export's metadata
+    holds none, its graph does), kNN's (B, F) tensor bank of finite features and a whole ``k`` of 1 or more."""
+    def number(value, whole: bool = False) -> bool:
+        kinds = int if whole else (int, float)
+        return isinstance(value, kinds) and not isinstance(value, bool) and bool(np.isfinite(value))
+
+    if not (isinstance(entry, dict) and entry.get("score") in SCORES and number(entry.get("threshold"))):
+        return f"must name a score ({', '.join(SCORES)}) with a finite threshold"
+    if with_bank and entry["score"] == "knn":
+        bank, k = entry.get("bank"), entry.get("k")
+        if not (isinstance(bank, torch.Tensor) and bank.ndim == 2 and len(bank) > 0 and bool(torch.isfinite(bank).all())
+                and number(k, whole=True) and k >= 1):
+            return "of score knn must hold a bank of features (a 2-d tensor of finite values) and k (1 or more)"
+    return None
+
+
 def entry_record(entry: dict) -> dict:
     """A stored ``ood`` entry as JSON (``ood.json``, the ONNX export's metadata): everything but the bank of
     features, whose size is given as ``bank_images``."""
