@@ -168,3 +168,21 @@ def test_a_damaged_ood_entry_is_refused_when_the_checkpoint_is_read(run, tmp_pat
     with pytest.raises(CheckpointError, match="damaged or was not written by imgcls: its 'ood' entry") as info:
         imgcls.load(copy)
     assert said in str(info.value)
+
+
+def test_ood_frr_sets_the_share_of_val_the_threshold_rejects(tmp_path, data_dir_env, one_thread, capsys):
+    from imgcls.cli import main
+
+    root = tmp_path / "colours"
+    _colours(root)
+    finished = imgcls.train(data=str(root), out=str(tmp_path / "runs"), name="frr", epochs=3, batch_size=16,
+                            val_fraction=0.25, ood_frr=0.3, **SMALL)
+    doc = json.loads((finished.path / "ood.json").read_text())
+    kept = doc["measured"][doc["score"]]
+    assert doc["frr_target"] == 0.3 and imgcls.load(finished.path).ood["frr_target"] == 0.3
+    # 22 val images: the default (5%, less its margin) rejects at most one; 30% less its margin rejects 4 or more.
+    assert 0.15 <= kept["frr"] <= 0.3
+    for bad in ("0", "0.7", "nan"):
+        assert main(["train", "--data", str(root), "--ood-frr", bad, "--out", str(tmp_path / "none")]) == 2
+        assert "ood_frr must be a number in (0, 0.5]" in capsys.readouterr().err
+    assert not (tmp_path / "none").exists()

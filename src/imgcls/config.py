@@ -62,8 +62,11 @@ class DataConfig:
                                "CSV with a file column), or one path per line, relative to --data")
     ood: str | None = _opt(None, "a folder or zip of images that are none of the classes: the run measures how well "
                            "it tells them apart (default: images at hand, such as scikit-learn's digits)")
-    labels: str | None = _opt(None, "a CSV of several labels per image: filename,labels (labels separated by spaces "
-                              "or ;) or filename and one 0/1 column per label; a labels.csv beside the images is "
+    ood_frr: float = _opt(0.05, "the share of in-class images that the out-of-distribution threshold may answer "
+                          "'unknown' for, fitted on val: lower rejects fewer of them and accepts more images that "
+                          "are none of the classes")
+    labels: str | None = _opt(None, "a CSV of several labels per image: filename,labels (labels separated by spaces, "
+                              "; or |) or filename and one 0/1 column per label; a labels.csv beside the images is "
                               "found without it")
     # Folders of photos added to --data by `imgcls train --update` (written by imgcls, not a flag): each is split
     # as --data is (seeded, stratified), its classes join --data's (new ones after them), so the run's own data,
@@ -194,6 +197,7 @@ class RunConfig:
         _check_int("seed", t.seed, 0, 2**32 - 1)
         _check_range("val_fraction", d.val_fraction, 0.0, 0.9)
         _check_range("test_fraction", d.test_fraction, 0.0, 0.9)
+        _check_range("ood_frr", d.ood_frr, 0.0, 0.5, low_open=True)
         if d.val_fraction + d.test_fraction >= 1.0:
             raise ConfigError("val_fraction + test_fraction must be below 1 so that images remain for training")
         if not isinstance(d.added, list) or not all(isinstance(a, str) and a.strip() for a in d.added):

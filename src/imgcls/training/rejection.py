@@ -1,10 +1,10 @@
 """After training: the out-of-distribution score a run keeps, fitted and measured (see :mod:`imgcls.ood`).
 
-The score's threshold rejects 5% of the val images (``imgcls.ood.FRR``); how well it separates the classes from
-images that are none of them is measured against ``--ood FOLDER`` when given, else against images imgcls has at
-hand: scikit-learn's digits (upscaled) for a model of anything else, uniform noise for a model of digits.  The
-features of a stage-1 run come from the feature cache its stage 1 filled; a fine-tuned run computes those of
-its val images and of a sample of its training images once.
+The score's threshold rejects 5% of the val images (``imgcls.ood.FRR``; ``--ood-frr`` sets another share); how
+well it separates the classes from images that are none of them is measured against ``--ood FOLDER`` when given,
+else against images imgcls has at hand: scikit-learn's digits (upscaled) for a model of anything else, uniform
+noise for a model of digits.  The features of a stage-1 run come from the feature cache its stage 1 filled; a
+fine-tuned run computes those of its val images and of a sample of its training images once.
 """
 
 from __future__ import annotations
@@ -136,13 +136,14 @@ def fit_rejection(model, meta: dict, ds: ImageDataset, data_cfg, *, store: Featu
     inside = {**logit_scores(np.asarray(val_logits), ds.multilabel),
               "knn": knn_score(feature_directions(val_pooled), bank)}
     out = {**logit_scores(out_logits.numpy(), ds.multilabel), "knn": knn_score(feature_directions(out_pooled), bank)}
-    choice = choose(inside, out, FRR)
+    frr = getattr(data_cfg, "ood_frr", FRR)
+    choice = choose(inside, out, frr)
     best = choice["measured"][choice["score"]]
     say(f"out-of-distribution: {choice['score']} kept (AUROC {best['auroc']:.3f} against {against}: "
         f"{best['far']:.1%} of them accepted, {best['frr']:.1%} of val rejected; "
         + ", ".join(f"{k} {v['auroc']:.3f}" for k, v in choice["measured"].items() if k != choice["score"])
         + f") in {time.perf_counter() - started:.1f}s")
-    entry = {"score": choice["score"], "threshold": choice["threshold"], "frr_target": FRR, "against": against,
+    entry = {"score": choice["score"], "threshold": choice["threshold"], "frr_target": frr, "against": against,
              "measured": choice["measured"], "val_images": len(val)}
     if names is not None:  # --ood's images the kept score takes for the classes' own: maybe in-class images
         accepted = np.flatnonzero(out[choice["score"]] >= choice["threshold"])
