@@ -132,6 +132,11 @@ def test_serving_answers_unknown_with_the_score(run):
     rows = body.json()["predictions"]
     assert [r["answer"] for r in rows] == list(clf.predict([str(f) for f in files], unknown=True))
     assert all(isinstance(r["ood_score"], float) for r in rows)
+    with TestClient(create_app(finished.path)) as client:
+        card = client.get("/v1/model").json()["unknown"]
+    doc = json.loads((finished.path / "ood.json").read_text())
+    assert card == {"score": doc["score"], "threshold": pytest.approx(doc["threshold"]), "frr_target": 0.05,
+                    "auroc": doc["measured"][doc["score"]]["auroc"], "against": doc["against"]}
 
 
 def test_an_ood_folder_holding_training_images_is_refused_before_training(tmp_path, one_thread):

@@ -71,6 +71,11 @@ class ModelCard(BaseModel):
     task: str = Field(default="single", description="single (one class per image) or multilabel (a set of labels)")
     runtime: str = Field(description="torch, onnx or onnx-int8")
     parameters: int | None = Field(description="number of model parameters")
+    unknown: dict[str, float | str | None] | None = Field(
+        default=None, description="the out-of-distribution score behind the answer 'unknown': its name (score), "
+                                  "the threshold below which an image is unknown, the share of in-class (val) images "
+                                  "it was set to reject (frr_target), its AUROC and what it was measured against; "
+                                  "null when the model stores none")
 
 
 class Health(BaseModel):

@@ -173,6 +173,7 @@ class ServingState:
             "task": "multilabel" if self.clf.multilabel else "single",
             "runtime": self.runtime,
             "parameters": None if parameters is None else int(parameters),
+            "unknown": _unknown_card(self.clf.ood),
         }
 
     def _checkpoint_time(self) -> str | None:
@@ -210,3 +211,12 @@ def explain_image(state: ServingState, image: np.ndarray, name: str, method: str
     clf, lock = state.explainer()
     with lock:
         return explain_arrays(clf.model, clf.meta, image[None], method=method, device=None, names=[name])
+
+
+def _unknown_card(ood: dict | None) -> dict | None:
+    """The model card's view of a stored out-of-distribution score (what answers "unknown"), or None."""
+    if ood is None:
+        return None
+    measured = (ood.get("measured") or {}).get(ood["score"]) or {}
+    return {"score": ood["score"], "threshold": float(ood["threshold"]), "frr_target": ood.get("frr_target"),
+            "auroc": measured.get("auroc"), "against": ood.get("against")}
