@@ -1,4 +1,5 @@
-"""Figure helpers at the bottom of the package: a matplotlib Figure without pyplot, its PNG, safe labels.
+"""Figure helpers at the bottom of the package: a matplotlib Figure without pyplot, its PNG, safe labels, an
+image grid as one picture.
 
 Every module that draws (evaluation, explain, reports) starts here, so that
 none of them reaches up into another for a helper.  matplotlib is imported
@@ -8,6 +9,8 @@ when a figure is made, not with this module.
 from __future__ import annotations
 
 import io
+
+import numpy as np
 
 
 def new_figure(width: float = 6.4, height: float = 4.0):
@@ -39,3 +42,43 @@ def figure_png(fig) -> bytes:
 def plain(text) -> str:
     """``text`` for a matplotlib label: a ``$`` in a class name is shown, not read as mathtext."""
     return str(text).replace("$", r"\$")
+
+
+def image_grid_canvas(images: np.ndarray, wrong: list[bool], ncols: int, width: int, height: int, band: int,
+                      wrong_colour: str = "#c0392b", fill: bool = False) -> tuple[np.ndarray, list[tuple[float, int, int]]]:
+    """An image grid as one picture (the report's grids draw it pixel for pixel on axes that fill the figure):
+    uint8 (height, width, 3), white, with each image fitted (its aspect kept) below a ``band`` of px left for
+    its title, framed 3 px in ``wrong_colour`` (hex) when wrong and 1 px grey else;
+    and each image's (centre x, top y, side) in px.  Images of 64 px or less are enlarged by a whole number of
+    pixel repetitions (their pixels stay sharp), those that fit are drawn as they are (``fill``: enlarged to
+    the cell), larger ones shrunk with Lanczos."""
+    from PIL import Image
+
+    canvas = np.full((height, width, 3), 255, np.uint8)
+    n = len(images)
+    nrows = max(1, -(-n // ncols))
+    cw, ch = width / ncols, height / nrows
+    side = max(1, int(min(cw, ch - band)) - 8)  # 4 px around each image for its frame
+    red = np.array([int(wrong_colour[i:i + 2], 16) for i in (1, 3, 5)], np.uint8)
+    boxes = []
+    for i, image in enumerate(np.asarray(images)):
+        row, col = divmod(i, ncols)
+        rgb = np.repeat(image, 3, axis=-1) if image.shape[-1] == 1 else image[..., :3]
+        h, w = rgb.shape[:2]
+        if max(h, w) <= 64:  # small: each pixel repeated a whole number of times, sharp
+            factor = max(1, side // max(h, w))
+            fitted = rgb.repeat(factor, axis=0).repeat(factor, axis=1)
+        elif max(h, w) <= side and not fill:  # fits: as it is, pixel for pixel
+            fitted = rgb
+        else:
+            scale = side / max(h, w)
+            size = (max(1, round(w * scale)), max(1, round(h * scale)))
+            fitted = np.asarray(Image.fromarray(np.ascontiguousarray(rgb)).resize(size, Image.LANCZOS))
+        size = (fitted.shape[1], fitted.shape[0])
+        x0 = int(col * cw + (cw - size[0]) / 2)
+        y0 = int(row * ch + band + (ch - band - size[1]) / 2)
+        thick, colour = (3, red) if wrong[i] else (1, np.array([191, 191, 191], np.uint8))
+        canvas[max(0, y0 - thick):y0 + size[1] + thick, max(0, x0 - thick):x0 + size[0] + thick] = colour
+        canvas[y0:y0 + size[1], x0:x0 + size[0]] = fitted
+        boxes.append((col * cw + cw / 2, int(row * ch + band), side))
+    return canvas, boxes

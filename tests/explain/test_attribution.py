@@ -273,8 +273,17 @@ def test_plot_and_write_explanations(tmp_path):
     exp = explain_arrays(model, meta, random_images(4, 3, (16, 16)), "gradcam++", target="cat",
                          names=[n or "" for n in names])
     fig = plot_explanations(exp, ncols=3)
-    assert len(fig.axes) == 3 * 2 + 1  # panels and one shared colour bar
+    assert len(fig.axes) == 2  # the panels as one picture, and the shared colour bar
     assert fig.axes[-1].get_ylabel() == "attribution (normalised)"
+    titles = [t.get_text() for t in fig.texts if t.get_text() != f"{exp.method} at {exp.layer}"]  # not the heading
+    assert titles == [exp.title(i).replace("$", r"\$") for i in range(4)]  # a '$' is shown, not read as mathtext
+    (canvas,) = [im.get_array() for im in fig.axes[0].images]
+    first = overlay(exp.images[0], exp.maps[0])  # 16 px: enlarged by whole repetitions, sharp
+    factor = (canvas.shape[1] // 3 - 8) // 16
+    tile = first.repeat(factor, 0).repeat(factor, 1)
+    hits = [(y, x) for y in range(canvas.shape[0] - len(tile)) for x in range(canvas.shape[1] // 3 - len(tile))
+            if (canvas[y, x] == tile[0, 0]).all() and np.array_equal(canvas[y:y + len(tile), x:x + len(tile)], tile)]
+    assert hits  # the first panel is the overlay of the first image and its map
     written = write_explanations(exp, tmp_path / "out", save_maps=True)
     stems = ["cat_1", "cat_1_2", "grid_2", "image_003"]
     expected = [tmp_path / "out" / f"{s}_gradcam++.{ext}" for s in stems for ext in ("png", "npy")]

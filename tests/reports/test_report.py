@@ -192,12 +192,19 @@ def test_confusion_figure_drops_cell_text_for_many_classes():
 
 def test_image_grid_marks_wrong_ones_in_red():
     images = np.zeros((3, 8, 8, 1), np.uint8)
+    images[2] = 200  # a light grey one
     fig = plot_image_grid(images, ["a", "b", "$c$"], [False, True, False], ncols=8)
-    axes = [ax for ax in fig.axes if ax.images]
-    assert len(axes) == 3
-    assert axes[1].title.get_color() != axes[0].title.get_color()
-    assert axes[0].images[0].get_cmap().name == "gray"
-    assert axes[2].title.get_text() == r"\$c\$"  # a dollar in a class name is not read as mathtext
+    titles = fig.texts
+    assert [t.get_text() for t in titles] == ["a", "b", r"\$c\$"]  # a dollar in a name is not read as mathtext
+    assert titles[1].get_color() != titles[0].get_color()
+    (canvas,) = [im.get_array() for ax in fig.axes for im in ax.images]
+    assert canvas.shape[:2] == tuple(round(v * fig.dpi) for v in fig.get_size_inches()[::-1])
+    # Each 8 px image, enlarged by a whole number of repetitions, framed: red around the wrong one.
+    red = np.all(canvas == [0xC0, 0x39, 0x2B], axis=-1)
+    third = canvas.shape[1] // 3
+    assert red[:, third:2 * third].sum() > 100 and not red[:, :third].any() and not red[:, 2 * third:].any()
+    light = np.all(canvas == 200, axis=-1)  # grey pixels stay grey: the same value in every channel
+    assert light[:, 2 * third:].sum() == (canvas.shape[1] // 3 - 8) // 8 * 8 * ((canvas.shape[1] // 3 - 8) // 8 * 8)
 
 
 @pytest.fixture(scope="module")
