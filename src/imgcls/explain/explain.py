@@ -31,7 +31,7 @@ from imgcls.inference import (
     to_input,
 )
 from imgcls.io import write_atomic, write_npy
-from imgcls.plots import figure_png, image_grid_canvas, new_figure, plain
+from imgcls.plots import draw_image_grid, figure_png, new_figure
 
 CMAP = "turbo"  # perceptually ordered and brighter than jet, same blue-to-red reading
 TARGETS = ("predicted", "true")  # the target keywords; anything else is a class name or index
@@ -276,9 +276,8 @@ def plot_explanations(exp: Explanation, ncols: int = 4, alpha: float = 0.5):
     """Overlays in a grid, one shared colour bar (0..1); a single image gets one panel.
 
     Each panel is titled "pred CLASS (p)", with "target T" below when the map
-    explains another class than the predicted one.  The panels are one picture
-    (:func:`imgcls.plots.image_grid_canvas`) drawn pixel for pixel, the titles
-    the figure's texts: less than half the time of one axes per panel.
+    explains another class than the predicted one.  The panels are one picture,
+    the titles the figure's texts (:func:`imgcls.plots.draw_image_grid`).
     """
     from matplotlib.cm import ScalarMappable
     from matplotlib.colors import Normalize
@@ -294,15 +293,10 @@ def plot_explanations(exp: Explanation, ncols: int = 4, alpha: float = 0.5):
     fig.set_layout_engine("none")
     dpi = fig.dpi
     width, height = (round(v * dpi) for v in fig.get_size_inches())
-    grid_w, grid_h, band = round(ncols * cell * dpi), round(nrows * (cell + 0.2 * lines) * dpi), round(0.2 * lines * dpi)
+    grid_w, grid_h = round(ncols * cell * dpi), round(nrows * (cell + 0.2 * lines) * dpi)
     overlays = [overlay(exp.images[i], exp.maps[i], alpha) for i in range(n)]
-    canvas, boxes = image_grid_canvas(np.stack(overlays) if overlays else np.zeros((0, 1, 1, 3), np.uint8),
-                                      [False] * n, ncols, grid_w, grid_h, band, fill=True)
-    ax = fig.add_axes((0.0, 0.0, grid_w / width, grid_h / height))
-    ax.set_axis_off()
-    ax.imshow(canvas, interpolation="nearest", aspect="auto")  # one canvas pixel to one figure pixel
-    for (x, y, _), title in zip(boxes, titles):
-        fig.text(x / width, (grid_h - (y - band / 2)) / height, plain(title), ha="center", va="center", fontsize=9)
+    draw_image_grid(fig, overlays, titles, [False] * n, ncols, (grid_w, grid_h), round(0.2 * lines * dpi), 9,
+                    fill=True)
     cax = fig.add_axes(((grid_w + 0.15 * dpi) / width, 0.1 * grid_h / height, 0.15 * dpi / width, 0.8 * grid_h / height))
     bar = fig.colorbar(ScalarMappable(norm=Normalize(0.0, 1.0), cmap=CMAP), cax=cax)
     bar.set_label("attribution (normalised)")

@@ -25,7 +25,7 @@ from imgcls.evaluation.thresholds import (
     precision_recall_curve,
     scores_at,
 )
-from imgcls.plots import image_grid_canvas, new_figure, plain
+from imgcls.plots import draw_image_grid, new_figure, plain
 
 _WRONG = "#c0392b"  # red for wrong predictions
 _RIGHT = "#1e6e3a"  # dark green for right ones
@@ -226,8 +226,7 @@ def _plot_scores(names: list[str], rows: list[dict], bars: tuple, width: float, 
 def plot_image_grid(images: np.ndarray, titles: list[str], wrong: list[bool], ncols: int = 8, cell: float = 1.35):
     """Images in a grid with a title each; wrong predictions get a red title and frame.
 
-    The grid is one picture (:func:`image_grid_canvas`) drawn pixel for pixel on axes that fill the figure,
-    with the titles as the figure's texts: a 32-image grid renders in 0.26 s against 0.62 s as 32 axes.
+    The grid is one picture with the titles as the figure's texts (:func:`imgcls.plots.draw_image_grid`).
 
     Args:
         images: uint8 (N, H, W, C) with C 1 (shown in gray) or 3.
@@ -243,18 +242,11 @@ def plot_image_grid(images: np.ndarray, titles: list[str], wrong: list[bool], nc
     lines = max((t.count("\n") + 1 for t in titles), default=1)
     fig = new_figure(ncols * cell, nrows * (cell + 0.19 * lines))
     fig.set_layout_engine("none")
-    width, height = (round(v * fig.dpi) for v in fig.get_size_inches())
-    band = round(0.19 * lines * fig.dpi)  # px of title above each image
-    canvas, boxes = image_grid_canvas(images, wrong, ncols, width, height, band, _WRONG)
-    ax = fig.add_axes((0.0, 0.0, 1.0, 1.0))
-    ax.set_axis_off()
-    ax.imshow(canvas, interpolation="nearest", aspect="auto")  # one canvas pixel to one figure pixel
     # Shrink the titles so the longest line fits its cell (about 0.55 em per character), within reason (7 to 9 pt).
     longest = max((len(line) for t in titles for line in t.split("\n")), default=1)
     fontsize = float(np.clip(cell * 72 / (0.55 * longest), 7, 9))
-    for (x, y, _), title, bad in zip(boxes, titles, wrong):
-        fig.text(x / width, 1.0 - (y - band / 2) / height, plain(title), ha="center", va="center",
-                 fontsize=fontsize, color=_WRONG if bad else "black")
+    grid = tuple(round(v * fig.dpi) for v in fig.get_size_inches())  # the whole figure
+    draw_image_grid(fig, images, titles, wrong, ncols, grid, round(0.19 * lines * fig.dpi), fontsize, _WRONG)
     return fig
 
 
