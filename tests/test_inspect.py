@@ -14,7 +14,8 @@ from PIL import Image
 
 import imgcls
 from imgcls.cli import main
-from imgcls.data.quality import copy_pairs, image_measures, pixel_digests
+from imgcls.data.quality import (COPY_CORRELATION, aligned_match, copy_pairs, image_measures, match_windows,
+                                 pixel_digests, window_match)
 from imgcls.errors import DataError
 from imgcls.evaluation.labels import find_label_issues
 
@@ -177,6 +178,32 @@ def test_a_mirrored_resized_copy_is_matched_and_measures_find_dark_and_grey():
     m = image_measures(np.stack([photos[0], (photos[0] * 0.04).astype(np.uint8), grey]))
     assert m["bright_end"][1] < 0.1 < m["bright_end"][0]
     assert m["colour"][2] == 0 and m["colour"][0] > 20
+
+
+@pytest.mark.parametrize("name", ["china.jpg", "flower.jpg"])
+def test_an_off_grid_crop_is_aligned_into_a_copy_and_another_view_of_the_scene_is_not(name):
+    """scikit-learn's sample photos: a copy cropped to 87% away from the fixed windows' places, mirrored and
+    re-encoded at JPEG quality 50 passes COPY_CORRELATION only once the window is searched for; a 70% view of
+    the same scene stays under it."""
+    import io
+    import os
+
+    import sklearn.datasets
+
+    full = Image.open(os.path.join(os.path.dirname(sklearn.datasets.__file__), "images", name)).convert("RGB")
+    w, h = full.size
+    cw, ch = round(w * 0.87), round(h * 0.87)
+    left, top = round((w - cw) * 0.3), round((h - ch) * 0.7)
+    crop = full.crop((left, top, left + cw, top + ch)).transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    buf = io.BytesIO()
+    crop.resize((128, 128), Image.Resampling.BILINEAR).save(buf, "JPEG", quality=50)
+    images = np.stack([np.asarray(full.resize((128, 128), Image.Resampling.BILINEAR)), np.asarray(Image.open(buf)),
+                       np.asarray(full.crop((w - round(w * 0.7), 0, w, h)).resize((128, 128)))])
+    first, second = np.array([0, 0]), np.array([1, 2])
+    aligned = aligned_match(images, first, second)
+    fixed = window_match(match_windows(images), first, second)
+    assert aligned[0] >= COPY_CORRELATION > fixed[0], (aligned, fixed)
+    assert aligned[1] < COPY_CORRELATION - 0.05, aligned
 
 
 def test_confident_learning_flags_the_flipped_labels_of_confident_probabilities():
