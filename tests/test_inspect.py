@@ -14,8 +14,15 @@ from PIL import Image
 
 import imgcls
 from imgcls.cli import main
-from imgcls.data.quality import (COPY_CORRELATION, aligned_match, copy_pairs, image_measures, match_windows,
-                                 pixel_digests, window_match)
+from imgcls.data.quality import (
+    COPY_CORRELATION,
+    aligned_match,
+    copy_pairs,
+    image_measures,
+    match_windows,
+    pixel_digests,
+    window_match,
+)
 from imgcls.errors import DataError
 from imgcls.evaluation.labels import find_label_issues
 
