@@ -300,9 +300,10 @@ def test_a_folder_of_photos_trains_end_to_end_with_no_flags(photos, tmp_path, mo
     # 153 frozen passes: under ORT_MIN_IMAGES, so PyTorch computes them (no graph export for so few).
     assert 72 * 2 + 9 < transfer.ORT_MIN_IMAGES
     assert re.search(r"\(features \d+\.\ds with torch fp32\)", log)
-    # Train (plain and mirrored), val (plain and mirrored, for tta auto) and test (for the copy check) features,
-    # cached.
-    assert len(list((data_dir() / "features").glob("*.safetensors"))) == 5
+    # Train (plain and mirrored), val (plain and mirrored, for tta auto) and test (for the copy check, and then
+    # the test scores: mirrored too where tta is flip) features, cached.
+    _, kept = read_checkpoint(run.path / "checkpoints" / "best.safetensors")
+    assert len(list((data_dir() / "features").glob("*.safetensors"))) == 5 + (kept["tta"] == "flip")
 
     _, meta = read_checkpoint(run.path / "checkpoints" / "best.safetensors")
     assert meta["normalize"] == HALF_NORMALIZE and meta["input_shape"] == [3, 64, 64]
@@ -318,6 +319,11 @@ def test_a_folder_of_photos_trains_end_to_end_with_no_flags(photos, tmp_path, mo
     assert (proba.argmax(1) == val.labels).mean() == records[0]["val_accuracy"]
     val_loss = -np.log(proba[np.arange(len(val.labels)), val.labels]).mean()
     assert val_loss == pytest.approx(records[0]["val_loss"], rel=0.25 if "with torch bf16" in log else 1e-3)
+
+    # The test figures that training took from the cached features are those of the whole model.
+    again = clf.evaluate()
+    assert again["accuracy"] == info["test_accuracy"] == run.test_metrics["accuracy"]
+    assert again["confusion_matrix"] == run.test_metrics["confusion_matrix"]
 
     fresh = write_photos(tmp_path / "fresh", n=2, seed=99)
     files = sorted(fresh.rglob("*.jpg"))

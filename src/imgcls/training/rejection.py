@@ -74,17 +74,18 @@ STAGE1_TTA = {"none": (), "flip": ("hflip",)}  # a stage-1 run's test-time views
 
 
 def logits_and_features(model, images: np.ndarray, tta: str, norm: dict, store: FeatureStore | None, scoring,
-                        batch_size: int) -> tuple[torch.Tensor, np.ndarray]:
+                        batch_size: int, split: str = "outside") -> tuple[torch.Tensor, np.ndarray]:
     """The model's logits (N, K), test-time views averaged, and pooled features (N, F) of uint8 images.
 
     ``store``: the frozen features of a model whose backbone stage 1 left as it was: the features come from its
     cache (or are computed into it: the digits measured against are the same for every run of a backbone) and
-    the logits from the classifier alone, as stage 1 fitted it; None: through the whole model."""
+    the logits from the classifier alone, as stage 1 fitted it; None: through the whole model. ``split``: the
+    store's name for the images (an update's splits are cached block by block)."""
     if store is None or tta not in STAGE1_TTA:
         return predict_logits(model, images, norm, scoring, batch_size, tta, features=True)
-    pooled = store.features("outside", images)[0]
+    pooled = store.features(split, images)[0]
     _, layer = classifier_layer(model)
-    views = [pooled] + [store.features("outside", images, view)[0] for view in STAGE1_TTA[tta]]
+    views = [pooled] + [store.features(split, images, view)[0] for view in STAGE1_TTA[tta]]
     with torch.no_grad():
         logits = torch.stack([layer(torch.from_numpy(np.asarray(v, np.float32))) for v in views]).mean(0)
     return logits, pooled

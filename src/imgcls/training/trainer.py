@@ -65,7 +65,7 @@ from imgcls.training.optim import (
     param_groups,
 )
 from imgcls.training.progress import EpochProgress
-from imgcls.training.rejection import check_outside, fit_rejection, write_record
+from imgcls.training.rejection import check_outside, fit_rejection, logits_and_features, write_record
 from imgcls.training.strategy import OneProcess
 from imgcls.training.transfer import (
     FeatureRunner,
@@ -586,9 +586,15 @@ def fit(cfg: RunConfig, ds: ImageDataset, run: RunFolder | None, console, resume
     # Test metrics as `imgcls evaluate` computes them, so both report the same figures; under DDP each
     # process scores its own slice of the test split, every image once.
     test, scoring = ds.splits["test"], scoring_runtime(runtime.device)
-    logits = many.gather_rows(lambda lo, hi: predict_logits(
-        s.model, test.images[lo:hi], s.meta["normalize"], scoring, t.eval_batch_size, s.meta.get("tta", "none")
-    ).numpy(), len(test))
+    if many.world == 1 and s.features is not None and _checkpoint_epoch(run, final) == 0:
+        # Stage 1's weights: the classifier on the test split's cached frozen features (the copy check computed
+        # them), the same logits as the whole model's to float rounding, without a second pass in PyTorch.
+        logits = logits_and_features(s.model, test.images, s.meta.get("tta", "none"), s.meta["normalize"],
+                                     s.features, scoring, t.eval_batch_size, split="test")[0].numpy()
+    else:
+        logits = many.gather_rows(lambda lo, hi: predict_logits(
+            s.model, test.images[lo:hi], s.meta["normalize"], scoring, t.eval_batch_size, s.meta.get("tta", "none")
+        ).numpy(), len(test))
     seconds = time.perf_counter() - started
     if not many.is_main:
         return TrainResult(run, s.history, {}, final, seconds)
