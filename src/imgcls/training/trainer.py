@@ -65,7 +65,12 @@ from imgcls.training.optim import (
     param_groups,
 )
 from imgcls.training.progress import EpochProgress
-from imgcls.training.rejection import check_outside, fit_rejection, logits_and_features, write_record
+from imgcls.training.rejection import (
+    check_outside,
+    fit_rejection,
+    logits_and_features,
+    write_record,
+)
 from imgcls.training.strategy import OneProcess
 from imgcls.training.transfer import (
     FeatureRunner,
