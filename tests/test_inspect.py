@@ -190,8 +190,8 @@ def test_a_mirrored_resized_copy_is_matched_and_measures_find_dark_and_grey():
 @pytest.mark.parametrize("name", ["china.jpg", "flower.jpg"])
 def test_an_off_grid_crop_is_aligned_into_a_copy_and_another_view_of_the_scene_is_not(name):
     """scikit-learn's sample photos: a copy cropped to 87% away from the fixed windows' places, mirrored and
-    re-encoded at JPEG quality 50 passes COPY_CORRELATION only once the window is searched for; a 70% view of
-    the same scene stays under it."""
+    re-encoded at JPEG quality 50 passes COPY_CORRELATION only once the window is searched for, as does one cut
+    to 85% of the width and 95% of the height; the right 60% of the scene stays well under it."""
     import io
     import os
 
@@ -204,13 +204,16 @@ def test_an_off_grid_crop_is_aligned_into_a_copy_and_another_view_of_the_scene_i
     crop = full.crop((left, top, left + cw, top + ch)).transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     buf = io.BytesIO()
     crop.resize((128, 128), Image.Resampling.BILINEAR).save(buf, "JPEG", quality=50)
+    narrow = full.crop((round(w * 0.1), round(h * 0.03), round(w * 0.95), round(h * 0.98)))
     images = np.stack([np.asarray(full.resize((128, 128), Image.Resampling.BILINEAR)), np.asarray(Image.open(buf)),
-                       np.asarray(full.crop((w - round(w * 0.7), 0, w, h)).resize((128, 128)))])
-    first, second = np.array([0, 0]), np.array([1, 2])
+                       np.asarray(narrow.resize((128, 128), Image.Resampling.BILINEAR)),
+                       np.asarray(full.crop((w - round(w * 0.6), 0, w, h)).resize((128, 128)))])
+    first, second = np.array([0, 0, 0]), np.array([1, 2, 3])
     aligned = aligned_match(images, first, second)
     fixed = window_match(match_windows(images), first, second)
     assert aligned[0] >= COPY_CORRELATION > fixed[0], (aligned, fixed)
-    assert aligned[1] < COPY_CORRELATION - 0.05, aligned
+    assert aligned[1] >= COPY_CORRELATION, aligned
+    assert aligned[2] < COPY_CORRELATION - 0.1, aligned
 
 
 def test_confident_learning_flags_the_flipped_labels_of_confident_probabilities():

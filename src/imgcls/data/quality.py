@@ -127,13 +127,13 @@ def _normalized(v: torch.Tensor) -> torch.Tensor:
 
 def _window(x: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
     """Grey (P, 1, H, W) images -> one MATCH_SIDE window each, bilinear, zero mean and unit length: (P, SIDE**2).
-    ``at`` (P, 4): the window's side as a share of the image's, its centre's x and y offsets (-1 to 1 are the
-    image's edges) and 1 or -1 (mirrored)."""
+    ``at`` (P, 5): the window's width and height as shares of the image's, its centre's x and y offsets (-1 to 1
+    are the image's edges) and 1 or -1 (mirrored)."""
     theta = torch.zeros(len(x), 2, 3)
-    theta[:, 0, 0] = at[:, 0] * at[:, 3]
-    theta[:, 0, 2] = at[:, 1]
-    theta[:, 1, 1] = at[:, 0]
-    theta[:, 1, 2] = at[:, 2]
+    theta[:, 0, 0] = at[:, 0] * at[:, 4]
+    theta[:, 0, 2] = at[:, 2]
+    theta[:, 1, 1] = at[:, 1]
+    theta[:, 1, 2] = at[:, 3]
     grid = F.affine_grid(theta, (len(x), 1, MATCH_SIDE, MATCH_SIDE), align_corners=False)
     return _normalized(F.grid_sample(x, grid, mode="bilinear", align_corners=False))
 
@@ -143,20 +143,32 @@ def _start_windows() -> torch.Tensor:
     places, each also mirrored, as rows of ``_window``'s ``at``."""
     rows = [(1.0, 0.0, 0.0)] + [(s, ox * (1 - s), oy * (1 - s)) for s in (0.9, 0.8)
                                 for oy in (-1.0, 0.0, 1.0) for ox in (-1.0, 0.0, 1.0)]
-    return torch.tensor([(*r, m) for r in rows for m in (1.0, -1.0)])
+    return torch.tensor([(r[0], r[0], r[1], r[2], m) for r in rows for m in (1.0, -1.0)])
 
 
-ALIGN_STEPS = 4  # halvings of the search's step, from 5% of the side in scale and 10% in place
+ALIGN_ROUNDS = 5  # rounds of the search; the steps start at 5% of the side in scale and 10% in place, and halve
+ALIGN_STARTS = 3  # the search from the best start window alone stopped at 0.973 for a crop of 0.987 (one-off)
+_NEIGHBOURS = torch.tensor([(a, b) for a in (-1.0, 0.0, 1.0) for b in (-1.0, 0.0, 1.0)])
+
+
+def _moved(at: torch.Tensor, scale: torch.Tensor, place: torch.Tensor) -> torch.Tensor:
+    """``at`` (P, 5) with its width and height shares moved by ``scale`` (2,) and its centre by ``place`` (2,),
+    kept inside the image (shares 0.7 to 1)."""
+    share = (at[:, :2] + scale).clamp(0.7, 1.0)
+    room = 1.0 - share
+    centre = torch.maximum(torch.minimum(at[:, 2:4] + place, room), -room)
+    return torch.cat([share, centre, at[:, 4:]], 1)
 
 
 def aligned_match(images: np.ndarray, first: np.ndarray, second: np.ndarray, chunk: int = 512) -> np.ndarray:
     """For pairs (first[k], second[k]) of rows of ``images`` (uint8 (n, H, W, C)): the correlation of one image's
     grey MATCH_SIDE thumbnail with the best window of the other, either way round, float32 (K,).
 
-    The window (its scale from 70% to 100% of the side, its place, mirrored or not) is searched for: the best of
-    :func:`_start_windows`, then ALIGN_STEPS rounds of the 27 neighbours of the best so far (scale and place up
-    or down a step), the step halving each round. A copy resized, re-encoded, cropped to 80-100% anywhere and
-    mirrored scores 0.98 or more; two photos of one scene taken a moment apart, less.
+    The window (its width and height each 70% to 100% of the image's, its place, mirrored or not) is searched
+    for: from each of the ALIGN_STARTS best of :func:`_start_windows`, ALIGN_ROUNDS rounds, each trying the 9
+    neighbours of the best so far in width and height, then the 9 in place, the steps halving each round. A copy resized,
+    re-encoded, cropped to 80-100% on each side anywhere and mirrored scores about 0.98 or more; two photos of
+    one scene taken a moment apart, less.
     """
     out = np.zeros(len(first), np.float32)
     if not len(first):
@@ -166,43 +178,42 @@ def aligned_match(images: np.ndarray, first: np.ndarray, second: np.ndarray, chu
     factor = _pool_factor(*grey.shape[-2:])
     if factor > 1:
         grey = F.avg_pool2d(grey, factor)
-    starts = _start_windows()
-    moves = torch.tensor([(a, b, c) for a in (-1, 0, 1) for b in (-1, 0, 1) for c in (-1, 0, 1)], dtype=torch.float32)
+    starts, zero = _start_windows(), torch.zeros(2)
     for lo in range(0, len(first), chunk):
         a = torch.from_numpy(np.searchsorted(involved, first[lo:lo + chunk]))
         b = torch.from_numpy(np.searchsorted(involved, second[lo:lo + chunk]))
         best = torch.full((len(a),), -1.0)
         for whole, other in ((grey[a], grey[b]), (grey[b], grey[a])):
             target = _normalized(F.adaptive_avg_pool2d(whole, MATCH_SIDE))
-            scores = torch.stack([(_window(other, at.expand(len(a), 4)) * target).sum(1) for at in starts], 1)
-            at, score = starts[scores.argmax(1)], scores.amax(1)
-            step = torch.tensor([0.05, 0.1, 0.1])
-            for _ in range(ALIGN_STEPS):
-                tries = []
-                for move in moves:
-                    share = (at[:, 0] + move[0] * step[0]).clamp(0.7, 1.0)
-                    room = 1.0 - share
-                    tries.append(torch.stack([share, (at[:, 1] + move[1] * step[1]).clamp(-room, room),
-                                              (at[:, 2] + move[2] * step[2]).clamp(-room, room), at[:, 3]], 1))
-                scores = torch.stack([(_window(other, t) * target).sum(1) for t in tries], 1)
-                pick = scores.argmax(1)
-                at, score = torch.stack(tries, 1)[torch.arange(len(a)), pick], scores.amax(1)
-                step = step / 2
-            best = torch.maximum(best, score)
+            scores = torch.stack([(_window(other, at.expand(len(a), 5)) * target).sum(1) for at in starts], 1)
+            # The search runs from each of the ALIGN_STARTS best windows (rows pair by pair, start by start).
+            at = starts[scores.topk(min(ALIGN_STARTS, len(starts)), 1).indices].reshape(-1, 5)
+            n = len(at) // len(a)
+            other, target = other.repeat_interleave(n, 0), target.repeat_interleave(n, 0)
+            rows = torch.arange(len(at))
+            scale_step, place_step = 0.05, 0.1
+            for _ in range(ALIGN_ROUNDS):
+                for in_scale in (True, False):
+                    tries = [_moved(at, m * scale_step, zero) if in_scale else _moved(at, zero, m * place_step)
+                             for m in _NEIGHBOURS]
+                    scores = torch.stack([(_window(other, t) * target).sum(1) for t in tries], 1)
+                    at, score = torch.stack(tries, 1)[rows, scores.argmax(1)], scores.amax(1)
+                scale_step, place_step = scale_step / 2, place_step / 2
+            best = torch.maximum(best, score.view(len(a), n).amax(1))
         out[lo:lo + chunk] = best.numpy()
     return out
 
 
 # Copies: pairs whose unit feature vectors have a cosine of CANDIDATE_COSINE or more are candidates (0.82 found
-# mirrored copies that 0.85 missed, at 0.3 s more on 4,400 photos); those whose
-# cosine plus best thumbnail correlation over the fixed windows (window_match) reaches SHORTLIST_SCORE are aligned
-# (aligned_match), and are one picture when that correlation reaches COPY_CORRELATION. On planted copies of
-# flowers.zip (rescaled 0.5-1.5x, JPEG 40-90, cropped to 85-95%, mirrored) the fixed windows scored 1.79 to 2 and
-# the aligned correlation 0.98 to 1; different photos of one scene, up to about 0.97
-# (benchmarks/inspect_folder.py, benchmarks/README.md).
+# mirrored copies that 0.85 missed, at 0.3 s more on 4,400 photos); those whose cosine plus best thumbnail
+# correlation over the fixed windows (window_match) reaches SHORTLIST_SCORE are aligned (aligned_match), and are
+# one picture when that correlation reaches COPY_CORRELATION. On three planted folders (benchmarks/inspect_folder.py:
+# copies rescaled 0.5-1.5x, JPEG 40-90, cropped to 85-95%, mirrored) the fixed windows scored the copies 1.79 to 2
+# and the aligned correlation 0.980 to 1; the folders' own copies, judged by eye, scored 0.978 or more aligned, and
+# different photos of one wide scene (fields) up to 0.976 (benchmarks/README.md).
 CANDIDATE_COSINE = 0.82
 SHORTLIST_SCORE = 1.75
-COPY_CORRELATION = 0.975
+COPY_CORRELATION = 0.977
 
 
 @dataclass
