@@ -216,6 +216,18 @@ def test_an_off_grid_crop_is_aligned_into_a_copy_and_another_view_of_the_scene_i
     assert aligned[2] < COPY_CORRELATION - 0.1, aligned
 
 
+def test_the_mirror_image_of_a_small_grey_image_is_a_copy():
+    """28x28 one-channel images, near the thumbnail's side: the search's bilinear windows match a mirror image
+    less well than the fixed, area-averaged ones, and the better of the two decides."""
+    rng = np.random.default_rng(4)
+    pattern = np.asarray(Image.fromarray((rng.random((14, 14)) * 255).astype(np.uint8)).resize(
+        (28, 28), Image.Resampling.BICUBIC))
+    images = np.stack([pattern, pattern[:, ::-1], (rng.random((28, 28)) * 255).astype(np.uint8)])[..., None]
+    assert aligned_match(images, np.array([0]), np.array([1]))[0] < COPY_CORRELATION
+    pairs = copy_pairs([images], np.full((3, 4), 0.5, np.float32))
+    assert [(p.first, p.second, p.exact) for p in pairs] == [(0, 1, False)]
+
+
 def test_confident_learning_flags_the_flipped_labels_of_confident_probabilities():
     rng = np.random.default_rng(3)
     labels = np.repeat(np.arange(3), 100)

@@ -268,7 +268,10 @@ def copy_pairs(parts: list[np.ndarray], unit: np.ndarray, across: int | None = N
         del windows
         short = cosine + coarse >= SHORTLIST_SCORE
         a, b, cosine = a[short], b[short], cosine[short]
-        match = aligned_match(pixels, np.searchsorted(involved, a), np.searchsorted(involved, b))
+        # The better of the two: the fixed windows are area-averaged, and for an image not much larger than the
+        # thumbnail an exact crop or mirror image matches them better than the search's bilinear samples.
+        match = np.maximum(aligned_match(pixels, np.searchsorted(involved, a), np.searchsorted(involved, b)),
+                           coarse[short])
         for i, j, cos, m in zip(*(v[match >= COPY_CORRELATION].tolist() for v in (a, b, cosine, match))):
             pairs.setdefault((i, j), Copy(i, j, m, f"feature cosine {cos:.3f}, aligned thumbnail correlation "
                                                     f"{m:.3f}", False))
