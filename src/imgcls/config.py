@@ -55,7 +55,8 @@ class DataConfig:
     val_fraction: float = _opt(0.1, "share of the training images held out for validation when the data has no val split")
     test_fraction: float = _opt(0.1, "share of the images held out for testing when the data has no test split")
     on_bad_image: str = _opt("skip", "what to do with an image that cannot be decoded", choices=BAD_IMAGE_POLICIES)
-    cache: bool = _opt(True, "cache decoded images as uint8 arrays keyed by the source's content")
+    cache: bool = _opt(True, "cache decoded images as uint8 arrays keyed by the source's content, frozen features "
+                       "and the backbone's exported graph")
     follow_links: bool = _opt(False, "read links that lead out of the --data folder (refused by default, so that "
                               "a link cannot pull in files from elsewhere)")
     exclude: str | None = _opt(None, "leave out the images a file lists: the issues.csv of `imgcls inspect` (or any "

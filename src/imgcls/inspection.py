@@ -196,9 +196,10 @@ def _features(cfg: RunConfig, im: Images, console) -> tuple[np.ndarray, np.ndarr
     if norm is None:
         raise ConfigError(f"the weights {cfg.model.weights} carry no input normalisation; imgcls inspect needs "
                           f"pretrained weights such as --pretrained imagenet")
-    runner = FeatureRunner.create(model, scoring_runtime(cfg.train.device), (h, w), norm, len(im.files))
     cache = data_dir() / "features" if cfg.data.cache else None
     backbone = backbone_digest(model, norm)
+    runner = FeatureRunner.create(model, scoring_runtime(cfg.train.device), (h, w), norm, len(im.files), lazy=True,
+                                  graphs=cache.parent / "graphs" if cache else None, backbone=backbone)
     parts, hits = [], 0
     for images in im.each_split():
         part, hit = cached_features(runner, images, "none", cache, backbone, lambda line: say(console, line))

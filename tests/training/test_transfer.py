@@ -308,7 +308,7 @@ def test_the_hflip_view_is_the_features_of_the_mirrored_images(backbone, runner,
 
 
 def test_pytorch_eager_is_the_fallback_when_the_export_fails(backbone, images, monkeypatch):
-    monkeypatch.setattr(transfer, "_ort_session", lambda module, size: None)
+    monkeypatch.setattr(transfer, "_ort_session", lambda module, size, *kept: None)
     eager = FeatureRunner.create(backbone, resolve_runtime("cpu", "fp32", "off"), (SIDE, SIDE), NORM)
     assert eager.session is None and eager.name == "torch fp32"
     np.testing.assert_allclose(compute_features(eager, images[:5]), _eager_features(backbone, images[:5]),
@@ -319,7 +319,8 @@ def test_a_lazy_runner_exports_at_its_first_call_and_files_features_under_the_ru
         backbone, images, tmp_path, monkeypatch):
     exports = []
     session = transfer._ort_session
-    monkeypatch.setattr(transfer, "_ort_session", lambda module, size: (exports.append(size), session(module, size))[1])
+    monkeypatch.setattr(transfer, "_ort_session",
+                        lambda module, size, *kept: (exports.append(size), session(module, size))[1])
     lazy = FeatureRunner.create(backbone, resolve_runtime("cpu", "fp32", "off"), (SIDE, SIDE), NORM, lazy=True)
     assert exports == [] and lazy.name == "onnxruntime fp32" and lazy.session is None
     cache = tmp_path / "features"
@@ -328,7 +329,7 @@ def test_a_lazy_runner_exports_at_its_first_call_and_files_features_under_the_ru
     again = FeatureRunner.create(backbone, resolve_runtime("cpu", "fp32", "off"), (SIDE, SIDE), NORM, lazy=True)
     assert cached_features(again, images[:4], "none", cache, "backbone-a")[1] and exports == [(SIDE, SIDE)]
     # An export that fails at the first call: PyTorch computes, and the features are filed under its name.
-    monkeypatch.setattr(transfer, "_ort_session", lambda module, size: None)
+    monkeypatch.setattr(transfer, "_ort_session", lambda module, size, *kept: None)
     failing = FeatureRunner.create(backbone, resolve_runtime("cpu", "fp32", "off"), (SIDE, SIDE), NORM, lazy=True)
     cached_features(failing, images[4:8], "none", cache, "backbone-a")
     assert failing.name == "torch fp32"
@@ -336,8 +337,41 @@ def test_a_lazy_runner_exports_at_its_first_call_and_files_features_under_the_ru
     assert eager.name == "torch fp32" and cached_features(eager, images[4:8], "none", cache, "backbone-a")[1]
 
 
+def test_an_exported_graph_is_kept_read_back_checked_and_serves_fewer_images(backbone, images, tmp_path,
+                                                                             monkeypatch):
+    graphs, cpu = tmp_path / "graphs", resolve_runtime("cpu", "fp32", "off")
+    first = FeatureRunner.create(backbone, cpu, (SIDE, SIDE), NORM, graphs=graphs)
+    assert first.name == "onnxruntime fp32" and len(list(graphs.glob("*.onnx"))) == 1
+    expected = compute_features(first, images[:6])
+    real_export = torch.onnx.export
+
+    def no_export(*args, **kwargs):
+        raise AssertionError("exported a graph that was kept")
+
+    monkeypatch.setattr(torch.onnx, "export", no_export)
+    # Kept: read back, and ONNX Runtime serves a run too small to pay for an export.
+    few = transfer.ORT_CACHED_MIN_IMAGES
+    again = FeatureRunner.create(backbone, cpu, (SIDE, SIDE), NORM, few, graphs=graphs)
+    assert again.name == "onnxruntime fp32" and again.session is not None
+    np.testing.assert_array_equal(compute_features(again, images[:6]), expected)
+    assert FeatureRunner.create(backbone, cpu, (SIDE, SIDE), NORM, few - 1, graphs=graphs).name == "torch fp32"
+    assert FeatureRunner.create(backbone, cpu, (SIDE, SIDE), NORM, few).name == "torch fp32"  # no folder given
+    # A damaged graph fails its checksum: it is removed and the graph exported again.
+    kept = next(graphs.glob("*.onnx"))
+    data = bytearray(kept.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    kept.write_bytes(bytes(data))
+    monkeypatch.setattr(torch.onnx, "export", real_export)
+    fresh = FeatureRunner.create(backbone, cpu, (SIDE, SIDE), NORM, graphs=graphs)
+    np.testing.assert_array_equal(compute_features(fresh, images[:6]), expected)
+    assert [p.read_bytes() for p in graphs.glob("*.onnx")] != [bytes(data)]
+    # Another size is another graph.
+    FeatureRunner.create(backbone, cpu, (SIDE + 8, SIDE + 8), NORM, graphs=graphs)
+    assert len(list(graphs.glob("*.onnx"))) == 2
+
+
 def test_few_images_go_through_pytorch_without_an_export(backbone, images, monkeypatch):
-    def no_export(module, size):
+    def no_export(module, size, *kept):
         raise AssertionError("exported a graph for fewer than ORT_MIN_IMAGES images")
 
     monkeypatch.setattr(transfer, "_ort_session", no_export)

@@ -688,10 +688,12 @@ def feature_store(s: TrainState, ds: ImageDataset, say, passes: int | None = Non
     _, h, w = ds.image_shape
     passes = stage1_passes(s.cfg.train, ds) if passes is None else passes
     # fp32, as the test split is scored: a head fitted to bf16 features would be scored on others.
+    backbone = backbone_digest(s.model, s.meta["normalize"])
     runner = FeatureRunner.create(s.model, scoring_runtime(s.runtime.device), (h, w), s.meta["normalize"], passes,
-                                  lazy=True)  # features all cached (a tune trial, an update run again): no export
+                                  lazy=True,  # features all cached (a tune trial, an update run again): no export
+                                  graphs=data_dir() / "graphs" if s.cfg.data.cache else None, backbone=backbone)
     cache = data_dir() / "features" if s.cfg.data.cache else None
-    return FeatureStore(runner, cache, backbone_digest(s.model, s.meta["normalize"]), say, dict(blocks or {}))
+    return FeatureStore(runner, cache, backbone, say, dict(blocks or {}))
 
 
 def fit_head(s: TrainState, ds: ImageDataset, say, store: FeatureStore | None = None,
