@@ -166,9 +166,9 @@ def aligned_match(images: np.ndarray, first: np.ndarray, second: np.ndarray, chu
 
     The window (its width and height each 70% to 100% of the image's, its place, mirrored or not) is searched
     for: from each of the ALIGN_STARTS best of :func:`_start_windows`, ALIGN_ROUNDS rounds, each trying the 9
-    neighbours of the best so far in width and height, then the 9 in place, the steps halving each round. A copy resized,
-    re-encoded, cropped to 80-100% on each side anywhere and mirrored scores about 0.98 or more; two photos of
-    one scene taken a moment apart, less.
+    neighbours of the best so far in width and height, then the 9 in place, the steps halving each round. A
+    copy resized, re-encoded, cropped to 80-100% on each side anywhere and mirrored scores about 0.98 or more;
+    two photos of one scene taken a moment apart, less.
     """
     out = np.zeros(len(first), np.float32)
     if not len(first):
@@ -207,10 +207,12 @@ def aligned_match(images: np.ndarray, first: np.ndarray, second: np.ndarray, chu
 # Copies: pairs whose unit feature vectors have a cosine of CANDIDATE_COSINE or more are candidates (0.82 found
 # mirrored copies that 0.85 missed, at 0.3 s more on 4,400 photos); those whose cosine plus best thumbnail
 # correlation over the fixed windows (window_match) reaches SHORTLIST_SCORE are aligned (aligned_match), and are
-# one picture when that correlation reaches COPY_CORRELATION. On three planted folders (benchmarks/inspect_folder.py:
-# copies rescaled 0.5-1.5x, JPEG 40-90, cropped to 85-95%, mirrored) the fixed windows scored the copies 1.79 to 2
-# and the aligned correlation 0.980 to 1; the folders' own copies, judged by eye, scored 0.978 or more aligned, and
-# different photos of one wide scene (fields) up to 0.976 (benchmarks/README.md).
+# one picture when the better of the aligned and the fixed windows' correlation reaches COPY_CORRELATION (the
+# fixed windows are area-averaged, which suits images not much larger than the thumbnail). On three planted
+# folders (benchmarks/inspect_folder.py: copies rescaled 0.5-1.5x, JPEG 40-90, cropped to 85-95%, mirrored) the
+# fixed windows scored the copies 1.79 to 2 and the aligned correlation 0.980 to 1; the folders' own copies,
+# judged by eye, scored 0.978 or more aligned, and different photos of one wide scene (fields) up to 0.976
+# (benchmarks/README.md).
 CANDIDATE_COSINE = 0.82
 SHORTLIST_SCORE = 1.75
 COPY_CORRELATION = 0.977
