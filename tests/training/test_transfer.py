@@ -341,7 +341,7 @@ def test_an_exported_graph_is_kept_read_back_checked_and_serves_fewer_images(bac
                                                                              monkeypatch):
     graphs, cpu = tmp_path / "graphs", resolve_runtime("cpu", "fp32", "off")
     first = FeatureRunner.create(backbone, cpu, (SIDE, SIDE), NORM, graphs=graphs)
-    assert first.name == "onnxruntime fp32" and len(list(graphs.glob("*.onnx"))) == 1
+    assert first.name == "onnxruntime fp32" and len(list(graphs.glob("*.safetensors"))) == 1
     expected = compute_features(first, images[:6])
     real_export = torch.onnx.export
 
@@ -357,17 +357,17 @@ def test_an_exported_graph_is_kept_read_back_checked_and_serves_fewer_images(bac
     assert FeatureRunner.create(backbone, cpu, (SIDE, SIDE), NORM, few - 1, graphs=graphs).name == "torch fp32"
     assert FeatureRunner.create(backbone, cpu, (SIDE, SIDE), NORM, few).name == "torch fp32"  # no folder given
     # A damaged graph fails its checksum: it is removed and the graph exported again.
-    kept = next(graphs.glob("*.onnx"))
+    kept = next(graphs.glob("*.safetensors"))
     data = bytearray(kept.read_bytes())
     data[len(data) // 2] ^= 0xFF
     kept.write_bytes(bytes(data))
     monkeypatch.setattr(torch.onnx, "export", real_export)
     fresh = FeatureRunner.create(backbone, cpu, (SIDE, SIDE), NORM, graphs=graphs)
     np.testing.assert_array_equal(compute_features(fresh, images[:6]), expected)
-    assert [p.read_bytes() for p in graphs.glob("*.onnx")] != [bytes(data)]
+    assert [p.read_bytes() for p in graphs.glob("*.safetensors")] != [bytes(data)]
     # Another size is another graph.
     FeatureRunner.create(backbone, cpu, (SIDE + 8, SIDE + 8), NORM, graphs=graphs)
-    assert len(list(graphs.glob("*.onnx"))) == 2
+    assert len(list(graphs.glob("*.safetensors"))) == 2
 
 
 def test_few_images_go_through_pytorch_without_an_export(backbone, images, monkeypatch):

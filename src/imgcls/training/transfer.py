@@ -37,7 +37,6 @@ import numpy as np
 import torch
 
 from imgcls.inference import Runtime, normalization_tensors, to_input
-from imgcls.io import write_atomic
 from imgcls.tensorfile import DamagedFile, load_checked, save_checked, tensor_digest
 from imgcls.training.losses import classification_loss, count_correct
 
@@ -48,7 +47,7 @@ FEATURE_BATCH = 64  # images per frozen forward pass: ORT's throughput is flat f
 # cost about 1.3 s, which ONNX Runtime wins back after some 1,000 images of EfficientNet-Lite0 at 128 px (640
 # against 360 images/s for PyTorch fp32 with the BatchNorm folded; one-off, the 2-core AVX512 CPU).
 ORT_MIN_IMAGES = 1000
-# The exported graph is kept in the data folder's graphs/ (beside the features), under GRAPH_FORMAT, the torch
+# The exported graph is kept in the data folder's graphs/ (as the features are), under GRAPH_FORMAT, the torch
 # version, the backbone's digest and the image size; a later run reads it back (20 MB for Lite2: 0.1 s, where the
 # export takes 0.6-1.3 s) and then runs ONNX Runtime for as few as ORT_CACHED_MIN_IMAGES images. Change
 # GRAPH_FORMAT with PooledFeatures or the export's settings.
@@ -95,8 +94,8 @@ class FeatureRunner:
     name: str = "torch"
     pending: tuple[int, int] | None = None  # lazy: the image size of the session to export at the first call
 
-    graphs: Path | None = None  # where exported graphs are kept (None: nowhere)
-    graph: str | None = None  # this backbone's graph key (graph_key), with ``graphs``
+    graph: str | None = None  # this backbone's graph key (graph_key), where exported graphs are kept
+    graph_file: Path | None = None  # and the file it is kept in
 
     @classmethod
     def create(cls, model: torch.nn.Module, runtime: Runtime, image_size: tuple[int, int],
@@ -114,15 +113,15 @@ class FeatureRunner:
         module = PooledFeatures(model.eval(), norm).to(runtime.device)
         runner = cls(module, runtime)
         if graphs is not None:
-            runner.graphs = Path(graphs)
             runner.graph = graph_key(backbone or backbone_digest(model, norm), image_size)
-        least = ORT_CACHED_MIN_IMAGES if runner.graph and _kept_graph(runner.graphs, runner.graph, read=False) \
+            runner.graph_file = Path(graphs) / f"{runner.graph[:32]}.safetensors"
+        least = ORT_CACHED_MIN_IMAGES if runner.graph_file is not None and runner.graph_file.is_file() \
             else ORT_MIN_IMAGES
         if runtime.device.type == "cpu" and images >= least:
             if lazy:
                 runner.pending, runner.name = tuple(image_size), ORT_NAME
                 return runner
-            runner.session = _ort_session(module, image_size, runner.graphs, runner.graph)
+            runner.session = _ort_session(module, image_size, runner.graph_file, runner.graph)
             if runner.session is not None:
                 runner.name = ORT_NAME
         if runner.session is None:
@@ -138,7 +137,7 @@ class FeatureRunner:
         """uint8 (N, H, W, C) -> (N, F) float32 numpy."""
         if self.pending is not None:
             size, self.pending = self.pending, None
-            self.session = _ort_session(self.module, size, self.graphs, self.graph)
+            self.session = _ort_session(self.module, size, self.graph_file, self.graph)
             self.name = ORT_NAME if self.session is not None else self.torch_name
         if self.session is not None:
             return self.session.run(None, {"pixels": np.ascontiguousarray(pixels)})[0]
@@ -153,30 +152,29 @@ def graph_key(backbone: str, image_size: tuple[int, int]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _kept_graph(graphs: Path, key: str, read: bool = True) -> bytes | bool | None:
-    """The graph kept under ``key`` in ``graphs``, its bytes checked against the SHA-256 in its name (a file that
-    fails is removed); without ``read``, whether one is there."""
-    for path in sorted(graphs.glob(f"{key[:32]}-*.onnx")):
-        if not read:
-            return True
-        try:
-            data = path.read_bytes()
-        except OSError:
-            continue
-        if hashlib.sha256(data).hexdigest()[:32] == path.stem.split("-", 1)[1]:
-            return data
-        path.unlink(missing_ok=True)  # damaged: exported again
-    return None if read else False
+def _kept_graph(path: Path, key: str) -> bytes | None:
+    """The graph kept in ``path`` (as :func:`cached_features` keeps features: :func:`save_checked`, ``key`` in its
+    metadata), or None: none there, or one that fails its checksum or is another's (removed: exported again)."""
+    if not path.is_file():
+        return None
+    try:
+        tensors, meta = load_checked(path)
+        if meta.get("key") != key:
+            raise DamagedFile(f"kept for key {str(meta.get('key'))[:12]}...")
+        return tensors["graph"].numpy().tobytes()
+    except (DamagedFile, KeyError):
+        path.unlink(missing_ok=True)
+        return None
 
 
-def _ort_session(module: PooledFeatures, image_size: tuple[int, int], graphs: Path | None = None,
+def _ort_session(module: PooledFeatures, image_size: tuple[int, int], kept: Path | None = None,
                  key: str | None = None):
-    """An ONNX Runtime session of ``module`` (dynamic batch), or None when export or load fails. With ``graphs``
-    and ``key``, the graph is read from there when kept, else exported and kept."""
+    """An ONNX Runtime session of ``module`` (dynamic batch), or None when export or load fails. With ``kept`` (a
+    file) and ``key``, the graph is read from there when kept, else exported and kept."""
     try:
         import onnxruntime as ort
 
-        graph = _kept_graph(graphs, key) if graphs is not None and key else None
+        graph = _kept_graph(kept, key) if kept is not None and key else None
         if graph is None:
             buf = io.BytesIO()
             example = torch.zeros(2, *image_size, module.model.in_chans, dtype=torch.uint8)
@@ -186,11 +184,11 @@ def _ort_session(module: PooledFeatures, image_size: tuple[int, int], graphs: Pa
                 torch.onnx.export(module, (example,), buf, input_names=["pixels"], output_names=["features"],
                                   dynamic_axes={"pixels": {0: "n"}, "features": {0: "n"}}, dynamo=False)
             graph = buf.getvalue()
-            if graphs is not None and key:
+            if kept is not None and key:
                 with contextlib.suppress(OSError):  # a cache that cannot be written costs the next run an export
-                    graphs.mkdir(parents=True, exist_ok=True)
-                    write_atomic(graphs / f"{key[:32]}-{hashlib.sha256(graph).hexdigest()[:32]}.onnx", graph,
-                                 fsync=False)
+                    kept.parent.mkdir(parents=True, exist_ok=True)
+                    save_checked(kept, {"graph": torch.from_numpy(np.frombuffer(graph, np.uint8).copy())},
+                                 {"key": key})
         options = ort.SessionOptions()
         options.intra_op_num_threads = torch.get_num_threads()
         options.log_severity_level = 3
