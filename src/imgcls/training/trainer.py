@@ -583,15 +583,18 @@ def fit(cfg: RunConfig, ds: ImageDataset, run: RunFolder | None, console, resume
             stopped_early = True
             break
     final = "best" if t.restore_best else "last"
-    s.model.load_state_dict(many.broadcast(read_checkpoint(run.checkpoint(final))[0] if many.is_main else None))
+    state, final_meta = read_checkpoint(run.checkpoint(final)) if many.is_main else (None, {})
+    s.model.load_state_dict(many.broadcast(state))
+    final_epoch = final_meta.get("epoch")  # on the main process, which alone reads the checkpoint
+    stage1 = final_epoch == 0  # the final weights are stage 1's
     if ds.multilabel and many.is_main:
-        _fit_label_thresholds(s, ds, run, final, say)
+        _fit_label_thresholds(s, ds, run, final, stage1, say)
     if many.is_main:
-        _fit_rejection(s, ds, run, final, say)
+        _fit_rejection(s, ds, run, final, stage1, say)
     # Test metrics as `imgcls evaluate` computes them, so both report the same figures; under DDP each
     # process scores its own slice of the test split, every image once.
     test, scoring = ds.splits["test"], scoring_runtime(runtime.device)
-    if many.world == 1 and s.features is not None and _checkpoint_epoch(run, final) == 0:
+    if many.world == 1 and s.features is not None and stage1:
         # Stage 1's weights: the classifier on the test split's cached frozen features (the copy check computed
         # them), the same logits as the whole model's to float rounding, without a second pass in PyTorch.
         logits = logits_and_features(s.model, test.images, s.meta.get("tta", "none"), s.meta["normalize"],
@@ -606,7 +609,6 @@ def fit(cfg: RunConfig, ds: ImageDataset, run: RunFolder | None, console, resume
     metrics, test_logits = evaluate_model(s.model, s.meta, test, ds.classes, scoring, t.eval_batch_size, t.top_k,
                                           logits=torch.from_numpy(logits))
     save_metrics(metrics, run.path, rundir.eval_stem("test"))
-    final_epoch = _checkpoint_epoch(run, final)
     say(format_report(metrics, title=f"test split, {final} checkpoint (epoch {final_epoch}):"))
     run.write_json(rundir.RUN, {
         "final_checkpoint": final, "epochs_run": s.epoch, "stopped_early": stopped_early,
@@ -619,20 +621,21 @@ def fit(cfg: RunConfig, ds: ImageDataset, run: RunFolder | None, console, resume
     })
     say(f"run folder: {run.path}")
     # The final weights are stage 1's: its val logits (from the frozen features) spare calibration a val pass.
-    val_logits = s.val_logits.numpy() if final_epoch == 0 and s.val_logits is not None else None
+    val_logits = s.val_logits.numpy() if stage1 and s.val_logits is not None else None
     result = TrainResult(run, s.history, metrics, final, seconds, test_logits, val_logits)
     s.hooks.call("on_train_end", s, result)
     return result
 
 
-def _fit_label_thresholds(s: TrainState, ds: ImageDataset, run: RunFolder, final: str, say) -> None:
+def _fit_label_thresholds(s: TrainState, ds: ImageDataset, run: RunFolder, final: str, stage1: bool, say) -> None:
     """Multi-label: one threshold per label, fitted on val by F1, stored with the final checkpoint (and in
-    thresholds.json), so that the test figures, predict and serving decide with them.  Without val, 0.5 each."""
+    thresholds.json), so that the test figures, predict and serving decide with them.  Without val, 0.5 each.
+    ``stage1``: the final weights are stage 1's (its val logits serve)."""
     if "val" not in ds.splits or not len(ds.splits["val"]):
         say("no val split: every label's threshold is 0.5")
         return
     val = ds.splits["val"]
-    logits = s.val_logits if _checkpoint_epoch(run, final) == 0 and s.val_logits is not None else predict_logits(
+    logits = s.val_logits if stage1 and s.val_logits is not None else predict_logits(
         s.model, val.images, s.meta["normalize"], scoring_runtime(s.runtime.device), s.cfg.train.eval_batch_size,
         s.meta.get("tta", "none"))
     tuned = tune_thresholds(proba_from_logits(logits, multilabel=True), val.labels, ds.classes, "f1")
@@ -644,10 +647,9 @@ def _fit_label_thresholds(s: TrainState, ds: ImageDataset, run: RunFolder, final
         f"{max(tuned['thresholds']):.2f}); `imgcls thresholds RUN --objective precision=0.9` fits others")
 
 
-def _fit_rejection(s: TrainState, ds: ImageDataset, run: RunFolder, final: str, say) -> None:
+def _fit_rejection(s: TrainState, ds: ImageDataset, run: RunFolder, final: str, stage1: bool, say) -> None:
     """The out-of-distribution score and its threshold, stored with the final checkpoint (and ood.json): an image
     below it is "unknown" to predict and serving (:mod:`imgcls.training.rejection`)."""
-    stage1 = _checkpoint_epoch(run, final) == 0
     keep_rejection(s, ds, run, final, s.features or feature_store(s, ds, say), stage1, say)
 
 
@@ -820,10 +822,6 @@ def _stages_line(choice, widths: tuple[int, ...], kept: bool = False) -> str:
         losses += ": the last stage's lead is within the val split's noise"
     return f"; it reads {read} ({sum(widths[-choice.stages:]):,} features; val loss {losses})" \
         if len(choice.tried) > 1 else f"; it reads the last {choice.stages} stages pooled (no val split to choose)"
-
-
-def _checkpoint_epoch(run: RunFolder, which: str) -> int:
-    return read_checkpoint(run.checkpoint(which))[1]["epoch"]
 
 
 def _epoch_line(r: dict, is_best: bool) -> str:
