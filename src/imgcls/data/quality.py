@@ -75,6 +75,12 @@ MATCH_SIDE = 24  # px: the side of the grey thumbnails that copies are matched o
 MATCH_CROPS = ((1.0, (0.5,)), (0.91, (0.0, 0.5, 1.0)), (0.82, (0.0, 0.5, 1.0)))
 
 
+def _normalized(v: torch.Tensor) -> torch.Tensor:
+    """``v`` with zero mean and unit length along its last dimension: thumbnails compared by their dot product."""
+    v = v - v.mean(-1, keepdim=True)
+    return v / v.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+
+
 def match_windows(images: np.ndarray) -> torch.Tensor:
     """Per image, its crop windows (see MATCH_CROPS) and their mirror images as grey MATCH_SIDE thumbnails, each
     scaled to zero mean and unit length: float16 (N, windows, MATCH_SIDE**2); window 0 is the whole image."""
@@ -92,8 +98,7 @@ def match_windows(images: np.ndarray) -> torch.Tensor:
                     top, left = round((h - ch) * oy), round((w - cw) * ox)
                     views.append(F.adaptive_avg_pool2d(x[:, :, top:top + ch, left:left + cw], MATCH_SIDE))
         views = torch.cat([*views, *(v.flip(-1) for v in views)], 1).flatten(2)
-        views = views - views.mean(2, keepdim=True)
-        out.append((views / views.norm(dim=2, keepdim=True).clamp_min(1e-6)).half())  # half: 190 MB for 4,400
+        out.append(_normalized(views).half())  # half: 190 MB for 4,400
     return torch.cat(out)
 
 
@@ -119,12 +124,6 @@ def _pool_factor(h: int, w: int) -> int:
     return max(1, min(h, w) // (2 * MATCH_SIDE))
 
 
-def _normalized(v: torch.Tensor) -> torch.Tensor:
-    v = v.flatten(1)
-    v = v - v.mean(1, keepdim=True)
-    return v / v.norm(dim=1, keepdim=True).clamp_min(1e-6)
-
-
 def _window(x: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
     """Grey (P, 1, H, W) images -> one MATCH_SIDE window each, bilinear, zero mean and unit length: (P, SIDE**2).
     ``at`` (P, 5): the window's width and height as shares of the image's, its centre's x and y offsets (-1 to 1
@@ -135,7 +134,7 @@ def _window(x: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
     theta[:, 1, 1] = at[:, 1]
     theta[:, 1, 2] = at[:, 3]
     grid = F.affine_grid(theta, (len(x), 1, MATCH_SIDE, MATCH_SIDE), align_corners=False)
-    return _normalized(F.grid_sample(x, grid, mode="bilinear", align_corners=False))
+    return _normalized(F.grid_sample(x, grid, mode="bilinear", align_corners=False).flatten(1))
 
 
 def _start_windows() -> torch.Tensor:
@@ -184,7 +183,7 @@ def aligned_match(images: np.ndarray, first: np.ndarray, second: np.ndarray, chu
         b = torch.from_numpy(np.searchsorted(involved, second[lo:lo + chunk]))
         best = torch.full((len(a),), -1.0)
         for whole, other in ((grey[a], grey[b]), (grey[b], grey[a])):
-            target = _normalized(F.adaptive_avg_pool2d(whole, MATCH_SIDE))
+            target = _normalized(F.adaptive_avg_pool2d(whole, MATCH_SIDE).flatten(1))
             scores = torch.stack([(_window(other, at.expand(len(a), 5)) * target).sum(1) for at in starts], 1)
             # The search runs from each of the ALIGN_STARTS best windows (rows pair by pair, start by start).
             at = starts[scores.topk(min(ALIGN_STARTS, len(starts)), 1).indices].reshape(-1, 5)
