@@ -76,7 +76,7 @@ FOLDS = 5
 # (benchmarks/inspect_folder.py: flowers.zip with seeds 0 and 1, 3,000 CIFAR-10 photos at 64 px; 5% of labels
 # flipped), F1 was 0.615 / 0.624 / 0.730 at 4%, 0.628 / 0.646 / 0.702 at 5% and 0.615 / 0.589 / 0.724 at 3%, and
 # 1.1 / 1.3 / 0.6% of the unplanted images were flagged (1.5 / 1.6 / 1.1% at 5%). Half of chance's probability (10%
-# for 5 classes, the rule before) gave F1 0.571 / 0.573 / 0.702 and flagged 3.9 / 3.7 / 1.1%.
+# for 5 classes) gave F1 0.571 / 0.573 / 0.702 and flagged 3.9 / 3.7 / 1.1%.
 LABEL_ERROR_PROBABILITY = 0.04
 CSV_COLUMNS = ("file", "problem", "score", "suggested_label", "paired_file", "split", "label", "paired_split",
                "detail")
