@@ -62,8 +62,8 @@ the baselines can read imgcls's split back):
    ``decode_all``/``assemble`` and the features computed by its
    ``FeatureRunner`` (ONNX Runtime fp32 on a CPU for 1,000 images or more)
    and ``compute_features``.  Only the images themselves: imgcls's stage 1
-   also fits on their mirror images and may add the mirror image at test
-   time; the baseline does neither.  The split: imgcls's own, rebuilt from
+   may add the mirror image at test time; the baseline does not.  The
+   split: imgcls's own, rebuilt from
    the run folder's config.yaml as every imgcls analysis does
    (``build_dataset(cfg.data, seed=cfg.train.seed)``: its ``paths`` per
    split, checked against dataset.json's split sizes and labels.csv); where

@@ -163,7 +163,23 @@ def test_fast_is_stage_1_on_lite0_whatever_the_budget_or_machine(big_photos, mon
 def test_the_stage_1_estimate_is_the_photos_passes_at_the_timed_rate(big_photos, monkeypatch):
     monkeypatch.setattr(auto, "forward_rate", lambda model, shape, device="cpu": 4.0)
     assert auto.stage1_seconds("efficientnet_lite2", 128, 12, {"head_stages": 7}) == (12 * 2.0 / 4.0, 4.0)
+    assert auto.stage1_seconds("efficientnet_lite2", 128, 10, {}, views=1) == (10 * 1.2 / 4.0, 4.0)
     assert "about 6s of frozen passes here at most (4 images/s timed)" in auto.choose(str(big_photos), {})[1]
+
+
+def test_several_labels_per_image_fit_stage_1_on_the_photos_alone(big_photos, tmp_path, monkeypatch):
+    """The mirror view gave multi-label stage 1 nothing for a quarter of its time: it is left out there, and the
+    estimate counts one view; fine-tuning still mirrors."""
+    monkeypatch.setattr(auto, "forward_rate", lambda model, shape, device="cpu": 4.0)
+    labels = tmp_path / "labels.csv"
+    rows = [f"{name}/{i}.jpg,{name} {CLASSES[(c + 1) % len(CLASSES)]}" for c, name in enumerate(CLASSES)
+            for i in range(4)]
+    labels.write_text("filename,labels\n" + "\n".join(rows) + "\n")
+    settings, line = auto.choose(str(big_photos), {}, labels=str(labels))
+    assert settings["augment"] == [] and settings["epochs"] == 0
+    assert "frozen features of the photos, about 4s of frozen passes" in line  # 12 photos x 1.2 passes at 4/s
+    assert auto.choose(str(big_photos), {})[0]["augment"] == ["hflip"]  # one label per image: the mirror too
+    assert "hflip" in auto.choose(str(big_photos), {"epochs": 3}, labels=str(labels))[0]["augment"]
 
 
 def _masked(line: str) -> str:

@@ -230,3 +230,11 @@ def test_a_zip_and_one_csv_per_split_folder_as_roboflow_exports_them(tmp_path, m
         expected = np.array([[c in have for c in ds.classes] for have in labels], np.uint8)
         order = np.argsort([int(p.rsplit("test", 1)[1].split(".")[0]) for p in ds.splits["test"].paths])
         np.testing.assert_array_equal(ds.splits["test"].labels[order], expected)
+
+
+def test_out_of_distribution_of_several_labels_is_measured_by_knn_alone(run):
+    """A low top probability is "none of the labels" there, an answer: only kNN's distance is measured and kept."""
+    finished, _ = run
+    doc = json.loads((finished.path / "ood.json").read_text())
+    assert doc["score"] == "knn" and set(doc["measured"]) == {"knn"}
+    assert imgcls.load(finished.path).ood["bank"].ndim == 2

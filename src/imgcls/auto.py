@@ -54,9 +54,14 @@ CPU_DETAIL_SIDE = 160
 FAST_MODEL = "efficientnet_lite0"  # --fast: 77.4% on flowers.zip in 28 s, against 79.3% in 34 s for Lite2
 PROBE_IMAGES = 48  # image headers read to size up a folder
 RATE_IMAGES = 8  # images of each timed batch of the frozen pass (two batches: the first builds oneDNN's kernels)
-# Frozen passes per photo in stage 1: 80% train x 2 views (the photo, its mirror), 10% val and 10% test x 2
-# (tta auto scores their mirror images too).
-PASSES_PER_IMAGE = 2.0
+# Frozen passes per photo in stage 1: 80% train x its views (the photo, and its mirror for one label per image),
+# 10% val and 10% test x 2 (tta auto scores their mirror images too).
+TRAIN_SHARE = 0.8
+
+
+def passes_per_image(views: int) -> float:
+    """Stage 1's frozen passes per photo of a folder when each training photo is seen in ``views`` views."""
+    return TRAIN_SHARE * views + (1 - TRAIN_SHARE) * 2
 MULTI_STAGE_HEAD = 7  # EfficientNet-Lite's stages 2 to 7 and its head convolution, pooled
 
 # Built-in datasets: (images, median shorter side) without reading them.
@@ -161,7 +166,11 @@ def choose(dataset: str, user: dict, follow_links: bool = False, model: str | No
     backbone = model or (FAST_MODEL if fast else PHOTO_MODEL[kind])
     settings = {
         "model": backbone, "pretrained": "imagenet", "head_first": True, "image_size": [side, side],
-        "channels": 3, "resize": "stretch", "augment": ["hflip"], "tta": "auto",
+        "channels": 3, "resize": "stretch", "tta": "auto",
+        # Stage 1 fits on the photos' features and their mirror images', except with several labels per image:
+        # there the mirror view gave nothing (mAP 0.824 / 0.827 / 0.839 without it, 0.829 / 0.826 / 0.838 with it,
+        # on three seeds of the flower mosaics) for a quarter of the run's time (benchmarks/README.md).
+        "augment": [] if probe.multilabel else ["hflip"],
         # The classifier reads the pooled outputs of stage 2 to the head convolution when val prefers them
         # (stage 1 fits both readings): 76.7% against 75.1% on flowers.zip, 78.0 against 70.0 on 64 px CIFAR-10
         # photos (benchmarks/README.md).
@@ -189,9 +198,11 @@ def choose(dataset: str, user: dict, follow_links: bool = False, model: str | No
             plan += f" within {user['time_budget']}"
     else:
         settings["epochs"] = 0
-        seconds, rate = stage1_seconds(backbone, side, probe.images, settings["model_option"])
+        seconds, rate = stage1_seconds(backbone, side, probe.images, settings["model_option"],
+                                       views=1 + len(settings["augment"]))
         where = "--fast" if fast else "on this CPU"
-        plan = (f"stage 1 only ({where}): the classifier on frozen features of the photos and their mirror images, "
+        views = "the photos" if probe.multilabel else "the photos and their mirror images"
+        plan = (f"stage 1 only ({where}): the classifier on frozen features of {views}, "
                 f"about {seconds:.0f}s of frozen passes here at most ({rate:.0f} images/s timed); "
                 + ("without --fast the backbone is " + PHOTO_MODEL[kind] if fast else
                    f"less: --fast ({FAST_MODEL}); more: --time-budget 10m fine-tunes after it"))
@@ -229,16 +240,17 @@ def forward_rate(model, image_shape: tuple[int, int, int], device: str = "cpu") 
     return RATE_IMAGES / max(time.perf_counter() - started, 1e-6)
 
 
-def stage1_seconds(model: str, side: int, images: int, options: dict) -> tuple[float, float]:
-    """(seconds, images/s): the most stage 1's frozen passes over ``images`` photos should take on this CPU,
-    from ``model`` timed at ``side`` x ``side`` (random weights: the speed does not depend on them)."""
+def stage1_seconds(model: str, side: int, images: int, options: dict, views: int = 2) -> tuple[float, float]:
+    """(seconds, images/s): the most stage 1's frozen passes over ``images`` photos (``views`` of each training
+    photo) should take on this CPU, from ``model`` timed at ``side`` x ``side`` (random weights: the speed does
+    not depend on them)."""
     import torch
 
     with torch.random.fork_rng():  # the timing draws random weights and pixels; the run's seeds stay untouched
         torch.manual_seed(0)
         net = create_model(model, in_chans=3, num_classes=2, img_size=(side, side), **options)
         rate = forward_rate(net, (3, side, side))
-    return images * PASSES_PER_IMAGE / rate, rate
+    return images * passes_per_image(views) / rate, rate
 
 
 def _photo_options(model: str) -> dict:

@@ -129,14 +129,18 @@ def fit_rejection(model, meta: dict, ds: ImageDataset, data_cfg, *, store: Featu
     else:  # a fine-tuned model: the sample of training images and val, through the model as predict sees them
         bank = predict_logits(model, train.images[pick], norm, scoring, batch_size, features=True)[1]
         val_logits, val_pooled = predict_logits(model, val.images, norm, scoring, batch_size, tta, features=True)
-    if val_logits is None:
+    if val_logits is None and not ds.multilabel:
         val_logits = predict_logits(model, val.images, norm, scoring, batch_size, tta)
-    out_logits, out_pooled = logits_and_features(model, outside, tta, norm, store if stage1 else None, scoring,
-                                               batch_size)
+    # With several labels per image only kNN is measured: a low top probability there means "none of the labels",
+    # which is an answer, not an unknown image; so the outside images need no logits and no mirror images.
+    out_logits, out_pooled = logits_and_features(model, outside, "none" if ds.multilabel else tta, norm,
+                                                 store if stage1 else None, scoring, batch_size)
     bank = feature_directions(bank).astype(np.float16).astype(np.float32)  # as it is stored
-    inside = {**logit_scores(np.asarray(val_logits), ds.multilabel),
-              "knn": knn_score(feature_directions(val_pooled), bank)}
-    out = {**logit_scores(out_logits.numpy(), ds.multilabel), "knn": knn_score(feature_directions(out_pooled), bank)}
+    inside = {"knn": knn_score(feature_directions(val_pooled), bank)}
+    out = {"knn": knn_score(feature_directions(out_pooled), bank)}
+    if not ds.multilabel:
+        inside.update(logit_scores(np.asarray(val_logits)))
+        out.update(logit_scores(out_logits.numpy()))
     frr = getattr(data_cfg, "ood_frr", FRR)
     choice = choose(inside, out, frr)
     best = choice["measured"][choice["score"]]
