@@ -144,10 +144,10 @@ def fit_rejection(model, meta: dict, ds: ImageDataset, data_cfg, *, store: Featu
     frr = getattr(data_cfg, "ood_frr", FRR)
     choice = choose(inside, out, frr)
     best = choice["measured"][choice["score"]]
+    others = [f"{k} {v['auroc']:.3f}" for k, v in choice["measured"].items() if k != choice["score"]]
     say(f"out-of-distribution: {choice['score']} kept (AUROC {best['auroc']:.3f} against {against}: "
-        f"{best['far']:.1%} of them accepted, {best['frr']:.1%} of val rejected; "
-        + ", ".join(f"{k} {v['auroc']:.3f}" for k, v in choice["measured"].items() if k != choice["score"])
-        + f") in {time.perf_counter() - started:.1f}s")
+        f"{best['far']:.1%} of them accepted, {best['frr']:.1%} of val rejected"
+        f"{'; ' + ', '.join(others) if others else ''}) in {time.perf_counter() - started:.1f}s")
     entry = {"score": choice["score"], "threshold": choice["threshold"], "frr_target": frr, "against": against,
              "measured": choice["measured"], "val_images": len(val)}
     if names is not None:  # --ood's images the kept score takes for the classes' own: maybe in-class images
