@@ -14,6 +14,7 @@ from PIL import Image
 
 import imgcls
 from imgcls.cli import main
+from imgcls.data.base import ImageDataset, Split
 from imgcls.data.quality import (
     COPY_CORRELATION,
     aligned_match,
@@ -25,7 +26,7 @@ from imgcls.data.quality import (
 )
 from imgcls.errors import DataError
 from imgcls.evaluation.labels import find_label_issues
-from imgcls.inspection import likely_label_errors
+from imgcls.inspection import Images, _outliers, likely_label_errors
 
 CLASSES = ("stripes", "checks", "rings")
 SMALL = {"model": "efficientnet_lite0", "image_size": [64, 64], "quiet": True}  # Lite0's ImageNet weights
@@ -256,6 +257,28 @@ def test_a_label_is_an_error_where_the_classifier_is_sure_of_another_class_even_
     issues = find_label_issues(labels, proba)
     assert not issues.flagged[0]  # confident learning's pruning misses it
     assert list(np.flatnonzero(likely_label_errors(labels, proba))) == [0, 40]
+
+
+def test_an_image_far_from_the_classes_is_an_outlier_sooner_when_the_classifier_cannot_place_it():
+    """Two images equally far from both classes, past the plain distance's limit (3.75 deviations): the one the
+    out-of-fold classifier is unsure of is flagged (5.4 with its entropy), the one it places is not (1.9); no
+    other image reaches 3 either way."""
+    n = 200
+    labels = np.repeat([0, 1], n // 2)
+    theta = np.tile(np.linspace(-0.3, 0.3, n // 2), 2)  # each class spread evenly about its own direction
+    theta[:2] = 0.38
+    unit = np.zeros((n, 3), np.float32)
+    unit[np.arange(n), labels] = np.cos(theta)
+    unit[:, 2] = np.sin(theta)
+    entropy_like = np.random.default_rng(0).permutation(np.tile(np.linspace(0.1, 0.5, n // 2), 2))
+    top = 0.5 + 0.5 * np.sqrt(1 - entropy_like)
+    proba = np.stack([np.where(labels == 0, top, 1 - top), np.where(labels == 0, 1 - top, top)], 1)
+    proba[0], proba[1] = [0.5, 0.5], [0.995, 0.005]  # image 0: unsure; image 1: placed
+    split = Split(np.zeros((n, 2, 2, 3), np.uint8), labels, [f"train/{c}/{i}.jpg" for i, c in enumerate(labels)])
+    im = Images.of(ImageDataset("toy", ["a", "b"], {"train": split}), "")
+    assert sorted(f["file"] for f in _outliers(im, unit, None)) == ["train/0/0.jpg", "train/0/1.jpg"]
+    [found] = _outliers(im, unit, proba)
+    assert found["file"] == "train/0/0.jpg" and found["detail"].endswith("the classifier's uncertainty 1.00 of 1")
 
 
 def test_training_on_photos_says_when_test_images_are_copies_of_training_ones(planted, tmp_path):

@@ -58,8 +58,13 @@ SPLIT_ORDER = ("train", "val", "test")
 
 # Outliers: the cosine distance to the nearest class's median feature direction, flagged above the folder's median
 # by more than OUTLIER_MADS median absolute deviations (off-topic images planted in flowers.zip cluster among
-# themselves, so a distance to the nearest images misses them; to every class it does not).
+# themselves, so a distance to the nearest images misses them; to every class it does not). Where the label check
+# ran, the out-of-fold classifier's entropy joins the distance, OUTLIER_ENTROPY_WEIGHT times its own deviations
+# (capped at 3): an off-topic image is far from every class and none of them fits it. On three planted folders
+# (benchmarks/README.md) it found 20 / 20 / 15 of 30 off-topic images with 17 / 24 / 3 false alarms, where the
+# distance alone found 19 / 21 / 15 with 30 / 34 / 12.
 OUTLIER_MADS = 3.0
+OUTLIER_ENTROPY_WEIGHT = 0.7
 OUTLIER_MIN_IMAGES = 50  # fewer, and the folder's spread is not known well enough to call anything far
 # Quality, on the decoded images: brightness and contrast of the luminance in [0, 1]; sharpness in log10 of
 # the Laplacian's variance, flagged BLUR_DECADES below the folder's median; colour in levels of 255.
@@ -76,7 +81,7 @@ FOLDS = 5
 # classifier's pick; the flags are ranked by that self-confidence. On three planted folders
 # (benchmarks/inspect_folder.py: flowers.zip with seeds 0 and 1, 3,000 CIFAR-10 photos at 64 px; 5% of labels
 # flipped) F1 was 0.623 / 0.634 / 0.825, with 1.2 / 1.3 / 0.6% of the unplanted images flagged; at 3% 0.621 /
-# 0.599 / 0.810, at 5% 0.638 / 0.660 / 0.796 with 1.6 / 1.6 / 1.2% flagged, which with the outliers (0.7-0.8%)
+# 0.599 / 0.810, at 5% 0.638 / 0.660 / 0.796 with 1.6 / 1.6 / 1.2% flagged, which with the outliers (0.4-0.6%)
 # goes over the 2% of false alarms that issue 31 allows. Requiring confident learning's flag
 # too (the confident joint's count per pair of classes, by margin) gave 0.615 / 0.624 / 0.730: on ten classes a
 # flipped image's probability is often spread over several classes, none past its per-class threshold (recall 0.69
@@ -156,7 +161,7 @@ def inspect(cfg: RunConfig, console, out_dir: Path, name: str | None = None, fol
                        "labels)")
         odd = [*_quality(im), *_sizes(im)]
     elif len(im.files) >= OUTLIER_MIN_IMAGES:
-        odd = [*_outliers(im, unit), *_quality(im), *_sizes(im)]
+        odd = [*_outliers(im, unit, proba), *_quality(im), *_sizes(im)]
     else:
         odd = [*_quality(im), *_sizes(im)]
         skipped.append(f"outliers ({len(im.files)} images; the check needs {OUTLIER_MIN_IMAGES} or more to know the "
@@ -284,18 +289,31 @@ def _label_errors(im: Images, x: np.ndarray, folds: int, seed: int, skipped: lis
     return found, proba
 
 
-def _outliers(im: Images, unit: np.ndarray) -> list[dict]:
+def _deviations(values: np.ndarray) -> np.ndarray:
+    """How many median absolute deviations (scaled to a normal's standard deviation) each value lies above the
+    median of ``values``."""
+    med = float(np.median(values))
+    return (values - med) / (float(np.median(np.abs(values - med))) * 1.4826 + 1e-6)
+
+
+def _outliers(im: Images, unit: np.ndarray, proba: np.ndarray | None) -> list[dict]:
     """Images far from every class: the cosine distance of their last-stage features to the nearest class's median
-    direction, flagged above the folder's median by more than OUTLIER_MADS median absolute deviations."""
+    direction, with the out-of-fold classifier's entropy where ``proba`` (N, K) is given, flagged more than
+    OUTLIER_MADS deviations above the folder's median (see OUTLIER_ENTROPY_WEIGHT)."""
     classes = [c for c in range(im.ds.num_classes) if (im.labels == c).any()]
     centres = np.stack([np.median(unit[im.labels == c], 0) for c in classes])
     centres /= np.maximum(np.linalg.norm(centres, axis=1, keepdims=True), 1e-12)
     dist = 1.0 - (unit @ centres.T).max(1)
     med = float(np.median(dist))
-    mad = float(np.median(np.abs(dist - med))) * 1.4826 + 1e-6
-    limit = med + OUTLIER_MADS * mad
+    score = _deviations(dist)
+    entropy = None
+    if proba is not None:
+        entropy = -(proba * np.log(np.clip(proba, 1e-12, 1.0))).sum(1) / np.log(max(proba.shape[1], 2))
+        score = _deviations(score + OUTLIER_ENTROPY_WEIGHT * np.clip(_deviations(entropy), -3.0, 3.0))
     return [finding(im, "outlier", i, min(1.0, float(dist[i])), f"distance to the nearest class {dist[i]:.3f}; "
-                    f"the folder's median {med:.3f}") for i in np.flatnonzero(dist > limit)]
+                    f"the folder's median {med:.3f}"
+                    + ("" if entropy is None else f"; the classifier's uncertainty {entropy[i]:.2f} of 1"))
+            for i in np.flatnonzero(score > OUTLIER_MADS)]
 
 
 def _quality(im: Images) -> list[dict]:
