@@ -138,10 +138,10 @@ def _window(x: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
 
 
 def _start_windows() -> torch.Tensor:
-    """The windows the search of :func:`aligned_match` starts from: the whole image and 90% and 80% crops at 9
-    places, each also mirrored, as rows of ``_window``'s ``at``."""
-    rows = [(1.0, 0.0, 0.0)] + [(s, ox * (1 - s), oy * (1 - s)) for s in (0.9, 0.8)
-                                for oy in (-1.0, 0.0, 1.0) for ox in (-1.0, 0.0, 1.0)]
+    """The windows the search of :func:`aligned_match` starts from: MATCH_CROPS's (the whole image and 91% and 82%
+    crops at 9 places), each also mirrored, as rows of ``_window``'s ``at``."""
+    rows = [(share, (2 * ox - 1) * (1 - share), (2 * oy - 1) * (1 - share))
+            for share, offsets in MATCH_CROPS for oy in offsets for ox in offsets]
     return torch.tensor([(r[0], r[0], r[1], r[2], m) for r in rows for m in (1.0, -1.0)])
 
 
