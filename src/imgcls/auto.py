@@ -57,11 +57,6 @@ RATE_IMAGES = 8  # images of each timed batch of the frozen pass (two batches: t
 # Frozen passes per photo in stage 1: 80% train x its views (the photo, and its mirror for one label per image),
 # 10% val and 10% test x 2 (tta auto scores their mirror images too).
 TRAIN_SHARE = 0.8
-
-
-def passes_per_image(views: int) -> float:
-    """Stage 1's frozen passes per photo of a folder when each training photo is seen in ``views`` views."""
-    return TRAIN_SHARE * views + (1 - TRAIN_SHARE) * 2
 MULTI_STAGE_HEAD = 7  # EfficientNet-Lite's stages 2 to 7 and its head convolution, pooled
 
 # Built-in datasets: (images, median shorter side) without reading them.
@@ -238,6 +233,11 @@ def forward_rate(model, image_shape: tuple[int, int, int], device: str = "cpu") 
         if device == "cuda":
             torch.cuda.synchronize()
     return RATE_IMAGES / max(time.perf_counter() - started, 1e-6)
+
+
+def passes_per_image(views: int) -> float:
+    """Stage 1's frozen passes per photo of a folder when each training photo is seen in ``views`` views."""
+    return TRAIN_SHARE * views + (1 - TRAIN_SHARE) * 2
 
 
 def stage1_seconds(model: str, side: int, images: int, options: dict, views: int = 2) -> tuple[float, float]:
