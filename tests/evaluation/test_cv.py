@@ -2,6 +2,8 @@
 
 import csv
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -99,6 +101,26 @@ def test_fold_counts_out_of_range_are_refused(tmp_path):
     with pytest.raises(ConfigError, match=r"from 2 to 3 .* got 4"):
         make_folds(labels, 4, seed=0)
     assert not (tmp_path / "cv").exists()
+
+
+def test_folds_partition_the_images_each_class_spread_evenly():
+    """Classes of 7, 12 and 3 images in 3 folds: every image held out once, a class's count per fold within one
+    of its others, the folds' sizes within one; in a process of its own, without importing scikit-learn."""
+    labels = np.array([0] * 7 + [1] * 12 + [2] * 3)
+    rng = np.random.default_rng(0)
+    labels = labels[rng.permutation(len(labels))]
+    parts = make_folds(labels, 3, seed=4)
+    assert np.array_equal(np.sort(np.concatenate(parts)), np.arange(len(labels)))
+    assert all(np.array_equal(p, np.sort(p)) for p in parts)
+    for c in range(3):
+        counts = [int((labels[p] == c).sum()) for p in parts]
+        assert max(counts) - min(counts) <= 1, (c, counts)
+    sizes = [len(p) for p in parts]
+    assert max(sizes) - min(sizes) <= 1, sizes
+    code = ("import sys, numpy as np; from imgcls.evaluation.cv import make_folds; "
+            "make_folds(np.repeat(np.arange(3), 5), 5, 0); print('sklearn' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() \
+        == "False"
 
 
 def test_folds_are_seeded():

@@ -114,18 +114,23 @@ def check_folds(folds, labels: np.ndarray) -> None:
 def make_folds(labels: np.ndarray, folds: int, seed: int) -> list[np.ndarray]:
     """Held-out indices of each fold, shape (n_i,) each, sorted.
 
-    Stratified and shuffled (scikit-learn's StratifiedKFold seeded by ``seed``):
-    the folds partition ``range(len(labels))`` and each class is spread over
-    them as evenly as its count allows.
+    Stratified and shuffled, seeded by ``seed``: the folds partition ``range(len(labels))``; each class's images,
+    in a random order, are dealt to the folds in turn, each class going on from the fold where the last one
+    stopped, so that a class's count in any two folds, and any two folds' sizes, differ by one at most.  (Numpy
+    alone: scikit-learn's StratifiedKFold cost 1.7 s of imports, a sixth of a warm ``imgcls inspect``.)
     """
-    from sklearn.model_selection import StratifiedKFold
-
     check_folds(folds, labels)
+    rng = np.random.default_rng(seed)
     if labels.ndim == 2:  # several labels per image: iterative stratification into K near-equal parts
-        parts = iterative_split(labels, [1.0 / folds] * (folds - 1), np.random.default_rng(seed))
+        parts = iterative_split(labels, [1.0 / folds] * (folds - 1), rng)
         return [parts[(i + 1) % folds] for i in range(folds)]
-    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
-    return [np.sort(held) for _, held in splitter.split(np.zeros(len(labels)), labels)]
+    fold_of = np.empty(len(labels), np.int64)
+    start = 0
+    for cls in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == cls))
+        fold_of[idx] = (start + np.arange(len(idx))) % folds
+        start = (start + len(idx)) % folds
+    return [np.flatnonzero(fold_of == k) for k in range(folds)]
 
 
 def fold_dataset(ds: ImageDataset, pooled: Split, held_out: np.ndarray, fold: int, folds: int,
