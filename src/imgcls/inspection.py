@@ -61,7 +61,7 @@ SPLIT_ORDER = ("train", "val", "test")
 # themselves, so a distance to the nearest images misses them; to every class it does not). Where the label check
 # ran, the out-of-fold classifier's entropy joins the distance, OUTLIER_ENTROPY_WEIGHT times its own deviations
 # (capped at 3): an off-topic image is far from every class and none of them fits it. On three planted folders
-# (benchmarks/README.md) it found 20 / 20 / 15 of 30 off-topic images with 17 / 24 / 3 false alarms, where the
+# (benchmarks/README.md) it found 20 / 19 / 15 of 30 off-topic images with 17 / 20 / 4 false alarms, where the
 # distance alone found 19 / 21 / 15 with 30 / 34 / 12.
 OUTLIER_MADS = 3.0
 OUTLIER_ENTROPY_WEIGHT = 0.7
@@ -248,7 +248,7 @@ def out_of_fold_proba(x: np.ndarray, y: np.ndarray, num_classes: int, folds: int
     rest (one fit per fold). The out-of-sample logits are then divided by the one temperature that fits the
     images' labels best: the L2 chosen on that sixth sets how sure the classifier is, and with it how many
     images fall under LABEL_ERROR_PROBABILITY (127 to 178 of 4,400 planted flowers over three draws of the
-    folds; 158 to 177 with the temperature).
+    folds; 169 to 177 with the temperature).
     """
     logits = np.zeros((len(y), num_classes), np.float64)
     l2 = None
