@@ -154,6 +154,27 @@ def test_an_ood_folder_holding_training_images_is_refused_before_training(tmp_pa
                      **SMALL)
 
 
+def test_the_ood_folder_is_decoded_once_a_run(tmp_path, data_dir_env, one_thread, monkeypatch):
+    """The check before training and the measurement after it share one decoding of --ood; another run (another
+    dataset) decodes it again."""
+    from imgcls.training import rejection
+
+    root = tmp_path / "colours"
+    _colours(root)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    for i in range(6):
+        Image.fromarray(np.full((24, 24, 3), 40 * i, np.uint8)).save(outside / f"{i}.png")
+    calls = []
+    decode = rejection.load_image_inputs
+    monkeypatch.setattr(rejection, "load_image_inputs", lambda *a, **k: calls.append(1) or decode(*a, **k))
+    kw = dict(out=str(tmp_path / "runs"), epochs=1, batch_size=8, val_fraction=0.3, ood=str(outside), **SMALL)
+    first = imgcls.train(data=str(root), name="a", **kw)
+    assert len(calls) == 1 and "6 images of" in json.loads((first.path / "ood.json").read_text())["against"]
+    imgcls.train(data=str(root), name="b", **kw)
+    assert len(calls) == 2
+
+
 @pytest.mark.parametrize(("bad", "said"), [
     ({"score": "mahalanobis", "threshold": 0.5}, "must name a score (msp, energy, knn) with a finite threshold"),
     ({"score": "msp", "threshold": float("nan")}, "with a finite threshold"),

@@ -10,6 +10,7 @@ fine-tuned run computes those of its val images and of a sample of its training 
 from __future__ import annotations
 
 import time
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +42,11 @@ DIGIT_DATASETS = ("digits", "mnist", "fashion-mnist")  # built-in data whose mod
 ACCEPTED_SHOWN = 20  # --ood images taken for the classes' own, named in ood.json
 
 
+# The --ood images last checked, for the dataset they were checked against (a weak reference: a dataset
+# that is gone matches nothing): the check before training and the measurement after it decode the folder once.
+_checked: dict = {}
+
+
 def outside_images(data_cfg, ds: ImageDataset, seed: int = 0) -> tuple[np.ndarray, str, list[str] | None]:
     """uint8 (N, H, W, C) images from outside the classes at ``ds``'s size, what they are, and their names
     (``--ood``'s files; None for images at hand).
@@ -52,6 +58,9 @@ def outside_images(data_cfg, ds: ImageDataset, seed: int = 0) -> tuple[np.ndarra
     rng = np.random.default_rng(seed)
     folder = getattr(data_cfg, "ood", None)
     if folder:
+        key = (str(folder), (c, h, w), data_cfg.resize, seed)
+        if _checked.get("key") == key and _checked["dataset"]() is ds:
+            return _checked["images"]
         names, images, bad = load_image_inputs([folder], channels=c, size=(h, w), resize=data_cfg.resize)
         if not len(images):
             why = f" ({bad[0].path}: {bad[0].reason})" if bad else ""
@@ -59,7 +68,9 @@ def outside_images(data_cfg, ds: ImageDataset, seed: int = 0) -> tuple[np.ndarra
                             f"none of the classes")
         check_overlap(names, images, ds, folder)
         pick = np.sort(rng.permutation(len(images))[:OUTSIDE_IMAGES])
-        return images[pick], f"{len(pick):,} images of {folder}", [names[i] for i in pick]
+        found = images[pick], f"{len(pick):,} images of {folder}", [names[i] for i in pick]
+        _checked.update(key=key, dataset=weakref.ref(ds), images=found)
+        return found
     if ds.name in DIGIT_DATASETS:
         return rng.integers(0, 256, (OUTSIDE_IMAGES, h, w, c), dtype=np.uint8), \
             f"{OUTSIDE_IMAGES} images of uniform noise (the model is one of digits)", None
@@ -167,12 +178,12 @@ def write_record(run, entry: dict) -> None:
     run.write_json(rundir.OOD, entry_record(entry))
 
 
-def check_outside(data_cfg, ds: ImageDataset) -> None:
+def check_outside(data_cfg, ds: ImageDataset, seed: int = 0) -> None:
     """Refuse, before training starts, an ``--ood`` that is not a folder or zip, holds no readable image, or holds
-    images of the training data (see :func:`outside_images`)."""
+    images of the training data (see :func:`outside_images`; ``seed`` the run's, whose sample it keeps)."""
     folder = getattr(data_cfg, "ood", None)
     if not folder:
         return
     if not Path(folder).expanduser().exists():
         raise ConfigError(f"--ood {folder}: no such folder or zip; give images that are none of the classes")
-    outside_images(data_cfg, ds)
+    outside_images(data_cfg, ds, seed)

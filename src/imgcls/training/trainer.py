@@ -200,7 +200,7 @@ def check_compatible(cfg: RunConfig, ds: ImageDataset, strategy: OneProcess | No
     if cfg.model.weights:
         load_weights(model, cfg.model.weights)  # refuses unknown weights or a file that does not fit, before a run folder exists
     build_augment(t.augment, (h, w))
-    check_outside(cfg.data, ds)
+    check_outside(cfg.data, ds, t.seed)
     cutting = [a for a in (t.augment if isinstance(t.augment, list) else []) if a.split(":")[0] in LABEL_CUTTING_AUGMENTS]
     if ds.multilabel and cutting:
         notes.append(f"--augment {','.join(cutting)} can cut a labelled object out of the picture, and its label "
