@@ -85,10 +85,7 @@ def match_windows(images: np.ndarray) -> torch.Tensor:
     """Per image, its crop windows (see MATCH_CROPS) and their mirror images as grey MATCH_SIDE thumbnails, each
     scaled to zero mean and unit length: float16 (N, windows, MATCH_SIDE**2); window 0 is the whole image."""
     out = []
-    for _, x, _ in _luma_batches(images):
-        factor = _pool_factor(*x.shape[-2:])
-        if factor > 1:  # the same thumbnails to within a pixel's rounding, at a fraction of the work
-            x = F.avg_pool2d(x, factor)
+    for x in _pooled_luma(images):
         _, _, h, w = x.shape
         views = []
         for share, offsets in MATCH_CROPS:
@@ -119,9 +116,13 @@ def window_match(windows: torch.Tensor, first: np.ndarray, second: np.ndarray) -
     return best
 
 
-def _pool_factor(h: int, w: int) -> int:
-    """How much :func:`aligned_match` shrinks an image first: to about twice MATCH_SIDE on its shorter side."""
-    return max(1, min(h, w) // (2 * MATCH_SIDE))
+def _pooled_luma(images: np.ndarray):
+    """The luminance of each batch of ``images`` (:func:`_luma_batches`), averaged down to about twice MATCH_SIDE
+    on its shorter side, float32 (n, 1, h, w): the thumbnails copies are matched on come out the same to within a
+    pixel's rounding, at a fraction of the work."""
+    for _, x, _ in _luma_batches(images):
+        factor = max(1, min(x.shape[-2:]) // (2 * MATCH_SIDE))
+        yield F.avg_pool2d(x, factor) if factor > 1 else x
 
 
 def _window(x: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
@@ -173,10 +174,7 @@ def aligned_match(images: np.ndarray, first: np.ndarray, second: np.ndarray, chu
     if not len(first):
         return out
     involved = np.unique(np.concatenate([first, second]))
-    grey = torch.cat([x for _, x, _ in _luma_batches(images[involved])])
-    factor = _pool_factor(*grey.shape[-2:])
-    if factor > 1:
-        grey = F.avg_pool2d(grey, factor)
+    grey = torch.cat(list(_pooled_luma(images[involved])))
     starts, zero = _start_windows(), torch.zeros(2)
     for lo in range(0, len(first), chunk):
         a = torch.from_numpy(np.searchsorted(involved, first[lo:lo + chunk]))
