@@ -193,11 +193,12 @@ def choose(dataset: str, user: dict, follow_links: bool = False, model: str | No
             plan += f" within {user['time_budget']}"
     else:
         settings["epochs"] = 0
+        mirror = "hflip" in settings["augment"]
         seconds, rate = stage1_seconds(backbone, side, probe.images, settings["model_option"],
-                                       views=1 + len(settings["augment"]))
+                                       views=2 if mirror else 1)
         where = "--fast" if fast else "on this CPU"
-        views = "the photos" if probe.multilabel else "the photos and their mirror images"
-        plan = (f"stage 1 only ({where}): the classifier on frozen features of {views}, "
+        plan = (f"stage 1 only ({where}): the classifier on frozen features of the photos"
+                f"{' and their mirror images' if mirror else ''}, "
                 f"about {seconds:.0f}s of frozen passes here at most ({rate:.0f} images/s timed); "
                 + ("without --fast the backbone is " + PHOTO_MODEL[kind] if fast else
                    f"less: --fast ({FAST_MODEL}); more: --time-budget 10m fine-tunes after it"))
