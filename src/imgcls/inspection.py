@@ -27,7 +27,6 @@ import numpy as np
 
 from imgcls.config import RunConfig
 from imgcls.data.base import ImageDataset
-from imgcls.data.download import data_dir
 from imgcls.data.quality import copy_pairs, image_measures
 from imgcls.data.registry import build_dataset
 from imgcls.errors import ConfigError
@@ -41,10 +40,9 @@ from imgcls.models.pretrained import load_weights
 from imgcls.rundir import claim_folder, default_run_name
 from imgcls.terminal import say
 from imgcls.training.transfer import (
-    FeatureRunner,
-    backbone_digest,
     cached_features,
     fit_linear_head,
+    frozen_pass,
     last_stage_directions,
 )
 
@@ -208,10 +206,8 @@ def _features(cfg: RunConfig, im: Images, console) -> tuple[np.ndarray, np.ndarr
     if norm is None:
         raise ConfigError(f"the weights {cfg.model.weights} carry no input normalisation; imgcls inspect needs "
                           f"pretrained weights such as --pretrained imagenet")
-    cache = data_dir() / "features" if cfg.data.cache else None
-    backbone = backbone_digest(model, norm)
-    runner = FeatureRunner.create(model, scoring_runtime(cfg.train.device), (h, w), norm, len(im.files), lazy=True,
-                                  graphs=cache.parent / "graphs" if cache else None, backbone=backbone)
+    runner, cache, backbone = frozen_pass(model, scoring_runtime(cfg.train.device), (h, w), norm, len(im.files),
+                                          cfg.data.cache)
     parts, hits = [], 0
     for images in im.each_split():
         part, hit = cached_features(runner, images, "none", cache, backbone, lambda line: say(console, line))

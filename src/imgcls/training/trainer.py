@@ -31,7 +31,6 @@ from imgcls.checkpoint import load_state, read_checkpoint, save_checkpoint, upda
 from imgcls.config import TTA_AUTO, RunConfig, parse_duration
 from imgcls.data.augment import build_augment, resize_batch
 from imgcls.data.base import ImageDataset
-from imgcls.data.download import data_dir
 from imgcls.data.quality import copy_pairs
 from imgcls.errors import ConfigError, TrainingError
 from imgcls.evaluation.evaluate import evaluate_model
@@ -73,11 +72,10 @@ from imgcls.training.rejection import (
 )
 from imgcls.training.strategy import OneProcess
 from imgcls.training.transfer import (
-    FeatureRunner,
     FeatureStore,
-    backbone_digest,
     fit_linear_head,
     fit_stage_head,
+    frozen_pass,
     label_tensor,
     last_stage_directions,
 )
@@ -690,11 +688,9 @@ def feature_store(s: TrainState, ds: ImageDataset, say, passes: int | None = Non
     _, h, w = ds.image_shape
     passes = stage1_passes(s.cfg.train, ds) if passes is None else passes
     # fp32, as the test split is scored: a head fitted to bf16 features would be scored on others.
-    backbone = backbone_digest(s.model, s.meta["normalize"])
-    runner = FeatureRunner.create(s.model, scoring_runtime(s.runtime.device), (h, w), s.meta["normalize"], passes,
-                                  lazy=True,  # features all cached (a tune trial, an update run again): no export
-                                  graphs=data_dir() / "graphs" if s.cfg.data.cache else None, backbone=backbone)
-    cache = data_dir() / "features" if s.cfg.data.cache else None
+    # Lazy: with the features all cached (a tune trial, an update run again), no export.
+    runner, cache, backbone = frozen_pass(s.model, scoring_runtime(s.runtime.device), (h, w), s.meta["normalize"],
+                                          passes, s.cfg.data.cache)
     return FeatureStore(runner, cache, backbone, say, dict(blocks or {}))
 
 

@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from imgcls.data.download import data_dir
 from imgcls.inference import Runtime, normalization_tensors, to_input
 from imgcls.tensorfile import DamagedFile, load_checked, save_checked, tensor_digest
 from imgcls.training.losses import classification_loss, count_correct
@@ -211,6 +212,18 @@ def backbone_digest(model: torch.nn.Module, norm: dict) -> str:
     and which stages its pooled features come from."""
     state = {k: v for k, v in model.state_dict().items() if not k.startswith("head.")}
     return tensor_digest(state) + repr(sorted(norm.items())) + f"|head_stages={getattr(model, 'head_stages', 1)}"
+
+
+def frozen_pass(model: torch.nn.Module, runtime: Runtime, image_size: tuple[int, int], norm: dict, passes: int,
+                cached: bool) -> tuple[FeatureRunner, Path | None, str]:
+    """The frozen features' runner for ``passes`` images (lazy: no export while the features come from the cache),
+    the folder those features are cached in (None unless ``cached``) and the backbone's digest: the data folder's
+    ``features/`` and ``graphs/``, which training and ``imgcls inspect`` share."""
+    backbone = backbone_digest(model, norm)
+    root = data_dir() if cached else None
+    runner = FeatureRunner.create(model, runtime, image_size, norm, passes, lazy=True,
+                                  graphs=root / "graphs" if root else None, backbone=backbone)
+    return runner, (root / "features" if root else None), backbone
 
 
 def last_stage_directions(features: np.ndarray, model: torch.nn.Module) -> np.ndarray:
